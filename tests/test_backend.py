@@ -1,0 +1,86 @@
+"""The backend switch: env var, context manager, auto resolution, and the package layout."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import vlmcore
+from vlmcore import kernels
+from vlmcore.kernels import _backend
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_default_is_auto_and_cpu_runs_reference(monkeypatch):
+    monkeypatch.delenv("VLMCORE_BACKEND", raising=False)
+    assert kernels.get_backend() == "auto"
+    assert _backend.use_triton(torch.zeros(1)) is False
+
+
+def test_env_var_sets_default(monkeypatch):
+    monkeypatch.setenv("VLMCORE_BACKEND", "triton")
+    assert kernels.get_backend() == "triton"
+    assert _backend.use_triton(torch.zeros(1)) is True  # interpreter is on in tests
+    monkeypatch.setenv("VLMCORE_BACKEND", "Reference")
+    assert kernels.get_backend() == "reference"
+
+
+def test_bad_env_var_names_the_variable(monkeypatch):
+    monkeypatch.setenv("VLMCORE_BACKEND", "cuda")
+    with pytest.raises(ValueError, match="VLMCORE_BACKEND"):
+        kernels.get_backend()
+
+
+def test_context_manager_overrides_env_and_nests(monkeypatch):
+    monkeypatch.setenv("VLMCORE_BACKEND", "reference")
+    with kernels.backend("triton"):
+        assert kernels.get_backend() == "triton"
+        with kernels.backend("reference"):
+            assert kernels.get_backend() == "reference"
+        assert kernels.get_backend() == "triton"
+    assert kernels.get_backend() == "reference"
+
+
+def test_context_manager_rejects_unknown_name():
+    with pytest.raises(ValueError, match="backend name"):
+        with kernels.backend("fast"):
+            pass
+
+
+def test_interpreter_enabled_without_cuda():
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present: kernels compile for the GPU")
+    assert _backend.interpreter_enabled()
+
+
+def test_forcing_triton_without_interpreter_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with kernels.backend("triton"):
+        with pytest.raises(RuntimeError, match="interpreter"):
+            _backend.use_triton(torch.zeros(1))
+
+
+def test_import_names_from_another_directory(tmp_path):
+    """The folders map to vlmcore.* import names from anywhere, and no generic name is installed."""
+    code = (
+        "import vlmcore, vlmcore.kernels, importlib.util as u;"
+        "import os;"
+        "assert os.path.samefile(os.path.dirname(vlmcore.kernels.__file__), %r);"
+        "assert u.find_spec('train') is None or 'vlmcore' not in (u.find_spec('train').origin or '');"
+        "print('ok')" % str(REPO / "kernels")
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "ok" in out.stdout
+
+
+def test_public_api_exports():
+    for name in ("contrastive_loss", "masked_cross_attention", "media_index_from_locations",
+                 "resampler_attention", "backend", "get_backend"):
+        assert callable(getattr(kernels, name)), name
+    assert issubclass(vlmcore.ContrastiveLoss, torch.nn.Module)

@@ -1,0 +1,59 @@
+"""Comparison helpers for kernel tests: per-dtype tolerances and a readable assert-close."""
+
+from __future__ import annotations
+
+import torch
+
+# (atol, rtol) of a kernel output against the fp32 reference, by the kernel's input dtype.
+TOLERANCES = {
+    torch.float32: (1e-4, 1e-4),
+    torch.float16: (2e-3, 2e-3),
+    torch.bfloat16: (2e-2, 2e-2),
+}
+# Gradients accumulate over a reduction dimension; a little looser.
+GRAD_TOLERANCES = {
+    torch.float32: (2e-4, 2e-4),
+    torch.float16: (5e-3, 5e-3),
+    torch.bfloat16: (5e-2, 5e-2),
+}
+
+
+def tolerance(dtype: torch.dtype, grad: bool = False) -> tuple[float, float]:
+    """``(atol, rtol)`` for ``dtype`` (outputs, or gradients with ``grad=True``)."""
+    return (GRAD_TOLERANCES if grad else TOLERANCES)[dtype]
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, dtype: torch.dtype | None = None,
+                 grad: bool = False, atol: float | None = None, rtol: float | None = None,
+                 name: str = "tensor", max_report: int = 5) -> None:
+    """Assert ``|actual - expected| <= atol + rtol * |expected|`` elementwise, in fp32.
+
+    NaN/inf must appear at the same places in both (a NaN where the reference is finite fails).
+    On failure, reports the shape, the worst error and the first ``max_report`` mismatching
+    elements with their indices, instead of a bare ``False``.
+    """
+    default_atol, default_rtol = tolerance(dtype or actual.dtype, grad)
+    atol = default_atol if atol is None else atol
+    rtol = default_rtol if rtol is None else rtol
+    if actual.shape != expected.shape:
+        raise AssertionError(f"{name}: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}")
+    a = actual.detach().float().cpu()
+    e = expected.detach().float().cpu()
+    nan_mismatch = torch.isnan(a) != torch.isnan(e)
+    inf_mismatch = torch.isinf(a) != torch.isinf(e)
+    finite = torch.isfinite(a) & torch.isfinite(e)
+    err = torch.where(finite, (a - e).abs(), torch.zeros_like(a))
+    too_far = finite & (err > atol + rtol * e.abs())
+    bad = nan_mismatch | inf_mismatch | too_far
+    if not bool(bad.any()):
+        return
+    idx = bad.nonzero()[:max_report]
+    lines = [
+        f"{name}: {int(bad.sum())} of {a.numel()} elements mismatch (shape {tuple(a.shape)}, "
+        f"atol={atol:g}, rtol={rtol:g}); max abs error {float(err.max()):.3g}; "
+        f"NaN parity mismatches {int(nan_mismatch.sum())}, inf parity mismatches {int(inf_mismatch.sum())}"
+    ]
+    for i in idx:
+        where = tuple(int(x) for x in i)
+        lines.append(f"  at {where}: got {float(a[where]):.6g}, expected {float(e[where]):.6g}")
+    raise AssertionError("\n".join(lines))

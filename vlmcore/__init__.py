@@ -2,11 +2,50 @@
 
 Modules (``nn.Module``) built on the ops of :mod:`vlmcore.kernels`; the trainer lives in
 :mod:`vlmcore.train`, the benchmarks in :mod:`vlmcore.bench`.
+
+- Building blocks: :class:`MaskedCrossAttention`, :class:`GatedCrossAttentionBlock`,
+  :class:`PerceiverAttention`, :class:`PerceiverResampler`, :class:`ContrastiveLoss`.
+- Vision: :class:`VisionTransformer` and adapters (:class:`OpenCLIPVisionAdapter`,
+  :class:`TimmViTAdapter`, :class:`HFVisionAdapter`).
+- Models: :class:`Flamingo`, :class:`CLIP` (+ :func:`zero_shot_classifier`,
+  :func:`zero_shot_predict`, :func:`retrieval_metrics`), :class:`FrozenPrefix`.
 """
 
 from vlmcore import kernels
+from vlmcore.clip import CLIP, TextTransformer, retrieval_metrics, zero_shot_classifier, zero_shot_predict
+from vlmcore.cross_attention import GatedCrossAttentionBlock, MaskedCrossAttention
+from vlmcore.flamingo import Flamingo, find_decoder_layers
+from vlmcore.frozen import FrozenPrefix
 from vlmcore.losses import ContrastiveLoss
+from vlmcore.resampler import PerceiverAttention, PerceiverResampler
+from vlmcore.vision import (
+    HFVisionAdapter,
+    OpenCLIPVisionAdapter,
+    TimmViTAdapter,
+    VisionTransformer,
+    pooled_features,
+)
 
 __version__ = "0.1.0"
 
-__all__ = ["ContrastiveLoss", "kernels"]
+__all__ = [
+    "CLIP",
+    "ContrastiveLoss",
+    "Flamingo",
+    "FrozenPrefix",
+    "GatedCrossAttentionBlock",
+    "HFVisionAdapter",
+    "MaskedCrossAttention",
+    "OpenCLIPVisionAdapter",
+    "PerceiverAttention",
+    "PerceiverResampler",
+    "TextTransformer",
+    "TimmViTAdapter",
+    "VisionTransformer",
+    "find_decoder_layers",
+    "kernels",
+    "pooled_features",
+    "retrieval_metrics",
+    "zero_shot_classifier",
+    "zero_shot_predict",
+]

@@ -1,0 +1,242 @@
+"""CLIP dual encoder (Radford et al. 2021), zero-shot classification and retrieval metrics.
+
+Training loss: the fused op :func:`vlmcore.kernels.contrastive_loss` through the model's
+:class:`vlmcore.ContrastiveLoss` criterion, which holds the learnable temperature.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vlmcore.kernels import contrastive_loss
+from vlmcore.losses import ContrastiveLoss
+from vlmcore.vision import TransformerBlock, VisionTransformer, pooled_features
+from vlmcore.vision import vision_width as declared_width
+
+
+class TextTransformer(nn.Module):
+    """CLIP's text tower: token + position embeddings, causal pre-norm blocks, final LayerNorm,
+    pooled at the end-of-text token.
+
+    Pooling: the first position of ``eot_token_id`` in each row; with ``eot_token_id=None``, the
+    position of the largest token id (OpenAI CLIP, whose EOT has the largest id). A row without
+    the EOT token is pooled at its last non-``pad_token_id`` token.
+
+    ``forward(tokens [n, T] int64) -> [n, width]``.
+    """
+
+    def __init__(self, vocab_size: int, context_length: int, width: int, depth: int, heads: int,
+                 pad_token_id: int = 0, eot_token_id: int | None = None, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.context_length = context_length
+        self.vocab_size = vocab_size
+        self.width = width
+        self.pad_token_id = pad_token_id
+        self.eot_token_id = eot_token_id
+        self.token_embedding = nn.Embedding(vocab_size, width)
+        self.positional_embedding = nn.Parameter(torch.randn(context_length, width) * 0.01)
+        self.blocks = nn.ModuleList(TransformerBlock(width, heads, mlp_ratio, causal=True) for _ in range(depth))
+        self.ln_final = nn.LayerNorm(width)
+
+    def pool_positions(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``[n]`` index of the token each row is pooled at (see the class docstring)."""
+        positions = torch.arange(tokens.shape[1], device=tokens.device)
+        last_real = torch.where(tokens != self.pad_token_id, positions, 0).amax(dim=1)
+        if self.eot_token_id is None:
+            return tokens.argmax(dim=1)
+        is_eot = tokens == self.eot_token_id
+        return torch.where(is_eot.any(dim=1), is_eot.int().argmax(dim=1), last_real)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.dtype.is_floating_point:
+            raise ValueError("tokens must be an integer tensor [n, T]")
+        if tokens.shape[1] > self.context_length:
+            raise ValueError(f"tokens has length {tokens.shape[1]} > context_length {self.context_length}")
+        x = self.token_embedding(tokens) + self.positional_embedding[: tokens.shape[1]]  # [n, T, width]
+        for block in self.blocks:
+            x = block(x)
+        x = self.ln_final(x)
+        return x[torch.arange(x.shape[0], device=x.device), self.pool_positions(tokens)]
+
+
+class CLIP(nn.Module):
+    """CLIP: image tower + causal text transformer, linear projections, normalized features,
+    learnable temperature.
+
+    Args:
+        embed_dim: joint embedding width.
+        vision_encoder: None (build a :class:`vlmcore.VisionTransformer` from ``image_size``,
+            ``patch_size``, ``vision_width``, ``vision_depth``, ``vision_heads``), or any module
+            (adapters of :mod:`vlmcore.vision`); its pooled output (:func:`vlmcore.vision.pooled_features`)
+            of width ``pooled_width``/``width`` is projected to ``embed_dim``.
+        vocab_size, context_length, text_width, text_depth, text_heads: the text transformer.
+        pad_token_id, eot_token_id: text pooling (see :class:`TextTransformer`).
+        init_temperature, max_logit_scale: the criterion's temperature (s = 1/tau <= max_logit_scale).
+
+    ``encode_image(images [n, C, H, W]) -> [n, embed_dim]`` and ``encode_text(tokens [n, T]) ->
+    [n, embed_dim]``, both L2-normalized. ``forward(images, tokens, *, group=None, local_loss=False)``
+    returns ``dict(loss, i2t_acc, t2i_acc, logit_scale, image_features, text_features)``.
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        *,
+        vision_encoder: nn.Module | None = None,
+        image_size: int = 224,
+        patch_size: int = 16,
+        vision_width: int = 768,
+        vision_depth: int = 12,
+        vision_heads: int = 12,
+        vocab_size: int = 49408,
+        context_length: int = 77,
+        text_width: int = 512,
+        text_depth: int = 12,
+        text_heads: int = 8,
+        pad_token_id: int = 0,
+        eot_token_id: int | None = None,
+        init_temperature: float = 0.07,
+        max_logit_scale: float = 100.0,
+    ):
+        super().__init__()
+        if vision_encoder is None:
+            vision_encoder = VisionTransformer(image_size, patch_size, vision_width, vision_depth, vision_heads)
+        self.visual = vision_encoder
+        self.text = TextTransformer(vocab_size, context_length, text_width, text_depth, text_heads,
+                                    pad_token_id=pad_token_id, eot_token_id=eot_token_id)
+        self.image_projection = nn.Linear(declared_width(vision_encoder, pooled=True), embed_dim, bias=False)
+        self.text_projection = nn.Linear(text_width, embed_dim, bias=False)
+        self.criterion = ContrastiveLoss(init_temperature, max_logit_scale)
+        self.embed_dim = embed_dim
+
+    def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        features = self.image_projection(pooled_features(self.visual, images))
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def encode_text(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        features = self.text_projection(self.text(tokens))
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def logit_scale(self) -> torch.Tensor:
+        """The current multiplier s = exp(theta), clamped (0-dim)."""
+        return self.criterion.scale()
+
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor, *, group=None, local_loss: bool = False) -> dict:
+        """Contrastive training step on matching (image, text) rows.
+
+        Args:
+            images: ``[n, C, H, W]``; tokens: ``[n, T]`` int64; row i of each is a pair.
+            group, local_loss: distributed loss settings (see
+                :func:`vlmcore.kernels.contrastive_loss`); default: those of ``self.criterion``.
+
+        Returns:
+            ``{"loss", "i2t_acc", "t2i_acc", "logit_scale", "image_features", "text_features"}``.
+        """
+        image_features = self.encode_image(images)
+        text_features = self.encode_text(tokens)
+        scale = self.criterion.scale().to(image_features.device)
+        out = contrastive_loss(
+            image_features, text_features.to(image_features.dtype), scale,
+            group=group if group is not None else self.criterion.group,
+            local_loss=local_loss or self.criterion.local_loss,
+            label_smoothing=self.criterion.label_smoothing, output_dict=True,
+        )
+        out["logit_scale"] = scale.detach()
+        out["image_features"] = image_features
+        out["text_features"] = text_features
+        return out
+
+
+@torch.no_grad()
+def zero_shot_classifier(model: CLIP, tokenizer: Callable[[list[str]], torch.Tensor], classnames: Sequence[str],
+                         templates: Sequence[str | Callable[[str], str]]) -> torch.Tensor:
+    """Class weights from label text: per class, the normalized mean of its normalized prompt embeddings.
+
+    Args:
+        model: anything with ``encode_text(tokens) -> [n, embed_dim]`` (normalized).
+        tokenizer: ``list[str] -> LongTensor [n, T]``.
+        classnames: C class names.
+        templates: format strings with one ``{}`` (``"a photo of a {}."``) or callables ``name -> str``.
+
+    Returns:
+        ``[embed_dim, C]`` (column c is class c), on the model's device.
+    """
+    if len(classnames) == 0 or len(templates) == 0:
+        raise ValueError("classnames and templates must be non-empty")
+    device = next(model.parameters()).device
+    columns = []
+    for name in classnames:
+        texts = [t(name) if callable(t) else t.format(name) for t in templates]
+        features = F.normalize(model.encode_text(tokenizer(texts).to(device)).float(), dim=-1)  # [len(templates), d]
+        columns.append(F.normalize(features.mean(dim=0), dim=-1))
+    return torch.stack(columns, dim=1)
+
+
+@torch.no_grad()
+def zero_shot_predict(model: CLIP, images: torch.Tensor, classifier: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Classify images with a :func:`zero_shot_classifier` matrix.
+
+    Returns:
+        ``(logits [n, C], preds [n])``: logits = ``s * cos(image, class)`` with the model's scale
+        (when it has ``logit_scale()``; else 100 as in CLIP's evaluation), preds = argmax.
+    """
+    features = model.encode_image(images.to(classifier.device)).float()
+    scale = float(model.logit_scale()) if hasattr(model, "logit_scale") else 100.0
+    logits = scale * features @ classifier.float()
+    return logits, logits.argmax(dim=1)
+
+
+@torch.no_grad()
+def retrieval_metrics(image_features: torch.Tensor, text_features: torch.Tensor,
+                      text_to_image: torch.Tensor | None = None, ks: Sequence[int] = (1, 5, 10),
+                      chunk_size: int = 1024) -> dict[str, float]:
+    """Image->text and text->image Recall@k, as in the CLIP and BLIP evaluations (fractions in [0, 1]).
+
+    Args:
+        image_features: ``[N_img, d]``; text_features: ``[N_txt, d]`` (normalized; similarity = dot).
+        text_to_image: int ``[N_txt]``, the image each caption describes (several captions per
+            image, as in COCO/Flickr30k); default ``arange`` (one caption per image, N_txt = N_img).
+        ks: the k of Recall@k.
+        chunk_size: rows of the similarity matrix computed at a time.
+
+    Returns:
+        ``{"i2t_R@k": ..., "t2i_R@k": ...}`` for every k, plus ``"mean_recall"`` (their mean).
+        i2t: an image counts at k if ANY of its captions ranks in the top k; t2i: a caption counts
+        if its image ranks in the top k. Ties rank pessimistically (an equal score counts as better).
+    """
+    n_img, n_txt = image_features.shape[0], text_features.shape[0]
+    if text_to_image is None:
+        if n_img != n_txt:
+            raise ValueError(f"text_to_image is required when N_img ({n_img}) != N_txt ({n_txt})")
+        text_to_image = torch.arange(n_txt)
+    text_to_image = text_to_image.to(device=image_features.device, dtype=torch.int64)
+    if tuple(text_to_image.shape) != (n_txt,) or int(text_to_image.min()) < 0 or int(text_to_image.max()) >= n_img:
+        raise ValueError(f"text_to_image must be [N_txt={n_txt}] image indices in [0, {n_img})")
+    img = image_features.float()
+    txt = text_features.float().to(img.device)
+    # i2t: per image, rank of its best caption = number of captions scoring strictly higher than it,
+    # counting ties pessimistically (>=) minus itself.
+    i2t_rank = torch.empty(n_img, dtype=torch.int64, device=img.device)
+    for start in range(0, n_img, chunk_size):
+        sims = img[start:start + chunk_size] @ txt.T  # [c, N_txt]
+        rows = torch.arange(start, start + sims.shape[0], device=img.device)
+        is_gt = text_to_image[None, :] == rows[:, None]  # [c, N_txt]
+        best_gt = sims.masked_fill(~is_gt, float("-inf")).amax(dim=1, keepdim=True)  # [c, 1]
+        i2t_rank[start:start + sims.shape[0]] = ((sims >= best_gt) & ~is_gt).sum(dim=1)
+    t2i_rank = torch.empty(n_txt, dtype=torch.int64, device=img.device)
+    for start in range(0, n_txt, chunk_size):
+        sims = txt[start:start + chunk_size] @ img.T  # [c, N_img]
+        gt = text_to_image[start:start + sims.shape[0]]
+        gt_score = sims.gather(1, gt[:, None])  # [c, 1]
+        t2i_rank[start:start + sims.shape[0]] = (sims >= gt_score).sum(dim=1) - 1
+    metrics = {}
+    for k in ks:
+        metrics[f"i2t_R@{k}"] = float((i2t_rank < k).float().mean())
+    for k in ks:
+        metrics[f"t2i_R@{k}"] = float((t2i_rank < k).float().mean())
+    metrics["mean_recall"] = sum(metrics.values()) / len(metrics)
+    return metrics

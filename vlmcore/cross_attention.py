@@ -107,7 +107,8 @@ class MaskedCrossAttention(nn.Module):
         if validate_index and (media_index is not None or media_locations is not None):
             check_media_index(index, num_media)
         q = self.to_q(self.norm(x)).view(batch, length, self.heads, self.dim_head)  # [B, L, H, Dh]
-        kv = self.to_kv(media.reshape(batch, num_media * tokens_per_media, -1).to(self.to_kv.weight.dtype))  # [B, M*R, 2*inner]
+        media = media.reshape(batch, num_media * tokens_per_media, -1).to(self.to_kv.weight.dtype)
+        kv = self.to_kv(media)  # [B, M*R, 2*inner]
         k, v = kv.view(batch, num_media * tokens_per_media, 2, self.heads, self.dim_head).unbind(2)
         mode = "immediate" if self.only_attend_immediate_media else "all_previous"
         out = masked_cross_attention(q, k, v, index, tokens_per_media, mode=mode, softmax_scale=self.scale)

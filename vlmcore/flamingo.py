@@ -50,13 +50,13 @@ def find_decoder_layers(lang_model: nn.Module) -> tuple[nn.Module, str, nn.Modul
         if isinstance(found, nn.ModuleList) and len(found) > 0:
             return parent, path.rsplit(".", 1)[-1], found
     best = None
-    for parent_name, parent in lang_model.named_modules():
+    for parent in lang_model.modules():
         for child_name, child in parent.named_children():
             if isinstance(child, nn.ModuleList) and len(child) > 0 and len({type(m) for m in child}) == 1:
                 if best is None or len(child) > len(best[2]):
                     best = (parent, child_name, child)
     if best is None:
-        raise ValueError(f"could not find the decoder layers of {type(lang_model).__name__} (no nn.ModuleList of blocks)")
+        raise ValueError(f"could not find the decoder layers of {type(lang_model).__name__} (no nn.ModuleList)")
     return best
 
 
@@ -87,7 +87,8 @@ class FlamingoLayer(nn.Module):
     the wrapped layer (``attention_type``, ``layer_idx``, ...), so the LM's forward is unchanged.
     """
 
-    def __init__(self, decoder_layer: nn.Module, block: GatedCrossAttentionBlock, state: _MediaState, owner_flags: dict):
+    def __init__(self, decoder_layer: nn.Module, block: GatedCrossAttentionBlock, state: _MediaState,
+                 owner_flags: dict):
         super().__init__()
         self.decoder_layer = decoder_layer
         self._bridge = (block, state, owner_flags)
@@ -188,7 +189,8 @@ class Flamingo(nn.Module):
         lang_dim = int(getattr(config, "hidden_size", None) or embedding.weight.shape[1])
         parent, attr, layers = find_decoder_layers(lang_model)
         if len(layers) < cross_attn_every_n_layers:
-            raise ValueError(f"cross_attn_every_n_layers={cross_attn_every_n_layers} exceeds the LM's {len(layers)} layers")
+            raise ValueError(
+                f"cross_attn_every_n_layers={cross_attn_every_n_layers} exceeds the LM's {len(layers)} layers")
 
         self.vision_encoder = vision_encoder.requires_grad_(False).eval()
         self.lang_model = lang_model.requires_grad_(False)
@@ -250,7 +252,8 @@ class Flamingo(nn.Module):
         if media_batch != batch:
             # generate() expands the batch (beams, return sequences) by repeat_interleave.
             if batch % media_batch != 0:
-                raise ValueError(f"the LM was called with batch {batch}, not a multiple of the media batch {media_batch}")
+                raise ValueError(f"the LM was called with batch {batch}, not a multiple of the media batch "
+                                 f"{media_batch}")
             state.media = state.media.repeat_interleave(batch // media_batch, dim=0)
             if state.last_index is not None:
                 state.last_index = state.last_index.repeat_interleave(batch // media_batch, dim=0)
@@ -264,7 +267,10 @@ class Flamingo(nn.Module):
         state.index = index
 
     def encode_vision(self, vision_x: torch.Tensor) -> torch.Tensor:
-        """Frozen encoder (no grad) then resampler: ``[B, T_img, F, C, H, W]`` -> ``[B, T_img, num_latents, vis_dim]``."""
+        """Frozen encoder (no grad), then resampler.
+
+        ``[B, T_img, F, C, H, W]`` -> ``[B, T_img, num_latents, vis_dim]``.
+        """
         if not isinstance(vision_x, torch.Tensor) or vision_x.dim() != 6:
             got = tuple(vision_x.shape) if isinstance(vision_x, torch.Tensor) else type(vision_x).__name__
             raise ValueError(f"vision_x must be [B, T_img, F, C, H, W], got {got}")
@@ -344,13 +350,20 @@ class Flamingo(nn.Module):
         """Recompute the gated blocks, resampler layers and LM layers (non-reentrant) in backward."""
         self._flags["gradient_checkpointing"] = True
         self.perceiver.gradient_checkpointing = True
-        if hasattr(self.lang_model, "gradient_checkpointing_enable"):
+        # Non-reentrant: the LM's inputs do not require grad (frozen embeddings) and the
+        # reentrant variant would then drop the gradients of the bridge.
+        if hasattr(self.lang_model, "activation_checkpointing_enable"):  # transformers >= 5.x
+            self.lang_model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        elif hasattr(self.lang_model, "gradient_checkpointing_enable"):
             self.lang_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     def gradient_checkpointing_disable(self) -> None:
+        """Undo :meth:`gradient_checkpointing_enable`."""
         self._flags["gradient_checkpointing"] = False
         self.perceiver.gradient_checkpointing = False
-        if hasattr(self.lang_model, "gradient_checkpointing_disable"):
+        if hasattr(self.lang_model, "activation_checkpointing_disable"):
+            self.lang_model.activation_checkpointing_disable()
+        elif hasattr(self.lang_model, "gradient_checkpointing_disable"):
             self.lang_model.gradient_checkpointing_disable()
 
     @property
@@ -364,7 +377,7 @@ class Flamingo(nn.Module):
         return [p for _, p in self.named_parameters() if p.requires_grad]
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """The bridge's parameters by name (``perceiver.*``, ``gated_cross_attn_layers.*``, ``new_token_embeddings``)."""
+        """The bridge's parameters by name: ``perceiver.*``, ``gated_cross_attn_layers.*``, ``new_token_embeddings``."""
         return {name: p.detach() for name, p in self.named_parameters() if name.startswith(BRIDGE_PREFIXES)}
 
     def load_trainable_state_dict(self, state_dict: dict[str, torch.Tensor], strict: bool = True) -> None:
@@ -379,7 +392,8 @@ class Flamingo(nn.Module):
             for k in own if k in state_dict and tuple(state_dict[k].shape) != tuple(own[k].shape)
         ]
         if mismatched:
-            raise ValueError("trainable state has mismatched shapes (different model config?): " + "; ".join(mismatched[:8]))
+            raise ValueError("trainable state has mismatched shapes (different model config?): "
+                             + "; ".join(mismatched[:8]))
         with torch.no_grad():
             for k, p in own.items():
                 if k in state_dict:

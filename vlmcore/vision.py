@@ -126,7 +126,7 @@ class OpenCLIPVisionAdapter(nn.Module):
             raise TypeError("visual must be an open_clip VisionTransformer (it has no 'output_tokens' attribute)")
         self.visual = visual
         self.visual.output_tokens = True
-        self.width = int(getattr(visual, "transformer").width)
+        self.width = int(visual.transformer.width)
         self.pooled_width = int(visual.output_dim)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,324 @@
+"""Flamingo over tiny transformers causal LMs (Llama and GPT-2 configs, random weights, no download)."""
+
+import copy
+import inspect
+
+import pytest
+import torch
+from torch import nn
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers.utils import logging as hf_logging
+from utils import assert_close
+from vlmcore.kernels import backend
+
+import vlmcore
+
+hf_logging.set_verbosity_error()
+
+VOCAB, MEDIA = 48, 3
+VIS_DIM, IMAGE = 16, 8
+
+
+def tiny_lm(kind: str, layers: int = 2) -> nn.Module:
+    if kind == "llama":
+        config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                             pad_token_id=0, bos_token_id=1, eos_token_id=2)
+        return LlamaForCausalLM(config).eval()
+    config = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=layers, n_head=4, n_positions=64,
+                        bos_token_id=1, eos_token_id=2, pad_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return GPT2LMHeadModel(config).eval()
+
+
+def tiny_flamingo(kind: str, layers: int = 2, *, lm=None, vision=None, **kwargs):
+    """(Flamingo, an unwrapped copy of its LM); pass ``lm``/``vision`` to reuse weights (they are copied)."""
+    lm = tiny_lm(kind, layers) if lm is None else copy.deepcopy(lm)
+    bare = copy.deepcopy(lm)
+    vision = vlmcore.VisionTransformer(IMAGE, 4, VIS_DIM, 1, 2) if vision is None else copy.deepcopy(vision)
+    cfg = dict(media_token_id=MEDIA, vis_dim=VIS_DIM, num_latents=3, resampler_depth=1, dim_head=8, heads=2, ff_mult=2)
+    cfg.update(kwargs)
+    return vlmcore.Flamingo(vision, lm, **cfg).eval(), bare
+
+
+def open_gates(model, value=0.5):
+    with torch.no_grad():
+        for block in model.gated_cross_attn_layers:
+            block.attn_gate.fill_(value)
+            block.ff_gate.fill_(value)
+
+
+def batch(length=11, images=2):
+    """lang_x [2, length]: <image> at 2 and 7 in sample 0, at 0 in sample 1; vision_x [2, images, 1, 3, 8, 8]."""
+    lang_x = torch.randint(4, VOCAB, (2, length))
+    lang_x[0, [2, 7]] = MEDIA
+    lang_x[1, 0] = MEDIA
+    return torch.randn(2, images, 1, 3, IMAGE, IMAGE), lang_x
+
+
+KINDS = ["llama", "gpt2"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_identity_at_init(kind):
+    model, bare = tiny_flamingo(kind)
+    vision_x, lang_x = batch()
+    with torch.no_grad():
+        expected = bare(input_ids=lang_x).logits
+        got = model(vision_x, lang_x).logits
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_only_bridge_trains(kind):
+    model, _ = tiny_flamingo(kind)
+    open_gates(model)
+    model.train()
+    assert not model.vision_encoder.training  # frozen encoder stays in eval mode
+    vision_x, lang_x = batch()
+    out = model(vision_x, lang_x, labels=lang_x)
+    out.loss.backward()
+    trainable = {id(p) for p in model.trainable_parameters()}
+    bridge = {id(p) for p in model.perceiver.parameters()} | {id(p) for p in model.gated_cross_attn_layers.parameters()}
+    assert trainable == bridge
+    for name, p in model.named_parameters():
+        if name.startswith(("lang_model.", "vision_encoder.")):
+            assert not p.requires_grad and p.grad is None, name
+        else:
+            assert p.grad is not None and float(p.grad.abs().max()) > 0, f"{name} got no gradient"
+    # the LM's own parameter list holds no bridge parameter
+    assert not ({id(p) for p in model.lang_model.parameters()} & bridge)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_images_are_causal(kind):
+    """Changing image 1 (whose <image> is at position 7 of sample 0) leaves logits before 7 unchanged."""
+    model, _ = tiny_flamingo(kind)
+    open_gates(model)
+    vision_x, lang_x = batch()
+    changed = vision_x.clone()
+    changed[0, 1] = torch.randn_like(changed[0, 1])
+    with torch.no_grad():
+        a = model(vision_x, lang_x).logits
+        b = model(changed, lang_x).logits
+    assert torch.equal(a[0, :7], b[0, :7])
+    assert float((a[0, 7:] - b[0, 7:]).abs().min()) > 0
+    assert torch.equal(a[1], b[1])  # sample 1 never references its image 1
+    # and image 0 drives positions 2..6 only (immediate media)
+    changed = vision_x.clone()
+    changed[0, 0] = torch.randn_like(changed[0, 0])
+    with torch.no_grad():
+        c = model(changed, lang_x).logits
+    assert torch.equal(a[0, :2], c[0, :2])
+    assert float((a[0, 2:7] - c[0, 2:7]).abs().min()) > 0
+
+
+def test_all_previous_mode_sees_earlier_images():
+    model, _ = tiny_flamingo("llama", only_attend_immediate_media=False)
+    open_gates(model)
+    vision_x, lang_x = batch()
+    changed = vision_x.clone()
+    changed[0, 0] = torch.randn_like(changed[0, 0])
+    with torch.no_grad():
+        a = model(vision_x, lang_x).logits
+        c = model(changed, lang_x).logits
+    assert float((a[0, 7:] - c[0, 7:]).abs().min()) > 0  # text after image 1 still sees image 0
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_triton_and_reference_backends_agree(kind):
+    """Tiny shapes: the triton backend runs the kernels in the interpreter on CPU."""
+    model, _ = tiny_flamingo(kind, dim_head=16)
+    open_gates(model)
+    vision_x, lang_x = batch(length=9)
+    results = {}
+    for name in ("reference", "triton"):
+        model.zero_grad()
+        with backend(name):
+            out = model(vision_x, lang_x, labels=lang_x)
+            out.loss.backward()
+        results[name] = (out.logits.detach(), model.gated_cross_attn_layers[0].attn.to_q.weight.grad.clone(),
+                         model.perceiver.latents.grad.clone())
+    for got, expected, what in zip(results["triton"], results["reference"], ("logits", "grad to_q", "grad latents")):
+        assert_close(got, expected, name=what, atol=1e-4, rtol=1e-3)
+
+
+def _greedy_by_full_forward(model, vision_x, lang_x, steps):
+    """Greedy decoding without KV cache: re-run the whole sequence each step (EOS and <image> banned,
+    as min_new_tokens and bad_words_ids do in generate)."""
+    ids = lang_x
+    for _ in range(steps):
+        with torch.no_grad():
+            logits = model(vision_x, ids, use_cache=False).logits[:, -1]
+        logits[:, [2, MEDIA]] = float("-inf")
+        ids = torch.cat([ids, logits.argmax(dim=-1, keepdim=True)], dim=1)
+    return ids
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_generate_with_cached_media(kind):
+    model, _ = tiny_flamingo(kind)
+    open_gates(model, 1.0)
+    vision_x, lang_x = batch(length=9, images=3)
+    lang_x[:, -1] = MEDIA  # both prompts end with an image: generated tokens attend it
+    # no generated <image> (the full-forward oracle would read it as a new image)
+    common = dict(max_new_tokens=5, min_new_tokens=5, pad_token_id=0, bad_words_ids=[[MEDIA]])
+    greedy = model.generate(vision_x, lang_x, do_sample=False, **common)
+    # greedy with KV cache and cached media == re-running the full sequence (every new token
+    # attends the last image in both)
+    assert torch.equal(greedy, _greedy_by_full_forward(model, vision_x, lang_x, 5))
+    # and the images matter for the generated tokens
+    plain = model.lang_model.generate(input_ids=lang_x, do_sample=False, **common)
+    assert not torch.equal(greedy, plain)
+    beams = model.generate(vision_x, lang_x, num_beams=3, num_return_sequences=2, do_sample=False, **common)
+    assert beams.shape == (4, 14) and torch.equal(beams[:, :9], lang_x.repeat_interleave(2, dim=0))
+    sampled = model.generate(vision_x, lang_x, do_sample=True, top_p=0.9, **common)
+    assert sampled.shape == (2, 14)
+    # conditioning is dropped afterwards: the LM alone is the plain LM again
+    assert model._state.media is None
+    with torch.no_grad():
+        assert torch.equal(model.lang_model(input_ids=lang_x).logits, _bare_logits(model, lang_x))
+
+
+def _bare_logits(model, lang_x):
+    with torch.no_grad():
+        return model.lang_model(input_ids=lang_x).logits
+
+
+def _cache_kwargs(lm, output):
+    """The KV cache of ``output`` as the keyword this transformers version takes (``cache`` or ``past_key_values``)."""
+    if "cache" in inspect.signature(lm.forward).parameters:
+        return {"cache": output.cache}
+    return {"past_key_values": output.past_key_values}
+
+
+def test_forward_with_cached_media_and_kv_cache_matches_full_forward():
+    model, _ = tiny_flamingo("llama")
+    open_gates(model)
+    vision_x, lang_x = batch(length=10)
+    lang_x[1, 9] = 5  # ordinary tail token
+    with torch.no_grad():
+        full = model(vision_x, lang_x).logits
+        model.cache_media(vision_x)
+        try:
+            prefix = model(None, lang_x[:, :8], use_cache=True)
+            step = model(None, lang_x[:, 8:], use_cache=True, **_cache_kwargs(model.lang_model, prefix))
+        finally:
+            model.uncache_media()
+    assert_close(prefix.logits, full[:, :8], name="prefix logits", atol=1e-5)
+    # tokens after the prompt attend each row's last image, as in the full forward here
+    assert_close(step.logits, full[:, 8:], name="cached step logits", atol=1e-5)
+
+
+def test_errors():
+    model, _ = tiny_flamingo("llama")
+    vision_x, lang_x = batch(images=1)  # sample 0 has two <image> tokens but one image
+    with pytest.raises(ValueError, match="image index"):
+        model(vision_x, lang_x)
+    assert model._state.media is None  # a failed call leaves no conditioning behind
+    with pytest.raises(ValueError, match="no media is cached"):
+        model(None, lang_x)
+    with pytest.raises(ValueError, match="vision_x must be"):
+        model(torch.randn(2, 3, IMAGE, IMAGE), lang_x)
+    with pytest.raises(ValueError, match="media_token_id"):
+        vlmcore.Flamingo(vlmcore.VisionTransformer(IMAGE, 4, VIS_DIM, 1, 2), tiny_lm("gpt2"),
+                         media_token_id=VOCAB, vis_dim=VIS_DIM)
+
+
+def test_cross_attn_every_n_layers_placement():
+    model, bare = tiny_flamingo("gpt2", layers=4, cross_attn_every_n_layers=2)
+    layers = model.lang_model.transformer.h
+    assert len(model.gated_cross_attn_layers) == 2
+    wrapped = [i for i, layer in enumerate(layers) if isinstance(layer, vlmcore.flamingo.FlamingoLayer)]
+    assert wrapped == [1, 3]
+    assert layers[1]._bridge[0] is model.gated_cross_attn_layers[0]
+    assert layers[3]._bridge[0] is model.gated_cross_attn_layers[1]
+    vision_x, lang_x = batch()
+    with torch.no_grad():
+        assert torch.equal(model(vision_x, lang_x).logits, bare(input_ids=lang_x).logits)
+
+
+def test_find_decoder_layers_generic_fallback():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(4, 4)
+
+    class Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.heads = nn.ModuleList([nn.Linear(4, 4), nn.ReLU()])
+            self.trunk = nn.Module()
+            self.trunk.stack = nn.ModuleList(Block() for _ in range(3))
+
+    odd = Odd()
+    parent, name, layers = vlmcore.find_decoder_layers(odd)
+    assert parent is odd.trunk and name == "stack" and layers is odd.trunk.stack
+    llama = tiny_lm("llama")
+    assert vlmcore.find_decoder_layers(llama)[2] is llama.model.layers
+
+
+def test_trainable_state_round_trip(tmp_path):
+    lm, vision = tiny_lm("llama"), vlmcore.VisionTransformer(IMAGE, 4, VIS_DIM, 1, 2)
+    model, _ = tiny_flamingo("llama", lm=lm, vision=vision)
+    open_gates(model, 0.3)
+    path = tmp_path / "bridge.safetensors"
+    model.save_trainable(path)
+    state = model.trainable_state_dict()
+    bridge = ("perceiver.", "gated_cross_attn_layers.")
+    assert set(state) == {n for n, _ in model.named_parameters() if n.startswith(bridge)}
+    other, _ = tiny_flamingo("llama", lm=lm, vision=vision)  # same frozen parts, fresh bridge
+    vision_x, lang_x = batch()
+    with torch.no_grad():
+        expected = model(vision_x, lang_x).logits
+        assert not torch.equal(other(vision_x, lang_x).logits, expected)
+        other.load_trainable(path)
+        assert torch.equal(other(vision_x, lang_x).logits, expected)
+    # shape mismatch (different latent count) -> clear error naming the key
+    wrong, _ = tiny_flamingo("llama", lm=lm, vision=vision, num_latents=4)
+    with pytest.raises(ValueError, match="perceiver.latents"):
+        wrong.load_trainable(path)
+    # missing keys are refused in strict mode, accepted otherwise
+    partial = {k: v for k, v in state.items() if not k.startswith("perceiver.")}
+    with pytest.raises(ValueError, match="missing keys"):
+        other.load_trainable_state_dict(partial)
+    other.load_trainable_state_dict(partial, strict=False)
+
+
+def test_train_new_token_embeddings():
+    model, bare = tiny_flamingo("llama", train_new_token_embeddings=True)
+    vision_x, lang_x = batch()
+    with torch.no_grad():
+        assert torch.equal(model(vision_x, lang_x).logits, bare(input_ids=lang_x).logits)
+    assert "new_token_embeddings" in model.trainable_state_dict()
+    assert not model.lang_model.get_input_embeddings().weight.requires_grad
+    open_gates(model)
+    model(vision_x, lang_x, labels=lang_x).loss.backward()
+    assert float(model.new_token_embeddings.grad.abs().max()) > 0
+    with torch.no_grad():
+        model.new_token_embeddings.add_(1.0)  # only positions holding the token change
+        before = bare(input_ids=lang_x).logits
+        after = model.lang_model(input_ids=lang_x).logits
+    assert torch.equal(after[0, :2], before[0, :2])
+    assert not torch.equal(after[0, 2:], before[0, 2:])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_gradient_checkpointing_same_gradients(kind):
+    model, _ = tiny_flamingo(kind)
+    open_gates(model)
+    vision_x, lang_x = batch()
+    grads = []
+    for checkpointing in (False, True):
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        model.zero_grad()
+        model.train()
+        loss = model(vision_x, lang_x, labels=lang_x).loss
+        loss.backward()
+        grads.append((loss.detach(), [p.grad.clone() for p in model.trainable_parameters()]))
+    assert model.gradient_checkpointing and model.perceiver.gradient_checkpointing
+    layers = vlmcore.find_decoder_layers(model.lang_model)[2]
+    assert all(getattr(layer, "decoder_layer", layer).gradient_checkpointing for layer in layers)
+    assert_close(grads[1][0], grads[0][0], name="loss", atol=1e-6)
+    for g1, g0 in zip(grads[1][1], grads[0][1]):
+        assert_close(g1, g0, name="grad", atol=1e-6, rtol=1e-5)

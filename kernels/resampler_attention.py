@@ -1,17 +1,571 @@
 """Resampler attention: latents attend to [media tokens; latents] without building the concat.
 
 Public op: :func:`resampler_attention` (Perceiver Resampler; Q-Former cross-attention when the
-latent keys are None). (The fused Triton kernel is being added in this file; until then every
-backend runs the reference.)
+latent keys are None).
+
+Triton path (flash-attention style, one op in three kernels):
+
+- forward ``_resampler_fwd_kernel``: one program per (batch x head, query block); the query block
+  covers R (R <= 64 is one block). The key loop walks the media blocks, then the latent blocks,
+  through two pointer sets, so ``[k_media; k_latents]`` never exists in memory. Online softmax in
+  the log2 domain with fp32 max / sum, the natural-log LSE ``[B, H, R]`` is saved for backward.
+- backward ``_resampler_bwd_dq_kernel``: per query block, delta = rowsum(o * do) (stored for the
+  next kernel), then dq over both key sources.
+- backward ``_resampler_bwd_dkdv_kernel``: one program per key block of either source (media blocks
+  first, then latent blocks), iterating all R queries. Every gradient element is written by exactly
+  one program: no atomics, deterministic.
+
+Every tensor is read through its strides (views of a Linear output work without copies). Head
+dims are padded to a power of two (96 -> 128) under masks. Padding keys (``media_mask`` False)
+and queries with nothing to attend get zero probability; such queries output zeros and get zero
+gradients.
 """
 
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
 
-from ._backend import use_triton  # noqa: F401  (used once the Triton path lands)
+from ._backend import interpreter_enabled, use_triton
 from ._checks import check_float_tensor, check_same, check_softmax_scale
 from .reference import resampler_attention_reference
+
+MAX_HEAD_DIM = 128
+_LOG2E = 1.4426950408889634
+LOG2E = tl.constexpr(_LOG2E)
+# Running-max floor: a finite start keeps exp2(m_old - m_new) finite while a row has seen only
+# masked keys (scores -inf), so rows with nothing to attend end with l = 0 and acc = 0, never NaN.
+M_FLOOR = tl.constexpr(-1.0e30)
+
+
+def _key_block_configs() -> list[triton.Config]:
+    """Autotune space over the key tile on CUDA; one small fixed config in the interpreter."""
+    if interpreter_enabled():
+        return [triton.Config({"BLOCK_N": 32}, num_warps=4, num_stages=1)]
+    return [
+        triton.Config({"BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
+        for block_n in (32, 64, 128)
+        for warps in (4, 8)
+        for stages in (2, 3)
+    ]
+
+
+def _query_block(num_queries: int) -> int:
+    """Query tile: the next power of two >= R, at least 16 (tl.dot), at most 64."""
+    return min(64, max(16, triton.next_power_of_2(num_queries)))
+
+
+_AUTOTUNE_KEY = ["num_queries", "num_media", "HEAD_DIM", "HAS_LATENTS", "HAS_MASK", "PRECISION"]
+
+
+# ----------------------------------------------------------------------------------------------
+# forward
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _load_key_block(
+    p_k, p_v, p_mask, stride_kn, stride_kd, stride_vn, stride_vd, stride_mask_n,
+    i_n, num_keys,
+    HAS_MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Keys and values ``[BLOCK_N, BLOCK_D]`` of rows i_n .. i_n + BLOCK_N (zeros outside), and which rows count.
+
+    Returns ``(b_k, b_v, m_n)``; ``m_n`` ``[BLOCK_N]`` is False past ``num_keys`` and, with
+    ``HAS_MASK``, where the uint8 mask at ``p_mask`` is 0 (padding).
+    """
+    o_n = i_n + tl.arange(0, BLOCK_N)
+    o_d = tl.arange(0, BLOCK_D)
+    m_n = o_n < num_keys
+    m_kv = m_n[:, None] & (o_d < HEAD_DIM)[None, :]
+    b_k = tl.load(p_k + o_n[:, None] * stride_kn + o_d[None, :] * stride_kd, mask=m_kv, other=0.0)
+    b_v = tl.load(p_v + o_n[:, None] * stride_vn + o_d[None, :] * stride_vd, mask=m_kv, other=0.0)
+    if HAS_MASK:
+        m_n = m_n & (tl.load(p_mask + o_n * stride_mask_n, mask=m_n, other=0) != 0)
+    return b_k, b_v, m_n
+
+
+@triton.jit
+def _fwd_source(
+    b_acc, b_l, b_m, b_q,
+    p_k, p_v, p_mask,
+    stride_kn, stride_kd, stride_vn, stride_vd, stride_mask_n,
+    num_keys, qk_scale,
+    HAS_MASK: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Online-softmax pass over one key source (``num_keys`` rows at p_k / p_v, this batch and head)."""
+    for i_n in range(0, num_keys, BLOCK_N):
+        b_k, b_v, m_n = _load_key_block(
+            p_k, p_v, p_mask, stride_kn, stride_kd, stride_vn, stride_vd, stride_mask_n,
+            i_n, num_keys, HAS_MASK, HEAD_DIM, BLOCK_N, BLOCK_D,
+        )
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N], log2 units
+        b_s = tl.where(m_n[None, :], b_s, float("-inf"))
+        b_m_new = tl.maximum(b_m, tl.max(b_s, 1))  # [BLOCK_M]
+        b_alpha = tl.exp2(b_m - b_m_new)  # [BLOCK_M]
+        b_p = tl.exp2(b_s - b_m_new[:, None])  # [BLOCK_M, BLOCK_N]
+        b_l = b_l * b_alpha + tl.sum(b_p, 1)
+        b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PRECISION)
+        b_m = b_m_new
+    return b_acc, b_l, b_m
+
+
+@triton.autotune(configs=_key_block_configs(), key=_AUTOTUNE_KEY)
+@triton.jit
+def _resampler_fwd_kernel(
+    q, k_media, v_media, k_latents, v_latents, media_mask, out, lse,
+    stride_qb, stride_qr, stride_qh, stride_qd,
+    stride_kmb, stride_kmn, stride_kmh, stride_kmd,
+    stride_vmb, stride_vmn, stride_vmh, stride_vmd,
+    stride_klb, stride_kln, stride_klh, stride_kld,
+    stride_vlb, stride_vln, stride_vlh, stride_vld,
+    stride_maskb, stride_maskn,
+    stride_ob, stride_or, stride_oh, stride_od,
+    num_heads, num_queries, num_media, qk_scale,
+    HAS_LATENTS: tl.constexpr, HAS_MASK: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """out = softmax(q [k_media; k_latents]^T) [v_media; v_latents] for one (batch x head, query block).
+
+    q, out ``[B, R, H, Dh]``; k/v_media ``[B, S, H, Dh]``; k/v_latents ``[B, R, H, Dh]``;
+    media_mask uint8 ``[B, S]``; lse fp32 ``[B, H, R]`` (natural log, -inf for empty rows).
+    ``qk_scale`` = softmax_scale * log2(e).
+    """
+    i_bh = tl.program_id(0).to(tl.int64)
+    i_m = tl.program_id(1).to(tl.int64)
+    i_b = i_bh // num_heads
+    i_h = i_bh % num_heads
+    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    o_d = tl.arange(0, BLOCK_D)
+    m_m = o_m < num_queries
+    m_md = m_m[:, None] & (o_d < HEAD_DIM)[None, :]
+
+    p_q = q + i_b * stride_qb + i_h * stride_qh
+    b_q = tl.load(p_q + o_m[:, None] * stride_qr + o_d[None, :] * stride_qd, mask=m_md, other=0.0)  # [BLOCK_M, BLOCK_D]
+
+    b_acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    b_l = tl.zeros([BLOCK_M], dtype=tl.float32)
+    b_m = tl.full([BLOCK_M], M_FLOOR, dtype=tl.float32)
+    b_acc, b_l, b_m = _fwd_source(
+        b_acc, b_l, b_m, b_q,
+        k_media + i_b * stride_kmb + i_h * stride_kmh, v_media + i_b * stride_vmb + i_h * stride_vmh,
+        media_mask + i_b * stride_maskb,
+        stride_kmn, stride_kmd, stride_vmn, stride_vmd, stride_maskn,
+        num_media, qk_scale, HAS_MASK, HEAD_DIM, BLOCK_N, BLOCK_D, PRECISION,
+    )
+    if HAS_LATENTS:
+        b_acc, b_l, b_m = _fwd_source(
+            b_acc, b_l, b_m, b_q,
+            k_latents + i_b * stride_klb + i_h * stride_klh, v_latents + i_b * stride_vlb + i_h * stride_vlh,
+            media_mask,
+            stride_kln, stride_kld, stride_vln, stride_vld, 0,
+            num_queries, qk_scale, False, HEAD_DIM, BLOCK_N, BLOCK_D, PRECISION,
+        )
+
+    m_row = b_l > 0.0  # [BLOCK_M] rows that attended at least one key
+    b_o = b_acc / tl.where(m_row, b_l, 1.0)[:, None]
+    b_lse = tl.where(m_row, (b_m + tl.log2(tl.where(m_row, b_l, 1.0))) / LOG2E, float("-inf"))
+    p_o = out + i_b * stride_ob + i_h * stride_oh
+    tl.store(p_o + o_m[:, None] * stride_or + o_d[None, :] * stride_od, b_o.to(out.dtype.element_ty), mask=m_md)
+    tl.store(lse + i_bh * num_queries + o_m, b_lse, mask=m_m)
+
+
+# ----------------------------------------------------------------------------------------------
+# backward
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _load_lse_log2(p_lse, o_m, m_m):
+    """LSE of rows o_m in log2 units; +inf for empty or out-of-range rows, so exp2(s - lse) = 0 there."""
+    b_lse = tl.load(p_lse + o_m, mask=m_m, other=float("inf"))
+    return tl.where(b_lse == float("-inf"), float("inf"), b_lse * LOG2E)
+
+
+@triton.jit
+def _dq_source(
+    b_dq, b_q, b_do, b_lse2, b_delta,
+    p_k, p_v, p_mask,
+    stride_kn, stride_kd, stride_vn, stride_vd, stride_mask_n,
+    num_keys, qk_scale,
+    HAS_MASK: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Accumulate dS @ K (unscaled) over one key source into b_dq ``[BLOCK_M, BLOCK_D]``."""
+    for i_n in range(0, num_keys, BLOCK_N):
+        b_k, b_v, m_n = _load_key_block(
+            p_k, p_v, p_mask, stride_kn, stride_kd, stride_vn, stride_vd, stride_mask_n,
+            i_n, num_keys, HAS_MASK, HEAD_DIM, BLOCK_N, BLOCK_D,
+        )
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
+        b_s = tl.where(m_n[None, :], b_s, float("-inf"))
+        b_p = tl.exp2(b_s - b_lse2[:, None])  # [BLOCK_M, BLOCK_N]
+        b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PRECISION)  # [BLOCK_M, BLOCK_N]
+        b_ds = b_p * (b_dp - b_delta[:, None])
+        b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=PRECISION)
+    return b_dq
+
+
+@triton.autotune(configs=_key_block_configs(), key=_AUTOTUNE_KEY)
+@triton.jit
+def _resampler_bwd_dq_kernel(
+    q, k_media, v_media, k_latents, v_latents, media_mask, out, do, lse, delta, dq,
+    stride_qb, stride_qr, stride_qh, stride_qd,
+    stride_kmb, stride_kmn, stride_kmh, stride_kmd,
+    stride_vmb, stride_vmn, stride_vmh, stride_vmd,
+    stride_klb, stride_kln, stride_klh, stride_kld,
+    stride_vlb, stride_vln, stride_vlh, stride_vld,
+    stride_maskb, stride_maskn,
+    stride_ob, stride_or, stride_oh, stride_od,
+    stride_dob, stride_dor, stride_doh, stride_dod,
+    stride_dqb, stride_dqr, stride_dqh, stride_dqd,
+    num_heads, num_queries, num_media, qk_scale, softmax_scale,
+    HAS_LATENTS: tl.constexpr, HAS_MASK: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """delta = rowsum(o * do) (stored, fp32 ``[B, H, R]``) and dq ``[B, R, H, Dh]`` for one query block."""
+    i_bh = tl.program_id(0).to(tl.int64)
+    i_m = tl.program_id(1).to(tl.int64)
+    i_b = i_bh // num_heads
+    i_h = i_bh % num_heads
+    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    o_d = tl.arange(0, BLOCK_D)
+    m_m = o_m < num_queries
+    m_md = m_m[:, None] & (o_d < HEAD_DIM)[None, :]
+
+    b_q = tl.load(q + i_b * stride_qb + i_h * stride_qh + o_m[:, None] * stride_qr + o_d[None, :] * stride_qd,
+                  mask=m_md, other=0.0)  # [BLOCK_M, BLOCK_D]
+    b_o = tl.load(out + i_b * stride_ob + i_h * stride_oh + o_m[:, None] * stride_or + o_d[None, :] * stride_od,
+                  mask=m_md, other=0.0)  # [BLOCK_M, BLOCK_D]
+    b_do = tl.load(do + i_b * stride_dob + i_h * stride_doh + o_m[:, None] * stride_dor + o_d[None, :] * stride_dod,
+                   mask=m_md, other=0.0)  # [BLOCK_M, BLOCK_D]
+    b_delta = tl.sum(b_o.to(tl.float32) * b_do.to(tl.float32), 1)  # [BLOCK_M]
+    tl.store(delta + i_bh * num_queries + o_m, b_delta, mask=m_m)
+    b_lse2 = _load_lse_log2(lse + i_bh * num_queries, o_m, m_m)  # [BLOCK_M]
+
+    b_dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    b_dq = _dq_source(
+        b_dq, b_q, b_do, b_lse2, b_delta,
+        k_media + i_b * stride_kmb + i_h * stride_kmh, v_media + i_b * stride_vmb + i_h * stride_vmh,
+        media_mask + i_b * stride_maskb,
+        stride_kmn, stride_kmd, stride_vmn, stride_vmd, stride_maskn,
+        num_media, qk_scale, HAS_MASK, HEAD_DIM, BLOCK_N, BLOCK_D, PRECISION,
+    )
+    if HAS_LATENTS:
+        b_dq = _dq_source(
+            b_dq, b_q, b_do, b_lse2, b_delta,
+            k_latents + i_b * stride_klb + i_h * stride_klh, v_latents + i_b * stride_vlb + i_h * stride_vlh,
+            media_mask,
+            stride_kln, stride_kld, stride_vln, stride_vld, 0,
+            num_queries, qk_scale, False, HEAD_DIM, BLOCK_N, BLOCK_D, PRECISION,
+        )
+    p_dq = dq + i_b * stride_dqb + i_h * stride_dqh
+    tl.store(p_dq + o_m[:, None] * stride_dqr + o_d[None, :] * stride_dqd,
+             (b_dq * softmax_scale).to(dq.dtype.element_ty), mask=m_md)
+
+
+@triton.jit
+def _dkdv_tile(
+    p_k, p_v, p_dk, p_dv, p_mask, p_q, p_do, p_lse, p_delta,
+    stride_kn, stride_kd, stride_vn, stride_vd,
+    stride_dkn, stride_dkd, stride_dvn, stride_dvd, stride_mask_n,
+    stride_qr, stride_qd, stride_dor, stride_dod,
+    i_n, num_keys, num_queries, qk_scale, softmax_scale,
+    HAS_MASK: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dk, dv of the key rows ``i_n .. i_n + BLOCK_N`` of one source, iterating all R queries."""
+    b_k, b_v, m_n = _load_key_block(
+        p_k, p_v, p_mask, stride_kn, stride_kd, stride_vn, stride_vd, stride_mask_n,
+        i_n, num_keys, HAS_MASK, HEAD_DIM, BLOCK_N, BLOCK_D,
+    )
+    o_n = i_n + tl.arange(0, BLOCK_N)
+    o_d = tl.arange(0, BLOCK_D)
+    m_d = o_d < HEAD_DIM
+    m_kv = (o_n < num_keys)[:, None] & m_d[None, :]
+
+    b_dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    b_dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for i_m in range(0, num_queries, BLOCK_M):
+        o_m = i_m + tl.arange(0, BLOCK_M)
+        m_m = o_m < num_queries
+        m_md = m_m[:, None] & m_d[None, :]
+        # [BLOCK_M, BLOCK_D] each
+        b_q = tl.load(p_q + o_m[:, None] * stride_qr + o_d[None, :] * stride_qd, mask=m_md, other=0.0)
+        b_do = tl.load(p_do + o_m[:, None] * stride_dor + o_d[None, :] * stride_dod, mask=m_md, other=0.0)
+        b_lse2 = _load_lse_log2(p_lse, o_m, m_m)  # [BLOCK_M]
+        b_delta = tl.load(p_delta + o_m, mask=m_m, other=0.0)  # [BLOCK_M]
+        b_st = tl.dot(b_k, tl.trans(b_q), input_precision=PRECISION) * qk_scale  # [BLOCK_N, BLOCK_M]
+        b_st = tl.where(m_n[:, None], b_st, float("-inf"))
+        b_pt = tl.exp2(b_st - b_lse2[None, :])  # [BLOCK_N, BLOCK_M]
+        b_dv += tl.dot(b_pt.to(b_do.dtype), b_do, input_precision=PRECISION)
+        b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=PRECISION)  # [BLOCK_N, BLOCK_M]
+        b_dst = b_pt * (b_dpt - b_delta[None, :])
+        b_dk += tl.dot(b_dst.to(b_q.dtype), b_q, input_precision=PRECISION)
+    tl.store(p_dk + o_n[:, None] * stride_dkn + o_d[None, :] * stride_dkd,
+             (b_dk * softmax_scale).to(p_dk.dtype.element_ty), mask=m_kv)
+    tl.store(p_dv + o_n[:, None] * stride_dvn + o_d[None, :] * stride_dvd, b_dv.to(p_dv.dtype.element_ty), mask=m_kv)
+
+
+@triton.autotune(configs=_key_block_configs(), key=_AUTOTUNE_KEY)
+@triton.jit
+def _resampler_bwd_dkdv_kernel(
+    q, k_media, v_media, k_latents, v_latents, media_mask, do, lse, delta,
+    dk_media, dv_media, dk_latents, dv_latents,
+    stride_qb, stride_qr, stride_qh, stride_qd,
+    stride_kmb, stride_kmn, stride_kmh, stride_kmd,
+    stride_vmb, stride_vmn, stride_vmh, stride_vmd,
+    stride_klb, stride_kln, stride_klh, stride_kld,
+    stride_vlb, stride_vln, stride_vlh, stride_vld,
+    stride_maskb, stride_maskn,
+    stride_dob, stride_dor, stride_doh, stride_dod,
+    stride_dkmb, stride_dkmn, stride_dkmh, stride_dkmd,
+    stride_dvmb, stride_dvmn, stride_dvmh, stride_dvmd,
+    stride_dklb, stride_dkln, stride_dklh, stride_dkld,
+    stride_dvlb, stride_dvln, stride_dvlh, stride_dvld,
+    num_heads, num_queries, num_media, qk_scale, softmax_scale,
+    HAS_LATENTS: tl.constexpr, HAS_MASK: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dk/dv of one key block: programs 0 .. cdiv(S, BLOCK_N) - 1 of axis 1 own media blocks, the rest latent blocks."""
+    i_bh = tl.program_id(0).to(tl.int64)
+    i_nb = tl.program_id(1)
+    i_b = i_bh // num_heads
+    i_h = i_bh % num_heads
+    num_media_blocks = tl.cdiv(num_media, BLOCK_N)
+    p_q = q + i_b * stride_qb + i_h * stride_qh
+    p_do = do + i_b * stride_dob + i_h * stride_doh
+    p_lse = lse + i_bh * num_queries
+    p_delta = delta + i_bh * num_queries
+    if i_nb < num_media_blocks:
+        _dkdv_tile(
+            k_media + i_b * stride_kmb + i_h * stride_kmh, v_media + i_b * stride_vmb + i_h * stride_vmh,
+            dk_media + i_b * stride_dkmb + i_h * stride_dkmh, dv_media + i_b * stride_dvmb + i_h * stride_dvmh,
+            media_mask + i_b * stride_maskb, p_q, p_do, p_lse, p_delta,
+            stride_kmn, stride_kmd, stride_vmn, stride_vmd,
+            stride_dkmn, stride_dkmd, stride_dvmn, stride_dvmd, stride_maskn,
+            stride_qr, stride_qd, stride_dor, stride_dod,
+            i_nb * BLOCK_N, num_media, num_queries, qk_scale, softmax_scale,
+            HAS_MASK, HEAD_DIM, PRECISION, BLOCK_M, BLOCK_D, BLOCK_N,
+        )
+    elif HAS_LATENTS:
+        _dkdv_tile(
+            k_latents + i_b * stride_klb + i_h * stride_klh, v_latents + i_b * stride_vlb + i_h * stride_vlh,
+            dk_latents + i_b * stride_dklb + i_h * stride_dklh, dv_latents + i_b * stride_dvlb + i_h * stride_dvlh,
+            media_mask, p_q, p_do, p_lse, p_delta,
+            stride_kln, stride_kld, stride_vln, stride_vld,
+            stride_dkln, stride_dkld, stride_dvln, stride_dvld, 0,
+            stride_qr, stride_qd, stride_dor, stride_dod,
+            (i_nb - num_media_blocks) * BLOCK_N, num_queries, num_queries, qk_scale, softmax_scale,
+            False, HEAD_DIM, PRECISION, BLOCK_M, BLOCK_D, BLOCK_N,
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# host launchers
+# ----------------------------------------------------------------------------------------------
+
+
+def _precision(dtype: torch.dtype) -> str:
+    """fp32 inputs keep full fp32 products (the reference's math); 16-bit inputs use tensor cores anyway."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _mask_arg(media_mask: torch.Tensor | None, q: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """(pointer tensor, batch stride, token stride) of the mask; a dummy when there is none."""
+    if media_mask is None:
+        return q, 0, 0
+    mask = media_mask.view(torch.uint8)
+    return mask, mask.stride(0), mask.stride(1)
+
+
+def _latent_args(k_latents: torch.Tensor | None, v_latents: torch.Tensor | None, q: torch.Tensor):
+    """(k_latents, v_latents, their 8 strides), or q as a never-read stand-in when there are none."""
+    if k_latents is None:
+        return q, q, (0,) * 8
+    return k_latents, v_latents, (*k_latents.stride(), *v_latents.stride())
+
+
+def resampler_attention_forward(
+    q: torch.Tensor,
+    k_media: torch.Tensor,
+    v_media: torch.Tensor,
+    k_latents: torch.Tensor | None,
+    v_latents: torch.Tensor | None,
+    media_mask: torch.Tensor | None,
+    softmax_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the forward kernel on validated inputs.
+
+    Returns:
+        ``out`` ``[B, R, H, Dh]`` in q's dtype and ``lse`` fp32 ``[B, H, R]`` (natural log, -inf for
+        a query with nothing to attend).
+    """
+    batch, num_queries, heads, head_dim = q.shape
+    num_media = k_media.shape[1]
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = torch.empty(batch, heads, num_queries, dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        lse.fill_(float("-inf"))
+        return out, lse
+    k_lat, v_lat, latent_strides = _latent_args(k_latents, v_latents, q)
+    mask, stride_maskb, stride_maskn = _mask_arg(media_mask, q)
+    block_m = _query_block(num_queries)
+    grid = (batch * heads, triton.cdiv(num_queries, block_m))
+    _resampler_fwd_kernel[grid](
+        q, k_media, v_media, k_lat, v_lat, mask, out, lse,
+        *q.stride(), *k_media.stride(), *v_media.stride(), *latent_strides,
+        stride_maskb, stride_maskn, *out.stride(),
+        heads, num_queries, num_media, softmax_scale * _LOG2E,
+        HAS_LATENTS=k_latents is not None, HAS_MASK=media_mask is not None, HEAD_DIM=head_dim,
+        PRECISION=_precision(q.dtype), BLOCK_M=block_m, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+    )
+    return out, lse
+
+
+def resampler_attention_backward(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k_media: torch.Tensor,
+    v_media: torch.Tensor,
+    k_latents: torch.Tensor | None,
+    v_latents: torch.Tensor | None,
+    media_mask: torch.Tensor | None,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    softmax_scale: float,
+) -> list[torch.Tensor]:
+    """Launch the dq kernel (which also stores delta) then the dk/dv kernel.
+
+    Returns:
+        ``[dq, dk_media, dv_media]`` plus ``[dk_latents, dv_latents]`` when there are latents, in
+        the input dtype, contiguous. ``grad_out`` may have any strides (also 0).
+    """
+    batch, num_queries, heads, head_dim = q.shape
+    num_media = k_media.shape[1]
+    has_latents = k_latents is not None
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk_media = torch.empty(k_media.shape, dtype=q.dtype, device=q.device)
+    dv_media = torch.empty(k_media.shape, dtype=q.dtype, device=q.device)
+    grads = [dq, dk_media, dv_media]
+    if has_latents:
+        grads += [torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(2)]
+    if dq.numel() == 0:
+        return [g.zero_() for g in grads]
+    dk_lat, dv_lat, dlatent_strides = _latent_args(*(grads[3:] if has_latents else (None, None)), q)
+    k_lat, v_lat, latent_strides = _latent_args(k_latents, v_latents, q)
+    mask, stride_maskb, stride_maskn = _mask_arg(media_mask, q)
+    delta = torch.empty(batch, heads, num_queries, dtype=torch.float32, device=q.device)
+    constants = dict(
+        HAS_LATENTS=has_latents, HAS_MASK=media_mask is not None, HEAD_DIM=head_dim,
+        PRECISION=_precision(q.dtype), BLOCK_M=_query_block(num_queries),
+        BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+    )
+    qk_scale = softmax_scale * _LOG2E
+
+    grid_dq = (batch * heads, triton.cdiv(num_queries, constants["BLOCK_M"]))
+    _resampler_bwd_dq_kernel[grid_dq](
+        q, k_media, v_media, k_lat, v_lat, mask, out, grad_out, lse, delta, dq,
+        *q.stride(), *k_media.stride(), *v_media.stride(), *latent_strides,
+        stride_maskb, stride_maskn, *out.stride(), *grad_out.stride(), *dq.stride(),
+        heads, num_queries, num_media, qk_scale, softmax_scale, **constants,
+    )
+
+    def grid_dkdv(meta):
+        latent_blocks = triton.cdiv(num_queries, meta["BLOCK_N"]) if has_latents else 0
+        return (batch * heads, triton.cdiv(num_media, meta["BLOCK_N"]) + latent_blocks)
+
+    _resampler_bwd_dkdv_kernel[grid_dkdv](
+        q, k_media, v_media, k_lat, v_lat, mask, grad_out, lse, delta,
+        dk_media, dv_media, dk_lat, dv_lat,
+        *q.stride(), *k_media.stride(), *v_media.stride(), *latent_strides,
+        stride_maskb, stride_maskn, *grad_out.stride(),
+        *dk_media.stride(), *dv_media.stride(), *dlatent_strides,
+        heads, num_queries, num_media, qk_scale, softmax_scale, **constants,
+    )
+    return grads
+
+
+# ----------------------------------------------------------------------------------------------
+# custom ops + autograd
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("vlmcore::resampler_attention_fwd", mutates_args=())
+def _resampler_attention_fwd_op(
+    q: torch.Tensor,
+    k_media: torch.Tensor,
+    v_media: torch.Tensor,
+    k_latents: torch.Tensor | None,
+    v_latents: torch.Tensor | None,
+    media_mask: torch.Tensor | None,
+    softmax_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused forward: ``(out [B, R, H, Dh], lse fp32 [B, H, R])``."""
+    return resampler_attention_forward(q, k_media, v_media, k_latents, v_latents, media_mask, softmax_scale)
+
+
+@_resampler_attention_fwd_op.register_fake
+def _(q, k_media, v_media, k_latents, v_latents, media_mask, softmax_scale):
+    batch, num_queries, heads, _ = q.shape
+    return (
+        torch.empty_like(q, memory_format=torch.contiguous_format),
+        q.new_empty((batch, heads, num_queries), dtype=torch.float32),
+    )
+
+
+@torch.library.custom_op("vlmcore::resampler_attention_bwd", mutates_args=())
+def _resampler_attention_bwd_op(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k_media: torch.Tensor,
+    v_media: torch.Tensor,
+    k_latents: torch.Tensor | None,
+    v_latents: torch.Tensor | None,
+    media_mask: torch.Tensor | None,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    softmax_scale: float,
+) -> list[torch.Tensor]:
+    """Fused backward: ``[dq, dk_media, dv_media]`` (+ ``[dk_latents, dv_latents]`` with latents)."""
+    return resampler_attention_backward(
+        grad_out, q, k_media, v_media, k_latents, v_latents, media_mask, out, lse, softmax_scale
+    )
+
+
+@_resampler_attention_bwd_op.register_fake
+def _(grad_out, q, k_media, v_media, k_latents, v_latents, media_mask, out, lse, softmax_scale):
+    grads = [q.new_empty(q.shape), k_media.new_empty(k_media.shape), k_media.new_empty(k_media.shape)]
+    if k_latents is not None:
+        grads += [q.new_empty(q.shape), q.new_empty(q.shape)]
+    return grads
+
+
+def _setup_context(ctx, inputs, output):
+    q, k_media, v_media, k_latents, v_latents, media_mask, softmax_scale = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k_media, v_media, k_latents, v_latents, media_mask, out, lse)
+    ctx.softmax_scale = softmax_scale
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k_media, v_media, k_latents, v_latents, media_mask, out, lse = ctx.saved_tensors
+    grads = _resampler_attention_bwd_op(
+        grad_out, q, k_media, v_media, k_latents, v_latents, media_mask, out, lse, ctx.softmax_scale
+    )
+    dk_latents, dv_latents = (grads[3], grads[4]) if k_latents is not None else (None, None)
+    return grads[0], grads[1], grads[2], dk_latents, dv_latents, None, None
+
+
+_resampler_attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------
+# public op
+# ----------------------------------------------------------------------------------------------
 
 
 def _validate(q, k_media, v_media, k_latents, v_latents, media_mask, softmax_scale) -> float:
@@ -22,11 +576,17 @@ def _validate(q, k_media, v_media, k_latents, v_latents, media_mask, softmax_sca
     check_same("v_media", v_media, "q", q)
     batch, num_latents, heads, head_dim = q.shape
     if k_media.shape != v_media.shape:
-        raise ValueError(f"k_media and v_media must have the same shape, got {tuple(k_media.shape)} and {tuple(v_media.shape)}")
+        raise ValueError(
+            f"k_media and v_media must have the same shape, got {tuple(k_media.shape)} and {tuple(v_media.shape)}"
+        )
     if k_media.shape[0] != batch or k_media.shape[2:] != (heads, head_dim):
-        raise ValueError(f"k_media must be [B, S, H, Dh] with B={batch}, H={heads}, Dh={head_dim}, got {tuple(k_media.shape)}")
+        raise ValueError(
+            f"k_media must be [B, S, H, Dh] with B={batch}, H={heads}, Dh={head_dim}, got {tuple(k_media.shape)}"
+        )
     if k_media.shape[1] < 1:
         raise ValueError("k_media must have at least one media token (S >= 1)")
+    if head_dim < 1:
+        raise ValueError(f"q must have a head dim Dh >= 1, got shape {tuple(q.shape)}")
     if (k_latents is None) != (v_latents is None):
         raise ValueError("k_latents and v_latents must both be tensors or both be None")
     if k_latents is not None:
@@ -41,7 +601,9 @@ def _validate(q, k_media, v_media, k_latents, v_latents, media_mask, softmax_sca
         if not isinstance(media_mask, torch.Tensor) or media_mask.dtype != torch.bool:
             raise TypeError("media_mask must be a bool tensor [B, S] (True = attend)")
         if tuple(media_mask.shape) != (batch, k_media.shape[1]):
-            raise ValueError(f"media_mask must have shape [B, S] = {(batch, k_media.shape[1])}, got {tuple(media_mask.shape)}")
+            raise ValueError(
+                f"media_mask must have shape [B, S] = {(batch, k_media.shape[1])}, got {tuple(media_mask.shape)}"
+            )
         if media_mask.device != q.device:
             raise ValueError(f"media_mask is on {media_mask.device} but q is on {q.device}")
     return check_softmax_scale(softmax_scale, head_dim)
@@ -64,13 +626,30 @@ def resampler_attention(
         k_media, v_media: ``[B, S, H, Dh]`` media keys/values.
         k_latents, v_latents: ``[B, R, H, Dh]`` latent keys/values, or None (Q-Former form).
         media_mask: optional bool ``[B, S]``; False = padding token, not attended. A query with
-            nothing to attend gets zeros.
+            nothing to attend gets zeros (and zero gradients).
         softmax_scale: default ``Dh ** -0.5``.
+
+    Any strides are accepted (e.g. ``k, v = to_kv(x).view(B, S, 2, H, Dh).unbind(2)``). The Triton
+    path (CUDA tensors, or ``with vlmcore.kernels.backend("triton")``) supports ``Dh <= 128``.
 
     Returns:
         ``[B, R, H, Dh]`` in q's dtype.
+
+    Example::
+
+        q = torch.randn(640, 64, 8, 64, device="cuda", dtype=torch.bfloat16)
+        k = v = torch.randn(640, 257, 8, 64, device="cuda", dtype=torch.bfloat16)
+        out = resampler_attention(q, k, v, q, q)   # latents attend to [media; latents]
     """
     scale = _validate(q, k_media, v_media, k_latents, v_latents, media_mask, softmax_scale)
+    if use_triton(q):
+        if q.shape[-1] > MAX_HEAD_DIM:
+            raise ValueError(
+                f"the Triton resampler_attention kernel supports head dims Dh <= {MAX_HEAD_DIM}, got "
+                f"q.shape[-1] = {q.shape[-1]}; use vlmcore.kernels.backend('reference')"
+            )
+        out, _ = _resampler_attention_fwd_op(q, k_media, v_media, k_latents, v_latents, media_mask, scale)
+        return out
     return resampler_attention_reference(
         q, k_media, v_media, k_latents, v_latents, media_mask=media_mask, softmax_scale=scale
     )

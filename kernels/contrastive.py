@@ -1,7 +1,35 @@
 """Fused symmetric contrastive (CLIP InfoNCE / BLIP ITC) loss that never builds the n x n logits.
 
-Public op: :func:`contrastive_loss`. (The tiled Triton kernel is being added in this file; until
-then every backend runs the reference.)
+Public op: :func:`contrastive_loss`.
+
+Triton path (CUDA tensors, or any tensors under ``backend("triton")``). Notation: rows A ``[m, d]``,
+columns B ``[N, d]``, X = A B^T (never stored), S = s X, label of row i = column i + offset.
+
+- ``vlmcore::contrastive_loss`` (one process, or the global loss over gathered features): the
+  symmetric loss of one square matrix, A = image, B = text, both directions from ONE logits pass.
+  ``_contrastive_fwd_kernel`` with ``COL_STATS``: G <= 512 programs ("row groups"), each owning a
+  contiguous range of rows. A program keeps the online row log-sum-exp of its current row block in
+  registers while it walks all column blocks, and folds each tile's column log-sum-exp into its own
+  row ``g`` of an fp32 ``[G, N]`` partial buffer (only program g touches row g: no atomics).
+  ``_contrastive_merge_cols_kernel`` then reduces the G partials in a fixed order -> column LSE.
+  Extra memory: ``4 G N`` bytes (32 MB at n = 32768, 2 GB at n = 2^20) plus O(n) vectors.
+- ``vlmcore::contrastive_loss_rows`` (``local_loss=True``): one direction, local rows against the
+  gathered columns with a label offset; the loss is the mean of the two directions.
+- backward (both ops): ``_contrastive_bwd_rows_kernel`` (a program per row block x d chunk) recomputes
+  S tile by tile, forms G = dL/dS (for label smoothing eps:
+  ``P_ij - (1 - eps) [j = label_i] - eps / N``, plus the column term in the symmetric case) and
+  accumulates dA = s G B in registers; it also writes the per-row partial ``sum_j G_ij X_ij`` of the
+  logit-scale gradient. ``_contrastive_bwd_cols_kernel`` (a program per column block x d chunk)
+  accumulates dB = s G^T A the same way. Every output element has exactly one writer and every
+  reduction has a fixed order: results are bit-identical from run to run.
+
+Cost: forward 2 n^2 d FLOPs; backward 2 x (recompute 2 n^2 d x (number of d chunks) + product
+2 n^2 d), i.e. 10 n^2 d in total when d fits one output chunk (d <= 256 on CUDA). Statistics are fp32
+(exp2 / log2 domain); matrix products run in the input dtype with fp32 accumulation (fp32 inputs: IEEE
+fp32 products, like the reference). Offsets are int64, so n * d >= 2^31 is fine.
+
+Accuracies (``output_dict``) come from the same forward pass when asked for: a running argmax of X per
+row, and per column through the same group partials; ties go to the lowest index, as ``argmax``.
 """
 
 from __future__ import annotations
@@ -10,10 +38,568 @@ import math
 
 import torch
 import torch.distributed as dist
+import triton
+import triton.language as tl
 
-from ._backend import use_triton  # noqa: F401  (used once the Triton path lands)
+from ._backend import interpreter_enabled, use_triton
 from ._checks import check_float_tensor, check_same
 from .reference import contrastive_accuracy_reference, contrastive_loss_reference
+
+_LOG2E = 1.4426950408889634
+LOG2E = tl.constexpr(_LOG2E)
+LN2 = tl.constexpr(0.6931471805599453)
+# Bounds the forward's [G, N] column-partial buffer (G <= 512 row groups: 2 GB at N = 2^20).
+MAX_ROW_GROUPS = 512
+# Rows per group are a multiple of this, so every BLOCK_M of the configs below divides them.
+_GROUP_QUANTUM = 128
+
+
+# ----------------------------------------------------------------------------------------------
+# shared tile helpers
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _tile_dot(
+    p_a, p_b, o_m, o_n, m_m, m_n, d, stride_a, stride_b,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """X tile = A[o_m] B[o_n]^T in fp32, ``[BLOCK_M, BLOCK_N]``, looping over d in BLOCK_D chunks (masked)."""
+    o_am = o_m.to(tl.int64) * stride_a  # [BLOCK_M]
+    o_bn = o_n.to(tl.int64) * stride_b  # [BLOCK_N]
+    b_x = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for i_k in range(0, d, BLOCK_D):
+        o_k = i_k + tl.arange(0, BLOCK_D)
+        m_k = o_k < d
+        # [BLOCK_M, BLOCK_D], [BLOCK_N, BLOCK_D]
+        b_a = tl.load(p_a + o_am[:, None] + o_k[None, :], mask=m_m[:, None] & m_k[None, :], other=0.0)
+        b_b = tl.load(p_b + o_bn[:, None] + o_k[None, :], mask=m_n[:, None] & m_k[None, :], other=0.0)
+        b_x = tl.dot(b_a, tl.trans(b_b), b_x, input_precision=PRECISION)
+    return b_x
+
+
+@triton.jit
+def _grad_tile(
+    b_x, scale2, b_lse_row, b_lse_col, o_m, o_n, m_m, m_n, n_rows, n_cols, label_offset, smoothing,
+    SYMMETRIC: tl.constexpr,
+):
+    """G' = dL/dS without the factor upstream / (rows [x 2]): ``[BLOCK_M, BLOCK_N]`` fp32, 0 outside.
+
+    Row direction: ``P_ij - (1 - eps) [j = i + offset] - eps / N`` with P = softmax over the row;
+    the symmetric op adds the column direction ``Q_ij - (1 - eps) [i = j] - eps / m`` (Q = softmax
+    over the column). ``b_lse_row`` / ``b_lse_col`` are natural-log LSEs of S.
+    """
+    b_s2 = b_x * scale2  # S in log2 units
+    m_target = o_n[None, :] == (o_m + label_offset)[:, None]  # [BLOCK_M, BLOCK_N]
+    b_hit = tl.where(m_target, 1.0 - smoothing, 0.0)
+    b_g = tl.exp2(b_s2 - (b_lse_row * LOG2E)[:, None]) - b_hit - smoothing / n_cols
+    if SYMMETRIC:
+        b_g += tl.exp2(b_s2 - (b_lse_col * LOG2E)[None, :]) - b_hit - smoothing / n_rows
+    return tl.where(m_m[:, None] & m_n[None, :], b_g, 0.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# forward
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _contrastive_fwd_kernel(
+    p_a, p_b, p_scale,
+    p_row_lse, p_row_tgt, p_row_arg,
+    p_part_lse, p_part_max, p_part_arg,
+    n_rows, n_cols, d, stride_a, stride_b, label_offset, rows_per_group,
+    COL_STATS: tl.constexpr, ACCURACY: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """One pass over X = A B^T: row LSE, target logit, (row argmax), (column partials per group).
+
+    A ``[n_rows, d]``, B ``[n_cols, d]`` (feature stride 1); scale ``[1]`` fp32 = s.
+    Writes row_lse / row_tgt fp32 ``[n_rows]`` (natural log; tgt = S[i, i + label_offset]),
+    row_arg int32 ``[n_rows]`` (ACCURACY). COL_STATS: program g owns rows
+    ``[g * rows_per_group, (g + 1) * rows_per_group)`` and row g of part_lse fp32 ``[G, n_cols]``
+    (log2 units), part_max fp32 / part_arg int32 ``[G, n_cols]`` (ACCURACY: column max of X and its
+    row). Without COL_STATS a program owns one row block.
+    """
+    i_g = tl.program_id(0)
+    if COL_STATS:
+        row_lo = i_g * rows_per_group
+        row_hi = tl.minimum(row_lo + rows_per_group, n_rows)
+    else:
+        row_lo = i_g * BLOCK_M
+        row_hi = tl.minimum(row_lo + BLOCK_M, n_rows)
+    scale = tl.load(p_scale)
+    scale2 = scale * LOG2E
+    o_part = i_g.to(tl.int64) * n_cols  # start of this group's partial row
+    for i_r in range(row_lo, row_hi, BLOCK_M):
+        o_m = i_r + tl.arange(0, BLOCK_M)
+        m_m = o_m < row_hi
+        b_max = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running row max of S (log2 units)
+        b_sum = tl.zeros([BLOCK_M], dtype=tl.float32)  # running sum of exp2(S - max)
+        b_tgt = tl.zeros([BLOCK_M], dtype=tl.float32)
+        b_best = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running row max of X (ACCURACY)
+        b_arg = tl.zeros([BLOCK_M], dtype=tl.int32)
+        for i_c in range(0, n_cols, BLOCK_N):
+            o_n = i_c + tl.arange(0, BLOCK_N)
+            m_n = o_n < n_cols
+            m_mn = m_m[:, None] & m_n[None, :]
+            b_x = _tile_dot(p_a, p_b, o_m, o_n, m_m, m_n, d, stride_a, stride_b,
+                            PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)  # [BLOCK_M, BLOCK_N]
+            b_s2 = tl.where(m_mn, b_x * scale2, float("-inf"))
+            # rows: online log-sum-exp (rows outside the matrix keep a finite 0 max: no NaN)
+            b_max_new = tl.where(m_m, tl.maximum(b_max, tl.max(b_s2, 1)), 0.0)
+            b_sum = b_sum * tl.exp2(b_max - b_max_new) + tl.sum(tl.exp2(b_s2 - b_max_new[:, None]), 1)
+            b_max = b_max_new
+            if (i_c < i_r + BLOCK_M + label_offset) & (i_c + BLOCK_N > i_r + label_offset):
+                m_target = (o_n[None, :] == (o_m + label_offset)[:, None]) & m_mn
+                b_tgt += tl.sum(tl.where(m_target, b_x * scale, 0.0), 1)
+            if ACCURACY:
+                b_xm = tl.where(m_mn, b_x, float("-inf"))
+                b_tile_best, b_tile_arg = tl.max(b_xm, 1, return_indices=True)  # ties: lowest column
+                m_take = b_tile_best > b_best  # strict: an earlier column block wins ties
+                b_arg = tl.where(m_take, b_tile_arg + i_c, b_arg)
+                b_best = tl.where(m_take, b_tile_best, b_best)
+            if COL_STATS:
+                m_old = m_n & (i_r != row_lo)  # the group's first row block writes, later ones merge
+                b_cmax = tl.where(m_n, tl.max(b_s2, 0), 0.0)  # [BLOCK_N]
+                b_csum = tl.sum(tl.exp2(b_s2 - b_cmax[None, :]), 0)
+                b_clse = b_cmax + tl.log2(tl.where(m_n, b_csum, 1.0))  # columns outside: a finite 0
+                p_part = p_part_lse + o_part + o_n
+                b_old = tl.load(p_part, mask=m_old, other=float("-inf"))
+                b_hi = tl.maximum(b_old, b_clse)
+                tl.store(p_part, b_hi + tl.log2(tl.exp2(b_old - b_hi) + tl.exp2(b_clse - b_hi)), mask=m_n)
+                if ACCURACY:
+                    b_cbest, b_carg = tl.max(tl.where(m_mn, b_x, float("-inf")), 0, return_indices=True)
+                    b_obest = tl.load(p_part_max + o_part + o_n, mask=m_old, other=float("-inf"))
+                    b_oarg = tl.load(p_part_arg + o_part + o_n, mask=m_old, other=0)
+                    m_ctake = b_cbest > b_obest  # strict: the group's earlier rows win ties
+                    tl.store(p_part_max + o_part + o_n, tl.where(m_ctake, b_cbest, b_obest), mask=m_n)
+                    tl.store(p_part_arg + o_part + o_n, tl.where(m_ctake, b_carg + i_r, b_oarg), mask=m_n)
+        tl.store(p_row_lse + o_m, (b_max + tl.log2(tl.where(m_m, b_sum, 1.0))) * LN2, mask=m_m)
+        tl.store(p_row_tgt + o_m, b_tgt, mask=m_m)
+        if ACCURACY:
+            tl.store(p_row_arg + o_m, b_arg, mask=m_m)
+        if COL_STATS:
+            # the next row block re-reads this group's partials, possibly through other threads
+            tl.debug_barrier()
+
+
+@triton.jit
+def _contrastive_merge_cols_kernel(
+    p_part_lse, p_part_max, p_part_arg, p_col_lse, p_col_arg, n_cols, n_groups,
+    ACCURACY: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Column LSE (natural log, fp32 ``[n_cols]``) and argmax (int32) from the ``[G, n_cols]`` partials.
+
+    Groups are folded in increasing order (fixed order: deterministic); group g holds lower rows than
+    group g + 1, so the strict comparison keeps the lowest row on ties.
+    """
+    o_n = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m_n = o_n < n_cols
+    b_lse = tl.full([BLOCK], float("-inf"), tl.float32)
+    b_best = tl.full([BLOCK], float("-inf"), tl.float32)
+    b_arg = tl.zeros([BLOCK], dtype=tl.int32)
+    p_lse, p_max, p_arg = p_part_lse + o_n, p_part_max + o_n, p_part_arg + o_n
+    for _ in range(0, n_groups):
+        b_part = tl.load(p_lse, mask=m_n, other=0.0)
+        b_hi = tl.maximum(b_lse, b_part)
+        b_lse = b_hi + tl.log2(tl.exp2(b_lse - b_hi) + tl.exp2(b_part - b_hi))
+        if ACCURACY:
+            b_pmax = tl.load(p_max, mask=m_n, other=0.0)
+            m_take = b_pmax > b_best
+            b_arg = tl.where(m_take, tl.load(p_arg, mask=m_n, other=0), b_arg)
+            b_best = tl.where(m_take, b_pmax, b_best)
+        p_lse += n_cols
+        p_max += n_cols
+        p_arg += n_cols
+    tl.store(p_col_lse + o_n, b_lse * LN2, mask=m_n)
+    if ACCURACY:
+        tl.store(p_col_arg + o_n, b_arg, mask=m_n)
+
+
+# ----------------------------------------------------------------------------------------------
+# backward
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _contrastive_bwd_rows_kernel(
+    p_a, p_b, p_scale, p_coef, p_row_lse, p_col_lse, p_da, p_ds_rows,
+    n_rows, n_cols, d, stride_a, stride_b, stride_da, label_offset, smoothing,
+    SYMMETRIC: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
+):
+    """dA = coef * G' B for one row block and one d chunk (``[BLOCK_M, BLOCK_DO]`` of dA ``[n_rows, d]``).
+
+    coef ``[1]`` fp32 = s * upstream / (n_rows [x 2]). The programs of d chunk 0 also write
+    ds_rows fp32 ``[n_rows]`` = ``sum_j G'_ij X_ij`` (the logit-scale gradient before the coefficient).
+    """
+    i_m = tl.program_id(0)
+    i_do = tl.program_id(1)
+    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_m = o_m < n_rows
+    o_do = i_do * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    m_do = o_do < d
+    scale2 = tl.load(p_scale) * LOG2E
+    b_lse_row = tl.load(p_row_lse + o_m, mask=m_m, other=0.0)  # [BLOCK_M]
+    b_da = tl.zeros([BLOCK_M, BLOCK_DO], dtype=tl.float32)
+    b_ds = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for i_c in range(0, n_cols, BLOCK_N):
+        o_n = i_c + tl.arange(0, BLOCK_N)
+        m_n = o_n < n_cols
+        b_x = _tile_dot(p_a, p_b, o_m, o_n, m_m, m_n, d, stride_a, stride_b,
+                        PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)  # [BLOCK_M, BLOCK_N]
+        b_lse_col = tl.zeros([BLOCK_N], dtype=tl.float32)  # read only by the symmetric op
+        if SYMMETRIC:
+            b_lse_col = tl.load(p_col_lse + o_n, mask=m_n, other=0.0)  # [BLOCK_N]
+        b_g = _grad_tile(b_x, scale2, b_lse_row, b_lse_col, o_m, o_n, m_m, m_n, n_rows, n_cols,
+                         label_offset, smoothing, SYMMETRIC)
+        b_bo = tl.load(p_b + o_n.to(tl.int64)[:, None] * stride_b + o_do[None, :],
+                       mask=m_n[:, None] & m_do[None, :], other=0.0)  # [BLOCK_N, BLOCK_DO]
+        b_da = tl.dot(b_g.to(b_bo.dtype), b_bo, b_da, input_precision=PRECISION)
+        if i_do == 0:
+            b_ds += tl.sum(b_g * b_x, 1)
+    b_da = b_da * tl.load(p_coef)
+    p_out = p_da + o_m.to(tl.int64)[:, None] * stride_da + o_do[None, :]
+    tl.store(p_out, b_da.to(p_da.dtype.element_ty), mask=m_m[:, None] & m_do[None, :])
+    if i_do == 0:
+        tl.store(p_ds_rows + o_m, b_ds, mask=m_m)
+
+
+@triton.jit
+def _contrastive_bwd_cols_kernel(
+    p_a, p_b, p_scale, p_coef, p_row_lse, p_col_lse, p_db,
+    n_rows, n_cols, d, stride_a, stride_b, stride_db, label_offset, smoothing,
+    SYMMETRIC: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
+):
+    """dB = coef * G'^T A for one column block and one d chunk (``[BLOCK_N, BLOCK_DO]`` of dB ``[n_cols, d]``)."""
+    i_n = tl.program_id(0)
+    i_do = tl.program_id(1)
+    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_n = o_n < n_cols
+    o_do = i_do * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    m_do = o_do < d
+    scale2 = tl.load(p_scale) * LOG2E
+    b_lse_col = tl.zeros([BLOCK_N], dtype=tl.float32)
+    if SYMMETRIC:
+        b_lse_col = tl.load(p_col_lse + o_n, mask=m_n, other=0.0)  # [BLOCK_N]
+    b_db = tl.zeros([BLOCK_N, BLOCK_DO], dtype=tl.float32)
+    for i_r in range(0, n_rows, BLOCK_M):
+        o_m = i_r + tl.arange(0, BLOCK_M)
+        m_m = o_m < n_rows
+        b_x = _tile_dot(p_a, p_b, o_m, o_n, m_m, m_n, d, stride_a, stride_b,
+                        PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)  # [BLOCK_M, BLOCK_N]
+        b_lse_row = tl.load(p_row_lse + o_m, mask=m_m, other=0.0)  # [BLOCK_M]
+        b_g = _grad_tile(b_x, scale2, b_lse_row, b_lse_col, o_m, o_n, m_m, m_n, n_rows, n_cols,
+                         label_offset, smoothing, SYMMETRIC)
+        b_ao = tl.load(p_a + o_m.to(tl.int64)[:, None] * stride_a + o_do[None, :],
+                       mask=m_m[:, None] & m_do[None, :], other=0.0)  # [BLOCK_M, BLOCK_DO]
+        b_db = tl.dot(tl.trans(b_g.to(b_ao.dtype)), b_ao, b_db, input_precision=PRECISION)
+    b_db = b_db * tl.load(p_coef)
+    p_out = p_db + o_n.to(tl.int64)[:, None] * stride_db + o_do[None, :]
+    tl.store(p_out, b_db.to(p_db.dtype.element_ty), mask=m_n[:, None] & m_do[None, :])
+
+
+# ----------------------------------------------------------------------------------------------
+# launch settings
+# ----------------------------------------------------------------------------------------------
+
+_AUTOTUNE_KEY = ["n_rows", "n_cols", "d", "PRECISION"]
+
+
+def _pow2(x: int) -> int:
+    """Next power of two >= x, at least 16 (tl.dot needs every dimension >= 16)."""
+    return max(16, triton.next_power_of_2(x))
+
+
+def _fwd_configs() -> list[triton.Config]:
+    """CUDA autotune space of the forward (BLOCK_M, BLOCK_N, BLOCK_D, warps, stages)."""
+    space = ((128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 64, 64, 4, 3), (64, 128, 64, 4, 3),
+             (128, 128, 128, 8, 2), (128, 64, 128, 8, 3), (64, 64, 64, 4, 4), (64, 64, 128, 4, 3))
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": bd}, num_warps=w, num_stages=s)
+            for bm, bn, bd, w, s in space]
+
+
+def _bwd_configs() -> list[triton.Config]:
+    """CUDA autotune space of both backward kernels (BLOCK_DO = the d chunk of the output tile)."""
+    space = ((64, 64, 64, 64, 4, 3), (64, 128, 64, 128, 8, 3), (128, 64, 64, 128, 8, 3),
+             (64, 64, 64, 256, 8, 2), (128, 128, 64, 128, 8, 2), (64, 128, 128, 256, 8, 2),
+             (128, 64, 128, 64, 4, 3), (64, 64, 128, 128, 4, 3))
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": bd, "BLOCK_DO": bdo}, num_warps=w, num_stages=s)
+            for bm, bn, bd, bdo, w, s in space]
+
+
+def _prune_by_d(configs, named_args, **kwargs):
+    """Drop configs whose d tiles exceed the padded feature width (they only add masked work)."""
+    width = max(64, _pow2(named_args["d"]))
+    kept = [c for c in configs if c.kwargs["BLOCK_D"] <= width and c.kwargs.get("BLOCK_DO", 0) <= width]
+    return kept or configs[:1]
+
+
+def _interpreter_meta(d: int, backward: bool) -> dict:
+    """The one fixed config used in the Triton interpreter (CPU): big tiles = few interpreted steps."""
+    meta = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": min(128, _pow2(d)), "num_warps": 4, "num_stages": 1}
+    if backward:
+        meta["BLOCK_DO"] = min(256, _pow2(d))
+    return meta
+
+
+def _tuned(kernel, configs: list[triton.Config]):
+    """``kernel`` autotuned over ``configs`` (CUDA only; the interpreter launches the plain kernel)."""
+    return triton.autotune(configs, key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune_by_d})(kernel)
+
+
+_fwd_tuned = _tuned(_contrastive_fwd_kernel, _fwd_configs())
+_bwd_rows_tuned = _tuned(_contrastive_bwd_rows_kernel, _bwd_configs())
+_bwd_cols_tuned = _tuned(_contrastive_bwd_cols_kernel, _bwd_configs())
+
+
+def _launch(kernel, tuned, grid, args: tuple, d: int, backward: bool) -> None:
+    """Autotuned launch on CUDA; the fixed interpreter config on CPU. ``grid(meta)`` -> grid tuple."""
+    if interpreter_enabled():
+        meta = _interpreter_meta(d, backward)
+        kernel[grid(meta)](*args, **meta)
+    else:
+        tuned[grid](*args)
+
+
+def _precision(dtype: torch.dtype) -> str:
+    """fp32 inputs keep full IEEE fp32 products (the reference's math); 16-bit inputs use tensor cores."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+# ----------------------------------------------------------------------------------------------
+# host launchers
+# ----------------------------------------------------------------------------------------------
+
+
+def _forward(rows: torch.Tensor, cols: torch.Tensor, scale: torch.Tensor, label_offset: int,
+             symmetric: bool, accuracy: bool):
+    """Statistics of S = s rows cols^T, fp32 ``[m]`` / ``[N]``.
+
+    Returns ``(row_lse, row_tgt, row_arg, col_lse, col_arg)``: natural-log row LSE, target logits
+    ``S[i, i + label_offset]``, int32 row argmax of X (``None`` without ``accuracy``); column LSE and
+    argmax only when ``symmetric`` (else ``None``).
+    """
+    m, d = rows.shape
+    n_cols = cols.shape[0]
+    f32 = {"device": rows.device, "dtype": torch.float32}
+    i32 = {"device": rows.device, "dtype": torch.int32}
+    row_lse, row_tgt = torch.empty(m, **f32), torch.empty(m, **f32)
+    row_arg = torch.empty(m, **i32) if accuracy else row_lse  # stand-in pointers are never touched
+    if symmetric:
+        rows_per_group = _GROUP_QUANTUM * triton.cdiv(triton.cdiv(m, MAX_ROW_GROUPS), _GROUP_QUANTUM)
+        groups = triton.cdiv(m, rows_per_group)
+        part_lse = torch.empty((groups, n_cols), **f32)
+        part_max = torch.empty((groups, n_cols), **f32) if accuracy else part_lse
+        part_arg = torch.empty((groups, n_cols), **i32) if accuracy else part_lse
+        grid = lambda meta: (groups,)  # noqa: E731
+    else:
+        rows_per_group, groups = 0, 0
+        part_lse = part_max = part_arg = row_lse
+        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),)  # noqa: E731
+    args = (rows, cols, scale, row_lse, row_tgt, row_arg, part_lse, part_max, part_arg,
+            m, n_cols, d, rows.stride(0), cols.stride(0), label_offset, rows_per_group,
+            symmetric, accuracy, _precision(rows.dtype))
+    _launch(_contrastive_fwd_kernel, _fwd_tuned, grid, args, d, backward=False)
+    if not symmetric:
+        return row_lse, row_tgt, row_arg if accuracy else None, None, None
+    col_lse = torch.empty(n_cols, **f32)
+    col_arg = torch.empty(n_cols, **i32) if accuracy else col_lse
+    block = 1024
+    _contrastive_merge_cols_kernel[(triton.cdiv(n_cols, block),)](
+        part_lse, part_max, part_arg, col_lse, col_arg, n_cols, groups, accuracy, BLOCK=block, num_warps=4,
+    )
+    return row_lse, row_tgt, row_arg if accuracy else None, col_lse, col_arg if accuracy else None
+
+
+def _backward(rows: torch.Tensor, cols: torch.Tensor, scale: torch.Tensor, coef: torch.Tensor,
+              row_lse: torch.Tensor, col_lse: torch.Tensor | None, label_offset: int, smoothing: float):
+    """``(d_rows [m, d], d_cols [N, d], ds_rows fp32 [m])`` with dL/dS = coef / s * G' (symmetric when
+    ``col_lse`` is given); ``ds_rows.sum() * coef / s`` is the logit-scale gradient."""
+    m, d = rows.shape
+    n_cols = cols.shape[0]
+    symmetric = col_lse is not None
+    col_lse = col_lse if symmetric else row_lse
+    d_rows, d_cols = torch.empty_like(rows), torch.empty_like(cols)
+    ds_rows = torch.empty(m, device=rows.device, dtype=torch.float32)
+    tail = (m, n_cols, d, rows.stride(0), cols.stride(0))
+    rest = (label_offset, smoothing, symmetric, _precision(rows.dtype))
+    _launch(_contrastive_bwd_rows_kernel, _bwd_rows_tuned,
+            lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(d, meta["BLOCK_DO"])),
+            (rows, cols, scale, coef, row_lse, col_lse, d_rows, ds_rows, *tail, d_rows.stride(0), *rest),
+            d, backward=True)
+    _launch(_contrastive_bwd_cols_kernel, _bwd_cols_tuned,
+            lambda meta: (triton.cdiv(n_cols, meta["BLOCK_N"]), triton.cdiv(d, meta["BLOCK_DO"])),
+            (rows, cols, scale, coef, row_lse, col_lse, d_cols, *tail, d_cols.stride(0), *rest),
+            d, backward=True)
+    return d_rows, d_cols, ds_rows
+
+
+def _scale_vector(logit_scale: torch.Tensor) -> torch.Tensor:
+    """s as an fp32 ``[1]`` device tensor (read by the kernels: no host sync)."""
+    return logit_scale.detach().reshape(1).to(torch.float32)
+
+
+def _sum_of_logits(rows: torch.Tensor, cols: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``sum_ij S_ij = s (sum_i a_i) . (sum_j b_j)`` in fp32, O(n d): the label-smoothing term."""
+    return scale[0] * torch.dot(rows.sum(0, dtype=torch.float32), cols.sum(0, dtype=torch.float32))
+
+
+# ----------------------------------------------------------------------------------------------
+# custom ops + autograd
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("vlmcore::contrastive_loss", mutates_args=())
+def _symmetric_op(
+    image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor, label_smoothing: float, accuracy: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Symmetric loss of S = s I T^T, ``[n, d]`` inputs -> ``(loss fp32 [], row_lse fp32 [n],
+    col_lse fp32 [n], acc fp32 [2] = (i2t, t2i) or [0] without accuracy)``."""
+    image, text = image.contiguous(), text.contiguous()
+    n = image.shape[0]
+    scale = _scale_vector(logit_scale)
+    row_lse, row_tgt, row_arg, col_lse, col_arg = _forward(image, text, scale, 0, True, accuracy)
+    eps = label_smoothing
+    loss = (0.5 * (row_lse.mean() + col_lse.mean()) - (1.0 - eps) * row_tgt.mean()
+            - eps * _sum_of_logits(image, text, scale) / (n * n))
+    if accuracy:
+        labels = torch.arange(n, device=image.device, dtype=torch.int32)
+        acc = torch.stack([(row_arg == labels).float().mean(), (col_arg == labels).float().mean()])
+    else:
+        acc = image.new_zeros(0, dtype=torch.float32)
+    return loss, row_lse, col_lse, acc
+
+
+@_symmetric_op.register_fake
+def _(image, text, logit_scale, label_smoothing, accuracy):
+    n = image.shape[0]
+    f32 = torch.float32
+    return (image.new_empty((), dtype=f32), image.new_empty(n, dtype=f32), image.new_empty(n, dtype=f32),
+            image.new_empty(2 if accuracy else 0, dtype=f32))
+
+
+@torch.library.custom_op("vlmcore::contrastive_loss_backward", mutates_args=())
+def _symmetric_backward_op(
+    grad: torch.Tensor, image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor,
+    row_lse: torch.Tensor, col_lse: torch.Tensor, label_smoothing: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients ``(d_image [n, d], d_text [n, d], d_logit_scale)`` of ``grad * loss``."""
+    image, text = image.contiguous(), text.contiguous()
+    scale = _scale_vector(logit_scale)
+    factor = grad.detach().reshape(1).to(torch.float32) / (2 * image.shape[0])  # dL/dS = factor * G'
+    d_image, d_text, ds_rows = _backward(image, text, scale, factor * scale, row_lse, col_lse, 0, label_smoothing)
+    d_scale = (factor * ds_rows.sum()).reshape(logit_scale.shape).to(logit_scale.dtype)
+    return d_image, d_text, d_scale
+
+
+@_symmetric_backward_op.register_fake
+def _(grad, image, text, logit_scale, row_lse, col_lse, label_smoothing):
+    return torch.empty_like(image), torch.empty_like(text), torch.empty_like(logit_scale)
+
+
+def _symmetric_setup_context(ctx, inputs, output):
+    image, text, logit_scale, label_smoothing, _ = inputs
+    _, row_lse, col_lse, acc = output
+    ctx.mark_non_differentiable(row_lse, col_lse, acc)
+    ctx.save_for_backward(image, text, logit_scale, row_lse, col_lse)
+    ctx.label_smoothing = label_smoothing
+
+
+def _symmetric_backward(ctx, grad_loss, grad_row_lse, grad_col_lse, grad_acc):
+    image, text, logit_scale, row_lse, col_lse = ctx.saved_tensors
+    d_image, d_text, d_scale = _symmetric_backward_op(
+        grad_loss, image, text, logit_scale, row_lse, col_lse, ctx.label_smoothing
+    )
+    return d_image, d_text, d_scale, None, None
+
+
+_symmetric_op.register_autograd(_symmetric_backward, setup_context=_symmetric_setup_context)
+
+
+def _check_label_offset(rows: torch.Tensor, cols: torch.Tensor, label_offset: int) -> None:
+    if not 0 <= label_offset <= cols.shape[0] - rows.shape[0]:
+        raise ValueError(
+            f"label_offset must put the {rows.shape[0]} labels inside the {cols.shape[0]} columns, got {label_offset}"
+        )
+
+
+@torch.library.custom_op("vlmcore::contrastive_loss_rows", mutates_args=())
+def _rows_op(
+    rows: torch.Tensor, cols: torch.Tensor, logit_scale: torch.Tensor, label_smoothing: float,
+    label_offset: int, accuracy: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One direction: ``mean_i CE(s rows_i cols^T, i + label_offset)``; rows ``[m, d]``, cols ``[N, d]``.
+
+    Returns ``(loss fp32 [], row_lse fp32 [m], acc fp32 [1] (top-1 of the rows) or [0])``.
+    """
+    _check_label_offset(rows, cols, label_offset)
+    rows, cols = rows.contiguous(), cols.contiguous()
+    m, n_cols = rows.shape[0], cols.shape[0]
+    scale = _scale_vector(logit_scale)
+    row_lse, row_tgt, row_arg, _, _ = _forward(rows, cols, scale, label_offset, False, accuracy)
+    eps = label_smoothing
+    loss = (row_lse.mean() - (1.0 - eps) * row_tgt.mean()
+            - eps * _sum_of_logits(rows, cols, scale) / (m * n_cols))
+    if accuracy:
+        labels = torch.arange(m, device=rows.device, dtype=torch.int32) + label_offset
+        acc = (row_arg == labels).float().mean().reshape(1)
+    else:
+        acc = rows.new_zeros(0, dtype=torch.float32)
+    return loss, row_lse, acc
+
+
+@_rows_op.register_fake
+def _(rows, cols, logit_scale, label_smoothing, label_offset, accuracy):
+    f32 = torch.float32
+    return (rows.new_empty((), dtype=f32), rows.new_empty(rows.shape[0], dtype=f32),
+            rows.new_empty(1 if accuracy else 0, dtype=f32))
+
+
+@torch.library.custom_op("vlmcore::contrastive_loss_rows_backward", mutates_args=())
+def _rows_backward_op(
+    grad: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, logit_scale: torch.Tensor,
+    row_lse: torch.Tensor, label_smoothing: float, label_offset: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients ``(d_rows [m, d], d_cols [N, d], d_logit_scale)`` of ``grad * loss`` of the rows op."""
+    rows, cols = rows.contiguous(), cols.contiguous()
+    scale = _scale_vector(logit_scale)
+    factor = grad.detach().reshape(1).to(torch.float32) / rows.shape[0]  # dL/dS = factor * G'
+    d_rows, d_cols, ds_rows = _backward(rows, cols, scale, factor * scale, row_lse, None, label_offset, label_smoothing)
+    d_scale = (factor * ds_rows.sum()).reshape(logit_scale.shape).to(logit_scale.dtype)
+    return d_rows, d_cols, d_scale
+
+
+@_rows_backward_op.register_fake
+def _(grad, rows, cols, logit_scale, row_lse, label_smoothing, label_offset):
+    return torch.empty_like(rows), torch.empty_like(cols), torch.empty_like(logit_scale)
+
+
+def _rows_setup_context(ctx, inputs, output):
+    rows, cols, logit_scale, label_smoothing, label_offset, _ = inputs
+    _, row_lse, acc = output
+    ctx.mark_non_differentiable(row_lse, acc)
+    ctx.save_for_backward(rows, cols, logit_scale, row_lse)
+    ctx.label_smoothing = label_smoothing
+    ctx.label_offset = label_offset
+
+
+def _rows_backward(ctx, grad_loss, grad_row_lse, grad_acc):
+    rows, cols, logit_scale, row_lse = ctx.saved_tensors
+    d_rows, d_cols, d_scale = _rows_backward_op(
+        grad_loss, rows, cols, logit_scale, row_lse, ctx.label_smoothing, ctx.label_offset
+    )
+    return d_rows, d_cols, d_scale, None, None, None
+
+
+_rows_op.register_autograd(_rows_backward, setup_context=_rows_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------
+# public op (validation, distributed gather, dispatch)
+# ----------------------------------------------------------------------------------------------
 
 
 class _AllGatherWithGrad(torch.autograd.Function):
@@ -67,6 +653,8 @@ def _validate(image_features, text_features, logit_scale, label_smoothing) -> No
         raise ValueError(f"logit_scale is on {logit_scale.device} but image_features is on {image_features.device}")
     if not math.isfinite(float(logit_scale.detach())):
         raise ValueError(f"logit_scale must be finite, got {float(logit_scale.detach())}")
+    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)):
+        raise TypeError(f"label_smoothing must be a float in [0, 1], got {type(label_smoothing).__name__}")
     if not (0.0 <= float(label_smoothing) <= 1.0):
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing!r}")
 
@@ -113,8 +701,20 @@ def contrastive_loss(
         else:
             image_features, text_features = all_image, all_text
             all_image = all_text = None
+    smoothing = float(label_smoothing)
+    if use_triton(image_features):
+        if all_image is None:
+            loss, _, _, acc = _symmetric_op(image_features, text_features, logit_scale, smoothing, output_dict)
+        else:
+            loss_i2t, _, acc_i2t = _rows_op(image_features, all_text, logit_scale, smoothing, label_offset, output_dict)
+            loss_t2i, _, acc_t2i = _rows_op(text_features, all_image, logit_scale, smoothing, label_offset, output_dict)
+            loss = (loss_i2t + loss_t2i) / 2
+            acc = torch.cat([acc_i2t, acc_t2i])
+        if not output_dict:
+            return loss
+        return {"loss": loss, "i2t_acc": acc[0], "t2i_acc": acc[1]}
     loss = contrastive_loss_reference(
-        image_features, text_features, logit_scale, label_smoothing=float(label_smoothing),
+        image_features, text_features, logit_scale, label_smoothing=smoothing,
         label_offset=label_offset, all_image_features=all_image, all_text_features=all_text,
     )
     if not output_dict:

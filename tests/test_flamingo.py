@@ -6,7 +6,16 @@ import inspect
 import pytest
 import torch
 from torch import nn
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    OPTConfig,
+    OPTForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 from transformers.utils import logging as hf_logging
 from utils import assert_close
 from vlmcore.kernels import backend
@@ -25,6 +34,16 @@ def tiny_lm(kind: str, layers: int = 2) -> nn.Module:
                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                              pad_token_id=0, bos_token_id=1, eos_token_id=2)
         return LlamaForCausalLM(config).eval()
+    if kind == "opt":
+        config = OPTConfig(vocab_size=VOCAB, hidden_size=32, ffn_dim=48, num_hidden_layers=layers,
+                           num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=32,
+                           pad_token_id=0, bos_token_id=1, eos_token_id=2, dropout=0.0)
+        return OPTForCausalLM(config).eval()
+    if kind == "qwen2":
+        config = Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                             pad_token_id=0, bos_token_id=1, eos_token_id=2)
+        return Qwen2ForCausalLM(config).eval()
     config = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=layers, n_head=4, n_positions=64,
                         bos_token_id=1, eos_token_id=2, pad_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     return GPT2LMHeadModel(config).eval()
@@ -56,9 +75,10 @@ def batch(length=11, images=2):
 
 
 KINDS = ["llama", "gpt2"]
+ALL_KINDS = KINDS + ["opt", "qwen2"]  # identity and generation also over these
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", ALL_KINDS)
 def test_identity_at_init(kind):
     model, bare = tiny_flamingo(kind)
     vision_x, lang_x = batch()
@@ -154,7 +174,7 @@ def _greedy_by_full_forward(model, vision_x, lang_x, steps):
     return ids
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", ALL_KINDS)
 def test_generate_with_cached_media(kind):
     model, _ = tiny_flamingo(kind)
     open_gates(model, 1.0)
@@ -322,3 +342,43 @@ def test_gradient_checkpointing_same_gradients(kind):
     assert_close(grads[1][0], grads[0][0], name="loss", atol=1e-6)
     for g1, g0 in zip(grads[1][1], grads[0][1]):
         assert_close(g1, g0, name="grad", atol=1e-6, rtol=1e-5)
+
+
+def test_load_openflamingo_state_dict_by_name():
+    lm, vision = tiny_lm("gpt2", layers=4), vlmcore.VisionTransformer(IMAGE, 4, VIS_DIM, 1, 2)
+    source, _ = tiny_flamingo("gpt2", lm=lm, vision=vision, cross_attn_every_n_layers=2)
+    open_gates(source, 0.25)
+    # OpenFlamingo layout: blocks indexed by decoder layer, registered twice, plus frozen weights
+    checkpoint, extra = {}, ["lang_encoder.transformer.wte.weight", "vision_encoder.conv1.weight"]
+    for key, value in source.trainable_state_dict().items():
+        if key.startswith("perceiver."):
+            checkpoint[key] = value.clone()
+            continue
+        _, j, rest = key.split(".", 2)
+        layer = source.cross_attn_layer_indices[int(j)]
+        checkpoint[f"lang_encoder.gated_cross_attn_layers.{layer}.{rest}"] = value.clone()
+        duplicate = f"lang_encoder.transformer.h.{layer}.gated_cross_attn_layer.{rest}"
+        checkpoint[duplicate] = value.clone()
+        extra.append(duplicate)
+    for key in extra[:2]:
+        checkpoint[key] = torch.zeros(1)
+    target, _ = tiny_flamingo("gpt2", lm=lm, vision=vision, cross_attn_every_n_layers=2)
+    unused = target.load_openflamingo_state_dict(checkpoint)
+    assert sorted(unused) == sorted(extra)
+    for key, value in source.trainable_state_dict().items():
+        assert torch.equal(target.trainable_state_dict()[key], value), key
+    with pytest.raises(ValueError, match="lacks"):
+        target.load_openflamingo_state_dict({k: v for k, v in checkpoint.items() if "perceiver" not in k})
+
+
+def test_bf16_language_model():
+    """The bridge follows the LM's dtype; identity at init and a backward pass in bf16 (reference backend)."""
+    model, bare = tiny_flamingo("llama", lm=tiny_lm("llama").to(torch.bfloat16))  # fp32 vision encoder
+    assert model.perceiver.latents.dtype == torch.bfloat16
+    assert model.gated_cross_attn_layers[0].attn.to_q.weight.dtype == torch.bfloat16
+    vision_x, lang_x = batch()
+    with torch.no_grad():
+        assert torch.equal(model(vision_x, lang_x).logits, bare(input_ids=lang_x).logits)
+    open_gates(model)
+    model(vision_x, lang_x, labels=lang_x).loss.backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.bfloat16 for p in model.trainable_parameters())

@@ -102,3 +102,19 @@ def test_generate_from_interleaved_prompt():
     ids[:, 0] = IMG
     new = model.generate(images, ids, max_new_tokens=3, min_new_tokens=3, do_sample=False, pad_token_id=0)
     assert new.shape == (2, 3)
+
+
+def test_gradient_checkpointing_same_gradients():
+    model = tiny_frozen()
+    images, ids = interleaved()
+    grads = []
+    for checkpointing in (False, True):
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        model.train()
+        model.zero_grad()
+        model(images, ids, labels=ids).loss.backward()
+        grads.append([p.grad.clone() for p in model.trainable_parameters()])
+    assert all(layer.gradient_checkpointing for layer in model.lang_model.model.layers)
+    for g1, g0 in zip(grads[1], grads[0]):
+        assert torch.allclose(g1, g0, atol=1e-6, rtol=1e-5)

@@ -12,6 +12,7 @@ blocks.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Sequence
 
 import torch
@@ -33,6 +34,14 @@ DECODER_LAYER_PATHS = (
 )
 
 BRIDGE_PREFIXES = ("perceiver.", "gated_cross_attn_layers.", "new_token_embeddings")
+
+
+def input_embedding_shape(embedding: nn.Module) -> tuple[int, int]:
+    """``(vocab, dim)`` of an input embedding, from the module's attributes when it has them (a
+    ZeRO-3-partitioned weight has an empty shape), else from its weight."""
+    if isinstance(getattr(embedding, "num_embeddings", None), int):
+        return embedding.num_embeddings, embedding.embedding_dim
+    return tuple(embedding.weight.shape)
 
 
 def find_decoder_layers(lang_model: nn.Module) -> tuple[nn.Module, str, nn.ModuleList]:
@@ -182,11 +191,11 @@ class Flamingo(nn.Module):
                 or cross_attn_every_n_layers < 1:
             raise ValueError(f"cross_attn_every_n_layers must be a positive int, got {cross_attn_every_n_layers!r}")
         embedding = lang_model.get_input_embeddings()
-        vocab = embedding.weight.shape[0]
+        vocab, embed_dim = input_embedding_shape(embedding)
         if not 0 <= int(media_token_id) < vocab:
             raise ValueError(f"media_token_id must be a token id in [0, {vocab}), got {media_token_id!r}")
         config = getattr(lang_model, "config", None)
-        lang_dim = int(getattr(config, "hidden_size", None) or embedding.weight.shape[1])
+        lang_dim = int(getattr(config, "hidden_size", None) or embed_dim)
         parent, attr, layers = find_decoder_layers(lang_model)
         if len(layers) < cross_attn_every_n_layers:
             raise ValueError(
@@ -205,6 +214,7 @@ class Flamingo(nn.Module):
                                      only_attend_immediate_media=only_attend_immediate_media).to(**factory)
             for i in range(len(layers)) if (i + 1) % cross_attn_every_n_layers == 0
         )
+        self.cross_attn_layer_indices = [i for i in range(len(layers)) if (i + 1) % cross_attn_every_n_layers == 0]
         self._state = _MediaState()
         self._flags = {"gradient_checkpointing": False}
         blocks = iter(self.gated_cross_attn_layers)
@@ -398,6 +408,39 @@ class Flamingo(nn.Module):
             for k, p in own.items():
                 if k in state_dict:
                     p.copy_(state_dict[k].to(device=p.device, dtype=p.dtype))
+
+    def load_openflamingo_state_dict(self, state_dict: dict[str, torch.Tensor]) -> list[str]:
+        """Load the resampler and gated cross-attention weights of an OpenFlamingo checkpoint by name.
+
+        OpenFlamingo keys ``perceiver.*`` map to ``perceiver.*``, and
+        ``lang_encoder.gated_cross_attn_layers.<decoder layer index>.*`` to our block before that
+        layer (same parameter names inside). Every bridge parameter except ``new_token_embeddings``
+        must be found (``ValueError`` otherwise, or on shape mismatch).
+
+        Returns:
+            the checkpoint keys that were not used (LM, vision encoder, embeddings, duplicates).
+        """
+        position = {layer: j for j, layer in enumerate(self.cross_attn_layer_indices)}
+        own = self.trainable_state_dict()
+        mapped, unused = {}, []
+        for key, value in state_dict.items():
+            perceiver = re.match(r"^(?:.*\.)?perceiver\.(.+)$", key)
+            block = re.match(r"^(?:.*\.)?gated_cross_attn_layers\.(\d+)\.(.+)$", key)
+            name = None
+            if perceiver is not None:
+                name = f"perceiver.{perceiver.group(1)}"
+            elif block is not None and int(block.group(1)) in position:
+                name = f"gated_cross_attn_layers.{position[int(block.group(1))]}.{block.group(2)}"
+            if name in own:
+                mapped[name] = value
+            else:
+                unused.append(key)
+        missing = sorted(k for k in own if k not in mapped and k != "new_token_embeddings")
+        if missing:
+            raise ValueError(f"OpenFlamingo checkpoint lacks {len(missing)} bridge weights, e.g. {missing[:4]} "
+                             "(different cross_attn_every_n_layers or resampler depth?)")
+        self.load_trainable_state_dict(mapped, strict=False)
+        return unused
 
     def save_trainable(self, path: str | os.PathLike) -> None:
         """Write :meth:`trainable_state_dict` to a safetensors file."""

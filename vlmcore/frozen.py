@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from vlmcore.flamingo import input_embedding_shape
 from vlmcore.vision import pooled_features
 
 
@@ -40,7 +41,7 @@ class FrozenPrefix(nn.Module):
         if isinstance(num_prefix_tokens, bool) or not isinstance(num_prefix_tokens, int) or num_prefix_tokens < 1:
             raise ValueError(f"num_prefix_tokens must be a positive int, got {num_prefix_tokens!r}")
         embedding = lang_model.get_input_embeddings()
-        vocab, lang_dim = embedding.weight.shape
+        vocab, lang_dim = input_embedding_shape(embedding)
         if not 0 <= int(image_token_id) < vocab:
             raise ValueError(f"image_token_id must be a token id in [0, {vocab}), got {image_token_id!r}")
         self.vision_encoder = vision_encoder
@@ -109,6 +110,15 @@ class FrozenPrefix(nn.Module):
         """HF ``generate`` from the interleaved prompt (passed as ``inputs_embeds``): returns the new tokens only."""
         inputs_embeds = self.embed(images, input_ids)
         return self.lang_model.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **generate_kwargs)
+
+    def gradient_checkpointing_enable(self) -> None:
+        """Recompute the LM layers in backward (transformers' checkpointing, non-reentrant, so the
+        gradients reach the prefix through the frozen LM)."""
+        kwargs = {"use_reentrant": False}
+        if hasattr(self.lang_model, "activation_checkpointing_enable"):  # transformers >= 5.x
+            self.lang_model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            self.lang_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The vision encoder's and the mapping's parameters (the LM is frozen)."""

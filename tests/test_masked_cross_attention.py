@@ -1,0 +1,476 @@
+"""Masked per-image cross-attention: the block-sparse Triton kernels vs the plain-PyTorch reference.
+
+On CPU the kernels run in the Triton interpreter (fp32 and fp16; bf16 is wrong there). The
+reference runs on fp32 copies. Outputs AND gradients of q, k, v are compared in both modes.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import triton
+from utils import assert_close, tolerance
+from vlmcore.kernels import masked_cross_attention, media_index_from_locations
+from vlmcore.kernels.reference import masked_cross_attention_reference
+
+from vlmcore import kernels
+
+# The module itself (the package attribute of the same name is the public function).
+mxa = importlib.import_module("vlmcore.kernels.masked_cross_attention")
+MODES = ("immediate", "all_previous")
+
+
+# ------------------------------------------------------------------------------------------------
+# helpers
+# ------------------------------------------------------------------------------------------------
+
+
+def make_media_index(length: int, images: list[int], first_at: list[int] | None = None) -> torch.Tensor:
+    """int64 ``[B, L]`` from random image positions: sample b has ``images[b]`` images, none before ``first_at[b]``."""
+    first_at = first_at or [0] * len(images)
+    locations = torch.zeros(len(images), length, dtype=torch.bool)
+    for b, (count, start) in enumerate(zip(images, first_at)):
+        positions = torch.randperm(length - start)[:count] + start
+        locations[b, positions] = True
+    return media_index_from_locations(locations)
+
+
+def make_qkv(batch, length, heads, head_dim, num_media, r, dtype):
+    q = torch.randn(batch, length, heads, head_dim, dtype=dtype)
+    k = torch.randn(batch, num_media * r, heads, head_dim, dtype=dtype)
+    v = torch.randn(batch, num_media * r, heads, head_dim, dtype=dtype)
+    return q, k, v
+
+
+def run_kernel(q, k, v, media_index, r, mode, grad_out, **kwargs):
+    """Triton forward + backward: ``(out, dq, dk, dv)``."""
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    with kernels.backend("triton"):
+        out = masked_cross_attention(q, k, v, media_index, r, mode=mode, **kwargs)
+    out.backward(grad_out)
+    return out.detach(), q.grad, k.grad, v.grad
+
+
+def run_reference(q, k, v, media_index, r, mode, grad_out, upcast=True, **kwargs):
+    """Reference forward + backward (on fp32 copies unless ``upcast=False``): ``(out, dq, dk, dv)``."""
+    dtype = torch.float32 if upcast else q.dtype
+    q, k, v = (t.detach().to(dtype).requires_grad_() for t in (q, k, v))
+    out = masked_cross_attention_reference(q, k, v, media_index, r, mode=mode, **kwargs)
+    out.backward(grad_out.to(dtype))
+    return out.detach(), q.grad, k.grad, v.grad
+
+
+def check_against_reference(q, k, v, media_index, r, mode, **kwargs):
+    grad_out = torch.randn(q.shape, dtype=q.dtype)
+    got = run_kernel(q, k, v, media_index, r, mode, grad_out, **kwargs)
+    want = run_reference(q, k, v, media_index, r, mode, grad_out, **kwargs)
+    dtype = q.dtype
+    assert got[0].dtype == dtype
+    assert_close(got[0], want[0], dtype=dtype, name="out")
+    for name, g, w in zip(("dq", "dk", "dv"), got[1:], want[1:]):
+        assert_close(g, w, dtype=dtype, grad=True, name=name)
+    return got
+
+
+# ------------------------------------------------------------------------------------------------
+# correctness vs the reference
+# ------------------------------------------------------------------------------------------------
+
+# name: (B, L, H, Dh, M, R, images per sample, first image position per sample, dtype)
+CASES = {
+    "text_before_first_image": (2, 45, 2, 32, 3, 5, [3, 2], [12, 30], torch.float32),
+    "one_image": (2, 40, 2, 64, 1, 64, [1, 1], [0, 9], torch.float32),
+    "six_images_fewer_in_one_sample": (2, 67, 2, 64, 6, 17, [6, 3], [0, 5], torch.float16),
+    "thirty_three_images": (1, 90, 1, 32, 33, 3, [33], [2], torch.float32),
+    "all_text": (2, 33, 2, 32, 2, 5, [0, 0], [0, 0], torch.float32),
+    "odd_l_and_r": (3, 29, 1, 32, 4, 7, [4, 1, 2], [3, 0, 11], torch.float16),
+    "r_one": (1, 35, 2, 32, 20, 1, [20], [0], torch.float32),
+}
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case", list(CASES))
+def test_matches_reference(case, mode, nan_poisoned_empty):
+    batch, length, heads, head_dim, num_media, r, images, first_at, dtype = CASES[case]
+    media_index = make_media_index(length, images, first_at)
+    q, k, v = make_qkv(batch, length, heads, head_dim, num_media, r, dtype)
+    out, dq, _, _ = check_against_reference(q, k, v, media_index, r, mode)
+    # Rows that attend nothing: exactly zero output and gradient.
+    empty = media_index < 0
+    assert torch.all(out[empty] == 0) and torch.all(dq[empty] == 0)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("head_dim", [32, 64, 96, 128])
+def test_head_dims(head_dim, dtype, mode, nan_poisoned_empty):
+    media_index = make_media_index(37, [3, 2], [4, 0])
+    q, k, v = make_qkv(2, 37, 2, head_dim, 3, 17, dtype)
+    check_against_reference(q, k, v, media_index, 17, mode)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_softmax_scale(mode):
+    media_index = make_media_index(30, [2], [3])
+    q, k, v = make_qkv(1, 30, 2, 32, 2, 5, torch.float32)
+    check_against_reference(q, k, v, media_index, 5, mode, softmax_scale=0.37)
+
+
+@pytest.mark.parametrize(
+    "block_m, block_n", [(16, 64), (64, 16), (16, 16)], ids=["bm16-bn64", "bm64-bn16", "bm16-bn16"]
+)
+@pytest.mark.parametrize("mode", MODES)
+def test_other_tile_sizes(block_m, block_n, mode, monkeypatch):
+    """The kernels are tile-size generic (CUDA autotunes over several); check other tiles here."""
+    config = triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=4, num_stages=1)
+    for tuned in (mxa._fwd_kernel, mxa._dq_kernel, mxa._dkdv_kernel):
+        monkeypatch.setattr(tuned, "configs", [config])
+    media_index = make_media_index(53, [5, 2], [6, 0])
+    q, k, v = make_qkv(2, 53, 1, 32, 5, 9, torch.float32)
+    check_against_reference(q, k, v, media_index, 9, mode)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_non_contiguous_views(mode):
+    """q, k, v as views of projection outputs (no copy), a head-major transpose, and stride_d != 1."""
+    batch, length, heads, head_dim, num_media, r = 2, 31, 2, 32, 3, 5
+    qkv = torch.randn(batch, length, 3 * heads * head_dim)
+    q = qkv[..., : heads * head_dim].view(batch, length, heads, head_dim)
+    kv = torch.randn(batch, num_media * r, 2 * heads * head_dim)
+    k = kv[..., : heads * head_dim].view(batch, num_media * r, heads, head_dim)
+    v = kv[..., heads * head_dim :].view(batch, num_media * r, heads, head_dim)
+    assert not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous())
+    media_index = make_media_index(length, [3, 2], [2, 7])
+    check_against_reference(q, k, v, media_index, r, mode)
+
+    q_t = torch.randn(batch, heads, length, head_dim).transpose(1, 2)
+    k_t = torch.randn(batch, num_media * r, heads, 2 * head_dim)[..., ::2]
+    v_t = torch.randn(batch, heads, num_media * r, head_dim).transpose(1, 2)
+    check_against_reference(q_t, k_t, v_t, media_index, r, mode)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_non_contiguous_and_expanded_grad_out(mode):
+    """Backward reads grad_out through its strides (stride-0 from .sum(), or a transposed view)."""
+    media_index = make_media_index(29, [2], [3])
+    q, k, v = make_qkv(1, 29, 2, 32, 2, 5, torch.float32)
+    weight = torch.randn(1, 2, 29, 32).transpose(1, 2)  # grad_out = this non-contiguous view
+    for reduce in (lambda o: o.sum(), lambda o: (o * weight).sum()):
+        grads = []
+        for use_kernel in (True, False):
+            leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+            with kernels.backend("triton" if use_kernel else "reference"):
+                reduce(masked_cross_attention(*leaves, media_index, 5, mode=mode)).backward()
+            grads.append([t.grad for t in leaves])
+        for name, g, w in zip(("dq", "dk", "dv"), *grads):
+            assert_close(g, w, grad=True, name=name)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_out_of_range_indices_select_nothing_and_stay_in_bounds(mode):
+    """Indices >= M or < -1 attend nothing; k/v rows outside the tensors (NaN here) are never read."""
+    batch, length, heads, head_dim, num_media, r = 2, 40, 2, 32, 3, 5
+    rows = num_media * r
+    # k and v live in the middle of NaN-filled buffers: any read outside them poisons the result.
+    k_buf = torch.full((batch, rows + 2 * r, heads, head_dim), float("nan"))
+    v_buf = torch.full((batch, rows + 2 * r, heads, head_dim), float("nan"))
+    k_buf[:, r : r + rows] = torch.randn(batch, rows, heads, head_dim)
+    v_buf[:, r : r + rows] = torch.randn(batch, rows, heads, head_dim)
+    k, v = k_buf[:, r : r + rows], v_buf[:, r : r + rows]
+    q = torch.randn(batch, length, heads, head_dim)
+    media_index = make_media_index(length, [3, 3], [0, 4])
+    bad = torch.tensor([num_media, num_media + 7, -2, -(2**40), 2**40, 2**32 + 1])
+    positions = torch.randperm(length)[: bad.numel()]
+    media_index[0, positions] = bad
+    media_index[1, :5] = num_media
+    out, dq, dk, dv = check_against_reference(q, k, v, media_index, r, mode)
+    assert torch.all(out[0, positions] == 0) and torch.all(dq[0, positions] == 0)
+    for t in (out, dq, dk, dv):
+        assert torch.isfinite(t).all()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_non_monotone_media_index(mode):
+    batch, length, num_media, r = 2, 47, 5, 7
+    media_index = torch.randint(-1, num_media, (batch, length))
+    q, k, v = make_qkv(batch, length, 2, 32, num_media, r, torch.float32)
+    check_against_reference(q, k, v, media_index.to(torch.int32), r, mode)
+
+
+def test_cached_media_index(nan_poisoned_empty):
+    """Generation with cached media: every token attends the last image."""
+    locations = torch.zeros(2, 26, dtype=torch.bool)
+    locations[0, [3, 9]] = True
+    locations[1, 20] = True
+    media_index = media_index_from_locations(locations, use_cached_media=True)
+    q, k, v = make_qkv(2, 26, 2, 32, 2, 5, torch.float16)
+    check_against_reference(q, k, v, media_index, 5, "immediate")
+
+
+def test_no_media_rows():
+    """M = 0 (k and v have no rows): everything attends nothing."""
+    q = torch.randn(2, 9, 2, 32, requires_grad=True)
+    k = torch.randn(2, 0, 2, 32, requires_grad=True)
+    v = torch.randn(2, 0, 2, 32, requires_grad=True)
+    media_index = torch.full((2, 9), -1)
+    with kernels.backend("triton"):
+        out = masked_cross_attention(q, k, v, media_index, 4)
+    out.sum().backward()
+    assert torch.equal(out, torch.zeros_like(out))
+    assert torch.equal(q.grad, torch.zeros_like(q)) and k.grad.shape == k.shape
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_deterministic(mode):
+    media_index = make_media_index(61, [6, 4], [0, 10])
+    q, k, v = make_qkv(2, 61, 2, 32, 6, 9, torch.float16)
+    grad_out = torch.randn(q.shape, dtype=q.dtype)
+    first = run_kernel(q, k, v, media_index, 9, mode, grad_out)
+    second = run_kernel(q, k, v, media_index, 9, mode, grad_out)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_media_spans():
+    media_index = torch.tensor([[-1, 0, 0, 2, 2, 7], [1, 1, -1, 0, -5, 1]])
+    spans = mxa._media_spans(media_index, 3, immediate=True)
+    assert spans.tolist() == [[[1, 6, 3], [2, -1, 4]], [[3, 0, 6], [3, 5, -1]]]
+    spans = mxa._media_spans(media_index, 3, immediate=False)
+    assert spans.tolist() == [[[1, 3, 3], [4, 4, 4]], [[0, 0, 6], [5, 5, -1]]]
+
+
+# ------------------------------------------------------------------------------------------------
+# dispatch, torch.library, torch.compile
+# ------------------------------------------------------------------------------------------------
+
+
+def test_dispatch(monkeypatch):
+    calls = []
+    real_forward = mxa._forward
+    monkeypatch.setattr(mxa, "_forward", lambda *a: calls.append(1) or real_forward(*a))
+    media_index = make_media_index(20, [2], [0])
+    q, k, v = make_qkv(1, 20, 1, 32, 2, 4, torch.float32)
+    masked_cross_attention(q, k, v, media_index, 4)  # auto on CPU: the reference
+    assert calls == []
+    with kernels.backend("triton"):
+        masked_cross_attention(q, k, v, media_index, 4)
+        assert calls == [1]
+        big = torch.randn(1, 20, 1, mxa.MAX_KERNEL_HEAD_DIM + 8)
+        kb = torch.randn(1, 8, 1, mxa.MAX_KERNEL_HEAD_DIM + 8)
+        out = masked_cross_attention(big, kb, kb, media_index, 4)  # too wide for the kernel: reference
+        assert calls == [1]
+    assert_close(out, masked_cross_attention_reference(big, kb, kb, media_index, 4))
+
+
+def test_opcheck():
+    media_index = make_media_index(21, [2], [3])
+    q, k, v = make_qkv(1, 21, 1, 32, 2, 5, torch.float32)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    torch.library.opcheck(
+        torch.ops.vlmcore.masked_cross_attention_fwd.default, (q, k, v, media_index, 5, "immediate", 0.2)
+    )
+    out, lse = torch.ops.vlmcore.masked_cross_attention_fwd(q, k, v, media_index, 5, "all_previous", 0.2)
+    grad_out = torch.randn_like(out)
+    torch.library.opcheck(
+        torch.ops.vlmcore.masked_cross_attention_bwd.default,
+        (grad_out, q.detach(), k.detach(), v.detach(), media_index, out.detach(), lse, 5, "all_previous", 0.2),
+    )
+
+
+@pytest.mark.parametrize("compile_backend", ["eager", "aot_eager"])
+def test_torch_compile(compile_backend):
+    """The op traces with fullgraph (fake + autograd registrations); the public function compiles too
+    (with a graph break at the backend switch, whose ContextVar dynamo does not trace)."""
+    media_index = make_media_index(25, [2], [1])
+    q, k, v = make_qkv(1, 25, 2, 32, 2, 5, torch.float32)
+
+    def op_only(q, k, v, media_index):
+        out, _ = torch.ops.vlmcore.masked_cross_attention_fwd(q * 2.0, k, v, media_index, 5, "immediate", 0.3)
+        return out.square().sum()
+
+    def public(q, k, v, media_index):
+        return masked_cross_attention(q * 2.0, k, v, media_index, 5, softmax_scale=0.3).square().sum()
+
+    def loss_and_grads(fn):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        with kernels.backend("triton"):
+            loss = fn(*leaves, media_index)
+        loss.backward()
+        return [loss.detach()] + [t.grad for t in leaves]
+
+    eager = loss_and_grads(public)
+    for compiled in (torch.compile(op_only, backend=compile_backend, fullgraph=True),
+                     torch.compile(public, backend=compile_backend)):
+        for a, b in zip(loss_and_grads(compiled), eager):
+            assert torch.equal(a, b)
+
+
+def test_cuda_autotune_space(monkeypatch):
+    """The CUDA configs: power-of-two tiles >= 16 (tl.dot), and the pruner keeps some but drops oversize ones."""
+    monkeypatch.setattr(mxa, "interpreter_enabled", lambda: False)
+    for tuned, block_m, block_n in ((mxa._fwd_kernel, (64, 128), (32, 64, 128)),
+                                    (mxa._dkdv_kernel, (32, 64, 128), (64, 128))):
+        configs = mxa._configs(block_m, block_n)
+        assert len(configs) == len(block_m) * len(block_n) * 4
+        for config in configs:
+            for tile in (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]):
+                assert tile >= 16 and tile & (tile - 1) == 0
+        for dtype, block_d in ((torch.bfloat16, 32), (torch.bfloat16, 128), (torch.float32, 128)):
+            kept = tuned.early_config_prune(configs, {"q_ptr": torch.empty(0, dtype=dtype)}, BLOCK_D=block_d)
+            assert 0 < len(kept) <= len(configs)
+        kept = tuned.early_config_prune(configs, {"q_ptr": torch.empty(0, dtype=torch.float32)}, BLOCK_D=256)
+        assert len(kept) < len(configs)
+
+
+_SM90_COMPILE = r"""
+import importlib, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+mxa = importlib.import_module("vlmcore.kernels.masked_cross_attention")
+POINTERS = {"idx_ptr": "*i64", "lse_ptr": "*fp32", "delta_ptr": "*fp32", "span_ptr": "*i32"}
+for fn, tiles, immediate in ((mxa._mxa_fwd_kernel, (128, 64), True), (mxa._mxa_bwd_dq_kernel, (64, 64), False),
+                             (mxa._mxa_bwd_dkdv_kernel, (64, 128), True)):
+    const = dict(HEAD_DIM=96, BLOCK_D=128, IMMEDIATE=immediate, DOT_PRECISION="tf32",
+                 BLOCK_M=tiles[0], BLOCK_N=tiles[1])
+    signature, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name.startswith("stride_") and name.endswith("d"):
+            const[name] = 1  # a launch specializes unit strides
+        if name in const:
+            signature[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            signature[name] = POINTERS.get(name, "*bf16")
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            signature[name] = "fp32" if name in ("qk_scale_log2", "sm_scale") else "i32"
+    source = ASTSource(fn, signature, constexprs={(fn.arg_names.index(k),): v for k, v in const.items()}, attrs=attrs)
+    kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8, "num_stages": 2})
+    assert "cubin" in kernel.asm and kernel.metadata.shared <= 227 * 1024, (fn.__name__, kernel.metadata.shared)
+    print(fn.__name__, kernel.metadata.shared)
+"""
+
+
+def test_kernels_compile_for_sm90():
+    """Without a GPU: the real compiler (not the interpreter) lowers the bf16 kernels to an sm_90 cubin."""
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    result = subprocess.run([sys.executable, "-c", _SM90_COMPILE], env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("_kernel") == 3
+
+
+# ------------------------------------------------------------------------------------------------
+# validation and media_index_from_locations
+# ------------------------------------------------------------------------------------------------
+
+
+def _good():
+    q, k, v = make_qkv(2, 8, 2, 16, 2, 3, torch.float32)
+    return q, k, v, torch.zeros(2, 8, dtype=torch.long)
+
+
+@pytest.mark.parametrize(
+    "change, error, match",
+    [
+        (lambda a: {**a, "q": a["q"][0]}, ValueError, "q must be 4-D"),
+        (lambda a: {**a, "k": a["k"].half()}, TypeError, "k has dtype"),
+        (lambda a: {**a, "v": a["v"][:, :3]}, ValueError, "k and v"),
+        (lambda a: {**a, "q": a["q"].long()}, TypeError, "q must be float"),
+        (lambda a: {**a, "k": a["k"][:, :, :1], "v": a["v"][:, :, :1]}, ValueError, "k must be"),
+        (lambda a: {**a, "k": a["k"][:, :5], "v": a["v"][:, :5]}, ValueError, "tokens_per_media"),
+        (lambda a: {**a, "tokens_per_media": 0}, ValueError, "tokens_per_media"),
+        (lambda a: {**a, "tokens_per_media": True}, ValueError, "tokens_per_media"),
+        (lambda a: {**a, "media_index": a["media_index"].float()}, TypeError, "media_index"),
+        (lambda a: {**a, "media_index": a["media_index"].bool()}, TypeError, "media_index"),
+        (lambda a: {**a, "media_index": a["media_index"][:, :5]}, ValueError, "media_index"),
+        (lambda a: {**a, "mode": "causal"}, ValueError, "mode"),
+        (lambda a: {**a, "softmax_scale": -1.0}, ValueError, "softmax_scale"),
+    ],
+)
+def test_bad_inputs(change, error, match):
+    q, k, v, media_index = _good()
+    args = change(dict(q=q, k=k, v=v, media_index=media_index, tokens_per_media=3, mode="immediate",
+                       softmax_scale=None))
+    for name in ("triton", "reference"):
+        with kernels.backend(name), pytest.raises(error, match=match):
+            masked_cross_attention(args["q"], args["k"], args["v"], args["media_index"], args["tokens_per_media"],
+                                   mode=args["mode"], softmax_scale=args["softmax_scale"])
+
+
+def test_media_index_from_locations():
+    locations = torch.tensor([[0, 1, 0, 0, 1, 1, 0], [0, 0, 0, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0, 1]], dtype=torch.bool)
+    assert media_index_from_locations(locations).tolist() == [
+        [-1, 0, 0, 0, 1, 2, 2],
+        [-1, -1, -1, -1, -1, -1, -1],
+        [0, 0, 0, 0, 0, 0, 1],
+    ]
+    cached = media_index_from_locations(locations, use_cached_media=True)
+    assert cached.tolist() == [[2] * 7, [-1] * 7, [1] * 7]
+    assert cached.dtype == torch.int64 and cached.is_contiguous()
+    with pytest.raises(ValueError, match="media_locations"):
+        media_index_from_locations(locations[0])
+    with pytest.raises(ValueError, match="media_locations"):
+        media_index_from_locations([[True]])
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU: bf16 at the ANCHORS shapes (skipped without CUDA)
+# ------------------------------------------------------------------------------------------------
+
+ANCHOR_SHAPES = {
+    "openflamingo9b": (16, 512, 5, 64, 8, 64),
+    "long_interleaved": (4, 4096, 32, 64, 32, 128),
+}
+
+
+def _error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.float() - want.float()).abs().max())
+
+
+def check_gpu_against_reference(q, k, v, media_index, r, mode):
+    """Kernel error vs the fp32 reference: at most ~2x the error of the reference run in q's dtype (+ tolerance)."""
+    grad_out = torch.randn(q.shape, dtype=q.dtype, device=q.device)
+    got = run_kernel(q, k, v, media_index, r, mode, grad_out)
+    want = run_reference(q, k, v, media_index, r, mode, grad_out)
+    low = run_reference(q, k, v, media_index, r, mode, grad_out, upcast=False)
+    for name, g, w, lo in zip(("out", "dq", "dk", "dv"), got, want, low):
+        atol, rtol = tolerance(q.dtype, grad=name != "out")
+        assert torch.isfinite(g).all(), name
+        bound = 2 * _error(lo, w) + atol + rtol * float(w.abs().max())
+        assert _error(g, w) <= bound, (name, _error(g, w), _error(lo, w))
+    empty = media_index < 0
+    assert torch.all(got[0][empty] == 0) and torch.all(got[1][empty] == 0)
+    again = run_kernel(q, k, v, media_index, r, mode, grad_out)  # deterministic: no atomics
+    for a, b in zip(got, again):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("shape", list(ANCHOR_SHAPES))
+def test_gpu_bf16_anchor_shapes(shape, mode):
+    batch, length, num_media, r, heads, head_dim = ANCHOR_SHAPES[shape]
+    media_index = make_media_index(length, [num_media] * (batch - 1) + [num_media // 2],
+                                   [length // 10] + [0] * (batch - 1)).cuda()
+    q, k, v = (t.cuda() for t in make_qkv(batch, length, heads, head_dim, num_media, r, torch.bfloat16))
+    check_gpu_against_reference(q, k, v, media_index, r, mode)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("head_dim", [32, 96])
+def test_gpu_odd_shapes(head_dim, dtype, mode):
+    """Odd L and R, a sample without images, strided views, non-monotone rows appended."""
+    media_index = make_media_index(777, [9, 3, 0], [50, 0, 0])
+    media_index[1, -40:] = torch.randint(-1, 9, (40,))
+    kv = torch.randn(3, 9 * 17, 2 * 4 * head_dim, dtype=dtype)
+    k, v = kv.view(3, 9 * 17, 2, 4, head_dim).unbind(2)
+    q = torch.randn(3, 4, 777, head_dim, dtype=dtype).transpose(1, 2)
+    check_gpu_against_reference(q.cuda(), k.cuda(), v.cuda(), media_index.cuda(), 17, mode)

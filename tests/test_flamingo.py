@@ -304,8 +304,9 @@ def test_trainable_state_round_trip(tmp_path):
     other.load_trainable_state_dict(partial, strict=False)
 
 
-def test_train_new_token_embeddings():
-    model, bare = tiny_flamingo("llama", train_new_token_embeddings=True)
+@pytest.mark.parametrize("new_tokens", [True, [MEDIA, 5]], ids=["media_token", "id_list"])
+def test_train_new_token_embeddings(new_tokens):
+    model, bare = tiny_flamingo("llama", train_new_token_embeddings=new_tokens)
     vision_x, lang_x = batch()
     with torch.no_grad():
         assert torch.equal(model(vision_x, lang_x).logits, bare(input_ids=lang_x).logits)
@@ -382,3 +383,22 @@ def test_bf16_language_model():
     open_gates(model)
     model(vision_x, lang_x, labels=lang_x).loss.backward()
     assert all(p.grad is not None and p.grad.dtype == torch.bfloat16 for p in model.trainable_parameters())
+
+
+def test_deepcopy_and_pickle(tmp_path):
+    model, _ = tiny_flamingo("gpt2")
+    open_gates(model)
+    vision_x, lang_x = batch()
+    with torch.no_grad():
+        expected = model(vision_x, lang_x).logits
+    clone = copy.deepcopy(model)
+    # the clone's wrapped layers use the clone's own blocks and state
+    assert clone.lang_model.transformer.h[0]._bridge[0] is clone.gated_cross_attn_layers[0]
+    assert clone.lang_model.transformer.h[0]._bridge[1] is clone._state
+    torch.save(model, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    with torch.no_grad():
+        assert torch.equal(clone(vision_x, lang_x).logits, expected)
+        assert torch.equal(loaded(vision_x, lang_x).logits, expected)
+    # attribute reads fall through to the wrapped decoder layer
+    assert clone.lang_model.transformer.h[0].attn is clone.lang_model.transformer.h[0].decoder_layer.attn

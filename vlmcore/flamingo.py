@@ -106,9 +106,11 @@ class FlamingoLayer(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            if name == "decoder_layer" or "decoder_layer" not in self._modules:
+            # read __dict__ directly: during unpickling / deepcopy nothing is set up yet
+            inner = self.__dict__.get("_modules", {}).get("decoder_layer")
+            if inner is None or name == "decoder_layer":
                 raise
-            return getattr(self._modules["decoder_layer"], name)
+            return getattr(inner, name)
 
     def _cross_attend(self, hidden_states: torch.Tensor) -> torch.Tensor:
         block, state, flags = self._bridge

@@ -203,3 +203,55 @@ def test_builtin_vit_shapes_and_errors():
     with pytest.raises(ValueError, match="width"):
         vlmcore.CLIP(16, vision_encoder=torch.nn.Identity(), vocab_size=8, context_length=4, text_width=8,
                      text_depth=1, text_heads=1)
+
+
+class FakeOpenCLIPVisual(torch.nn.Module):
+    """The interface of an open_clip VisionTransformer that the adapter relies on (the package is
+    optional and not installed in CI): ``output_tokens``, ``transformer.width``, ``output_dim``,
+    ``forward -> (pooled, tokens)`` when ``output_tokens``."""
+
+    def __init__(self):
+        super().__init__()
+        self.output_tokens = False
+        self.transformer = torch.nn.Module()
+        self.transformer.width = 12
+        self.output_dim = 6
+        self.patch = torch.nn.Conv2d(3, 12, 8, 8)
+        self.proj = torch.nn.Linear(12, 6)
+
+    def forward(self, x):
+        tokens = self.patch(x).flatten(2).transpose(1, 2)
+        pooled = self.proj(tokens.mean(dim=1))
+        return (pooled, tokens) if self.output_tokens else pooled
+
+
+class FakeTimmViT(torch.nn.Module):
+    """The timm ViT interface the adapter relies on: ``embed_dim``, ``num_features``,
+    ``forward_features`` and ``forward_head(x, pre_logits=True)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed_dim = self.num_features = 10
+        self.patch = torch.nn.Conv2d(3, 10, 8, 8)
+
+    def forward_features(self, x):
+        return self.patch(x).flatten(2).transpose(1, 2)
+
+    def forward_head(self, x, pre_logits=False):
+        assert pre_logits
+        return x[:, 0]
+
+
+def test_open_clip_and_timm_adapters_on_their_interfaces():
+    images = torch.randn(2, 3, 16, 16)
+    oc = vlmcore.OpenCLIPVisionAdapter(FakeOpenCLIPVisual())
+    assert oc.visual.output_tokens and oc.width == 12 and oc.pooled_width == 6
+    assert oc(images).shape == (2, 4, 12) and oc.pooled(images).shape == (2, 6)
+    assert tiny_clip(vision_encoder=oc).encode_image(images).shape == (2, 16)
+    tm = vlmcore.TimmViTAdapter(FakeTimmViT())
+    assert tm(images).shape == (2, 4, 10) and tm.pooled(images).shape == (2, 10)
+    assert tiny_clip(vision_encoder=tm).encode_image(images).shape == (2, 16)
+    with pytest.raises(TypeError, match="open_clip"):
+        vlmcore.OpenCLIPVisionAdapter(torch.nn.Linear(2, 2))
+    with pytest.raises(TypeError, match="timm"):
+        vlmcore.TimmViTAdapter(torch.nn.Linear(2, 2))

@@ -15,18 +15,22 @@ columns B ``[N, d]``, X = A B^T (never stored), S = s X, label of row i = column
   Extra memory: ``4 G N`` bytes (32 MB at n = 32768, 2 GB at n = 2^20) plus O(n) vectors.
 - ``vlmcore::contrastive_loss_rows`` (``local_loss=True``): one direction, local rows against the
   gathered columns with a label offset; the loss is the mean of the two directions.
-- backward (both ops): ``_contrastive_bwd_rows_kernel`` (a program per row block x d chunk) recomputes
-  S tile by tile, forms G = dL/dS (for label smoothing eps:
-  ``P_ij - (1 - eps) [j = label_i] - eps / N``, plus the column term in the symmetric case) and
+- backward (both ops), d <= ``REGISTER_BACKWARD_MAX_D`` (256): ``_contrastive_bwd_rows_kernel`` (a
+  program per row block x d chunk) recomputes S tile by tile, forms G = dL/dS (for label smoothing
+  eps: ``P_ij - (1 - eps) [j = label_i] - eps / N``, plus the column term in the symmetric case) and
   accumulates dA = s G B in registers; it also writes the per-row partial ``sum_j G_ij X_ij`` of the
   logit-scale gradient. ``_contrastive_bwd_cols_kernel`` (a program per column block x d chunk)
-  accumulates dB = s G^T A the same way. Every output element has exactly one writer and every
-  reduction has a fixed order: results are bit-identical from run to run.
+  accumulates dB = s G^T A the same way. 10 n^2 d FLOPs in all (forward included), no n^2 traffic.
+- backward, larger d (768 ...): a [BLOCK_M, d] fp32 tile no longer fits in registers, and d chunks
+  would recompute S once per chunk (18 n^2 d at d = 768). Instead ``_contrastive_grad_window_kernel``
+  writes G in the input dtype for windows of whole rows, then of whole columns (at most
+  ``WINDOW_BYTES`` = 128 MiB each), and each window's gradient rows come from ONE matrix product
+  (``torch.mm``) over the full reduction: also 10 n^2 d FLOPs, plus ~6 n^2 bytes of window traffic.
 
-Cost: forward 2 n^2 d FLOPs; backward 2 x (recompute 2 n^2 d x (number of d chunks) + product
-2 n^2 d), i.e. 10 n^2 d in total when d fits one output chunk (d <= 256 on CUDA). Statistics are fp32
-(exp2 / log2 domain); matrix products run in the input dtype with fp32 accumulation (fp32 inputs: IEEE
-fp32 products, like the reference). Offsets are int64, so n * d >= 2^31 is fine.
+Every output element has exactly one writer and every reduction a fixed order (no atomics): results
+are bit-identical from run to run. Statistics are fp32 (exp2 / log2 domain); matrix products run in
+the input dtype with fp32 accumulation (fp32 inputs: IEEE fp32 products, like the reference). Offsets
+are int64, so n * d >= 2^31 is fine.
 
 Accuracies (``output_dict``) come from the same forward pass when asked for: a running argmax of X per
 row, and per column through the same group partials; ties go to the lowest index, as ``argmax``.
@@ -52,6 +56,12 @@ LN2 = tl.constexpr(0.6931471805599453)
 MAX_ROW_GROUPS = 512
 # Rows per group are a multiple of this, so every BLOCK_M of the configs below divides them.
 _GROUP_QUANTUM = 128
+# The register backward keeps a [BLOCK_M, BLOCK_DO] gradient tile per program and recomputes the
+# logits once per d chunk; for d above this it runs the window backward instead (G' windows written
+# in the input dtype, then two matrix products per window), which recomputes the logits only twice.
+REGISTER_BACKWARD_MAX_D = 256
+# The window backward's only O(n) x chunk buffer: G' windows of at most this many bytes.
+WINDOW_BYTES = 128 * 2**20
 
 
 # ----------------------------------------------------------------------------------------------
@@ -301,6 +311,43 @@ def _contrastive_bwd_cols_kernel(
     tl.store(p_out, b_db.to(p_db.dtype.element_ty), mask=m_n[:, None] & m_do[None, :])
 
 
+@triton.jit
+def _contrastive_grad_window_kernel(
+    p_a, p_b, p_scale, p_row_lse, p_col_lse, p_g, p_ds_part,
+    row0, col0, win_rows, win_cols,
+    n_rows, n_cols, d, stride_a, stride_b, label_offset, smoothing,
+    SYMMETRIC: tl.constexpr, WRITE_DS: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """G' of one window ``[row0, row0 + win_rows) x [col0, col0 + win_cols)`` of the logits, one tile
+    per program, into g ``[win_rows, win_cols]`` (input dtype, row-major) for the large-d backward.
+
+    WRITE_DS (windows that span all columns): ds_part fp32 ``[cdiv(win_cols, BLOCK_N), win_rows]``
+    gets this tile's ``sum_j G'_ij X_ij`` in row ``program_id(1)``; summed over axis 0 afterwards.
+    """
+    i_m = tl.program_id(0)
+    i_n = tl.program_id(1)
+    o_wm = i_m * BLOCK_M + tl.arange(0, BLOCK_M)  # row inside the window
+    o_wn = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_m = o_wm < win_rows
+    m_n = o_wn < win_cols
+    o_m = row0 + o_wm
+    o_n = col0 + o_wn
+    scale2 = tl.load(p_scale) * LOG2E
+    b_x = _tile_dot(p_a, p_b, o_m, o_n, m_m, m_n, d, stride_a, stride_b,
+                    PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)  # [BLOCK_M, BLOCK_N]
+    b_lse_row = tl.load(p_row_lse + o_m, mask=m_m, other=0.0)
+    b_lse_col = tl.zeros([BLOCK_N], dtype=tl.float32)  # read only by the symmetric op
+    if SYMMETRIC:
+        b_lse_col = tl.load(p_col_lse + o_n, mask=m_n, other=0.0)
+    b_g = _grad_tile(b_x, scale2, b_lse_row, b_lse_col, o_m, o_n, m_m, m_n, n_rows, n_cols,
+                     label_offset, smoothing, SYMMETRIC)
+    p_out = p_g + o_wm.to(tl.int64)[:, None] * win_cols + o_wn[None, :]
+    tl.store(p_out, b_g.to(p_g.dtype.element_ty), mask=m_m[:, None] & m_n[None, :])
+    if WRITE_DS:
+        tl.store(p_ds_part + i_n.to(tl.int64) * win_rows + o_wm, tl.sum(b_g * b_x, 1), mask=m_m)
+
+
 # ----------------------------------------------------------------------------------------------
 # launch settings
 # ----------------------------------------------------------------------------------------------
@@ -337,6 +384,17 @@ def _prune_by_d(configs, named_args, **kwargs):
     return kept or configs[:1]
 
 
+def _window_configs() -> list[triton.Config]:
+    """CUDA autotune space of the window kernel (its tiles are fixed: see :func:`_window_block`)."""
+    space = ((64, 8, 3), (64, 8, 4), (128, 8, 2), (64, 4, 3), (32, 4, 4))
+    return [triton.Config({"BLOCK_D": bd}, num_warps=w, num_stages=s) for bd, w, s in space]
+
+
+def _window_block() -> int:
+    """Tile of the window kernel, fixed per device (the layout of its ds partials depends on it)."""
+    return 64 if interpreter_enabled() else 128
+
+
 def _interpreter_meta(d: int, backward: bool) -> dict:
     """The one fixed config used in the Triton interpreter (CPU): big tiles = few interpreted steps."""
     meta = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": min(128, _pow2(d)), "num_warps": 4, "num_stages": 1}
@@ -353,6 +411,7 @@ def _tuned(kernel, configs: list[triton.Config]):
 _fwd_tuned = _tuned(_contrastive_fwd_kernel, _fwd_configs())
 _bwd_rows_tuned = _tuned(_contrastive_bwd_rows_kernel, _bwd_configs())
 _bwd_cols_tuned = _tuned(_contrastive_bwd_cols_kernel, _bwd_configs())
+_window_tuned = _tuned(_contrastive_grad_window_kernel, _window_configs())
 
 
 def _launch(kernel, tuned, grid, args: tuple, d: int, backward: bool) -> None:
@@ -420,6 +479,8 @@ def _backward(rows: torch.Tensor, cols: torch.Tensor, scale: torch.Tensor, coef:
     ``col_lse`` is given); ``ds_rows.sum() * coef / s`` is the logit-scale gradient."""
     m, d = rows.shape
     n_cols = cols.shape[0]
+    if d > REGISTER_BACKWARD_MAX_D:
+        return _backward_windows(rows, cols, scale, coef, row_lse, col_lse, label_offset, smoothing)
     symmetric = col_lse is not None
     col_lse = col_lse if symmetric else row_lse
     d_rows, d_cols = torch.empty_like(rows), torch.empty_like(cols)
@@ -434,6 +495,52 @@ def _backward(rows: torch.Tensor, cols: torch.Tensor, scale: torch.Tensor, coef:
             lambda meta: (triton.cdiv(n_cols, meta["BLOCK_N"]), triton.cdiv(d, meta["BLOCK_DO"])),
             (rows, cols, scale, coef, row_lse, col_lse, d_cols, *tail, d_cols.stride(0), *rest),
             d, backward=True)
+    return d_rows, d_cols, ds_rows
+
+
+def _backward_windows(rows: torch.Tensor, cols: torch.Tensor, scale: torch.Tensor, coef: torch.Tensor,
+                      row_lse: torch.Tensor, col_lse: torch.Tensor | None, label_offset: int, smoothing: float):
+    """:func:`_backward` for large d: G' in windows of at most ``WINDOW_BYTES``, products by matmul.
+
+    Pass 1, windows of whole rows ``[R, N]``: d_rows[window] = coef * G' B, and the exact per-row
+    ``sum_j G'_ij X_ij``. Pass 2, windows of whole columns ``[m, C]``: d_cols[window] = coef * G'^T A.
+    Each gradient row is written once, by one product over the full reduction: no accumulation
+    across windows, deterministic. FLOPs 8 n^2 d (two recomputes + two products) for any d.
+    """
+    m, d = rows.shape
+    n_cols = cols.shape[0]
+    symmetric = col_lse is not None
+    col_lse = col_lse if symmetric else row_lse
+    block = _window_block()
+    d_rows, d_cols = torch.empty_like(rows), torch.empty_like(cols)
+    ds_rows = torch.empty(m, device=rows.device, dtype=torch.float32)
+
+    def window(row0: int, col0: int, win_rows: int, win_cols: int, write_ds: bool):
+        g = torch.empty((win_rows, win_cols), device=rows.device, dtype=rows.dtype)
+        ds_part = torch.empty((triton.cdiv(win_cols, block), win_rows), device=rows.device,
+                              dtype=torch.float32) if write_ds else g
+        args = (rows, cols, scale, row_lse, col_lse, g, ds_part, row0, col0, win_rows, win_cols,
+                m, n_cols, d, rows.stride(0), cols.stride(0), label_offset, smoothing,
+                symmetric, write_ds, _precision(rows.dtype))
+        grid = (triton.cdiv(win_rows, block), triton.cdiv(win_cols, block))
+        if interpreter_enabled():
+            _contrastive_grad_window_kernel[grid](*args, BLOCK_M=block, BLOCK_N=block,
+                                                  BLOCK_D=min(128, _pow2(d)), num_warps=4, num_stages=1)
+        else:
+            _window_tuned[grid](*args, BLOCK_M=block, BLOCK_N=block)
+        return g, ds_part
+
+    per_window = max(block, WINDOW_BYTES // (n_cols * rows.element_size()) // block * block)
+    for row0 in range(0, m, per_window):
+        row1 = min(row0 + per_window, m)
+        g, ds_part = window(row0, 0, row1 - row0, n_cols, True)
+        d_rows[row0:row1].copy_(torch.mm(g, cols).float().mul_(coef))
+        ds_rows[row0:row1] = ds_part.sum(0)
+    per_window = max(block, WINDOW_BYTES // (m * rows.element_size()) // block * block)
+    for col0 in range(0, n_cols, per_window):
+        col1 = min(col0 + per_window, n_cols)
+        g, _ = window(0, col0, m, col1 - col0, False)
+        d_cols[col0:col1].copy_(torch.mm(g.T, rows).float().mul_(coef))
     return d_rows, d_cols, ds_rows
 
 
@@ -687,6 +794,14 @@ def contrastive_loss(
 
     Returns:
         fp32 scalar loss (or the dict).
+
+    Backend (``vlmcore.kernels.backend``): the Triton kernels (module docstring) for CUDA tensors or
+    when forced, extra memory O(n) plus bounded buffers, never the n x n logits, bit-reproducible;
+    otherwise :func:`~vlmcore.kernels.reference.contrastive_loss_reference` (materialized logits).
+
+    Example::
+
+        loss = contrastive_loss(F.normalize(img_emb, dim=-1), F.normalize(txt_emb, dim=-1), theta.exp())
     """
     _validate(image_features, text_features, logit_scale, label_smoothing)
     label_offset = 0

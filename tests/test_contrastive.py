@@ -58,7 +58,7 @@ def _check_against_reference(image, text, logit_scale, **kwargs):
 
 
 # (n, d, s): one row block (1, 7, 64), several row/column blocks and groups (300); d below, at and
-# above one d tile, non-powers of two (96, 768), and several output d chunks (768).
+# above one d tile, non-powers of two (96, 768); d = 768 runs the window backward (d > 256).
 SHAPES = [(1, 16, 14.3), (7, 96, 14.3), (64, 64, 100.0), (64, 768, 30.0), (300, 16, 100.0)]
 
 
@@ -76,6 +76,37 @@ def test_matches_reference(dtype, n, d, scale, label_smoothing, nan_poisoned_emp
 def test_matches_reference_300x96(nan_poisoned_empty):
     image, text = _features(300, 96, torch.float32)
     _check_against_reference(image, text, torch.tensor(50.0), label_smoothing=0.2, output_dict=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_window_backward_with_several_windows(dtype, monkeypatch, nan_poisoned_empty):
+    """The large-d backward forced at d = 96 with windows of 128 rows / columns (3 of each at n = 300),
+    symmetric and label-offset (rows op) forms."""
+    import vlmcore.kernels.contrastive as module
+
+    monkeypatch.setattr(module, "REGISTER_BACKWARD_MAX_D", 0)
+    monkeypatch.setattr(module, "WINDOW_BYTES", 128 * 300 * torch.tensor([], dtype=dtype).element_size())
+    image, text = _features(300, 96, dtype)
+    _check_against_reference(image, text, torch.tensor(40.0), label_smoothing=0.1)
+    rows = slice(100, 200)
+    leaves = [t.detach().clone().requires_grad_() for t in (image, text, torch.tensor(40.0))]
+    loss, _, _ = torch.ops.vlmcore.contrastive_loss_rows(leaves[0][rows], leaves[1], leaves[2], 0.1, 100, False)
+    loss.backward()
+    ref_leaves = [t.detach().float().clone().requires_grad_() for t in (image, text, torch.tensor(40.0))]
+    ref = F.cross_entropy(ref_leaves[2] * ref_leaves[0][rows] @ ref_leaves[1].T, torch.arange(100, 200),
+                          label_smoothing=0.1)
+    ref.backward()
+    assert_close(loss, ref, dtype=dtype, name="rows-op loss")
+    _assert_grads_close([t.grad for t in leaves], [t.grad for t in ref_leaves], dtype)
+
+
+def test_register_backward_at_d_768(monkeypatch, nan_poisoned_empty):
+    """The register backward forced at d = 768: three d chunks of 256 per program grid."""
+    import vlmcore.kernels.contrastive as module
+
+    monkeypatch.setattr(module, "REGISTER_BACKWARD_MAX_D", 1024)
+    image, text = _features(70, 768, torch.float16)
+    _check_against_reference(image, text, torch.tensor(100.0), label_smoothing=0.1)
 
 
 def test_strided_inputs_and_vector_float64_scale(nan_poisoned_empty):
@@ -99,8 +130,9 @@ def test_extreme_upstream_gradient_and_nonpositive_scale(nan_poisoned_empty):
     _assert_grads_close([g.grad / 1000.0 for g in leaves], ref[1:], torch.float16)
 
 
-def test_bit_identical_runs(nan_poisoned_empty):
-    image, text = _features(300, 16, torch.float16)
+@pytest.mark.parametrize("n,d", [(300, 16), (64, 768)])  # register and window backward
+def test_bit_identical_runs(n, d, nan_poisoned_empty):
+    image, text = _features(n, d, torch.float16)
     first = _run(image, text, torch.tensor(60.0), "triton", label_smoothing=0.1, output_dict=True)
     second = _run(image, text, torch.tensor(60.0), "triton", label_smoothing=0.1, output_dict=True)
     for key in ("loss", "i2t_acc", "t2i_acc"):

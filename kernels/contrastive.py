@@ -54,8 +54,9 @@ LOG2E = tl.constexpr(_LOG2E)
 LN2 = tl.constexpr(0.6931471805599453)
 # Bounds the forward's [G, N] column-partial buffer (G <= 512 row groups: 2 GB at N = 2^20).
 MAX_ROW_GROUPS = 512
-# Rows per group are a multiple of this, so every BLOCK_M of the configs below divides them.
-_GROUP_QUANTUM = 128
+# Rows per group are a multiple of 64 (below 32768 rows: more groups = more parallel programs) or
+# of 128; configs whose BLOCK_M does not divide them are pruned.
+_SMALL_GROUP_ROWS, _LARGE_GROUP_ROWS, _LARGE_N = 64, 128, 32768
 # The register backward keeps a [BLOCK_M, BLOCK_DO] gradient tile per program and recomputes the
 # logits once per d chunk; for d above this it runs the window backward instead (G' windows written
 # in the input dtype, then two matrix products per window), which recomputes the logits only twice.
@@ -377,11 +378,20 @@ def _bwd_configs() -> list[triton.Config]:
             for bm, bn, bd, bdo, w, s in space]
 
 
-def _prune_by_d(configs, named_args, **kwargs):
-    """Drop configs whose d tiles exceed the padded feature width (they only add masked work)."""
+def _prune(configs, named_args, **kwargs):
+    """Drop configs whose d tiles exceed the padded feature width (they only add masked work), and
+    forward configs whose BLOCK_M does not divide the rows of a group."""
     width = max(64, _pow2(named_args["d"]))
-    kept = [c for c in configs if c.kwargs["BLOCK_D"] <= width and c.kwargs.get("BLOCK_DO", 0) <= width]
-    return kept or configs[:1]
+    group_rows = named_args.get("rows_per_group", 0)
+    kept = [c for c in configs if c.kwargs["BLOCK_D"] <= width and c.kwargs.get("BLOCK_DO", 0) <= width
+            and ("BLOCK_M" not in c.kwargs or group_rows % c.kwargs["BLOCK_M"] == 0)]
+    return kept or [c for c in configs if "BLOCK_M" not in c.kwargs or group_rows % c.kwargs["BLOCK_M"] == 0][:1]
+
+
+def _rows_per_group(m: int) -> int:
+    """Rows of one forward row group: at most MAX_ROW_GROUPS groups, a multiple of 64 or 128."""
+    quantum = _LARGE_GROUP_ROWS if m >= _LARGE_N else _SMALL_GROUP_ROWS
+    return quantum * triton.cdiv(triton.cdiv(m, MAX_ROW_GROUPS), quantum)
 
 
 def _window_configs() -> list[triton.Config]:
@@ -405,7 +415,7 @@ def _interpreter_meta(d: int, backward: bool) -> dict:
 
 def _tuned(kernel, configs: list[triton.Config]):
     """``kernel`` autotuned over ``configs`` (CUDA only; the interpreter launches the plain kernel)."""
-    return triton.autotune(configs, key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune_by_d})(kernel)
+    return triton.autotune(configs, key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune})(kernel)
 
 
 _fwd_tuned = _tuned(_contrastive_fwd_kernel, _fwd_configs())
@@ -448,7 +458,7 @@ def _forward(rows: torch.Tensor, cols: torch.Tensor, scale: torch.Tensor, label_
     row_lse, row_tgt = torch.empty(m, **f32), torch.empty(m, **f32)
     row_arg = torch.empty(m, **i32) if accuracy else row_lse  # stand-in pointers are never touched
     if symmetric:
-        rows_per_group = _GROUP_QUANTUM * triton.cdiv(triton.cdiv(m, MAX_ROW_GROUPS), _GROUP_QUANTUM)
+        rows_per_group = _rows_per_group(m)
         groups = triton.cdiv(m, rows_per_group)
         part_lse = torch.empty((groups, n_cols), **f32)
         part_max = torch.empty((groups, n_cols), **f32) if accuracy else part_lse

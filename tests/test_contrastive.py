@@ -73,7 +73,12 @@ def test_matches_reference(dtype, n, d, scale, label_smoothing, nan_poisoned_emp
 
 
 @pytest.mark.slow
-def test_matches_reference_300x96(nan_poisoned_empty):
+def test_matches_reference_300x96_capped_groups(monkeypatch, nan_poisoned_empty):
+    """At most 2 row groups: 192 rows (3 row blocks merging into one partial row) + 108."""
+    import vlmcore.kernels.contrastive as module
+
+    monkeypatch.setattr(module, "MAX_ROW_GROUPS", 2)
+    assert module._rows_per_group(300) == 192
     image, text = _features(300, 96, torch.float32)
     _check_against_reference(image, text, torch.tensor(50.0), label_smoothing=0.2, output_dict=True)
 
@@ -141,9 +146,12 @@ def test_bit_identical_runs(n, d, nan_poisoned_empty):
         assert torch.equal(a, b), name
 
 
-def test_accuracy_ties_go_to_the_lowest_index(nan_poisoned_empty):
+def test_accuracy_ties_go_to_the_lowest_index(monkeypatch, nan_poisoned_empty):
     """Exact ties (integer features, duplicated rows) inside a tile, across row/column blocks and
-    across row groups (rows_per_group = 128): argmax picks the lowest index, like the reference."""
+    across row groups (128 rows each here): argmax picks the lowest index, like the reference."""
+    import vlmcore.kernels.contrastive as module
+
+    monkeypatch.setattr(module, "_SMALL_GROUP_ROWS", 128)
     n, d = 300, 16
     # distinct 0/1 patterns with 8 ones: a dot product is the overlap (exact), 8 only for equal patterns
     patterns = {tuple(torch.randperm(d)[:8].sort().values.tolist()) for _ in range(2 * n)}

@@ -1,0 +1,120 @@
+"""Benchmark of the symmetric contrastive (CLIP InfoNCE) loss.
+
+Providers: ``vlmcore`` (the fused tiled kernel), ``reference`` (OpenCLIP ``ClipLoss`` math, n x n
+logits materialized in fp32), ``inf_cl`` (Inf-CL's ``cal_inf_loss``, both directions averaged).
+
+Floors (ANCHORS.md section 1): forward 2 n^2 d FLOPs (one logits pass), backward 6 n^2 d
+(recomputed logits + two gradient products), forward + backward 8 n^2 d. Bytes: the features read
+once (2 n d elements) forward; read once and their gradients written once (4 n d) otherwise.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+from vlmcore.kernels import contrastive_loss
+from vlmcore.kernels.reference import contrastive_loss_reference
+
+from . import providers as peers
+from .harness import Case, Provider, RunContext, Unsupported, run_op
+
+OP = "contrastive"
+GPU_SIZES = (8192, 32768, 65536, 131072)
+QUICK_SIZES = (64, 128)
+HUGE_N = 1_048_576  # the "fits on one 80 GB GPU" row of ANCHORS.md, vlmcore only
+DIM = 768
+QUICK_DIM = 32
+
+
+def floors(n: int, d: int, element_size: int) -> tuple[dict[str, float], dict[str, float]]:
+    """Minimum FLOPs and bytes per mode for n pairs of d-dim features."""
+    flops = {"fwd": 2.0 * n * n * d, "bwd": 6.0 * n * n * d, "fwd_bwd": 8.0 * n * n * d}
+    nbytes = {"fwd": 2.0 * n * d * element_size, "bwd": 4.0 * n * d * element_size,
+              "fwd_bwd": 4.0 * n * d * element_size}
+    return flops, nbytes
+
+
+def make_case(n: int, d: int, ctx: RunContext) -> Case:
+    def make_inputs():
+        generator = torch.Generator(device=ctx.device).manual_seed(n)
+        image = torch.randn(n, d, device=ctx.device, generator=generator)
+        text = image + 0.5 * torch.randn(n, d, device=ctx.device, generator=generator)
+        return {
+            "image": F.normalize(image, dim=-1).to(ctx.dtype).requires_grad_(),
+            "text": F.normalize(text, dim=-1).to(ctx.dtype).requires_grad_(),
+            "scale": torch.tensor(1 / 0.07, device=ctx.device).requires_grad_(),
+        }
+
+    flops, nbytes = floors(n, d, torch.tensor([], dtype=ctx.dtype).element_size())
+    return Case(shape=f"n={n} d={d}", x=n, make_inputs=make_inputs, flops=flops, bytes=nbytes)
+
+
+def _vlmcore(case, inputs):
+    return lambda: contrastive_loss(inputs["image"], inputs["text"], inputs["scale"])
+
+
+def _reference(case, inputs):
+    return lambda: contrastive_loss_reference(inputs["image"], inputs["text"], inputs["scale"])
+
+
+def _inf_cl(case, inputs):
+    cal_inf_loss = peers.load_inf_cl()
+    d = inputs["image"].shape[1]
+    head_dim = next((h for h in (256, 128, 64, 32, 16) if d % h == 0), None)
+    if head_dim is None:
+        raise Unsupported(f"Inf-CL needs d divisible by 16, got d={d}")
+    image, text, scale = inputs["image"], inputs["text"], inputs["scale"]
+
+    # The scale multiplies the queries outside cal_inf_loss: inside, its gradient goes through an
+    # all_reduce that needs torch.distributed even in one process. Same math either way.
+    return lambda: (cal_inf_loss(scale * image, text, head_dim=head_dim)
+                    + cal_inf_loss(scale * text, image, head_dim=head_dim)) / 2
+
+
+PROVIDERS = [
+    Provider("vlmcore", _vlmcore, backend="triton"),
+    Provider("reference", _reference, backend="reference"),
+    Provider("inf_cl", _inf_cl, check=peers.check_inf_cl),
+]
+
+
+def cases(ctx: RunContext) -> list[Case]:
+    if ctx.quick:
+        return [make_case(n, QUICK_DIM, ctx) for n in QUICK_SIZES]
+    return [make_case(n, DIM, ctx) for n in GPU_SIZES]
+
+
+def run(ctx: RunContext) -> None:
+    run_op(OP, cases(ctx), PROVIDERS, ctx)
+    if ctx.cuda and not ctx.quick:
+        run_huge(ctx)
+
+
+def run_huge(ctx: RunContext) -> None:
+    """n = 1,048,576, forward + backward, vlmcore only: does it fit, and how long does it take.
+
+    Predicted from the largest n measured (time grows as n^2); skipped when the prediction does
+    not fit the remaining time budget, so one slow kernel cannot eat the whole GPU check.
+    """
+    shape = f"n={HUGE_N} d={DIM}"
+    measured = [r for r in ctx.rows if r["op"] == OP and r["provider"] == "vlmcore" and r["mode"] == "fwd_bwd"
+                and r["status"] == "ok"]
+    if not measured:
+        ctx.emit(OP, "vlmcore", shape, "fwd_bwd", "skipped", x=HUGE_N,
+                 notes="no smaller fwd_bwd result to predict from")
+        return
+    largest = max(measured, key=lambda r: float(r["x"]))
+    predicted_s = float(largest["ms_p50"]) / 1e3 * (HUGE_N / float(largest["x"])) ** 2
+    remaining = ctx.deadline - time.monotonic()
+    if 3 * predicted_s > remaining:
+        ctx.emit(OP, "vlmcore", shape, "fwd_bwd", "skipped", x=HUGE_N,
+                 notes=f"predicted {predicted_s:.1f} s per call, x3 calls > {remaining:.0f} s left in the budget")
+        return
+    saved_modes = ctx.modes
+    ctx.modes = ("fwd_bwd",)
+    try:
+        run_op(OP, [make_case(HUGE_N, DIM, ctx)], PROVIDERS[:1], ctx)
+    finally:
+        ctx.modes = saved_modes

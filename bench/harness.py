@@ -1,0 +1,341 @@
+"""Timing, memory and ceilings: how every benchmark row is measured.
+
+- GPU: ``triton.testing.do_bench`` (L2 flushed between calls, gradients reset through
+  ``grad_to_none``) with quantiles 0.5 / 0.2 / 0.8. A call slower than ``slow_ms`` on its timed
+  probe run (after the warm-up) is reported from that single run (notes say so), so that a
+  6-second peer does not eat the run's time budget.
+- CPU: a plain ``time.perf_counter`` loop (at least 3 calls, about ``cpu_budget_s`` of them).
+- Peak memory: ``torch.cuda.max_memory_allocated()`` during one call minus what was allocated
+  before it, in MiB. Outputs, saved activations and input gradients made by the call count.
+  On CPU there is no allocator statistic: the cell is left empty.
+- Modes: ``fwd`` (forward with autograd recording, as in training), ``bwd`` (``backward`` of an
+  output made beforehand, graph retained), ``fwd_bwd`` (both).
+- A :class:`MemoryError`-like failure (CUDA OOM) is a result row with status ``oom``; any other
+  exception becomes an ``error`` row. Neither stops the run.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+from vlmcore.kernels import backend
+
+from .results import CsvWriter, dtype_name, make_row
+
+MODES = ("fwd", "bwd", "fwd_bwd")
+QUANTILES = (0.5, 0.2, 0.8)
+
+
+class Unavailable(Exception):
+    """A provider cannot run here (not installed, needs CUDA, ...): the message says why."""
+
+
+class Unsupported(Exception):
+    """A provider cannot express this case (e.g. a mode its API has no form for)."""
+
+
+@dataclass
+class Case:
+    """One shape of one op.
+
+    Args:
+        shape: label, ``key=value`` pairs separated by spaces.
+        x: the swept number of this shape (for plots).
+        make_inputs: builds the inputs on the run's device and dtype (leaves that need gradients
+            have ``requires_grad=True``); called once per provider.
+        flops: minimum FLOPs per mode (the ANCHORS.md floor); bytes: minimum bytes moved per mode.
+        meta: anything the providers need to know about the shape (R, mode of the op, ...).
+    """
+
+    shape: str
+    x: float
+    make_inputs: Callable[[], dict]
+    flops: dict[str, float]
+    bytes: dict[str, float]
+    meta: dict = field(default_factory=dict)
+
+
+@dataclass
+class Provider:
+    """One implementation of an op.
+
+    Args:
+        name: CSV provider name.
+        build: ``build(case, inputs) -> fn`` where ``fn()`` runs the op forward on ``inputs`` and
+            returns a differentiable tensor. Work that a real user does once per batch (masks,
+            sequence offsets) goes in ``build``, outside the timed call. May raise
+            :class:`Unavailable` or :class:`Unsupported`.
+        check: ``check(device) -> None``; raises :class:`Unavailable` with the reason when the
+            provider cannot run on this machine (called once per run).
+        backend: the vlmcore backend in force while it runs (``triton`` for vlmcore itself).
+    """
+
+    name: str
+    build: Callable
+    check: Callable[[torch.device], None] = lambda device: None
+    backend: str = "auto"
+
+
+@dataclass
+class RunContext:
+    """What a benchmark run shares: device, dtype, modes, the CSV, the time budget, the ceilings."""
+
+    device: torch.device
+    dtype: torch.dtype
+    modes: tuple[str, ...]
+    writer: CsvWriter
+    quick: bool = False
+    deadline: float = math.inf
+    rep_ms: int = 100
+    warmup_ms: int = 25
+    slow_ms: float = 400.0  # 100 ms on CPU (set by the CLI): interpreter rows are timed once
+    cpu_budget_s: float = 0.25
+    matmul_tflops: float = math.nan
+    copy_gbps: float = math.nan
+    rows: list = field(default_factory=list)
+    echo: Callable[[str], None] = print
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    def out_of_time(self) -> bool:
+        return time.monotonic() > self.deadline
+
+    def emit(self, op: str, provider: str, case_shape: str, mode: str, status: str, **fields) -> dict:
+        dtype = fields.pop("dtype", dtype_name(self.dtype))
+        row = make_row(op, provider, case_shape, mode, status, dtype=dtype, **fields)
+        self.writer.write(row)
+        self.rows.append(row)
+        self.echo(_describe(row))
+        return row
+
+
+def _describe(row: dict) -> str:
+    head = f"{row['op']:<13} {row['provider']:<15} {row['shape']:<40} {row['mode']:<10}"
+    if row["status"] != "ok":
+        return f"{head} {row['status']}: {row['notes']}"
+    if row["throughput"]:
+        return f"{head} {row['throughput']} {row['unit']}  {row['ms_p50']} ms  peak {row['peak_mib'] or '-'} MiB"
+    return (f"{head} {row['ms_p50']} ms (p20 {row['ms_p20']}, p80 {row['ms_p80']})  peak {row['peak_mib'] or '-'} MiB"
+            f"  {row['tflops'] or '-'} TFLOP/s  {row['gbps'] or '-'} GB/s")
+
+
+def is_oom(error: BaseException) -> bool:
+    """CUDA (or host) out-of-memory, whatever layer raised it."""
+    if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    return "out of memory" in str(error).lower()
+
+
+def free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _leaves(inputs: dict) -> list[torch.Tensor]:
+    return [t for t in inputs.values() if isinstance(t, torch.Tensor) and t.requires_grad]
+
+
+def _clear_grads(leaves: Iterable[torch.Tensor]) -> None:
+    for leaf in leaves:
+        leaf.grad = None
+
+
+def _wall_ms(call: Callable[[], object], device: torch.device) -> float:
+    synchronize(device)
+    start = time.perf_counter()
+    call()
+    synchronize(device)
+    return (time.perf_counter() - start) * 1e3
+
+
+def time_call(call: Callable[[], object], leaves: list[torch.Tensor], ctx: RunContext) -> tuple[list[float], str]:
+    """``[p50, p20, p80]`` milliseconds of ``call`` (already warmed up), and a note on how they were taken."""
+    probe = _wall_ms(call, ctx.device)
+    _clear_grads(leaves)
+    if probe > ctx.slow_ms:
+        return [probe] * 3, f"one timed run after warm-up ({probe:.0f} ms > {ctx.slow_ms:.0f} ms)"
+    if ctx.cuda:
+        import triton.testing
+
+        values = triton.testing.do_bench(
+            call, warmup=ctx.warmup_ms, rep=ctx.rep_ms, grad_to_none=leaves or None, quantiles=list(QUANTILES)
+        )
+        return [float(v) for v in values], "triton.testing.do_bench"
+    times = []
+    budget_end = time.perf_counter() + ctx.cpu_budget_s
+    while len(times) < 3 or (time.perf_counter() < budget_end and len(times) < 50):
+        times.append(_wall_ms(call, ctx.device))
+        _clear_grads(leaves)
+    quantiles = torch.tensor(times, dtype=torch.float64).quantile(torch.tensor(QUANTILES, dtype=torch.float64))
+    return quantiles.tolist(), f"perf_counter loop, {len(times)} calls"
+
+
+def peak_mib(call: Callable[[], object], leaves: list[torch.Tensor], device: torch.device) -> float:
+    """Extra CUDA memory allocated during one ``call``, MiB (NaN on CPU)."""
+    if device.type != "cuda":
+        return math.nan
+    _clear_grads(leaves)
+    gc.collect()
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    call()
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - before
+    _clear_grads(leaves)
+    return peak / 2**20
+
+
+def make_call(fn: Callable[[], torch.Tensor], mode: str, leaves: list[torch.Tensor]) -> tuple[Callable, list]:
+    """The timed callable for ``mode``; also returns objects to keep alive (the bwd-mode output)."""
+    out = fn()
+    grad = torch.ones_like(out) if out.dim() == 0 else torch.randn_like(out)
+    if mode == "fwd":
+        del out
+        return fn, [grad]
+    if mode == "fwd_bwd":
+        del out
+
+        def fwd_bwd():
+            fn().backward(grad)
+
+        return fwd_bwd, [grad]
+    if mode == "bwd":
+        def bwd():
+            out.backward(grad, retain_graph=True)
+
+        return bwd, [out, grad]
+    raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+
+
+def measure(fn: Callable[[], torch.Tensor], inputs: dict, mode: str, ctx: RunContext) -> dict:
+    """Warm up, then time and take the peak memory of ``fn`` in ``mode``; returns result fields."""
+    leaves = _leaves(inputs)
+    call, keep = make_call(fn, mode, leaves)
+    call()  # warm-up: compilation, autotuning, caches
+    synchronize(ctx.device)
+    _clear_grads(leaves)
+    memory = peak_mib(call, leaves, ctx.device)
+    (p50, p20, p80), how = time_call(call, leaves, ctx)
+    del keep
+    return {"ms_p50": p50, "ms_p20": p20, "ms_p80": p80, "peak_mib": memory, "notes": how}
+
+
+def useful_rates(case: Case, mode: str, ms: float, ctx: RunContext) -> dict:
+    """Useful TFLOP/s and GB/s against the case's floors, and their fractions of the measured ceilings."""
+    flops, nbytes = case.flops.get(mode, math.nan), case.bytes.get(mode, math.nan)
+    tflops = flops / ms / 1e9 if ms > 0 else math.nan
+    gbps = nbytes / ms / 1e6 if ms > 0 else math.nan
+    return {
+        "tflops": tflops,
+        "gbps": gbps,
+        "frac_matmul": tflops / ctx.matmul_tflops if ctx.matmul_tflops > 0 else math.nan,
+        "frac_copy": gbps / ctx.copy_gbps if ctx.copy_gbps > 0 else math.nan,
+    }
+
+
+def run_op(op: str, cases: list[Case], providers: list[Provider], ctx: RunContext) -> None:
+    """Every (case, provider, mode) of one op, one CSV row each; never raises for a provider's failure."""
+    reasons: dict[str, str | None] = {}
+    for provider in providers:
+        try:
+            provider.check(ctx.device)
+            reasons[provider.name] = None
+        except Unavailable as error:
+            reasons[provider.name] = str(error)
+        except Exception as error:  # a broken install is a reason too, not a crash
+            reasons[provider.name] = f"{type(error).__name__}: {error}"
+    for case in cases:
+        for provider in providers:
+            if reasons[provider.name] is not None:
+                for mode in ctx.modes:
+                    ctx.emit(op, provider.name, case.shape, mode, "unavailable", x=case.x, notes=reasons[provider.name])
+                continue
+            _run_provider(op, case, provider, ctx)
+
+
+def first_line(error: BaseException, limit: int = 300) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"[:limit]
+
+
+def _run_provider(op: str, case: Case, provider: Provider, ctx: RunContext) -> None:
+    inputs = fn = None
+    for mode in ctx.modes:
+        if ctx.out_of_time():
+            ctx.emit(op, provider.name, case.shape, mode, "skipped", x=case.x, notes="time budget of this run spent")
+            continue
+        status, fields = "ok", {}
+        try:
+            with backend(provider.backend):
+                if inputs is None:
+                    inputs = case.make_inputs()
+                    fn = provider.build(case, inputs)
+                fields = measure(fn, inputs, mode, ctx)
+            fields.update(useful_rates(case, mode, fields["ms_p50"], ctx))
+        except Unavailable as error:
+            status, fields = "unavailable", {"notes": str(error)}
+        except Unsupported as error:
+            status, fields = "unsupported", {"notes": str(error)}
+        except Exception as error:
+            status = "oom" if is_oom(error) else "error"
+            fields = {"notes": first_line(error)}
+        if status != "ok":
+            inputs = fn = None  # rebuilt for the next mode: a failure may leave graphs behind
+            free_memory(ctx.device)
+        ctx.emit(op, provider.name, case.shape, mode, status, x=case.x, **fields)
+    del inputs, fn
+    free_memory(ctx.device)
+
+
+def measure_ceilings(ctx: RunContext) -> None:
+    """The card's own ceilings: dense matmul TFLOP/s and device-copy GB/s (read + write), as rows.
+
+    GPU: bf16 8192^3 matmul and a 1 GiB copy. CPU: fp32 1024^3 (512^3 with --quick) and 64 MiB.
+    Sets ``ctx.matmul_tflops`` / ``ctx.copy_gbps`` for the fractions of the other rows.
+    """
+    if ctx.cuda:
+        size, dtype, copy_bytes = 8192, torch.bfloat16, 2**30
+    else:
+        size, dtype, copy_bytes = (512 if ctx.quick else 1024), torch.float32, 2**26
+    label = f"matmul {dtype_name(dtype)} {size}^3"
+    try:
+        a = torch.randn(size, size, device=ctx.device, dtype=dtype)
+        b = torch.randn(size, size, device=ctx.device, dtype=dtype)
+        (ms, _, _), how = time_call(lambda: a @ b, [], ctx)
+        ctx.matmul_tflops = 2 * size**3 / ms / 1e9
+        ctx.emit("ceiling", "torch", label, "matmul", "ok", dtype=dtype_name(dtype), ms_p50=ms,
+                 tflops=ctx.matmul_tflops, frac_matmul=1.0, notes=how)
+    except Exception as error:
+        ctx.emit("ceiling", "torch", label, "matmul", "oom" if is_oom(error) else "error", dtype=dtype_name(dtype),
+                 notes=first_line(error))
+    finally:
+        a = b = None
+    label = f"copy {copy_bytes // 2**20} MiB"
+    try:
+        src = torch.empty(copy_bytes // 4, device=ctx.device, dtype=torch.float32).fill_(1.0)
+        dst = torch.empty_like(src)
+        (ms, _, _), how = time_call(lambda: dst.copy_(src), [], ctx)
+        ctx.copy_gbps = 2 * copy_bytes / ms / 1e6
+        ctx.emit("ceiling", "torch", label, "copy", "ok", dtype="fp32", ms_p50=ms, gbps=ctx.copy_gbps,
+                 frac_copy=1.0, notes=f"{how}; bytes read + written")
+    except Exception as error:
+        ctx.emit("ceiling", "torch", label, "copy", "oom" if is_oom(error) else "error", dtype="fp32",
+                 notes=first_line(error))
+    finally:
+        src = dst = None
+    free_memory(ctx.device)

@@ -12,7 +12,8 @@ columns B ``[N, d]``, X = A B^T (never stored), S = s X, label of row i = column
   registers while it walks all column blocks, and folds each tile's column log-sum-exp into its own
   row ``g`` of an fp32 ``[G, N]`` partial buffer (only program g touches row g: no atomics).
   ``_contrastive_merge_cols_kernel`` then reduces the G partials in a fixed order -> column LSE.
-  Extra memory: ``4 G N`` bytes (32 MB at n = 32768, 2 GB at n = 2^20) plus O(n) vectors.
+  Groups have 64 rows below n = 32768, 128 above, more when G would exceed 512. Extra memory:
+  ``4 G N`` bytes (32 MB at n = 32768, 2 GB at n = 2^20; x3 with accuracies) plus O(n) vectors.
 - ``vlmcore::contrastive_loss_rows`` (``local_loss=True``): one direction, local rows against the
   gathered columns with a label offset; the loss is the mean of the two directions.
 - backward (both ops), d <= ``REGISTER_BACKWARD_MAX_D`` (256): ``_contrastive_bwd_rows_kernel`` (a

@@ -120,7 +120,7 @@ def _contrastive_fwd_kernel(
     p_a, p_b, p_scale,
     p_row_lse, p_row_tgt, p_row_arg,
     p_part_lse, p_part_max, p_part_arg,
-    n_rows, n_cols, d, stride_a, stride_b, label_offset, rows_per_group,
+    n_rows, n_cols, d, size_bucket, stride_a, stride_b, label_offset, rows_per_group,
     COL_STATS: tl.constexpr, ACCURACY: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -237,7 +237,7 @@ def _contrastive_merge_cols_kernel(
 @triton.jit
 def _contrastive_bwd_rows_kernel(
     p_a, p_b, p_scale, p_coef, p_row_lse, p_col_lse, p_da, p_ds_rows,
-    n_rows, n_cols, d, stride_a, stride_b, stride_da, label_offset, smoothing,
+    n_rows, n_cols, d, size_bucket, stride_a, stride_b, stride_da, label_offset, smoothing,
     SYMMETRIC: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
 ):
@@ -281,7 +281,7 @@ def _contrastive_bwd_rows_kernel(
 @triton.jit
 def _contrastive_bwd_cols_kernel(
     p_a, p_b, p_scale, p_coef, p_row_lse, p_col_lse, p_db,
-    n_rows, n_cols, d, stride_a, stride_b, stride_db, label_offset, smoothing,
+    n_rows, n_cols, d, size_bucket, stride_a, stride_b, stride_db, label_offset, smoothing,
     SYMMETRIC: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
 ):
@@ -317,7 +317,7 @@ def _contrastive_bwd_cols_kernel(
 def _contrastive_grad_window_kernel(
     p_a, p_b, p_scale, p_row_lse, p_col_lse, p_g, p_ds_part,
     row0, col0, win_rows, win_cols,
-    n_rows, n_cols, d, stride_a, stride_b, label_offset, smoothing,
+    n_rows, n_cols, d, size_bucket, stride_a, stride_b, label_offset, smoothing,
     SYMMETRIC: tl.constexpr, WRITE_DS: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -354,7 +354,15 @@ def _contrastive_grad_window_kernel(
 # launch settings
 # ----------------------------------------------------------------------------------------------
 
-_AUTOTUNE_KEY = ["n_rows", "n_cols", "d", "PRECISION"]
+# Kernels take ``size_bucket`` only as an autotune key: the next power of two of max(m, N), capped,
+# so a config tuned at n = 65536 serves 131072 and 2^20 too (tuning at 2^20 would run each config
+# several times at seconds per run).
+_AUTOTUNE_KEY = ["size_bucket", "d", "PRECISION"]
+_MAX_SIZE_BUCKET = 65536
+
+
+def _size_bucket(m: int, n_cols: int) -> int:
+    return min(triton.next_power_of_2(max(m, n_cols)), _MAX_SIZE_BUCKET)
 
 
 def _pow2(x: int) -> int:
@@ -380,13 +388,13 @@ def _bwd_configs() -> list[triton.Config]:
 
 
 def _prune(configs, named_args, **kwargs):
-    """Drop configs whose d tiles exceed the padded feature width (they only add masked work), and
-    forward configs whose BLOCK_M does not divide the rows of a group."""
+    """Drop configs whose d tiles exceed the padded feature width, and forward configs whose BLOCK_M
+    does not divide the rows of a group: correct either way (masked), but they only add wasted work.
+    The 64-wide configs always qualify, so the result is never empty."""
     width = max(64, _pow2(named_args["d"]))
     group_rows = named_args.get("rows_per_group", 0)
-    kept = [c for c in configs if c.kwargs["BLOCK_D"] <= width and c.kwargs.get("BLOCK_DO", 0) <= width
-            and ("BLOCK_M" not in c.kwargs or group_rows % c.kwargs["BLOCK_M"] == 0)]
-    return kept or [c for c in configs if "BLOCK_M" not in c.kwargs or group_rows % c.kwargs["BLOCK_M"] == 0][:1]
+    return [c for c in configs if c.kwargs["BLOCK_D"] <= width and c.kwargs.get("BLOCK_DO", 0) <= width
+            and group_rows % c.kwargs.get("BLOCK_M", 1) == 0]
 
 
 def _rows_per_group(m: int) -> int:
@@ -470,7 +478,7 @@ def _forward(rows: torch.Tensor, cols: torch.Tensor, scale: torch.Tensor, label_
         part_lse = part_max = part_arg = row_lse
         grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),)  # noqa: E731
     args = (rows, cols, scale, row_lse, row_tgt, row_arg, part_lse, part_max, part_arg,
-            m, n_cols, d, rows.stride(0), cols.stride(0), label_offset, rows_per_group,
+            m, n_cols, d, _size_bucket(m, n_cols), rows.stride(0), cols.stride(0), label_offset, rows_per_group,
             symmetric, accuracy, _precision(rows.dtype))
     _launch(_contrastive_fwd_kernel, _fwd_tuned, grid, args, d, backward=False)
     if not symmetric:
@@ -496,7 +504,7 @@ def _backward(rows: torch.Tensor, cols: torch.Tensor, scale: torch.Tensor, coef:
     col_lse = col_lse if symmetric else row_lse
     d_rows, d_cols = torch.empty_like(rows), torch.empty_like(cols)
     ds_rows = torch.empty(m, device=rows.device, dtype=torch.float32)
-    tail = (m, n_cols, d, rows.stride(0), cols.stride(0))
+    tail = (m, n_cols, d, _size_bucket(m, n_cols), rows.stride(0), cols.stride(0))
     rest = (label_offset, smoothing, symmetric, _precision(rows.dtype))
     _launch(_contrastive_bwd_rows_kernel, _bwd_rows_tuned,
             lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(d, meta["BLOCK_DO"])),
@@ -531,7 +539,7 @@ def _backward_windows(rows: torch.Tensor, cols: torch.Tensor, scale: torch.Tenso
         ds_part = torch.empty((triton.cdiv(win_cols, block), win_rows), device=rows.device,
                               dtype=torch.float32) if write_ds else g
         args = (rows, cols, scale, row_lse, col_lse, g, ds_part, row0, col0, win_rows, win_cols,
-                m, n_cols, d, rows.stride(0), cols.stride(0), label_offset, smoothing,
+                m, n_cols, d, _size_bucket(m, n_cols), rows.stride(0), cols.stride(0), label_offset, smoothing,
                 symmetric, write_ds, _precision(rows.dtype))
         grid = (triton.cdiv(win_rows, block), triton.cdiv(win_cols, block))
         if interpreter_enabled():

@@ -209,6 +209,26 @@ def test_rows_op_rejects_labels_outside_the_columns():
         torch.ops.vlmcore.contrastive_loss_rows(image, text, torch.tensor(1.0), 0.0, 1, False)
 
 
+def test_cuda_launch_settings():
+    """The CUDA configs (not run on CPU): tl.dot-legal power-of-two tiles, a non-empty pruned space
+    for any d, BLOCK_M dividing the group rows, and at most MAX_ROW_GROUPS groups for any n."""
+    import vlmcore.kernels.contrastive as module
+
+    spaces = {"fwd": module._fwd_configs(), "bwd": module._bwd_configs(), "window": module._window_configs()}
+    for configs in spaces.values():
+        for config in configs:
+            for value in config.kwargs.values():
+                assert value >= 16 and value & (value - 1) == 0, config
+    for n in (1, 300, 8192, 32767, 32768, 100_000, 2**20, 3 * 2**20):
+        rows = module._rows_per_group(n)
+        assert rows % 64 == 0 and math.ceil(n / rows) <= module.MAX_ROW_GROUPS
+        for d in (16, 96, 768, 4096):
+            kept = module._prune(spaces["fwd"], {"d": d, "rows_per_group": rows})
+            assert kept and all(rows % c.kwargs["BLOCK_M"] == 0 for c in kept)
+            for name in ("bwd", "window"):
+                assert module._prune(spaces[name], {"d": d})
+
+
 def test_opcheck():
     image, text = _features(7, 16, torch.float32)
     image.requires_grad_()

@@ -1,0 +1,124 @@
+"""Two CPU ranks under the ``deepspeed`` launcher (gloo, fp32): ZeRO-2 and ZeRO-3 for every task,
+and a run killed with SIGKILL after a checkpoint that resumes to exactly the uninterrupted losses.
+
+Three launches in all (each costs ~15 s of start-up): several trainings share one launch through a
+small driver script that calls ``vlmcore.train.main`` in turn.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from importlib import resources
+
+import pytest
+from vlmcore.train import shapes
+from vlmcore.train.tokenizer import train_word_tokenizer
+
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+
+CONFIGS = resources.files("vlmcore.train") / "configs"
+DRIVER = """
+import json, sys
+from vlmcore.train import main
+for argv in json.load(open(sys.argv[-1])):  # the launcher puts --local_rank=N first
+    main(argv)
+"""
+TINY_VISION = "model.vision={image_size: 16, patch_size: 8, width: 32, depth: 1, heads: 2}"
+TINY_LM = ("model.lm={config: {model_type: llama, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, "
+           "num_attention_heads: 2, num_key_value_heads: 2, max_position_embeddings: 64}}")
+ZERO3 = "deepspeed={zero_optimization: {stage: 3, stage3_param_persistence_threshold: 0}, gradient_clipping: 1.0}"
+
+
+def _launch(tmp_path, name, runs, timeout=400):
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    spec = tmp_path / f"{name}.json"
+    spec.write_text(json.dumps(runs))
+    launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    env.pop("RANK", None), env.pop("WORLD_SIZE", None), env.pop("LOCAL_RANK", None)
+    from vlmcore.train.distributed import _free_port
+
+    proc = subprocess.run([launcher, "--num_gpus", "2", "--master_port", str(_free_port()), str(driver), str(spec)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
+    return proc
+
+
+def _steps(out_dir):
+    with open(os.path.join(out_dir, "metrics.jsonl"), encoding="utf-8") as f:
+        return [r for r in map(json.loads, f) if "loss" in r]
+
+
+def _evals(out_dir):
+    with open(os.path.join(out_dir, "metrics.jsonl"), encoding="utf-8") as f:
+        return [r["eval"] for r in map(json.loads, f) if "eval" in r]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("shapes")
+    shapes.make_shapes(str(out), n_train=256, n_eval=48, n_docs=64, image_size=32, shard_size=32, seed=3)
+    train_word_tokenizer(str(out / "captions.txt"), str(out / "tokenizer.json"))
+    return out
+
+
+def _common(task, data, out_dir):
+    return ["--config", str(CONFIGS / f"{task}_tiny.yaml"), f"out_dir={out_dir}", "data.shapes=null",
+            f"tokenizer.path={data}/tokenizer.json", "tokenizer.train_from_shapes=false", "progress_bar=false",
+            f"data.eval.shards={data}/eval-000000.tar", "data.eval.batch_size=24", TINY_VISION]
+
+
+def _clip(data, out_dir, *extra):
+    return _common("clip", data, out_dir) + [
+        f"data.train.0.shards={data}/train-*.tar", "data.train.0.batch_size=8", "data.train.0.resampled=false",
+        "data.train.0.shuffle_buffer=32", "model.text={width: 32, depth: 1, heads: 2}", "model.embed_dim=32",
+        "tokenizer.context_length=12", "max_steps=8", "save_every=2", "keep_last=2", "eval_every=0",
+        "optim.lr=3e-3", "optim.warmup_steps=2", *extra]
+
+
+def _falls(steps, k=3):
+    losses = [s["loss"] for s in steps]
+    return sum(losses[-k:]) / k < sum(losses[:k]) / k
+
+
+def test_two_ranks_zero2_zero3_and_exact_resume(data, tmp_path):
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    fl3, fr3, clip3 = tmp_path / "flamingo_z3", tmp_path / "frozen_z3", tmp_path / "clip_z3"
+    proc = _launch(tmp_path, "first", [
+        _clip(data, full),
+        _common("flamingo", data, fl3) + [
+            ZERO3, TINY_LM, f"data.train.0.shards={data}/docs-*.tar", f"data.train.1.shards={data}/train-*.tar",
+            "data.train.0.batch_size=4", "data.train.1.batch_size=8", "data.train.1.weight=0.2",
+            "tokenizer.context_length=32", "model.flamingo.num_latents=4", "max_steps=12", "save_every=6",
+            "eval_every=0", "optim.lr=3e-3"],
+        _common("frozen", data, fr3) + [
+            ZERO3, TINY_LM, f"data.train.0.shards={data}/train-*.tar", "data.train.0.batch_size=8",
+            "tokenizer.context_length=16", "max_steps=12", "save_every=0", "eval_every=0", "optim.lr=3e-3"],
+        _clip(data, clip3, ZERO3, "max_steps=6", "save_every=0"),
+    ])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    # ZeRO-2 CLIP: checkpoints kept (last 2), latest, trainable weights.
+    reference = _steps(full)
+    assert [s["step"] for s in reference] == list(range(1, 9)) and _falls(reference)
+    ckpts = sorted(p for p in os.listdir(full / "checkpoints") if p.startswith("step_"))
+    assert ckpts == ["step_00000006", "step_00000008"]
+    assert (full / "checkpoints" / "latest").read_text() == "step_00000008"
+    # ZeRO-3 (frozen weights partitioned too): every task trains and evaluates.
+    for out in (fl3, fr3):
+        assert _falls(_steps(out)), out
+        assert os.path.isfile(out / "trainable.safetensors")
+    assert 0 <= _evals(fl3)[-1]["caption_token_acc"] <= 1 and 0 <= _evals(clip3)[-1]["zero_shot_top1"] <= 1
+    assert len(_steps(clip3)) == 6
+
+    # Killed with SIGKILL right after step 5 (last checkpoint: step 4), then resumed.
+    proc = _launch(tmp_path, "killed", [_clip(data, killed, "testing.sigkill_at_step=5")])
+    assert proc.returncode != 0
+    assert (killed / "checkpoints" / "latest").read_text() == "step_00000004"
+    proc = _launch(tmp_path, "resumed", [_clip(data, killed, "resume=latest")])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    resumed = _steps(killed)
+    assert [s["step"] for s in resumed] == list(range(1, 9))
+    assert [s["loss"] for s in resumed] == [s["loss"] for s in reference]  # bitwise: fp32, same data order
+    assert [s["lr"] for s in resumed] == [s["lr"] for s in reference]

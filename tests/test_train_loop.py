@@ -1,0 +1,149 @@
+"""In-process trainings (one rank, DeepSpeed on gloo) on tiny shapes data: every task learns;
+mixture weights; bad samples counted; non-finite losses skipped, then abort with a checkpoint."""
+
+import io
+import json
+import os
+import tarfile
+from importlib import resources
+
+import pytest
+import torch
+from vlmcore.train import NonFiniteLossError, loop, main, shapes
+from vlmcore.train.tokenizer import Tokenizer, train_word_tokenizer
+
+import vlmcore
+
+CONFIGS = resources.files("vlmcore.train") / "configs"
+TINY_LM = ("model.lm={config: {model_type: llama, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, "
+           "num_attention_heads: 2, num_key_value_heads: 2, max_position_embeddings: 64}}")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("shapes")
+    shapes.make_shapes(str(out), n_train=192, n_eval=48, n_docs=64, image_size=32, shard_size=48, seed=2)
+    train_word_tokenizer(str(out / "captions.txt"), str(out / "tokenizer.json"))
+    # A shard of broken samples, mixed into the training shards of the CLIP run.
+    good = tarfile.open(out / "train-000000.tar")
+    png = good.extractfile(good.getmembers()[0]).read()
+    with tarfile.open(out / "bad-000000.tar", "w") as tar:
+        for key, ext, payload in [("b0", "png", png[:50]), ("b0", "txt", b"a red circle"), ("b1", "png", png),
+                                  ("b2", "txt", b"\xff\xfe")]:
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    return out
+
+
+def _argv(task, data, out_dir, *extra):
+    return ["--config", str(CONFIGS / f"{task}_tiny.yaml"), f"out_dir={out_dir}", "data.shapes=null",
+            f"tokenizer.path={data}/tokenizer.json", "tokenizer.train_from_shapes=false",
+            f"data.eval.shards={data}/eval-000000.tar", "data.eval.batch_size=48", "progress_bar=false",
+            "model.vision={image_size: 16, patch_size: 8, width: 32, depth: 1, heads: 2}", *extra]
+
+
+def _metrics(out_dir):
+    with open(os.path.join(out_dir, "metrics.jsonl"), encoding="utf-8") as f:
+        lines = [json.loads(line) for line in f]
+    return [x for x in lines if "loss" in x], [x for x in lines if "eval" in x]
+
+
+def _falls(steps, k=4):
+    losses = [s["loss"] for s in steps]
+    return sum(losses[-k:]) / k < sum(losses[:k]) / k - 0.05
+
+
+def test_clip_trains_and_counts_bad_samples(data, tmp_path):
+    out = tmp_path / "clip"
+    result = main(_argv("clip", data, out, "max_steps=30", "save_every=0", "eval_every=15",
+                        f"data.train.0.shards=[{data}/bad-000000.tar, '{data}/train-*.tar']",
+                        "data.train.0.batch_size=24", "data.train.0.resampled=false", "data.train.0.shuffle_buffer=0",
+                        "model.text={width: 32, depth: 1, heads: 2}", "model.embed_dim=32",
+                        "tokenizer.context_length=12", "optim.lr=3e-3", "optim.warmup_steps=2"))
+    steps, evals = _metrics(out)
+    assert [s["step"] for s in steps] == list(range(1, 31))
+    for key in ("loss", "lr", "samples_per_s", "tokens_per_s", "grad_norm", "skipped_samples"):
+        assert all(s[key] is not None for s in steps), key
+    # The bad shard (3 broken samples) is read once per epoch; the count is cumulative.
+    skipped = [s["skipped_samples"] for s in steps]
+    assert skipped[-1] >= 3 and skipped[-1] % 3 == 0 and skipped == sorted(skipped)
+    assert steps[0]["samples_per_s"] > 0 and steps[0]["tokens_per_s"] > steps[0]["samples_per_s"]
+    assert _falls(steps)
+    assert [e["step"] for e in evals] == [15, 30] and 0 <= result["zero_shot_top1"] <= 1
+    assert os.path.isfile(out / "trainable.safetensors") and os.path.isfile(out / "vision.safetensors")
+    from safetensors.torch import load_file
+
+    vit = vlmcore.VisionTransformer(16, 8, 32, 1, 2)
+    vit.load_state_dict(load_file(str(out / "vision.safetensors")))  # usable as model.vision.init
+    assert open(out / "checkpoints" / "latest").read() == "step_00000030"
+
+
+def test_flamingo_mixture_trains_with_weighted_losses(data, tmp_path):
+    out = tmp_path / "flamingo"
+    main(_argv("flamingo", data, out, "max_steps=25", "save_every=0", "eval_every=0", TINY_LM,
+               f"data.train.0.shards={data}/docs-*.tar", f"data.train.1.shards={data}/train-*.tar",
+               "data.train.0.batch_size=4", "data.train.1.batch_size=8", "data.train.1.weight=0.2",
+               "tokenizer.context_length=32", "model.flamingo.num_latents=4", "optim.lr=3e-3"))
+    steps, evals = _metrics(out)
+    for s in steps:  # the logged loss is the weighted sum of one batch of each dataset
+        assert s["loss"] == pytest.approx(1.0 * s["loss/docs"] + 0.2 * s["loss/pairs"], rel=1e-5)
+        assert s["samples_per_s"] > 0
+    assert _falls(steps)
+    assert set(evals[-1]["eval"]) >= {"caption_token_acc", "blind_token_acc"}
+
+
+def test_frozen_trains(data, tmp_path):
+    out = tmp_path / "frozen"
+    main(_argv("frozen", data, out, "max_steps=25", "save_every=0", "eval_every=0", TINY_LM,
+               f"data.train.0.shards={data}/train-*.tar", "data.train.0.batch_size=8",
+               "tokenizer.context_length=16", "optim.lr=3e-3"))
+    steps, _ = _metrics(out)
+    assert _falls(steps)
+
+
+def test_mixture_gradient_is_the_weighted_sum(data):
+    tok = Tokenizer(str(data / "tokenizer.json"), 12)
+    torch.manual_seed(0)
+    model = vlmcore.CLIP(16, image_size=16, patch_size=8, vision_width=16, vision_depth=1, vision_heads=2,
+                         vocab_size=tok.vocab_size, context_length=12, text_width=16, text_depth=1, text_heads=2,
+                         pad_token_id=tok.pad_token_id, eot_token_id=tok.eos_token_id)
+    batches = [{"images": torch.randn(6, 3, 16, 16), "tokens": tok([f"a red circle {i}" for i in range(6)])}
+               for _ in range(2)]
+    weights = [1.0, 0.2]
+
+    def grads(loss):
+        model.zero_grad()
+        loss.backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    total, parts = loop.mixture_loss(model, batches, weights, "clip", torch.device("cpu"))
+    combined = grads(total)
+    separate = [grads(loop.mixture_loss(model, [b], [1.0], "clip", torch.device("cpu"))[0]) for b in batches]
+    for g, g0, g1 in zip(combined, *separate):
+        torch.testing.assert_close(g, weights[0] * g0 + weights[1] * g1, rtol=1e-5, atol=1e-6)
+    expected = weights[0] * float(parts[0].detach()) + weights[1] * float(parts[1].detach())
+    assert float(total.detach()) == pytest.approx(expected, rel=1e-6)
+
+
+def test_nonfinite_losses_are_skipped_then_abort(data, tmp_path, monkeypatch):
+    real = loop.tasks.compute_loss
+    calls = {"n": 0}
+    nan_calls = {3} | set(range(6, 100))  # step 3, then every step from 6 on
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if calls["n"] in nan_calls else loss
+
+    monkeypatch.setattr(loop.tasks, "compute_loss", poisoned)
+    out = tmp_path / "nan"
+    with pytest.raises(NonFiniteLossError, match="non-finite for 3 steps in a row"):
+        main(_argv("frozen", data, out, "max_steps=20", "save_every=0", "eval_every=0", TINY_LM,
+                   f"data.train.0.shards={data}/train-*.tar", "data.train.0.batch_size=4",
+                   "tokenizer.context_length=16", "max_nonfinite_steps=3"))
+    steps, _ = _metrics(out)
+    assert [s["step"] for s in steps] == list(range(1, 9))
+    assert [s["nonfinite_steps"] for s in steps] == [0, 0, 1, 1, 1, 2, 3, 4]
+    assert steps[2]["grad_norm"] is None and steps[3]["grad_norm"] is not None  # step 3 skipped, 4 trained
+    assert open(out / "checkpoints" / "latest").read() == "step_00000008"

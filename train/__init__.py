@@ -1,0 +1,11 @@
+"""vlmcore.train: the DeepSpeed ZeRO trainer (CLIP, Flamingo, Frozen), WebDataset data, shapes demo.
+
+``main(argv)`` runs a training in this process (a test or notebook can call it; under a launcher
+every rank calls it); ``vlmcore-train`` / ``python -m vlmcore.train`` is the same from the shell.
+"""
+
+from .cli import main
+from .config import ConfigError, TrainConfig, load_config
+from .loop import NonFiniteLossError, train
+
+__all__ = ["ConfigError", "NonFiniteLossError", "TrainConfig", "load_config", "main", "train"]

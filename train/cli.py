@@ -1,0 +1,41 @@
+"""Command line of the trainer: ``vlmcore-train --config FILE.yaml [key=value ...]``.
+
+Single process: ``vlmcore-train --config clip_tiny.yaml``. Several GPUs or CPU ranks:
+``deepspeed --num_gpus N $(which vlmcore-train) --config ...``; several nodes: add ``--hostfile``.
+Overrides use dotted keys with YAML values: ``max_steps=50 deepspeed.zero_optimization.stage=3``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .config import ConfigError, load_config
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="vlmcore-train", description="vlmcore DeepSpeed trainer")
+    parser.add_argument("--config", required=True, help="YAML file (see vlmcore/train/configs/)")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=-1,
+                        help="set by the deepspeed launcher; LOCAL_RANK from the environment otherwise")
+    parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides (values parsed as YAML)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Validate the config, then train in this process; returns the final evaluation metrics."""
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    cfg = load_config(args.config, args.overrides)
+    from .loop import train
+
+    return train(cfg, args.local_rank)
+
+
+def console_main() -> None:
+    try:
+        main()
+    except ConfigError as e:
+        print(f"vlmcore-train: {e}", file=sys.stderr)
+        sys.exit(2)
+
+

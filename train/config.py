@@ -1,0 +1,522 @@
+"""Training configuration: a typed schema, YAML loading, ``key=value`` overrides, validation.
+
+A run is described by one YAML file (see ``train/configs/``) plus optional command-line
+overrides ``dotted.key=value`` (the value is parsed as YAML: ``max_steps=20``,
+``data.train.0.weight=0.2``, ``deepspeed.zero_optimization.stage=3``).
+
+:func:`load_config` validates everything before any work starts: unknown keys, wrong types and
+impossible values are all collected and raised together as one :class:`ConfigError`. The schema is
+plain dataclasses (no pydantic: the GPU image lacks it). The ``deepspeed`` section is DeepSpeed's
+own config (a mapping, or the path of a JSON file); the trainer fills in the batch sizes and the
+precision and checks the few keys it depends on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Union
+
+import yaml
+
+TASKS = ("clip", "flamingo", "frozen")
+
+
+class ConfigError(ValueError):
+    """Raised with every problem of a configuration, one per line."""
+
+    def __init__(self, problems: list[str], source: str = "config"):
+        self.problems = list(problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"invalid {source} ({len(self.problems)} problem(s)):\n{lines}")
+
+
+# ----------------------------------------------------------------------------------------- schema
+
+
+@dataclass
+class DatasetConfig:
+    """One training dataset (WebDataset shards) of the mixture."""
+
+    shards: Union[str, list]  # brace pattern "dir/train-{000..007}.tar" or a list of paths/patterns
+    name: str = ""  # for logging; defaults to "kind<index>"
+    kind: Literal["pairs", "interleaved"] = "pairs"
+    weight: float = 1.0  # loss weight in the mixture (Flamingo: M3W 1.0, ALIGN 0.2, LTIP 0.2, VTP 0.03)
+    batch_size: int = 8  # per rank
+    max_images: int = 3  # interleaved: images kept per document (the rest are dropped)
+    shuffle_buffer: int = 256
+    resampled: bool = True  # shards drawn with replacement per rank/worker (webdataset "resampled")
+
+    def check(self, where: str) -> list[str]:
+        out = []
+        if isinstance(self.shards, list) and (not self.shards or not all(isinstance(s, str) for s in self.shards)):
+            out.append(f"{where}.shards: must be a pattern string or a non-empty list of strings")
+        if isinstance(self.shards, str) and not self.shards:
+            out.append(f"{where}.shards: must not be empty")
+        if not self.weight > 0:
+            out.append(f"{where}.weight: must be > 0, got {self.weight}")
+        if self.batch_size < 1:
+            out.append(f"{where}.batch_size: must be >= 1, got {self.batch_size}")
+        if self.max_images < 1:
+            out.append(f"{where}.max_images: must be >= 1, got {self.max_images}")
+        if self.shuffle_buffer < 0:
+            out.append(f"{where}.shuffle_buffer: must be >= 0, got {self.shuffle_buffer}")
+        return out
+
+
+@dataclass
+class EvalConfig:
+    """Held-out image-text pairs used for evaluation every ``eval_every`` steps and at the end."""
+
+    shards: Union[str, list]
+    batch_size: int = 64
+    max_batches: int = 0  # 0 = the whole split
+    classes: str = ""  # JSON file with {"classnames": [...], "templates": [...]} (CLIP zero-shot)
+
+    def check(self, where: str) -> list[str]:
+        out = []
+        if self.batch_size < 1:
+            out.append(f"{where}.batch_size: must be >= 1, got {self.batch_size}")
+        if self.max_batches < 0:
+            out.append(f"{where}.max_batches: must be >= 0, got {self.max_batches}")
+        return out
+
+
+@dataclass
+class ShapesConfig:
+    """Generate the embedded shapes dataset into ``dir`` when its shards are missing."""
+
+    dir: str
+    n_train: int = 4000
+    n_eval: int = 480
+    n_docs: int = 1000
+    image_size: int = 64
+    shard_size: int = 1000
+    seed: int = 0
+
+    def check(self, where: str) -> list[str]:
+        out = []
+        for name in ("n_train", "n_eval", "n_docs", "shard_size"):
+            if getattr(self, name) < 1:
+                out.append(f"{where}.{name}: must be >= 1, got {getattr(self, name)}")
+        if self.image_size < 16:
+            out.append(f"{where}.image_size: must be >= 16, got {self.image_size}")
+        return out
+
+
+@dataclass
+class DataConfig:
+    train: list[DatasetConfig]
+    eval: Union[EvalConfig, None] = None
+    num_workers: int = 0  # DataLoader workers per dataset and rank
+    shapes: Union[ShapesConfig, None] = None
+
+    def check(self, where: str) -> list[str]:
+        out = []
+        if not self.train:
+            out.append(f"{where}.train: needs at least one dataset")
+        if self.num_workers < 0:
+            out.append(f"{where}.num_workers: must be >= 0, got {self.num_workers}")
+        names = [d.name for d in self.train if d.name]
+        if len(names) != len(set(names)):
+            out.append(f"{where}.train: dataset names must be unique, got {names}")
+        return out
+
+
+@dataclass
+class TokenizerConfig:
+    """A ``tokenizers`` JSON file or a local Hugging Face tokenizer directory."""
+
+    path: str
+    context_length: int = 32
+    train_from_shapes: bool = False  # train a small word-level tokenizer on the shapes captions if missing
+
+    def check(self, where: str) -> list[str]:
+        return [] if self.context_length >= 4 else [f"{where}.context_length: must be >= 4, got {self.context_length}"]
+
+
+@dataclass
+class VisionConfig:
+    image_size: int = 32
+    patch_size: int = 8
+    width: int = 64
+    depth: int = 2
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    init: str = ""  # safetensors file with VisionTransformer weights (e.g. vision.safetensors of a CLIP run)
+    freeze: bool = False  # flamingo/frozen: the vision encoder is frozen (as in the papers) when True
+
+    def check(self, where: str) -> list[str]:
+        out = []
+        for name in ("image_size", "patch_size", "width", "depth", "heads"):
+            if getattr(self, name) < 1:
+                out.append(f"{where}.{name}: must be >= 1, got {getattr(self, name)}")
+        if self.patch_size >= 1 and self.image_size % self.patch_size:
+            out.append(f"{where}.image_size: {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        if self.heads >= 1 and self.width % self.heads:
+            out.append(f"{where}.width: {self.width} is not divisible by heads {self.heads}")
+        if not self.mlp_ratio > 0:
+            out.append(f"{where}.mlp_ratio: must be > 0, got {self.mlp_ratio}")
+        return out
+
+
+@dataclass
+class TextConfig:
+    """CLIP's text tower (its context length is ``tokenizer.context_length``)."""
+
+    width: int = 64
+    depth: int = 2
+    heads: int = 4
+
+    def check(self, where: str) -> list[str]:
+        out = [f"{where}.{n}: must be >= 1, got {getattr(self, n)}" for n in ("width", "depth", "heads")
+               if getattr(self, n) < 1]
+        if self.heads >= 1 and self.width % self.heads:
+            out.append(f"{where}.width: {self.width} is not divisible by heads {self.heads}")
+        return out
+
+
+@dataclass
+class LMConfig:
+    """The frozen language model: a local HF directory (``path``) or a config built with random weights."""
+
+    path: str = ""
+    config: dict = field(default_factory=dict)  # e.g. {model_type: llama, hidden_size: 64, ...}
+
+    def check(self, where: str) -> list[str]:
+        if bool(self.path) == bool(self.config):
+            return [f"{where}: give exactly one of 'path' (local HF model dir) or 'config' (random init)"]
+        if self.config and "model_type" not in self.config:
+            return [f"{where}.config: needs 'model_type' (e.g. llama, gpt2)"]
+        return []
+
+
+@dataclass
+class FlamingoConfig:
+    cross_attn_every_n_layers: int = 1
+    num_latents: int = 8
+    resampler_depth: int = 1
+    dim_head: int = 16
+    heads: int = 4
+    ff_mult: int = 2
+    only_attend_immediate_media: bool = True
+    train_new_token_embeddings: bool = False
+
+    def check(self, where: str) -> list[str]:
+        return [f"{where}.{f.name}: must be >= 1, got {getattr(self, f.name)}"
+                for f in dataclasses.fields(self) if f.type == "int" and getattr(self, f.name) < 1]
+
+
+@dataclass
+class FrozenConfig:
+    num_prefix_tokens: int = 2
+
+    def check(self, where: str) -> list[str]:
+        n = self.num_prefix_tokens
+        return [] if n >= 1 else [f"{where}.num_prefix_tokens: must be >= 1, got {n}"]
+
+
+@dataclass
+class ModelConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)  # clip
+    embed_dim: int = 64  # clip
+    init_temperature: float = 0.07  # clip
+    max_logit_scale: float = 100.0  # clip
+    lm: Union[LMConfig, None] = None  # flamingo / frozen
+    flamingo: FlamingoConfig = field(default_factory=FlamingoConfig)
+    frozen: FrozenConfig = field(default_factory=FrozenConfig)
+    gradient_checkpointing: bool = False
+
+    def check(self, where: str) -> list[str]:
+        out = []
+        if self.embed_dim < 1:
+            out.append(f"{where}.embed_dim: must be >= 1, got {self.embed_dim}")
+        if not self.init_temperature > 0:
+            out.append(f"{where}.init_temperature: must be > 0, got {self.init_temperature}")
+        if not self.max_logit_scale > 0:
+            out.append(f"{where}.max_logit_scale: must be > 0, got {self.max_logit_scale}")
+        return out
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    betas: list = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-6
+    warmup_steps: int = 0
+    schedule: Literal["cosine", "constant"] = "cosine"
+    min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio at max_steps
+
+    def check(self, where: str) -> list[str]:
+        out = []
+        if not self.lr > 0:
+            out.append(f"{where}.lr: must be > 0, got {self.lr}")
+        if self.weight_decay < 0:
+            out.append(f"{where}.weight_decay: must be >= 0, got {self.weight_decay}")
+        if len(self.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.betas):
+            out.append(f"{where}.betas: must be two numbers in [0, 1), got {self.betas}")
+        if not self.eps > 0:
+            out.append(f"{where}.eps: must be > 0, got {self.eps}")
+        if self.warmup_steps < 0:
+            out.append(f"{where}.warmup_steps: must be >= 0, got {self.warmup_steps}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            out.append(f"{where}.min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
+        return out
+
+
+@dataclass
+class TestingConfig:
+    """Fault injection used by the test suite."""
+
+    sigkill_at_step: int = 0  # rank 0 kills itself with SIGKILL right after this step (0 = never)
+
+    def check(self, where: str) -> list[str]:
+        n = self.sigkill_at_step
+        return [] if n >= 0 else [f"{where}.sigkill_at_step: must be >= 0, got {n}"]
+
+
+@dataclass
+class TrainConfig:
+    task: Literal["clip", "flamingo", "frozen"]
+    out_dir: str
+    max_steps: int
+    data: DataConfig
+    tokenizer: TokenizerConfig
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    deepspeed: Union[dict, str] = field(default_factory=dict)  # DeepSpeed's own keys, or a JSON path
+    save_every: int = 0  # 0 = only at the end
+    keep_last: int = 2
+    eval_every: int = 0  # 0 = only at the end (when data.eval is set)
+    log_every: int = 1
+    seed: int = 0
+    resume: Union[str, None] = None  # "latest" or a checkpoint tag ("step_00000040")
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    max_nonfinite_steps: int = 5  # this many non-finite losses in a row abort the run
+    progress_bar: bool = True
+    testing: TestingConfig = field(default_factory=TestingConfig)
+
+    def check(self, where: str) -> list[str]:
+        out = []
+        if self.max_steps < 1:
+            out.append(f"max_steps: must be >= 1, got {self.max_steps}")
+        for name in ("save_every", "eval_every"):
+            if getattr(self, name) < 0:
+                out.append(f"{name}: must be >= 0, got {getattr(self, name)}")
+        for name in ("keep_last", "log_every", "max_nonfinite_steps"):
+            if getattr(self, name) < 1:
+                out.append(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if not self.out_dir:
+            out.append("out_dir: must not be empty")
+        if self.task in ("flamingo", "frozen") and self.model.lm is None:
+            out.append(f"model.lm: task {self.task!r} needs a language model (model.lm.path or model.lm.config)")
+        if self.task in ("clip", "frozen") and any(d.kind != "pairs" for d in self.data.train):
+            out.append(f"data.train: task {self.task!r} trains on image-text pairs only (kind: pairs)")
+        if self.task == "clip" and len(self.data.train) != 1:
+            out.append("data.train: task 'clip' takes exactly one dataset")
+        out += _check_deepspeed(self.deepspeed)
+        return out
+
+
+def _check_deepspeed(ds) -> list[str]:
+    if isinstance(ds, str):
+        if not os.path.isfile(ds):
+            return [f"deepspeed: JSON file {ds!r} does not exist"]
+        return []
+    out = []
+    zero = ds.get("zero_optimization", {})
+    if not isinstance(zero, dict):
+        out.append("deepspeed.zero_optimization: must be a mapping")
+    elif zero.get("stage", 0) not in (0, 1, 2, 3):
+        out.append(f"deepspeed.zero_optimization.stage: must be 0, 1, 2 or 3, got {zero.get('stage')!r}")
+    if ds.get("fp16", {}).get("enabled", False):
+        out.append("deepspeed.fp16: not supported (use precision: bf16 on GPU, fp32 on CPU)")
+    for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
+        if key in ds:
+            out.append(f"deepspeed.{key}: set by the trainer from data.train[*].batch_size; remove it")
+    if "gradient_clipping" in ds and not (isinstance(ds["gradient_clipping"], (int, float))
+                                           and ds["gradient_clipping"] >= 0):
+        out.append(f"deepspeed.gradient_clipping: must be a number >= 0, got {ds['gradient_clipping']!r}")
+    return out
+
+
+# ------------------------------------------------------------------------------- generic loader
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(value, tp, where: str, errors: list[str]):
+    """Check ``value`` against the annotation ``tp``; returns the converted value (or None on error)."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        for option in options:
+            if option is type(None):
+                continue
+            trial: list[str] = []
+            converted = _convert(value, option, where, trial)
+            if not trial:
+                return converted
+        names = " or ".join("null" if o is type(None) else _type_name(o) for o in options)
+        errors.append(f"{where}: expected {names}, got {type(value).__name__} {value!r}")
+        return None
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            errors.append(f"{where}: must be one of {list(allowed)}, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, where, errors)
+    if origin is list:
+        if not isinstance(value, list):
+            errors.append(f"{where}: expected a list, got {type(value).__name__} {value!r}")
+            return None
+        (item,) = typing.get_args(tp)
+        return [_convert(v, item, f"{where}.{i}", errors) for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            errors.append(f"{where}: expected true/false, got {type(value).__name__} {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            errors.append(f"{where}: expected an integer, got {type(value).__name__} {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # PyYAML reads "3e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            errors.append(f"{where}: expected a number, got {type(value).__name__} {value!r}")
+            return value
+        return float(value)
+    if tp in (str, dict, list):
+        if not isinstance(value, tp):
+            errors.append(f"{where}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+        return value
+    raise TypeError(f"unsupported annotation {tp!r} at {where}")
+
+
+def _build(cls, raw, where: str, errors: list[str]):
+    prefix = f"{where}." if where else ""
+    if not isinstance(raw, dict):
+        errors.append(f"{where or 'config'}: expected a mapping, got {type(raw).__name__} {raw!r}")
+        return None
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    for key in unknown:
+        errors.append(f"{prefix}{key}: unknown key (allowed: {', '.join(fields)})")
+    kwargs = {}
+    for name, f in fields.items():
+        if name in raw:
+            kwargs[name] = _convert(raw[name], hints[name], prefix + name, errors)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            errors.append(f"{prefix}{name}: required key is missing")
+    try:
+        obj = cls(**kwargs)
+    except TypeError:  # a required key was missing: already reported above
+        return None
+    return obj
+
+
+def _walk_checks(obj, where: str) -> list[str]:
+    """Run ``check(where)`` on every dataclass in the tree (value constraints)."""
+    out = []
+    if dataclasses.is_dataclass(obj):
+        if hasattr(obj, "check"):
+            try:
+                out += obj.check(where)
+            except (TypeError, AttributeError):  # a field of the wrong type: already reported
+                pass
+        for f in dataclasses.fields(obj):
+            out += _walk_checks(getattr(obj, f.name), f"{where}.{f.name}" if where else f.name)
+    elif isinstance(obj, list):
+        for i, item in enumerate(obj):
+            out += _walk_checks(item, f"{where}.{i}")
+    return out
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply ``dotted.key=value`` strings (values parsed as YAML) to a nested dict/list tree."""
+    problems = []
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            problems.append(f"override {item!r}: expected key=value")
+            continue
+        value = yaml.safe_load(text) if text else ""
+        node = raw
+        parts = key.split(".")
+        try:
+            for part in parts[:-1]:
+                if isinstance(node, list):
+                    node = node[int(part)]
+                else:
+                    node = node.setdefault(part, {})
+            last = parts[-1]
+            if isinstance(node, list):
+                node[int(last)] = value
+            elif isinstance(node, dict):
+                node[last] = value
+            else:
+                raise TypeError
+        except (ValueError, IndexError, TypeError):
+            problems.append(f"override {item!r}: {key!r} does not name a place in the config")
+    if problems:
+        raise ConfigError(problems, "overrides")
+    return raw
+
+
+def parse_config(raw: dict, source: str = "config") -> TrainConfig:
+    """Build and validate a :class:`TrainConfig` from a plain mapping; raises :class:`ConfigError`."""
+    errors: list[str] = []
+    cfg = _build(TrainConfig, raw, "", errors)
+    if cfg is not None:
+        errors += _walk_checks(cfg, "")
+    if errors:
+        raise ConfigError(errors, source)
+    return cfg
+
+
+def load_config(path: str | None, overrides: list[str] = ()) -> TrainConfig:
+    """Read a YAML file (or start from ``{}``), apply overrides, validate. Raises :class:`ConfigError`."""
+    raw: Any = {}
+    if path is not None:
+        if not os.path.isfile(path):
+            raise ConfigError([f"config file {path!r} does not exist"])
+        with open(path, encoding="utf-8") as f:
+            try:
+                raw = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:
+                raise ConfigError([f"{path}: not valid YAML: {e}"]) from None
+    raw = apply_overrides(raw, list(overrides))
+    return parse_config(raw, source=path or "config")
+
+
+def deepspeed_dict(cfg: TrainConfig) -> dict:
+    """The DeepSpeed config as a mapping (a copy; JSON file read if a path was given)."""
+    if isinstance(cfg.deepspeed, str):
+        with open(cfg.deepspeed, encoding="utf-8") as f:
+            ds = json.load(f)
+        problems = _check_deepspeed(ds)
+        if problems:
+            raise ConfigError(problems, cfg.deepspeed)
+        return ds
+    return json.loads(json.dumps(cfg.deepspeed))
+
+
+def to_dict(cfg: TrainConfig) -> dict:
+    """The resolved configuration as plain data (written to ``<out_dir>/config.yaml``)."""
+    return dataclasses.asdict(cfg)

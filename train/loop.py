@@ -1,0 +1,268 @@
+"""The training loop: DeepSpeed engine set-up, the mixture step, logging, evaluation, checkpoints.
+
+One step = one batch from *every* training dataset; the loss is ``sum_i weight_i * loss_i``
+(Flamingo's accumulation over M3W / ALIGN / LTIP / VTP: the weighted gradients of all datasets
+are summed before the update, not round-robin), then one optimizer step. The optimizer sees the
+trainable parameters only (frozen LM / vision tower excluded).
+
+A non-finite loss (on any rank) skips the update and is counted; ``max_nonfinite_steps`` in a row
+save a checkpoint and abort with a :class:`NonFiniteLossError`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import signal
+import time
+
+import numpy as np
+import torch
+
+from . import checkpoint, distributed, shapes, tasks
+from .config import TrainConfig, deepspeed_dict, to_dict
+from .data import DataStream, ShardStream, batch_tokens, expand_shards
+from .metrics import MetricsLogger
+from .tokenizer import Tokenizer, train_word_tokenizer
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised after ``max_nonfinite_steps`` consecutive non-finite losses."""
+
+
+def lr_lambda(cfg: TrainConfig):
+    """Multiplier of the base lr at scheduler step s: linear warmup, then cosine to ``min_lr_ratio``."""
+    o = cfg.optim
+
+    def factor(step: int) -> float:
+        if step < o.warmup_steps:
+            return (step + 1) / o.warmup_steps
+        if o.schedule == "constant":
+            return 1.0
+        span = max(1, cfg.max_steps - o.warmup_steps)
+        progress = min(1.0, (step - o.warmup_steps) / span)
+        return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters; no weight decay on biases, norms, embeddings' 1-D params, scales."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    if not decay and not no_decay:
+        raise ValueError("the model has no trainable parameters")
+    groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    o = cfg.optim
+    return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=device.type == "cuda")
+
+
+def promote_scalar_parameters(model: torch.nn.Module) -> list[str]:
+    """Reshape 0-dim parameters (CLIP's temperature) to ``[1]``, in place; returns their names.
+
+    DeepSpeed 0.19.8 broadcasts parameters as ``p.data.view(torch.uint8)``, which fails on 0-dim
+    tensors. Every vlmcore consumer of such a scalar accepts a one-element tensor.
+    """
+    names = []
+    for name, p in model.named_parameters():
+        if p.dim() == 0:
+            p.data = p.data.reshape(1)
+            names.append(name)
+    return names
+
+
+def build_ds_config(cfg: TrainConfig, precision: str) -> dict:
+    ds = deepspeed_dict(cfg)
+    ds["train_micro_batch_size_per_gpu"] = cfg.data.train[0].batch_size
+    ds["gradient_accumulation_steps"] = 1
+    ds.setdefault("steps_per_print", 10**9)
+    ds.setdefault("wall_clock_breakdown", False)
+    ds.setdefault("zero_allow_untested_optimizer", True)
+    ds.setdefault("zero_optimization", {"stage": 0})
+    if precision == "bf16":
+        ds["bf16"] = {**ds.get("bf16", {}), "enabled": True}
+    return ds
+
+
+def resolve_precision(cfg: TrainConfig, device: torch.device) -> str:
+    if cfg.precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    if cfg.precision == "bf16" and device.type != "cuda":
+        raise ValueError("precision: bf16 needs a CUDA device (on CPU, training runs in fp32)")
+    return cfg.precision
+
+
+def prepare_inputs(cfg: TrainConfig, info: distributed.DistInfo) -> Tokenizer:
+    """Generate the shapes data and train the tokenizer if asked and missing (rank 0), then load it."""
+    if info.is_main:
+        s = cfg.data.shapes
+        if s is not None and not shapes.is_complete(s.dir):
+            shapes.make_shapes(s.dir, s.n_train, s.n_eval, s.n_docs, s.image_size, s.shard_size, s.seed)
+        t = cfg.tokenizer
+        if t.train_from_shapes and not os.path.exists(t.path):
+            if s is None:
+                raise ValueError("tokenizer.train_from_shapes needs data.shapes")
+            train_word_tokenizer(os.path.join(s.dir, "captions.txt"), t.path)
+    distributed.barrier()
+    return Tokenizer(cfg.tokenizer.path, cfg.tokenizer.context_length)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def mixture_loss(model, batches: list[dict], weights: list[float], task: str, device, group=None):
+    """``(sum_i w_i * loss_i, [loss_i])`` over one batch of every dataset (one graph, one backward)."""
+    losses = [tasks.compute_loss(model, b, task, device, group) for b in batches]
+    total = sum(w * loss for w, loss in zip(weights, losses))
+    return total, losses
+
+
+def _streams(cfg: TrainConfig, tok: Tokenizer, info: distributed.DistInfo) -> list[DataStream]:
+    out = []
+    for i, d in enumerate(cfg.data.train):
+        encoder = tasks.encoder_for(cfg, tok, d.kind, d.max_images)
+        dataset = ShardStream(
+            expand_shards(d.shards), encoder, d.batch_size, seed=cfg.seed * 1000 + i, rank=info.rank,
+            world_size=info.world_size, num_workers=cfg.data.num_workers, shuffle_buffer=d.shuffle_buffer,
+            resampled=d.resampled)
+        out.append(DataStream(d.name or f"{d.kind}{i}", dataset, cfg.data.num_workers, d.weight))
+    return out
+
+
+def train(cfg: TrainConfig, local_rank: int | None = None) -> dict:
+    """Run (or resume) a training described by ``cfg``; returns the last evaluation (empty if none)."""
+    import deepspeed
+
+    info = distributed.init(local_rank)
+    precision = resolve_precision(cfg, info.device)
+    seed_everything(cfg.seed + info.rank)
+    tok = prepare_inputs(cfg, info)
+    for d in cfg.data.train:
+        expand_shards(d.shards)
+    if cfg.data.eval is not None:
+        expand_shards(cfg.data.eval.shards)
+
+    model = tasks.build_model(cfg, tok)
+    promote_scalar_parameters(model)
+    ds_config = build_ds_config(cfg, precision)
+    zero_stage = int(ds_config["zero_optimization"].get("stage", 0))
+    if zero_stage == 3 and cfg.task == "clip":
+        # CLIP's forward reads the temperature of its criterion submodule directly.
+        deepspeed.zero.register_external_parameter(model, model.criterion.logit_scale)
+    optimizer = None if "optimizer" in ds_config else build_optimizer(model, cfg, info.device)
+    scheduler = None if "scheduler" in ds_config else (
+        lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable, optimizer=optimizer,
+                                           lr_scheduler=scheduler, config=ds_config, dist_init_required=False)
+    module = engine.module
+    group = distributed.data_parallel_group()
+    streams = _streams(cfg, tok, info)
+    weights = [d.weight for d in cfg.data.train]
+
+    ckpt_dir = os.path.join(cfg.out_dir, "checkpoints")
+    start_step, nonfinite_total = 0, 0
+    resume_tag = checkpoint.resolve_tag(ckpt_dir, cfg.resume) if cfg.resume else None
+    restored_rng = None
+    if resume_tag is not None:
+        state = checkpoint.load(engine, ckpt_dir, resume_tag, info.rank)
+        start_step, nonfinite_total = state["step"], state["nonfinite_steps"]
+        for stream in streams:
+            stream.load_state_dict(state["data"][stream.name])
+        restored_rng = state["rng"]
+    if info.is_main:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        with open(os.path.join(cfg.out_dir, "config.json"), "w", encoding="utf-8") as f:
+            json.dump(to_dict(cfg), f, indent=1)
+    log = MetricsLogger(cfg.out_dir, info.is_main, cfg.max_steps, start_step, cfg.progress_bar and info.is_main,
+                        resume_step=start_step if resume_tag is not None else None)
+    if resume_tag is not None:
+        log.message(f"resumed from {resume_tag} (step {start_step})")
+    if restored_rng is not None:
+        checkpoint.set_rng_state(restored_rng)
+
+    def trainer_state(step: int) -> dict:
+        return {"step": step, "nonfinite_steps": nonfinite_total, "rng": checkpoint.rng_state(),
+                "data": {s.name: s.state_dict() for s in streams}}
+
+    def save(step: int) -> None:
+        checkpoint.save(engine, ckpt_dir, step, trainer_state(step), cfg.keep_last, info.rank)
+
+    def run_eval(step: int) -> dict:
+        results = tasks.evaluate(module, cfg, tok, info, zero_stage)
+        log.log_eval(step, results)
+        return results
+
+    last_eval: dict = {}
+    streak = 0
+    engine.train()
+    step = start_step
+    while step < cfg.max_steps:
+        step += 1
+        started = time.perf_counter()
+        batches = [next(s) for s in streams]
+        total, losses = mixture_loss(engine, batches, weights, cfg.task, info.device, group)
+        finite = bool(torch.isfinite(total.detach()))
+        samples = sum(next(iter(b.values())).shape[0] for b in batches)
+        tokens = sum(batch_tokens(b) for b in batches)
+        skipped = sum(s.skipped for s in streams)
+        reduced = distributed.all_reduce_sum(
+            [0.0 if finite else 1.0, float(total.detach()) if finite else 0.0, samples, tokens, skipped]
+            + [float(x.detach()) if finite else 0.0 for x in losses], info.device)
+        bad_ranks = reduced[0]
+        grad_norm, lr = None, engine.get_lr()[0]
+        if bad_ranks == 0:
+            engine.backward(total)
+            engine.step()
+            norm = engine.get_global_grad_norm()
+            grad_norm = float(norm) if norm is not None else None
+            streak = 0
+        else:
+            nonfinite_total += 1
+            streak += 1
+        elapsed = time.perf_counter() - started
+        world = info.world_size
+        record = {
+            "step": step,
+            "loss": reduced[1] / world if bad_ranks == 0 else float("nan"),
+            "lr": lr,
+            "samples_per_s": reduced[2] / elapsed,
+            "tokens_per_s": reduced[3] / elapsed,
+            "grad_norm": grad_norm,
+            "skipped_samples": int(reduced[4]),
+            "nonfinite_steps": nonfinite_total,
+        }
+        if len(streams) > 1 and bad_ranks == 0:
+            record.update({f"loss/{s.name}": v / world for s, v in zip(streams, reduced[5:])})
+        if step % cfg.log_every == 0 or step == cfg.max_steps or bad_ranks:
+            log.log_step(record)
+        if streak >= cfg.max_nonfinite_steps:
+            save(step)
+            log.close()
+            raise NonFiniteLossError(
+                f"loss was non-finite for {streak} steps in a row (up to step {step}; max_nonfinite_steps="
+                f"{cfg.max_nonfinite_steps}). Checkpoint {checkpoint.tag_for(step)} saved in {ckpt_dir}. "
+                "Lower optim.lr, check the data, or raise max_nonfinite_steps.")
+        if cfg.data.eval is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
+            last_eval = run_eval(step)
+        if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.max_steps:
+            save(step)
+        if cfg.testing.sigkill_at_step and step == cfg.testing.sigkill_at_step and info.is_main:
+            os.kill(os.getpid(), signal.SIGKILL)
+    if cfg.data.eval is not None:
+        last_eval = run_eval(step)
+    for filename, (names, prefix) in tasks.export_names(module, cfg.task).items():
+        checkpoint.export_safetensors(module, names, os.path.join(cfg.out_dir, filename), zero_stage, prefix)
+    if info.is_main and last_eval:
+        with open(os.path.join(cfg.out_dir, "eval.json"), "w", encoding="utf-8") as f:
+            json.dump({"step": step, **last_eval}, f, indent=1)
+    log.close()
+    return last_eval

@@ -1,0 +1,90 @@
+"""Rank-0 logging: ``<out_dir>/metrics.jsonl``, a tqdm progress bar, TensorBoard when installed.
+
+One JSON object per line: training steps (``{"step", "loss", "lr", "samples_per_s",
+"tokens_per_s", "grad_norm", "skipped_samples", ...}``) and evaluations (``{"step", "eval": {...}}``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+
+class MetricsLogger:
+    """Writes metrics on the main rank only; a no-op object on the others.
+
+    ``resume_step``: when resuming, lines of steps after it (logged by the interrupted run after
+    its last checkpoint) are dropped so the file reads as one uninterrupted run.
+    """
+
+    def __init__(self, out_dir: str, enabled: bool, total_steps: int, start_step: int = 0,
+                 progress_bar: bool = True, resume_step: int | None = None):
+        self.enabled = enabled
+        self.path = os.path.join(out_dir, "metrics.jsonl")
+        self._bar = self._tb = None
+        if not enabled:
+            return
+        os.makedirs(out_dir, exist_ok=True)
+        if resume_step is not None and os.path.exists(self.path):
+            with open(self.path, encoding="utf-8") as f:
+                kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            with open(self.path + ".tmp", "w", encoding="utf-8") as f:
+                f.writelines(kept)
+            os.replace(self.path + ".tmp", self.path)
+        elif resume_step is None and os.path.exists(self.path):
+            os.remove(self.path)
+        if progress_bar:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(os.path.join(out_dir, "tensorboard"))
+        except ImportError:  # tensorboard is optional
+            self._tb = None
+
+    def _write(self, record: dict) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record, allow_nan=True) + "\n")
+
+    def log_step(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self._write(record)
+        if self._bar is not None:
+            self._bar.update(1)
+            loss = record.get("loss")
+            self._bar.set_postfix(loss=f"{loss:.4f}" if isinstance(loss, float) and math.isfinite(loss) else loss,
+                                  lr=f"{record.get('lr', 0):.2e}")
+        if self._tb is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self._tb.add_scalar(f"train/{key}", value, record["step"])
+
+    def log_eval(self, step: int, results: dict) -> None:
+        if not self.enabled:
+            return
+        self._write({"step": step, "eval": results})
+        if self._bar is not None:
+            self._bar.write(f"[eval step {step}] " + ", ".join(f"{k}={v:.4f}" for k, v in results.items()
+                                                                  if isinstance(v, float)))
+        if self._tb is not None:
+            for key, value in results.items():
+                if isinstance(value, (int, float)):
+                    self._tb.add_scalar(f"eval/{key}", value, step)
+
+    def message(self, text: str) -> None:
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        if self._tb is not None:
+            self._tb.close()

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from vlmcore.kernels import backend
 
-from .harness import RunContext, first_line, free_memory, is_oom, time_call
+from .harness import RunContext, first_line, free_memory, is_oom, synchronize, time_call
 from .results import dtype_name
 
 OP_FLAMINGO, OP_CLIP = "e2e_flamingo", "e2e_clip"
@@ -138,14 +138,18 @@ def make_step(model: nn.Module, loss_fn, inputs: dict, device: torch.device):
     return step
 
 
-def _total_peak_mib(step, device: torch.device) -> float:
-    if device.type != "cuda":
-        return math.nan
-    torch.cuda.synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
+def _probe_step(step, device: torch.device) -> tuple[float, float]:
+    """One timed step: ``(total CUDA memory allocated at its peak in MiB (NaN on CPU), wall ms)``."""
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
     step()
-    torch.cuda.synchronize(device)
-    return torch.cuda.max_memory_allocated(device) / 2**20
+    if cuda:
+        torch.cuda.synchronize(device)
+    wall_ms = (time.perf_counter() - start) * 1e3
+    return (torch.cuda.max_memory_allocated(device) / 2**20 if cuda else math.nan), wall_ms
 
 
 def _fits(model, loss_fn, make_inputs, batch: int, device: torch.device) -> bool:
@@ -154,7 +158,7 @@ def _fits(model, loss_fn, make_inputs, batch: int, device: torch.device) -> bool
         inputs = make_inputs(batch)
         step = make_step(model, loss_fn, inputs, device)
         step()
-        torch.cuda.synchronize(device)
+        synchronize(device)
         return True
     except Exception as error:
         if is_oom(error):
@@ -217,8 +221,8 @@ def _run_model(op: str, unit_name: str, build, make_batch, loss_fn, cfg: dict, i
                 inputs = make_batch(cfg, cfg["batch"], ctx.device, ctx.dtype)
                 step = make_step(model, loss_fn, inputs, ctx.device)
                 step()  # warm-up: compile, autotune, optimizer state
-                peak = _total_peak_mib(step, ctx.device)
-                (p50, p20, p80), how = time_call(step, [], ctx)
+                peak, probe = _probe_step(step, ctx.device)
+                (p50, p20, p80), how = time_call(step, [], ctx, probe)
             fields = dict(ms_p50=p50, ms_p20=p20, ms_p80=p80, peak_mib=peak,
                           throughput=cfg["batch"] * items_per_sample / (p50 / 1e3), unit=unit_name,
                           notes=f"{how}; peak = total allocated (weights, optimizer, activations)")

@@ -168,7 +168,9 @@ if [ "$DRY_RUN" = 1 ]; then
     skip tests_gpu "dry run"
     skip tests_kernels_interpreter "dry run"
 else
-    step tests_gpu 150 260 "$PY" -m pytest -m gpu tests -q
+    # --continue-on-collection-errors: a test module importing a package this image lacks
+    # (deepspeed without the wheels) must not stop the GPU tests of the others.
+    step tests_gpu 150 260 "$PY" -m pytest -m gpu tests -q --continue-on-collection-errors
     if [ -z "$KERNEL_TESTS" ]; then
         skip tests_kernels_interpreter "no kernel test files found"
     elif "$PY" -c "import numpy, sys; sys.exit(0 if tuple(map(int, numpy.__version__.split('.')[:2])) < (2, 4) else 1)"; then

@@ -162,10 +162,15 @@ def _wall_ms(call: Callable[[], object], device: torch.device) -> float:
     return (time.perf_counter() - start) * 1e3
 
 
-def time_call(call: Callable[[], object], leaves: list[torch.Tensor], ctx: RunContext) -> tuple[list[float], str]:
-    """``[p50, p20, p80]`` milliseconds of ``call`` (already warmed up), and a note on how they were taken."""
-    probe = _wall_ms(call, ctx.device)
-    _clear_grads(leaves)
+def time_call(call: Callable[[], object], leaves: list[torch.Tensor], ctx: RunContext,
+              probe: float | None = None) -> tuple[list[float], str]:
+    """``[p50, p20, p80]`` milliseconds of ``call`` (already warmed up), and a note on how they were taken.
+
+    ``probe``: the wall time of one call already made (see :func:`probe_call`); taken here if None.
+    """
+    if probe is None:
+        probe = _wall_ms(call, ctx.device)
+        _clear_grads(leaves)
     if probe > ctx.slow_ms:
         return [probe] * 3, f"one timed run after warm-up ({probe:.0f} ms > {ctx.slow_ms:.0f} ms)"
     if ctx.cuda:
@@ -184,20 +189,22 @@ def time_call(call: Callable[[], object], leaves: list[torch.Tensor], ctx: RunCo
     return quantiles.tolist(), f"perf_counter loop, {len(times)} calls"
 
 
-def peak_mib(call: Callable[[], object], leaves: list[torch.Tensor], device: torch.device) -> float:
-    """Extra CUDA memory allocated during one ``call``, MiB (NaN on CPU)."""
-    if device.type != "cuda":
-        return math.nan
+def probe_call(call: Callable[[], object], leaves: list[torch.Tensor], device: torch.device) -> tuple[float, float]:
+    """One timed ``call``: ``(extra CUDA memory allocated during it in MiB (NaN on CPU), wall ms)``."""
     _clear_grads(leaves)
     gc.collect()
-    torch.cuda.synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    before = torch.cuda.memory_allocated(device)
+    synchronize(device)
+    before = 0
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+    start = time.perf_counter()
     call()
-    torch.cuda.synchronize(device)
-    peak = torch.cuda.max_memory_allocated(device) - before
+    synchronize(device)
+    wall_ms = (time.perf_counter() - start) * 1e3
+    peak = (torch.cuda.max_memory_allocated(device) - before) / 2**20 if device.type == "cuda" else math.nan
     _clear_grads(leaves)
-    return peak / 2**20
+    return peak, wall_ms
 
 
 def make_call(fn: Callable[[], torch.Tensor], mode: str, leaves: list[torch.Tensor]) -> tuple[Callable, list]:
@@ -229,8 +236,8 @@ def measure(fn: Callable[[], torch.Tensor], inputs: dict, mode: str, ctx: RunCon
     call()  # warm-up: compilation, autotuning, caches
     synchronize(ctx.device)
     _clear_grads(leaves)
-    memory = peak_mib(call, leaves, ctx.device)
-    (p50, p20, p80), how = time_call(call, leaves, ctx)
+    memory, probe = probe_call(call, leaves, ctx.device)
+    (p50, p20, p80), how = time_call(call, leaves, ctx, probe)
     del keep
     return {"ms_p50": p50, "ms_p20": p20, "ms_p80": p80, "peak_mib": memory, "notes": how}
 

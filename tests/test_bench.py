@@ -357,6 +357,28 @@ def test_make_row_rejects_unknown_fields():
         make_row("op", "p", "s", "fwd", "ok", speed=1.0)
 
 
+def test_largest_batch_search():
+    """Doubling then bisection finds the largest batch whose step fits, within 1/16, in few probes."""
+    model = torch.nn.Linear(4, 1)
+    seen = []
+
+    def loss_fn(model, inputs):
+        seen.append(inputs["batch"])
+        if inputs["batch"] > 37:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return model(torch.ones(inputs["batch"], 4)).sum()
+
+    def make_inputs(batch):
+        return {"batch": batch}
+
+    cpu = torch.device("cpu")
+    batch, note = e2e.largest_batch(model, loss_fn, make_inputs, 4, 1024, cpu, deadline=math.inf)
+    assert 35 <= batch <= 37 and "OOM at" in note and len(seen) <= e2e.MAX_BATCH_PROBES
+    assert e2e.largest_batch(model, loss_fn, make_inputs, 4, 16, cpu, math.inf) == (16, "fits at the cap 16")
+    batch, note = e2e.largest_batch(model, loss_fn, make_inputs, 4, 1024, cpu, deadline=0.0)
+    assert batch == 0 and "lower bound" in note
+
+
 def test_e2e_reports_missing_models(monkeypatch):
     monkeypatch.setattr(e2e, "_models_missing", lambda: "vlmcore has no Flamingo in this checkout")
     ctx = _ctx()

@@ -19,16 +19,18 @@ Block-sparse Triton kernels (flash-attention style, online softmax, fp32 log-sum
   cummin/cummax). A key block covering images ``a .. b`` scans the query blocks between
   ``min(first[a..b])`` and ``max(last[a..b])``.
 
-Cost model. With ``media_index`` non-decreasing along L (always true for indices built by
-:func:`media_index_from_locations`), a query block spans one or two images, so in ``immediate``
-mode every program touches about ``R`` to ``2R`` keys plus one block of rounding, and each key
-block visits only the query blocks of its own image: work grows with the useful pairs
-(``L * R`` per (batch, head)), not with ``L * M * R``. In ``all_previous`` mode the useful pairs
-themselves are ``~ L * M * R / 2`` and the kernels visit about those. Text before the first image
-(index -1) costs nothing beyond writing zeros. For non-monotone indices the results are still exact
-(masking is per element), but a block works over the hull of its indices' range: a query block
-whose indices span images 0 and 31 loads all 32 images' keys, and a key block scans every query
-block between the first and last token referencing its images.
+Cost model (per batch row and head). With ``media_index`` non-decreasing along L (always true for
+indices built by :func:`media_index_from_locations`), a query block spans only the images whose
+tokens fall inside it, so in ``immediate`` mode the forward and dQ kernels touch about
+``(L + M * BLOCK_M) * R`` (query, key) pairs, rounded up to key tiles, and each key block visits only
+the query blocks of its own images: work grows with the useful pairs (``L * R``), not with the
+``L * M * R`` that a masked dense attention computes. In interleaved documents images are hundreds
+of tokens apart, so that is about ``L * R`` to ``2 * L * R``. In ``all_previous`` mode the useful
+pairs themselves are ``~ L * M * R / 2`` and the kernels visit about those. Text before the first
+image (index -1) costs nothing beyond writing zeros. For non-monotone indices the results are still
+exact (masking is per element), but a block works over the hull of its indices' range: a query
+block whose indices span images 0 and 31 loads all 32 images' keys, and a key block scans every
+query block between the first and last token referencing its images.
 
 Indices outside ``[0, M)`` (including ``-1``) select nothing: the kernels clamp them to -1 before
 use, so they never address memory outside ``k``/``v``.
@@ -317,40 +319,50 @@ def _configs(block_m: tuple[int, ...], block_n: tuple[int, ...]) -> list[triton.
 
 
 _SHARED_MEMORY_BYTES = 220 * 1024  # H100 / H200: 227 KB per block
+# fp32 values live per thread above which the sm_90 compiles of these kernels spill registers
+# (measured with ptxas over the whole config space, bf16, Dh 64-128).
+_MAX_LIVE_PER_THREAD = 160
 
 
-def _pruner(streamed: str):
-    """Config filter for a kernel that streams ``streamed``-sized tiles (two operands, pipelined over
-    ``num_stages``) past two resident tiles of the other size: drop tiles that overflow shared memory,
-    and 8 warps on tiles too small to feed them."""
+def _pruner(streamed: str, resident_tiles: int, accumulators: int, score_tiles: int):
+    """Config filter for a kernel that streams two ``streamed``-row operand tiles (pipelined over
+    ``num_stages``) past ``resident_tiles`` tiles of the other block size, with ``accumulators``
+    fp32 ``[resident, Dh]`` accumulators and ``score_tiles`` fp32 ``[BLOCK_M, BLOCK_N]`` temporaries.
+    Drops configs that overflow shared memory or would spill registers; keeps the lightest if none fit."""
     resident = "BLOCK_N" if streamed == "BLOCK_M" else "BLOCK_M"
 
+    def live_per_thread(config, block_d: int) -> float:
+        tiles = config.kwargs
+        live = accumulators * tiles[resident] * block_d + score_tiles * tiles["BLOCK_M"] * tiles["BLOCK_N"]
+        return live / (32 * config.num_warps)
+
     def prune(configs, named_args, **kwargs):
-        row_bytes = kwargs["BLOCK_D"] * named_args["q_ptr"].element_size()
+        block_d = kwargs["BLOCK_D"]
+        row_bytes = block_d * named_args["q_ptr"].element_size()
         kept = [
             config for config in configs
-            if 2 * row_bytes * (config.num_stages * config.kwargs[streamed] + config.kwargs[resident])
+            if row_bytes * (2 * config.num_stages * config.kwargs[streamed] + resident_tiles * config.kwargs[resident])
             <= _SHARED_MEMORY_BYTES
-            and not (config.num_warps == 8 and config.kwargs["BLOCK_M"] * config.kwargs["BLOCK_N"] < 64 * 64)
+            and live_per_thread(config, block_d) <= _MAX_LIVE_PER_THREAD
         ]
-        return kept or configs[:1]
+        return kept or [min(configs, key=lambda config: live_per_thread(config, block_d))]
 
     return prune
 
 
-# Forward and dQ: BLOCK_M text rows resident, BLOCK_N key rows streamed.
+# Forward and dQ: BLOCK_M text rows resident (q; dq also do, o), BLOCK_N key rows (k, v) streamed.
 _fwd_kernel = triton.autotune(
     configs=_configs((64, 128), (32, 64, 128)), key=_AUTOTUNE_KEY,
-    prune_configs_by={"early_config_prune": _pruner("BLOCK_N")},
+    prune_configs_by={"early_config_prune": _pruner("BLOCK_N", 1, accumulators=1, score_tiles=2)},
 )(_mxa_fwd_kernel)
 _dq_kernel = triton.autotune(
     configs=_configs((64, 128), (32, 64, 128)), key=_AUTOTUNE_KEY,
-    prune_configs_by={"early_config_prune": _pruner("BLOCK_N")},
+    prune_configs_by={"early_config_prune": _pruner("BLOCK_N", 2, accumulators=1, score_tiles=3)},
 )(_mxa_bwd_dq_kernel)
-# dK/dV: BLOCK_N key rows resident, BLOCK_M text rows streamed.
+# dK/dV: BLOCK_N key rows resident (k, v), BLOCK_M text rows (q, do) streamed.
 _dkdv_kernel = triton.autotune(
     configs=_configs((32, 64, 128), (64, 128)), key=_AUTOTUNE_KEY,
-    prune_configs_by={"early_config_prune": _pruner("BLOCK_M")},
+    prune_configs_by={"early_config_prune": _pruner("BLOCK_M", 2, accumulators=2, score_tiles=3)},
 )(_mxa_bwd_dkdv_kernel)
 
 

@@ -114,6 +114,14 @@ def test_head_dims(head_dim, dtype, mode, nan_poisoned_empty):
     check_against_reference(q, k, v, media_index, 17, mode)
 
 
+@pytest.mark.parametrize("head_dim", [8, 256])
+def test_unusual_head_dims(head_dim):
+    """Below the 16-wide tl.dot minimum (padded) and the widest the kernels take."""
+    media_index = make_media_index(21, [2], [2])
+    q, k, v = make_qkv(1, 21, 1, head_dim, 2, 5, torch.float32)
+    check_against_reference(q, k, v, media_index, 5, "immediate")
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_softmax_scale(mode):
     media_index = make_media_index(30, [2], [3])

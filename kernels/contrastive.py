@@ -28,6 +28,9 @@ columns B ``[N, d]``, X = A B^T (never stored), S = s X, label of row i = column
   ``WINDOW_BYTES`` = 128 MiB each), and each window's gradient rows come from ONE matrix product
   (``torch.mm``) over the full reduction: also 10 n^2 d FLOPs, plus ~6 n^2 bytes of window traffic.
 
+A frozen tower (features that need no gradient) skips its half of the backward: the column kernel
+or window pass (the symmetric op swaps image and text when the image side is the frozen one).
+
 Every output element has exactly one writer and every reduction a fixed order (no atomics): results
 are bit-identical from run to run. Statistics are fp32 (exp2 / log2 domain); matrix products run in
 the input dtype with fp32 accumulation (fp32 inputs: IEEE fp32 products, like the reference). Offsets
@@ -493,16 +496,19 @@ def _forward(rows: torch.Tensor, cols: torch.Tensor, scale: torch.Tensor, label_
 
 
 def _backward(rows: torch.Tensor, cols: torch.Tensor, scale: torch.Tensor, coef: torch.Tensor,
-              row_lse: torch.Tensor, col_lse: torch.Tensor | None, label_offset: int, smoothing: float):
+              row_lse: torch.Tensor, col_lse: torch.Tensor | None, label_offset: int, smoothing: float,
+              with_cols: bool):
     """``(d_rows [m, d], d_cols [N, d], ds_rows fp32 [m])`` with dL/dS = coef / s * G' (symmetric when
-    ``col_lse`` is given); ``ds_rows.sum() * coef / s`` is the logit-scale gradient."""
+    ``col_lse`` is given); ``ds_rows.sum() * coef / s`` is the logit-scale gradient. Without
+    ``with_cols`` (frozen columns) the column half of the work is skipped and d_cols is ``[0]``."""
     m, d = rows.shape
     n_cols = cols.shape[0]
     if d > REGISTER_BACKWARD_MAX_D:
-        return _backward_windows(rows, cols, scale, coef, row_lse, col_lse, label_offset, smoothing)
+        return _backward_windows(rows, cols, scale, coef, row_lse, col_lse, label_offset, smoothing, with_cols)
     symmetric = col_lse is not None
     col_lse = col_lse if symmetric else row_lse
-    d_rows, d_cols = torch.empty_like(rows), torch.empty_like(cols)
+    d_rows = torch.empty_like(rows)
+    d_cols = torch.empty_like(cols) if with_cols else cols.new_empty(0)
     ds_rows = torch.empty(m, device=rows.device, dtype=torch.float32)
     tail = (m, n_cols, d, _size_bucket(m, n_cols), rows.stride(0), cols.stride(0))
     rest = (label_offset, smoothing, symmetric, _precision(rows.dtype))
@@ -510,15 +516,17 @@ def _backward(rows: torch.Tensor, cols: torch.Tensor, scale: torch.Tensor, coef:
             lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(d, meta["BLOCK_DO"])),
             (rows, cols, scale, coef, row_lse, col_lse, d_rows, ds_rows, *tail, d_rows.stride(0), *rest),
             d, backward=True)
-    _launch(_contrastive_bwd_cols_kernel, _bwd_cols_tuned,
-            lambda meta: (triton.cdiv(n_cols, meta["BLOCK_N"]), triton.cdiv(d, meta["BLOCK_DO"])),
-            (rows, cols, scale, coef, row_lse, col_lse, d_cols, *tail, d_cols.stride(0), *rest),
-            d, backward=True)
+    if with_cols:
+        _launch(_contrastive_bwd_cols_kernel, _bwd_cols_tuned,
+                lambda meta: (triton.cdiv(n_cols, meta["BLOCK_N"]), triton.cdiv(d, meta["BLOCK_DO"])),
+                (rows, cols, scale, coef, row_lse, col_lse, d_cols, *tail, d_cols.stride(0), *rest),
+                d, backward=True)
     return d_rows, d_cols, ds_rows
 
 
 def _backward_windows(rows: torch.Tensor, cols: torch.Tensor, scale: torch.Tensor, coef: torch.Tensor,
-                      row_lse: torch.Tensor, col_lse: torch.Tensor | None, label_offset: int, smoothing: float):
+                      row_lse: torch.Tensor, col_lse: torch.Tensor | None, label_offset: int, smoothing: float,
+                      with_cols: bool):
     """:func:`_backward` for large d: G' in windows of at most ``WINDOW_BYTES``, products by matmul.
 
     Pass 1, windows of whole rows ``[R, N]``: d_rows[window] = coef * G' B, and the exact per-row
@@ -531,7 +539,8 @@ def _backward_windows(rows: torch.Tensor, cols: torch.Tensor, scale: torch.Tenso
     symmetric = col_lse is not None
     col_lse = col_lse if symmetric else row_lse
     block = _window_block()
-    d_rows, d_cols = torch.empty_like(rows), torch.empty_like(cols)
+    d_rows = torch.empty_like(rows)
+    d_cols = torch.empty_like(cols) if with_cols else cols.new_empty(0)
     ds_rows = torch.empty(m, device=rows.device, dtype=torch.float32)
 
     def window(row0: int, col0: int, win_rows: int, win_cols: int, write_ds: bool):
@@ -556,7 +565,7 @@ def _backward_windows(rows: torch.Tensor, cols: torch.Tensor, scale: torch.Tenso
         d_rows[row0:row1].copy_(torch.mm(g, cols).float().mul_(coef))
         ds_rows[row0:row1] = ds_part.sum(0)
     per_window = max(block, WINDOW_BYTES // (m * rows.element_size()) // block * block)
-    for col0 in range(0, n_cols, per_window):
+    for col0 in range(0, n_cols if with_cols else 0, per_window):
         col1 = min(col0 + per_window, n_cols)
         g, _ = window(0, col0, m, col1 - col0, False)
         d_cols[col0:col1].copy_(torch.mm(g.T, rows).float().mul_(coef))
@@ -610,20 +619,24 @@ def _(image, text, logit_scale, label_smoothing, accuracy):
 @torch.library.custom_op("vlmcore::contrastive_loss_backward", mutates_args=())
 def _symmetric_backward_op(
     grad: torch.Tensor, image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor,
-    row_lse: torch.Tensor, col_lse: torch.Tensor, label_smoothing: float,
+    row_lse: torch.Tensor, col_lse: torch.Tensor, label_smoothing: float, with_text: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients ``(d_image [n, d], d_text [n, d], d_logit_scale)`` of ``grad * loss``."""
+    """Gradients ``(d_image [n, d], d_text [n, d] or [0] without with_text, d_logit_scale)`` of
+    ``grad * loss``. (The loss is symmetric in image and text: swap them, and the LSEs, to get
+    d_text alone.)"""
     image, text = image.contiguous(), text.contiguous()
     scale = _scale_vector(logit_scale)
     factor = grad.detach().reshape(1).to(torch.float32) / (2 * image.shape[0])  # dL/dS = factor * G'
-    d_image, d_text, ds_rows = _backward(image, text, scale, factor * scale, row_lse, col_lse, 0, label_smoothing)
+    d_image, d_text, ds_rows = _backward(image, text, scale, factor * scale, row_lse, col_lse, 0, label_smoothing,
+                                         with_text)
     d_scale = (factor * ds_rows.sum()).reshape(logit_scale.shape).to(logit_scale.dtype)
     return d_image, d_text, d_scale
 
 
 @_symmetric_backward_op.register_fake
-def _(grad, image, text, logit_scale, row_lse, col_lse, label_smoothing):
-    return torch.empty_like(image), torch.empty_like(text), torch.empty_like(logit_scale)
+def _(grad, image, text, logit_scale, row_lse, col_lse, label_smoothing, with_text):
+    d_text = torch.empty_like(text) if with_text else text.new_empty(0)
+    return torch.empty_like(image), d_text, torch.empty_like(logit_scale)
 
 
 def _symmetric_setup_context(ctx, inputs, output):
@@ -636,10 +649,17 @@ def _symmetric_setup_context(ctx, inputs, output):
 
 def _symmetric_backward(ctx, grad_loss, grad_row_lse, grad_col_lse, grad_acc):
     image, text, logit_scale, row_lse, col_lse = ctx.saved_tensors
-    d_image, d_text, d_scale = _symmetric_backward_op(
-        grad_loss, image, text, logit_scale, row_lse, col_lse, ctx.label_smoothing
-    )
-    return d_image, d_text, d_scale, None, None
+    need_image, need_text, need_scale = ctx.needs_input_grad[:3]
+    if need_image or not need_text:
+        d_image, d_text, d_scale = _symmetric_backward_op(
+            grad_loss, image, text, logit_scale, row_lse, col_lse, ctx.label_smoothing, need_text
+        )
+    else:  # frozen image tower: only the text half of the work
+        d_text, d_image, d_scale = _symmetric_backward_op(
+            grad_loss, text, image, logit_scale, col_lse, row_lse, ctx.label_smoothing, False
+        )
+    return (d_image if need_image else None, d_text if need_text else None, d_scale if need_scale else None,
+            None, None)
 
 
 _symmetric_op.register_autograd(_symmetric_backward, setup_context=_symmetric_setup_context)
@@ -687,20 +707,23 @@ def _(rows, cols, logit_scale, label_smoothing, label_offset, accuracy):
 @torch.library.custom_op("vlmcore::contrastive_loss_rows_backward", mutates_args=())
 def _rows_backward_op(
     grad: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, logit_scale: torch.Tensor,
-    row_lse: torch.Tensor, label_smoothing: float, label_offset: int,
+    row_lse: torch.Tensor, label_smoothing: float, label_offset: int, with_cols: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients ``(d_rows [m, d], d_cols [N, d], d_logit_scale)`` of ``grad * loss`` of the rows op."""
+    """Gradients ``(d_rows [m, d], d_cols [N, d] or [0] without with_cols, d_logit_scale)`` of
+    ``grad * loss`` of the rows op."""
     rows, cols = rows.contiguous(), cols.contiguous()
     scale = _scale_vector(logit_scale)
     factor = grad.detach().reshape(1).to(torch.float32) / rows.shape[0]  # dL/dS = factor * G'
-    d_rows, d_cols, ds_rows = _backward(rows, cols, scale, factor * scale, row_lse, None, label_offset, label_smoothing)
+    d_rows, d_cols, ds_rows = _backward(rows, cols, scale, factor * scale, row_lse, None, label_offset, label_smoothing,
+                                        with_cols)
     d_scale = (factor * ds_rows.sum()).reshape(logit_scale.shape).to(logit_scale.dtype)
     return d_rows, d_cols, d_scale
 
 
 @_rows_backward_op.register_fake
-def _(grad, rows, cols, logit_scale, row_lse, label_smoothing, label_offset):
-    return torch.empty_like(rows), torch.empty_like(cols), torch.empty_like(logit_scale)
+def _(grad, rows, cols, logit_scale, row_lse, label_smoothing, label_offset, with_cols):
+    d_cols = torch.empty_like(cols) if with_cols else cols.new_empty(0)
+    return torch.empty_like(rows), d_cols, torch.empty_like(logit_scale)
 
 
 def _rows_setup_context(ctx, inputs, output):
@@ -714,10 +737,12 @@ def _rows_setup_context(ctx, inputs, output):
 
 def _rows_backward(ctx, grad_loss, grad_row_lse, grad_acc):
     rows, cols, logit_scale, row_lse = ctx.saved_tensors
+    need_rows, need_cols, need_scale = ctx.needs_input_grad[:3]
     d_rows, d_cols, d_scale = _rows_backward_op(
-        grad_loss, rows, cols, logit_scale, row_lse, ctx.label_smoothing, ctx.label_offset
+        grad_loss, rows, cols, logit_scale, row_lse, ctx.label_smoothing, ctx.label_offset, need_cols
     )
-    return d_rows, d_cols, d_scale, None, None, None
+    return (d_rows if need_rows else None, d_cols if need_cols else None, d_scale if need_scale else None,
+            None, None, None)
 
 
 _rows_op.register_autograd(_rows_backward, setup_context=_rows_setup_context)

@@ -135,6 +135,38 @@ def test_extreme_upstream_gradient_and_nonpositive_scale(nan_poisoned_empty):
     _assert_grads_close([g.grad / 1000.0 for g in leaves], ref[1:], torch.float16)
 
 
+@pytest.mark.parametrize("d", [48, 768])  # register and window backward
+@pytest.mark.parametrize("frozen", ["image", "text"])
+def test_frozen_tower_skips_its_half_of_the_backward(frozen, d, monkeypatch, nan_poisoned_empty):
+    """Features without requires_grad: the other gradients still match, and the column half of the
+    backward (column kernel / column windows) never runs."""
+    import vlmcore.kernels.contrastive as module
+
+    class NeverLaunched:
+        def __getitem__(self, grid):
+            raise AssertionError("the column-gradient kernel ran for a frozen tower")
+
+    image, text = _features(70, d, torch.float16)
+    leaves = {"image": image.clone(), "text": text.clone(), "scale": torch.tensor(30.0)}
+    ref = {k: v.float().clone() for k, v in leaves.items()}
+    for group in (leaves, ref):
+        for key in group:
+            group[key].requires_grad_(key != frozen)
+    window_calls = []
+    monkeypatch.setattr(module, "_contrastive_bwd_cols_kernel", NeverLaunched())
+    real_mm = torch.mm
+    monkeypatch.setattr(torch, "mm", lambda a, b: window_calls.append(a.shape) or real_mm(a, b))
+    with backend("triton"):
+        contrastive_loss(leaves["image"], leaves["text"], leaves["scale"], label_smoothing=0.1).backward()
+    monkeypatch.setattr(torch, "mm", real_mm)
+    contrastive_loss_reference(ref["image"], ref["text"], ref["scale"], label_smoothing=0.1).backward()
+    assert leaves[frozen].grad is None
+    trained = [k for k in leaves if k != frozen]
+    _assert_grads_close([leaves[k].grad for k in trained], [ref[k].grad for k in trained], torch.float16,
+                        names=[f"d_{k}" for k in trained])
+    assert len(window_calls) == (1 if d > module.REGISTER_BACKWARD_MAX_D else 0)  # one window pass only
+
+
 @pytest.mark.parametrize("n,d", [(300, 16), (64, 768)])  # register and window backward
 def test_bit_identical_runs(n, d, nan_poisoned_empty):
     image, text = _features(n, d, torch.float16)
@@ -240,10 +272,11 @@ def test_opcheck():
         torch.library.opcheck(ops.contrastive_loss.default, (image, text, s, 0.1, accuracy))
     torch.library.opcheck(ops.contrastive_loss_rows.default, (image, cols, s, 0.1, 7, True))
     grad, lse = torch.tensor(1.5), torch.randn(7)
-    torch.library.opcheck(ops.contrastive_loss_backward.default,
-                          (grad, image.detach(), text.detach(), s.detach(), lse, lse, 0.1))
-    torch.library.opcheck(ops.contrastive_loss_rows_backward.default,
-                          (grad, image.detach(), cols.detach(), s.detach(), lse, 0.1, 7))
+    for with_cols in (True, False):
+        torch.library.opcheck(ops.contrastive_loss_backward.default,
+                              (grad, image.detach(), text.detach(), s.detach(), lse, lse, 0.1, with_cols))
+        torch.library.opcheck(ops.contrastive_loss_rows_backward.default,
+                              (grad, image.detach(), cols.detach(), s.detach(), lse, 0.1, 7, with_cols))
 
 
 def test_torch_compile():

@@ -8,7 +8,6 @@ of dropping the provider. The ``load_*`` functions return the callable to benchm
 from __future__ import annotations
 
 import functools
-import inspect
 
 import torch
 
@@ -113,10 +112,3 @@ def _version(module: str) -> str:
     except Exception:
         return "?"
 
-
-def accepts(fn, name: str) -> bool:
-    """Whether ``fn`` takes a keyword ``name`` (APIs differ between torch releases)."""
-    try:
-        return name in inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False

@@ -9,11 +9,13 @@ Triton path (flash-attention style, one op in three kernels):
   covers R (R <= 64 is one block). The key loop walks the media blocks, then the latent blocks,
   through two pointer sets, so ``[k_media; k_latents]`` never exists in memory. Online softmax in
   the log2 domain with fp32 max / sum, the natural-log LSE ``[B, H, R]`` is saved for backward.
-- backward ``_resampler_bwd_dq_kernel``: per query block, delta = rowsum(o * do) (stored for the
-  next kernel), then dq over both key sources.
-- backward ``_resampler_bwd_dkdv_kernel``: one program per key block of either source (media blocks
-  first, then latent blocks), iterating all R queries. Every gradient element is written by exactly
-  one program: no atomics, deterministic.
+- backward, fused (``_resampler_bwd_fused_kernel``, when R <= 64 and B x H fills the GPU): one
+  program per (batch, head) computes delta = rowsum(o * do), walks the media then the latent key
+  blocks, stores each block's dk / dv and keeps dq in registers. Every input is read once.
+- backward, split (otherwise): ``_resampler_bwd_dq_kernel`` per query block computes delta (stored)
+  and dq over both sources; then ``_resampler_bwd_dkdv_kernel``, one program per key block of either
+  source (media blocks first, then latent blocks), iterates all R queries.
+- Either way every gradient element is written by exactly one program: no atomics, deterministic.
 
 Every tensor is read through its strides (views of a Linear output work without copies). Head
 dims are padded to a power of two (96 -> 128) under masks. Padding keys (``media_mask`` False)
@@ -51,11 +53,28 @@ def _key_block_configs() -> list[triton.Config]:
     ]
 
 
+def _tile_limit_pruner(max_tile: int):
+    """Autotune pruner dropping tiles that spill registers on sm_90 (seen with ``ptxas -v`` on the
+    bf16 kernels): key tile x padded head dim above ``max_tile``, and 4 warps with a 128-wide head."""
+
+    def prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+        block_d = kwargs["BLOCK_D"]
+        kept = [
+            c for c in configs
+            if c.kwargs["BLOCK_N"] * block_d <= max_tile and (block_d <= 64 or c.num_warps >= 8)
+        ]
+        return kept or configs[:1]
+
+    return {"early_config_prune": prune}
+
+
 def _query_block(num_queries: int) -> int:
     """Query tile: the next power of two >= R, at least 16 (tl.dot), at most 64."""
     return min(64, max(16, triton.next_power_of_2(num_queries)))
 
 
+_PRUNE = _tile_limit_pruner(64 * 128)
+_PRUNE_FUSED = _tile_limit_pruner(64 * 64)  # the fused backward also holds dq and q, do, o tiles
 _AUTOTUNE_KEY = ["num_queries", "num_media", "HEAD_DIM", "HAS_LATENTS", "HAS_MASK", "PRECISION"]
 
 
@@ -112,7 +131,7 @@ def _fwd_source(
     return b_acc, b_l, b_m
 
 
-@triton.autotune(configs=_key_block_configs(), key=_AUTOTUNE_KEY)
+@triton.autotune(configs=_key_block_configs(), key=_AUTOTUNE_KEY, prune_configs_by=_PRUNE)
 @triton.jit
 def _resampler_fwd_kernel(
     q, k_media, v_media, k_latents, v_latents, media_mask, out, lse,
@@ -208,7 +227,7 @@ def _dq_source(
     return b_dq
 
 
-@triton.autotune(configs=_key_block_configs(), key=_AUTOTUNE_KEY)
+@triton.autotune(configs=_key_block_configs(), key=_AUTOTUNE_KEY, prune_configs_by=_PRUNE)
 @triton.jit
 def _resampler_bwd_dq_kernel(
     q, k_media, v_media, k_latents, v_latents, media_mask, out, do, lse, delta, dq,
@@ -309,7 +328,7 @@ def _dkdv_tile(
     tl.store(p_dv + o_n[:, None] * stride_dvn + o_d[None, :] * stride_dvd, b_dv.to(p_dv.dtype.element_ty), mask=m_kv)
 
 
-@triton.autotune(configs=_key_block_configs(), key=_AUTOTUNE_KEY)
+@triton.autotune(configs=_key_block_configs(), key=_AUTOTUNE_KEY, prune_configs_by=_PRUNE)
 @triton.jit
 def _resampler_bwd_dkdv_kernel(
     q, k_media, v_media, k_latents, v_latents, media_mask, do, lse, delta,
@@ -361,6 +380,110 @@ def _resampler_bwd_dkdv_kernel(
             (i_nb - num_media_blocks) * BLOCK_N, num_queries, num_queries, qk_scale, softmax_scale,
             False, HEAD_DIM, PRECISION, BLOCK_M, BLOCK_D, BLOCK_N,
         )
+
+
+@triton.jit
+def _fused_bwd_source(
+    b_dq, b_q, b_do, b_lse2, b_delta,
+    p_k, p_v, p_dk, p_dv, p_mask,
+    stride_kn, stride_kd, stride_vn, stride_vd,
+    stride_dkn, stride_dkd, stride_dvn, stride_dvd, stride_mask_n,
+    num_keys, qk_scale, softmax_scale,
+    HAS_MASK: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """All queries of one (batch, head) against one key source: store dk, dv per key block, return dq + dS @ K."""
+    o_d = tl.arange(0, BLOCK_D)
+    m_d = o_d < HEAD_DIM
+    for i_n in range(0, num_keys, BLOCK_N):
+        b_k, b_v, m_n = _load_key_block(
+            p_k, p_v, p_mask, stride_kn, stride_kd, stride_vn, stride_vd, stride_mask_n,
+            i_n, num_keys, HAS_MASK, HEAD_DIM, BLOCK_N, BLOCK_D,
+        )
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
+        b_s = tl.where(m_n[None, :], b_s, float("-inf"))
+        b_p = tl.exp2(b_s - b_lse2[:, None])  # [BLOCK_M, BLOCK_N]
+        b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PRECISION)  # [BLOCK_M, BLOCK_N]
+        b_ds = (b_p * (b_dp - b_delta[:, None])).to(b_k.dtype)  # [BLOCK_M, BLOCK_N]
+        b_dv = tl.dot(tl.trans(b_p.to(b_do.dtype)), b_do, input_precision=PRECISION)  # [BLOCK_N, BLOCK_D]
+        b_dk = tl.dot(tl.trans(b_ds), b_q, input_precision=PRECISION) * softmax_scale  # [BLOCK_N, BLOCK_D]
+        b_dq += tl.dot(b_ds, b_k, input_precision=PRECISION)
+        o_n = i_n + tl.arange(0, BLOCK_N)
+        m_kv = (o_n < num_keys)[:, None] & m_d[None, :]
+        tl.store(p_dk + o_n[:, None] * stride_dkn + o_d[None, :] * stride_dkd, b_dk.to(p_dk.dtype.element_ty),
+                 mask=m_kv)
+        tl.store(p_dv + o_n[:, None] * stride_dvn + o_d[None, :] * stride_dvd, b_dv.to(p_dv.dtype.element_ty),
+                 mask=m_kv)
+    return b_dq
+
+
+@triton.autotune(configs=_key_block_configs(), key=_AUTOTUNE_KEY, prune_configs_by=_PRUNE_FUSED)
+@triton.jit
+def _resampler_bwd_fused_kernel(
+    q, k_media, v_media, k_latents, v_latents, media_mask, out, do, lse,
+    dq, dk_media, dv_media, dk_latents, dv_latents,
+    stride_qb, stride_qr, stride_qh, stride_qd,
+    stride_kmb, stride_kmn, stride_kmh, stride_kmd,
+    stride_vmb, stride_vmn, stride_vmh, stride_vmd,
+    stride_klb, stride_kln, stride_klh, stride_kld,
+    stride_vlb, stride_vln, stride_vlh, stride_vld,
+    stride_maskb, stride_maskn,
+    stride_ob, stride_or, stride_oh, stride_od,
+    stride_dob, stride_dor, stride_doh, stride_dod,
+    stride_dqb, stride_dqr, stride_dqh, stride_dqd,
+    stride_dkmb, stride_dkmn, stride_dkmh, stride_dkmd,
+    stride_dvmb, stride_dvmn, stride_dvmh, stride_dvmd,
+    stride_dklb, stride_dkln, stride_dklh, stride_dkld,
+    stride_dvlb, stride_dvln, stride_dvlh, stride_dvld,
+    num_heads, num_queries, num_media, qk_scale, softmax_scale,
+    HAS_LATENTS: tl.constexpr, HAS_MASK: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Whole backward of one (batch, head) when its R queries fit one block (R <= BLOCK_M).
+
+    One program owns every gradient element of its (batch, head): dk/dv of each key block are
+    stored as the loop passes it, dq stays in registers. Each input is read once; no atomics.
+    """
+    i_bh = tl.program_id(0).to(tl.int64)
+    i_b = i_bh // num_heads
+    i_h = i_bh % num_heads
+    o_m = tl.arange(0, BLOCK_M)
+    o_d = tl.arange(0, BLOCK_D)
+    m_m = o_m < num_queries
+    m_md = m_m[:, None] & (o_d < HEAD_DIM)[None, :]
+
+    b_q = tl.load(q + i_b * stride_qb + i_h * stride_qh + o_m[:, None] * stride_qr + o_d[None, :] * stride_qd,
+                  mask=m_md, other=0.0)  # [BLOCK_M, BLOCK_D]
+    b_o = tl.load(out + i_b * stride_ob + i_h * stride_oh + o_m[:, None] * stride_or + o_d[None, :] * stride_od,
+                  mask=m_md, other=0.0)  # [BLOCK_M, BLOCK_D]
+    b_do = tl.load(do + i_b * stride_dob + i_h * stride_doh + o_m[:, None] * stride_dor + o_d[None, :] * stride_dod,
+                   mask=m_md, other=0.0)  # [BLOCK_M, BLOCK_D]
+    b_delta = tl.sum(b_o.to(tl.float32) * b_do.to(tl.float32), 1)  # [BLOCK_M]
+    b_lse2 = _load_lse_log2(lse + i_bh * num_queries, o_m, m_m)  # [BLOCK_M]
+
+    b_dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    b_dq = _fused_bwd_source(
+        b_dq, b_q, b_do, b_lse2, b_delta,
+        k_media + i_b * stride_kmb + i_h * stride_kmh, v_media + i_b * stride_vmb + i_h * stride_vmh,
+        dk_media + i_b * stride_dkmb + i_h * stride_dkmh, dv_media + i_b * stride_dvmb + i_h * stride_dvmh,
+        media_mask + i_b * stride_maskb,
+        stride_kmn, stride_kmd, stride_vmn, stride_vmd,
+        stride_dkmn, stride_dkmd, stride_dvmn, stride_dvmd, stride_maskn,
+        num_media, qk_scale, softmax_scale, HAS_MASK, HEAD_DIM, BLOCK_N, BLOCK_D, PRECISION,
+    )
+    if HAS_LATENTS:
+        b_dq = _fused_bwd_source(
+            b_dq, b_q, b_do, b_lse2, b_delta,
+            k_latents + i_b * stride_klb + i_h * stride_klh, v_latents + i_b * stride_vlb + i_h * stride_vlh,
+            dk_latents + i_b * stride_dklb + i_h * stride_dklh, dv_latents + i_b * stride_dvlb + i_h * stride_dvlh,
+            media_mask,
+            stride_kln, stride_kld, stride_vln, stride_vld,
+            stride_dkln, stride_dkld, stride_dvln, stride_dvld, 0,
+            num_queries, qk_scale, softmax_scale, False, HEAD_DIM, BLOCK_N, BLOCK_D, PRECISION,
+        )
+    p_dq = dq + i_b * stride_dqb + i_h * stride_dqh
+    tl.store(p_dq + o_m[:, None] * stride_dqr + o_d[None, :] * stride_dqd,
+             (b_dq * softmax_scale).to(dq.dtype.element_ty), mask=m_md)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -425,6 +548,21 @@ def resampler_attention_forward(
     return out, lse
 
 
+def _backward_plan(num_queries: int, programs: int, device: torch.device) -> str:
+    """``"fused"`` or ``"split"`` backward.
+
+    Fused (one program per (batch, head), every input read once, 5 matmuls per key block) needs
+    all R queries in one block (R <= 64) and enough (batch, head) programs to fill the GPU (at
+    least two per SM). Otherwise split: a dq grid over query blocks and a dk/dv grid over key
+    blocks of both sources (more programs, 7 matmuls per key block).
+    """
+    if num_queries > _query_block(num_queries):
+        return "split"
+    if device.type == "cuda" and programs < 2 * torch.cuda.get_device_properties(device).multi_processor_count:
+        return "split"
+    return "fused"
+
+
 def resampler_attention_backward(
     grad_out: torch.Tensor,
     q: torch.Tensor,
@@ -437,7 +575,9 @@ def resampler_attention_backward(
     lse: torch.Tensor,
     softmax_scale: float,
 ) -> list[torch.Tensor]:
-    """Launch the dq kernel (which also stores delta) then the dk/dv kernel.
+    """Launch the backward: the fused kernel, or the dq kernel (which also stores delta) then the dk/dv kernel.
+
+    :func:`_backward_plan` picks one; both give the same gradients (up to rounding).
 
     Returns:
         ``[dq, dk_media, dv_media]`` plus ``[dk_latents, dv_latents]`` when there are latents, in
@@ -457,7 +597,6 @@ def resampler_attention_backward(
     dk_lat, dv_lat, dlatent_strides = _latent_args(*(grads[3:] if has_latents else (None, None)), q)
     k_lat, v_lat, latent_strides = _latent_args(k_latents, v_latents, q)
     mask, stride_maskb, stride_maskn = _mask_arg(media_mask, q)
-    delta = torch.empty(batch, heads, num_queries, dtype=torch.float32, device=q.device)
     constants = dict(
         HAS_LATENTS=has_latents, HAS_MASK=media_mask is not None, HEAD_DIM=head_dim,
         PRECISION=_precision(q.dtype), BLOCK_M=_query_block(num_queries),
@@ -465,6 +604,18 @@ def resampler_attention_backward(
     )
     qk_scale = softmax_scale * _LOG2E
 
+    if _backward_plan(num_queries, batch * heads, q.device) == "fused":
+        _resampler_bwd_fused_kernel[(batch * heads,)](
+            q, k_media, v_media, k_lat, v_lat, mask, out, grad_out, lse,
+            dq, dk_media, dv_media, dk_lat, dv_lat,
+            *q.stride(), *k_media.stride(), *v_media.stride(), *latent_strides,
+            stride_maskb, stride_maskn, *out.stride(), *grad_out.stride(), *dq.stride(),
+            *dk_media.stride(), *dv_media.stride(), *dlatent_strides,
+            heads, num_queries, num_media, qk_scale, softmax_scale, **constants,
+        )
+        return grads
+
+    delta = torch.empty(batch, heads, num_queries, dtype=torch.float32, device=q.device)
     grid_dq = (batch * heads, triton.cdiv(num_queries, constants["BLOCK_M"]))
     _resampler_bwd_dq_kernel[grid_dq](
         q, k_media, v_media, k_lat, v_lat, mask, out, grad_out, lse, delta, dq,

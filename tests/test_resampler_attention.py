@@ -6,8 +6,11 @@ v_latents when present) against the plain-PyTorch reference run on fp32 copies o
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
+import triton
 from utils import assert_close
 from vlmcore.kernels import resampler_attention
 from vlmcore.kernels.reference import resampler_attention_reference
@@ -16,6 +19,20 @@ from vlmcore.kernels.resampler_attention import resampler_attention_forward
 from vlmcore import kernels
 
 FWD_OP = torch.ops.vlmcore.resampler_attention_fwd
+# The op module itself (the package attribute of the same name is the function).
+OP_MODULE = importlib.import_module("vlmcore.kernels.resampler_attention")
+
+
+@pytest.fixture(params=["fused", "split"])
+def backward_plan(request, monkeypatch):
+    """Run the test with each backward: fused (whenever R <= 64) and split (always)."""
+    if request.param == "split":
+        monkeypatch.setattr(OP_MODULE, "_backward_plan", lambda *args: "split")
+    else:
+        monkeypatch.setattr(
+            OP_MODULE, "_backward_plan", lambda num_queries, *args: "fused" if num_queries <= 64 else "split"
+        )
+    return request.param
 
 
 def make_inputs(batch, media, queries, heads, head_dim, *, dtype=torch.float32, latents=True, device="cpu"):
@@ -84,7 +101,7 @@ def check_against_reference(inputs, *, media_mask=None, softmax_scale=None, grad
 @pytest.mark.parametrize("latents", [True, False], ids=["latents", "qformer"])
 @pytest.mark.parametrize("queries", [1, 5, 64])
 @pytest.mark.parametrize("media", [1, 17, 257, 1025])
-def test_matches_reference_over_sequence_lengths(media, queries, latents, masked, nan_poisoned_empty):
+def test_matches_reference_over_sequence_lengths(media, queries, latents, masked, nan_poisoned_empty, backward_plan):
     batch, heads = (1, 1) if media > 257 else (2, 2)
     mask = padding_mask(batch, media) if masked else None
     check_against_reference(make_inputs(batch, media, queries, heads, 32, latents=latents), media_mask=mask)
@@ -92,7 +109,7 @@ def test_matches_reference_over_sequence_lengths(media, queries, latents, masked
 
 @pytest.mark.parametrize("latents", [True, False], ids=["latents", "qformer"])
 @pytest.mark.parametrize("head_dim", [32, 64, 96, 128])
-def test_matches_reference_over_head_dims(head_dim, latents, nan_poisoned_empty):
+def test_matches_reference_over_head_dims(head_dim, latents, nan_poisoned_empty, backward_plan):
     check_against_reference(make_inputs(2, 40, 5, 2, head_dim, latents=latents))
 
 
@@ -105,7 +122,7 @@ def test_more_queries_than_one_block(nan_poisoned_empty):
     ("media", "queries", "head_dim", "latents", "masked"),
     [(17, 5, 32, False, False), (40, 64, 64, True, True), (257, 5, 96, True, False), (33, 1, 128, False, True)],
 )
-def test_fp16_matches_reference(media, queries, head_dim, latents, masked, nan_poisoned_empty):
+def test_fp16_matches_reference(media, queries, head_dim, latents, masked, nan_poisoned_empty, backward_plan):
     inputs = make_inputs(2, media, queries, 2, head_dim, dtype=torch.float16, latents=latents)
     mask = padding_mask(2, media) if masked else None
     check_against_reference(inputs, media_mask=mask)
@@ -126,7 +143,7 @@ def test_softmax_scale_is_used(nan_poisoned_empty):
 
 @pytest.mark.parametrize("latents", [True, False], ids=["latents", "qformer"])
 @pytest.mark.parametrize("media", [17, 70])
-def test_padding_mask_matches_reference(media, latents, nan_poisoned_empty):
+def test_padding_mask_matches_reference(media, latents, nan_poisoned_empty, backward_plan):
     inputs = make_inputs(3, media, 5, 2, 32, latents=latents)
     mask = padding_mask(3, media)
     _, grads = check_against_reference(inputs, media_mask=mask)
@@ -135,7 +152,7 @@ def test_padding_mask_matches_reference(media, latents, nan_poisoned_empty):
     assert grads["v_media"].masked_select(padded).abs().max() == 0
 
 
-def test_fully_masked_media_without_latents_gives_zeros_and_zero_grads(nan_poisoned_empty):
+def test_fully_masked_media_without_latents_gives_zeros_and_zero_grads(nan_poisoned_empty, backward_plan):
     """Q-Former form with an all-padding sample: nothing to attend -> zero output, zero grads, no NaN."""
     inputs = make_inputs(3, 20, 5, 2, 32, latents=False)
     mask = padding_mask(3, 20, empty_rows=(1,))
@@ -147,7 +164,7 @@ def test_fully_masked_media_without_latents_gives_zeros_and_zero_grads(nan_poiso
     assert out[0].abs().sum() > 0 and out[2].abs().sum() > 0
 
 
-def test_fully_masked_media_with_latents_attends_latents_only(nan_poisoned_empty):
+def test_fully_masked_media_with_latents_attends_latents_only(nan_poisoned_empty, backward_plan):
     inputs = make_inputs(3, 20, 5, 2, 32, latents=True)
     mask = padding_mask(3, 20, empty_rows=(0,))
     out, grads = check_against_reference(inputs, media_mask=mask)
@@ -175,7 +192,7 @@ def test_lse_is_saved_and_minus_inf_for_empty_rows(nan_poisoned_empty):
 # ------------------------------------------------------------------------------------------------
 
 
-def test_non_contiguous_views_and_expanded_grad(nan_poisoned_empty):
+def test_non_contiguous_views_and_expanded_grad(nan_poisoned_empty, backward_plan):
     """Views of projection outputs (no copies), a transposed mask, and a stride-0 incoming gradient."""
     batch, media, queries, heads, head_dim = 2, 19, 6, 2, 32
     kv = torch.randn(batch, media, 2 * heads * head_dim)
@@ -189,7 +206,7 @@ def test_non_contiguous_views_and_expanded_grad(nan_poisoned_empty):
     check_against_reference(inputs, media_mask=mask, grad_out=grad_out)
 
 
-def test_deterministic(nan_poisoned_empty):
+def test_deterministic(nan_poisoned_empty, backward_plan):
     inputs = make_inputs(2, 70, 64, 2, 64)
     mask = padding_mask(2, 70)
     grad_out = torch.randn_like(inputs["q"])
@@ -199,6 +216,25 @@ def test_deterministic(nan_poisoned_empty):
     assert torch.equal(first[0], second[0])
     for name in first[1]:
         assert torch.equal(first[1][name], second[1][name]), name
+
+
+def test_backward_plan():
+    cpu = torch.device("cpu")
+    assert OP_MODULE._backward_plan(64, 4, cpu) == "fused"
+    assert OP_MODULE._backward_plan(1, 1, cpu) == "fused"
+    assert OP_MODULE._backward_plan(65, 4096, cpu) == "split"
+
+
+def test_autotune_pruner_drops_spilling_tiles():
+    configs = [
+        triton.Config({"BLOCK_N": block_n}, num_warps=warps) for block_n in (32, 64, 128) for warps in (4, 8)
+    ]
+    prune = OP_MODULE._tile_limit_pruner(64 * 128)["early_config_prune"]
+    assert prune(configs, {}, BLOCK_D=64) == configs
+    kept = prune(configs, {}, BLOCK_D=128)
+    assert [(c.kwargs["BLOCK_N"], c.num_warps) for c in kept] == [(32, 8), (64, 8)]
+    fused = OP_MODULE._tile_limit_pruner(64 * 64)["early_config_prune"]
+    assert [(c.kwargs["BLOCK_N"], c.num_warps) for c in fused(configs, {}, BLOCK_D=128)] == [(32, 8)]
 
 
 def test_auto_backend_on_cpu_runs_the_reference(monkeypatch):
@@ -320,7 +356,7 @@ def test_gpu_bf16_anchor_shapes(batch, media, queries, heads, head_dim, latents)
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("head_dim", [32, 96, 128])
-def test_gpu_odd_shapes(dtype, head_dim):
+def test_gpu_odd_shapes(dtype, head_dim, backward_plan):
     inputs = make_inputs(5, 131, 37, 3, head_dim, dtype=dtype, device="cuda")
     mask = padding_mask(5, 131, empty_rows=(2,), device="cuda")
     check_against_reference(inputs, media_mask=mask)

@@ -88,6 +88,7 @@ CASES = {
     "six_images_fewer_in_one_sample": (2, 67, 2, 64, 6, 17, [6, 3], [0, 5], torch.float16),
     "thirty_three_images": (1, 90, 1, 32, 33, 3, [33], [2], torch.float32),
     "all_text": (2, 33, 2, 32, 2, 5, [0, 0], [0, 0], torch.float32),
+    "one_sample_without_images": (2, 40, 2, 32, 3, 5, [3, 0], [5, 0], torch.float16),
     "odd_l_and_r": (3, 29, 1, 32, 4, 7, [4, 1, 2], [3, 0, 11], torch.float16),
     "r_one": (1, 35, 2, 32, 20, 1, [20], [0], torch.float32),
 }

@@ -794,6 +794,11 @@ def resampler_attention(
     """
     scale = _validate(q, k_media, v_media, k_latents, v_latents, media_mask, softmax_scale)
     if use_triton(q):
+        if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+            raise TypeError(
+                "q is bfloat16 on CPU: the Triton interpreter computes bfloat16 dots wrongly; use float32 / "
+                "float16, or vlmcore.kernels.backend('reference') on CPU"
+            )
         if q.shape[-1] > MAX_HEAD_DIM:
             raise ValueError(
                 f"the Triton resampler_attention kernel supports head dims Dh <= {MAX_HEAD_DIM}, got "

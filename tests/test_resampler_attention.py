@@ -323,6 +323,14 @@ def test_bad_inputs_raise_naming_the_argument(inputs, kwargs, error, match):
             resampler_attention(**inputs, **kwargs)
 
 
+def test_bf16_in_the_interpreter_is_refused():
+    """The Triton interpreter gets bfloat16 dots wrong (errors of 1e8 seen): refuse instead of lying."""
+    inputs = make_inputs(1, 17, 5, 1, 32, dtype=torch.bfloat16)
+    with kernels.backend("triton"):
+        with pytest.raises(TypeError, match="bfloat16"):
+            resampler_attention(**inputs)
+
+
 def test_head_dim_above_kernel_limit_is_a_clear_error():
     inputs = make_inputs(1, 3, 2, 1, 160)
     with kernels.backend("triton"):

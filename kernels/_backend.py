@@ -15,7 +15,6 @@ how the test suite checks the real kernels on CPU. ``reference`` forces the plai
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import os
 from collections.abc import Iterator
 
@@ -24,7 +23,10 @@ import torch
 BACKENDS = ("auto", "triton", "reference")
 ENV_VAR = "VLMCORE_BACKEND"
 
-_override: contextvars.ContextVar[str | None] = contextvars.ContextVar("vlmcore_backend", default=None)
+# Stack of names forced by nested ``backend()`` blocks (innermost last). A plain module-level list,
+# not a ContextVar, so that ``torch.compile(fullgraph=True)`` can trace the dispatch (dynamo guards
+# on the list, so entering another block recompiles instead of reusing a stale choice).
+_forced: list[str] = []
 
 
 def _check_name(name: str, where: str) -> str:
@@ -35,9 +37,8 @@ def _check_name(name: str, where: str) -> str:
 
 def get_backend() -> str:
     """The backend name in force here: the innermost ``backend()`` block, else ``$VLMCORE_BACKEND``, else ``auto``."""
-    name = _override.get()
-    if name is not None:
-        return name
+    if _forced:
+        return _forced[-1]
     return _check_name(os.environ.get(ENV_VAR, "auto") or "auto", f"environment variable {ENV_VAR}")
 
 
@@ -50,11 +51,11 @@ def backend(name: str) -> Iterator[None]:
         with vlmcore.kernels.backend("reference"):
             loss = contrastive_loss(img, txt, scale)   # plain PyTorch, even on CUDA
     """
-    token = _override.set(_check_name(name, "backend name"))
+    _forced.append(_check_name(name, "backend name"))
     try:
         yield
     finally:
-        _override.reset(token)
+        _forced.pop()
 
 
 def use_triton(tensor: torch.Tensor) -> bool:

@@ -84,3 +84,17 @@ def test_public_api_exports():
                  "resampler_attention", "backend", "get_backend"):
         assert callable(getattr(kernels, name)), name
     assert issubclass(vlmcore.ContrastiveLoss, torch.nn.Module)
+
+
+def test_backend_choice_is_traced_by_torch_compile_and_reguarded():
+    """fullgraph compile traces the dispatch, and entering a block recompiles (no stale choice)."""
+
+    def marker(x):
+        return x + (1.0 if kernels.get_backend() == "triton" else 0.0)
+
+    compiled = torch.compile(marker, fullgraph=True, backend="eager")
+    x = torch.zeros(2)
+    with kernels.backend("reference"):
+        assert compiled(x).tolist() == [0.0, 0.0]
+    with kernels.backend("triton"):
+        assert compiled(x).tolist() == [1.0, 1.0]

@@ -134,8 +134,9 @@ def is_oom(error: BaseException) -> bool:
 
 
 def free_memory(device: torch.device) -> None:
-    gc.collect()
+    """Collect garbage and return cached blocks to the CUDA allocator (nothing to do on CPU)."""
     if device.type == "cuda":
+        gc.collect()
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
 
@@ -192,10 +193,10 @@ def time_call(call: Callable[[], object], leaves: list[torch.Tensor], ctx: RunCo
 def probe_call(call: Callable[[], object], leaves: list[torch.Tensor], device: torch.device) -> tuple[float, float]:
     """One timed ``call``: ``(extra CUDA memory allocated during it in MiB (NaN on CPU), wall ms)``."""
     _clear_grads(leaves)
-    gc.collect()
-    synchronize(device)
     before = 0
     if device.type == "cuda":
+        gc.collect()
+        torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
     start = time.perf_counter()

@@ -3,7 +3,7 @@
 Public op: :func:`resampler_attention` (Perceiver Resampler; Q-Former cross-attention when the
 latent keys are None).
 
-Triton path (flash-attention style, one op in three kernels):
+Triton path (flash-attention style: one forward kernel, two backward variants):
 
 - forward ``_resampler_fwd_kernel``: one program per (batch x head, query block); the query block
   covers R (R <= 64 is one block). The key loop walks the media blocks, then the latent blocks,

@@ -385,7 +385,7 @@ def _bwd_configs() -> list[triton.Config]:
     """CUDA autotune space of both backward kernels (BLOCK_DO = the d chunk of the output tile)."""
     space = ((64, 64, 64, 64, 4, 3), (64, 128, 64, 128, 8, 3), (128, 64, 64, 128, 8, 3),
              (64, 64, 64, 256, 8, 2), (128, 128, 64, 128, 8, 2), (64, 128, 128, 256, 8, 2),
-             (128, 64, 128, 64, 4, 3), (64, 64, 128, 128, 4, 3))
+             (64, 64, 128, 128, 4, 3))
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": bd, "BLOCK_DO": bdo}, num_warps=w, num_stages=s)
             for bm, bn, bd, bdo, w, s in space]
 
@@ -408,13 +408,14 @@ def _rows_per_group(m: int) -> int:
 
 def _window_configs() -> list[triton.Config]:
     """CUDA autotune space of the window kernel (its tiles are fixed: see :func:`_window_block`)."""
-    space = ((64, 8, 3), (64, 8, 4), (128, 8, 2), (64, 4, 3), (32, 4, 4))
+    space = ((64, 8, 3), (64, 8, 4), (128, 8, 2))  # 4 warps spill a 128 x 128 fp32 tile
     return [triton.Config({"BLOCK_D": bd}, num_warps=w, num_stages=s) for bd, w, s in space]
 
 
-def _window_block() -> int:
-    """Tile of the window kernel, fixed per device (the layout of its ds partials depends on it)."""
-    return 64 if interpreter_enabled() else 128
+def _window_block(dtype: torch.dtype) -> int:
+    """Tile of the window kernel, fixed per device and dtype (the layout of its ds partials depends on
+    it); fp32 products run without tensor cores and spill registers at 128 x 128 tiles."""
+    return 64 if interpreter_enabled() or dtype == torch.float32 else 128
 
 
 def _interpreter_meta(d: int, backward: bool) -> dict:
@@ -538,7 +539,7 @@ def _backward_windows(rows: torch.Tensor, cols: torch.Tensor, scale: torch.Tenso
     n_cols = cols.shape[0]
     symmetric = col_lse is not None
     col_lse = col_lse if symmetric else row_lse
-    block = _window_block()
+    block = _window_block(rows.dtype)
     d_rows = torch.empty_like(rows)
     d_cols = torch.empty_like(cols) if with_cols else cols.new_empty(0)
     ds_rows = torch.empty(m, device=rows.device, dtype=torch.float32)

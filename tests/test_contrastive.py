@@ -5,11 +5,17 @@ fp32 copies, with ``torch.empty`` NaN-poisoned so an element a kernel forgets to
 Gradient tolerances are relative to the largest reference gradient (gradients scale like 1/n).
 """
 
+import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
 from utils import assert_close, tolerance
 from vlmcore.kernels import backend, contrastive_loss
 from vlmcore.kernels.reference import contrastive_accuracy_reference, contrastive_loss_reference
@@ -259,6 +265,34 @@ def test_cuda_launch_settings():
             assert kept and all(rows % c.kwargs["BLOCK_M"] == 0 for c in kept)
             for name in ("bwd", "window"):
                 assert module._prune(spaces[name], {"d": d})
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_h100():
+    """Every kernel variant compiles to an sm_90a cubin with Triton's GPU passes and bundled ptxas
+    (no GPU needed): 16-bit products on tensor cores (wgmma), and the preferred configs of the
+    training path without register spills."""
+    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    if not ptxas.exists():
+        pytest.skip("this triton build ships no NVIDIA ptxas")
+    script = Path(__file__).with_name("contrastive_compile_check.py")
+    proc = subprocess.run([sys.executable, str(script)], env=dict(os.environ, TRITON_INTERPRET="0"),
+                          capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert {row["kernel"] for row in rows} == {
+        "_contrastive_fwd_kernel", "_contrastive_merge_cols_kernel", "_contrastive_bwd_rows_kernel",
+        "_contrastive_bwd_cols_kernel", "_contrastive_grad_window_kernel"}
+    for row in rows:
+        if row["dtype"] != "fp32" and row["kernel"] != "_contrastive_merge_cols_kernel":
+            assert row["wgmma"] > 0, row
+    first = {}
+    for row in rows:
+        mode = (row["config"].get("COL_STATS", True) and not row["config"].get("ACCURACY", False)
+                and row["config"].get("SYMMETRIC", True))
+        if row["dtype"] == "bf16" and mode:
+            first.setdefault(row["kernel"], row)
+    assert all(row["spill_bytes"] == 0 for row in first.values()), first
 
 
 def test_opcheck():

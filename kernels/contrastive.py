@@ -803,7 +803,9 @@ def _validate(image_features, text_features, logit_scale, label_smoothing) -> No
         raise TypeError(f"logit_scale must be a floating tensor, got {logit_scale.dtype}")
     if logit_scale.device != image_features.device:
         raise ValueError(f"logit_scale is on {logit_scale.device} but image_features is on {image_features.device}")
-    if not math.isfinite(float(logit_scale.detach())):
+    # One scalar device->host read per call in eager mode; skipped while torch.compile traces
+    # (it would break the graph), where a non-finite scale shows up as a non-finite loss instead.
+    if not torch.compiler.is_compiling() and not math.isfinite(float(logit_scale.detach())):
         raise ValueError(f"logit_scale must be finite, got {float(logit_scale.detach())}")
     if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)):
         raise TypeError(f"label_smoothing must be a float in [0, 1], got {type(label_smoothing).__name__}")

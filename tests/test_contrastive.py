@@ -314,8 +314,7 @@ def test_opcheck():
 
 
 def test_torch_compile():
-    """The op inside a compiled function (full graph), and the public function (graph breaks at the
-    host-side checks), give the eager values and gradients."""
+    """The op and the public function inside fully compiled graphs give the eager values and gradients."""
     image, text = _features(9, 32, torch.float32)
     theta = torch.tensor(2.0)
 
@@ -326,7 +325,7 @@ def test_torch_compile():
         return contrastive_loss(img, txt, th.exp(), label_smoothing=0.1) * 3.0
 
     compiled = [torch.compile(through_op, backend="aot_eager", fullgraph=True),
-                torch.compile(through_public, backend="aot_eager")]
+                torch.compile(through_public, backend="aot_eager", fullgraph=True)]
     eager_leaves = [t.clone().requires_grad_() for t in (image, text, theta)]
     with backend("triton"):
         eager = through_public(*eager_leaves)

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import gc
 import math
+import os
 import time
+import traceback
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -277,6 +279,10 @@ def run_op(op: str, cases: list[Case], providers: list[Provider], ctx: RunContex
 
 
 def first_line(error: BaseException, limit: int = 300) -> str:
+    """``Type: first line of the message`` for a result row; the full traceback goes to stderr when
+    ``VLMCORE_BENCH_TRACEBACK=1`` (a failing row is then debuggable without editing the suite)."""
+    if os.environ.get("VLMCORE_BENCH_TRACEBACK", "0") not in ("", "0"):
+        traceback.print_exception(error)
     text = str(error).strip().splitlines()
     return f"{type(error).__name__}: {text[0] if text else ''}"[:limit]
 

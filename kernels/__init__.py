@@ -8,22 +8,34 @@ Ops (one file each): :func:`contrastive_loss`, :func:`masked_cross_attention` (+
 This package imports nothing else of vlmcore.
 """
 
-from ._backend import BACKENDS, backend, enable_interpreter_without_cuda, get_backend
+if __name__ != "vlmcore.kernels":
+    # This folder is also reachable as a top-level ``kernels`` package whenever the repository root
+    # is on sys.path (``python -m ...`` or pytest started there). transformers probes for the
+    # unrelated PyPI ``kernels`` package by importing that name; executing our op files a second
+    # time under ``kernels.*`` would re-register the ``vlmcore::`` custom ops and destroy the first
+    # registrations (seen: "no schema registered", std::bad_alloc in later op calls). Hand out the
+    # one real module instead, so every op is registered exactly once.
+    import importlib
+    import sys
 
-# Before any @triton.jit below is decorated: without CUDA, kernels can only run in the interpreter.
-enable_interpreter_without_cuda()
+    sys.modules[__name__] = importlib.import_module("vlmcore.kernels")
+else:
+    from ._backend import BACKENDS, backend, enable_interpreter_without_cuda, get_backend
 
-from .contrastive import all_gather_with_grad, contrastive_loss  # noqa: E402
-from .masked_cross_attention import masked_cross_attention, media_index_from_locations  # noqa: E402
-from .resampler_attention import resampler_attention  # noqa: E402
+    # Before any @triton.jit below is decorated: without CUDA, kernels only run in the interpreter.
+    enable_interpreter_without_cuda()
 
-__all__ = [
-    "BACKENDS",
-    "all_gather_with_grad",
-    "backend",
-    "contrastive_loss",
-    "get_backend",
-    "masked_cross_attention",
-    "media_index_from_locations",
-    "resampler_attention",
-]
+    from .contrastive import all_gather_with_grad, contrastive_loss
+    from .masked_cross_attention import masked_cross_attention, media_index_from_locations
+    from .resampler_attention import resampler_attention
+
+    __all__ = [
+        "BACKENDS",
+        "all_gather_with_grad",
+        "backend",
+        "contrastive_loss",
+        "get_backend",
+        "masked_cross_attention",
+        "media_index_from_locations",
+        "resampler_attention",
+    ]

@@ -98,3 +98,26 @@ def test_backend_choice_is_traced_by_torch_compile_and_reguarded():
         assert compiled(x).tolist() == [0.0, 0.0]
     with kernels.backend("triton"):
         assert compiled(x).tolist() == [1.0, 1.0]
+
+
+def test_repo_root_kernels_folder_never_registers_ops_twice():
+    """From the repository root the folder ``kernels/`` is importable as a top-level ``kernels``
+    (transformers imports that name when it probes for the hub-kernels package). It must resolve to
+    the one ``vlmcore.kernels`` module, and the ops must still work afterwards."""
+    code = (
+        "import sys, torch, vlmcore.kernels as vk\n"
+        "import kernels\n"
+        "assert kernels is vk, kernels\n"
+        "from transformers.utils.import_utils import is_kernels_available\n"
+        "is_kernels_available()\n"
+        "assert not [m for m in sys.modules if m.startswith('kernels.')], sorted(sys.modules)\n"
+        "q = torch.randn(1, 4, 1, 16)\n"
+        "with vk.backend('triton'):\n"
+        "    out = vk.resampler_attention(q, q, q, q, q)\n"
+        "assert torch.allclose(out, vk.reference.resampler_attention_reference(q, q, q, q, q), atol=1e-5)\n"
+        "print('ok')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "ok" in out.stdout

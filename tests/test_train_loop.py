@@ -93,11 +93,11 @@ def test_flamingo_mixture_trains_with_weighted_losses(data, tmp_path):
     assert set(evals[-1]["eval"]) >= {"caption_token_acc", "blind_token_acc"}
 
 
-def test_frozen_trains(data, tmp_path):
+def test_frozen_trains_with_zero1(data, tmp_path):
     out = tmp_path / "frozen"
     main(_argv("frozen", data, out, "max_steps=25", "save_every=0", "eval_every=0", TINY_LM,
                f"data.train.0.shards={data}/train-*.tar", "data.train.0.batch_size=8",
-               "tokenizer.context_length=16", "optim.lr=3e-3"))
+               "tokenizer.context_length=16", "optim.lr=3e-3", "deepspeed.zero_optimization.stage=1"))
     steps, _ = _metrics(out)
     assert _falls(steps)
 
@@ -126,7 +126,7 @@ def test_mixture_gradient_is_the_weighted_sum(data):
     assert float(total.detach()) == pytest.approx(expected, rel=1e-6)
 
 
-def test_nonfinite_losses_are_skipped_then_abort(data, tmp_path, monkeypatch):
+def test_nonfinite_losses_are_skipped_then_abort_zero0(data, tmp_path, monkeypatch):
     real = loop.tasks.compute_loss
     calls = {"n": 0}
     nan_calls = {3} | set(range(6, 100))  # step 3, then every step from 6 on
@@ -141,7 +141,7 @@ def test_nonfinite_losses_are_skipped_then_abort(data, tmp_path, monkeypatch):
     with pytest.raises(NonFiniteLossError, match="non-finite for 3 steps in a row"):
         main(_argv("frozen", data, out, "max_steps=20", "save_every=0", "eval_every=0", TINY_LM,
                    f"data.train.0.shards={data}/train-*.tar", "data.train.0.batch_size=4",
-                   "tokenizer.context_length=16", "max_nonfinite_steps=3"))
+                   "tokenizer.context_length=16", "max_nonfinite_steps=3", "deepspeed.zero_optimization.stage=0"))
     steps, _ = _metrics(out)
     assert [s["step"] for s in steps] == list(range(1, 9))
     assert [s["nonfinite_steps"] for s in steps] == [0, 0, 1, 1, 1, 2, 3, 4]

@@ -5,6 +5,7 @@ Layout of ``<out_dir>/checkpoints``::
     step_00000040/          DeepSpeed's files (model, optimizer and scheduler states, per rank)
         trainer_rank00000.pt   this rank's step, data position, RNG states, counters
         trainer_rank00001.pt
+        complete               written once every rank has finished
     latest                  the tag of the newest *complete* checkpoint
 
 ``latest`` is written last (to a temporary file, then renamed) after every rank has finished
@@ -25,6 +26,7 @@ import torch
 from . import distributed
 
 TAG_RE = re.compile(r"^step_(\d{8})$")
+COMPLETE = "complete"  # marker written by rank 0 once every rank has saved
 
 
 def tag_for(step: int) -> str:
@@ -72,6 +74,7 @@ def save(engine, ckpt_dir: str, step: int, trainer_state: dict, keep_last: int, 
     os.replace(path + ".tmp", path)
     distributed.barrier()
     if rank == 0:
+        open(os.path.join(ckpt_dir, tag, COMPLETE), "w").close()
         latest = os.path.join(ckpt_dir, "latest")
         with open(latest + ".tmp", "w", encoding="utf-8") as f:
             f.write(tag)
@@ -84,16 +87,13 @@ def save(engine, ckpt_dir: str, step: int, trainer_state: dict, keep_last: int, 
 
 
 def prune(ckpt_dir: str, keep_last: int) -> None:
-    """Delete all but the newest ``keep_last`` checkpoints up to ``latest`` (newer, incomplete ones too)."""
-    latest = read_latest(ckpt_dir)
-    if latest is None:
-        return
-    latest_step = int(TAG_RE.match(latest).group(1))
-    steps = sorted(int(m.group(1)) for name in os.listdir(ckpt_dir) if (m := TAG_RE.match(name)))
-    complete = [s for s in steps if s <= latest_step]
-    doomed = complete[:-keep_last] + [s for s in steps if s > latest_step]
-    for s in doomed:
-        shutil.rmtree(os.path.join(ckpt_dir, tag_for(s)), ignore_errors=True)
+    """Keep the newest ``keep_last`` complete checkpoints; delete older ones and incomplete leftovers."""
+    tags = sorted(name for name in os.listdir(ckpt_dir) if TAG_RE.match(name))
+    complete = [t for t in tags if os.path.isfile(os.path.join(ckpt_dir, t, COMPLETE))]
+    keep = set(complete[-keep_last:]) | {read_latest(ckpt_dir)}
+    for tag in tags:
+        if tag not in keep:
+            shutil.rmtree(os.path.join(ckpt_dir, tag), ignore_errors=True)
 
 
 def load(engine, ckpt_dir: str, tag: str, rank: int) -> dict:

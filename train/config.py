@@ -318,6 +318,8 @@ class TrainConfig:
             out.append(f"model.lm: task {self.task!r} needs a language model (model.lm.path or model.lm.config)")
         if self.task in ("clip", "frozen") and any(d.kind != "pairs" for d in self.data.train):
             out.append(f"data.train: task {self.task!r} trains on image-text pairs only (kind: pairs)")
+        if self.task == "clip" and self.model.gradient_checkpointing:
+            out.append("model.gradient_checkpointing: not available for task 'clip' (flamingo and frozen only)")
         if self.task == "clip" and len(self.data.train) != 1:
             out.append("data.train: task 'clip' takes exactly one dataset")
         out += _check_deepspeed(self.deepspeed)

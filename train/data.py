@@ -359,10 +359,12 @@ def eval_batches(shards: list[str], encoder: Encoder, batch_size: int, rank: int
             if (index - 1) % world_size != rank:
                 continue
             try:
-                examples.append(encoder(sample))
-            except BadSample:
+                example = encoder(sample)
+                meta = json.loads(sample["json"]) if "json" in sample else {}
+            except (BadSample, ValueError):
                 continue
-            metas.append(json.loads(sample["json"]) if "json" in sample else {})
+            examples.append(example)
+            metas.append(meta)
             if len(examples) == batch_size:
                 yield collate(examples), metas
                 examples, metas, n = [], [], n + 1

@@ -88,7 +88,8 @@ def pretrain_lm(text_file: str, tok: Tokenizer, lm_config: dict, out_dir: str, s
     loss = torch.tensor(float("nan"))
     for _ in range(steps):
         pick = torch.randint(0, ids.shape[0], (batch_size,), generator=gen)
-        loss = lm(input_ids=ids[pick], attention_mask=mask[pick], labels=labels[pick]).loss
+        width = int(mask[pick].sum(dim=1).max())  # drop the all-padding columns
+        loss = lm(input_ids=ids[pick, :width], attention_mask=mask[pick, :width], labels=labels[pick, :width]).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -101,8 +102,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m vlmcore.train.demo", description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="runs/demo", help="run directory")
     parser.add_argument("--data", default="data/shapes", help="shapes dataset directory")
-    parser.add_argument("--clip-steps", type=int, default=600)
-    parser.add_argument("--lm-steps", type=int, default=600)
+    parser.add_argument("--clip-steps", type=int, default=1000)
+    parser.add_argument("--lm-steps", type=int, default=400)
     parser.add_argument("--flamingo-steps", type=int, default=300)
     parser.add_argument("--ranks", type=int, default=0, help="processes (default: 2 on CPU, every GPU on CUDA)")
     args = parser.parse_args(argv)

@@ -125,6 +125,12 @@ def mixture_loss(model, batches: list[dict], weights: list[float], task: str, de
     return total, losses
 
 
+def _grad_norm(params: list[torch.Tensor]) -> float:
+    """2-norm of the (already all-reduced) gradients of ``params``."""
+    squares = [p.grad.detach().float().pow(2).sum() for p in params if p.grad is not None]
+    return float(torch.stack(squares).sum().sqrt()) if squares else 0.0
+
+
 def _streams(cfg: TrainConfig, tok: Tokenizer, info: distributed.DistInfo) -> list[DataStream]:
     out = []
     for i, d in enumerate(cfg.data.train):
@@ -221,8 +227,9 @@ def train(cfg: TrainConfig, local_rank: int | None = None) -> dict:
         grad_norm, lr = None, engine.get_lr()[0]
         if bad_ranks == 0:
             engine.backward(total)
+            local_norm = _grad_norm(trainable) if zero_stage == 0 else None  # ZeRO-0 reports none
             engine.step()
-            norm = engine.get_global_grad_norm()
+            norm = engine.get_global_grad_norm() if local_norm is None else local_norm
             grad_norm = float(norm) if norm is not None else None
             streak = 0
         else:

@@ -6,9 +6,9 @@ position, rotation and background. The held-out ``eval`` split uses *other* valu
 ==============  ==========================================  =====================================
                 train (pairs and documents)                 eval (held out)
 ==============  ==========================================  =====================================
-size            half-extent 16-22 % or 30-36 % of the side  24-28 % of the side
-position        centres in the "white" cells of a 4x4        centres in the "black" cells
-                checkerboard
+size            half-extent 14-23.5 % or 27.5-36 % of side  24-27 % of the side
+position        centres in the "white" cells of a 9x9        centres in the "black" cells
+                checkerboard (finer than any ViT patch grid)
 background      6 light solid tints + pixel noise           3 other tints, vertical gradient
 ==============  ==========================================  =====================================
 
@@ -50,18 +50,21 @@ TRAIN_BACKGROUNDS = {
     "white": (250, 250, 250), "gray": (205, 205, 205), "cream": (245, 238, 215),
     "mint": (215, 240, 225), "sky": (215, 228, 245), "lilac": (235, 222, 242),
 }
+GRID = 9  # position checkerboard: train centres in the even cells, held-out centres in the odd ones
 EVAL_BACKGROUNDS = {"peach": (250, 222, 205), "silver": (225, 228, 232), "lemon": (245, 245, 200)}
+# The colour always comes right after "a" and before the shape, so a captioning model that sees the
+# image can name both; the size and background, when said, come after the shape.
 _CAPTIONS = (
     "a {colour} {shape}",
-    "a {size} {colour} {shape}",
+    "a {colour} {shape}",
     "a {colour} {shape} on a {bg} background",
+    "a {colour} {shape} that is {size}",
     "a picture of a {colour} {shape}",
-    "a {size} {colour} {shape} on {bg}",
     "{colour} {shape}",
 )
 _DOC_SENTENCES = (
     "here is a {colour} {shape} .",
-    "next comes a {size} {colour} {shape} .",
+    "next comes a {colour} {shape} that is {size} .",
     "this one shows a {colour} {shape} on a {bg} background .",
     "look at the {colour} {shape} .",
 )
@@ -71,21 +74,21 @@ _DOC_FILLERS = ("the shapes are drawn by a program .", "every picture has one sh
 def _split_params(rng: random.Random, split: str) -> dict:
     """Size, centre and background of one image of ``split`` (fractions of the image side)."""
     if split == "eval":
-        half = rng.uniform(0.24, 0.28)
+        half = rng.uniform(0.24, 0.27)
         size_word = "medium"
-        cells = [(i, j) for i in range(4) for j in range(4) if (i + j) % 2 == 1]
+        cells = [(i, j) for i in range(GRID) for j in range(GRID) if (i + j) % 2 == 1]
         bg_name = rng.choice(sorted(EVAL_BACKGROUNDS))
     else:
         small = rng.random() < 0.5
-        half = rng.uniform(0.16, 0.22) if small else rng.uniform(0.30, 0.36)
+        half = rng.uniform(0.14, 0.235) if small else rng.uniform(0.275, 0.36)
         size_word = "small" if small else "large"
-        cells = [(i, j) for i in range(4) for j in range(4) if (i + j) % 2 == 0]
+        cells = [(i, j) for i in range(GRID) for j in range(GRID) if (i + j) % 2 == 0]
         bg_name = rng.choice(sorted(TRAIN_BACKGROUNDS))
     ci, cj = rng.choice(cells)
     # The cell picks the centre region; the centre is kept so that the shape stays inside the image.
     lo, hi = half, 1.0 - half
-    cx = lo + (hi - lo) * (ci + rng.random()) / 4
-    cy = lo + (hi - lo) * (cj + rng.random()) / 4
+    cx = lo + (hi - lo) * (ci + rng.random()) / GRID
+    cy = lo + (hi - lo) * (cj + rng.random()) / GRID
     return {"half": half, "cx": cx, "cy": cy, "size": size_word, "bg": bg_name}
 
 
@@ -106,12 +109,11 @@ def _background(rng: random.Random, split: str, bg_name: str, side: int) -> Imag
 
 def _polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[tuple[float, float]]:
     if shape == "square":
-        pts = [(-1, -1), (1, -1), (1, 1), (-1, 1)]
-        pts = [(x * 0.8, y * 0.8) for x, y in pts]
+        pts = [(-0.9, -0.9), (0.9, -0.9), (0.9, 0.9), (-0.9, 0.9)]
     elif shape == "triangle":
         pts = [(math.cos(a), math.sin(a)) for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)]
-    else:  # cross: a plus sign with arms of width 0.5 r
-        w = 0.3
+    else:  # cross: a plus sign with arms 0.5 r wide
+        w = 0.25
         pts = [(-w, -1), (w, -1), (w, -w), (1, -w), (1, w), (w, w), (w, 1), (-w, 1), (-w, w), (-1, w), (-1, -w),
                (-w, -w)]
     c, s = math.cos(angle), math.sin(angle)
@@ -128,7 +130,9 @@ def draw_shape(rng: random.Random, shape: str, colour: str, split: str, side: in
     if shape == "circle":
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=rgb)
     else:
-        draw.polygon(_polygon(shape, cx, cy, r, rng.uniform(-0.35, 0.35)), fill=rgb)
+        # Squares stay axis-aligned (a rotated square reads as a diamond); the others turn a little.
+        angle = 0.0 if shape == "square" else rng.uniform(-0.35, 0.35)
+        draw.polygon(_polygon(shape, cx, cy, r, angle), fill=rgb)
     return img, p
 
 

@@ -1,0 +1,62 @@
+"""Checkpoint bookkeeping without DeepSpeed: ``latest`` moves only after a complete save, a crash
+mid-save leaves the previous checkpoint as ``latest``, pruning keeps the last K."""
+
+import os
+
+import pytest
+import torch
+from vlmcore.train import checkpoint
+
+
+class FakeEngine:
+    """Writes one file per tag, like ``DeepSpeedEngine.save_checkpoint``; can crash half-way."""
+
+    def __init__(self, crash=False):
+        self.crash = crash
+
+    def save_checkpoint(self, save_dir, tag, client_state, save_latest):
+        assert save_latest is False  # the trainer owns 'latest'
+        os.makedirs(os.path.join(save_dir, tag), exist_ok=True)
+        with open(os.path.join(save_dir, tag, "model_states.pt"), "w") as f:
+            f.write("partial")
+        if self.crash:
+            raise RuntimeError("disk full")
+
+
+def test_latest_is_written_last_and_old_checkpoints_are_pruned(tmp_path):
+    ckpt = str(tmp_path)
+    for step in (2, 4, 6):
+        checkpoint.save(FakeEngine(), ckpt, step, {"step": step, "rng": checkpoint.rng_state()}, keep_last=2, rank=0)
+    assert checkpoint.read_latest(ckpt) == "step_00000006"
+    assert sorted(os.listdir(ckpt)) == ["latest", "step_00000004", "step_00000006"]
+    state = torch.load(os.path.join(ckpt, "step_00000006", "trainer_rank00000.pt"), weights_only=False)
+    assert state["step"] == 6
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        checkpoint.save(FakeEngine(crash=True), ckpt, 8, {"step": 8}, keep_last=2, rank=0)
+    assert checkpoint.read_latest(ckpt) == "step_00000006"  # the crash did not touch 'latest'
+    assert checkpoint.resolve_tag(ckpt, "latest") == "step_00000006"
+    # The next good save prunes the incomplete step_00000008 leftovers.
+    checkpoint.save(FakeEngine(), ckpt, 10, {"step": 10}, keep_last=2, rank=0)
+    assert sorted(os.listdir(ckpt)) == ["latest", "step_00000006", "step_00000010"]
+
+
+def test_prune_drops_incomplete_checkpoints(tmp_path):
+    for step in (1, 2, 3):
+        os.makedirs(tmp_path / checkpoint.tag_for(step))
+        if step != 3:  # step 3 crashed mid-save
+            (tmp_path / checkpoint.tag_for(step) / checkpoint.COMPLETE).write_text("")
+    (tmp_path / "latest").write_text("step_00000002")
+    checkpoint.prune(str(tmp_path), keep_last=5)
+    assert sorted(os.listdir(tmp_path)) == ["latest", "step_00000001", "step_00000002"]
+
+
+def test_resolve_tag_and_rng_roundtrip(tmp_path):
+    assert checkpoint.resolve_tag(str(tmp_path), "latest") is None  # nothing to resume: fresh start
+    with pytest.raises(ValueError, match="not found"):
+        checkpoint.resolve_tag(str(tmp_path), "step_00000009")
+    state = checkpoint.rng_state()
+    a = (torch.rand(3), __import__("numpy").random.rand(), __import__("random").random())
+    checkpoint.set_rng_state(state)
+    b = (torch.rand(3), __import__("numpy").random.rand(), __import__("random").random())
+    assert torch.equal(a[0], b[0]) and a[1:] == b[1:]

@@ -95,7 +95,7 @@ def pretrain_lm(text_file: str, tok: Tokenizer, lm_config: dict, out_dir: str, s
         opt.step()
         sched.step()
     lm.save_pretrained(out_dir)
-    return float(loss)
+    return float(loss.detach())
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -155,3 +155,13 @@ def test_exact_resume_of_the_data_position(shapes_dir, tok):
         resumed.load_state_dict(state)
         for expected in reference[3:]:
             assert torch.equal(next(resumed)["tokens"], expected)
+
+
+def test_starting_a_stream_leaves_the_global_rng_alone(shapes_dir, tok):
+    ds = ShardStream(expand_shards(str(shapes_dir / "train-*.tar")), Encoder("clip", "pairs", tok, 16), batch_size=4,
+                     seed=0, rank=0, world_size=1, num_workers=0, shuffle_buffer=8, resampled=True)
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    next(DataStream("train", ds, num_workers=0))
+    assert torch.equal(torch.rand(3), expected)

@@ -321,8 +321,11 @@ class DataStream:
     def __next__(self) -> dict:
         if self._iter is None:
             self.dataset.start = self.state_dict()
+            # An own generator: creating the iterator must not draw from the global torch RNG (which
+            # a resumed run restores exactly; the uninterrupted run created its iterator at step 1).
+            generator = torch.Generator().manual_seed(self.dataset.seed)
             loader = torch.utils.data.DataLoader(
-                self.dataset, batch_size=None, num_workers=self.num_workers,
+                self.dataset, batch_size=None, num_workers=self.num_workers, generator=generator,
                 persistent_workers=self.num_workers > 0, prefetch_factor=2 if self.num_workers else None)
             self._iter = iter(loader)
         batch = next(self._iter)

@@ -92,6 +92,21 @@ def test_overrides():
         load_config(str(CONFIGS / "clip_tiny.yaml"), ["max_steps=0"])
 
 
+def test_deepspeed_section_from_a_json_file(tmp_path):
+    from vlmcore.train.config import deepspeed_dict
+
+    good = tmp_path / "ds.json"
+    good.write_text('{"zero_optimization": {"stage": 3}, "gradient_clipping": 1.0}')
+    cfg = load_config(str(CONFIGS / "clip_tiny.yaml"), [f"deepspeed={good}"])
+    assert deepspeed_dict(cfg)["zero_optimization"]["stage"] == 3
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(str(CONFIGS / "clip_tiny.yaml"), [f"deepspeed={tmp_path / 'missing.json'}"])
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"zero_optimization": {"stage": 4}}')
+    with pytest.raises(ConfigError, match="stage"):
+        deepspeed_dict(load_config(str(CONFIGS / "clip_tiny.yaml"), [f"deepspeed={bad}"]))
+
+
 def test_cli_rejects_a_bad_config_before_any_work(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("task: clip\nout_dir: x\nmax_steps: -1\nbogus: 1\n")

@@ -165,3 +165,20 @@ def test_starting_a_stream_leaves_the_global_rng_alone(shapes_dir, tok):
     torch.manual_seed(123)
     next(DataStream("train", ds, num_workers=0))
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_hf_tokenizer_directory_gets_the_special_tokens(shapes_dir, tmp_path):
+    from tokenizers import Tokenizer as RawTokenizer
+    from transformers import PreTrainedTokenizerFast
+    from vlmcore.train.tokenizer import SPECIAL_TOKENS
+
+    raw = RawTokenizer.from_file(str(shapes_dir / "tokenizer.json"))
+    # A plain HF tokenizer directory without the Flamingo tokens: they are added on load.
+    plain = [t for t in raw.get_vocab() if t not in SPECIAL_TOKENS]
+    hf = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<eos>")
+    hf.save_pretrained(tmp_path / "hf")
+    tok = Tokenizer(str(tmp_path / "hf"), context_length=12)
+    assert tok.media_token_id is not None and tok.eoc_token_id is not None and tok.pad_token_id is not None
+    ids = tok.encode(f"{MEDIA} a red circle {EOC}")
+    assert ids[0] == tok.media_token_id and ids[-1] == tok.eoc_token_id and len(ids) == 5
+    assert tok([plain[0]]).shape == (1, 12) and tok.vocab_size >= len(plain)

@@ -93,9 +93,17 @@ def test_flamingo_mixture_trains_with_weighted_losses(data, tmp_path):
     assert set(evals[-1]["eval"]) >= {"caption_token_acc", "blind_token_acc"}
 
 
-def test_frozen_trains_with_zero1(data, tmp_path):
+def test_frozen_trains_with_zero1_over_a_local_lm_directory(data, tmp_path):
+    # The LM comes from a directory (save_pretrained), here written by the demo's LM pre-training.
+    from vlmcore.train.demo import pretrain_lm
+
+    tok = Tokenizer(str(data / "tokenizer.json"), 16)
+    lm_config = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                 "num_attention_heads": 2, "num_key_value_heads": 2, "max_position_embeddings": 64}
+    loss = pretrain_lm(str(data / "captions.txt"), tok, lm_config, str(tmp_path / "lm"), steps=3, batch_size=8)
+    assert loss == loss and os.path.isfile(tmp_path / "lm" / "config.json")
     out = tmp_path / "frozen"
-    main(_argv("frozen", data, out, "max_steps=25", "save_every=0", "eval_every=0", TINY_LM,
+    main(_argv("frozen", data, out, "max_steps=25", "save_every=0", "eval_every=0", f"model.lm={{path: {tmp_path}/lm}}",
                f"data.train.0.shards={data}/train-*.tar", "data.train.0.batch_size=8",
                "tokenizer.context_length=16", "optim.lr=3e-3", "deepspeed.zero_optimization.stage=1"))
     steps, _ = _metrics(out)

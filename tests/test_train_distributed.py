@@ -91,6 +91,7 @@ def test_two_ranks_zero2_zero3_and_exact_resume(data, tmp_path):
             ZERO3, TINY_LM, f"data.train.0.shards={data}/docs-*.tar", f"data.train.1.shards={data}/train-*.tar",
             "data.train.0.batch_size=4", "data.train.1.batch_size=8", "data.train.1.weight=0.2",
             "tokenizer.context_length=32", "model.flamingo.num_latents=4", "max_steps=12", "save_every=6",
+            "model.gradient_checkpointing=true",
             "eval_every=0", "optim.lr=3e-3"],
         _common("frozen", data, fr3) + [
             ZERO3, TINY_LM, f"data.train.0.shards={data}/train-*.tar", "data.train.0.batch_size=8",

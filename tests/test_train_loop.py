@@ -79,12 +79,13 @@ def test_clip_trains_and_counts_bad_samples(data, tmp_path):
     assert open(out / "checkpoints" / "latest").read() == "step_00000030"
 
 
-def test_flamingo_mixture_trains_with_weighted_losses(data, tmp_path):
+def test_flamingo_mixture_trains_with_weighted_losses_and_activation_checkpointing(data, tmp_path):
     out = tmp_path / "flamingo"
     main(_argv("flamingo", data, out, "max_steps=25", "save_every=0", "eval_every=0", TINY_LM,
                f"data.train.0.shards={data}/docs-*.tar", f"data.train.1.shards={data}/train-*.tar",
                "data.train.0.batch_size=4", "data.train.1.batch_size=8", "data.train.1.weight=0.2",
-               "tokenizer.context_length=32", "model.flamingo.num_latents=4", "optim.lr=3e-3"))
+               "tokenizer.context_length=32", "model.flamingo.num_latents=4", "optim.lr=3e-3",
+               "model.gradient_checkpointing=true"))
     steps, evals = _metrics(out)
     for s in steps:  # the logged loss is the weighted sum of one batch of each dataset
         assert s["loss"] == pytest.approx(1.0 * s["loss/docs"] + 0.2 * s["loss/pairs"], rel=1e-5)

@@ -38,6 +38,7 @@ setup(
             "transformers",
             "tokenizers",
             "webdataset",
+            "braceexpand",
             "pillow",
             "tqdm",
             "pyyaml",

@@ -2,7 +2,12 @@
 
 - Without CUDA, the Triton interpreter is switched on BEFORE triton / vlmcore are imported, so
   forcing the ``triton`` backend runs the real kernels on CPU tensors.
-- Markers (declared in pytest.ini): ``gpu`` (skipped here without CUDA), ``slow``, ``distributed``.
+- Markers (declared in pytest.ini): ``gpu`` (skipped without CUDA), ``interpreter`` (checks that only
+  make sense in the Triton interpreter; skipped when CUDA is present, because the interpreter is
+  then off), ``slow``, ``distributed``.
+- ``device`` fixture: where kernel tests put their tensors. ``cuda`` when a GPU is present (the
+  tests then run the compiled kernels), else ``cpu`` (the same tests run the kernels in the
+  interpreter). Forcing ``backend("triton")`` on CPU tensors with CUDA present is an error.
 - ``nan_poisoned_empty``: while a kernel test runs, fresh buffers from ``torch.empty`` /
   ``torch.empty_like`` are NaN-filled, so an output element a kernel forgets to write fails the
   test instead of passing by luck (memory that happened to hold a right-looking value).
@@ -19,11 +24,18 @@ if not torch.cuda.is_available():
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
-        return
-    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+        skip = ("interpreter", pytest.mark.skip(reason="Triton interpreter check; CUDA is present so it is off"))
+    else:
+        skip = ("gpu", pytest.mark.skip(reason="needs a CUDA device"))
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip_gpu)
+        if skip[0] in item.keywords:
+            item.add_marker(skip[1])
+
+
+@pytest.fixture
+def device() -> torch.device:
+    """The device kernel tests run on: CUDA when present (compiled kernels), else CPU (interpreter)."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _poison(tensor: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,7 @@ def test_default_is_auto_and_cpu_runs_reference(monkeypatch):
     assert _backend.use_triton(torch.zeros(1)) is False
 
 
+@pytest.mark.interpreter
 def test_env_var_sets_default(monkeypatch):
     monkeypatch.setenv("VLMCORE_BACKEND", "triton")
     assert kernels.get_backend() == "triton"
@@ -111,7 +112,7 @@ def test_repo_root_kernels_folder_never_registers_ops_twice():
         "from transformers.utils.import_utils import is_kernels_available\n"
         "is_kernels_available()\n"
         "assert not [m for m in sys.modules if m.startswith('kernels.')], sorted(sys.modules)\n"
-        "q = torch.randn(1, 4, 1, 16)\n"
+        "q = torch.randn(1, 4, 1, 16, device='cuda' if torch.cuda.is_available() else 'cpu')\n"
         "with vk.backend('triton'):\n"
         "    out = vk.resampler_attention(q, q, q, q, q)\n"
         "assert torch.allclose(out, vk.reference.resampler_attention_reference(q, q, q, q, q), atol=1e-5)\n"

@@ -79,10 +79,11 @@ def test_group_is_passed_to_the_op():
         model(torch.randn(2, 3, 16, 16), tokenizer(["red", "blue"]), group=object())
 
 
-def test_triton_and_reference_backends_agree():
-    """Tiny shapes: the triton backend runs the kernel in the interpreter on CPU."""
-    model = tiny_clip()
-    images, tokens = torch.randn(4, 3, 16, 16), tokenizer(["a photo of " + c for c in CLASSES])
+def test_triton_and_reference_backends_agree(device):
+    """Tiny shapes: the triton backend runs the kernel in the interpreter on CPU, compiled on CUDA."""
+    model = tiny_clip().to(device)
+    images = torch.randn(4, 3, 16, 16, device=device)
+    tokens = tokenizer(["a photo of " + c for c in CLASSES]).to(device)
     results = {}
     for name in ("reference", "triton"):
         model.zero_grad()

@@ -181,14 +181,14 @@ def test_gated_block_matches_openflamingo(immediate):
              lambda m, a, b: m(a, b, locations))
 
 
-def test_gated_block_triton_backend_agrees_with_reference():
-    """Tiny shape: the triton backend runs the kernel in the interpreter on CPU."""
-    block = vlmcore.GatedCrossAttentionBlock(32, 16, dim_head=16, heads=2, ff_mult=2)
+def test_gated_block_triton_backend_agrees_with_reference(device):
+    """Tiny shape: the triton backend runs the kernel in the interpreter on CPU, compiled on CUDA."""
+    block = vlmcore.GatedCrossAttentionBlock(32, 16, dim_head=16, heads=2, ff_mult=2).to(device)
     with torch.no_grad():
         block.attn_gate.fill_(0.5)
         block.ff_gate.fill_(0.5)
-    locations = _locations(9, [[1, 6], [4]])
-    x, media = torch.randn(2, 9, 32), torch.randn(2, 2, 5, 16)
+    locations = _locations(9, [[1, 6], [4]]).to(device)
+    x, media = torch.randn(2, 9, 32, device=device), torch.randn(2, 2, 5, 16, device=device)
     results = {}
     for name in ("reference", "triton"):
         block.zero_grad()

@@ -145,11 +145,12 @@ def test_all_previous_mode_sees_earlier_images():
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_triton_and_reference_backends_agree(kind):
-    """Tiny shapes: the triton backend runs the kernels in the interpreter on CPU."""
+def test_triton_and_reference_backends_agree(kind, device):
+    """Tiny shapes: the triton backend runs the kernels in the interpreter on CPU, compiled on CUDA."""
     model, _ = tiny_flamingo(kind, dim_head=16)
+    model.to(device)
     open_gates(model)
-    vision_x, lang_x = batch(length=9)
+    vision_x, lang_x = (t.to(device) for t in batch(length=9))
     results = {}
     for name in ("reference", "triton"):
         model.zero_grad()

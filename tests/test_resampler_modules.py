@@ -162,11 +162,11 @@ def test_resampler_rejects_too_many_frames_or_media():
         ours(torch.randn(1, 2, DIM))
 
 
-def test_resampler_triton_backend_agrees_with_reference():
-    """Tiny shape: the triton backend runs the kernel in the interpreter on CPU."""
-    resampler = vlmcore.PerceiverResampler(32, depth=1, dim_head=16, heads=2, num_latents=4, ff_mult=1)
-    x = torch.randn(2, 1, 1, 6, 32)
-    weight = torch.randn(2, 1, 4, 32)
+def test_resampler_triton_backend_agrees_with_reference(device):
+    """Tiny shape: the triton backend runs the kernel in the interpreter on CPU, compiled on CUDA."""
+    resampler = vlmcore.PerceiverResampler(32, depth=1, dim_head=16, heads=2, num_latents=4, ff_mult=1).to(device)
+    x = torch.randn(2, 1, 1, 6, 32, device=device)
+    weight = torch.randn(2, 1, 4, 32, device=device)
     results = {}
     for name in ("reference", "triton"):
         resampler.zero_grad()

@@ -10,9 +10,10 @@
 #   2. makes vlmcore importable without touching its dependencies (already importable, else
 #      `pip install --no-deps --no-build-isolation -e .`, else a symlink tree mirroring setup.py's
 #      package_dir on PYTHONPATH);
-#   3. runs the GPU-marked tests (`pytest -m gpu tests`: the bf16/fp16 kernel tests on CUDA and the
-#      other GPU tests), then the kernel test files' CPU-path tests in the Triton interpreter with
-#      CUDA hidden (only where numpy < 2.4: newer numpy breaks the interpreter);
+#   3. runs the GPU-marked tests (`pytest -m gpu tests`: bf16 at the ANCHORS shapes, large n,
+#      memory), then every other kernel and module test on CUDA: the same tests CI runs in the
+#      Triton interpreter put their tensors on the `device` fixture, so here they run the compiled
+#      kernels, with bf16 added to their dtypes (interpreter-only checks skip themselves);
 #   4. runs the whole benchmark (`python -m vlmcore.bench all`, time-budgeted) and the plots;
 #   5. prints a short summary table last.
 # Everything goes to OUTDIR: one log per step, bench.csv, PNGs, steps.tsv, summary.txt. The whole
@@ -163,22 +164,22 @@ else
 fi
 
 # --------------------------------------------------------------------------- 3. tests
-KERNEL_TESTS=$(ls tests/test_contrastive*.py tests/test_masked_cross_attention*.py tests/test_resampler_attention*.py 2>/dev/null | tr '\n' ' ')
+KERNEL_TESTS=$(ls tests/test_contrastive*.py tests/test_masked_cross_attention*.py tests/test_resampler_attention*.py \
+    tests/test_cross_attention_modules.py tests/test_resampler_modules.py tests/test_flamingo.py tests/test_clip.py \
+    2>/dev/null | tr '\n' ' ')
 if [ "$DRY_RUN" = 1 ]; then
     skip tests_gpu "dry run"
-    skip tests_kernels_interpreter "dry run"
+    skip tests_kernels_cuda "dry run"
 else
     # --continue-on-collection-errors: a test module importing a package this image lacks
     # (deepspeed without the wheels) must not stop the GPU tests of the others.
     step tests_gpu 150 260 "$PY" -m pytest -m gpu tests -q --continue-on-collection-errors
     if [ -z "$KERNEL_TESTS" ]; then
-        skip tests_kernels_interpreter "no kernel test files found"
-    elif "$PY" -c "import numpy, sys; sys.exit(0 if tuple(map(int, numpy.__version__.split('.')[:2])) < (2, 4) else 1)"; then
-        # shellcheck disable=SC2086
-        step tests_kernels_interpreter 90 230 env CUDA_VISIBLE_DEVICES= TRITON_INTERPRET=1 \
-            "$PY" -m pytest -m "not gpu" $KERNEL_TESTS -q -x
+        skip tests_kernels_cuda "no kernel test files found"
     else
-        skip tests_kernels_interpreter "numpy >= 2.4 here breaks the Triton interpreter; CI runs these on CPU"
+        # The slow and multi-process cases stay in CPU CI; autotuning compiles dominate here.
+        # shellcheck disable=SC2086
+        step tests_kernels_cuda 120 230 "$PY" -m pytest -m "not gpu and not slow and not distributed" $KERNEL_TESTS -q
     fi
 fi
 

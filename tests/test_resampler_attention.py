@@ -1,7 +1,12 @@
-"""resampler_attention: the fused Triton kernel (interpreter on CPU) against the concat reference.
+"""resampler_attention: the fused Triton kernel against the concat reference.
+
+The kernel tests run on the ``device`` fixture: compiled kernels on CUDA tensors when a GPU is
+present, else the Triton interpreter on CPU tensors (fp32 and fp16 only: the interpreter gets
+bf16 wrong, so bf16 joins the low-precision sweep on CUDA only).
 
 Every comparison checks the output AND the gradients of q, k_media, v_media (and k_latents,
-v_latents when present) against the plain-PyTorch reference run on fp32 copies of the inputs.
+v_latents when present) against the plain-PyTorch reference run on fp32 copies of the inputs,
+on the same device.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ from vlmcore import kernels
 FWD_OP = torch.ops.vlmcore.resampler_attention_fwd
 # The op module itself (the package attribute of the same name is the function).
 OP_MODULE = importlib.import_module("vlmcore.kernels.resampler_attention")
+# 16-bit input dtypes compared against the fp32 reference (bf16 only where it is computed right).
+LOW_PRECISION_DTYPES = [torch.float16] + ([torch.bfloat16] if torch.cuda.is_available() else [])
 
 
 @pytest.fixture(params=["fused", "split"])
@@ -35,7 +42,7 @@ def backward_plan(request, monkeypatch):
     return request.param
 
 
-def make_inputs(batch, media, queries, heads, head_dim, *, dtype=torch.float32, latents=True, device="cpu"):
+def make_inputs(batch, media, queries, heads, head_dim, *, device, dtype=torch.float32, latents=True):
     """q ``[B, R, H, Dh]``, k/v_media ``[B, S, H, Dh]``, k/v_latents ``[B, R, H, Dh]`` (or None)."""
 
     def rand(n):
@@ -50,7 +57,7 @@ def make_inputs(batch, media, queries, heads, head_dim, *, dtype=torch.float32, 
     }
 
 
-def padding_mask(batch, media, *, empty_rows=(), device="cpu"):
+def padding_mask(batch, media, *, device, empty_rows=()):
     """Random bool ``[B, S]`` mask (about 30% padding); rows in ``empty_rows`` are all padding."""
     mask = torch.rand(batch, media, device=device) > 0.3
     mask[:, 0] = True
@@ -101,35 +108,41 @@ def check_against_reference(inputs, *, media_mask=None, softmax_scale=None, grad
 @pytest.mark.parametrize("latents", [True, False], ids=["latents", "qformer"])
 @pytest.mark.parametrize("queries", [1, 5, 64])
 @pytest.mark.parametrize("media", [1, 17, 257, 1025])
-def test_matches_reference_over_sequence_lengths(media, queries, latents, masked, nan_poisoned_empty, backward_plan):
+def test_matches_reference_over_sequence_lengths(
+    media, queries, latents, masked, device, nan_poisoned_empty, backward_plan
+):
     batch, heads = (1, 1) if media > 257 else (2, 2)
-    mask = padding_mask(batch, media) if masked else None
-    check_against_reference(make_inputs(batch, media, queries, heads, 32, latents=latents), media_mask=mask)
+    mask = padding_mask(batch, media, device=device) if masked else None
+    inputs = make_inputs(batch, media, queries, heads, 32, latents=latents, device=device)
+    check_against_reference(inputs, media_mask=mask)
 
 
 @pytest.mark.parametrize("latents", [True, False], ids=["latents", "qformer"])
 @pytest.mark.parametrize("head_dim", [32, 64, 96, 128])
-def test_matches_reference_over_head_dims(head_dim, latents, nan_poisoned_empty, backward_plan):
-    check_against_reference(make_inputs(2, 40, 5, 2, head_dim, latents=latents))
+def test_matches_reference_over_head_dims(head_dim, latents, device, nan_poisoned_empty, backward_plan):
+    check_against_reference(make_inputs(2, 40, 5, 2, head_dim, latents=latents, device=device))
 
 
-def test_more_queries_than_one_block(nan_poisoned_empty):
+def test_more_queries_than_one_block(device, nan_poisoned_empty):
     """R = 100 > 64: several query blocks in the forward / dq grid and in the dk/dv query loop."""
-    check_against_reference(make_inputs(1, 33, 100, 2, 32))
+    check_against_reference(make_inputs(1, 33, 100, 2, 32, device=device))
 
 
+@pytest.mark.parametrize("dtype", LOW_PRECISION_DTYPES, ids=str)
 @pytest.mark.parametrize(
     ("media", "queries", "head_dim", "latents", "masked"),
     [(17, 5, 32, False, False), (40, 64, 64, True, True), (257, 5, 96, True, False), (33, 1, 128, False, True)],
 )
-def test_fp16_matches_reference(media, queries, head_dim, latents, masked, nan_poisoned_empty, backward_plan):
-    inputs = make_inputs(2, media, queries, 2, head_dim, dtype=torch.float16, latents=latents)
-    mask = padding_mask(2, media) if masked else None
+def test_low_precision_matches_reference(
+    media, queries, head_dim, latents, masked, dtype, device, nan_poisoned_empty, backward_plan
+):
+    inputs = make_inputs(2, media, queries, 2, head_dim, dtype=dtype, latents=latents, device=device)
+    mask = padding_mask(2, media, device=device) if masked else None
     check_against_reference(inputs, media_mask=mask)
 
 
-def test_softmax_scale_is_used(nan_poisoned_empty):
-    inputs = make_inputs(2, 17, 5, 2, 32)
+def test_softmax_scale_is_used(device, nan_poisoned_empty):
+    inputs = make_inputs(2, 17, 5, 2, 32, device=device)
     out, _ = check_against_reference(inputs, softmax_scale=0.05)
     with kernels.backend("triton"):
         default = resampler_attention(**inputs)
@@ -143,19 +156,19 @@ def test_softmax_scale_is_used(nan_poisoned_empty):
 
 @pytest.mark.parametrize("latents", [True, False], ids=["latents", "qformer"])
 @pytest.mark.parametrize("media", [17, 70])
-def test_padding_mask_matches_reference(media, latents, nan_poisoned_empty, backward_plan):
-    inputs = make_inputs(3, media, 5, 2, 32, latents=latents)
-    mask = padding_mask(3, media)
+def test_padding_mask_matches_reference(media, latents, device, nan_poisoned_empty, backward_plan):
+    inputs = make_inputs(3, media, 5, 2, 32, latents=latents, device=device)
+    mask = padding_mask(3, media, device=device)
     _, grads = check_against_reference(inputs, media_mask=mask)
     padded = ~mask[:, :, None, None]
     assert grads["k_media"].masked_select(padded).abs().max() == 0
     assert grads["v_media"].masked_select(padded).abs().max() == 0
 
 
-def test_fully_masked_media_without_latents_gives_zeros_and_zero_grads(nan_poisoned_empty, backward_plan):
+def test_fully_masked_media_without_latents_gives_zeros_and_zero_grads(device, nan_poisoned_empty, backward_plan):
     """Q-Former form with an all-padding sample: nothing to attend -> zero output, zero grads, no NaN."""
-    inputs = make_inputs(3, 20, 5, 2, 32, latents=False)
-    mask = padding_mask(3, 20, empty_rows=(1,))
+    inputs = make_inputs(3, 20, 5, 2, 32, latents=False, device=device)
+    mask = padding_mask(3, 20, empty_rows=(1,), device=device)
     out, grads = check_against_reference(inputs, media_mask=mask)
     assert torch.equal(out[1], torch.zeros_like(out[1]))
     for name, grad in grads.items():
@@ -164,9 +177,9 @@ def test_fully_masked_media_without_latents_gives_zeros_and_zero_grads(nan_poiso
     assert out[0].abs().sum() > 0 and out[2].abs().sum() > 0
 
 
-def test_fully_masked_media_with_latents_attends_latents_only(nan_poisoned_empty, backward_plan):
-    inputs = make_inputs(3, 20, 5, 2, 32, latents=True)
-    mask = padding_mask(3, 20, empty_rows=(0,))
+def test_fully_masked_media_with_latents_attends_latents_only(device, nan_poisoned_empty, backward_plan):
+    inputs = make_inputs(3, 20, 5, 2, 32, latents=True, device=device)
+    mask = padding_mask(3, 20, empty_rows=(0,), device=device)
     out, grads = check_against_reference(inputs, media_mask=mask)
     only_latents = resampler_attention_reference(
         inputs["q"][:1], inputs["k_latents"][:1], inputs["v_latents"][:1]
@@ -176,9 +189,9 @@ def test_fully_masked_media_with_latents_attends_latents_only(nan_poisoned_empty
     assert torch.equal(grads["v_media"][0], torch.zeros_like(grads["v_media"][0]))
 
 
-def test_lse_is_saved_and_minus_inf_for_empty_rows(nan_poisoned_empty):
-    inputs = make_inputs(2, 20, 5, 2, 32, latents=False)
-    mask = padding_mask(2, 20, empty_rows=(1,))
+def test_lse_is_saved_and_minus_inf_for_empty_rows(device, nan_poisoned_empty):
+    inputs = make_inputs(2, 20, 5, 2, 32, latents=False, device=device)
+    mask = padding_mask(2, 20, empty_rows=(1,), device=device)
     out, lse = FWD_OP(inputs["q"], inputs["k_media"], inputs["v_media"], None, None, mask, 0.25)
     scores = torch.einsum("bqhd,bkhd->bhqk", inputs["q"], inputs["k_media"]) * 0.25
     expected = torch.logsumexp(scores.masked_fill(~mask[:, None, None, :], float("-inf")), dim=-1)
@@ -192,23 +205,23 @@ def test_lse_is_saved_and_minus_inf_for_empty_rows(nan_poisoned_empty):
 # ------------------------------------------------------------------------------------------------
 
 
-def test_non_contiguous_views_and_expanded_grad(nan_poisoned_empty, backward_plan):
+def test_non_contiguous_views_and_expanded_grad(device, nan_poisoned_empty, backward_plan):
     """Views of projection outputs (no copies), a transposed mask, and a stride-0 incoming gradient."""
     batch, media, queries, heads, head_dim = 2, 19, 6, 2, 32
-    kv = torch.randn(batch, media, 2 * heads * head_dim)
+    kv = torch.randn(batch, media, 2 * heads * head_dim, device=device)
     k_media, v_media = kv.view(batch, media, 2, heads, head_dim).unbind(2)
-    latent_qkv = torch.randn(batch, queries, heads, 3, head_dim)
+    latent_qkv = torch.randn(batch, queries, heads, 3, head_dim, device=device)
     q, k_latents, v_latents = latent_qkv.unbind(3)
-    mask = (torch.rand(media, batch) > 0.3).t()
+    mask = (torch.rand(media, batch, device=device) > 0.3).t()
     inputs = {"q": q, "k_media": k_media, "v_media": v_media, "k_latents": k_latents, "v_latents": v_latents}
     assert not any(t.is_contiguous() for t in inputs.values()) and not mask.is_contiguous()
-    grad_out = torch.ones(()).expand(batch, queries, heads, head_dim)
+    grad_out = torch.ones((), device=device).expand(batch, queries, heads, head_dim)
     check_against_reference(inputs, media_mask=mask, grad_out=grad_out)
 
 
-def test_deterministic(nan_poisoned_empty, backward_plan):
-    inputs = make_inputs(2, 70, 64, 2, 64)
-    mask = padding_mask(2, 70)
+def test_deterministic(device, nan_poisoned_empty, backward_plan):
+    inputs = make_inputs(2, 70, 64, 2, 64, device=device)
+    mask = padding_mask(2, 70, device=device)
     grad_out = torch.randn_like(inputs["q"])
     with kernels.backend("triton"):
         first = run(resampler_attention, inputs, grad_out, media_mask=mask)
@@ -225,6 +238,14 @@ def test_backward_plan():
     assert OP_MODULE._backward_plan(65, 4096, cpu) == "split"
 
 
+@pytest.mark.gpu
+def test_backward_plan_on_cuda_needs_two_programs_per_sm(device):
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    assert OP_MODULE._backward_plan(64, 2 * sms, device) == "fused"
+    assert OP_MODULE._backward_plan(64, 2 * sms - 1, device) == "split"
+    assert OP_MODULE._backward_plan(65, 100 * sms, device) == "split"
+
+
 def test_autotune_pruner_drops_spilling_tiles():
     configs = [
         triton.Config({"BLOCK_N": block_n}, num_warps=warps) for block_n in (32, 64, 128) for warps in (4, 8)
@@ -238,24 +259,25 @@ def test_autotune_pruner_drops_spilling_tiles():
 
 
 def test_auto_backend_on_cpu_runs_the_reference(monkeypatch):
+    """Explicit CPU tensors (on a GPU machine too): ``auto`` sends them to the reference."""
     monkeypatch.delenv("VLMCORE_BACKEND", raising=False)
-    inputs = make_inputs(2, 17, 5, 2, 32)
+    inputs = make_inputs(2, 17, 5, 2, 32, device="cpu")
     assert torch.equal(resampler_attention(**inputs), resampler_attention_reference(**inputs))
 
 
 @pytest.mark.parametrize("latents", [True, False], ids=["latents", "qformer"])
-def test_opcheck(latents):
-    inputs = make_inputs(2, 17, 5, 2, 32, latents=latents)
-    mask = padding_mask(2, 17) if latents else None
+def test_opcheck(latents, device):
+    inputs = make_inputs(2, 17, 5, 2, 32, latents=latents, device=device)
+    mask = padding_mask(2, 17, device=device) if latents else None
     args = (*inputs.values(), mask, 0.2)
     torch.library.opcheck(FWD_OP, args)
 
 
 @pytest.mark.parametrize("compile_backend", ["eager", "aot_eager"])
-def test_torch_compile(compile_backend):
+def test_torch_compile(compile_backend, device):
     """The custom op and the public function trace with fullgraph (fake + autograd registrations)."""
-    inputs = make_inputs(2, 17, 5, 2, 32)
-    mask = padding_mask(2, 17)
+    inputs = make_inputs(2, 17, 5, 2, 32, device=device)
+    mask = padding_mask(2, 17, device=device)
     grad_out = torch.randn_like(inputs["q"])
 
     def op_only(q, k_media, v_media, k_latents, v_latents, media_mask):
@@ -278,8 +300,8 @@ def test_torch_compile(compile_backend):
         assert_close(out, resampler_attention_reference(**qformer), name="compiled Q-Former out")
 
 
-def test_empty_batch():
-    inputs = make_inputs(0, 17, 5, 2, 32)
+def test_empty_batch(device):
+    inputs = make_inputs(0, 17, 5, 2, 32, device=device)
     with kernels.backend("triton"):
         out = resampler_attention(**inputs)
     assert out.shape == (0, 5, 2, 32)
@@ -292,47 +314,71 @@ def test_empty_batch():
 # ------------------------------------------------------------------------------------------------
 
 
-def _bad(**changes):
-    inputs = make_inputs(2, 17, 5, 2, 32)
+def _bad(device, **changes):
+    inputs = make_inputs(2, 17, 5, 2, 32, device=device)
     inputs.update(changes)
     return inputs
 
 
-@pytest.mark.parametrize(
-    ("inputs", "kwargs", "error", "match"),
-    [
-        (_bad(q=[[1.0]]), {}, TypeError, "q"),
-        (_bad(q=torch.zeros(2, 5, 2, 32, dtype=torch.int32)), {}, TypeError, "q"),
-        (_bad(k_media=torch.randn(2, 17, 2, 32, dtype=torch.float16)), {}, TypeError, "k_media"),
-        (_bad(v_media=torch.randn(2, 16, 2, 32)), {}, ValueError, "v_media"),
-        (_bad(k_media=torch.randn(2, 17, 3, 32), v_media=torch.randn(2, 17, 3, 32)), {}, ValueError, "k_media"),
-        (_bad(k_media=torch.randn(2, 0, 2, 32), v_media=torch.randn(2, 0, 2, 32)), {}, ValueError, "k_media"),
-        (_bad(k_media=torch.randn(17, 2, 32), v_media=torch.randn(17, 2, 32)), {}, ValueError, "k_media"),
-        (_bad(v_latents=None), {}, ValueError, "k_latents and v_latents"),
-        (_bad(k_latents=torch.randn(2, 6, 2, 32)), {}, ValueError, "k_latents"),
-        (_bad(v_latents=torch.randn(2, 5, 2, 32, dtype=torch.float64)), {}, TypeError, "v_latents"),
-        (_bad(), {"media_mask": torch.ones(2, 17)}, TypeError, "media_mask"),
-        (_bad(), {"media_mask": torch.ones(2, 16, dtype=torch.bool)}, ValueError, "media_mask"),
-        (_bad(), {"softmax_scale": 0.0}, ValueError, "softmax_scale"),
-        (_bad(), {"softmax_scale": float("nan")}, ValueError, "softmax_scale"),
-    ],
-)
-def test_bad_inputs_raise_naming_the_argument(inputs, kwargs, error, match):
+def _randn(*shape, dtype=torch.float32):
+    """A tensor built later, on the test's device (no device work at collection time)."""
+    return lambda device: torch.randn(*shape, dtype=dtype, device=device)
+
+
+# (input changes, call kwargs, error, message): tensors are deferred builders taking the device.
+BAD_INPUTS = [
+    ({"q": lambda device: [[1.0]]}, {}, TypeError, "q"),
+    ({"q": lambda device: torch.zeros(2, 5, 2, 32, dtype=torch.int32, device=device)}, {}, TypeError, "q"),
+    ({"k_media": _randn(2, 17, 2, 32, dtype=torch.float16)}, {}, TypeError, "k_media"),
+    ({"v_media": _randn(2, 16, 2, 32)}, {}, ValueError, "v_media"),
+    ({"k_media": _randn(2, 17, 3, 32), "v_media": _randn(2, 17, 3, 32)}, {}, ValueError, "k_media"),
+    ({"k_media": _randn(2, 0, 2, 32), "v_media": _randn(2, 0, 2, 32)}, {}, ValueError, "k_media"),
+    ({"k_media": _randn(17, 2, 32), "v_media": _randn(17, 2, 32)}, {}, ValueError, "k_media"),
+    ({"v_latents": lambda device: None}, {}, ValueError, "k_latents and v_latents"),
+    ({"k_latents": _randn(2, 6, 2, 32)}, {}, ValueError, "k_latents"),
+    ({"v_latents": _randn(2, 5, 2, 32, dtype=torch.float64)}, {}, TypeError, "v_latents"),
+    ({}, {"media_mask": _randn(2, 17)}, TypeError, "media_mask"),
+    ({}, {"media_mask": lambda device: torch.ones(2, 16, dtype=torch.bool, device=device)}, ValueError, "media_mask"),
+    ({}, {"softmax_scale": lambda device: 0.0}, ValueError, "softmax_scale"),
+    ({}, {"softmax_scale": lambda device: float("nan")}, ValueError, "softmax_scale"),
+]
+
+
+@pytest.mark.parametrize(("changes", "kwargs", "error", "match"), BAD_INPUTS)
+def test_bad_inputs_raise_naming_the_argument(changes, kwargs, error, match, device):
+    inputs = _bad(device, **{name: build(device) for name, build in changes.items()})
+    kwargs = {name: build(device) for name, build in kwargs.items()}
     with kernels.backend("triton"):
         with pytest.raises(error, match=match):
             resampler_attention(**inputs, **kwargs)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["k_media", "v_media", "k_latents", "v_latents", "media_mask"])
+def test_input_on_another_device_raises_naming_it(name, device):
+    """One CPU tensor among CUDA inputs is refused by name, before any kernel launch."""
+    inputs = make_inputs(2, 17, 5, 2, 32, device=device)
+    kwargs = {"media_mask": padding_mask(2, 17, device=device)}
+    if name == "media_mask":
+        kwargs[name] = kwargs[name].cpu()
+    else:
+        inputs[name] = inputs[name].cpu()
+    with kernels.backend("triton"):
+        with pytest.raises(ValueError, match=name):
+            resampler_attention(**inputs, **kwargs)
+
+
+@pytest.mark.interpreter
 def test_bf16_in_the_interpreter_is_refused():
     """The Triton interpreter gets bfloat16 dots wrong (errors of 1e8 seen): refuse instead of lying."""
-    inputs = make_inputs(1, 17, 5, 1, 32, dtype=torch.bfloat16)
+    inputs = make_inputs(1, 17, 5, 1, 32, dtype=torch.bfloat16, device="cpu")
     with kernels.backend("triton"):
         with pytest.raises(TypeError, match="bfloat16"):
             resampler_attention(**inputs)
 
 
-def test_head_dim_above_kernel_limit_is_a_clear_error():
-    inputs = make_inputs(1, 3, 2, 1, 160)
+def test_head_dim_above_kernel_limit_is_a_clear_error(device):
+    inputs = make_inputs(1, 3, 2, 1, 160, device=device)
     with kernels.backend("triton"):
         with pytest.raises(ValueError, match="head dims"):
             resampler_attention(**inputs)
@@ -341,7 +387,7 @@ def test_head_dim_above_kernel_limit_is_a_clear_error():
 
 
 # ------------------------------------------------------------------------------------------------
-# GPU (bf16 only runs correctly on a real GPU)
+# GPU only: anchor shapes (too big for the interpreter), odd shapes in every dtype incl. bf16
 # ------------------------------------------------------------------------------------------------
 
 

@@ -4,8 +4,11 @@ Usage: ``python contrastive_dist_worker.py RANK WORLD INIT_FILE OUT_FILE``
 
 Every rank builds the same global batch (:func:`global_batch`, fixed seed), keeps its slice, and for
 each backend (reference, triton) and ``local_loss`` (False, True) runs the distributed loss forward +
-backward with ``group=WORLD``. Saves ``{(backend, local_loss): {loss, i2t_acc, t2i_acc, d_image,
-d_text, d_logit_scale}}`` with ``torch.save``.
+backward with ``group=WORLD``. The features live on CUDA when it is present (every rank on the same
+GPU; gloo gathers and reduces CUDA tensors through the host), so the triton cases run the compiled
+kernels; otherwise on CPU, with the kernels in the Triton interpreter (the caller sets
+``TRITON_INTERPRET=1``). Saves ``{(backend, local_loss): {loss, i2t_acc, t2i_acc, d_image, d_text,
+d_logit_scale}}`` (CPU tensors) with ``torch.save``.
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ def main(rank: int, world: int, init_file: str, out_file: str) -> None:
     from vlmcore.kernels import backend, contrastive_loss
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    image, text, scale = global_batch(world)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    image, text, scale = (t.to(device) for t in global_batch(world))
     rows = slice(rank * N_LOCAL, (rank + 1) * N_LOCAL)
     results = {}
     for name, local in CASES:
@@ -42,8 +46,10 @@ def main(rank: int, world: int, init_file: str, out_file: str) -> None:
                                    label_smoothing=LABEL_SMOOTHING, output_dict=True)
         out["loss"].backward()
         results[(name, local)] = {
-            "loss": out["loss"].detach(), "i2t_acc": out["i2t_acc"], "t2i_acc": out["t2i_acc"],
-            "d_image": leaves[0].grad, "d_text": leaves[1].grad, "d_logit_scale": leaves[2].grad,
+            key: value.detach().cpu() for key, value in (
+                ("loss", out["loss"]), ("i2t_acc", out["i2t_acc"]), ("t2i_acc", out["t2i_acc"]),
+                ("d_image", leaves[0].grad), ("d_text", leaves[1].grad), ("d_logit_scale", leaves[2].grad),
+            )
         }
     torch.save(results, out_file)
     dist.barrier()

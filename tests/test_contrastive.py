@@ -1,8 +1,10 @@
-"""The fused contrastive loss: the Triton kernels (interpreter on CPU) against the plain-PyTorch reference.
+"""The fused contrastive loss: the Triton kernels against the plain-PyTorch reference.
 
+Kernel tests put their tensors on the ``device`` fixture: CUDA when present (compiled kernels, and
+bf16 joins the dtypes), else CPU (the kernels run in the Triton interpreter, fp32 / fp16 only).
 Every kernel test compares the loss AND the gradients of all three inputs with the reference run on
-fp32 copies, with ``torch.empty`` NaN-poisoned so an element a kernel forgets to write fails.
-Gradient tolerances are relative to the largest reference gradient (gradients scale like 1/n).
+fp32 copies on the same device, with ``torch.empty`` NaN-poisoned so an element a kernel forgets to
+write fails. Gradient tolerances are relative to the largest reference gradient (gradients scale like 1/n).
 """
 
 import json
@@ -21,12 +23,15 @@ from vlmcore.kernels import backend, contrastive_loss
 from vlmcore.kernels.reference import contrastive_accuracy_reference, contrastive_loss_reference
 
 GRAD_NAMES = ("d_image", "d_text", "d_logit_scale")
+# bf16 only with CUDA: the interpreter gets bf16 products wrong.
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if torch.cuda.is_available() else [])
 
 
-def _features(n: int, d: int, dtype: torch.dtype, noise: float = 0.8) -> tuple[torch.Tensor, torch.Tensor]:
+def _features(n: int, d: int, dtype: torch.dtype, device: torch.device | str,
+              noise: float = 0.8) -> tuple[torch.Tensor, torch.Tensor]:
     """Unit-norm image rows and text rows correlated with them (so accuracies are neither 0 nor 1)."""
-    image = F.normalize(torch.randn(n, d), dim=1)
-    text = F.normalize(image + noise * torch.randn(n, d), dim=1)
+    image = F.normalize(torch.randn(n, d, device=device), dim=1)
+    text = F.normalize(image + noise * torch.randn(n, d, device=device), dim=1)
     return image.to(dtype), text.to(dtype)
 
 
@@ -70,80 +75,82 @@ SHAPES = [(1, 16, 14.3), (7, 96, 14.3), (64, 64, 100.0), (64, 768, 30.0), (300, 
 
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
 @pytest.mark.parametrize("n,d,scale", SHAPES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_matches_reference(dtype, n, d, scale, label_smoothing, nan_poisoned_empty):
-    image, text = _features(n, d, dtype)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_matches_reference(dtype, n, d, scale, label_smoothing, device, nan_poisoned_empty):
+    image, text = _features(n, d, dtype, device)
     # output_dict (the accuracy variant of the forward kernel) on the smoothed cases
-    _check_against_reference(image, text, torch.tensor(scale), label_smoothing=label_smoothing,
+    _check_against_reference(image, text, torch.tensor(scale, device=device), label_smoothing=label_smoothing,
                              output_dict=label_smoothing > 0)
 
 
 @pytest.mark.slow
-def test_matches_reference_300x96_capped_groups(monkeypatch, nan_poisoned_empty):
+def test_matches_reference_300x96_capped_groups(monkeypatch, device, nan_poisoned_empty):
     """At most 2 row groups: 192 rows (3 row blocks merging into one partial row) + 108."""
     import vlmcore.kernels.contrastive as module
 
     monkeypatch.setattr(module, "MAX_ROW_GROUPS", 2)
     assert module._rows_per_group(300) == 192
-    image, text = _features(300, 96, torch.float32)
-    _check_against_reference(image, text, torch.tensor(50.0), label_smoothing=0.2, output_dict=True)
+    image, text = _features(300, 96, torch.float32, device)
+    _check_against_reference(image, text, torch.tensor(50.0, device=device), label_smoothing=0.2, output_dict=True)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_window_backward_with_several_windows(dtype, monkeypatch, nan_poisoned_empty):
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_window_backward_with_several_windows(dtype, monkeypatch, device, nan_poisoned_empty):
     """The large-d backward forced at d = 96 with windows of 128 rows / columns (3 of each at n = 300),
     symmetric and label-offset (rows op) forms."""
     import vlmcore.kernels.contrastive as module
 
     monkeypatch.setattr(module, "REGISTER_BACKWARD_MAX_D", 0)
     monkeypatch.setattr(module, "WINDOW_BYTES", 128 * 300 * torch.tensor([], dtype=dtype).element_size())
-    image, text = _features(300, 96, dtype)
-    _check_against_reference(image, text, torch.tensor(40.0), label_smoothing=0.1)
+    image, text = _features(300, 96, dtype, device)
+    scale = torch.tensor(40.0, device=device)
+    _check_against_reference(image, text, scale, label_smoothing=0.1)
     rows = slice(100, 200)
-    leaves = [t.detach().clone().requires_grad_() for t in (image, text, torch.tensor(40.0))]
+    leaves = [t.detach().clone().requires_grad_() for t in (image, text, scale)]
     loss, _, _ = torch.ops.vlmcore.contrastive_loss_rows(leaves[0][rows], leaves[1], leaves[2], 0.1, 100, False)
     loss.backward()
-    ref_leaves = [t.detach().float().clone().requires_grad_() for t in (image, text, torch.tensor(40.0))]
-    ref = F.cross_entropy(ref_leaves[2] * ref_leaves[0][rows] @ ref_leaves[1].T, torch.arange(100, 200),
+    ref_leaves = [t.detach().float().clone().requires_grad_() for t in (image, text, scale)]
+    ref = F.cross_entropy(ref_leaves[2] * ref_leaves[0][rows] @ ref_leaves[1].T, torch.arange(100, 200, device=device),
                           label_smoothing=0.1)
     ref.backward()
     assert_close(loss, ref, dtype=dtype, name="rows-op loss")
     _assert_grads_close([t.grad for t in leaves], [t.grad for t in ref_leaves], dtype)
 
 
-def test_register_backward_at_d_768(monkeypatch, nan_poisoned_empty):
+def test_register_backward_at_d_768(monkeypatch, device, nan_poisoned_empty):
     """The register backward forced at d = 768: three d chunks of 256 per program grid."""
     import vlmcore.kernels.contrastive as module
 
     monkeypatch.setattr(module, "REGISTER_BACKWARD_MAX_D", 1024)
-    image, text = _features(70, 768, torch.float16)
-    _check_against_reference(image, text, torch.tensor(100.0), label_smoothing=0.1)
+    image, text = _features(70, 768, torch.float16, device)
+    _check_against_reference(image, text, torch.tensor(100.0, device=device), label_smoothing=0.1)
 
 
-def test_strided_inputs_and_vector_float64_scale(nan_poisoned_empty):
+def test_strided_inputs_and_vector_float64_scale(device, nan_poisoned_empty):
     """A column slice (row stride != d) and a ``[1]`` float64 logit_scale whose gradient keeps that form."""
-    image, text = _features(37, 80, torch.float32)
-    wide_image = torch.cat([image, torch.randn(37, 16)], dim=1)
-    got = _check_against_reference(wide_image[:, :80], text, torch.tensor([20.0], dtype=torch.float64),
+    image, text = _features(37, 80, torch.float32, device)
+    wide_image = torch.cat([image, torch.randn(37, 16, device=device)], dim=1)
+    got = _check_against_reference(wide_image[:, :80], text, torch.tensor([20.0], dtype=torch.float64, device=device),
                                    label_smoothing=0.05)
     assert got[3].shape == (1,) and got[3].dtype == torch.float64
 
 
-def test_extreme_upstream_gradient_and_nonpositive_scale(nan_poisoned_empty):
+def test_extreme_upstream_gradient_and_nonpositive_scale(device, nan_poisoned_empty):
     """The upstream gradient reaches all three gradients; s = 0 and s < 0 are valid multipliers."""
-    image, text = _features(20, 32, torch.float16)
+    image, text = _features(20, 32, torch.float16, device)
     for s in (0.0, -5.0):
-        _check_against_reference(image, text, torch.tensor(s), label_smoothing=0.1, output_dict=True)
-    leaves = [t.detach().clone().requires_grad_() for t in (image, text, torch.tensor(7.0))]
+        _check_against_reference(image, text, torch.tensor(s, device=device), label_smoothing=0.1, output_dict=True)
+    scale = torch.tensor(7.0, device=device)
+    leaves = [t.detach().clone().requires_grad_() for t in (image, text, scale)]
     with backend("triton"):
         (contrastive_loss(*leaves) * 1000.0).backward()
-    ref = _run(image.float(), text.float(), torch.tensor(7.0), "reference")
+    ref = _run(image.float(), text.float(), scale, "reference")
     _assert_grads_close([g.grad / 1000.0 for g in leaves], ref[1:], torch.float16)
 
 
 @pytest.mark.parametrize("d", [48, 768])  # register and window backward
 @pytest.mark.parametrize("frozen", ["image", "text"])
-def test_frozen_tower_skips_its_half_of_the_backward(frozen, d, monkeypatch, nan_poisoned_empty):
+def test_frozen_tower_skips_its_half_of_the_backward(frozen, d, monkeypatch, device, nan_poisoned_empty):
     """Features without requires_grad: the other gradients still match, and the column half of the
     backward (column kernel / column windows) never runs."""
     import vlmcore.kernels.contrastive as module
@@ -152,14 +159,15 @@ def test_frozen_tower_skips_its_half_of_the_backward(frozen, d, monkeypatch, nan
         def __getitem__(self, grid):
             raise AssertionError("the column-gradient kernel ran for a frozen tower")
 
-    image, text = _features(70, d, torch.float16)
-    leaves = {"image": image.clone(), "text": text.clone(), "scale": torch.tensor(30.0)}
+    image, text = _features(70, d, torch.float16, device)
+    leaves = {"image": image.clone(), "text": text.clone(), "scale": torch.tensor(30.0, device=device)}
     ref = {k: v.float().clone() for k, v in leaves.items()}
     for group in (leaves, ref):
         for key in group:
             group[key].requires_grad_(key != frozen)
     window_calls = []
-    monkeypatch.setattr(module, "_contrastive_bwd_cols_kernel", NeverLaunched())
+    monkeypatch.setattr(module, "_contrastive_bwd_cols_kernel", NeverLaunched())  # interpreter launch
+    monkeypatch.setattr(module, "_bwd_cols_tuned", NeverLaunched())  # autotuned CUDA launch
     real_mm = torch.mm
     monkeypatch.setattr(torch, "mm", lambda a, b: window_calls.append(a.shape) or real_mm(a, b))
     with backend("triton"):
@@ -174,17 +182,18 @@ def test_frozen_tower_skips_its_half_of_the_backward(frozen, d, monkeypatch, nan
 
 
 @pytest.mark.parametrize("n,d", [(300, 16), (64, 768)])  # register and window backward
-def test_bit_identical_runs(n, d, nan_poisoned_empty):
-    image, text = _features(n, d, torch.float16)
-    first = _run(image, text, torch.tensor(60.0), "triton", label_smoothing=0.1, output_dict=True)
-    second = _run(image, text, torch.tensor(60.0), "triton", label_smoothing=0.1, output_dict=True)
+def test_bit_identical_runs(n, d, device, nan_poisoned_empty):
+    image, text = _features(n, d, torch.float16, device)
+    scale = torch.tensor(60.0, device=device)
+    first = _run(image, text, scale, "triton", label_smoothing=0.1, output_dict=True)
+    second = _run(image, text, scale, "triton", label_smoothing=0.1, output_dict=True)
     for key in ("loss", "i2t_acc", "t2i_acc"):
         assert torch.equal(first[0][key], second[0][key]), key
     for name, a, b in zip(GRAD_NAMES, first[1:], second[1:]):
         assert torch.equal(a, b), name
 
 
-def test_accuracy_ties_go_to_the_lowest_index(monkeypatch, nan_poisoned_empty):
+def test_accuracy_ties_go_to_the_lowest_index(monkeypatch, device, nan_poisoned_empty):
     """Exact ties (integer features, duplicated rows) inside a tile, across row/column blocks and
     across row groups (128 rows each here): argmax picks the lowest index, like the reference."""
     import vlmcore.kernels.contrastive as module
@@ -203,7 +212,8 @@ def test_accuracy_ties_go_to_the_lowest_index(monkeypatch, nan_poisoned_empty):
     image[200] = image[10]  # another group
     image[299] = image[150]
     text[250] = text[40]  # column ties across column blocks
-    s = torch.tensor(0.05)
+    image, text = image.to(device), text.to(device)
+    s = torch.tensor(0.05, device=device)
     with backend("triton"):
         got = contrastive_loss(image, text, s, output_dict=True)
     i2t, t2i = contrastive_accuracy_reference(image, text)
@@ -212,12 +222,13 @@ def test_accuracy_ties_go_to_the_lowest_index(monkeypatch, nan_poisoned_empty):
     assert_close(got["loss"], contrastive_loss_reference(image, text, s), dtype=torch.float32, name="loss")
 
 
-@pytest.mark.parametrize("n_local,world,dtype", [(7, 3, torch.float32), (64, 2, torch.float16)])
-def test_local_loss_rows_op_simulated_ranks(n_local, world, dtype, nan_poisoned_empty):
+@pytest.mark.parametrize("n_local,world,dtype", [(7, 3, torch.float32), (64, 2, torch.float16)]
+                         + [(64, 2, dtype) for dtype in DTYPES[2:]])
+def test_local_loss_rows_op_simulated_ranks(n_local, world, dtype, device, nan_poisoned_empty):
     """``local_loss=True`` math in one process: each simulated rank's rows against all columns with
     labels offset by rank * n (the op the distributed path calls), vs the reference."""
-    image, text = _features(n_local * world, 48, dtype)
-    s = torch.tensor(25.0)
+    image, text = _features(n_local * world, 48, dtype, device)
+    s = torch.tensor(25.0, device=device)
     ops = torch.ops.vlmcore
     for rank in range(world):
         rows = slice(rank * n_local, (rank + 1) * n_local)
@@ -241,10 +252,10 @@ def test_local_loss_rows_op_simulated_ranks(n_local, world, dtype, nan_poisoned_
         assert float(acc_i2t) == float(ref_i2t) and float(acc_t2i) == float(ref_t2i)
 
 
-def test_rows_op_rejects_labels_outside_the_columns():
-    image, text = _features(8, 16, torch.float32)
+def test_rows_op_rejects_labels_outside_the_columns(device):
+    image, text = _features(8, 16, torch.float32, device)
     with pytest.raises(ValueError, match="label_offset"):
-        torch.ops.vlmcore.contrastive_loss_rows(image, text, torch.tensor(1.0), 0.0, 1, False)
+        torch.ops.vlmcore.contrastive_loss_rows(image, text, torch.tensor(1.0, device=device), 0.0, 1, False)
 
 
 def test_cuda_launch_settings():
@@ -295,17 +306,17 @@ def test_kernels_compile_for_h100():
     assert all(row["spill_bytes"] == 0 for row in first.values()), first
 
 
-def test_opcheck():
-    image, text = _features(7, 16, torch.float32)
+def test_opcheck(device):
+    image, text = _features(7, 16, torch.float32, device)
     image.requires_grad_()
     text.requires_grad_()
-    s = torch.tensor(3.0, requires_grad=True)
-    cols = torch.randn(21, 16, requires_grad=True)
+    s = torch.tensor(3.0, device=device, requires_grad=True)
+    cols = torch.randn(21, 16, device=device, requires_grad=True)
     ops = torch.ops.vlmcore
     for accuracy in (False, True):
         torch.library.opcheck(ops.contrastive_loss.default, (image, text, s, 0.1, accuracy))
     torch.library.opcheck(ops.contrastive_loss_rows.default, (image, cols, s, 0.1, 7, True))
-    grad, lse = torch.tensor(1.5), torch.randn(7)
+    grad, lse = torch.tensor(1.5, device=device), torch.randn(7, device=device)
     for with_cols in (True, False):
         torch.library.opcheck(ops.contrastive_loss_backward.default,
                               (grad, image.detach(), text.detach(), s.detach(), lse, lse, 0.1, with_cols))
@@ -313,10 +324,10 @@ def test_opcheck():
                               (grad, image.detach(), cols.detach(), s.detach(), lse, 0.1, 7, with_cols))
 
 
-def test_torch_compile():
+def test_torch_compile(device):
     """The op and the public function inside fully compiled graphs give the eager values and gradients."""
-    image, text = _features(9, 32, torch.float32)
-    theta = torch.tensor(2.0)
+    image, text = _features(9, 32, torch.float32, device)
+    theta = torch.tensor(2.0, device=device)
 
     def through_op(img, txt, th):
         return torch.ops.vlmcore.contrastive_loss(img, txt, th.exp(), 0.1, False)[0] * 3.0
@@ -340,7 +351,9 @@ def test_torch_compile():
                             names=("d_image", "d_text", "d_theta"))
 
 
-def test_auto_backend_runs_the_reference_on_cpu(monkeypatch):
+def test_auto_backend_runs_the_reference_on_cpu(monkeypatch, device):
+    """``auto``: CPU tensors (explicitly, on any machine) run the reference, CUDA tensors the op;
+    forcing ``triton`` runs the op on the ``device`` tensors."""
     import vlmcore.kernels.contrastive as module
 
     def kernel_called(*args):
@@ -348,35 +361,46 @@ def test_auto_backend_runs_the_reference_on_cpu(monkeypatch):
 
     monkeypatch.delenv("VLMCORE_BACKEND", raising=False)
     monkeypatch.setattr(module, "_symmetric_op", kernel_called)
-    image, text = _features(5, 8, torch.float32)
+    image, text = _features(5, 8, torch.float32, "cpu")
     out = contrastive_loss(image, text, torch.tensor(10.0))
     assert_close(out, contrastive_loss_reference(image, text, torch.tensor(10.0)), name="loss")
+    image, text, scale = image.to(device), text.to(device), torch.tensor(10.0, device=device)
     with backend("triton"), pytest.raises(AssertionError, match="Triton op ran"):
-        contrastive_loss(image, text, torch.tensor(10.0))
+        contrastive_loss(image, text, scale)
+    if device.type == "cuda":
+        with pytest.raises(AssertionError, match="Triton op ran"):
+            contrastive_loss(image, text, scale)
 
 
 def _bad(image=None, text=None, scale=None, **kwargs):
-    good_image, good_text = _features(4, 8, torch.float32)
-    return (good_image if image is None else image, good_text if text is None else text,
-            torch.tensor(10.0) if scale is None else scale, kwargs)
+    """A builder ``device -> (image, text, scale, kwargs)``: good ``[4, 8]`` fp32 inputs on the device,
+    with the given ones (builders ``device -> value``) replacing them."""
+
+    def build(device):
+        good_image, good_text = _features(4, 8, torch.float32, device)
+        return (good_image if image is None else image(device), good_text if text is None else text(device),
+                torch.tensor(10.0, device=device) if scale is None else scale(device), kwargs)
+
+    return build
 
 
 BAD_INPUTS = [
-    ("text shape", _bad(text=torch.randn(5, 8)), ValueError, "text_features"),
-    ("d mismatch", _bad(text=torch.randn(4, 9)), ValueError, "text_features"),
-    ("dtype", _bad(text=torch.randn(4, 8, dtype=torch.float16)), TypeError, "text_features"),
-    ("integer", _bad(image=torch.ones(4, 8, dtype=torch.int64)), TypeError, "image_features"),
-    ("device", _bad(text=torch.randn(4, 8, device="meta")), ValueError, "text_features"),
-    ("3-D", _bad(image=torch.randn(2, 4, 8)), ValueError, "image_features"),
-    ("1-D", _bad(text=torch.randn(8)), ValueError, "text_features"),
-    ("empty", _bad(image=torch.randn(0, 8), text=torch.randn(0, 8)), ValueError, "image_features"),
-    ("not a tensor", _bad(image=[[1.0] * 8] * 4), TypeError, "image_features"),
-    ("scale float", _bad(scale=10.0), TypeError, "logit_scale"),
-    ("scale shape", _bad(scale=torch.ones(2)), ValueError, "logit_scale"),
-    ("scale int", _bad(scale=torch.tensor(3)), TypeError, "logit_scale"),
-    ("scale inf", _bad(scale=torch.tensor(math.inf)), ValueError, "logit_scale"),
-    ("scale nan", _bad(scale=torch.tensor(math.nan)), ValueError, "logit_scale"),
-    ("scale device", _bad(scale=torch.tensor(1.0, device="meta")), ValueError, "logit_scale"),
+    ("text shape", _bad(text=lambda dev: torch.randn(5, 8, device=dev)), ValueError, "text_features"),
+    ("d mismatch", _bad(text=lambda dev: torch.randn(4, 9, device=dev)), ValueError, "text_features"),
+    ("dtype", _bad(text=lambda dev: torch.randn(4, 8, dtype=torch.float16, device=dev)), TypeError, "text_features"),
+    ("integer", _bad(image=lambda dev: torch.ones(4, 8, dtype=torch.int64, device=dev)), TypeError, "image_features"),
+    ("device", _bad(text=lambda dev: torch.randn(4, 8, device="meta")), ValueError, "text_features"),
+    ("3-D", _bad(image=lambda dev: torch.randn(2, 4, 8, device=dev)), ValueError, "image_features"),
+    ("1-D", _bad(text=lambda dev: torch.randn(8, device=dev)), ValueError, "text_features"),
+    ("empty", _bad(image=lambda dev: torch.randn(0, 8, device=dev), text=lambda dev: torch.randn(0, 8, device=dev)),
+     ValueError, "image_features"),
+    ("not a tensor", _bad(image=lambda dev: [[1.0] * 8] * 4), TypeError, "image_features"),
+    ("scale float", _bad(scale=lambda dev: 10.0), TypeError, "logit_scale"),
+    ("scale shape", _bad(scale=lambda dev: torch.ones(2, device=dev)), ValueError, "logit_scale"),
+    ("scale int", _bad(scale=lambda dev: torch.tensor(3, device=dev)), TypeError, "logit_scale"),
+    ("scale inf", _bad(scale=lambda dev: torch.tensor(math.inf, device=dev)), ValueError, "logit_scale"),
+    ("scale nan", _bad(scale=lambda dev: torch.tensor(math.nan, device=dev)), ValueError, "logit_scale"),
+    ("scale device", _bad(scale=lambda dev: torch.tensor(1.0, device="meta")), ValueError, "logit_scale"),
     ("smoothing high", _bad(label_smoothing=1.5), ValueError, "label_smoothing"),
     ("smoothing negative", _bad(label_smoothing=-0.1), ValueError, "label_smoothing"),
     ("smoothing nan", _bad(label_smoothing=math.nan), ValueError, "label_smoothing"),
@@ -387,8 +411,9 @@ BAD_INPUTS = [
 
 @pytest.mark.parametrize("case", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
 @pytest.mark.parametrize("backend_name", ["triton", "reference"])
-def test_bad_inputs_name_the_argument(case, backend_name):
-    _, (image, text, scale, kwargs), error, name = case
+def test_bad_inputs_name_the_argument(case, backend_name, device):
+    _, build, error, name = case
+    image, text, scale, kwargs = build(device)
     with backend(backend_name), pytest.raises(error, match=name):
         contrastive_loss(image, text, scale, **kwargs)
 
@@ -421,16 +446,15 @@ def _chunked_reference(image, text, scale, chunk=4096):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_gpu_matches_reference(dtype):
-    image, text = _features(4096, 768, dtype)
-    image, text = image.cuda(), text.cuda()
+    image, text = _features(4096, 768, dtype, "cuda")
     _check_against_reference(image, text, torch.tensor(100.0, device="cuda"), label_smoothing=0.1, output_dict=True)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("n", [8192, 65536])
 def test_gpu_large_n_bf16(n):
-    image, text = _features(n, 768, torch.bfloat16, noise=1.0)
-    image, text, s = image.cuda(), text.cuda(), torch.tensor(100.0, device="cuda")
+    image, text = _features(n, 768, torch.bfloat16, "cuda", noise=1.0)
+    s = torch.tensor(100.0, device="cuda")
     got = _run(image, text, s, "triton")
     ref = _chunked_reference(image, text, s)
     assert_close(got[0], ref[0], dtype=torch.bfloat16, name="loss")
@@ -442,8 +466,8 @@ def test_gpu_memory_stays_linear_in_n():
     """n = 32768, d = 768, bf16: forward + backward peak extra memory <= 300 MB (inputs' gradients
     included), against ~18.5 GB for the materialized reference."""
     n, d = 32768, 768
-    image, text = _features(n, d, torch.bfloat16)
-    leaves = [image.cuda().requires_grad_(), text.cuda().requires_grad_(),
+    image, text = _features(n, d, torch.bfloat16, "cuda")
+    leaves = [image.requires_grad_(), text.requires_grad_(),
               torch.tensor(100.0, device="cuda", requires_grad=True)]
     with backend("triton"):
         contrastive_loss(*leaves).backward()  # autotuning (and its benchmark buffers) happen here

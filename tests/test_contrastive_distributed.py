@@ -1,5 +1,6 @@
 """The distributed contrastive loss with 2 real gloo processes, through the reference and the
-Triton kernels (interpreter on CPU).
+Triton kernels (compiled, both ranks on the one GPU, when CUDA is present; else CPU tensors and the
+interpreter). The one-process oracle runs here, on CPU, in fp32.
 
 OpenCLIP semantics (``gather_with_grad=True``): ``local_loss=False`` gives every rank the global
 loss; ``local_loss=True`` gives rank r the loss of its rows against all gathered columns, labels

@@ -1,7 +1,9 @@
 """Masked per-image cross-attention: the block-sparse Triton kernels vs the plain-PyTorch reference.
 
-On CPU the kernels run in the Triton interpreter (fp32 and fp16; bf16 is wrong there). The
-reference runs on fp32 copies. Outputs AND gradients of q, k, v are compared in both modes.
+Tensors live on the ``device`` fixture: CUDA when present (the compiled kernels, fp32, fp16 and
+bf16), else CPU, where the kernels run in the Triton interpreter (fp32 and fp16; bf16 is wrong
+there). The reference runs on fp32 copies on the same device. Outputs AND gradients of q, k, v are
+compared in both modes.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from vlmcore import kernels
 # The module itself (the package attribute of the same name is the public function).
 mxa = importlib.import_module("vlmcore.kernels.masked_cross_attention")
 MODES = ("immediate", "all_previous")
+# bf16 only where the kernels are compiled: the interpreter computes bf16 wrong.
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if torch.cuda.is_available() else [])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -30,20 +34,20 @@ MODES = ("immediate", "all_previous")
 # ------------------------------------------------------------------------------------------------
 
 
-def make_media_index(length: int, images: list[int], first_at: list[int] | None = None) -> torch.Tensor:
+def make_media_index(length: int, images: list[int], first_at: list[int] | None, device: torch.device) -> torch.Tensor:
     """int64 ``[B, L]`` from random image positions: sample b has ``images[b]`` images, none before ``first_at[b]``."""
     first_at = first_at or [0] * len(images)
-    locations = torch.zeros(len(images), length, dtype=torch.bool)
+    locations = torch.zeros(len(images), length, dtype=torch.bool, device=device)
     for b, (count, start) in enumerate(zip(images, first_at)):
-        positions = torch.randperm(length - start)[:count] + start
+        positions = torch.randperm(length - start, device=device)[:count] + start
         locations[b, positions] = True
     return media_index_from_locations(locations)
 
 
-def make_qkv(batch, length, heads, head_dim, num_media, r, dtype):
-    q = torch.randn(batch, length, heads, head_dim, dtype=dtype)
-    k = torch.randn(batch, num_media * r, heads, head_dim, dtype=dtype)
-    v = torch.randn(batch, num_media * r, heads, head_dim, dtype=dtype)
+def make_qkv(batch, length, heads, head_dim, num_media, r, dtype, device):
+    q = torch.randn(batch, length, heads, head_dim, dtype=dtype, device=device)
+    k = torch.randn(batch, num_media * r, heads, head_dim, dtype=dtype, device=device)
+    v = torch.randn(batch, num_media * r, heads, head_dim, dtype=dtype, device=device)
     return q, k, v
 
 
@@ -66,7 +70,7 @@ def run_reference(q, k, v, media_index, r, mode, grad_out, upcast=True, **kwargs
 
 
 def check_against_reference(q, k, v, media_index, r, mode, **kwargs):
-    grad_out = torch.randn(q.shape, dtype=q.dtype)
+    grad_out = torch.randn(q.shape, dtype=q.dtype, device=q.device)
     got = run_kernel(q, k, v, media_index, r, mode, grad_out, **kwargs)
     want = run_reference(q, k, v, media_index, r, mode, grad_out, **kwargs)
     dtype = q.dtype
@@ -94,12 +98,18 @@ CASES = {
 }
 
 
+# Each case in its own dtype; where bf16 is tested (CUDA), each case in bf16 as well.
+CASE_PARAMS = [pytest.param(case, CASES[case][-1], id=case) for case in CASES]
+if torch.bfloat16 in DTYPES:
+    CASE_PARAMS += [pytest.param(case, torch.bfloat16, id=f"{case}-bf16") for case in CASES]
+
+
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("case", list(CASES))
-def test_matches_reference(case, mode, nan_poisoned_empty):
-    batch, length, heads, head_dim, num_media, r, images, first_at, dtype = CASES[case]
-    media_index = make_media_index(length, images, first_at)
-    q, k, v = make_qkv(batch, length, heads, head_dim, num_media, r, dtype)
+@pytest.mark.parametrize("case, dtype", CASE_PARAMS)
+def test_matches_reference(case, dtype, mode, device, nan_poisoned_empty):
+    batch, length, heads, head_dim, num_media, r, images, first_at, _ = CASES[case]
+    media_index = make_media_index(length, images, first_at, device)
+    q, k, v = make_qkv(batch, length, heads, head_dim, num_media, r, dtype, device)
     out, dq, _, _ = check_against_reference(q, k, v, media_index, r, mode)
     # Rows that attend nothing: exactly zero output and gradient.
     empty = media_index < 0
@@ -107,26 +117,26 @@ def test_matches_reference(case, mode, nan_poisoned_empty):
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("head_dim", [32, 64, 96, 128])
-def test_head_dims(head_dim, dtype, mode, nan_poisoned_empty):
-    media_index = make_media_index(37, [3, 2], [4, 0])
-    q, k, v = make_qkv(2, 37, 2, head_dim, 3, 17, dtype)
+def test_head_dims(head_dim, dtype, mode, device, nan_poisoned_empty):
+    media_index = make_media_index(37, [3, 2], [4, 0], device)
+    q, k, v = make_qkv(2, 37, 2, head_dim, 3, 17, dtype, device)
     check_against_reference(q, k, v, media_index, 17, mode)
 
 
 @pytest.mark.parametrize("head_dim", [8, 256])
-def test_unusual_head_dims(head_dim):
+def test_unusual_head_dims(head_dim, device):
     """Below the 16-wide tl.dot minimum (padded) and the widest the kernels take."""
-    media_index = make_media_index(21, [2], [2])
-    q, k, v = make_qkv(1, 21, 1, head_dim, 2, 5, torch.float32)
+    media_index = make_media_index(21, [2], [2], device)
+    q, k, v = make_qkv(1, 21, 1, head_dim, 2, 5, torch.float32, device)
     check_against_reference(q, k, v, media_index, 5, "immediate")
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_softmax_scale(mode):
-    media_index = make_media_index(30, [2], [3])
-    q, k, v = make_qkv(1, 30, 2, 32, 2, 5, torch.float32)
+def test_softmax_scale(mode, device):
+    media_index = make_media_index(30, [2], [3], device)
+    q, k, v = make_qkv(1, 30, 2, 32, 2, 5, torch.float32, device)
     check_against_reference(q, k, v, media_index, 5, mode, softmax_scale=0.37)
 
 
@@ -134,41 +144,43 @@ def test_softmax_scale(mode):
     "block_m, block_n", [(16, 64), (64, 16), (16, 16)], ids=["bm16-bn64", "bm64-bn16", "bm16-bn16"]
 )
 @pytest.mark.parametrize("mode", MODES)
-def test_other_tile_sizes(block_m, block_n, mode, monkeypatch):
-    """The kernels are tile-size generic (CUDA autotunes over several); check other tiles here."""
+def test_other_tile_sizes(block_m, block_n, mode, monkeypatch, device):
+    """The kernels are tile-size generic (CUDA autotunes over several); check other tiles here.
+
+    With a single config the autotuner launches it directly (no tuning, no cached choice), on CUDA too."""
     config = triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=4, num_stages=1)
     for tuned in (mxa._fwd_kernel, mxa._dq_kernel, mxa._dkdv_kernel):
         monkeypatch.setattr(tuned, "configs", [config])
-    media_index = make_media_index(53, [5, 2], [6, 0])
-    q, k, v = make_qkv(2, 53, 1, 32, 5, 9, torch.float32)
+    media_index = make_media_index(53, [5, 2], [6, 0], device)
+    q, k, v = make_qkv(2, 53, 1, 32, 5, 9, torch.float32, device)
     check_against_reference(q, k, v, media_index, 9, mode)
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_non_contiguous_views(mode):
+def test_non_contiguous_views(mode, device):
     """q, k, v as views of projection outputs (no copy), a head-major transpose, and stride_d != 1."""
     batch, length, heads, head_dim, num_media, r = 2, 31, 2, 32, 3, 5
-    qkv = torch.randn(batch, length, 3 * heads * head_dim)
+    qkv = torch.randn(batch, length, 3 * heads * head_dim, device=device)
     q = qkv[..., : heads * head_dim].view(batch, length, heads, head_dim)
-    kv = torch.randn(batch, num_media * r, 2 * heads * head_dim)
+    kv = torch.randn(batch, num_media * r, 2 * heads * head_dim, device=device)
     k = kv[..., : heads * head_dim].view(batch, num_media * r, heads, head_dim)
     v = kv[..., heads * head_dim :].view(batch, num_media * r, heads, head_dim)
     assert not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous())
-    media_index = make_media_index(length, [3, 2], [2, 7])
+    media_index = make_media_index(length, [3, 2], [2, 7], device)
     check_against_reference(q, k, v, media_index, r, mode)
 
-    q_t = torch.randn(batch, heads, length, head_dim).transpose(1, 2)
-    k_t = torch.randn(batch, num_media * r, heads, 2 * head_dim)[..., ::2]
-    v_t = torch.randn(batch, heads, num_media * r, head_dim).transpose(1, 2)
+    q_t = torch.randn(batch, heads, length, head_dim, device=device).transpose(1, 2)
+    k_t = torch.randn(batch, num_media * r, heads, 2 * head_dim, device=device)[..., ::2]
+    v_t = torch.randn(batch, heads, num_media * r, head_dim, device=device).transpose(1, 2)
     check_against_reference(q_t, k_t, v_t, media_index, r, mode)
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_non_contiguous_and_expanded_grad_out(mode):
+def test_non_contiguous_and_expanded_grad_out(mode, device):
     """Backward reads grad_out through its strides (stride-0 from .sum(), or a transposed view)."""
-    media_index = make_media_index(29, [2], [3])
-    q, k, v = make_qkv(1, 29, 2, 32, 2, 5, torch.float32)
-    weight = torch.randn(1, 2, 29, 32).transpose(1, 2)  # grad_out = this non-contiguous view
+    media_index = make_media_index(29, [2], [3], device)
+    q, k, v = make_qkv(1, 29, 2, 32, 2, 5, torch.float32, device)
+    weight = torch.randn(1, 2, 29, 32, device=device).transpose(1, 2)  # grad_out = this non-contiguous view
     for reduce in (lambda o: o.sum(), lambda o: (o * weight).sum()):
         grads = []
         for use_kernel in (True, False):
@@ -181,20 +193,20 @@ def test_non_contiguous_and_expanded_grad_out(mode):
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_out_of_range_indices_select_nothing_and_stay_in_bounds(mode):
+def test_out_of_range_indices_select_nothing_and_stay_in_bounds(mode, device):
     """Indices >= M or < -1 attend nothing; k/v rows outside the tensors (NaN here) are never read."""
     batch, length, heads, head_dim, num_media, r = 2, 40, 2, 32, 3, 5
     rows = num_media * r
     # k and v live in the middle of NaN-filled buffers: any read outside them poisons the result.
-    k_buf = torch.full((batch, rows + 2 * r, heads, head_dim), float("nan"))
-    v_buf = torch.full((batch, rows + 2 * r, heads, head_dim), float("nan"))
-    k_buf[:, r : r + rows] = torch.randn(batch, rows, heads, head_dim)
-    v_buf[:, r : r + rows] = torch.randn(batch, rows, heads, head_dim)
+    k_buf = torch.full((batch, rows + 2 * r, heads, head_dim), float("nan"), device=device)
+    v_buf = torch.full((batch, rows + 2 * r, heads, head_dim), float("nan"), device=device)
+    k_buf[:, r : r + rows] = torch.randn(batch, rows, heads, head_dim, device=device)
+    v_buf[:, r : r + rows] = torch.randn(batch, rows, heads, head_dim, device=device)
     k, v = k_buf[:, r : r + rows], v_buf[:, r : r + rows]
-    q = torch.randn(batch, length, heads, head_dim)
-    media_index = make_media_index(length, [3, 3], [0, 4])
-    bad = torch.tensor([num_media, num_media + 7, -2, -(2**40), 2**40, 2**32 + 1])
-    positions = torch.randperm(length)[: bad.numel()]
+    q = torch.randn(batch, length, heads, head_dim, device=device)
+    media_index = make_media_index(length, [3, 3], [0, 4], device)
+    bad = torch.tensor([num_media, num_media + 7, -2, -(2**40), 2**40, 2**32 + 1], device=device)
+    positions = torch.randperm(length, device=device)[: bad.numel()]
     media_index[0, positions] = bad
     media_index[1, :5] = num_media
     out, dq, dk, dv = check_against_reference(q, k, v, media_index, r, mode)
@@ -204,29 +216,29 @@ def test_out_of_range_indices_select_nothing_and_stay_in_bounds(mode):
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_non_monotone_media_index(mode):
+def test_non_monotone_media_index(mode, device):
     batch, length, num_media, r = 2, 47, 5, 7
-    media_index = torch.randint(-1, num_media, (batch, length))
-    q, k, v = make_qkv(batch, length, 2, 32, num_media, r, torch.float32)
+    media_index = torch.randint(-1, num_media, (batch, length), device=device)
+    q, k, v = make_qkv(batch, length, 2, 32, num_media, r, torch.float32, device)
     check_against_reference(q, k, v, media_index.to(torch.int32), r, mode)
 
 
-def test_cached_media_index(nan_poisoned_empty):
+def test_cached_media_index(device, nan_poisoned_empty):
     """Generation with cached media: every token attends the last image."""
-    locations = torch.zeros(2, 26, dtype=torch.bool)
+    locations = torch.zeros(2, 26, dtype=torch.bool, device=device)
     locations[0, [3, 9]] = True
     locations[1, 20] = True
     media_index = media_index_from_locations(locations, use_cached_media=True)
-    q, k, v = make_qkv(2, 26, 2, 32, 2, 5, torch.float16)
+    q, k, v = make_qkv(2, 26, 2, 32, 2, 5, torch.float16, device)
     check_against_reference(q, k, v, media_index, 5, "immediate")
 
 
-def test_no_media_rows():
+def test_no_media_rows(device):
     """M = 0 (k and v have no rows): everything attends nothing."""
-    q = torch.randn(2, 9, 2, 32, requires_grad=True)
-    k = torch.randn(2, 0, 2, 32, requires_grad=True)
-    v = torch.randn(2, 0, 2, 32, requires_grad=True)
-    media_index = torch.full((2, 9), -1)
+    q = torch.randn(2, 9, 2, 32, device=device, requires_grad=True)
+    k = torch.randn(2, 0, 2, 32, device=device, requires_grad=True)
+    v = torch.randn(2, 0, 2, 32, device=device, requires_grad=True)
+    media_index = torch.full((2, 9), -1, device=device)
     with kernels.backend("triton"):
         out = masked_cross_attention(q, k, v, media_index, 4)
     out.sum().backward()
@@ -235,18 +247,18 @@ def test_no_media_rows():
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_deterministic(mode):
-    media_index = make_media_index(61, [6, 4], [0, 10])
-    q, k, v = make_qkv(2, 61, 2, 32, 6, 9, torch.float16)
-    grad_out = torch.randn(q.shape, dtype=q.dtype)
+def test_deterministic(mode, device):
+    media_index = make_media_index(61, [6, 4], [0, 10], device)
+    q, k, v = make_qkv(2, 61, 2, 32, 6, 9, torch.float16, device)
+    grad_out = torch.randn(q.shape, dtype=q.dtype, device=device)
     first = run_kernel(q, k, v, media_index, 9, mode, grad_out)
     second = run_kernel(q, k, v, media_index, 9, mode, grad_out)
     for a, b in zip(first, second):
         assert torch.equal(a, b)
 
 
-def test_media_spans():
-    media_index = torch.tensor([[-1, 0, 0, 2, 2, 7], [1, 1, -1, 0, -5, 1]])
+def test_media_spans(device):
+    media_index = torch.tensor([[-1, 0, 0, 2, 2, 7], [1, 1, -1, 0, -5, 1]], device=device)
     spans = mxa._media_spans(media_index, 3, immediate=True)
     assert spans.tolist() == [[[1, 6, 3], [2, -1, 4]], [[3, 0, 6], [3, 5, -1]]]
     spans = mxa._media_spans(media_index, 3, immediate=False)
@@ -258,27 +270,31 @@ def test_media_spans():
 # ------------------------------------------------------------------------------------------------
 
 
-def test_dispatch(monkeypatch):
+def test_dispatch(monkeypatch, device):
     calls = []
     real_forward = mxa._forward
     monkeypatch.setattr(mxa, "_forward", lambda *a: calls.append(1) or real_forward(*a))
-    media_index = make_media_index(20, [2], [0])
-    q, k, v = make_qkv(1, 20, 1, 32, 2, 4, torch.float32)
-    masked_cross_attention(q, k, v, media_index, 4)  # auto on CPU: the reference
+    media_index = make_media_index(20, [2], [0], device)
+    q, k, v = make_qkv(1, 20, 1, 32, 2, 4, torch.float32, device)
+    masked_cross_attention(q.cpu(), k.cpu(), v.cpu(), media_index.cpu(), 4)  # auto on CPU tensors: the reference
     assert calls == []
+    if device.type == "cuda":
+        masked_cross_attention(q, k, v, media_index, 4)  # auto on CUDA tensors: the kernel
+        assert calls == [1]
+        calls.clear()
     with kernels.backend("triton"):
         masked_cross_attention(q, k, v, media_index, 4)
         assert calls == [1]
-        big = torch.randn(1, 20, 1, mxa.MAX_KERNEL_HEAD_DIM + 8)
-        kb = torch.randn(1, 8, 1, mxa.MAX_KERNEL_HEAD_DIM + 8)
+        big = torch.randn(1, 20, 1, mxa.MAX_KERNEL_HEAD_DIM + 8, device=device)
+        kb = torch.randn(1, 8, 1, mxa.MAX_KERNEL_HEAD_DIM + 8, device=device)
         out = masked_cross_attention(big, kb, kb, media_index, 4)  # too wide for the kernel: reference
         assert calls == [1]
     assert_close(out, masked_cross_attention_reference(big, kb, kb, media_index, 4))
 
 
-def test_opcheck():
-    media_index = make_media_index(21, [2], [3])
-    q, k, v = make_qkv(1, 21, 1, 32, 2, 5, torch.float32)
+def test_opcheck(device):
+    media_index = make_media_index(21, [2], [3], device)
+    q, k, v = make_qkv(1, 21, 1, 32, 2, 5, torch.float32, device)
     q, k, v = (t.requires_grad_() for t in (q, k, v))
     torch.library.opcheck(
         torch.ops.vlmcore.masked_cross_attention_fwd.default, (q, k, v, media_index, 5, "immediate", 0.2)
@@ -292,11 +308,11 @@ def test_opcheck():
 
 
 @pytest.mark.parametrize("compile_backend", ["eager", "aot_eager"])
-def test_torch_compile(compile_backend):
+def test_torch_compile(compile_backend, device):
     """The op traces with fullgraph (fake + autograd registrations); the public function compiles too
     (with a graph break at the backend switch, whose ContextVar dynamo does not trace)."""
-    media_index = make_media_index(25, [2], [1])
-    q, k, v = make_qkv(1, 25, 2, 32, 2, 5, torch.float32)
+    media_index = make_media_index(25, [2], [1], device)
+    q, k, v = make_qkv(1, 25, 2, 32, 2, 5, torch.float32, device)
 
     def op_only(q, k, v, media_index):
         out, _ = torch.ops.vlmcore.masked_cross_attention_fwd(q * 2.0, k, v, media_index, 5, "immediate", 0.3)
@@ -379,9 +395,9 @@ def test_kernels_compile_for_sm90():
 # ------------------------------------------------------------------------------------------------
 
 
-def _good():
-    q, k, v = make_qkv(2, 8, 2, 16, 2, 3, torch.float32)
-    return q, k, v, torch.zeros(2, 8, dtype=torch.long)
+def _good(device):
+    q, k, v = make_qkv(2, 8, 2, 16, 2, 3, torch.float32, device)
+    return q, k, v, torch.zeros(2, 8, dtype=torch.long, device=device)
 
 
 @pytest.mark.parametrize(
@@ -402,8 +418,8 @@ def _good():
         (lambda a: {**a, "softmax_scale": -1.0}, ValueError, "softmax_scale"),
     ],
 )
-def test_bad_inputs(change, error, match):
-    q, k, v, media_index = _good()
+def test_bad_inputs(change, error, match, device):
+    q, k, v, media_index = _good(device)
     args = change(dict(q=q, k=k, v=v, media_index=media_index, tokens_per_media=3, mode="immediate",
                        softmax_scale=None))
     for name in ("triton", "reference"):
@@ -412,8 +428,9 @@ def test_bad_inputs(change, error, match):
                                    mode=args["mode"], softmax_scale=args["softmax_scale"])
 
 
-def test_media_index_from_locations():
-    locations = torch.tensor([[0, 1, 0, 0, 1, 1, 0], [0, 0, 0, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0, 1]], dtype=torch.bool)
+def test_media_index_from_locations(device):
+    locations = torch.tensor([[0, 1, 0, 0, 1, 1, 0], [0, 0, 0, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0, 1]], dtype=torch.bool,
+                             device=device)
     assert media_index_from_locations(locations).tolist() == [
         [-1, 0, 0, 0, 1, 2, 2],
         [-1, -1, -1, -1, -1, -1, -1],
@@ -463,23 +480,23 @@ def check_gpu_against_reference(q, k, v, media_index, r, mode):
 @pytest.mark.gpu
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("shape", list(ANCHOR_SHAPES))
-def test_gpu_bf16_anchor_shapes(shape, mode):
+def test_gpu_bf16_anchor_shapes(shape, mode, device):
     batch, length, num_media, r, heads, head_dim = ANCHOR_SHAPES[shape]
     media_index = make_media_index(length, [num_media] * (batch - 1) + [num_media // 2],
-                                   [length // 10] + [0] * (batch - 1)).cuda()
-    q, k, v = (t.cuda() for t in make_qkv(batch, length, heads, head_dim, num_media, r, torch.bfloat16))
+                                   [length // 10] + [0] * (batch - 1), device)
+    q, k, v = make_qkv(batch, length, heads, head_dim, num_media, r, torch.bfloat16, device)
     check_gpu_against_reference(q, k, v, media_index, r, mode)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("head_dim", [32, 96])
-def test_gpu_odd_shapes(head_dim, dtype, mode):
+def test_gpu_odd_shapes(head_dim, dtype, mode, device):
     """Odd L and R, a sample without images, strided views, non-monotone rows appended."""
-    media_index = make_media_index(777, [9, 3, 0], [50, 0, 0])
-    media_index[1, -40:] = torch.randint(-1, 9, (40,))
-    kv = torch.randn(3, 9 * 17, 2 * 4 * head_dim, dtype=dtype)
+    media_index = make_media_index(777, [9, 3, 0], [50, 0, 0], device)
+    media_index[1, -40:] = torch.randint(-1, 9, (40,), device=device)
+    kv = torch.randn(3, 9 * 17, 2 * 4 * head_dim, dtype=dtype, device=device)
     k, v = kv.view(3, 9 * 17, 2, 4, head_dim).unbind(2)
-    q = torch.randn(3, 4, 777, head_dim, dtype=dtype).transpose(1, 2)
-    check_gpu_against_reference(q.cuda(), k.cuda(), v.cuda(), media_index.cuda(), 17, mode)
+    q = torch.randn(3, 4, 777, head_dim, dtype=dtype, device=device).transpose(1, 2)
+    check_gpu_against_reference(q, k, v, media_index, 17, mode)

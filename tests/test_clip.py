@@ -256,3 +256,85 @@ def test_open_clip_and_timm_adapters_on_their_interfaces():
         vlmcore.OpenCLIPVisionAdapter(torch.nn.Linear(2, 2))
     with pytest.raises(TypeError, match="timm"):
         vlmcore.TimmViTAdapter(torch.nn.Linear(2, 2))
+
+
+def test_text_tower_input_errors():
+    model = tiny_clip()
+    tokens = tokenizer(["a photo of red"] * 2)
+    with pytest.raises(TypeError, match="tokens"):
+        model.encode_text(tokens.float())
+    with pytest.raises(ValueError, match="tokens"):
+        model.encode_text(tokens[0])
+    with pytest.raises(ValueError, match="context_length"):
+        model.encode_text(torch.cat([tokens, tokens], dim=1))
+    with pytest.raises(ValueError, match="images and tokens"):
+        model(torch.randn(3, 3, 16, 16), tokens)
+    with pytest.raises(ValueError, match="images must be"):
+        model.encode_image(torch.randn(2, 1, 16, 16))  # wrong channel count for the built-in ViT
+
+
+@pytest.mark.parametrize("arg", ["embed_dim", "context_length", "vocab_size", "text_heads", "vision_heads"])
+def test_clip_constructor_rejects_nonpositive_sizes(arg):
+    name = {"vision_heads": "heads", "text_heads": "heads"}.get(arg, arg)
+    with pytest.raises(ValueError, match=name):
+        if arg == "embed_dim":
+            vlmcore.CLIP(0, image_size=16, patch_size=8, vision_width=32, vision_depth=1, vision_heads=2,
+                         vocab_size=12, context_length=CONTEXT, text_width=32, text_depth=1, text_heads=2)
+        else:
+            tiny_clip(**{arg: 0})
+    with pytest.raises(ValueError, match="eot_token_id"):
+        tiny_clip(eot_token_id=100)
+
+
+def test_zero_shot_argument_errors():
+    model = tiny_clip()
+    with pytest.raises(ValueError, match="classnames"):
+        vlmcore.zero_shot_classifier(model, tokenizer, [], ["a photo of {}"])
+    with pytest.raises(ValueError, match="templates"):
+        vlmcore.zero_shot_classifier(model, tokenizer, CLASSES, [])
+    with pytest.raises(TypeError, match="classnames"):
+        vlmcore.zero_shot_classifier(model, tokenizer, "red", ["a photo of {}"])
+    with pytest.raises(ValueError, match="templates must contain"):
+        vlmcore.zero_shot_classifier(model, tokenizer, CLASSES, ["a photo"])
+    classifier = vlmcore.zero_shot_classifier(model, tokenizer, CLASSES, ["a photo of {}", "the {0}"])
+    assert classifier.shape == (16, len(CLASSES))
+    with pytest.raises(ValueError, match="classifier"):
+        vlmcore.zero_shot_predict(model, torch.randn(2, 3, 16, 16), classifier[:8])
+    with pytest.raises(ValueError, match="classifier"):
+        vlmcore.zero_shot_predict(model, torch.randn(2, 3, 16, 16), classifier[:, 0])
+
+
+def test_retrieval_metrics_argument_errors():
+    img, txt = torch.randn(4, 8), torch.randn(8, 8)
+    pairs = torch.arange(8) // 2
+    with pytest.raises(ValueError, match="same width"):
+        vlmcore.retrieval_metrics(img, txt[:, :6], pairs)
+    with pytest.raises(ValueError, match="text_features"):
+        vlmcore.retrieval_metrics(img, txt[0], pairs)
+    with pytest.raises(ValueError, match="image_features"):
+        vlmcore.retrieval_metrics(img[:0], txt, pairs)
+    with pytest.raises(TypeError, match="text_to_image"):
+        vlmcore.retrieval_metrics(img, txt, pairs.float())
+    with pytest.raises(ValueError, match="text_to_image"):
+        vlmcore.retrieval_metrics(img, txt, pairs[:5])
+    with pytest.raises(ValueError, match="ks"):
+        vlmcore.retrieval_metrics(img, txt, pairs, ks=(0,))
+    with pytest.raises(ValueError, match="ks"):
+        vlmcore.retrieval_metrics(img, txt, pairs, ks=())
+    with pytest.raises(ValueError, match="chunk_size"):
+        vlmcore.retrieval_metrics(img, txt, pairs, chunk_size=0)
+
+
+@pytest.mark.parametrize("kwargs, arg", [({"init_temperature": float("inf")}, "init_temperature"),
+                                          ({"init_temperature": 0.0}, "init_temperature"),
+                                          ({"max_scale": float("nan")}, "max_scale")])
+def test_contrastive_loss_module_rejects_bad_temperature(kwargs, arg):
+    with pytest.raises(ValueError, match=arg):
+        vlmcore.ContrastiveLoss(**kwargs)
+
+
+def test_vit_attention_rejects_nonpositive_heads_and_ratio():
+    with pytest.raises(ValueError, match="heads"):
+        vlmcore.VisionTransformer(16, 8, 24, 1, 0)
+    with pytest.raises(ValueError, match="mlp_ratio"):
+        vlmcore.VisionTransformer(16, 8, 24, 1, 2, mlp_ratio=0.0)

@@ -199,3 +199,32 @@ def test_gated_block_triton_backend_agrees_with_reference(device):
         results[name] = (out.detach(), xi.grad, block.attn.to_kv.weight.grad.clone())
     for got, expected, what in zip(results["triton"], results["reference"], ("output", "grad x", "grad to_kv")):
         assert_close(got, expected, name=what, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arg", ["dim", "dim_visual", "dim_head", "heads"])
+@pytest.mark.parametrize("value", [0, -1])
+def test_masked_cross_attention_rejects_bad_sizes(arg, value):
+    sizes = dict(dim=DIM, dim_visual=DIM_VISUAL, dim_head=DIM_HEAD, heads=HEADS)
+    sizes[arg] = value
+    with pytest.raises(ValueError, match=arg):
+        vlmcore.MaskedCrossAttention(**sizes)
+
+
+def test_gated_block_rejects_bad_ff_mult():
+    with pytest.raises(ValueError, match="ff_mult"):
+        vlmcore.GatedCrossAttentionBlock(DIM, DIM_VISUAL, dim_head=DIM_HEAD, heads=HEADS, ff_mult=0)
+
+
+def test_masked_cross_attention_rejects_wrong_widths_and_locations():
+    ours = vlmcore.MaskedCrossAttention(DIM, DIM_VISUAL, dim_head=DIM_HEAD, heads=HEADS)
+    x, media = torch.randn(2, 5, DIM), torch.randn(2, 2, 3, DIM_VISUAL)
+    with pytest.raises(ValueError, match="x must be .*dim=24"):
+        ours(torch.randn(2, 5, DIM + 1), media)
+    with pytest.raises(ValueError, match="dim_visual=20"):
+        ours(x, torch.randn(2, 2, 3, DIM_VISUAL + 1))
+    with pytest.raises(ValueError, match="media_locations"):
+        ours(x, media, media_locations=torch.zeros(2, 4, dtype=torch.bool))
+    with pytest.raises(TypeError, match="media_locations"):
+        ours(x, media, media_locations=torch.full((2, 5), 0.5))
+    with pytest.raises(TypeError, match="x and media"):
+        ours(x.numpy(), media)

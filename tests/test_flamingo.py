@@ -452,3 +452,40 @@ def test_bridge_learns_to_read_images():
         blind = model(torch.zeros_like(vision_x), ids).logits[:, 1].argmax(dim=-1) - 10
     assert float((seen == classes).float().mean()) >= 0.9
     assert float((blind == classes).float().mean()) <= 0.5
+
+
+def test_input_errors_name_the_argument():
+    model, _ = tiny_flamingo("llama")
+    vision_x, lang_x = batch()
+    with pytest.raises(TypeError, match="lang_x"):
+        model(vision_x, lang_x.float())
+    with pytest.raises(ValueError, match="lang_x must be 2-D"):
+        model(vision_x, lang_x[0])
+    with pytest.raises(ValueError, match="vision_x has batch 1 but lang_x has batch 2"):
+        model(vision_x[:1], lang_x)
+    with pytest.raises(ValueError, match="attention_mask"):
+        model(vision_x, lang_x, attention_mask=torch.ones(2, lang_x.shape[1] - 1, dtype=torch.int64))
+    with pytest.raises(ValueError, match="attention_mask"):
+        model(vision_x, lang_x, attention_mask=torch.ones(1, lang_x.shape[1], dtype=torch.int64))
+    with pytest.raises(ValueError, match="labels"):
+        model(vision_x, lang_x, labels=lang_x[:, :-1])
+    with pytest.raises(ValueError, match="vision_x must be"):
+        model(vision_x[:, :, 0], lang_x)  # [B, T_img, C, H, W]: the frame axis is missing
+    with pytest.raises(ValueError, match="images must be"):
+        model(vision_x[:, :, :, :2], lang_x)  # two channels for a three-channel ViT
+    with pytest.raises(ValueError, match="vision_x has batch"):
+        model.generate(vision_x[:1], lang_x, max_new_tokens=1)
+    assert model._state.media is None and not model._state.cached
+
+
+@pytest.mark.parametrize("arg", ["vis_dim", "num_latents", "heads", "dim_head", "resampler_depth"])
+def test_constructor_rejects_nonpositive_sizes(arg):
+    name = "depth" if arg == "resampler_depth" else arg
+    with pytest.raises(ValueError, match=name):
+        tiny_flamingo("gpt2", **{arg: 0})
+
+
+@pytest.mark.parametrize("every", [0, 3, True])
+def test_constructor_rejects_bad_cross_attn_every_n_layers(every):
+    with pytest.raises(ValueError, match="cross_attn_every_n_layers"):
+        tiny_flamingo("gpt2", layers=2, cross_attn_every_n_layers=every)

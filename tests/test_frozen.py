@@ -118,3 +118,35 @@ def test_gradient_checkpointing_same_gradients():
     assert all(layer.gradient_checkpointing for layer in model.lang_model.model.layers)
     for g1, g0 in zip(grads[1], grads[0]):
         assert torch.allclose(g1, g0, atol=1e-6, rtol=1e-5)
+
+
+def test_input_errors_name_the_argument():
+    model = tiny_frozen()
+    images, ids = interleaved()
+    with pytest.raises(TypeError, match="input_ids"):
+        model(images, ids.float())
+    with pytest.raises(ValueError, match="input_ids must be 2-D"):
+        model(images, ids[0])
+    with pytest.raises(ValueError, match="images must be"):
+        model(images[:, 0], ids)
+    with pytest.raises(ValueError, match="images must be"):
+        model(images[:, :, :2], ids)  # two channels for a three-channel ViT
+    with pytest.raises(ValueError, match="attention_mask"):
+        model(images, ids, attention_mask=torch.ones(2, 9, dtype=torch.int64))
+    with pytest.raises(ValueError, match="labels"):
+        model(images, ids, labels=ids[:1])
+    with pytest.raises(ValueError, match="sample 0"):
+        model(images[:, :1], ids)  # sample 0 has two images' placeholders but one image
+
+
+def test_constructor_and_encoder_width_errors():
+    model = tiny_frozen()
+    with pytest.raises(ValueError, match="vis_dim"):
+        vlmcore.FrozenPrefix(model.vision_encoder, model.lang_model, image_token_id=IMG, vis_dim=0)
+    with pytest.raises(ValueError, match="num_prefix_tokens"):
+        vlmcore.FrozenPrefix(model.vision_encoder, model.lang_model, image_token_id=IMG, vis_dim=16,
+                             num_prefix_tokens=0)
+    wrong = vlmcore.FrozenPrefix(model.vision_encoder, model.lang_model, image_token_id=IMG, vis_dim=12)
+    images, ids = interleaved()
+    with pytest.raises(ValueError, match="vis_dim=12"):
+        wrong(images, ids)

@@ -177,3 +177,27 @@ def test_resampler_triton_backend_agrees_with_reference(device):
     assert_close(o1, o2, name="output", atol=1e-4)
     assert_close(gx1, gx2, name="grad x", atol=1e-4)
     assert_close(p1["latents"], p2["latents"], name="grad latents", atol=1e-4)
+
+
+@pytest.mark.parametrize("arg", ["dim", "depth", "dim_head", "heads", "num_latents", "max_num_media",
+                                 "max_num_frames"])
+def test_resampler_rejects_nonpositive_sizes(arg):
+    sizes = dict(dim=DIM, depth=1, dim_head=DIM_HEAD, heads=HEADS, num_latents=4)
+    sizes[arg] = 0
+    with pytest.raises(ValueError, match=arg):
+        vlmcore.PerceiverResampler(**sizes)
+
+
+def test_resampler_rejects_wrong_feature_dim_rank_and_mask():
+    ours, _ = _resampler_pair()
+    with pytest.raises(ValueError, match=f"dim={DIM}"):
+        ours(torch.randn(1, 2, 1, 3, DIM + 1))
+    with pytest.raises(ValueError, match=r"\[B, T, F, v, dim\]"):
+        ours(torch.randn(1, 2, 3, DIM))  # 4-D: the frame axis is missing
+    with pytest.raises(TypeError, match="x must be"):
+        ours([[1.0]])
+    with pytest.raises(ValueError, match="media_mask"):
+        ours(torch.randn(1, 2, 1, 3, DIM), media_mask=torch.ones(1, 2, 4, dtype=torch.bool))
+    attn = vlmcore.PerceiverAttention(DIM, dim_head=DIM_HEAD, heads=HEADS)
+    with pytest.raises(ValueError, match="latents"):
+        attn(torch.randn(1, 2, 3, DIM), torch.randn(1, 2, 4, DIM - 1))

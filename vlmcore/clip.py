@@ -6,12 +6,14 @@ Training loss: the fused op :func:`vlmcore.kernels.contrastive_loss` through the
 
 from __future__ import annotations
 
+import string
 from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlmcore._checks import check_positive_int
 from vlmcore.kernels import contrastive_loss
 from vlmcore.losses import ContrastiveLoss
 from vlmcore.vision import TransformerBlock, VisionTransformer, pooled_features
@@ -32,6 +34,11 @@ class TextTransformer(nn.Module):
     def __init__(self, vocab_size: int, context_length: int, width: int, depth: int, heads: int,
                  pad_token_id: int = 0, eot_token_id: int | None = None, mlp_ratio: float = 4.0):
         super().__init__()
+        for name, value in (("vocab_size", vocab_size), ("context_length", context_length), ("width", width),
+                            ("depth", depth), ("heads", heads)):
+            check_positive_int(name, value)
+        if eot_token_id is not None and not 0 <= eot_token_id < vocab_size:
+            raise ValueError(f"eot_token_id must be None or a token id in [0, {vocab_size}), got {eot_token_id!r}")
         self.context_length = context_length
         self.vocab_size = vocab_size
         self.width = width
@@ -52,8 +59,12 @@ class TextTransformer(nn.Module):
         return torch.where(is_eot.any(dim=1), is_eot.int().argmax(dim=1), last_real)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.dtype.is_floating_point:
-            raise ValueError("tokens must be an integer tensor [n, T]")
+        if not isinstance(tokens, torch.Tensor):
+            raise TypeError(f"tokens must be an integer tensor [n, T], got {type(tokens).__name__}")
+        if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
+            raise TypeError(f"tokens must be an integer tensor [n, T], got dtype {tokens.dtype}")
+        if tokens.dim() != 2 or tokens.shape[1] == 0:
+            raise ValueError(f"tokens must be an integer tensor [n, T] with T >= 1, got shape {tuple(tokens.shape)}")
         if tokens.shape[1] > self.context_length:
             raise ValueError(f"tokens has length {tokens.shape[1]} > context_length {self.context_length}")
         x = self.token_embedding(tokens) + self.positional_embedding[: tokens.shape[1]]  # [n, T, width]
@@ -103,6 +114,7 @@ class CLIP(nn.Module):
         max_logit_scale: float = 100.0,
     ):
         super().__init__()
+        check_positive_int("embed_dim", embed_dim)
         if vision_encoder is None:
             vision_encoder = VisionTransformer(image_size, patch_size, vision_width, vision_depth, vision_heads)
         self.visual = vision_encoder
@@ -136,6 +148,10 @@ class CLIP(nn.Module):
         Returns:
             ``{"loss", "i2t_acc", "t2i_acc", "logit_scale", "image_features", "text_features"}``.
         """
+        if isinstance(images, torch.Tensor) and isinstance(tokens, torch.Tensor) and images.dim() > 0 \
+                and tokens.dim() > 0 and images.shape[0] != tokens.shape[0]:
+            raise ValueError(f"images and tokens must have the same number of rows (pairs), got "
+                             f"{images.shape[0]} and {tokens.shape[0]}")
         image_features = self.encode_image(images)
         text_features = self.encode_text(tokens)
         scale = self.criterion.scale().to(image_features.device)
@@ -165,8 +181,18 @@ def zero_shot_classifier(model: CLIP, tokenizer: Callable[[list[str]], torch.Ten
     Returns:
         ``[embed_dim, C]`` (column c is class c), on the model's device.
     """
-    if len(classnames) == 0 or len(templates) == 0:
-        raise ValueError("classnames and templates must be non-empty")
+    for arg, value in (("classnames", classnames), ("templates", templates)):
+        if isinstance(value, str):
+            raise TypeError(f"{arg} must be a sequence of strings, not a single string ({value!r})")
+        if len(value) == 0:
+            raise ValueError(f"{arg} must be non-empty")
+    for template in templates:
+        if callable(template):
+            continue
+        if not isinstance(template, str):
+            raise TypeError(f"templates must hold format strings or callables, got {type(template).__name__}")
+        if not any(field is not None for _, field, _, _ in string.Formatter().parse(template)):
+            raise ValueError(f"templates must contain a '{{}}' field for the class name, got {template!r}")
     device = next(model.parameters()).device
     columns = []
     for name in classnames:
@@ -184,7 +210,13 @@ def zero_shot_predict(model: CLIP, images: torch.Tensor, classifier: torch.Tenso
         ``(logits [n, C], preds [n])``: logits = ``s * cos(image, class)`` with the model's scale
         (when it has ``logit_scale()``; else 100 as in CLIP's evaluation), preds = argmax.
     """
+    if not isinstance(classifier, torch.Tensor) or classifier.dim() != 2:
+        got = tuple(classifier.shape) if isinstance(classifier, torch.Tensor) else type(classifier).__name__
+        raise ValueError(f"classifier must be [embed_dim, C] (from zero_shot_classifier), got {got}")
     features = model.encode_image(images.to(classifier.device)).float()
+    if features.shape[-1] != classifier.shape[0]:
+        raise ValueError(f"classifier has {classifier.shape[0]} rows but the model's image features have width "
+                         f"{features.shape[-1]}; classifier must be [embed_dim, C]")
     scale = float(model.logit_scale()) if hasattr(model, "logit_scale") else 100.0
     logits = scale * features @ classifier.float()
     return logits, logits.argmax(dim=1)
@@ -208,13 +240,31 @@ def retrieval_metrics(image_features: torch.Tensor, text_features: torch.Tensor,
         i2t: an image counts at k if ANY of its captions ranks in the top k; t2i: a caption counts
         if its image ranks in the top k. Ties rank pessimistically (an equal score counts as better).
     """
+    for name, value in (("image_features", image_features), ("text_features", text_features)):
+        if not isinstance(value, torch.Tensor) or value.dim() != 2 or value.shape[0] == 0:
+            got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ValueError(f"{name} must be a non-empty 2-D [N, d] tensor, got {got}")
+    if image_features.shape[1] != text_features.shape[1]:
+        raise ValueError(f"image_features and text_features must have the same width d, got "
+                         f"{image_features.shape[1]} and {text_features.shape[1]}")
+    if isinstance(ks, int) or len(ks) == 0:
+        raise ValueError(f"ks must be a non-empty sequence of positive ints, got {ks!r}")
+    for k in ks:
+        check_positive_int("ks entries", k)
+    check_positive_int("chunk_size", chunk_size)
     n_img, n_txt = image_features.shape[0], text_features.shape[0]
+    if text_to_image is not None and (not isinstance(text_to_image, torch.Tensor)
+                                      or text_to_image.dtype.is_floating_point or text_to_image.dtype == torch.bool):
+        got = text_to_image.dtype if isinstance(text_to_image, torch.Tensor) else type(text_to_image).__name__
+        raise TypeError(f"text_to_image must be an integer tensor [N_txt], got {got}")
     if text_to_image is None:
         if n_img != n_txt:
             raise ValueError(f"text_to_image is required when N_img ({n_img}) != N_txt ({n_txt})")
         text_to_image = torch.arange(n_txt)
     text_to_image = text_to_image.to(device=image_features.device, dtype=torch.int64)
-    if tuple(text_to_image.shape) != (n_txt,) or int(text_to_image.min()) < 0 or int(text_to_image.max()) >= n_img:
+    if tuple(text_to_image.shape) != (n_txt,):
+        raise ValueError(f"text_to_image must be [N_txt={n_txt}] image indices, got shape {tuple(text_to_image.shape)}")
+    if int(text_to_image.min()) < 0 or int(text_to_image.max()) >= n_img:
         raise ValueError(f"text_to_image must be [N_txt={n_txt}] image indices in [0, {n_img})")
     img = image_features.float()
     txt = text_features.float().to(img.device)

@@ -11,11 +11,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from vlmcore._checks import check_positive_int, check_positive_number
 from vlmcore.kernels import masked_cross_attention, media_index_from_locations
 
 
 def feed_forward(dim: int, mult: int = 4) -> nn.Sequential:
     """OpenFlamingo's FeedForward: LayerNorm, Linear(dim, mult*dim, no bias), GELU, Linear(mult*dim, dim, no bias)."""
+    check_positive_int("dim", dim)
+    check_positive_number("ff_mult", mult)
     inner = int(dim * mult)
     return nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, inner, bias=False), nn.GELU(),
                          nn.Linear(inner, dim, bias=False))
@@ -77,7 +80,11 @@ class MaskedCrossAttention(nn.Module):
     def __init__(self, dim: int, dim_visual: int, dim_head: int = 64, heads: int = 8,
                  only_attend_immediate_media: bool = True):
         super().__init__()
+        for name, value in (("dim", dim), ("dim_visual", dim_visual), ("dim_head", dim_head), ("heads", heads)):
+            check_positive_int(name, value)
         inner = dim_head * heads
+        self.dim = dim
+        self.dim_visual = dim_visual
         self.heads = heads
         self.dim_head = dim_head
         self.scale = dim_head**-0.5
@@ -97,11 +104,22 @@ class MaskedCrossAttention(nn.Module):
         *,
         validate_index: bool = True,
     ) -> torch.Tensor:
-        if x.dim() != 3:
-            raise ValueError(f"x must be [B, L, dim], got shape {tuple(x.shape)}")
-        if media.dim() != 4 or media.shape[0] != x.shape[0]:
-            raise ValueError(f"media must be [B, M, R, dim_visual] with B={x.shape[0]}, got shape {tuple(media.shape)}")
+        if not isinstance(x, torch.Tensor) or not isinstance(media, torch.Tensor):
+            raise TypeError(f"x and media must be torch.Tensors, got {type(x).__name__} and {type(media).__name__}")
+        if x.dim() != 3 or x.shape[-1] != self.dim:
+            raise ValueError(f"x must be [B, L, dim] with dim={self.dim}, got shape {tuple(x.shape)}")
+        if media.dim() != 4 or media.shape[0] != x.shape[0] or media.shape[-1] != self.dim_visual:
+            raise ValueError(f"media must be [B, M, R, dim_visual] with B={x.shape[0]}, dim_visual={self.dim_visual}, "
+                             f"got shape {tuple(media.shape)}")
         batch, length, _ = x.shape
+        if media_index is None and media_locations is not None:
+            if not isinstance(media_locations, torch.Tensor) or media_locations.dtype.is_floating_point:
+                got = (media_locations.dtype if isinstance(media_locations, torch.Tensor)
+                       else type(media_locations).__name__)
+                raise TypeError(f"media_locations must be a bool tensor [B, L], got {got}")
+            if tuple(media_locations.shape) != (batch, length):
+                raise ValueError(f"media_locations must be [B, L] = {(batch, length)} (the first two dims of x), "
+                                 f"got {tuple(media_locations.shape)}")
         num_media, tokens_per_media = media.shape[1:3]
         index = resolve_media_index(media, length, media_locations, media_index, use_cached_media)
         if validate_index and (media_index is not None or media_locations is not None):

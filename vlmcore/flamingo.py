@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from vlmcore._checks import check_lm_extras, check_positive_int, check_token_ids
 from vlmcore.cross_attention import GatedCrossAttentionBlock, check_media_index
 from vlmcore.kernels import media_index_from_locations
 from vlmcore.resampler import PerceiverResampler
@@ -192,6 +193,7 @@ class Flamingo(nn.Module):
         if isinstance(cross_attn_every_n_layers, bool) or not isinstance(cross_attn_every_n_layers, int) \
                 or cross_attn_every_n_layers < 1:
             raise ValueError(f"cross_attn_every_n_layers must be a positive int, got {cross_attn_every_n_layers!r}")
+        check_positive_int("vis_dim", vis_dim)
         embedding = lang_model.get_input_embeddings()
         vocab, embed_dim = input_embedding_shape(embedding)
         if not 0 <= int(media_token_id) < vocab:
@@ -294,6 +296,13 @@ class Flamingo(nn.Module):
         tokens = tokens.reshape(batch, num_media, frames, tokens.shape[1], self.vis_dim)
         return self.perceiver(tokens.to(self.perceiver.latents.dtype))
 
+    @staticmethod
+    def _check_batch(vision_x: torch.Tensor, lang_x: torch.Tensor) -> None:
+        """``ValueError`` unless ``vision_x`` (when a tensor) has one sample per row of ``lang_x``."""
+        if isinstance(vision_x, torch.Tensor) and vision_x.dim() > 0 and vision_x.shape[0] != lang_x.shape[0]:
+            raise ValueError(f"vision_x has batch {vision_x.shape[0]} but lang_x has batch {lang_x.shape[0]}; "
+                             "they must match (one sample's images per row of lang_x)")
+
     def cache_media(self, vision_x: torch.Tensor) -> None:
         """Condition on ``vision_x`` for the following LM calls (generation, incremental decoding).
 
@@ -322,13 +331,21 @@ class Flamingo(nn.Module):
 
         Returns:
             the LM's output (``CausalLMOutputWithPast``: ``.logits [B, L, vocab]``, ``.loss``, ...).
+
+        Raises ``TypeError``/``ValueError`` naming the argument when ``lang_x`` is not integer
+        ``[B, L]``, ``vision_x`` has another batch, or ``attention_mask``/``labels`` do not match
+        ``lang_x`` (a 2-D mask may be longer, ``[B, past + L]``, with ``past_key_values``).
         """
+        check_token_ids("lang_x", lang_x)
+        check_lm_extras(lang_x, attention_mask, labels, has_past=kwargs.get("past_key_values") is not None,
+                        ids_name="lang_x")
         if vision_x is None:
             if not self._state.cached:
                 raise ValueError("vision_x is None but no media is cached; pass images or call cache_media first")
             return self.lang_model(input_ids=lang_x, attention_mask=attention_mask, labels=labels, **kwargs)
         if self._state.cached:
             raise ValueError("media is cached (cache_media); call uncache_media() before passing vision_x")
+        self._check_batch(vision_x, lang_x)
         self._state.media = self.encode_vision(vision_x)
         try:
             return self.lang_model(input_ids=lang_x, attention_mask=attention_mask, labels=labels, **kwargs)
@@ -345,6 +362,9 @@ class Flamingo(nn.Module):
         their image as in :meth:`forward`; every generated token attends the last image of its
         prompt. Returns the LM's ``generate`` output (prompt + new tokens).
         """
+        check_token_ids("lang_x", lang_x)
+        check_lm_extras(lang_x, attention_mask, None, has_past=False, ids_name="lang_x")
+        self._check_batch(vision_x, lang_x)
         self.cache_media(vision_x)
         try:
             generate_kwargs.setdefault("use_cache", True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from vlmcore._checks import check_lm_extras, check_positive_int, check_token_ids
 from vlmcore.flamingo import input_embedding_shape
 from vlmcore.vision import pooled_features
 
@@ -40,6 +41,7 @@ class FrozenPrefix(nn.Module):
             raise TypeError("lang_model must be a transformers causal LM (it has no get_input_embeddings)")
         if isinstance(num_prefix_tokens, bool) or not isinstance(num_prefix_tokens, int) or num_prefix_tokens < 1:
             raise ValueError(f"num_prefix_tokens must be a positive int, got {num_prefix_tokens!r}")
+        check_positive_int("vis_dim", vis_dim)
         embedding = lang_model.get_input_embeddings()
         vocab, lang_dim = input_embedding_shape(embedding)
         if not 0 <= int(image_token_id) < vocab:
@@ -48,6 +50,7 @@ class FrozenPrefix(nn.Module):
         self.lang_model = lang_model.requires_grad_(False)
         self.image_token_id = int(image_token_id)
         self.num_prefix_tokens = num_prefix_tokens
+        self.vis_dim = vis_dim
         self.lang_dim = lang_dim
         self.visual_prefix = nn.Linear(vis_dim, num_prefix_tokens * lang_dim).to(
             device=embedding.weight.device, dtype=embedding.weight.dtype)
@@ -59,12 +62,19 @@ class FrozenPrefix(nn.Module):
             raise ValueError(f"images must be [B, T_img, C, H, W], got {got}")
         batch, num_images = images.shape[:2]
         pooled = pooled_features(self.vision_encoder, images.reshape(batch * num_images, *images.shape[2:]))
+        if pooled.dim() != 2 or pooled.shape[-1] != self.vis_dim:
+            raise ValueError(f"vision_encoder's pooled output must be [N, vis_dim={self.vis_dim}], "
+                             f"got {tuple(pooled.shape)}")
         prefix = self.visual_prefix(pooled.to(self.visual_prefix.weight.dtype))  # [B*T, k*D]
         return prefix.view(batch, num_images, self.num_prefix_tokens, self.lang_dim)
 
     def embed(self, images: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         """LM input embeddings ``[B, L, D_lm]`` with the image prefixes at the placeholder positions."""
-        if input_ids.dim() != 2 or images.shape[0] != input_ids.shape[0]:
+        if not isinstance(images, torch.Tensor) or images.dim() != 5:
+            got = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+            raise ValueError(f"images must be [B, T_img, C, H, W], got {got}")
+        check_token_ids("input_ids", input_ids)
+        if images.shape[0] != input_ids.shape[0]:
             raise ValueError(f"input_ids must be [B, L] with B = images.shape[0]; got {tuple(input_ids.shape)} "
                              f"and images {tuple(images.shape)}")
         k = self.num_prefix_tokens
@@ -99,6 +109,9 @@ class FrozenPrefix(nn.Module):
         Returns:
             the LM's output (``.logits [B, L, vocab]``, ``.loss`` when labels are given).
         """
+        check_token_ids("input_ids", input_ids)
+        check_lm_extras(input_ids, attention_mask, labels, has_past=kwargs.get("past_key_values") is not None,
+                        ids_name="input_ids")
         inputs_embeds = self.embed(images, input_ids)
         if labels is not None:
             labels = labels.masked_fill(input_ids == self.image_token_id, -100)
@@ -108,6 +121,8 @@ class FrozenPrefix(nn.Module):
     def generate(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  **generate_kwargs):
         """HF ``generate`` from the interleaved prompt (passed as ``inputs_embeds``): returns the new tokens only."""
+        check_token_ids("input_ids", input_ids)
+        check_lm_extras(input_ids, attention_mask, None, has_past=False, ids_name="input_ids")
         inputs_embeds = self.embed(images, input_ids)
         return self.lang_model.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **generate_kwargs)
 

@@ -30,10 +30,10 @@ class ContrastiveLoss(nn.Module):
     def __init__(self, init_temperature: float = 0.07, max_scale: float = 100.0, *, group=None,
                  local_loss: bool = False, label_smoothing: float = 0.0):
         super().__init__()
-        if not init_temperature > 0:
-            raise ValueError(f"init_temperature must be > 0, got {init_temperature!r}")
-        if not max_scale > 0:
-            raise ValueError(f"max_scale must be > 0, got {max_scale!r}")
+        if not 0 < init_temperature < math.inf:
+            raise ValueError(f"init_temperature must be a finite number > 0, got {init_temperature!r}")
+        if not 0 < max_scale < math.inf:
+            raise ValueError(f"max_scale must be a finite number > 0, got {max_scale!r}")
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)))
         self.max_scale = float(max_scale)
         self.group = group

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from vlmcore._checks import check_positive_int
 from vlmcore.cross_attention import feed_forward
 from vlmcore.kernels import resampler_attention
 
@@ -31,7 +32,10 @@ class PerceiverAttention(nn.Module):
 
     def __init__(self, dim: int, dim_head: int = 64, heads: int = 8):
         super().__init__()
+        for name, value in (("dim", dim), ("dim_head", dim_head), ("heads", heads)):
+            check_positive_int(name, value)
         inner = dim_head * heads
+        self.dim = dim
         self.heads = heads
         self.dim_head = dim_head
         self.scale = dim_head**-0.5
@@ -47,9 +51,10 @@ class PerceiverAttention(nn.Module):
         return t.view(b * tm, n, 2, self.heads, self.dim_head).unbind(2)
 
     def forward(self, x: torch.Tensor, latents: torch.Tensor, media_mask: torch.Tensor | None = None) -> torch.Tensor:
-        if x.dim() != 4 or latents.dim() != 4 or x.shape[:2] != latents.shape[:2]:
+        if (x.dim() != 4 or latents.dim() != 4 or x.shape[:2] != latents.shape[:2]
+                or x.shape[-1] != self.dim or latents.shape[-1] != self.dim):
             raise ValueError(
-                f"x must be [B, T, S, dim] and latents [B, T, R, dim] with the same B, T; got "
+                f"x must be [B, T, S, dim] and latents [B, T, R, dim] with the same B, T and dim={self.dim}; got "
                 f"{tuple(x.shape)} and {tuple(latents.shape)}"
             )
         batch, num_media, num_latents, _ = latents.shape
@@ -89,6 +94,12 @@ class PerceiverResampler(nn.Module):
                  max_num_media: int | None = None, max_num_frames: int | None = None, ff_mult: int = 4,
                  gradient_checkpointing: bool = False):
         super().__init__()
+        for name, value in (("dim", dim), ("depth", depth), ("num_latents", num_latents)):
+            check_positive_int(name, value)
+        for name, value in (("max_num_media", max_num_media), ("max_num_frames", max_num_frames)):
+            if value is not None:
+                check_positive_int(name, value)
+        self.dim = dim
         self.latents = nn.Parameter(torch.randn(num_latents, dim))
         self.frame_embs = nn.Parameter(torch.randn(max_num_frames, dim)) if max_num_frames is not None else None
         self.media_time_embs = nn.Parameter(torch.randn(max_num_media, 1, dim)) if max_num_media is not None else None
@@ -107,9 +118,14 @@ class PerceiverResampler(nn.Module):
         return ff(latents) + latents
 
     def forward(self, x: torch.Tensor, media_mask: torch.Tensor | None = None) -> torch.Tensor:
-        if x.dim() != 5:
-            raise ValueError(f"x must be [B, T, F, v, dim], got shape {tuple(x.shape)}")
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor [B, T, F, v, dim], got {type(x).__name__}")
+        if x.dim() != 5 or x.shape[-1] != self.dim:
+            raise ValueError(f"x must be [B, T, F, v, dim] with dim={self.dim}, got shape {tuple(x.shape)}")
         batch, num_media, num_frames, tokens, dim = x.shape
+        if media_mask is not None and tuple(media_mask.shape) != (batch, num_media, num_frames * tokens):
+            raise ValueError(f"media_mask must be [B, T, F*v] = {(batch, num_media, num_frames * tokens)}, "
+                             f"got {tuple(media_mask.shape)}")
         if self.frame_embs is not None:
             if num_frames > self.frame_embs.shape[0]:
                 raise ValueError(f"x has {num_frames} frames but max_num_frames is {self.frame_embs.shape[0]}")

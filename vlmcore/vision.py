@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlmcore._checks import check_positive_int, check_positive_number
+
 
 class Attention(nn.Module):
     """Multi-head self-attention, one ``qkv`` projection, ``F.scaled_dot_product_attention`` core.
@@ -25,6 +27,8 @@ class Attention(nn.Module):
 
     def __init__(self, width: int, heads: int, *, causal: bool = False):
         super().__init__()
+        for name, value in (("width", width), ("heads", heads)):
+            check_positive_int(name, value)
         if width % heads != 0:
             raise ValueError(f"width ({width}) must be divisible by heads ({heads})")
         self.heads = heads
@@ -33,6 +37,8 @@ class Attention(nn.Module):
         self.proj = nn.Linear(width, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 3 or x.shape[-1] != self.proj.in_features:
+            raise ValueError(f"x must be [N, T, width={self.proj.in_features}], got shape {tuple(x.shape)}")
         n, t, width = x.shape
         q, k, v = self.qkv(x).view(n, t, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)  # 3 x [N, H, T, Dh]
         out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)  # [N, H, T, Dh]
@@ -47,6 +53,7 @@ class TransformerBlock(nn.Module):
 
     def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0, *, causal: bool = False):
         super().__init__()
+        check_positive_number("mlp_ratio", mlp_ratio)
         hidden = int(width * mlp_ratio)
         self.ln_1 = nn.LayerNorm(width)
         self.attn = Attention(width, heads, causal=causal)
@@ -77,8 +84,7 @@ class VisionTransformer(nn.Module):
         super().__init__()
         for name, value in (("image_size", image_size), ("patch_size", patch_size), ("width", width),
                             ("depth", depth), ("heads", heads), ("channels", channels)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            check_positive_int(name, value)
         if image_size % patch_size != 0:
             raise ValueError(f"patch_size ({patch_size}) must divide image_size ({image_size})")
         self.image_size = image_size

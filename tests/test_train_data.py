@@ -9,6 +9,7 @@ import torch
 from vlmcore.train import shapes
 from vlmcore.train.data import (
     DataStream,
+    batch_tokens,
     Encoder,
     ShardStream,
     expand_shards,
@@ -182,3 +183,13 @@ def test_hf_tokenizer_directory_gets_the_special_tokens(shapes_dir, tmp_path):
     ids = tok.encode(f"{MEDIA} a red circle {EOC}")
     assert ids[0] == tok.media_token_id and ids[-1] == tok.eoc_token_id and len(ids) == 5
     assert tok([plain[0]]).shape == (1, 12) and tok.vocab_size >= len(plain)
+
+
+def test_batch_tokens_counts_text_tokens_whatever_the_pad_id():
+    # Word tokenizer layout (pad 0, eos 1): text + eos + padding.
+    tokens = torch.tensor([[7, 8, 1, 0, 0], [9, 1, 0, 0, 0]])
+    assert batch_tokens({"tokens": tokens}, pad_token_id=0, eos_token_id=1) == 5
+    # OpenAI CLIP tokenizer layout: pad == eos (49407), and id 0 is a real token.
+    tokens = torch.tensor([[0, 320, 49407, 49407, 49407], [320, 0, 1929, 49407, 49407]])
+    assert batch_tokens({"tokens": tokens}, pad_token_id=49407, eos_token_id=49407) == 7
+    assert batch_tokens({"attention_mask": torch.tensor([[1, 1, 0], [1, 0, 0]])}) == 3

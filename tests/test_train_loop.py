@@ -156,3 +156,33 @@ def test_nonfinite_losses_are_skipped_then_abort_zero0(data, tmp_path, monkeypat
     assert [s["nonfinite_steps"] for s in steps] == [0, 0, 1, 1, 1, 2, 3, 4]
     assert steps[2]["grad_norm"] is None and steps[3]["grad_norm"] is not None  # step 3 skipped, 4 trained
     assert open(out / "checkpoints" / "latest").read() == "step_00000008"
+
+
+def test_precision_decides_the_deepspeed_bf16_section():
+    from deepspeed.runtime.config import DeepSpeedConfig
+    from vlmcore.train.config import parse_config
+
+    raw = {"task": "clip", "out_dir": "x", "max_steps": 1, "tokenizer": {"path": "t.json"},
+           "data": {"train": [{"shards": "a.tar", "batch_size": 4}]},
+           "deepspeed": {"zero_optimization": {"stage": 2}, "bfloat16": {"enabled": True}}}
+    cfg = parse_config(raw)
+    fp32 = loop.build_ds_config(cfg, "fp32")  # precision auto on CPU: a bf16 section must not win
+    assert DeepSpeedConfig(fp32).bfloat16_config.enabled is False
+    bf16 = loop.build_ds_config(cfg, "bf16")  # auto on CUDA: a valid DeepSpeed 0.19.8 bf16 config
+    assert bf16["bf16"] == {"enabled": True}
+    parsed = DeepSpeedConfig(bf16)
+    assert parsed.bfloat16_config.enabled is True and parsed.zero_optimization_stage == 2
+
+
+def test_progress_bar_counts_steps_not_log_lines(tmp_path):
+    from vlmcore.train.metrics import MetricsLogger
+
+    log = MetricsLogger(str(tmp_path), True, total_steps=30, progress_bar=True)
+    for step in (10, 20, 30):  # log_every=10
+        log.log_step({"step": step, "loss": 1.0, "lr": 1e-3})
+    assert log._bar.n == 30
+    log.close()
+    resumed = MetricsLogger(str(tmp_path), True, total_steps=30, start_step=20, progress_bar=True, resume_step=20)
+    resumed.log_step({"step": 30, "loss": 1.0, "lr": 1e-3})
+    assert resumed._bar.n == 30
+    resumed.close()

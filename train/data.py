@@ -253,11 +253,23 @@ def collate(examples: list[dict]) -> dict:
     return {k: torch.stack([e[k] for e in examples]) for k in examples[0]}
 
 
-def batch_tokens(batch: dict) -> int:
-    """Non-padding text tokens in a batch (for tokens/s)."""
+def batch_tokens(batch: dict, pad_token_id: int = 0, eos_token_id: int | None = None) -> int:
+    """Non-padding text tokens in a batch (for tokens/s).
+
+    CLIP ``tokens`` rows are text + ``<eos>`` + padding: each row counts up to its first ``eos_token_id``
+    (right even when the pad token is the eos token, as in OpenAI's CLIP tokenizer), else its
+    non-``pad_token_id`` positions.
+    """
     if "attention_mask" in batch:
         return int(batch["attention_mask"].sum())
-    return int((batch["tokens"] != 0).sum()) if "tokens" in batch else 0
+    if "tokens" not in batch:
+        return 0
+    tokens = batch["tokens"]
+    lengths = (tokens != pad_token_id).sum(dim=1)
+    if eos_token_id is not None:
+        is_eos = tokens == eos_token_id
+        lengths = torch.where(is_eos.any(dim=1), is_eos.int().argmax(dim=1) + 1, lengths)
+    return int(lengths.sum())
 
 
 # ---------------------------------------------------------------------------------------- streams

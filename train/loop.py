@@ -84,8 +84,9 @@ def build_ds_config(cfg: TrainConfig, precision: str) -> dict:
     ds.setdefault("wall_clock_breakdown", False)
     ds.setdefault("zero_allow_untested_optimizer", True)
     ds.setdefault("zero_optimization", {"stage": 0})
-    if precision == "bf16":
-        ds["bf16"] = {**ds.get("bf16", {}), "enabled": True}
+    # The trainer's precision decides (auto: bf16 on CUDA, fp32 on CPU), whatever the section says;
+    # DeepSpeed reads "bf16" before its old name "bfloat16".
+    ds["bf16"] = {**ds.pop("bfloat16", {}), **ds.get("bf16", {}), "enabled": precision == "bf16"}
     return ds
 
 
@@ -218,7 +219,7 @@ def train(cfg: TrainConfig, local_rank: int | None = None) -> dict:
         total, losses = mixture_loss(engine, batches, weights, cfg.task, info.device, group)
         finite = bool(torch.isfinite(total.detach()))
         samples = sum(next(iter(b.values())).shape[0] for b in batches)
-        tokens = sum(batch_tokens(b) for b in batches)
+        tokens = sum(batch_tokens(b, tok.pad_token_id, tok.eos_token_id) for b in batches)
         skipped = sum(s.skipped for s in streams)
         reduced = distributed.all_reduce_sum(
             [0.0 if finite else 1.0, float(total.detach()) if finite else 0.0, samples, tokens, skipped]

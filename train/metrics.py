@@ -54,7 +54,7 @@ class MetricsLogger:
             return
         self._write(record)
         if self._bar is not None:
-            self._bar.update(1)
+            self._bar.update(record["step"] - self._bar.n)  # steps since the last line (log_every)
             loss = record.get("loss")
             self._bar.set_postfix(loss=f"{loss:.4f}" if isinstance(loss, float) and math.isfinite(loss) else loss,
                                   lr=f"{record.get('lr', 0):.2e}")

@@ -53,15 +53,18 @@ def _key_block_configs() -> list[triton.Config]:
     ]
 
 
-def _tile_limit_pruner(max_tile: int):
+def _tile_limit_pruner(max_tile: int, max_tile_4_warps: int | None = None):
     """Autotune pruner dropping tiles that spill registers on sm_90 (seen with ``ptxas -v`` on the
-    bf16 kernels): key tile x padded head dim above ``max_tile``, and 4 warps with a 128-wide head."""
+    bf16 kernels): key tile x padded head dim above ``max_tile``, and 4 warps with a 128-wide head
+    or with a key tile x head dim above ``max_tile_4_warps`` (default ``max_tile``)."""
+    max_tile_4_warps = max_tile if max_tile_4_warps is None else max_tile_4_warps
 
     def prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
         block_d = kwargs["BLOCK_D"]
         kept = [
             c for c in configs
-            if c.kwargs["BLOCK_N"] * block_d <= max_tile and (block_d <= 64 or c.num_warps >= 8)
+            if c.kwargs["BLOCK_N"] * block_d <= max_tile
+            and (c.num_warps >= 8 or (block_d <= 64 and c.kwargs["BLOCK_N"] * block_d <= max_tile_4_warps))
         ]
         return kept or configs[:1]
 
@@ -75,6 +78,8 @@ def _query_block(num_queries: int) -> int:
 
 _PRUNE = _tile_limit_pruner(64 * 128)
 _PRUNE_FUSED = _tile_limit_pruner(64 * 64)  # the fused backward also holds dq and q, do, o tiles
+# dk/dv keep two fp32 [BLOCK_N, BLOCK_D] accumulators: 128 x 64 on 4 warps spilled ~800 bytes.
+_PRUNE_DKDV = _tile_limit_pruner(64 * 128, max_tile_4_warps=64 * 64)
 _AUTOTUNE_KEY = ["num_queries", "num_media", "HEAD_DIM", "HAS_LATENTS", "HAS_MASK", "PRECISION"]
 
 
@@ -328,7 +333,7 @@ def _dkdv_tile(
     tl.store(p_dv + o_n[:, None] * stride_dvn + o_d[None, :] * stride_dvd, b_dv.to(p_dv.dtype.element_ty), mask=m_kv)
 
 
-@triton.autotune(configs=_key_block_configs(), key=_AUTOTUNE_KEY, prune_configs_by=_PRUNE)
+@triton.autotune(configs=_key_block_configs(), key=_AUTOTUNE_KEY, prune_configs_by=_PRUNE_DKDV)
 @triton.jit
 def _resampler_bwd_dkdv_kernel(
     q, k_media, v_media, k_latents, v_latents, media_mask, do, lse, delta,

@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
 from importlib import resources
 
 import pytest
@@ -28,6 +29,7 @@ TINY_VISION = "model.vision={image_size: 16, patch_size: 8, width: 32, depth: 1,
 TINY_LM = ("model.lm={config: {model_type: llama, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, "
            "num_attention_heads: 2, num_key_value_heads: 2, max_position_embeddings: 64}}")
 ZERO3 = "deepspeed={zero_optimization: {stage: 3, stage3_param_persistence_threshold: 0}, gradient_clipping: 1.0}"
+ODD_EVAL = ["data.eval.shards={data}/odd-000000.tar", "data.eval.batch_size=12"]  # uneven eval batches per rank
 
 
 def _launch(tmp_path, name, runs, timeout=400):
@@ -60,6 +62,11 @@ def data(tmp_path_factory):
     out = tmp_path_factory.mktemp("shapes")
     shapes.make_shapes(str(out), n_train=256, n_eval=48, n_docs=64, image_size=32, shard_size=32, seed=3)
     train_word_tokenizer(str(out / "captions.txt"), str(out / "tokenizer.json"))
+    # 25 held-out pairs: with batches of 12 over 2 ranks, rank 0 runs 2 eval batches and rank 1 only 1.
+    with tarfile.open(out / "eval-000000.tar") as src, tarfile.open(out / "odd-000000.tar", "w") as dst:
+        for member in src.getmembers():
+            if int(member.name.split(".")[0].removeprefix("eval")) < 25:
+                dst.addfile(member, src.extractfile(member))
     return out
 
 
@@ -92,11 +99,11 @@ def test_two_ranks_zero2_zero3_and_exact_resume(data, tmp_path):
             "data.train.0.batch_size=4", "data.train.1.batch_size=8", "data.train.1.weight=0.2",
             "tokenizer.context_length=32", "model.flamingo.num_latents=4", "max_steps=12", "save_every=6",
             "model.gradient_checkpointing=true",
-            "eval_every=0", "optim.lr=3e-3"],
+            "eval_every=0", "optim.lr=3e-3", *(a.format(data=data) for a in ODD_EVAL)],
         _common("frozen", data, fr3) + [
             ZERO3, TINY_LM, f"data.train.0.shards={data}/train-*.tar", "data.train.0.batch_size=8",
             "tokenizer.context_length=16", "max_steps=12", "save_every=0", "eval_every=0", "optim.lr=3e-3"],
-        _clip(data, clip3, ZERO3, "max_steps=6", "save_every=0"),
+        _clip(data, clip3, ZERO3, "max_steps=6", "save_every=0", *(a.format(data=data) for a in ODD_EVAL)),
     ])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
@@ -112,6 +119,8 @@ def test_two_ranks_zero2_zero3_and_exact_resume(data, tmp_path):
         assert os.path.isfile(out / "trainable.safetensors")
     assert 0 <= _evals(fl3)[-1]["caption_token_acc"] <= 1 and 0 <= _evals(clip3)[-1]["zero_shot_top1"] <= 1
     assert len(_steps(clip3)) == 6
+    # ZeRO-3 evaluation with more batches on one rank than on the other: no hang, every sample counted.
+    assert _evals(clip3)[-1]["eval_samples"] == 25
 
     # Killed with SIGKILL right after step 5 (last checkpoint: step 4), then resumed.
     proc = _launch(tmp_path, "killed", [_clip(data, killed, "testing.sigkill_at_step=5")])

@@ -131,23 +131,53 @@ def evaluate(module: nn.Module, cfg: TrainConfig, tok: Tokenizer, info: DistInfo
     try:
         with gathered(module, zero_stage):
             if cfg.task == "clip":
-                results = _eval_clip(module, cfg, tok, info, shards, encoder, dtype)
+                results = _eval_clip(module, cfg, tok, info, shards, encoder, dtype, zero_stage)
             else:
-                results = _eval_captions(module, cfg, info, shards, encoder, dtype)
+                results = _eval_captions(module, cfg, info, shards, encoder, dtype, zero_stage)
     finally:
         module.train(was_training)
     return results
 
 
-def _eval_clip(model, cfg, tok, info, shards, encoder, dtype) -> dict:
+def _in_step(batches, info: DistInfo, zero_stage: int, shards: list[str], encoder: Encoder):
+    """``(batch, metas, real)`` of this rank's ``batches``, with every rank running as many forwards.
+
+    Under ZeRO-3 each forward gathers parameters with collectives (its hooks re-partition them even
+    inside ``GatheredParameters``), and the ranks' shares of the held-out set can differ by a batch:
+    a rank that has run out repeats a spare batch (``real`` False, its results dropped) until all are done.
+    """
+    if zero_stage != 3 or info.world_size == 1:
+        for batch, metas in batches:
+            yield batch, metas, True
+        return
+    spare = None
+    batches = iter(batches)
+    while True:
+        item = next(batches, None)
+        (busy,) = all_reduce_sum([float(item is not None)], info.device)
+        if busy == 0:
+            return
+        if item is not None:
+            spare = item
+            yield (*item, True)
+        else:
+            if spare is None:  # this rank had no sample at all: borrow the first one of the set
+                spare = next(eval_batches(shards, encoder, 1, 0, 1, 1))
+            yield (*spare, False)
+
+
+def _eval_clip(model, cfg, tok, info, shards, encoder, dtype, zero_stage) -> dict:
     ev = cfg.data.eval
     classes_path = ev.classes or os.path.join(os.path.dirname(shards[0]), "classes.json")
     with open(classes_path, encoding="utf-8") as f:
         classes = json.load(f)
     classifier = vlmcore.zero_shot_classifier(model, tok, classes["classnames"], classes["templates"])
     correct = total = 0
-    for batch, metas in eval_batches(shards, encoder, ev.batch_size, info.rank, info.world_size, ev.max_batches):
+    batches = eval_batches(shards, encoder, ev.batch_size, info.rank, info.world_size, ev.max_batches)
+    for batch, metas, real in _in_step(batches, info, zero_stage, shards, encoder):
         _, preds = vlmcore.zero_shot_predict(model, batch["images"].to(info.device, dtype), classifier)
+        if not real:
+            continue
         labels = torch.tensor([m["label"] for m in metas], device=preds.device)
         correct += int((preds == labels).sum())
         total += len(metas)
@@ -167,12 +197,15 @@ def _token_hits(module, task, batch, device, dtype, blind: bool) -> tuple[int, i
     return int(((pred == target) & valid).sum()), int(valid.sum())
 
 
-def _eval_captions(module, cfg, info, shards, encoder, dtype) -> dict:
+def _eval_captions(module, cfg, info, shards, encoder, dtype, zero_stage) -> dict:
     ev = cfg.data.eval
     hits = [0, 0, 0]  # with images, blind, tokens
-    for batch, _ in eval_batches(shards, encoder, ev.batch_size, info.rank, info.world_size, ev.max_batches):
+    batches = eval_batches(shards, encoder, ev.batch_size, info.rank, info.world_size, ev.max_batches)
+    for batch, _, real in _in_step(batches, info, zero_stage, shards, encoder):
         seen, n = _token_hits(module, cfg.task, batch, info.device, dtype, blind=False)
         blind, _ = _token_hits(module, cfg.task, batch, info.device, dtype, blind=True)
+        if not real:
+            continue
         hits = [hits[0] + seen, hits[1] + blind, hits[2] + n]
     seen, blind, n = all_reduce_sum(hits, info.device)
     return {"caption_token_acc": seen / max(n, 1), "blind_token_acc": blind / max(n, 1), "eval_tokens": int(n)}

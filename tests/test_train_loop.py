@@ -186,3 +186,19 @@ def test_progress_bar_counts_steps_not_log_lines(tmp_path):
     resumed.log_step({"step": 30, "loss": 1.0, "lr": 1e-3})
     assert resumed._bar.n == 30
     resumed.close()
+
+
+def test_lm_directory_is_loaded_in_the_training_precision(data, tmp_path):
+    # A bf16 checkpoint (as most LMs ship) must not make an fp32 run's model (and bridge) bf16.
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from vlmcore.train.config import load_config
+
+    tok = Tokenizer(str(data / "tokenizer.json"), 16)
+    config = AutoConfig.for_model("llama", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                  num_attention_heads=2, num_key_value_heads=2, vocab_size=tok.vocab_size)
+    AutoModelForCausalLM.from_config(config).to(torch.bfloat16).save_pretrained(tmp_path / "lm")
+    argv = _argv("flamingo", data, tmp_path / "out", f"model.lm={{path: {tmp_path}/lm}}", "tokenizer.context_length=16")
+    cfg = load_config(argv[1], argv[2:])
+    model = loop.tasks.build_model(cfg, tok, torch.float32)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    assert {p.dtype for p in model.lang_model.parameters()} == {torch.float32}

@@ -157,7 +157,7 @@ def train(cfg: TrainConfig, local_rank: int | None = None) -> dict:
     if cfg.data.eval is not None:
         expand_shards(cfg.data.eval.shards)
 
-    model = tasks.build_model(cfg, tok)
+    model = tasks.build_model(cfg, tok, torch.bfloat16 if precision == "bf16" else torch.float32)
     promote_scalar_parameters(model)
     ds_config = build_ds_config(cfg, precision)
     zero_stage = int(ds_config["zero_optimization"].get("stage", 0))

@@ -26,13 +26,18 @@ from .distributed import DistInfo, all_reduce_sum
 from .tokenizer import Tokenizer
 
 
-def build_language_model(cfg: TrainConfig, tok: Tokenizer) -> nn.Module:
-    """The frozen causal LM: loaded from a local directory or built from a config (random weights)."""
+def build_language_model(cfg: TrainConfig, tok: Tokenizer, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The frozen causal LM: loaded from a local directory or built from a config (random weights).
+
+    ``dtype``: the training precision's parameter dtype. A directory is loaded in it, not in the
+    dtype of its files (transformers 5 defaults to the latter: a bf16 checkpoint would otherwise make
+    the model, and the bridge built at the LM's dtype, bf16 in an fp32 run, with no fp32 master weights).
+    """
     from transformers import AutoConfig, AutoModelForCausalLM
 
     lm_cfg = cfg.model.lm
     if lm_cfg.path:
-        lm = AutoModelForCausalLM.from_pretrained(lm_cfg.path, local_files_only=True)
+        lm = AutoModelForCausalLM.from_pretrained(lm_cfg.path, local_files_only=True, dtype=dtype)
     else:
         options = dict(lm_cfg.config)
         model_type = options.pop("model_type")
@@ -60,7 +65,7 @@ def build_vision(cfg: TrainConfig) -> vlmcore.VisionTransformer:
     return vit
 
 
-def build_model(cfg: TrainConfig, tok: Tokenizer) -> nn.Module:
+def build_model(cfg: TrainConfig, tok: Tokenizer, dtype: torch.dtype = torch.float32) -> nn.Module:
     m = cfg.model
     if cfg.task == "clip":
         return vlmcore.CLIP(
@@ -69,7 +74,7 @@ def build_model(cfg: TrainConfig, tok: Tokenizer) -> nn.Module:
             text_heads=m.text.heads, pad_token_id=tok.pad_token_id, eot_token_id=tok.eos_token_id,
             init_temperature=m.init_temperature, max_logit_scale=m.max_logit_scale)
     vision = build_vision(cfg)
-    lm = build_language_model(cfg, tok)
+    lm = build_language_model(cfg, tok, dtype)
     if cfg.task == "flamingo":
         f = m.flamingo
         new_tokens = [tok.media_token_id, tok.eoc_token_id] if f.train_new_token_embeddings else False

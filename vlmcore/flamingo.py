@@ -190,9 +190,7 @@ class Flamingo(nn.Module):
         super().__init__()
         if not hasattr(lang_model, "get_input_embeddings"):
             raise TypeError("lang_model must be a transformers causal LM (it has no get_input_embeddings)")
-        if isinstance(cross_attn_every_n_layers, bool) or not isinstance(cross_attn_every_n_layers, int) \
-                or cross_attn_every_n_layers < 1:
-            raise ValueError(f"cross_attn_every_n_layers must be a positive int, got {cross_attn_every_n_layers!r}")
+        check_positive_int("cross_attn_every_n_layers", cross_attn_every_n_layers)
         check_positive_int("vis_dim", vis_dim)
         embedding = lang_model.get_input_embeddings()
         vocab, embed_dim = input_embedding_shape(embedding)

@@ -39,8 +39,7 @@ class FrozenPrefix(nn.Module):
         super().__init__()
         if not hasattr(lang_model, "get_input_embeddings"):
             raise TypeError("lang_model must be a transformers causal LM (it has no get_input_embeddings)")
-        if isinstance(num_prefix_tokens, bool) or not isinstance(num_prefix_tokens, int) or num_prefix_tokens < 1:
-            raise ValueError(f"num_prefix_tokens must be a positive int, got {num_prefix_tokens!r}")
+        check_positive_int("num_prefix_tokens", num_prefix_tokens)
         check_positive_int("vis_dim", vis_dim)
         embedding = lang_model.get_input_embeddings()
         vocab, lang_dim = input_embedding_shape(embedding)

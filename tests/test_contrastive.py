@@ -7,18 +7,12 @@ fp32 copies on the same device, with ``torch.empty`` NaN-poisoned so an element 
 write fails. Gradient tolerances are relative to the largest reference gradient (gradients scale like 1/n).
 """
 
-import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-import triton
-from utils import assert_close, tolerance
+from utils import assert_close, run_sm90_compile_check, tolerance
 from vlmcore.kernels import backend, contrastive_loss
 from vlmcore.kernels.reference import contrastive_accuracy_reference, contrastive_loss_reference
 
@@ -283,14 +277,7 @@ def test_kernels_compile_for_h100():
     """Every kernel variant compiles to an sm_90a cubin with Triton's GPU passes and bundled ptxas
     (no GPU needed): 16-bit products on tensor cores (wgmma), and the preferred configs of the
     training path without register spills."""
-    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
-    if not ptxas.exists():
-        pytest.skip("this triton build ships no NVIDIA ptxas")
-    script = Path(__file__).with_name("contrastive_compile_check.py")
-    proc = subprocess.run([sys.executable, str(script)], env=dict(os.environ, TRITON_INTERPRET="0"),
-                          capture_output=True, text=True, timeout=1200)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    rows = run_sm90_compile_check("contrastive_compile_check.py", timeout=1200)
     assert {row["kernel"] for row in rows} == {
         "_contrastive_fwd_kernel", "_contrastive_merge_cols_kernel", "_contrastive_bwd_rows_kernel",
         "_contrastive_bwd_cols_kernel", "_contrastive_grad_window_kernel"}

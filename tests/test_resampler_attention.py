@@ -12,16 +12,11 @@ on the same device.
 from __future__ import annotations
 
 import importlib
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import triton
-from utils import assert_close
+from utils import assert_close, run_sm90_compile_check
 from vlmcore.kernels import resampler_attention
 from vlmcore.kernels.reference import resampler_attention_reference
 from vlmcore.kernels.resampler_attention import resampler_attention_forward
@@ -274,14 +269,7 @@ def test_kernels_compile_for_h100():
     and mask. Each fits the H100's 227 KB of shared memory, runs its products on tensor cores, and
     spills at most a few words of registers (the pruners exist to drop the tiles that spill more).
     ``python tests/resampler_compile_check.py all`` compiles every surviving config."""
-    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
-    if not ptxas.exists():
-        pytest.skip("this triton build ships no NVIDIA ptxas")
-    script = Path(__file__).with_name("resampler_compile_check.py")
-    proc = subprocess.run([sys.executable, str(script)], env=dict(os.environ, TRITON_INTERPRET="0"),
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    rows = run_sm90_compile_check("resampler_compile_check.py", timeout=600)
     assert {row["kernel"] for row in rows} == {"fwd", "dq", "dkdv", "fused"}
     for kernel in ("fwd", "dq", "dkdv", "fused"):
         mine = [row for row in rows if row["kernel"] == kernel]

@@ -57,3 +57,28 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, dtype: torch.d
         where = tuple(int(x) for x in i)
         lines.append(f"  at {where}: got {float(a[where]):.6g}, expected {float(e[where]):.6g}")
     raise AssertionError("\n".join(lines))
+
+
+def run_sm90_compile_check(script_name: str, timeout: int) -> list[dict]:
+    """Run ``tests/<script_name>`` (a compile-only sm_90 check) with the real Triton compiler.
+
+    Skips when this Triton build ships no NVIDIA ptxas. The script prints one JSON object per
+    compiled kernel variant; those rows are returned. No GPU is needed.
+    """
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import pytest
+    import triton
+
+    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    if not ptxas.exists():
+        pytest.skip("this triton build ships no NVIDIA ptxas")
+    script = Path(__file__).with_name(script_name)
+    proc = subprocess.run([sys.executable, str(script)], env=dict(os.environ, TRITON_INTERPRET="0"),
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return [json.loads(line) for line in proc.stdout.splitlines()]

@@ -9,9 +9,9 @@ import torch
 from vlmcore.train import shapes
 from vlmcore.train.data import (
     DataStream,
-    batch_tokens,
     Encoder,
     ShardStream,
+    batch_tokens,
     expand_shards,
     raw_stream,
     read_tar,

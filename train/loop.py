@@ -23,7 +23,7 @@ import torch
 
 from . import checkpoint, distributed, shapes, tasks
 from .config import TrainConfig, deepspeed_dict, to_dict
-from .data import DataStream, ShardStream, batch_tokens, expand_shards
+from .data import SKIP_REASONS, DataStream, ShardStream, batch_tokens, expand_shards
 from .metrics import MetricsLogger
 from .tokenizer import Tokenizer, train_word_tokenizer
 
@@ -136,11 +136,12 @@ def _streams(cfg: TrainConfig, tok: Tokenizer, info: distributed.DistInfo) -> li
     out = []
     for i, d in enumerate(cfg.data.train):
         encoder = tasks.encoder_for(cfg, tok, d.kind, d.max_images)
+        name = d.name or f"{d.kind}{i}"
         dataset = ShardStream(
             expand_shards(d.shards), encoder, d.batch_size, seed=cfg.seed * 1000 + i, rank=info.rank,
             world_size=info.world_size, num_workers=cfg.data.num_workers, shuffle_buffer=d.shuffle_buffer,
-            resampled=d.resampled)
-        out.append(DataStream(d.name or f"{d.kind}{i}", dataset, cfg.data.num_workers, d.weight))
+            resampled=d.resampled, name=name, max_consecutive_bad=cfg.data.max_consecutive_bad_samples)
+        out.append(DataStream(name, dataset, cfg.data.num_workers, d.weight))
     return out
 
 
@@ -220,10 +221,12 @@ def train(cfg: TrainConfig, local_rank: int | None = None) -> dict:
         finite = bool(torch.isfinite(total.detach()))
         samples = sum(next(iter(b.values())).shape[0] for b in batches)
         tokens = sum(batch_tokens(b, tok.pad_token_id, tok.eos_token_id) for b in batches)
-        skipped = sum(s.skipped for s in streams)
+        skip_counts = [s.skip_counts for s in streams]
         reduced = distributed.all_reduce_sum(
-            [0.0 if finite else 1.0, float(total.detach()) if finite else 0.0, samples, tokens, skipped]
-            + [float(x.detach()) if finite else 0.0 for x in losses], info.device)
+            [0.0 if finite else 1.0, float(total.detach()) if finite else 0.0, samples, tokens]
+            + [float(x.detach()) if finite else 0.0 for x in losses]
+            + [counts.get(reason, 0) for counts in skip_counts for reason in SKIP_REASONS], info.device)
+        skipped = reduced[4 + len(streams):]
         bad_ranks = reduced[0]
         grad_norm, lr = None, engine.get_lr()[0]
         if bad_ranks == 0:
@@ -245,11 +248,16 @@ def train(cfg: TrainConfig, local_rank: int | None = None) -> dict:
             "samples_per_s": reduced[2] / elapsed,
             "tokens_per_s": reduced[3] / elapsed,
             "grad_norm": grad_norm,
-            "skipped_samples": int(reduced[4]),
+            "skipped_samples": int(sum(skipped)),
             "nonfinite_steps": nonfinite_total,
         }
+        # Cumulative skipped samples per dataset and reason, summed over ranks (non-zero ones only).
+        for i, s in enumerate(streams):
+            for j, reason in enumerate(SKIP_REASONS):
+                if skipped[i * len(SKIP_REASONS) + j]:
+                    record[f"skipped/{s.name}/{reason}"] = int(skipped[i * len(SKIP_REASONS) + j])
         if len(streams) > 1 and bad_ranks == 0:
-            record.update({f"loss/{s.name}": v / world for s, v in zip(streams, reduced[5:])})
+            record.update({f"loss/{s.name}": v / world for s, v in zip(streams, reduced[4:4 + len(streams)])})
         if step % cfg.log_every == 0 or step == cfg.max_steps or bad_ranks:
             log.log_step(record)
         if streak >= cfg.max_nonfinite_steps:

@@ -160,6 +160,12 @@ def train(cfg: TrainConfig, local_rank: int | None = None) -> dict:
 
     model = tasks.build_model(cfg, tok, torch.bfloat16 if precision == "bf16" else torch.float32)
     promote_scalar_parameters(model)
+    # Checkpoints hold no frozen parameter: they are rebuilt from the config, identified by this
+    # fingerprint (rank 0's: DeepSpeed broadcasts rank 0's weights, random-init LMs included).
+    sources = {"model.lm.path": cfg.model.lm.path if cfg.model.lm is not None else "",
+               "model.vision.init": cfg.model.vision.init if cfg.model.vision.freeze else ""}
+    fingerprint = distributed.broadcast_object(
+        checkpoint.frozen_fingerprint(model, {k: v for k, v in sources.items() if v}) if info.is_main else None)
     ds_config = build_ds_config(cfg, precision)
     zero_stage = int(ds_config["zero_optimization"].get("stage", 0))
     if zero_stage == 3 and cfg.task == "clip":
@@ -181,7 +187,7 @@ def train(cfg: TrainConfig, local_rank: int | None = None) -> dict:
     resume_tag = checkpoint.resolve_tag(ckpt_dir, cfg.resume) if cfg.resume else None
     restored_rng = None
     if resume_tag is not None:
-        state = checkpoint.load(engine, ckpt_dir, resume_tag, info.rank)
+        state = checkpoint.load(engine, ckpt_dir, resume_tag, info.rank, fingerprint)
         start_step, nonfinite_total = state["step"], state["nonfinite_steps"]
         for stream in streams:
             stream.load_state_dict(state["data"][stream.name])
@@ -202,7 +208,7 @@ def train(cfg: TrainConfig, local_rank: int | None = None) -> dict:
                 "data": {s.name: s.state_dict() for s in streams}}
 
     def save(step: int) -> None:
-        checkpoint.save(engine, ckpt_dir, step, trainer_state(step), cfg.keep_last, info.rank)
+        checkpoint.save(engine, ckpt_dir, step, trainer_state(step), cfg.keep_last, info.rank, fingerprint)
 
     def run_eval(step: int) -> dict:
         results = tasks.evaluate(module, cfg, tok, info, zero_stage)

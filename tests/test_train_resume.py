@@ -99,3 +99,19 @@ def test_checkpoint_holds_no_frozen_tensor_and_resumes_exactly(data, tmp_path, t
     other_lm = WIDE_LM.replace("max_position_embeddings: 64", "max_position_embeddings: 64, initializer_range: 0.5")
     with pytest.raises(checkpoint.FrozenModelMismatchError, match=r"last frozen tensor '[^']*lm_head.weight': sha256"):
         main(_argv(task, data, changed, *common, "resume=latest", other_lm))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_training_on_a_shard_with_no_usable_sample_stops_with_the_reason(data, tmp_path, workers):
+    # Documents fed to a pairs dataset (a kind mismatch): the run ends within seconds, with the error
+    # raised in the main process even when DataLoader workers read the shards. (No wall-time bound here:
+    # DeepSpeed's first start in a process can wait minutes for its op build; the stream-level test times it.)
+    out = tmp_path / "mismatch"
+    with pytest.raises(NoUsableSamplesError) as err:
+        main(_argv("clip", data, out, "max_steps=3", "save_every=0", f"data.train.0.shards={data}/docs-*.tar",
+                   "data.train.0.name=web", "data.train.0.batch_size=4", f"data.num_workers={workers}",
+                   "data.max_consecutive_bad_samples=1000", "model.text={width: 16, depth: 1, heads: 2}",
+                   "model.embed_dim=16", "tokenizer.context_length=12", "model.vision.freeze=false"))
+    message = str(err.value)
+    assert message.startswith("dataset 'web': 0 of 1000 samples usable in a row")
+    assert "1000 kind_mismatch" in message and "set kind: interleaved" in message and "docs-0000" in message

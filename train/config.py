@@ -9,6 +9,10 @@ impossible values are all collected and raised together as one :class:`ConfigErr
 plain dataclasses (no pydantic: the GPU image lacks it). The ``deepspeed`` section is DeepSpeed's
 own config (a mapping, or the path of a JSON file); the trainer fills in the batch sizes and the
 precision and checks the few keys it depends on.
+
+The schema is the common part below plus the section ``model.<task>`` of the task named by
+``task:``: its ``Config`` dataclass, found through the task registry (``train/tasks/``); this
+module names no task.
 """
 
 from __future__ import annotations

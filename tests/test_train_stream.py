@@ -14,13 +14,15 @@ from vlmcore.train import data as data_module
 from vlmcore.train import shapes
 from vlmcore.train.data import (
     DataStream,
-    Encoder,
     NoUsableSamplesError,
     ShardStream,
     doc_fields,
+    drop_dissimilar_images,
     expand_shards,
     read_tar,
 )
+from vlmcore.train.tasks.clip import ClipEncoder
+from vlmcore.train.tasks.flamingo import FlamingoEncoder
 from vlmcore.train.tokenizer import EOC, MEDIA, Tokenizer, train_word_tokenizer
 
 
@@ -62,7 +64,7 @@ def _caption_under_another_key(shapes_dir, tmp_path):
 @pytest.mark.parametrize("workers,resampled", [(0, True), (2, False)])
 def test_a_shard_without_usable_samples_fails_fast_with_the_reasons(shapes_dir, tok, tmp_path, workers, resampled):
     shard = _caption_under_another_key(shapes_dir, tmp_path)
-    stream = _stream([shard, shard], Encoder("clip", "pairs", tok, 16), name="laion", workers=workers,
+    stream = _stream([shard, shard], ClipEncoder(tok, 16), name="laion", workers=workers,
                      resampled=resampled)
     started = time.perf_counter()
     with pytest.raises(NoUsableSamplesError) as err:
@@ -77,17 +79,17 @@ def test_a_shard_without_usable_samples_fails_fast_with_the_reasons(shapes_dir, 
 def test_kind_mismatch_and_empty_shards_are_named(shapes_dir, tok, tmp_path):
     docs, pairs = str(shapes_dir / "docs-000000.tar"), str(shapes_dir / "train-000000.tar")
     with pytest.raises(NoUsableSamplesError, match=r"50 kind_mismatch \(first: .*set kind: interleaved"):
-        next(_stream([docs], Encoder("clip", "pairs", tok, 16), max_consecutive_bad=50))
+        next(_stream([docs], ClipEncoder(tok, 16), max_consecutive_bad=50))
     with pytest.raises(NoUsableSamplesError, match=r"50 kind_mismatch \(first: .*set kind: pairs"):
-        next(_stream([pairs], Encoder("flamingo", "interleaved", tok, 16, max_images=2), max_consecutive_bad=50))
+        next(_stream([pairs], FlamingoEncoder("interleaved", tok, 16, max_images=2), max_consecutive_bad=50))
     empty = _write_tar(tmp_path / "empty.tar", [])
     with pytest.raises(NoUsableSamplesError, match=r"20 no_samples \(first: shard .*empty.tar has no sample"):
-        next(_stream([empty], Encoder("clip", "pairs", tok, 16), max_consecutive_bad=20))
+        next(_stream([empty], ClipEncoder(tok, 16), max_consecutive_bad=20))
     # Good samples in between reset the count: a noisy but usable shard never trips it.
     good = [s for s in read_tar(pairs)][:4]
     noisy = _write_tar(tmp_path / "noisy.tar", [(f"bad{i}", {"png": good[0]["png"]}) for i in range(3)]
                        + [(s["__key__"], {"png": s["png"], "txt": s["txt"]}) for s in good])
-    stream = _stream([noisy], Encoder("clip", "pairs", tok, 16), max_consecutive_bad=4, buffer=0)
+    stream = _stream([noisy], ClipEncoder(tok, 16), max_consecutive_bad=4, buffer=0)
     for _ in range(3):
         next(stream)
     assert stream.skip_counts == {"missing_caption": 9}
@@ -109,23 +111,33 @@ def test_mmc4_openflamingo_layout_matches_ours_and_similarity_drops_images(tok, 
         **{f"img{i}.png": im for i, im in enumerate(images)}}
     openflamingo = {"__key__": "d0", "json": json.dumps({"text_list": texts, "image_info": [
         {**info, "image_base64": base64.b64encode(im).decode()} for info, im in zip(infos, images)]}).encode()}
-    enc = Encoder("flamingo", "interleaved", tok, image_size=16, max_images=3)
+    enc = FlamingoEncoder("interleaved", tok, image_size=16, max_images=3)
     a, b = enc(ours), enc(openflamingo)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert int((a["input_ids"] == tok.media_token_id).sum()) == 3
 
-    blobs, text = doc_fields(openflamingo, max_images=3, min_similarity=0.24)  # OpenFlamingo's threshold
+    kept = drop_dissimilar_images(openflamingo, 0.24)  # OpenFlamingo's threshold
+    blobs, text = doc_fields(kept, max_images=3)
     assert blobs == [images[0], images[2]]
     assert text == f"{MEDIA} a red square then a blue circle no image here {EOC} {MEDIA} a green star {EOC}"
-    with pytest.raises(data_module.BadSample, match="no image with matched_sim >= 0.4") as err:
-        doc_fields(openflamingo, max_images=3, min_similarity=0.4)
-    assert err.value.reason == "no_image"
+    assert drop_dissimilar_images(openflamingo, 0.0) is openflamingo  # 0 = keep all
     # Without matched_sim, the similarity matrix (images x sentences) is read, as OpenFlamingo does.
     matrix = {"text_list": texts, "similarity_matrix": [[0.3, 0, 0, 0], [0, 0.1, 0, 0], [0, 0, 0, 0.3]],
               "image_info": [{"matched_text_index": i["matched_text_index"], "image_base64":
                               base64.b64encode(im).decode()} for i, im in zip(infos, images)]}
-    blobs, _ = doc_fields({"__key__": "d1", "json": json.dumps(matrix).encode()}, 3, min_similarity=0.24)
-    assert blobs == [images[0], images[2]]
+    kept = drop_dissimilar_images({"__key__": "d1", "json": json.dumps(matrix).encode()}, 0.24)
+    assert doc_fields(kept, 3)[0] == [images[0], images[2]]
+    with pytest.raises(data_module.BadSample) as err:
+        drop_dissimilar_images({"__key__": "d3", "json": json.dumps({"text_list": texts, "image_info": [
+            {"matched_text_index": 0, "image_name": "img0.png"}]}).encode()}, 0.24)
+    assert err.value.reason == "missing_similarity"
+    # The stream applies data.train[i].min_image_similarity: a threshold above every image ends it, named.
+    shard = _write_tar(tmp_path / "mmc4.tar", [(f"d{i}", {"json": openflamingo["json"]}) for i in range(3)])
+    with pytest.raises(NoUsableSamplesError, match=r"30 no_image \(first: document d\d has no image with "
+                                                   r"matched_sim >= 0.4\)"):
+        next(_stream([shard], enc, max_consecutive_bad=30, min_image_similarity=0.4))
+    batch = next(_stream([shard], enc, batch_size=2, min_image_similarity=0.24))
+    assert batch["vision_x"].shape == (2, 3, 1, 3, 16, 16)
     # Broken inline images and missing members are counted under their own reasons.
     broken = {"__key__": "d2", "json": json.dumps({"text_list": texts, "image_info": [
         {"matched_text_index": 0, "image_base64": "not base64!"}]}).encode()}
@@ -141,7 +153,7 @@ def test_mmc4_openflamingo_layout_matches_ours_and_similarity_drops_images(tok, 
 @pytest.mark.parametrize("buffer", [0, 8])
 def test_resume_by_position_opens_no_earlier_shard_and_decodes_nothing_twice(shapes_dir, tok, monkeypatch, buffer):
     shards = expand_shards(str(shapes_dir / "train-*.tar"))  # 4 shards of 16
-    encoder = Encoder("clip", "pairs", tok, 16)
+    encoder = ClipEncoder(tok, 16)
     decodes, opened = [0], []
     real_open, real_open_shard = Image.open, data_module.open_shard
 

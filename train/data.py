@@ -44,7 +44,7 @@ import json
 import os
 import random
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -310,23 +310,53 @@ def pair_fields(sample: dict) -> tuple[bytes, str]:
     return image, caption
 
 
-def _similarity(doc: dict, i: int, info: dict, sentence: int, key: str) -> float:
+def _similarity(doc: dict, i: int, info: dict, key: str) -> float:
     if "matched_sim" in info:
         return float(info["matched_sim"])
     matrix = doc.get("similarity_matrix")
     if matrix is not None:
-        return float(matrix[i][sentence])
+        return float(matrix[i][int(info["matched_text_index"])])
     raise BadSample(f"document {key}: image_info[{i}] has no matched_sim and the json no similarity_matrix "
                     "(needed by min_image_similarity)", "missing_similarity")
 
 
-def doc_fields(sample: dict, max_images: int, min_similarity: float = 0.0) -> tuple[list[bytes], str]:
+def drop_dissimilar_images(sample: dict, min_similarity: float) -> dict:
+    """``sample`` with the MMC4 ``image_info`` entries whose image-text similarity is below
+    ``min_similarity`` removed (OpenFlamingo's ``--mmc4_textsim_threshold``, 0.24 in its runs).
+
+    The similarity is the entry's ``matched_sim``, else ``similarity_matrix[i][matched_text_index]``
+    (images x sentences). A document left without images raises :class:`BadSample` (``no_image``);
+    anything that is not a well-formed document passes unchanged (:func:`doc_fields` names it).
+    """
+    if min_similarity <= 0 or "json" not in sample or "__error__" in sample:
+        return sample
+    try:
+        doc = json.loads(sample["json"].decode("utf-8"))
+    except ValueError:
+        return sample
+    if not _is_document(doc):
+        return sample
+    try:
+        keep = [i for i, info in enumerate(doc["image_info"])
+                if _similarity(doc, i, info, sample["__key__"]) >= min_similarity]
+    except (ValueError, KeyError, TypeError, IndexError):
+        return sample
+    if not keep:
+        raise BadSample(f"document {sample['__key__']} has no image with matched_sim >= {min_similarity}",
+                        "no_image")
+    doc["image_info"] = [doc["image_info"][i] for i in keep]
+    if doc.get("similarity_matrix") is not None:
+        doc["similarity_matrix"] = [doc["similarity_matrix"][i] for i in keep]
+    return {**sample, "json": json.dumps(doc).encode()}
+
+
+def doc_fields(sample: dict, max_images: int) -> tuple[list[bytes], str]:
     """(image bytes in order, text with ``<image>``/``<|endofchunk|>`` markers) of an MMC4 document.
 
     Each ``image_info`` entry holds its image inline (``image_base64``, OpenFlamingo's layout) or
-    names a member of the sample (``image_name`` -> ``KEY.<image_name>``, ours). Images whose
-    similarity to their matched sentence is below ``min_similarity`` are dropped; a sentence keeps
-    one image (the last one matched to it); the first ``max_images`` images are kept.
+    names a member of the sample (``image_name`` -> ``KEY.<image_name>``, ours). A sentence keeps
+    one image (the last one matched to it); the first ``max_images`` images are kept. (The
+    similarity threshold is applied before, by :func:`drop_dissimilar_images`.)
     """
     _check_readable(sample)
     key = sample["__key__"]
@@ -345,13 +375,10 @@ def doc_fields(sample: dict, max_images: int, min_similarity: float = 0.0) -> tu
     try:
         texts = [str(t) for t in doc["text_list"]]
         by_sentence = {}
-        for i, info in enumerate(doc["image_info"]):
-            sentence = int(info["matched_text_index"])
-            if min_similarity > 0 and _similarity(doc, i, info, sentence, key) < min_similarity:
-                continue
+        for info in doc["image_info"]:
             if "image_base64" not in info and "image_name" not in info:
                 raise KeyError("image_base64 or image_name")
-            by_sentence[sentence] = info
+            by_sentence[int(info["matched_text_index"])] = info
     except (ValueError, KeyError, TypeError, IndexError) as e:
         raise BadSample(f"{key}.json image_info is malformed: {type(e).__name__}: {e}", "json_error") from None
     images, parts = [], []
@@ -364,8 +391,7 @@ def doc_fields(sample: dict, max_images: int, min_similarity: float = 0.0) -> tu
             parts.append(MEDIA)
         parts.append(sentence)
     if not images:
-        why = f" with matched_sim >= {min_similarity}" if min_similarity > 0 else ""
-        raise BadSample(f"document {key} has no image{why}", "no_image")
+        raise BadSample(f"document {key} has no image", "no_image")
     parts.append(EOC)
     return images, " ".join(parts)
 
@@ -382,45 +408,18 @@ def _image_bytes(sample: dict, info: dict, key: str) -> bytes:
     return sample[name.lower()]
 
 
-class Encoder:
-    """Turns raw samples into tensors for one task (see :meth:`__call__`)."""
+#: A per-sample encoder: raw sample -> dict of example tensors; raises :class:`BadSample`. Each task
+#: builds its own (``Task.encoder`` in ``train/tasks/``) from the helpers of this module.
+Encoder = Callable[[dict], dict]
 
-    def __init__(self, task: str, kind: str, tokenizer: Tokenizer, image_size: int, max_images: int = 1,
-                 num_prefix_tokens: int = 1):
-        self.task, self.kind, self.tok = task, kind, tokenizer
-        self.image_size, self.max_images, self.num_prefix_tokens = image_size, max_images, num_prefix_tokens
 
-    def lm_text(self, ids: list[int]) -> dict:
-        """input_ids / attention_mask / labels (pad and media positions ignored) of an LM sequence."""
-        ids = ids[: self.tok.context_length - 1] + [self.tok.eos_token_id]
-        ids, mask = self.tok.pad(ids)
-        labels = [i if m and i != self.tok.media_token_id else IGNORE_INDEX for i, m in zip(ids, mask)]
-        return {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask), "labels": torch.tensor(labels)}
-
-    def __call__(self, sample: dict) -> dict:
-        """One decoded example; raises :class:`BadSample`.
-
-        clip: ``images [3,H,W]``, ``tokens [T]``. flamingo: ``vision_x [T_img,1,3,H,W]`` (zero
-        padded to ``max_images``), ``input_ids``/``attention_mask``/``labels`` ``[T]``. frozen:
-        ``images [1,3,H,W]`` and the caption after ``num_prefix_tokens`` ``<image>`` placeholders.
-        """
-        if self.kind == "interleaved":
-            blobs, text = doc_fields(sample, self.max_images)
-        else:
-            image, caption = pair_fields(sample)
-            blobs = [image]
-        images = [decode_image(b, self.image_size) for b in blobs]
-        if self.task == "clip":
-            return {"images": images[0], "tokens": self.tok([caption])[0]}
-        if self.task == "frozen":
-            ids = [self.tok.media_token_id] * self.num_prefix_tokens + self.tok.encode(caption)
-            return {"images": images[0][None], **self.lm_text(ids)}
-        if self.kind == "pairs":
-            text = f"{MEDIA} {caption} {EOC}"
-        vision = torch.zeros(self.max_images if self.kind == "interleaved" else 1, 1, 3, self.image_size,
-                             self.image_size)
-        vision[: len(images), 0] = torch.stack(images)
-        return {"vision_x": vision, **self.lm_text(self.tok.encode(text))}
+def lm_text(tok: Tokenizer, ids: list[int]) -> dict:
+    """input_ids / attention_mask / labels ``[T]`` (pad and media positions ignored) of an LM sequence:
+    ``ids`` cut to ``T - 1``, then ``<eos>``, then padding to ``T = tok.context_length``."""
+    ids = ids[: tok.context_length - 1] + [tok.eos_token_id]
+    ids, mask = tok.pad(ids)
+    labels = [i if m and i != tok.media_token_id else IGNORE_INDEX for i, m in zip(ids, mask)]
+    return {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask), "labels": torch.tensor(labels)}
 
 
 def collate(examples: list[dict]) -> dict:
@@ -468,13 +467,14 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     Each batch is a dict of stacked tensors plus ``_worker`` (logical worker id) and ``_state``
     (that worker's resumable state after the batch, see :func:`initial_state`). ``start`` resumes.
+    Documents first lose their images below ``min_image_similarity`` (:func:`drop_dissimilar_images`).
     A run of ``max_consecutive_bad`` unusable samples yields one ``{"_error": message}`` instead
     of a batch and ends the worker's stream (:class:`DataStream` raises it).
     """
 
     def __init__(self, shards: list[str], encoder, batch_size: int, *, seed: int, rank: int,
                  world_size: int, num_workers: int, shuffle_buffer: int, resampled: bool, start: dict | None = None,
-                 name: str = "data", max_consecutive_bad: int = 5000):
+                 name: str = "data", max_consecutive_bad: int = 5000, min_image_similarity: float = 0.0):
         super().__init__()
         if max_consecutive_bad < 1:
             raise ValueError(f"max_consecutive_bad: must be >= 1, got {max_consecutive_bad}")
@@ -482,6 +482,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.num_workers, self.shuffle_buffer, self.resampled = max(1, num_workers), shuffle_buffer, resampled
         self.name, self.max_consecutive_bad = name, max_consecutive_bad
+        self.min_image_similarity = min_image_similarity
         self.start = start or initial_state(self.num_workers)
 
     def __iter__(self):
@@ -513,7 +514,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         examples = []
         for sample, pool, draws in stream:
             try:
-                examples.append(self.encoder(sample))
+                examples.append(self.encoder(drop_dissimilar_images(sample, self.min_image_similarity)))
             except BadSample as e:
                 skips[e.reason] += 1
                 run[e.reason] += 1

@@ -40,12 +40,12 @@ def _losses(out_dir):
 
 
 def _frozen_names(task, argv):
-    from vlmcore.train import tasks
     from vlmcore.train.config import load_config
+    from vlmcore.train.tasks import get_task
     from vlmcore.train.tokenizer import Tokenizer
 
     cfg = load_config(argv[1], argv[2:])
-    model = tasks.build_model(cfg, Tokenizer(cfg.tokenizer.path, cfg.tokenizer.context_length))
+    model = get_task(task)(cfg, Tokenizer(cfg.tokenizer.path, cfg.tokenizer.context_length)).build_model(torch.float32)
     frozen = {n: p.numel() * p.element_size() for n, p in model.named_parameters() if not p.requires_grad}
     lm_bytes = sum(p.numel() * p.element_size() for p in model.lang_model.parameters())
     return frozen, lm_bytes
@@ -110,8 +110,8 @@ def test_training_on_a_shard_with_no_usable_sample_stops_with_the_reason(data, t
     with pytest.raises(NoUsableSamplesError) as err:
         main(_argv("clip", data, out, "max_steps=3", "save_every=0", f"data.train.0.shards={data}/docs-*.tar",
                    "data.train.0.name=web", "data.train.0.batch_size=4", f"data.num_workers={workers}",
-                   "data.max_consecutive_bad_samples=1000", "model.text={width: 16, depth: 1, heads: 2}",
-                   "model.embed_dim=16", "tokenizer.context_length=12", "model.vision.freeze=false"))
+                   "data.max_consecutive_bad_samples=1000", "model.clip.text={width: 16, depth: 1, heads: 2}",
+                   "model.clip.embed_dim=16", "tokenizer.context_length=12", "model.vision.freeze=false"))
     message = str(err.value)
     assert message.startswith("dataset 'web': 0 of 1000 samples usable in a row")
     assert "1000 kind_mismatch" in message and "set kind: interleaved" in message and "docs-0000" in message

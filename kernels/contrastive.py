@@ -42,7 +42,9 @@ row, and per column through the same group partials; ties go to the lowest index
 
 from __future__ import annotations
 
+import functools
 import math
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
@@ -51,6 +53,7 @@ import triton.language as tl
 
 from ._backend import interpreter_enabled, use_triton
 from ._checks import check_float_tensor, check_same
+from ._plan import KernelLaunch, OpPlan
 from .reference import contrastive_accuracy_reference, contrastive_loss_reference
 
 _LOG2E = 1.4426950408889634
@@ -65,8 +68,10 @@ _SMALL_GROUP_ROWS, _LARGE_GROUP_ROWS, _LARGE_N = 64, 128, 32768
 # logits once per d chunk; for d above this it runs the window backward instead (G' windows written
 # in the input dtype, then two matrix products per window), which recomputes the logits only twice.
 REGISTER_BACKWARD_MAX_D = 256
-# The window backward's only O(n) x chunk buffer: G' windows of at most this many bytes.
-WINDOW_BYTES = 128 * 2**20
+# The window backward's one G' window alive at a time: at most this many bytes at every n, and at
+# most WINDOW_MAX_COLS columns (wider matrices are cut into column chunks inside a row window).
+WINDOW_BYTES = 64 * 2**20
+WINDOW_MAX_COLS = 8192
 
 
 # ----------------------------------------------------------------------------------------------
@@ -318,18 +323,15 @@ def _contrastive_bwd_cols_kernel(
 
 @triton.jit
 def _contrastive_grad_window_kernel(
-    p_a, p_b, p_scale, p_row_lse, p_col_lse, p_g, p_ds_part,
+    p_a, p_b, p_scale, p_row_lse, p_col_lse, p_g,
     row0, col0, win_rows, win_cols,
     n_rows, n_cols, d, size_bucket, stride_a, stride_b, label_offset, smoothing,
-    SYMMETRIC: tl.constexpr, WRITE_DS: tl.constexpr, PRECISION: tl.constexpr,
+    SYMMETRIC: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """G' of one window ``[row0, row0 + win_rows) x [col0, col0 + win_cols)`` of the logits, one tile
-    per program, into g ``[win_rows, win_cols]`` (input dtype, row-major) for the large-d backward.
-
-    WRITE_DS (windows that span all columns): ds_part fp32 ``[cdiv(win_cols, BLOCK_N), win_rows]``
-    gets this tile's ``sum_j G'_ij X_ij`` in row ``program_id(1)``; summed over axis 0 afterwards.
-    """
+    per program, into g ``[win_rows, win_cols]`` (input dtype, row-major): the backward's only
+    recompute of the logits."""
     i_m = tl.program_id(0)
     i_n = tl.program_id(1)
     o_wm = i_m * BLOCK_M + tl.arange(0, BLOCK_M)  # row inside the window
@@ -349,8 +351,59 @@ def _contrastive_grad_window_kernel(
                      label_offset, smoothing, SYMMETRIC)
     p_out = p_g + o_wm.to(tl.int64)[:, None] * win_cols + o_wn[None, :]
     tl.store(p_out, b_g.to(p_g.dtype.element_ty), mask=m_m[:, None] & m_n[None, :])
-    if WRITE_DS:
-        tl.store(p_ds_part + i_n.to(tl.int64) * win_rows + o_wm, tl.sum(b_g * b_x, 1), mask=m_m)
+
+
+@triton.jit
+def _contrastive_window_matmul_kernel(
+    p_x, p_y, p_acc, p_out, p_coef, p_rows, p_ds,
+    M, N, K, stride_xm, stride_xk, stride_y, stride_rows, stride_ds,
+    FIRST: tl.constexpr, LAST: tl.constexpr, TRANS_X: tl.constexpr, WRITE_DS: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """One window's gradient product: ``acc [M, N] (+)= X [M, K] Y [K, N]`` in fp32.
+
+    X is a G' window (``TRANS_X``: its transpose, read as ``[BLOCK_K, BLOCK_M]`` tiles along the
+    window's rows) in the input dtype, Y ``[K, N]`` row-major feature rows (N = d). ``FIRST``: the
+    accumulator starts at zero (not read); otherwise it is read from p_acc fp32 ``[M, N]``.
+    ``LAST``: the result times coef ``[1]`` is written to p_out (input dtype, row stride N) instead
+    of p_acc. ``WRITE_DS`` (with LAST, for the row-gradient product): also writes this tile's
+    ``sum_n acc[m, n] rows[m, n]`` (= ``sum_j G'_mj X_mj``, the logit-scale gradient per row before
+    the coefficient) to ``p_ds + program_id(1) * stride_ds + m``. One program per output tile and a
+    fixed K order: deterministic.
+    """
+    i_m = tl.program_id(0)
+    i_n = tl.program_id(1)
+    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_m = o_m < M
+    m_n = o_n < N
+    m_mn = m_m[:, None] & m_n[None, :]
+    o_acc = o_m.to(tl.int64)[:, None] * N + o_n[None, :]
+    if FIRST:
+        b_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    else:
+        b_acc = tl.load(p_acc + o_acc, mask=m_mn, other=0.0)
+    o_xm = o_m.to(tl.int64) * stride_xm
+    for i_k in range(0, K, BLOCK_K):
+        o_k = i_k + tl.arange(0, BLOCK_K)
+        m_k = o_k < K
+        if TRANS_X:  # X[m, k] = G'[k, m]: load the contiguous [BLOCK_K, BLOCK_M] tile, transpose
+            b_xt = tl.load(p_x + o_k.to(tl.int64)[:, None] * stride_xk + o_xm[None, :],
+                           mask=m_k[:, None] & m_m[None, :], other=0.0)
+            b_x = tl.trans(b_xt)
+        else:
+            b_x = tl.load(p_x + o_xm[:, None] + o_k.to(tl.int64)[None, :] * stride_xk,
+                          mask=m_m[:, None] & m_k[None, :], other=0.0)
+        b_y = tl.load(p_y + o_k.to(tl.int64)[:, None] * stride_y + o_n[None, :],
+                      mask=m_k[:, None] & m_n[None, :], other=0.0)  # [BLOCK_K, BLOCK_N]
+        b_acc = tl.dot(b_x, b_y, b_acc, input_precision=PRECISION)
+    if LAST:
+        tl.store(p_out + o_acc, (b_acc * tl.load(p_coef)).to(p_out.dtype.element_ty), mask=m_mn)
+        if WRITE_DS:
+            b_rows = tl.load(p_rows + o_m.to(tl.int64)[:, None] * stride_rows + o_n[None, :], mask=m_mn, other=0.0)
+            tl.store(p_ds + i_n.to(tl.int64) * stride_ds + o_m, tl.sum(b_acc * b_rows.to(tl.float32), 1), mask=m_m)
+    else:
+        tl.store(p_acc + o_acc, b_acc, mask=m_mn)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -359,8 +412,13 @@ def _contrastive_grad_window_kernel(
 
 # Kernels take ``size_bucket`` only as an autotune key: the next power of two of max(m, N), capped,
 # so a config tuned at n = 65536 serves 131072 and 2^20 too (tuning at 2^20 would run each config
-# several times at seconds per run).
-_AUTOTUNE_KEY = ["size_bucket", "d", "PRECISION"]
+# several times at seconds per run). Every argument the pruning reads and every mode flag that
+# changes the work is in the key, so a pruned space is chosen (and tuned) per key, and
+# ``cache_results`` keeps the winners on disk for the next process.
+_FWD_KEY = ["size_bucket", "d", "rows_per_group", "COL_STATS", "ACCURACY", "PRECISION"]
+_BWD_KEY = ["size_bucket", "d", "SYMMETRIC", "PRECISION"]
+_WINDOW_KEY = ["size_bucket", "d", "SYMMETRIC", "PRECISION"]
+_MATMUL_KEY = ["M", "N", "K", "FIRST", "LAST", "TRANS_X", "WRITE_DS", "PRECISION"]
 _MAX_SIZE_BUCKET = 65536
 
 
@@ -373,31 +431,50 @@ def _pow2(x: int) -> int:
     return max(16, triton.next_power_of_2(x))
 
 
+# Forward space, preferred config first. sm_90a compile evidence (tests/contrastive_compile_check.py,
+# bench/evidence/contrastive_sm90.json): 128 x 64 tiles with 4 warps use <= 255 registers and 72 KB of
+# shared memory, so TWO CTAs reside per SM and one CTA's exp2 / column-statistics epilogue overlaps
+# the other's MMA. The 128 x 128 / 8-warp configs fit one CTA per SM; the autotuner may still measure
+# them faster. "no_accuracy": spills registers with ACCURACY (pruned there).
+_FWD_SPACE = ((128, 64, 64, 4, 3, ""), (64, 64, 64, 4, 4, ""), (64, 64, 128, 4, 3, ""),
+              (128, 64, 128, 8, 3, ""), (128, 128, 64, 8, 4, "no_accuracy"))
+
+
 def _fwd_configs() -> list[triton.Config]:
-    """CUDA autotune space of the forward (BLOCK_M, BLOCK_N, BLOCK_D, warps, stages)."""
-    space = ((128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 64, 64, 4, 3), (64, 128, 64, 4, 3),
-             (128, 128, 128, 8, 2), (128, 64, 128, 8, 3), (64, 64, 64, 4, 4), (64, 64, 128, 4, 3))
+    """CUDA autotune space of the forward (BLOCK_M, BLOCK_N, BLOCK_D, warps, stages), preferred first."""
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": bd}, num_warps=w, num_stages=s)
-            for bm, bn, bd, w, s in space]
+            for bm, bn, bd, w, s, _ in _FWD_SPACE]
+
+
+def _fwd_restriction(config: triton.Config) -> str:
+    tiles = (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.kwargs["BLOCK_D"],
+             config.num_warps, config.num_stages)
+    return next(tag for *space, tag in _FWD_SPACE if tuple(space) == tiles)
 
 
 def _bwd_configs() -> list[triton.Config]:
-    """CUDA autotune space of both backward kernels (BLOCK_DO = the d chunk of the output tile)."""
+    """CUDA autotune space of both register-backward kernels (BLOCK_DO = the d chunk of the output
+    tile); configs that spill registers on sm_90a are not in it (compile check)."""
     space = ((64, 64, 64, 64, 4, 3), (64, 128, 64, 128, 8, 3), (128, 64, 64, 128, 8, 3),
-             (64, 64, 64, 256, 8, 2), (128, 128, 64, 128, 8, 2), (64, 128, 128, 256, 8, 2),
-             (64, 64, 128, 128, 4, 3))
+             (128, 128, 64, 128, 8, 2), (64, 64, 128, 128, 4, 3))
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": bd, "BLOCK_DO": bdo}, num_warps=w, num_stages=s)
             for bm, bn, bd, bdo, w, s in space]
 
 
 def _prune(configs, named_args, **kwargs):
-    """Drop configs whose d tiles exceed the padded feature width, and forward configs whose BLOCK_M
-    does not divide the rows of a group: correct either way (masked), but they only add wasted work.
-    The 64-wide configs always qualify, so the result is never empty."""
+    """Drop configs whose d tiles exceed the padded feature width, forward configs whose BLOCK_M does
+    not divide the rows of a group (correct either way, masked, but wasted work), and configs that
+    spill registers in the launch's mode. The first forward config always qualifies (BLOCK_M 128
+    divides every group size of 128 rows or more, and 64-row groups keep the 64-row configs), so the
+    result is never empty."""
     width = max(64, _pow2(named_args["d"]))
     group_rows = named_args.get("rows_per_group", 0)
-    return [c for c in configs if c.kwargs["BLOCK_D"] <= width and c.kwargs.get("BLOCK_DO", 0) <= width
+    accuracy = bool(named_args.get("ACCURACY", False))
+    kept = [c for c in configs if c.kwargs["BLOCK_D"] <= width and c.kwargs.get("BLOCK_DO", 0) <= width
             and group_rows % c.kwargs.get("BLOCK_M", 1) == 0]
+    if "rows_per_group" in named_args and accuracy:
+        kept = [c for c in kept if _fwd_restriction(c) != "no_accuracy"]
+    return kept
 
 
 def _rows_per_group(m: int) -> int:
@@ -412,10 +489,27 @@ def _window_configs() -> list[triton.Config]:
     return [triton.Config({"BLOCK_D": bd}, num_warps=w, num_stages=s) for bd, w, s in space]
 
 
-def _window_block(dtype: torch.dtype) -> int:
-    """Tile of the window kernel, fixed per device and dtype (the layout of its ds partials depends on
-    it); fp32 products run without tensor cores and spill registers at 128 x 128 tiles."""
-    return 64 if interpreter_enabled() or dtype == torch.float32 else 128
+def _matmul_configs() -> list[triton.Config]:
+    """CUDA autotune space of the window products (BLOCK_N is fixed: the row product's logit-scale
+    partials have one row per d tile, so the host must know it; see :func:`_matmul_block_n`)."""
+    space = ((128, 64, 8, 3), (128, 64, 8, 4), (64, 64, 4, 4), (128, 128, 8, 2), (64, 128, 4, 3))
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s) for bm, bk, w, s in space]
+
+
+def _prune_matmul(configs, named_args, **kwargs):
+    """Drop K tiles longer than the padded reduction (every window has K >= the window block)."""
+    depth = max(64, _pow2(named_args["K"]))
+    return [c for c in configs if c.kwargs["BLOCK_K"] <= depth] or configs[:1]
+
+
+def _window_block(dtype: torch.dtype, interpreter: bool) -> int:
+    """Tile of the window kernel, fixed per device and dtype (window sizes are multiples of it);
+    fp32 products run without tensor cores and spill registers at 128 x 128 tiles."""
+    return 64 if interpreter or dtype == torch.float32 else 128
+
+
+def _matmul_block_n(interpreter: bool) -> int:
+    return 64 if interpreter else 128
 
 
 def _interpreter_meta(d: int, backward: bool) -> dict:
@@ -426,15 +520,22 @@ def _interpreter_meta(d: int, backward: bool) -> dict:
     return meta
 
 
-def _tuned(kernel, configs: list[triton.Config]):
+_INTERPRETER_MATMUL_META = {"BLOCK_M": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 1}
+
+
+def _tuned(kernel, configs: list[triton.Config], key: list[str], prune=_prune, restore=None):
     """``kernel`` autotuned over ``configs`` (CUDA only; the interpreter launches the plain kernel)."""
-    return triton.autotune(configs, key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune})(kernel)
+    return triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": prune},
+                           restore_value=restore, cache_results=True)(kernel)
 
 
-_fwd_tuned = _tuned(_contrastive_fwd_kernel, _fwd_configs())
-_bwd_rows_tuned = _tuned(_contrastive_bwd_rows_kernel, _bwd_configs())
-_bwd_cols_tuned = _tuned(_contrastive_bwd_cols_kernel, _bwd_configs())
-_window_tuned = _tuned(_contrastive_grad_window_kernel, _window_configs())
+_fwd_tuned = _tuned(_contrastive_fwd_kernel, _fwd_configs(), _FWD_KEY)
+_bwd_rows_tuned = _tuned(_contrastive_bwd_rows_kernel, _bwd_configs(), _BWD_KEY)
+_bwd_cols_tuned = _tuned(_contrastive_bwd_cols_kernel, _bwd_configs(), _BWD_KEY)
+_window_tuned = _tuned(_contrastive_grad_window_kernel, _window_configs(), _WINDOW_KEY)
+# Tuning runs a middle window's product several times: p_acc is restored between runs.
+_matmul_tuned = _tuned(_contrastive_window_matmul_kernel, _matmul_configs(), _MATMUL_KEY,
+                       prune=_prune_matmul, restore=["p_acc"])
 
 
 def _launch(kernel, tuned, grid, args: tuple, d: int, backward: bool) -> None:
@@ -452,6 +553,292 @@ def _precision(dtype: torch.dtype) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
+# the launch plan (used by the launchers below and by ``python -m vlmcore.bench plan``)
+# ----------------------------------------------------------------------------------------------
+
+# Ceilings the plan predicts with (H100, ANCHORS.md): only used to choose between the register and
+# the window backward, where both are possible.
+_PLAN_MATMUL_FLOPS_PER_S = 807e12
+_PLAN_COPY_BYTES_PER_S = 3.0e12
+_SMS = 132  # H100 SXM / H200: concurrent programs share L2, so a wave of them reads B once
+_DTYPE_NAMES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class _Choice:
+    """Every host-side decision of one op call: what the launchers run (see :func:`_choose`)."""
+
+    m: int
+    n_cols: int
+    d: int
+    dtype: torch.dtype
+    interpreter: bool
+    symmetric: bool
+    accuracy: bool
+    with_cols: bool
+    rows_per_group: int  # 0 without column statistics
+    groups: int
+    backward: str  # "register" or "window"
+    window_block: int
+    window_rows: int
+    window_cols: int
+
+    @property
+    def element_size(self) -> int:
+        return self.dtype.itemsize
+
+
+def _window_shape(m: int, n_cols: int, element_size: int, block: int) -> tuple[int, int]:
+    """``(rows, cols)`` of a G' window: multiples of ``block``, at most WINDOW_MAX_COLS columns, and
+    ``rows * cols * element_size <= WINDOW_BYTES`` at every n."""
+    if WINDOW_BYTES < block * block * element_size:
+        raise ValueError(f"WINDOW_BYTES = {WINDOW_BYTES} is below one {block} x {block} tile")
+    cols = min(block * triton.cdiv(n_cols, block), max(block, WINDOW_MAX_COLS // block * block),
+               WINDOW_BYTES // (block * element_size) // block * block)
+    rows = min(block * triton.cdiv(m, block), WINDOW_BYTES // (cols * element_size) // block * block)
+    return rows, cols
+
+
+def _choose(m: int, n_cols: int, d: int, dtype: torch.dtype, *, symmetric: bool, accuracy: bool,
+            with_cols: bool, interpreter: bool, backward: str | None = None) -> _Choice:
+    """:func:`_choose_cached` keyed also on the module limits (tests change them)."""
+    return _choose_cached(m, n_cols, d, dtype, symmetric, accuracy, with_cols, interpreter, backward,
+                          (WINDOW_BYTES, WINDOW_MAX_COLS, REGISTER_BACKWARD_MAX_D, MAX_ROW_GROUPS, _SMALL_GROUP_ROWS,
+                           _LARGE_GROUP_ROWS, _LARGE_N))
+
+
+@functools.lru_cache(maxsize=256)
+def _choose_cached(m: int, n_cols: int, d: int, dtype: torch.dtype, symmetric: bool, accuracy: bool,
+                   with_cols: bool, interpreter: bool, backward: str | None, limits: tuple) -> _Choice:
+    """The launch decisions for ``rows [m, d]`` against ``cols [n_cols, d]``: row groups of the
+    forward, and the backward path (``backward``: force one): the register backward where d <=
+    REGISTER_BACKWARD_MAX_D and the plan predicts it faster than the window backward."""
+    rows_per_group = _rows_per_group(m) if symmetric else 0
+    groups = triton.cdiv(m, rows_per_group) if symmetric else 0
+    block = _window_block(dtype, interpreter)
+    element_size = dtype.itemsize
+    window_rows, window_cols = _window_shape(m, n_cols, element_size, block)
+    base = _Choice(m, n_cols, d, dtype, interpreter, symmetric, accuracy, with_cols, rows_per_group, groups,
+                   "window", block, window_rows, window_cols)
+    if backward is not None:
+        if backward not in ("register", "window"):
+            raise ValueError(f"backward must be 'register' or 'window', got {backward!r}")
+        return replace(base, backward=backward)
+    if d > REGISTER_BACKWARD_MAX_D:
+        return base
+    register = replace(base, backward="register")
+    times = [_plan_of(choice, "bwd").predicted_ms(_PLAN_MATMUL_FLOPS_PER_S, _PLAN_COPY_BYTES_PER_S)[0]
+             for choice in (register, base)]
+    return register if times[0] <= times[1] else base
+
+
+def _fwd_meta(c: _Choice) -> dict:
+    if c.interpreter:
+        meta = _interpreter_meta(c.d, backward=False)
+    else:
+        named = {"d": c.d, "rows_per_group": c.rows_per_group, "ACCURACY": c.accuracy}
+        config = _prune(_fwd_configs(), named)[0]
+        meta = {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
+    return {"COL_STATS": c.symmetric, "ACCURACY": c.accuracy, "PRECISION": _precision(c.dtype), **meta}
+
+
+def _bwd_meta(c: _Choice) -> dict:
+    if c.interpreter:
+        meta = _interpreter_meta(c.d, backward=True)
+    else:
+        config = _prune(_bwd_configs(), {"d": c.d})[0]
+        meta = {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
+    return {"SYMMETRIC": c.symmetric, "PRECISION": _precision(c.dtype), **meta}
+
+
+def _window_meta(c: _Choice) -> dict:
+    block = {"BLOCK_M": c.window_block, "BLOCK_N": c.window_block}
+    if c.interpreter:
+        meta = {"BLOCK_D": min(128, _pow2(c.d)), "num_warps": 4, "num_stages": 1}
+    else:
+        config = _prune(_window_configs(), {"d": c.d})[0]
+        meta = {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
+    return {"SYMMETRIC": c.symmetric, "PRECISION": _precision(c.dtype), **block, **meta}
+
+
+def _matmul_meta(c: _Choice, k: int) -> dict:
+    if c.interpreter:
+        meta = dict(_INTERPRETER_MATMUL_META)
+    else:
+        config = _prune_matmul(_matmul_configs(), {"K": k})[0]
+        meta = {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
+    return {"PRECISION": _precision(c.dtype), "BLOCK_N": _matmul_block_n(c.interpreter), **meta}
+
+
+def _waves(programs: int, c: _Choice) -> int:
+    return 1 if c.interpreter else triton.cdiv(programs, 2 * _SMS)
+
+
+def _forward_launches(c: _Choice) -> list[KernelLaunch]:
+    meta = _fwd_meta(c)
+    bm, bn, bd = meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_D"]
+    es, m, n, d = c.element_size, c.m, c.n_cols, c.d
+    kn, kd = triton.cdiv(n, bn), triton.cdiv(d, bd)
+    if c.symmetric:
+        last = m - (c.groups - 1) * c.rows_per_group
+        row_blocks = (c.groups - 1) * triton.cdiv(c.rows_per_group, bm) + triton.cdiv(last, bm)
+        programs = c.groups
+        # partials: the first row block of a group writes its [N] row, later ones read + write it
+        partial_bytes = 4 * n * (2 * row_blocks - c.groups) * (3 if c.accuracy else 1)
+    else:
+        row_blocks = programs = triton.cdiv(m, bm)
+        partial_bytes = 0
+    tiles = row_blocks * kn * kd
+    hbm = m * d * es + _waves(programs, c) * n * d * es + partial_bytes + 4 * m * (3 if c.accuracy else 2)
+    launches = [KernelLaunch("_contrastive_fwd_kernel", (programs,), meta, tiles, tiles * 2 * bm * bn * bd,
+                             2 * m * n * d, hbm)]
+    if c.symmetric:
+        block = 1024
+        parts = 4 * c.groups * n * (3 if c.accuracy else 1)
+        launches.append(KernelLaunch("_contrastive_merge_cols_kernel", (triton.cdiv(n, block),),
+                                     {"ACCURACY": c.accuracy, "BLOCK": block, "num_warps": 4}, 0, 0, 0,
+                                     parts + 4 * n * (2 if c.accuracy else 1)))
+    return launches
+
+
+def _register_backward_launches(c: _Choice) -> list[KernelLaunch]:
+    meta = _bwd_meta(c)
+    bm, bn, bd, bdo = meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_D"], meta["BLOCK_DO"]
+    es, m, n, d = c.element_size, c.m, c.n_cols, c.d
+    kd, kdo = triton.cdiv(d, bd), triton.cdiv(d, bdo)
+    flops_per_tile = kd * 2 * bm * bn * bd + 2 * bm * bn * bdo
+
+    def side(kernel: str, own: int, other: int, own_block: int, other_block: int) -> KernelLaunch:
+        programs = triton.cdiv(own, own_block) * kdo
+        steps = programs * triton.cdiv(other, other_block)
+        hbm = 2 * own * d * es + 2 * _waves(programs, c) * other * d * es + 4 * (m + n)
+        return KernelLaunch(kernel, (triton.cdiv(own, own_block), kdo), meta, steps * (kd + 1),
+                            steps * flops_per_tile, 2 * m * n * d * (kdo + 1), hbm)
+
+    launches = [side("_contrastive_bwd_rows_kernel", m, n, bm, bn)]
+    if c.with_cols:
+        launches.append(side("_contrastive_bwd_cols_kernel", n, m, bn, bm))
+    return launches
+
+
+def _window_classes(total: int, step: int) -> list[tuple[bool, bool, int, int]]:
+    """Windows of ``step`` over ``range(total)`` as ``(first, last, size, count)`` classes (at most 3)."""
+    count = triton.cdiv(total, step)
+    last = total - (count - 1) * step
+    if count == 1:
+        return [(True, True, last, 1)]
+    middle = [(False, False, step, count - 2)] if count > 2 else []
+    return [(True, False, step, 1), *middle, (False, True, last, 1)]
+
+
+def _window_backward_launches(c: _Choice) -> list[KernelLaunch]:
+    """The window backward's launches: per row window, per column chunk: G' (the one recompute),
+    the row product (dA), the column product (dB); then the logit-scale sum. Identical launches are
+    merged (``count``), so the plan costs O(1) host time at any n."""
+    es, m, n, d = c.element_size, c.m, c.n_cols, c.d
+    wmeta = _window_meta(c)
+    block, bd = c.window_block, wmeta["BLOCK_D"]
+    kd = triton.cdiv(d, bd)
+    merged: dict[tuple, KernelLaunch] = {}
+
+    def add(launch: KernelLaunch, count: int) -> None:
+        key = (launch.kernel, launch.grid, repr(sorted(launch.config.items())), launch.tiles, launch.hbm_bytes)
+        merged[key] = replace(launch, count=count + (merged[key].count if key in merged else 0))
+
+    def product(flags: dict, rows_out: int, k: int, first: bool, last: bool) -> KernelLaunch:
+        meta = {**_matmul_meta(c, k), **flags, "FIRST": first, "LAST": last}
+        bm, bn, bk = meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_K"]
+        grid = (triton.cdiv(rows_out, bm), triton.cdiv(d, bn))
+        tiles = grid[0] * grid[1] * triton.cdiv(k, bk)
+        acc = 4 * rows_out * d * ((0 if first else 1) + (0 if last else 1))
+        hbm = rows_out * k * es + k * d * es + acc + (rows_out * d * es if last else 0)
+        if flags["WRITE_DS"] and last:
+            hbm += rows_out * d * es + 4 * rows_out * grid[1]
+        return KernelLaunch("_contrastive_window_matmul_kernel", grid, meta, tiles, tiles * 2 * bm * bn * bk,
+                            2 * rows_out * k * d, hbm)
+
+    for row_first, row_last, rows, row_count in _window_classes(m, c.window_rows):
+        for col_first, col_last, cols, col_count in _window_classes(n, c.window_cols):
+            count = row_count * col_count
+            grid = (triton.cdiv(rows, block), triton.cdiv(cols, block))
+            tiles = grid[0] * grid[1] * kd
+            add(KernelLaunch("_contrastive_grad_window_kernel", grid, wmeta, tiles, tiles * 2 * block * block * bd,
+                             2 * rows * cols * d, rows * cols * es + (rows + cols) * d * es + 4 * (rows + cols)),
+                count)
+            add(product({"TRANS_X": False, "WRITE_DS": True}, rows, cols, col_first, col_last), count)
+            if c.with_cols:
+                add(product({"TRANS_X": True, "WRITE_DS": False}, cols, rows, row_first, row_last), count)
+    d_tiles = triton.cdiv(d, _matmul_block_n(c.interpreter))
+    add(KernelLaunch("torch.sum", (), {"dim": 0}, 0, 0, 0, 4 * d_tiles * m + 4 * m), 1)
+    return list(merged.values())
+
+
+def _peak_extra_bytes(c: _Choice) -> tuple[int, list[str]]:
+    """Most temporary memory alive at once (input gradients excluded), and notes on it."""
+    f32 = 4
+    m, n, d = c.m, c.n_cols, c.d
+    stats = f32 * (3 * m + 2 * n)  # row LSE / target / argmax, column LSE / argmax
+    forward = stats + (f32 * c.groups * n * (3 if c.accuracy else 1) if c.symmetric else 0)
+    if c.backward == "register":
+        backward = stats + f32 * m
+        return max(forward, backward), ["backward: register (G' never stored)"]
+    rows_windows = triton.cdiv(m, c.window_rows)
+    chunks = triton.cdiv(n, c.window_cols)
+    window = c.window_rows * c.window_cols * c.element_size
+    row_acc = f32 * c.window_rows * d if chunks > 1 else 0
+    col_acc = f32 * n * d if rows_windows > 1 and c.with_cols else 0
+    d_tiles = triton.cdiv(d, _matmul_block_n(c.interpreter))
+    backward = stats + window + row_acc + col_acc + f32 * (d_tiles + 1) * m
+    notes = [f"backward: window, one G' window alive at a time: {c.window_rows} x {c.window_cols} = "
+             f"{window / 2**20:.1f} MiB (cap {WINDOW_BYTES / 2**20:.0f} MiB); {rows_windows} row windows x "
+             f"{chunks} column chunks",
+             f"fp32 accumulators: dB {col_acc / 2**20:.1f} MiB, dA window {row_acc / 2**20:.1f} MiB"]
+    return max(forward, backward), notes
+
+
+def _plan_of(c: _Choice, mode: str) -> OpPlan:
+    if mode not in ("fwd", "bwd", "fwd_bwd"):
+        raise ValueError(f"mode must be 'fwd', 'bwd' or 'fwd_bwd', got {mode!r}")
+    launches = _forward_launches(c) if mode != "bwd" else []
+    if mode != "fwd":
+        launches += _register_backward_launches(c) if c.backward == "register" else _window_backward_launches(c)
+    es, m, n, d = c.element_size, c.m, c.n_cols, c.d
+    floor = {"fwd": 2, "bwd": 6, "fwd_bwd": 8}[mode] * m * n * d
+    floor_bytes = (m + n) * d * es * (1 if mode == "fwd" else 2)
+    peak, notes = _peak_extra_bytes(c)
+    grads = (m + (n if c.with_cols else 0)) * d * es if mode != "fwd" else 0
+    notes = [f"peak extra memory with the input gradients: {(peak + grads) / 2**20:.0f} MiB"] + notes
+    if c.symmetric:
+        notes.append(f"forward: {c.groups} row groups of {c.rows_per_group} rows")
+    notes.append("HBM model: one wave of resident programs (2 per SM x 132 SMs) reads the column "
+                 "features once through L2; G' windows are written once and read once per product")
+    shape = {"n": m} if m == n else {"m": m, "n_cols": n}
+    shape.update({"d": d, "dtype": {v: k for k, v in _DTYPE_NAMES.items()}[c.dtype]})
+    return OpPlan("contrastive", shape, mode, launches, floor, floor_bytes, peak, notes)
+
+
+def contrastive_plan(n: int, d: int, dtype: str | torch.dtype = "bf16", *, n_cols: int | None = None,
+                     symmetric: bool = True, accuracy: bool = False, with_cols: bool = True,
+                     mode: str = "fwd_bwd", interpreter: bool = False, backward: str | None = None) -> OpPlan:
+    """The exact launches of one contrastive-loss call for ``[n, d]`` rows against ``[n_cols, d]``
+    columns (default square, the symmetric op), computed by the same decisions the launchers make.
+
+    ``interpreter``: the fixed configs of the Triton interpreter (tile counts then equal what the
+    interpreter runs); otherwise the preferred sm_90 config of each autotuned kernel (the autotuner
+    may pick another one on the GPU). ``tiles`` count ``tl.dot`` block products. Returns an
+    :class:`~vlmcore.kernels._plan.OpPlan` (a prediction, never a measurement).
+    """
+    if isinstance(dtype, str):
+        if dtype not in _DTYPE_NAMES:
+            raise ValueError(f"dtype must be one of {sorted(_DTYPE_NAMES)} or a torch dtype, got {dtype!r}")
+        dtype = _DTYPE_NAMES[dtype]
+    n_cols = n if n_cols is None else n_cols
+    choice = _choose(n, n_cols, d, dtype, symmetric=symmetric, accuracy=accuracy, with_cols=with_cols,
+                     interpreter=interpreter, backward=backward)
+    return _plan_of(choice, mode)
+
+
+# ----------------------------------------------------------------------------------------------
 # host launchers
 # ----------------------------------------------------------------------------------------------
 
@@ -466,24 +853,25 @@ def _forward(rows: torch.Tensor, cols: torch.Tensor, scale: torch.Tensor, label_
     """
     m, d = rows.shape
     n_cols = cols.shape[0]
+    plan = _choose(m, n_cols, d, rows.dtype, symmetric=symmetric, accuracy=accuracy, with_cols=True,
+                   interpreter=interpreter_enabled(), backward="window")
     f32 = {"device": rows.device, "dtype": torch.float32}
     i32 = {"device": rows.device, "dtype": torch.int32}
     row_lse, row_tgt = torch.empty(m, **f32), torch.empty(m, **f32)
     row_arg = torch.empty(m, **i32) if accuracy else row_lse  # stand-in pointers are never touched
     if symmetric:
-        rows_per_group = _rows_per_group(m)
-        groups = triton.cdiv(m, rows_per_group)
+        groups = plan.groups
         part_lse = torch.empty((groups, n_cols), **f32)
         part_max = torch.empty((groups, n_cols), **f32) if accuracy else part_lse
         part_arg = torch.empty((groups, n_cols), **i32) if accuracy else part_lse
         grid = lambda meta: (groups,)  # noqa: E731
     else:
-        rows_per_group, groups = 0, 0
+        groups = 0
         part_lse = part_max = part_arg = row_lse
         grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),)  # noqa: E731
     args = (rows, cols, scale, row_lse, row_tgt, row_arg, part_lse, part_max, part_arg,
-            m, n_cols, d, _size_bucket(m, n_cols), rows.stride(0), cols.stride(0), label_offset, rows_per_group,
-            symmetric, accuracy, _precision(rows.dtype))
+            m, n_cols, d, _size_bucket(m, n_cols), rows.stride(0), cols.stride(0), label_offset,
+            plan.rows_per_group, symmetric, accuracy, _precision(rows.dtype))
     _launch(_contrastive_fwd_kernel, _fwd_tuned, grid, args, d, backward=False)
     if not symmetric:
         return row_lse, row_tgt, row_arg if accuracy else None, None, None
@@ -501,12 +889,15 @@ def _backward(rows: torch.Tensor, cols: torch.Tensor, scale: torch.Tensor, coef:
               with_cols: bool):
     """``(d_rows [m, d], d_cols [N, d], ds_rows fp32 [m])`` with dL/dS = coef / s * G' (symmetric when
     ``col_lse`` is given); ``ds_rows.sum() * coef / s`` is the logit-scale gradient. Without
-    ``with_cols`` (frozen columns) the column half of the work is skipped and d_cols is ``[0]``."""
+    ``with_cols`` (frozen columns) the column half of the work is skipped and d_cols is ``[0]``.
+    The path (register or window backward) and the window shape come from :func:`_choose`."""
     m, d = rows.shape
     n_cols = cols.shape[0]
-    if d > REGISTER_BACKWARD_MAX_D:
-        return _backward_windows(rows, cols, scale, coef, row_lse, col_lse, label_offset, smoothing, with_cols)
     symmetric = col_lse is not None
+    plan = _choose(m, n_cols, d, rows.dtype, symmetric=symmetric, accuracy=False, with_cols=with_cols,
+                   interpreter=interpreter_enabled())
+    if plan.backward == "window":
+        return _backward_windows(plan, rows, cols, scale, coef, row_lse, col_lse, label_offset, smoothing)
     col_lse = col_lse if symmetric else row_lse
     d_rows = torch.empty_like(rows)
     d_cols = torch.empty_like(cols) if with_cols else cols.new_empty(0)
@@ -525,52 +916,80 @@ def _backward(rows: torch.Tensor, cols: torch.Tensor, scale: torch.Tensor, coef:
     return d_rows, d_cols, ds_rows
 
 
-def _backward_windows(rows: torch.Tensor, cols: torch.Tensor, scale: torch.Tensor, coef: torch.Tensor,
-                      row_lse: torch.Tensor, col_lse: torch.Tensor | None, label_offset: int, smoothing: float,
-                      with_cols: bool):
-    """:func:`_backward` for large d: G' in windows of at most ``WINDOW_BYTES``, products by matmul.
+def _window_product(x: torch.Tensor, y: torch.Tensor, acc: torch.Tensor, out: torch.Tensor, coef: torch.Tensor,
+                    rows: torch.Tensor, ds: torch.Tensor, *, trans_x: bool, first: bool, last: bool,
+                    write_ds: bool, interpreter: bool) -> None:
+    """``out (or acc) = [acc +] op(x) @ y`` for one window (see ``_contrastive_window_matmul_kernel``);
+    x is a row-major G' window ``[R, C]`` (``trans_x``: use its transpose), y ``[K, d]`` rows."""
+    win_rows, win_cols = x.shape
+    m_out, k = (win_cols, win_rows) if trans_x else (win_rows, win_cols)
+    stride_xm, stride_xk = (1, win_cols) if trans_x else (win_cols, 1)
+    d = y.shape[1]
+    block_n = _matmul_block_n(interpreter)
+    args = (x, y, acc, out, coef, rows, ds, m_out, d, k, stride_xm, stride_xk, y.stride(0), rows.stride(0),
+            ds.stride(0) if ds.dim() == 2 else 0, first, last, trans_x, write_ds, _precision(x.dtype))
+    if interpreter:
+        meta = _INTERPRETER_MATMUL_META
+        _contrastive_window_matmul_kernel[(triton.cdiv(m_out, meta["BLOCK_M"]), triton.cdiv(d, block_n))](
+            *args, BLOCK_N=block_n, **meta)
+    else:
+        _matmul_tuned[lambda meta: (triton.cdiv(m_out, meta["BLOCK_M"]), triton.cdiv(d, block_n))](
+            *args, BLOCK_N=block_n)
 
-    Pass 1, windows of whole rows ``[R, N]``: d_rows[window] = coef * G' B, and the exact per-row
-    ``sum_j G'_ij X_ij``. Pass 2, windows of whole columns ``[m, C]``: d_cols[window] = coef * G'^T A.
-    Each gradient row is written once, by one product over the full reduction: no accumulation
-    across windows, deterministic. FLOPs 8 n^2 d (two recomputes + two products) for any d.
+
+def _backward_windows(plan: _Choice, rows: torch.Tensor, cols: torch.Tensor, scale: torch.Tensor,
+                      coef: torch.Tensor, row_lse: torch.Tensor, col_lse: torch.Tensor | None,
+                      label_offset: int, smoothing: float):
+    """:func:`_backward` for large d, recomputing the logits once.
+
+    For each row window ``[r0, r1)`` and, inside it, each column chunk ``[c0, c1)`` (fixed order;
+    the window ``[r1 - r0, c1 - c0]`` holds at most ``WINDOW_BYTES``): G' is written once in the
+    input dtype; ``dA[r0:r1] (+)= G' B[c0:c1]`` (fp32 accumulator across chunks, written with the
+    coefficient at the last chunk, which also forms the per-row ``sum_j G'_ij X_ij`` as
+    ``sum_k (G' B)_ik A_ik``); ``dB[c0:c1] (+)= G'^T A[r0:r1]`` (fp32 accumulator across row
+    windows, written at the last one). The window is freed before the next one is allocated, so one
+    is alive at a time. FLOPs: 2 n^2 d (recompute) + 2 x 2 n^2 d (products).
     """
     m, d = rows.shape
     n_cols = cols.shape[0]
     symmetric = col_lse is not None
     col_lse = col_lse if symmetric else row_lse
-    block = _window_block(rows.dtype)
+    interpreter = plan.interpreter
+    meta = _window_meta(plan) if interpreter else {}
+    block = plan.window_block
+    row_windows = range(0, m, plan.window_rows)
+    chunks = range(0, n_cols, plan.window_cols)
+    f32 = {"device": rows.device, "dtype": torch.float32}
     d_rows = torch.empty_like(rows)
-    d_cols = torch.empty_like(cols) if with_cols else cols.new_empty(0)
-    ds_rows = torch.empty(m, device=rows.device, dtype=torch.float32)
-
-    def window(row0: int, col0: int, win_rows: int, win_cols: int, write_ds: bool):
-        g = torch.empty((win_rows, win_cols), device=rows.device, dtype=rows.dtype)
-        ds_part = torch.empty((triton.cdiv(win_cols, block), win_rows), device=rows.device,
-                              dtype=torch.float32) if write_ds else g
-        args = (rows, cols, scale, row_lse, col_lse, g, ds_part, row0, col0, win_rows, win_cols,
-                m, n_cols, d, _size_bucket(m, n_cols), rows.stride(0), cols.stride(0), label_offset, smoothing,
-                symmetric, write_ds, _precision(rows.dtype))
-        grid = (triton.cdiv(win_rows, block), triton.cdiv(win_cols, block))
-        if interpreter_enabled():
-            _contrastive_grad_window_kernel[grid](*args, BLOCK_M=block, BLOCK_N=block,
-                                                  BLOCK_D=min(128, _pow2(d)), num_warps=4, num_stages=1)
-        else:
-            _window_tuned[grid](*args, BLOCK_M=block, BLOCK_N=block)
-        return g, ds_part
-
-    per_window = max(block, WINDOW_BYTES // (n_cols * rows.element_size()) // block * block)
-    for row0 in range(0, m, per_window):
-        row1 = min(row0 + per_window, m)
-        g, ds_part = window(row0, 0, row1 - row0, n_cols, True)
-        d_rows[row0:row1].copy_(torch.mm(g, cols).float().mul_(coef))
-        ds_rows[row0:row1] = ds_part.sum(0)
-    per_window = max(block, WINDOW_BYTES // (m * rows.element_size()) // block * block)
-    for col0 in range(0, n_cols if with_cols else 0, per_window):
-        col1 = min(col0 + per_window, n_cols)
-        g, _ = window(0, col0, m, col1 - col0, False)
-        d_cols[col0:col1].copy_(torch.mm(g.T, rows).float().mul_(coef))
-    return d_rows, d_cols, ds_rows
+    d_cols = torch.empty_like(cols) if plan.with_cols else cols.new_empty(0)
+    # fp32 accumulators only where a sum spans several windows
+    row_acc = torch.empty((plan.window_rows, d), **f32) if len(chunks) > 1 else coef
+    col_acc = torch.empty((n_cols, d), **f32) if len(row_windows) > 1 and plan.with_cols else coef
+    ds_part = torch.empty((triton.cdiv(d, _matmul_block_n(interpreter)), m), **f32)
+    for i, row0 in enumerate(row_windows):
+        row1 = min(row0 + plan.window_rows, m)
+        for j, col0 in enumerate(chunks):
+            col1 = min(col0 + plan.window_cols, n_cols)
+            g = torch.empty((row1 - row0, col1 - col0), device=rows.device, dtype=rows.dtype)
+            args = (rows, cols, scale, row_lse, col_lse, g, row0, col0, row1 - row0, col1 - col0,
+                    m, n_cols, d, _size_bucket(m, n_cols), rows.stride(0), cols.stride(0), label_offset,
+                    smoothing, symmetric, _precision(rows.dtype))
+            grid = (triton.cdiv(row1 - row0, block), triton.cdiv(col1 - col0, block))
+            if interpreter:
+                _contrastive_grad_window_kernel[grid](*args, **{k: meta[k] for k in
+                                                                ("BLOCK_M", "BLOCK_N", "BLOCK_D", "num_warps",
+                                                                 "num_stages")})
+            else:
+                _window_tuned[grid](*args, BLOCK_M=block, BLOCK_N=block)
+            _window_product(g, cols[col0:col1], row_acc, d_rows[row0:row1], coef, rows[row0:row1],
+                            ds_part[:, row0:row1], trans_x=False, first=j == 0, last=j == len(chunks) - 1,
+                            write_ds=True, interpreter=interpreter)
+            if plan.with_cols:
+                _window_product(g, rows[row0:row1], col_acc[col0:col1] if col_acc.dim() == 2 else col_acc,
+                                d_cols[col0:col1], coef, rows, ds_part, trans_x=True, first=i == 0,
+                                last=i == len(row_windows) - 1, write_ds=False, interpreter=interpreter)
+            del g  # the next window is allocated only after this one is released
+    return d_rows, d_cols, ds_part.sum(0)
 
 
 def _scale_vector(logit_scale: torch.Tensor) -> torch.Tensor:

@@ -30,6 +30,24 @@ DIVISIBLE = {"d", "stride_a", "stride_b", "stride_da", "stride_db", "n_rows", "n
 INTS = DIVISIBLE | {"label_offset", "n_groups"}
 
 
+# sm_90 (H100 / H200) per-SM limits: register file, shared memory, resident threads and blocks.
+SM90_REGISTERS, SM90_SHARED, SM90_THREADS, SM90_BLOCKS = 65536, 228 * 1024, 2048, 32
+SM90_SHARED_RESERVED_PER_CTA = 1024  # the driver keeps 1 KB of shared memory per resident block
+
+
+def ctas_per_sm(registers: int, shared: int, num_warps: int) -> int:
+    """Resident CTAs per SM on sm_90 given ptxas' registers per thread, shared bytes and warps.
+
+    Registers are allocated per warp in units of 256 (so per thread in units of 8); the SM holds
+    at most 64 warps (2048 threads) and 32 blocks.
+    """
+    regs_per_warp = -(-registers * 32 // 256) * 256
+    by_registers = (SM90_REGISTERS // regs_per_warp) // num_warps
+    by_shared = SM90_SHARED // (shared + SM90_SHARED_RESERVED_PER_CTA)
+    by_threads = SM90_THREADS // (32 * num_warps)
+    return min(by_registers, by_shared, by_threads, SM90_BLOCKS)
+
+
 def _types(fn, dtype: str) -> dict[str, str]:
     """Argument types: feature / gradient pointers in ``dtype``, int32 argmax pointers, fp32 otherwise."""
     types = {}
@@ -61,9 +79,12 @@ def compile_variant(fn, dtype: str, constexprs: dict, num_warps: int, num_stages
                             capture_output=True, text=True, check=True).stderr
     os.unlink(handle.name)
     spills = re.search(r"(\d+) bytes spill stores", report)
+    registers = int(re.search(r"Used (\d+) registers", report).group(1))
+    shared = kernel.metadata.shared
     return {"kernel": fn.__name__, "dtype": dtype, "config": {**constexprs, "num_warps": num_warps,
             "num_stages": num_stages}, "spill_bytes": int(spills.group(1)) if spills else 0,
-            "wgmma": ptx.count("wgmma.mma_async"), "shared": kernel.metadata.shared}
+            "wgmma": ptx.count("wgmma.mma_async"), "shared": shared, "registers": registers,
+            "ctas_per_sm": ctas_per_sm(registers, shared, num_warps)}
 
 
 def variants():

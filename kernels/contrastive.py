@@ -54,7 +54,11 @@ import triton.language as tl
 from ._backend import interpreter_enabled, use_triton
 from ._checks import check_float_tensor, check_same
 from ._plan import KernelLaunch, OpPlan
-from .reference import contrastive_accuracy_reference, contrastive_loss_reference
+from .reference import (
+    contrastive_accuracy_reference,
+    contrastive_loss_multi_positive_reference,
+    contrastive_loss_reference,
+)
 
 _LOG2E = 1.4426950408889634
 LOG2E = tl.constexpr(_LOG2E)
@@ -1010,13 +1014,19 @@ def _sum_of_logits(rows: torch.Tensor, cols: torch.Tensor, scale: torch.Tensor) 
 @torch.library.custom_op("vlmcore::contrastive_loss", mutates_args=())
 def _symmetric_op(
     image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor, label_smoothing: float, accuracy: bool,
+    diagonal_targets: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Symmetric loss of S = s I T^T, ``[n, d]`` inputs -> ``(loss fp32 [], row_lse fp32 [n],
-    col_lse fp32 [n], acc fp32 [2] = (i2t, t2i) or [0] without accuracy)``."""
+    col_lse fp32 [n], acc fp32 [2] = (i2t, t2i) or [0] without accuracy)``.
+
+    ``diagonal_targets=False`` drops the target term (the label offset n puts every label outside
+    the columns): what remains is the log-sum-exp (and smoothing) part, to which the multi-positive
+    loss adds its own O(n d) target term (see :func:`_multi_positive_target`)."""
     image, text = image.contiguous(), text.contiguous()
     n = image.shape[0]
     scale = _scale_vector(logit_scale)
-    row_lse, row_tgt, row_arg, col_lse, col_arg = _forward(image, text, scale, 0, True, accuracy)
+    offset = 0 if diagonal_targets else n
+    row_lse, row_tgt, row_arg, col_lse, col_arg = _forward(image, text, scale, offset, True, accuracy)
     eps = label_smoothing
     loss = (0.5 * (row_lse.mean() + col_lse.mean()) - (1.0 - eps) * row_tgt.mean()
             - eps * _sum_of_logits(image, text, scale) / (n * n))
@@ -1029,7 +1039,7 @@ def _symmetric_op(
 
 
 @_symmetric_op.register_fake
-def _(image, text, logit_scale, label_smoothing, accuracy):
+def _(image, text, logit_scale, label_smoothing, accuracy, diagonal_targets=True):
     n = image.shape[0]
     f32 = torch.float32
     return (image.new_empty((), dtype=f32), image.new_empty(n, dtype=f32), image.new_empty(n, dtype=f32),
@@ -1040,6 +1050,7 @@ def _(image, text, logit_scale, label_smoothing, accuracy):
 def _symmetric_backward_op(
     grad: torch.Tensor, image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor,
     row_lse: torch.Tensor, col_lse: torch.Tensor, label_smoothing: float, with_text: bool,
+    diagonal_targets: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients ``(d_image [n, d], d_text [n, d] or [0] without with_text, d_logit_scale)`` of
     ``grad * loss``. (The loss is symmetric in image and text: swap them, and the LSEs, to get
@@ -1047,24 +1058,26 @@ def _symmetric_backward_op(
     image, text = image.contiguous(), text.contiguous()
     scale = _scale_vector(logit_scale)
     factor = grad.detach().reshape(1).to(torch.float32) / (2 * image.shape[0])  # dL/dS = factor * G'
-    d_image, d_text, ds_rows = _backward(image, text, scale, factor * scale, row_lse, col_lse, 0, label_smoothing,
-                                         with_text)
+    offset = 0 if diagonal_targets else image.shape[0]
+    d_image, d_text, ds_rows = _backward(image, text, scale, factor * scale, row_lse, col_lse, offset,
+                                         label_smoothing, with_text)
     d_scale = (factor * ds_rows.sum()).reshape(logit_scale.shape).to(logit_scale.dtype)
     return d_image, d_text, d_scale
 
 
 @_symmetric_backward_op.register_fake
-def _(grad, image, text, logit_scale, row_lse, col_lse, label_smoothing, with_text):
+def _(grad, image, text, logit_scale, row_lse, col_lse, label_smoothing, with_text, diagonal_targets=True):
     d_text = torch.empty_like(text) if with_text else text.new_empty(0)
     return torch.empty_like(image), d_text, torch.empty_like(logit_scale)
 
 
 def _symmetric_setup_context(ctx, inputs, output):
-    image, text, logit_scale, label_smoothing, _ = inputs
+    image, text, logit_scale, label_smoothing, _, *rest = inputs
     _, row_lse, col_lse, acc = output
     ctx.mark_non_differentiable(row_lse, col_lse, acc)
     ctx.save_for_backward(image, text, logit_scale, row_lse, col_lse)
     ctx.label_smoothing = label_smoothing
+    ctx.diagonal_targets = rest[0] if rest else True
 
 
 def _symmetric_backward(ctx, grad_loss, grad_row_lse, grad_col_lse, grad_acc):
@@ -1072,14 +1085,16 @@ def _symmetric_backward(ctx, grad_loss, grad_row_lse, grad_col_lse, grad_acc):
     need_image, need_text, need_scale = ctx.needs_input_grad[:3]
     if need_image or not need_text:
         d_image, d_text, d_scale = _symmetric_backward_op(
-            grad_loss, image, text, logit_scale, row_lse, col_lse, ctx.label_smoothing, need_text
+            grad_loss, image, text, logit_scale, row_lse, col_lse, ctx.label_smoothing, need_text,
+            ctx.diagonal_targets,
         )
     else:  # frozen image tower: only the text half of the work
         d_text, d_image, d_scale = _symmetric_backward_op(
-            grad_loss, text, image, logit_scale, col_lse, row_lse, ctx.label_smoothing, False
+            grad_loss, text, image, logit_scale, col_lse, row_lse, ctx.label_smoothing, False,
+            ctx.diagonal_targets,
         )
     return (d_image if need_image else None, d_text if need_text else None, d_scale if need_scale else None,
-            None, None)
+            None, None, None)
 
 
 _symmetric_op.register_autograd(_symmetric_backward, setup_context=_symmetric_setup_context)
@@ -1169,6 +1184,88 @@ _rows_op.register_autograd(_rows_backward, setup_context=_rows_setup_context)
 
 
 # ----------------------------------------------------------------------------------------------
+# multi-positive targets (group ids): O(n d) on the host side, never n x n
+# ----------------------------------------------------------------------------------------------
+
+
+def _sum_by_key(keys: torch.Tensor, values: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+    """``out[q] = sum of values[i] over i with keys[i] == queries[q]``, fp32 ``[len(queries), d]``.
+
+    Sorted keys, an fp32 prefix sum and two binary searches: O((n + q) d), no atomics, no host
+    sync, deterministic."""
+    order = torch.argsort(keys, stable=True)
+    sorted_keys = keys[order]
+    prefix = torch.cat([values.new_zeros((1, values.shape[1]), dtype=torch.float32),
+                        torch.cumsum(values[order].float(), dim=0)])
+    lo = torch.searchsorted(sorted_keys, queries, right=False)
+    hi = torch.searchsorted(sorted_keys, queries, right=True)
+    return prefix[hi] - prefix[lo]
+
+
+class _SumByKey(torch.autograd.Function):
+    """:func:`_sum_by_key` with a deterministic backward: the gradient of ``values`` is the same
+    sum with keys and queries swapped (every pair with equal keys carries the gradient back)."""
+
+    @staticmethod
+    def forward(ctx, keys, values, queries):
+        ctx.save_for_backward(keys, queries)
+        ctx.dtype = values.dtype
+        return _sum_by_key(keys, values, queries)
+
+    @staticmethod
+    def backward(ctx, grad):
+        keys, queries = ctx.saved_tensors
+        return None, _sum_by_key(queries, grad, keys).to(ctx.dtype), None
+
+
+def _count_by_key(keys: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+    """How many ``keys`` equal each query (int64 ``[len(queries)]``)."""
+    sorted_keys = torch.sort(keys).values
+    return torch.searchsorted(sorted_keys, queries, right=True) - torch.searchsorted(sorted_keys, queries)
+
+
+def _multi_positive_target(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor,
+                           image_ids: torch.Tensor, text_ids: torch.Tensor) -> torch.Tensor:
+    """``(mean_i sum_j q_ij S_ij + mean_j sum_i q'_ij S_ij) / 2``: the target term of the
+    multi-positive loss, fp32 scalar, differentiable in all three inputs.
+
+    With ``q_ij = [image_ids[i] == text_ids[j]] / |P_i|``, ``sum_j q_ij S_ij = s a_i . mean_{j in P_i}
+    b_j``: the positives' mean features come from sums by id, O(n d). A row without positives
+    divides 0 by 0: NaN, never a silently wrong number."""
+    text_means = _SumByKey.apply(text_ids, text, image_ids) / _count_by_key(text_ids, image_ids)[:, None]
+    image_means = _SumByKey.apply(image_ids, image, text_ids) / _count_by_key(image_ids, text_ids)[:, None]
+    i2t = (image.float() * text_means).sum(1).mean()
+    t2i = (text.float() * image_means).sum(1).mean()
+    return logit_scale.reshape(()).float() * (i2t + t2i) / 2
+
+
+def _check_group_ids(image_ids, text_ids, image_features, group, output_dict) -> None:
+    if (image_ids is None) != (text_ids is None):
+        missing = "text_ids" if text_ids is None else "image_ids"
+        raise ValueError(f"{missing} must be given too: group ids go on both sides (or on neither)")
+    n = image_features.shape[0]
+    for name, ids in (("image_ids", image_ids), ("text_ids", text_ids)):
+        if not isinstance(ids, torch.Tensor):
+            raise TypeError(f"{name} must be an integer torch.Tensor of shape [n], got {type(ids).__name__}")
+        if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+            raise TypeError(f"{name} must be an integer tensor, got {ids.dtype}")
+        if ids.shape != (n,):
+            raise ValueError(f"{name} must have shape [{n}] (one id per feature row), got {tuple(ids.shape)}")
+        if ids.device != image_features.device:
+            raise ValueError(f"{name} is on {ids.device} but image_features is on {image_features.device}")
+    if group is not None:
+        raise ValueError("group ids (image_ids / text_ids) are supported in one process only (group=None)")
+    if output_dict:
+        raise ValueError("output_dict (top-1 accuracies) is not available with group ids (image_ids / text_ids)")
+    # A row without positives is caught here where it costs no device sync (CPU tensors); on a GPU it
+    # gives a NaN loss instead.
+    if image_features.device.type == "cpu" and not torch.compiler.is_compiling():
+        for name, rows, cols in (("image_ids", image_ids, text_ids), ("text_ids", text_ids, image_ids)):
+            if bool((_count_by_key(cols, rows) == 0).any()):
+                raise ValueError(f"every id in {name} needs at least one equal id on the other side (a positive)")
+
+
+# ----------------------------------------------------------------------------------------------
 # public op (validation, distributed gather, dispatch)
 # ----------------------------------------------------------------------------------------------
 
@@ -1222,9 +1319,11 @@ def _validate(image_features, text_features, logit_scale, label_smoothing) -> No
         raise TypeError(f"logit_scale must be a floating tensor, got {logit_scale.dtype}")
     if logit_scale.device != image_features.device:
         raise ValueError(f"logit_scale is on {logit_scale.device} but image_features is on {image_features.device}")
-    # One scalar device->host read per call in eager mode; skipped while torch.compile traces
-    # (it would break the graph), where a non-finite scale shows up as a non-finite loss instead.
-    if not torch.compiler.is_compiling() and not math.isfinite(float(logit_scale.detach())):
+    # Checked only where reading the value costs no device-to-host sync (a CPU scale, outside
+    # torch.compile tracing): on a GPU a non-finite scale shows up as a non-finite loss instead, so
+    # the eager call never stalls the stream and stays capturable in a CUDA graph.
+    if (logit_scale.device.type == "cpu" and not torch.compiler.is_compiling()
+            and not math.isfinite(float(logit_scale.detach()))):
         raise ValueError(f"logit_scale must be finite, got {float(logit_scale.detach())}")
     if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)):
         raise TypeError(f"label_smoothing must be a float in [0, 1], got {type(label_smoothing).__name__}")
@@ -1241,6 +1340,8 @@ def contrastive_loss(
     local_loss: bool = False,
     label_smoothing: float = 0.0,
     output_dict: bool = False,
+    image_ids: torch.Tensor | None = None,
+    text_ids: torch.Tensor | None = None,
 ):
     """Symmetric contrastive loss ``(CE(s I T^T, arange) + CE(s T I^T, arange)) / 2``.
 
@@ -1257,6 +1358,12 @@ def contrastive_loss(
         label_smoothing: as in ``torch.nn.functional.cross_entropy``.
         output_dict: return ``{"loss", "i2t_acc", "t2i_acc"}`` (top-1 accuracy of the local rows,
             for logging, no gradient) instead of the loss alone.
+        image_ids, text_ids: optional integer group ids ``[n]`` per side (both or neither; one
+            process only, no ``output_dict``): pairs with equal ids are positives, and each row's
+            soft target spreads uniformly over its positives (several captions per image, COCO
+            style). All-unique ids equal on both sides give the plain loss. Never n x n: the target
+            term is O(n d) (sums of features by id); the kernels do the log-sum-exp part. A row
+            without any positive is refused on CPU and gives a NaN loss on a GPU (no host sync).
 
     Returns:
         fp32 scalar loss (or the dict).
@@ -1270,6 +1377,10 @@ def contrastive_loss(
         loss = contrastive_loss(F.normalize(img_emb, dim=-1), F.normalize(txt_emb, dim=-1), theta.exp())
     """
     _validate(image_features, text_features, logit_scale, label_smoothing)
+    if image_ids is not None or text_ids is not None:
+        _check_group_ids(image_ids, text_ids, image_features, group, output_dict)
+        return _multi_positive_loss(image_features, text_features, logit_scale, image_ids, text_ids,
+                                    float(label_smoothing))
     label_offset = 0
     all_image = all_text = None
     if group is not None:
@@ -1284,6 +1395,11 @@ def contrastive_loss(
             all_image = all_text = None
     smoothing = float(label_smoothing)
     if use_triton(image_features):
+        if image_features.device.type == "cpu" and image_features.dtype == torch.bfloat16:
+            raise TypeError(
+                "image_features is bfloat16 on CPU: the Triton interpreter computes bfloat16 dots wrongly "
+                "(silently wrong losses); use float32 / float16, or vlmcore.kernels.backend('reference') on CPU"
+            )
         if all_image is None:
             loss, _, _, acc = _symmetric_op(image_features, text_features, logit_scale, smoothing, output_dict)
         else:
@@ -1306,3 +1422,18 @@ def contrastive_loss(
             all_image_features=all_image, all_text_features=all_text,
         )
     return {"loss": loss, "i2t_acc": i2t, "t2i_acc": t2i}
+
+
+def _multi_positive_loss(image, text, logit_scale, image_ids, text_ids, smoothing: float) -> torch.Tensor:
+    """The multi-positive loss (validated inputs): the kernels' log-sum-exp / smoothing part with no
+    diagonal target, plus ``-(1 - eps)`` times :func:`_multi_positive_target`."""
+    if not use_triton(image):
+        return contrastive_loss_multi_positive_reference(image, text, logit_scale, image_ids, text_ids,
+                                                         label_smoothing=smoothing)
+    if image.device.type == "cpu" and image.dtype == torch.bfloat16:
+        raise TypeError(
+            "image_features is bfloat16 on CPU: the Triton interpreter computes bfloat16 dots wrongly "
+            "(silently wrong losses); use float32 / float16, or vlmcore.kernels.backend('reference') on CPU"
+        )
+    lse_part, _, _, _ = _symmetric_op(image, text, logit_scale, smoothing, False, False)
+    return lse_part - (1.0 - smoothing) * _multi_positive_target(image, text, logit_scale, image_ids, text_ids)

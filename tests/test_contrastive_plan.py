@@ -11,9 +11,8 @@ from collections import Counter
 import pytest
 import torch
 import torch.nn.functional as F
-from vlmcore.kernels import backend, contrastive_loss
-
 import vlmcore.kernels.contrastive as module
+from vlmcore.kernels import backend, contrastive_loss
 
 pytestmark = pytest.mark.skipif(not module.interpreter_enabled(), reason="counts the Triton interpreter's work")
 

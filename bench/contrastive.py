@@ -153,11 +153,23 @@ def join_evidence(plan_: OpPlan, rows: list[dict]) -> OpPlan:
     config has every entry of the launch's config (rows also name the JIT's unit-stride
     specializations). Launches without a compiled row (library calls) keep ``evidence=None``."""
     dtype = plan_.shape.get("dtype")
+
+    def find(launch, ignored=()):
+        # the column merge reads only fp32 statistics: compiled once, as fp32
+        dtypes = (dtype, "fp32") if launch.kernel == "_contrastive_merge_cols_kernel" else (dtype,)
+        return next((row for row in rows if row["kernel"] == launch.kernel and row["dtype"] in dtypes
+                     and all(row["config"].get(k) == v for k, v in launch.config.items() if k not in ignored)), None)
+
     launches = []
     for launch in plan_.launches:
-        match = next((row for row in rows if row["kernel"] == launch.kernel and row["dtype"] == dtype
-                      and all(row["config"].get(k) == v for k, v in launch.config.items())), None)
+        match, nearest = find(launch), False
+        if match is None and "FIRST" in launch.config:
+            # the window products were compiled at their heaviest steps (accumulator read): the
+            # first / middle / last step of the same tile config is the nearest evidence
+            match, nearest = find(launch, ("FIRST", "LAST")), True
         evidence = {k: match[k] for k in _EVIDENCE_FIELDS} if match else None
+        if evidence and nearest:
+            evidence["compiled_step"] = f"FIRST={match['config']['FIRST']} LAST={match['config']['LAST']}"
         launches.append(replace(launch, evidence=evidence))
     return replace(plan_, launches=launches)
 

@@ -435,50 +435,78 @@ def _pow2(x: int) -> int:
     return max(16, triton.next_power_of_2(x))
 
 
-# Forward space, preferred config first. sm_90a compile evidence (tests/contrastive_compile_check.py,
-# bench/evidence/contrastive_sm90.json): 128 x 64 tiles with 4 warps use <= 255 registers and 72 KB of
-# shared memory, so TWO CTAs reside per SM and one CTA's exp2 / column-statistics epilogue overlaps
-# the other's MMA. The 128 x 128 / 8-warp configs fit one CTA per SM; the autotuner may still measure
-# them faster. "no_accuracy": spills registers with ACCURACY (pruned there).
-_FWD_SPACE = ((128, 64, 64, 4, 3, ""), (64, 64, 64, 4, 4, ""), (64, 64, 128, 4, 3, ""),
-              (128, 64, 128, 8, 3, ""), (128, 128, 64, 8, 4, "no_accuracy"))
+# Autotune spaces, preferred config first, one per product precision: "tf32" = 16-bit inputs on
+# tensor cores (wgmma), "ieee" = fp32 inputs with IEEE fp32 products (no tensor cores; far more
+# registers per tile, so smaller tiles). Every config here is spill-free on sm_90a in the modes it is
+# kept for (tests/contrastive_compile_check.py, bench/evidence/contrastive_sm90.json).
+# Forward, 16-bit: 128 x 64 tiles with 4 warps use <= 255 registers and 72 KB of shared memory, so
+# TWO CTAs reside per SM and one CTA's exp2 / column-statistics epilogue overlaps the other's MMA.
+# The 8-warp configs fit one CTA per SM; the autotuner may still measure them faster.
+# "no_accuracy": spills registers with ACCURACY, pruned there.
+_FWD_SPACE = {
+    "tf32": ((128, 64, 64, 4, 3, ""), (64, 64, 64, 4, 4, ""), (64, 64, 128, 4, 3, ""),
+             (128, 64, 128, 8, 3, ""), (128, 128, 64, 8, 4, "no_accuracy")),
+    "ieee": ((64, 64, 32, 4, 3, ""), (64, 64, 64, 8, 3, "no_accuracy")),
+}
+# (BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DO, warps, stages): BLOCK_DO = the d chunk of the output tile.
+_BWD_SPACE = {
+    "tf32": ((64, 64, 64, 64, 4, 3), (64, 128, 64, 128, 8, 3), (128, 64, 64, 128, 8, 3),
+             (64, 64, 128, 128, 4, 3)),
+    "ieee": ((32, 64, 32, 64, 4, 3), (64, 64, 64, 64, 8, 2)),
+}
+# Window products (BLOCK_M, BLOCK_K, warps, stages); BLOCK_N is fixed per precision (the row
+# product's logit-scale partials have one row per d tile, so the host must know it).
+_MATMUL_SPACE = {
+    "tf32": ((128, 64, 8, 3), (128, 64, 8, 4), (64, 64, 4, 4), (128, 128, 8, 2), (64, 128, 4, 3)),
+    "ieee": ((64, 32, 4, 3),),
+}
+_MATMUL_BLOCK_N = {"tf32": 128, "ieee": 64}
+_PRECISIONS = ("tf32", "ieee")
 
 
 def _fwd_configs() -> list[triton.Config]:
-    """CUDA autotune space of the forward (BLOCK_M, BLOCK_N, BLOCK_D, warps, stages), preferred first."""
+    """CUDA autotune space of the forward, both precisions (pruned per launch by ``PRECISION``)."""
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": bd}, num_warps=w, num_stages=s)
-            for bm, bn, bd, w, s, _ in _FWD_SPACE]
-
-
-def _fwd_restriction(config: triton.Config) -> str:
-    tiles = (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.kwargs["BLOCK_D"],
-             config.num_warps, config.num_stages)
-    return next(tag for *space, tag in _FWD_SPACE if tuple(space) == tiles)
+            for precision in _PRECISIONS for bm, bn, bd, w, s, _ in _FWD_SPACE[precision]]
 
 
 def _bwd_configs() -> list[triton.Config]:
-    """CUDA autotune space of both register-backward kernels (BLOCK_DO = the d chunk of the output
-    tile); configs that spill registers on sm_90a are not in it (compile check)."""
-    space = ((64, 64, 64, 64, 4, 3), (64, 128, 64, 128, 8, 3), (128, 64, 64, 128, 8, 3),
-             (128, 128, 64, 128, 8, 2), (64, 64, 128, 128, 4, 3))
+    """CUDA autotune space of both register-backward kernels, both precisions."""
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": bd, "BLOCK_DO": bdo}, num_warps=w, num_stages=s)
-            for bm, bn, bd, bdo, w, s in space]
+            for precision in _PRECISIONS for bm, bn, bd, bdo, w, s in _BWD_SPACE[precision]]
+
+
+def _config_key(config: triton.Config) -> tuple:
+    return (tuple(sorted(config.kwargs.items())), config.num_warps, config.num_stages)
+
+
+def _allowed(config: triton.Config, precision: str, accuracy: bool) -> bool:
+    """Whether ``config`` belongs to the ``precision`` space and does not spill in this mode."""
+    kw, key = config.kwargs, (config.num_warps, config.num_stages)
+    if "BLOCK_DO" in kw:
+        return (kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_D"], kw["BLOCK_DO"], *key) in _BWD_SPACE[precision]
+    if "BLOCK_N" in kw:
+        for bm, bn, bd, w, s, tag in _FWD_SPACE[precision]:
+            if (bm, bn, bd, w, s) == (kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_D"], *key):
+                return not (accuracy and tag == "no_accuracy")
+        return False
+    if "BLOCK_K" in kw:
+        return (kw["BLOCK_M"], kw["BLOCK_K"], *key) in _MATMUL_SPACE[precision]
+    return True  # the window kernel: one space for both (its tile depends on the dtype instead)
 
 
 def _prune(configs, named_args, **kwargs):
-    """Drop configs whose d tiles exceed the padded feature width, forward configs whose BLOCK_M does
-    not divide the rows of a group (correct either way, masked, but wasted work), and configs that
-    spill registers in the launch's mode. The first forward config always qualifies (BLOCK_M 128
-    divides every group size of 128 rows or more, and 64-row groups keep the 64-row configs), so the
-    result is never empty."""
+    """Keep the configs of the launch's precision that do not spill in its mode, whose d tiles do
+    not exceed the padded feature width, and (forward) whose BLOCK_M divides the rows of a group
+    (correct either way, masked, but wasted work). The first config of each space always qualifies
+    (its BLOCK_M divides every group size, and it is spill-free in every mode), so the result is
+    never empty."""
     width = max(64, _pow2(named_args["d"]))
     group_rows = named_args.get("rows_per_group", 0)
     accuracy = bool(named_args.get("ACCURACY", False))
-    kept = [c for c in configs if c.kwargs["BLOCK_D"] <= width and c.kwargs.get("BLOCK_DO", 0) <= width
-            and group_rows % c.kwargs.get("BLOCK_M", 1) == 0]
-    if "rows_per_group" in named_args and accuracy:
-        kept = [c for c in kept if _fwd_restriction(c) != "no_accuracy"]
-    return kept
+    precision = named_args.get("PRECISION", "tf32")
+    return [c for c in configs if _allowed(c, precision, accuracy) and c.kwargs["BLOCK_D"] <= width
+            and c.kwargs.get("BLOCK_DO", 0) <= width and group_rows % c.kwargs.get("BLOCK_M", 1) == 0]
 
 
 def _rows_per_group(m: int) -> int:
@@ -494,16 +522,16 @@ def _window_configs() -> list[triton.Config]:
 
 
 def _matmul_configs() -> list[triton.Config]:
-    """CUDA autotune space of the window products (BLOCK_N is fixed: the row product's logit-scale
-    partials have one row per d tile, so the host must know it; see :func:`_matmul_block_n`)."""
-    space = ((128, 64, 8, 3), (128, 64, 8, 4), (64, 64, 4, 4), (128, 128, 8, 2), (64, 128, 4, 3))
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s) for bm, bk, w, s in space]
+    """CUDA autotune space of the window products, both precisions."""
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+            for precision in _PRECISIONS for bm, bk, w, s in _MATMUL_SPACE[precision]]
 
 
 def _prune_matmul(configs, named_args, **kwargs):
-    """Drop K tiles longer than the padded reduction (every window has K >= the window block)."""
+    """The launch precision's configs, without K tiles longer than the padded reduction."""
     depth = max(64, _pow2(named_args["K"]))
-    return [c for c in configs if c.kwargs["BLOCK_K"] <= depth] or configs[:1]
+    kept = [c for c in configs if _allowed(c, named_args.get("PRECISION", "tf32"), False)]
+    return [c for c in kept if c.kwargs["BLOCK_K"] <= depth] or kept[:1]
 
 
 def _window_block(dtype: torch.dtype, interpreter: bool) -> int:
@@ -512,8 +540,8 @@ def _window_block(dtype: torch.dtype, interpreter: bool) -> int:
     return 64 if interpreter or dtype == torch.float32 else 128
 
 
-def _matmul_block_n(interpreter: bool) -> int:
-    return 64 if interpreter else 128
+def _matmul_block_n(interpreter: bool, dtype: torch.dtype) -> int:
+    return 64 if interpreter else _MATMUL_BLOCK_N[_precision(dtype)]
 
 
 def _interpreter_meta(d: int, backward: bool) -> dict:
@@ -640,7 +668,8 @@ def _fwd_meta(c: _Choice) -> dict:
     if c.interpreter:
         meta = _interpreter_meta(c.d, backward=False)
     else:
-        named = {"d": c.d, "rows_per_group": c.rows_per_group, "ACCURACY": c.accuracy}
+        named = {"d": c.d, "rows_per_group": c.rows_per_group, "ACCURACY": c.accuracy,
+                 "PRECISION": _precision(c.dtype)}
         config = _prune(_fwd_configs(), named)[0]
         meta = {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
     return {"COL_STATS": c.symmetric, "ACCURACY": c.accuracy, "PRECISION": _precision(c.dtype), **meta}
@@ -650,7 +679,7 @@ def _bwd_meta(c: _Choice) -> dict:
     if c.interpreter:
         meta = _interpreter_meta(c.d, backward=True)
     else:
-        config = _prune(_bwd_configs(), {"d": c.d})[0]
+        config = _prune(_bwd_configs(), {"d": c.d, "PRECISION": _precision(c.dtype)})[0]
         meta = {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
     return {"SYMMETRIC": c.symmetric, "PRECISION": _precision(c.dtype), **meta}
 
@@ -669,9 +698,9 @@ def _matmul_meta(c: _Choice, k: int) -> dict:
     if c.interpreter:
         meta = dict(_INTERPRETER_MATMUL_META)
     else:
-        config = _prune_matmul(_matmul_configs(), {"K": k})[0]
+        config = _prune_matmul(_matmul_configs(), {"K": k, "PRECISION": _precision(c.dtype)})[0]
         meta = {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
-    return {"PRECISION": _precision(c.dtype), "BLOCK_N": _matmul_block_n(c.interpreter), **meta}
+    return {"PRECISION": _precision(c.dtype), "BLOCK_N": _matmul_block_n(c.interpreter, c.dtype), **meta}
 
 
 def _waves(programs: int, c: _Choice) -> int:
@@ -772,7 +801,7 @@ def _window_backward_launches(c: _Choice) -> list[KernelLaunch]:
             add(product({"TRANS_X": False, "WRITE_DS": True}, rows, cols, col_first, col_last), count)
             if c.with_cols:
                 add(product({"TRANS_X": True, "WRITE_DS": False}, cols, rows, row_first, row_last), count)
-    d_tiles = triton.cdiv(d, _matmul_block_n(c.interpreter))
+    d_tiles = triton.cdiv(d, _matmul_block_n(c.interpreter, c.dtype))
     add(KernelLaunch("torch.sum", (), {"dim": 0}, 0, 0, 0, 4 * d_tiles * m + 4 * m), 1)
     return list(merged.values())
 
@@ -791,7 +820,7 @@ def _peak_extra_bytes(c: _Choice) -> tuple[int, list[str]]:
     window = c.window_rows * c.window_cols * c.element_size
     row_acc = f32 * c.window_rows * d if chunks > 1 else 0
     col_acc = f32 * n * d if rows_windows > 1 and c.with_cols else 0
-    d_tiles = triton.cdiv(d, _matmul_block_n(c.interpreter))
+    d_tiles = triton.cdiv(d, _matmul_block_n(c.interpreter, c.dtype))
     backward = stats + window + row_acc + col_acc + f32 * (d_tiles + 1) * m
     notes = [f"backward: window, one G' window alive at a time: {c.window_rows} x {c.window_cols} = "
              f"{window / 2**20:.1f} MiB (cap {WINDOW_BYTES / 2**20:.0f} MiB); {rows_windows} row windows x "
@@ -929,7 +958,7 @@ def _window_product(x: torch.Tensor, y: torch.Tensor, acc: torch.Tensor, out: to
     m_out, k = (win_cols, win_rows) if trans_x else (win_rows, win_cols)
     stride_xm, stride_xk = (1, win_cols) if trans_x else (win_cols, 1)
     d = y.shape[1]
-    block_n = _matmul_block_n(interpreter)
+    block_n = _matmul_block_n(interpreter, x.dtype)
     args = (x, y, acc, out, coef, rows, ds, m_out, d, k, stride_xm, stride_xk, y.stride(0), rows.stride(0),
             ds.stride(0) if ds.dim() == 2 else 0, first, last, trans_x, write_ds, _precision(x.dtype))
     if interpreter:
@@ -969,7 +998,7 @@ def _backward_windows(plan: _Choice, rows: torch.Tensor, cols: torch.Tensor, sca
     # fp32 accumulators only where a sum spans several windows
     row_acc = torch.empty((plan.window_rows, d), **f32) if len(chunks) > 1 else coef
     col_acc = torch.empty((n_cols, d), **f32) if len(row_windows) > 1 and plan.with_cols else coef
-    ds_part = torch.empty((triton.cdiv(d, _matmul_block_n(interpreter)), m), **f32)
+    ds_part = torch.empty((triton.cdiv(d, _matmul_block_n(interpreter, rows.dtype)), m), **f32)
     for i, row0 in enumerate(row_windows):
         row1 = min(row0 + plan.window_rows, m)
         for j, col0 in enumerate(chunks):

@@ -96,7 +96,7 @@ def _fwd_kernel_variants(dtype: str, precision: str, every_config: bool):
     """The forward's pruned space per mode (key d = 768, 128-row groups: every n >= 32768; 64-row
     groups keep a subset of it)."""
     for col_stats, accuracy in ((True, False), (True, True), (False, True), (False, False)):
-        named = {"d": 768, "rows_per_group": 128 if col_stats else 0, "ACCURACY": accuracy}
+        named = {"d": 768, "rows_per_group": 128 if col_stats else 0, "ACCURACY": accuracy, "PRECISION": precision}
         kept = module._prune(module._fwd_configs(), named)
         for config in kept if every_config else kept[:1]:
             yield (module._contrastive_fwd_kernel, dtype,
@@ -112,7 +112,7 @@ def variants(every_config_dtypes=("bf16", "fp32")):
         precision = "ieee" if dtype == "fp32" else "tf32"
         every = dtype in every_config_dtypes
         yield from _fwd_kernel_variants(dtype, precision, every)
-        kept = module._prune(module._bwd_configs(), {"d": 768})
+        kept = module._prune(module._bwd_configs(), {"d": 768, "PRECISION": precision})
         for config in kept if every else kept[:1]:
             for kernel in (module._contrastive_bwd_rows_kernel, module._contrastive_bwd_cols_kernel):
                 for symmetric in (True, False):
@@ -126,8 +126,8 @@ def variants(every_config_dtypes=("bf16", "fp32")):
                 yield (module._contrastive_grad_window_kernel, dtype,
                        dict(SYMMETRIC=symmetric, PRECISION=precision, BLOCK_M=block, BLOCK_N=block,
                             **config.kwargs), config.num_warps, config.num_stages)
-        kept = module._prune_matmul(module._matmul_configs(), {"K": 4096})
-        block_n = module._matmul_block_n(interpreter=False)
+        kept = module._prune_matmul(module._matmul_configs(), {"K": 4096, "PRECISION": precision})
+        block_n = module._matmul_block_n(False, torch_dtype)
         # the row product's last step (accumulator read, logit-scale partials) and the column
         # product's middle and last steps: the modes with the most live values
         for config in kept if every else kept[:1]:
@@ -142,10 +142,20 @@ def variants(every_config_dtypes=("bf16", "fp32")):
         yield module._contrastive_merge_cols_kernel, "fp32", dict(ACCURACY=accuracy, BLOCK=1024), 4, 1
 
 
+def write_evidence(rows: list[dict], path: str) -> None:
+    """Store the compile rows (bf16 and fp32; fp16 compiles like bf16) for ``bench plan``."""
+    evidence = {"target": "sm_90a", "triton": triton.__version__,
+                "source": "tests/contrastive_compile_check.py --write-evidence",
+                "rows": [row for row in rows if row["dtype"] != "fp16"]}
+    with open(path, "w") as handle:
+        json.dump(evidence, handle, indent=0, sort_keys=True)
+        handle.write("\n")
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--write-evidence", metavar="JSON",
-                        help="also write the bf16 rows (the ANCHORS dtype) to this file for `bench plan`")
+                        help="also write the bf16 / fp32 rows to this file (compile evidence for `bench plan`)")
     args = parser.parse_args(argv)
     rows = []
     for fn, dtype, constexprs, warps, stages in variants():
@@ -153,13 +163,7 @@ def main(argv: list[str]) -> int:
         rows.append(row)
         print(json.dumps(row), flush=True)
     if args.write_evidence:
-        evidence = {"target": "sm_90a", "triton": triton.__version__,
-                    "source": "tests/contrastive_compile_check.py --write-evidence",
-                    "rows": [row for row in rows if row["dtype"] in ("bf16", "fp32")
-                             and row["kernel"] != "_contrastive_merge_cols_kernel" or row["dtype"] == "bf16"]}
-        with open(args.write_evidence, "w") as handle:
-            json.dump(evidence, handle, indent=0, sort_keys=True)
-            handle.write("\n")
+        write_evidence(rows, args.write_evidence)
     return 0
 
 

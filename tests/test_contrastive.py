@@ -269,10 +269,12 @@ def test_rows_op_rejects_labels_outside_the_columns(device):
 
 def test_cuda_launch_settings():
     """The CUDA configs (not run on CPU): tl.dot-legal power-of-two tiles, a non-empty pruned space
-    for any d, BLOCK_M dividing the group rows, and at most MAX_ROW_GROUPS groups for any n."""
+    for any d, precision and mode (the first config of the precision's space always kept), BLOCK_M
+    dividing the group rows, and at most MAX_ROW_GROUPS groups for any n."""
     import vlmcore.kernels.contrastive as module
 
-    spaces = {"fwd": module._fwd_configs(), "bwd": module._bwd_configs(), "window": module._window_configs()}
+    spaces = {"fwd": module._fwd_configs(), "bwd": module._bwd_configs(), "window": module._window_configs(),
+              "matmul": module._matmul_configs()}
     for configs in spaces.values():
         for config in configs:
             for value in config.kwargs.values():
@@ -281,31 +283,42 @@ def test_cuda_launch_settings():
         rows = module._rows_per_group(n)
         assert rows % 64 == 0 and math.ceil(n / rows) <= module.MAX_ROW_GROUPS
         for d in (16, 96, 768, 4096):
-            kept = module._prune(spaces["fwd"], {"d": d, "rows_per_group": rows})
-            assert kept and all(rows % c.kwargs["BLOCK_M"] == 0 for c in kept)
-            for name in ("bwd", "window"):
-                assert module._prune(spaces[name], {"d": d})
+            for precision in ("tf32", "ieee"):
+                for accuracy in (False, True):
+                    named = {"d": d, "rows_per_group": rows, "ACCURACY": accuracy, "PRECISION": precision}
+                    kept = module._prune(spaces["fwd"], named)
+                    assert kept and all(rows % c.kwargs["BLOCK_M"] == 0 for c in kept)
+                    assert all(module._allowed(c, precision, accuracy) for c in kept)
+                for name in ("bwd", "window"):
+                    assert module._prune(spaces[name], {"d": d, "PRECISION": precision})
+                assert module._prune_matmul(spaces["matmul"], {"K": min(d, 4096), "PRECISION": precision})
+    # the two precisions' spaces are disjoint where it matters: an fp32 launch never gets a 16-bit config
+    tf32 = {module._config_key(c) for c in module._prune(spaces["fwd"], {"d": 768, "PRECISION": "tf32"})}
+    ieee = {module._config_key(c) for c in module._prune(spaces["fwd"], {"d": 768, "PRECISION": "ieee"})}
+    assert tf32 and ieee and not tf32 & ieee
 
 
 @pytest.mark.slow
 def test_kernels_compile_for_h100():
-    """Every kernel variant compiles to an sm_90a cubin with Triton's GPU passes and bundled ptxas
-    (no GPU needed): 16-bit products on tensor cores (wgmma), and the preferred configs of the
-    training path without register spills."""
-    rows = run_sm90_compile_check("contrastive_compile_check.py", timeout=1200)
+    """Every config of every pruned space, in every mode that changes the code, compiles to an sm_90a
+    cubin with Triton's GPU passes and bundled ptxas (no GPU needed): 16-bit products on tensor
+    cores (wgmma), NO register spill anywhere (the spaces keep only spill-free configs), and the
+    forward's preferred 16-bit config fits two CTAs per SM in every mode."""
+    import vlmcore.kernels.contrastive as module
+
+    rows = run_sm90_compile_check("contrastive_compile_check.py", timeout=1500)
     assert {row["kernel"] for row in rows} == {
         "_contrastive_fwd_kernel", "_contrastive_merge_cols_kernel", "_contrastive_bwd_rows_kernel",
-        "_contrastive_bwd_cols_kernel", "_contrastive_grad_window_kernel"}
+        "_contrastive_bwd_cols_kernel", "_contrastive_grad_window_kernel", "_contrastive_window_matmul_kernel"}
     for row in rows:
+        assert row["spill_bytes"] == 0, row
+        assert 0 < row["registers"] <= 255 and row["ctas_per_sm"] >= 1, row
         if row["dtype"] != "fp32" and row["kernel"] != "_contrastive_merge_cols_kernel":
             assert row["wgmma"] > 0, row
-    first = {}
-    for row in rows:
-        mode = (row["config"].get("COL_STATS", True) and not row["config"].get("ACCURACY", False)
-                and row["config"].get("SYMMETRIC", True))
-        if row["dtype"] == "bf16" and mode:
-            first.setdefault(row["kernel"], row)
-    assert all(row["spill_bytes"] == 0 for row in first.values()), first
+    preferred = {k: v for k, v in module._fwd_configs()[0].kwargs.items()}
+    fwd = [row for row in rows if row["kernel"] == "_contrastive_fwd_kernel" and row["dtype"] == "bf16"
+           and all(row["config"][k] == v for k, v in preferred.items())]
+    assert len(fwd) == 4 and all(row["ctas_per_sm"] >= 2 for row in fwd), fwd
 
 
 def test_opcheck(device):

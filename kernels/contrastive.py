@@ -16,17 +16,25 @@ columns B ``[N, d]``, X = A B^T (never stored), S = s X, label of row i = column
   ``4 G N`` bytes (32 MB at n = 32768, 2 GB at n = 2^20; x3 with accuracies) plus O(n) vectors.
 - ``vlmcore::contrastive_loss_rows`` (``local_loss=True``): one direction, local rows against the
   gathered columns with a label offset; the loss is the mean of the two directions.
-- backward (both ops), d <= ``REGISTER_BACKWARD_MAX_D`` (256): ``_contrastive_bwd_rows_kernel`` (a
-  program per row block x d chunk) recomputes S tile by tile, forms G = dL/dS (for label smoothing
-  eps: ``P_ij - (1 - eps) [j = label_i] - eps / N``, plus the column term in the symmetric case) and
-  accumulates dA = s G B in registers; it also writes the per-row partial ``sum_j G_ij X_ij`` of the
-  logit-scale gradient. ``_contrastive_bwd_cols_kernel`` (a program per column block x d chunk)
-  accumulates dB = s G^T A the same way. 10 n^2 d FLOPs in all (forward included), no n^2 traffic.
-- backward, larger d (768 ...): a [BLOCK_M, d] fp32 tile no longer fits in registers, and d chunks
-  would recompute S once per chunk (18 n^2 d at d = 768). Instead ``_contrastive_grad_window_kernel``
-  writes G in the input dtype for windows of whole rows, then of whole columns (at most
-  ``WINDOW_BYTES`` = 128 MiB each), and each window's gradient rows come from ONE matrix product
-  (``torch.mm``) over the full reduction: also 10 n^2 d FLOPs, plus ~6 n^2 bytes of window traffic.
+- backward (both ops), the window path (always for d > ``REGISTER_BACKWARD_MAX_D`` = 256, and below
+  where the launch plan predicts it faster): ONE recompute of the logits. For each row window and,
+  inside it, each column chunk (fixed order; at most ``WINDOW_BYTES`` = 64 MiB, one window alive at
+  a time, at every n), ``_contrastive_grad_window_kernel`` writes G = dL/dS (for label smoothing
+  eps: ``P_ij - (1 - eps) [j = label_i] - eps / N``, plus the column term in the symmetric case) in
+  the input dtype; ``_contrastive_window_matmul_kernel`` then forms dA_window = s G B (fp32
+  accumulator across column chunks; its last step also yields the per-row ``sum_j G_ij X_ij`` of
+  the logit-scale gradient as ``sum_k (G B)_ik A_ik``) and dB += s G^T A_window (fp32 accumulator
+  ``[N, d]`` across row windows). 8 n^2 d FLOPs in all (forward 2, backward 6), ~6 n^2 bytes of
+  window traffic inside compute-bound kernels.
+- backward, the register path (d <= 256 where faster): ``_contrastive_bwd_rows_kernel`` (a program
+  per row block x d chunk) recomputes S tile by tile, forms G and accumulates dA = s G B in
+  registers (and the logit-scale partials); ``_contrastive_bwd_cols_kernel`` accumulates
+  dB = s G^T A the same way. No n^2 traffic, (4 + 2 x d chunks) n^2 d FLOPs.
+
+Every launch decision (row groups, backward path, window shape, preferred configs) comes from
+:func:`_choose`; :func:`contrastive_plan` turns the same decisions into an exact work plan
+(``python -m vlmcore.bench plan``). Group ids (``image_ids`` / ``text_ids``) run the symmetric op
+without a diagonal target and add the multi-positive target term in O(n d).
 
 A frozen tower (features that need no gradient) skips its half of the backward: the column kernel
 or window pass (the symmetric op swaps image and text when the image side is the frozen one).

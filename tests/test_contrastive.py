@@ -126,6 +126,14 @@ def _force_backward(monkeypatch, path: str) -> None:
     monkeypatch.setattr(module, "_choose", lambda *args, **kwargs: real_choose(*args, **{**kwargs, "backward": path}))
 
 
+@pytest.mark.parametrize("n,d,dtype", [(37, 300, torch.float16), (1, 20, torch.float32)])
+def test_window_backward_odd_shapes(n, d, dtype, monkeypatch, device, nan_poisoned_empty):
+    """The window backward (forced) on partial tiles everywhere: n and d not multiples of any tile."""
+    _force_backward(monkeypatch, "window")
+    image, text = _features(n, d, dtype, device)
+    _check_against_reference(image, text, torch.tensor(30.0, device=device), label_smoothing=0.1, output_dict=True)
+
+
 def test_register_backward_at_d_768(monkeypatch, device, nan_poisoned_empty):
     """The register backward forced at d = 768: three d chunks of 256 per program grid."""
     _force_backward(monkeypatch, "register")

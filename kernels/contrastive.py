@@ -1276,7 +1276,7 @@ def _multi_positive_target(image: torch.Tensor, text: torch.Tensor, logit_scale:
     return logit_scale.reshape(()).float() * (i2t + t2i) / 2
 
 
-def _check_group_ids(image_ids, text_ids, image_features, group, output_dict) -> None:
+def _check_group_ids(image_ids, text_ids, image_features, group, local_loss, output_dict) -> None:
     if (image_ids is None) != (text_ids is None):
         missing = "text_ids" if text_ids is None else "image_ids"
         raise ValueError(f"{missing} must be given too: group ids go on both sides (or on neither)")
@@ -1290,16 +1290,25 @@ def _check_group_ids(image_ids, text_ids, image_features, group, output_dict) ->
             raise ValueError(f"{name} must have shape [{n}] (one id per feature row), got {tuple(ids.shape)}")
         if ids.device != image_features.device:
             raise ValueError(f"{name} is on {ids.device} but image_features is on {image_features.device}")
-    if group is not None:
-        raise ValueError("group ids (image_ids / text_ids) are supported in one process only (group=None)")
+    if group is not None and local_loss:
+        raise ValueError("local_loss=True is not available with group ids (image_ids / text_ids): "
+                         "use the global loss (local_loss=False)")
     if output_dict:
         raise ValueError("output_dict (top-1 accuracies) is not available with group ids (image_ids / text_ids)")
-    # A row without positives is caught here where it costs no device sync (CPU tensors); on a GPU it
-    # gives a NaN loss instead.
-    if image_features.device.type == "cpu" and not torch.compiler.is_compiling():
+
+
+def _check_every_row_has_a_positive(image_ids: torch.Tensor, text_ids: torch.Tensor) -> None:
+    """Caught where it costs no device sync (CPU tensors); on a GPU such a row gives a NaN loss."""
+    if image_ids.device.type == "cpu" and not torch.compiler.is_compiling():
         for name, rows, cols in (("image_ids", image_ids, text_ids), ("text_ids", text_ids, image_ids)):
             if bool((_count_by_key(cols, rows) == 0).any()):
                 raise ValueError(f"every id in {name} needs at least one equal id on the other side (a positive)")
+
+
+def _all_gather_ids(ids: torch.Tensor, group) -> torch.Tensor:
+    parts = [torch.empty_like(ids) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, ids.contiguous(), group=group)
+    return torch.cat(parts)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1395,12 +1404,13 @@ def contrastive_loss(
         label_smoothing: as in ``torch.nn.functional.cross_entropy``.
         output_dict: return ``{"loss", "i2t_acc", "t2i_acc"}`` (top-1 accuracy of the local rows,
             for logging, no gradient) instead of the loss alone.
-        image_ids, text_ids: optional integer group ids ``[n]`` per side (both or neither; one
-            process only, no ``output_dict``): pairs with equal ids are positives, and each row's
-            soft target spreads uniformly over its positives (several captions per image, COCO
-            style). All-unique ids equal on both sides give the plain loss. Never n x n: the target
-            term is O(n d) (sums of features by id); the kernels do the log-sum-exp part. A row
-            without any positive is refused on CPU and gives a NaN loss on a GPU (no host sync).
+        image_ids, text_ids: optional integer group ids ``[n]`` per side (both or neither; with
+            ``group``: this rank's ids, the global loss only; no ``output_dict``): pairs with equal
+            ids are positives, and each row's soft target spreads uniformly over its positives
+            (several captions per image, COCO style). All-unique ids equal on both sides give the
+            plain loss. Never n x n: the target term is O(n d) (sums of features by id); the
+            kernels do the log-sum-exp part. A row without any positive is refused on CPU and
+            gives a NaN loss on a GPU (no host sync).
 
     Returns:
         fp32 scalar loss (or the dict).
@@ -1415,7 +1425,14 @@ def contrastive_loss(
     """
     _validate(image_features, text_features, logit_scale, label_smoothing)
     if image_ids is not None or text_ids is not None:
-        _check_group_ids(image_ids, text_ids, image_features, group, output_dict)
+        _check_group_ids(image_ids, text_ids, image_features, group, local_loss, output_dict)
+        if group is not None:  # the global loss over the gathered batch, on every rank
+            if not dist.is_available() or not dist.is_initialized():
+                raise ValueError("group was given but torch.distributed is not initialized")
+            image_features = all_gather_with_grad(image_features, group)
+            text_features = all_gather_with_grad(text_features, group)
+            image_ids, text_ids = _all_gather_ids(image_ids, group), _all_gather_ids(text_ids, group)
+        _check_every_row_has_a_positive(image_ids, text_ids)
         return _multi_positive_loss(image_features, text_features, logit_scale, image_ids, text_ids,
                                     float(label_smoothing))
     label_offset = 0

@@ -5,6 +5,7 @@
         [--device cuda|cpu] [--time-budget SECONDS] [--rep-ms MS]
     python -m vlmcore.bench plot [--results DIR_or_CSV] [--out DIR]
     python -m vlmcore.bench summary [--results DIR_or_CSV]
+    python -m vlmcore.bench plan [--op NAME] [--json]
 
 Every benchmark measures the card's ceilings first (matmul, device copy), then appends one CSV row
 per (op, provider, shape, mode) to ``--out`` (see :mod:`vlmcore.bench.results` for the columns).
@@ -94,6 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("--out", metavar="DIR", help="where the PNGs go (default: <results dir>/plots)")
     summary = commands.add_parser("summary", help="print the short summary table of result CSVs")
     summary.add_argument("--results", default=str(DEFAULT_RESULTS), metavar="DIR_or_CSV")
+    plan = commands.add_parser("plan", help="the exact work plan of every op per ANCHORS shape (predictions)",
+                               description="Executed vs useful FLOPs, modelled HBM bytes, launches, peak extra "
+                                           "memory, sm_90a compile evidence and predicted times, from the "
+                                           "launchers' own planning code. No GPU needed.")
+    plan.add_argument("--op", metavar="NAME", help="one op (default: every planned op)")
+    plan.add_argument("--json", action="store_true", help="one JSON object per shape instead of text")
     return parser
 
 
@@ -145,6 +152,14 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"plot: {error}")
         for path in written:
             print(path)
+        return 0
+    if args.command == "plan":
+        from .plan import main as plan_main
+
+        try:
+            plan_main(args.op, args.json)
+        except ValueError as error:
+            parser.error(f"plan: {error}")
         return 0
     if args.command == "summary":
         try:

@@ -16,13 +16,17 @@ from dataclasses import asdict
 
 from vlmcore.kernels._plan import OpPlan
 
+from . import contrastive
+
 # Ceilings measured on one H100 80GB (ANCHORS.md, 2026-11-27).
 MATMUL_FLOPS_PER_S = 807e12
 COPY_BYTES_PER_S = 3.0e12
 
 # op name -> (ANCHORS shapes, plan function taking one shape's keyword arguments).
 # One line per op; each op file owns its planning function.
-PLANNERS: dict[str, tuple[list[dict], Callable[..., OpPlan]]] = {}
+PLANNERS: dict[str, tuple[list[dict], Callable[..., OpPlan]]] = {
+    "contrastive": (contrastive.PLAN_SHAPES, contrastive.plan),
+}
 
 
 def plans(op: str | None = None) -> list[OpPlan]:
@@ -53,6 +57,8 @@ def format_plan(plan: OpPlan) -> str:
     for launch in plan.launches:
         lines.append(f"    {launch.kernel} x{launch.count}: grid {launch.grid} tiles {launch.tiles} "
                      f"config {launch.config}")
+        if launch.evidence:
+            lines.append("      sm_90a: " + ", ".join(f"{k} {v}" for k, v in sorted(launch.evidence.items())))
     lines += [f"  note: {note}" for note in plan.notes]
     return "\n".join(lines)
 

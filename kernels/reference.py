@@ -57,6 +57,33 @@ def contrastive_loss_reference(
     ) / 2
 
 
+def contrastive_loss_multi_positive_reference(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale: torch.Tensor,
+    image_ids: torch.Tensor,
+    text_ids: torch.Tensor,
+    *,
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
+    """Symmetric contrastive loss with several positives per row, as an fp32 scalar.
+
+    Pairs ``(i, j)`` with ``image_ids[i] == text_ids[j]`` are positives. Image row i's soft target
+    spreads uniformly over its positive texts (``1 / |P_i|`` each), text row j's over its positive
+    images; then ``F.cross_entropy`` with probability targets (label smoothing mixes in the uniform
+    distribution, as there). All-unique ids equal on both sides (``arange``) give the plain loss.
+    A row without any positive gives NaN.
+    """
+    logits = contrastive_logits_reference(image_features, text_features, logit_scale)
+    positive = (image_ids[:, None] == text_ids[None, :]).float()  # [n, n]
+    i2t = positive / positive.sum(1, keepdim=True)
+    t2i = (positive / positive.sum(0, keepdim=True)).T
+    return (
+        F.cross_entropy(logits, i2t, label_smoothing=label_smoothing)
+        + F.cross_entropy(logits.T, t2i, label_smoothing=label_smoothing)
+    ) / 2
+
+
 def contrastive_accuracy_reference(
     image_features: torch.Tensor, text_features: torch.Tensor, *, label_offset: int = 0,
     all_image_features: torch.Tensor | None = None, all_text_features: torch.Tensor | None = None,

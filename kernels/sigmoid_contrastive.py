@@ -54,8 +54,9 @@ POSITIVES_NONE, POSITIVES_DIAGONAL, POSITIVES_IDS = 0, 1, 2
 DIST_IMPLS = ("ring", "gather")
 
 # Preferred configs (fixed: the plan and the launch read the same table; compile-checked for sm_90a).
+# Scores: 128 x 64 tiles (a 128 x 128 fp32 tile plus the sigmoid epilogue spills at 8 warps on sm_90a).
 _SCORES_CONFIG = {
-    "16bit": {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_D": 64, "num_warps": 8, "num_stages": 3},
+    "16bit": {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_D": 64, "num_warps": 8, "num_stages": 3},
     "fp32": {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": 32, "num_warps": 4, "num_stages": 2},
     "interpreter": {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_D": 32, "num_warps": 4, "num_stages": 1},
 }
@@ -119,7 +120,7 @@ def _sigmoid_scores_kernel(
     b_u = tl.exp(-tl.abs(b_l))  # in (0, 1]: both sigmoid and softplus from it, no overflow
     b_w = 1.0 + b_u
     # log1p(u) keeping the low bits of tiny u (most terms: negatives at l ~ b = -10 give u ~ 4.5e-5)
-    b_log1p = tl.where(b_w == 1.0, b_u, tl.log(b_w) * b_u / (b_w - 1.0))
+    b_log1p = tl.where(b_w == 1.0, b_u, tl.log(b_w) * b_u / tl.where(b_w == 1.0, 1.0, b_w - 1.0))
     b_t = tl.where(m_pos, b_l, -b_l)  # z l
     b_loss = tl.where(m_mn, tl.maximum(-b_t, 0.0) + b_log1p, 0.0)  # -log sigmoid(z l)
     o_part = i_n.to(tl.int64) * win_rows + o_w
@@ -191,7 +192,7 @@ def _window_rows(m: int, n_cols: int, dtype: str, block_m: int) -> int:
 
 
 def sigmoid_contrastive_plan(n: int, d: int, dtype: str = "bf16", n_cols: int | None = None,
-                             with_image: bool = True, with_text: bool = True,
+                             with_image: bool = True, with_text: bool = True, with_params: bool = True,
                              device: str = "cuda") -> OpPlan:
     """The launches of one forward (which also forms every gradient) of x ``[n, d]`` against y ``[N, d]``.
 
@@ -199,6 +200,7 @@ def sigmoid_contrastive_plan(n: int, d: int, dtype: str = "bf16", n_cols: int | 
         n, d: rows of x and the feature width; ``n_cols`` = N (default n).
         dtype: ``"bf16"``, ``"fp16"`` or ``"fp32"`` (the inputs').
         with_image, with_text: whether that side's gradient is formed (False: frozen tower).
+        with_params: whether the logit scale / bias gradients are formed (they need G' too).
         device: ``"cuda"`` (the sm_90 preferred configs) or ``"interpreter"`` (the CPU test tiles).
 
     The launchers call this to get their window size, grids and configs. FLOPs count the tensor-core
@@ -218,7 +220,7 @@ def sigmoid_contrastive_plan(n: int, d: int, dtype: str = "bf16", n_cols: int | 
     mbm, mbn, mbk = mm_cfg["BLOCK_M"], mm_cfg["BLOCK_N"], mm_cfg["BLOCK_K"]
     rows = _window_rows(n, n_cols, dtype, bm)
     windows = [(start, min(rows, n - start)) for start in range(0, n, rows)]
-    with_grad = with_image or with_text
+    with_grad = with_image or with_text or with_params
     d_pad = triton.cdiv(d, bd) * bd
     launches: list[KernelLaunch] = []
     # identical full windows share one launch entry; the last, shorter window gets its own
@@ -286,23 +288,24 @@ def _launch(kernel, grid: tuple[int, ...], args: tuple, config: dict, **constexp
 
 def _block_forward(x: torch.Tensor, y: torch.Tensor, scale_bias: torch.Tensor, x_ids: torch.Tensor | None,
                    y_ids: torch.Tensor | None, positives: int, positive_offset: int, norm: int,
-                   with_x: bool, with_y: bool):
+                   with_x: bool, with_y: bool, with_params: bool = True):
     """Loss and gradients (at upstream 1) of one block: x ``[m, d]`` rows against y ``[N, d]`` columns.
 
     Returns ``(loss fp32 [], dx [m, d] or None, dy [N, d] or None, ds fp32 [], db fp32 [])``, all
-    divided by ``norm`` (the local batch); dx, dy in the input dtype.
+    divided by ``norm`` (the local batch); dx, dy in the input dtype. Without ``with_params`` (and no
+    side's gradient) G' is not formed and ds, db are 0.
     """
     x, y = x.contiguous(), y.contiguous()
     m, d = x.shape
     n_cols = y.shape[0]
     dtype = _DTYPE_NAMES[x.dtype]
     device = "interpreter" if interpreter_enabled() else "cuda"
-    plan = sigmoid_contrastive_plan(m, d, dtype, n_cols, with_x, with_y, device)
+    plan = sigmoid_contrastive_plan(m, d, dtype, n_cols, with_x, with_y, with_params, device)
     scores = [launch for launch in plan.launches if launch.kernel == "_sigmoid_scores_kernel"]
     rows = scores[0].config["window_rows"]
     key = _config_key(dtype, device)
     scores_cfg, mm_cfg = _SCORES_CONFIG[key], _MATMUL_CONFIG[key]
-    with_grad = with_x or with_y
+    with_grad = with_x or with_y or with_params
     precision = _precision(x.dtype)
     f32 = {"device": x.device, "dtype": torch.float32}
     alpha = (scale_bias[:1] / norm).contiguous()  # s / n: dx = alpha G' y, dy = alpha G'^T x
@@ -352,21 +355,22 @@ def _scale_bias_vector(logit_scale: torch.Tensor, logit_bias: torch.Tensor) -> t
 def _sigmoid_op(
     image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor, logit_bias: torch.Tensor,
     image_ids: torch.Tensor | None, text_ids: torch.Tensor | None, positives: int, positive_offset: int,
-    norm: int, with_image: bool, with_text: bool,
+    norm: int, with_image: bool, with_text: bool, with_params: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Loss of image ``[m, d]`` rows against text ``[N, d]`` columns and its gradients at upstream 1.
 
     Returns ``(loss fp32 [], d_image [m, d] or [0], d_text [N, d] or [0], d_scale fp32 [], d_bias fp32 [])``.
     """
     loss, dx, dy, ds, db = _block_forward(image, text, _scale_bias_vector(logit_scale, logit_bias), image_ids,
-                                          text_ids, positives, positive_offset, norm, with_image, with_text)
+                                          text_ids, positives, positive_offset, norm, with_image, with_text,
+                                          with_params)
     return (loss, dx if with_image else image.new_empty(0), dy if with_text else text.new_empty(0),
             ds.clone(), db.clone())
 
 
 @_sigmoid_op.register_fake
 def _(image, text, logit_scale, logit_bias, image_ids, text_ids, positives, positive_offset, norm,
-      with_image, with_text):
+      with_image, with_text, with_params):
     f32 = torch.float32
     return (image.new_empty((), dtype=f32), torch.empty_like(image) if with_image else image.new_empty(0),
             torch.empty_like(text) if with_text else text.new_empty(0),
@@ -378,6 +382,7 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(d_image, d_text, d_scale, d_bias)
     ctx.save_for_backward(d_image, d_text, d_scale, d_bias)
     ctx.scale_meta = (inputs[2].dtype, inputs[2].shape, inputs[3].dtype, inputs[3].shape)
+    ctx.formed = inputs[9:12]  # (with_image, with_text, with_params) the forward was told
 
 
 def _backward(ctx, grad_loss, *unused):
@@ -385,18 +390,16 @@ def _backward(ctx, grad_loss, *unused):
     need_image, need_text, need_scale, need_bias = ctx.needs_input_grad[:4]
     scale_dtype, scale_shape, bias_dtype, bias_shape = ctx.scale_meta
     grad = grad_loss.reshape(())
-
-    def scaled(saved: torch.Tensor) -> torch.Tensor:
-        # gradients were formed for an upstream of 1; a loss of 1 (or a power-of-2 loss scale) is exact
-        if saved.numel() == 0:
-            raise RuntimeError("a gradient was requested for a side the forward was told needs none; "
-                               "call the loss with requires_grad already set on that tower")
-        return saved * grad
-
-    return (scaled(d_image) if need_image else None, scaled(d_text) if need_text else None,
+    for needed, formed, name in zip((need_image, need_text, need_scale or need_bias), ctx.formed,
+                                    ("image", "text", "logit scale / bias")):
+        if needed and not formed:
+            raise RuntimeError(f"a {name} gradient was requested but the forward was told none is needed; "
+                               "set requires_grad before calling the loss")
+    # gradients were formed for an upstream of 1; a loss of 1 (or a power-of-2 loss scale) is exact
+    return (d_image * grad if need_image else None, d_text * grad if need_text else None,
             (d_scale * grad).reshape(scale_shape).to(scale_dtype) if need_scale else None,
             (d_bias * grad).reshape(bias_shape).to(bias_dtype) if need_bias else None,
-            None, None, None, None, None, None, None)
+            None, None, None, None, None, None, None, None)
 
 
 _sigmoid_op.register_autograd(_backward, setup_context=_setup_context)
@@ -407,12 +410,13 @@ _sigmoid_op.register_autograd(_backward, setup_context=_setup_context)
 # ----------------------------------------------------------------------------------------------
 
 
-def _triton_block(x, y, scale_bias, x_ids, y_ids, positives, positive_offset, norm, with_x, with_y):
+def _triton_block(x, y, scale_bias, x_ids, y_ids, positives, positive_offset, norm, with_x, with_y, with_params):
     """One block through the Triton launchers (see :func:`_block_forward`)."""
-    return _block_forward(x, y, scale_bias, x_ids, y_ids, positives, positive_offset, norm, with_x, with_y)
+    return _block_forward(x, y, scale_bias, x_ids, y_ids, positives, positive_offset, norm, with_x, with_y,
+                          with_params)
 
 
-def _reference_block(x, y, scale_bias, x_ids, y_ids, positives, positive_offset, norm, with_x, with_y):
+def _reference_block(x, y, scale_bias, x_ids, y_ids, positives, positive_offset, norm, with_x, with_y, with_params):
     """One block through the reference (materialized logits) and autograd, same returns as the kernels'."""
     with torch.enable_grad():
         xr = x.detach().requires_grad_(with_x)
@@ -452,7 +456,7 @@ class _SigmoidRing(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, image, text, logit_scale, logit_bias, image_ids, text_ids, group, with_image, with_text,
-                block_fn):
+                with_params, block_fn):
         world, rank = dist.get_world_size(group), dist.get_rank(group)
         ranks = dist.get_process_group_ranks(group) if group is not None else list(range(world))
         right, left = ranks[(rank + 1) % world], ranks[(rank - 1) % world]
@@ -469,7 +473,7 @@ class _SigmoidRing(torch.autograd.Function):
             positives = POSITIVES_IDS if has_ids else (POSITIVES_DIAGONAL if step == 0 else POSITIVES_NONE)
             loss, dx, dy, ds, db = block_fn(image, current[0], scale_bias, image_ids,
                                             current[1] if has_ids else None, positives, 0, norm, with_image,
-                                            with_text)
+                                            with_text, with_params)
             losses.append(loss)
             d_scales.append(ds)
             d_biases.append(db)
@@ -512,7 +516,7 @@ class _SigmoidRing(torch.autograd.Function):
             d_text = d_text.to(ctx.text_dtype)
         return (d_image * grad if ctx.with_image else None, d_text,
                 (d_scale * grad).reshape(scale_shape).to(scale_dtype),
-                (d_bias * grad).reshape(bias_shape).to(bias_dtype), None, None, None, None, None, None)
+                (d_bias * grad).reshape(bias_shape).to(bias_dtype), None, None, None, None, None, None, None)
 
 
 def _all_gather_ids(ids: torch.Tensor, group) -> torch.Tensor:
@@ -646,11 +650,12 @@ def sigmoid_contrastive_loss(
     grad_on = torch.is_grad_enabled()
     with_image = grad_on and image_features.requires_grad
     with_text = grad_on and text_features.requires_grad
+    with_params = grad_on and (logit_scale.requires_grad or logit_bias.requires_grad)
     n = image_features.shape[0]
     if group is not None and dist_impl == "ring":
         block_fn = _triton_block if triton_path else _reference_block
         loss = _SigmoidRing.apply(image_features, text_features, logit_scale, logit_bias, image_ids, text_ids,
-                                  group, with_image, with_text, block_fn)
+                                  group, with_image, with_text, with_params, block_fn)
         return {"loss": loss} if output_dict else loss
     positive_offset = 0
     if group is not None:  # gather
@@ -666,7 +671,7 @@ def sigmoid_contrastive_loss(
         positives = POSITIVES_DIAGONAL if image_ids is None else POSITIVES_IDS
     if triton_path:
         loss = _sigmoid_op(image_features, text_features, logit_scale, logit_bias, image_ids, text_ids, positives,
-                           positive_offset, n, with_image, with_text)[0]
+                           positive_offset, n, with_image, with_text, with_params)[0]
     else:
         loss = sigmoid_contrastive_loss_reference(
             image_features, text_features, logit_scale, logit_bias, image_group_ids=image_ids,

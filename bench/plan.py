@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import asdict
 
 from vlmcore.kernels._plan import OpPlan
+from vlmcore.kernels.sigmoid_contrastive import sigmoid_contrastive_plan as sigmoid_plan
 
 # Ceilings measured on one H100 80GB (ANCHORS.md, 2026-11-27).
 MATMUL_FLOPS_PER_S = 807e12
@@ -23,6 +24,7 @@ COPY_BYTES_PER_S = 3.0e12
 # op name -> (ANCHORS shapes, plan function taking one shape's keyword arguments).
 # One line per op; each op file owns its planning function.
 PLANNERS: dict[str, tuple[list[dict], Callable[..., OpPlan]]] = {}
+PLANNERS["sigmoid"] = ([dict(n=n, d=768, dtype="bf16") for n in (8192, 32768, 65536, 131072, 2**20)], sigmoid_plan)
 
 
 def plans(op: str | None = None) -> list[OpPlan]:

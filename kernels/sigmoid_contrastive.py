@@ -10,15 +10,18 @@ n the LOCAL batch (the rows of x). With ``G'_ij = sigmoid(l_ij) - [positive]`` (
 
 The loss is a scalar and G' depends on l alone, so the forward pass forms every gradient at once and
 backward only multiplies them by the incoming gradient: the minimum work, 6 n^2 d FLOPs (one logits
-pass, two gradient products), with no recomputation. Per window of R whole rows (at most
-``WINDOW_BYTES`` of G' in the input dtype, chosen by :func:`sigmoid_contrastive_plan`):
+pass, two gradient products), with no recomputation. The matrix is walked in windows of at most
+``WINDOW`` x ``WINDOW`` (rows x columns; G' of one window = 128 MiB in bf16), row windows outer,
+column windows inner, in a fixed order:
 
 1. ``_sigmoid_scores_kernel`` (a program per [BLOCK_M, BLOCK_N] tile of the window): the X tile in
    fp32, the softplus loss, G' stored once in the input dtype, and per-(column tile, row) partial
    sums of the loss, of G' X and of G' (fp32; each slot has one writer);
-2. ``_window_matmul_kernel`` ``dx[window] = (s/n) G' y`` (one product over the full reduction, one
-   rounding), and ``dy_acc += (s/n) G'^T x[window]`` into an fp32 ``[N, d]`` accumulator that only
-   this launch touches, windows in increasing order.
+2. ``_window_matmul_kernel`` twice: ``dx_win += (s/n) G' y[cols]`` into the fp32 ``[R, d]``
+   accumulator of the current row window (cast to the input dtype when its last column window is
+   done), and ``dy_acc[cols] += (s/n) G'^T x[rows]`` into the fp32 ``[N, d]`` text accumulator.
+   Square windows keep both reductions long (K = 8192), so the products are compute bound and the
+   fp32 accumulators' traffic stays ~1/4 of the G' traffic at any n.
 
 No float atomics and fixed reduction orders: reruns are bit-identical. Statistics are fp32 (a
 log1p that keeps its low bits for the many tiny negative-pair terms; sigmoid and G' from one
@@ -26,12 +29,14 @@ log1p that keeps its low bits for the many tiny negative-pair terms; sigmoid and
 (fp32 inputs: IEEE fp32). Offsets are int64. A side that needs no gradient (frozen tower, or no
 grad mode) skips its product; with no gradient at all G' is not even written.
 
-Extra memory beyond inputs and their gradients: the fp32 ``[N, d]`` text accumulator, one G' window
-and O(n) partials. Gradients are held from forward to backward (they are the input gradients).
+Extra memory beyond inputs and their gradients: the fp32 ``[N, d]`` text accumulator, the fp32
+``[R, d]`` image-window accumulator, one G' window and O(n) partials. The gradients are held from
+forward to backward (they are the input gradients).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -45,10 +50,8 @@ from ._plan import KernelLaunch, OpPlan
 from .contrastive import all_gather_with_grad
 from .reference import sigmoid_contrastive_loss_reference
 
-# The G' window: at most this many bytes of whole rows (at least one row tile). 256 MiB gives
-# 2048-row windows at N = 65536 in bf16: long enough reductions for the text product to be compute
-# bound on its fp32 accumulator (read + written once per window).
-WINDOW_BYTES = 256 * 2**20
+# Rows and columns of one G' window (a multiple of every tile below). 8192 x 8192 = 128 MiB in bf16.
+WINDOW = 8192
 # Positive pairs of a block: none (a remote rank's text block), the diagonal (offset), or equal ids.
 POSITIVES_NONE, POSITIVES_DIAGONAL, POSITIVES_IDS = 0, 1, 2
 DIST_IMPLS = ("ring", "gather")
@@ -77,14 +80,15 @@ _DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "b
 @triton.jit
 def _sigmoid_scores_kernel(
     p_x, p_y, p_sb, p_xid, p_yid, p_g, p_part,
-    row0, win_rows, n_cols, d, stride_x, stride_y, stride_g, positive_offset,
+    row0, win_rows, col0, win_cols, d, stride_x, stride_y, stride_g, positive_offset,
     POSITIVES: tl.constexpr, WRITE_G: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """One [BLOCK_M, BLOCK_N] tile of a window of rows ``[row0, row0 + win_rows)`` of x against y.
+    """One [BLOCK_M, BLOCK_N] tile of the window rows ``[row0, row0 + win_rows)`` x columns
+    ``[col0, col0 + win_cols)`` of x against y.
 
     x ``[m, d]``, y ``[N, d]`` (feature stride 1); sb fp32 ``[2]`` = (s, b); xid ``[m]`` / yid ``[N]``
-    int64 group ids (POSITIVES == 2). Writes G' = sigmoid(l) - [positive] to g ``[win_rows, N]``
+    int64 group ids (POSITIVES == 2). Writes G' = sigmoid(l) - [positive] to g ``[win_rows, win_cols]``
     (WRITE_G, input dtype) and row partials to part fp32 ``[3, n_col_tiles, win_rows]``:
     (sum softplus(-z l), sum G' X, sum G') over this tile's columns (the last two only with WRITE_G).
     """
@@ -94,8 +98,9 @@ def _sigmoid_scores_kernel(
     o_w = i_m * BLOCK_M + tl.arange(0, BLOCK_M)  # rows inside the window
     m_m = o_w < win_rows
     o_m = row0 + o_w  # rows of x
-    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_n = o_n < n_cols
+    o_c = i_n * BLOCK_N + tl.arange(0, BLOCK_N)  # columns inside the window
+    m_n = o_c < win_cols
+    o_n = col0 + o_c  # rows of y
     m_mn = m_m[:, None] & m_n[None, :]
     o_xm = o_m.to(tl.int64) * stride_x  # [BLOCK_M]
     o_yn = o_n.to(tl.int64) * stride_y  # [BLOCK_N]
@@ -131,7 +136,7 @@ def _sigmoid_scores_kernel(
         b_small = tl.where(b_l >= 0.0, b_u, 1.0)
         b_g = tl.where(m_pos, -b_small, b_big) / b_w  # sigmoid(l) - [positive], no cancellation
         b_g = tl.where(m_mn, b_g, 0.0)
-        p_gt = p_g + o_w.to(tl.int64)[:, None] * stride_g + o_n[None, :]
+        p_gt = p_g + o_w.to(tl.int64)[:, None] * stride_g + o_c[None, :]
         tl.store(p_gt, b_g.to(p_g.dtype.element_ty), mask=m_mn)
         tl.store(p_part + part_stride + o_part, tl.sum(b_g * b_x, 1), mask=m_m)
         tl.store(p_part + 2 * part_stride + o_part, tl.sum(b_g, 1), mask=m_m)
@@ -141,14 +146,13 @@ def _sigmoid_scores_kernel(
 def _window_matmul_kernel(
     p_a, p_b, p_c, p_alpha, M, N, K,
     stride_am, stride_ak, stride_bk, stride_bn, stride_cm,
-    ACCUMULATE: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """``C = alpha A B`` (or ``C += alpha A B`` with ACCUMULATE): one [BLOCK_M, BLOCK_N] tile of C.
+    """``C += alpha A B``: one [BLOCK_M, BLOCK_N] tile of the fp32 accumulator C.
 
-    A ``[M, K]`` and B ``[K, N]`` in the input dtype with any strides (G' or G'^T of a window, x or y);
-    C ``[M, N]`` row-major (fp32 accumulator, or the input dtype without ACCUMULATE); alpha fp32 ``[1]``.
-    The reduction runs in fp32 over the whole K in order; each C element has one writer.
+    A ``[M, K]`` and B ``[K, N]`` in the input dtype with any strides (G' or G'^T of a window, x or y
+    rows); C ``[M, N]`` fp32 row-major; alpha fp32 ``[1]``. The reduction runs in fp32 over the whole
+    K in order; each C element has one writer.
     """
     i_m = tl.program_id(0)
     i_n = tl.program_id(1)
@@ -165,12 +169,10 @@ def _window_matmul_kernel(
         b_a = tl.load(p_a + o_am[:, None] + o_k[None, :] * stride_ak, mask=m_m[:, None] & m_k[None, :], other=0.0)
         b_b = tl.load(p_b + o_k[:, None] * stride_bk + o_bn[None, :], mask=m_k[:, None] & m_n[None, :], other=0.0)
         b_acc = tl.dot(b_a, b_b, b_acc, input_precision=PRECISION)
-    b_acc = b_acc * tl.load(p_alpha)
     m_mn = m_m[:, None] & m_n[None, :]
     p_ct = p_c + o_m.to(tl.int64)[:, None] * stride_cm + o_n[None, :]
-    if ACCUMULATE:
-        b_acc += tl.load(p_ct, mask=m_mn, other=0.0)
-    tl.store(p_ct, b_acc.to(p_c.dtype.element_ty), mask=m_mn)
+    b_acc = b_acc * tl.load(p_alpha) + tl.load(p_ct, mask=m_mn, other=0.0)
+    tl.store(p_ct, b_acc, mask=m_mn)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -184,11 +186,52 @@ def _config_key(dtype: str, device: str) -> str:
     return "fp32" if dtype == "fp32" else "16bit"
 
 
-def _window_rows(m: int, n_cols: int, dtype: str, block_m: int) -> int:
-    """Rows per G' window: whole row tiles within ``WINDOW_BYTES``, at least one tile, at most m."""
-    budget_rows = WINDOW_BYTES // max(n_cols * _DTYPE_BYTES[dtype], 1)
-    rows = max(block_m, budget_rows // block_m * block_m)
-    return min(rows, m)
+def _windows(size: int) -> list[tuple[int, int]]:
+    """``(start, length)`` of the windows of ``size`` rows (or columns), ``WINDOW`` each, the last shorter."""
+    return [(start, min(WINDOW, size - start)) for start in range(0, size, WINDOW)]
+
+
+def _window_steps(n: int, n_cols: int, d: int, dtype: str, with_image: bool, with_text: bool, with_params: bool,
+                  device: str):
+    """Every window pair in launch order: ``(row0, win_rows, col0, win_cols, launches)``.
+
+    ``launches`` are the :class:`KernelLaunch` of that window (scores, then the image product, then
+    the text product, each only when needed), with the grids and configs the launcher uses.
+    """
+    elem = _DTYPE_BYTES[dtype]
+    key = _config_key(dtype, device)
+    scores_cfg, mm_cfg = _SCORES_CONFIG[key], _MATMUL_CONFIG[key]
+    bm, bn, bd = scores_cfg["BLOCK_M"], scores_cfg["BLOCK_N"], scores_cfg["BLOCK_D"]
+    mbm, mbn, mbk = mm_cfg["BLOCK_M"], mm_cfg["BLOCK_N"], mm_cfg["BLOCK_K"]
+    with_grad = with_image or with_text or with_params
+    d_pad = triton.cdiv(d, bd) * bd
+
+    def product(rows: int, k: int, side: str, hbm_bytes: int) -> KernelLaunch:
+        grid = (triton.cdiv(rows, mbm), triton.cdiv(d, mbn))
+        k_steps = triton.cdiv(k, mbk)
+        return KernelLaunch(
+            kernel="_window_matmul_kernel", grid=grid, config={**mm_cfg, "side": side},
+            tiles=grid[0] * grid[1] * k_steps, executed_flops=2 * grid[0] * mbm * grid[1] * mbn * k_steps * mbk,
+            useful_flops=2 * rows * k * d, hbm_bytes=hbm_bytes)
+
+    for row0, win_rows in _windows(n):
+        for col0, win_cols in _windows(n_cols):
+            grid = (triton.cdiv(win_rows, bm), triton.cdiv(win_cols, bn))
+            g_bytes = win_rows * win_cols * elem
+            launches = [KernelLaunch(
+                kernel="_sigmoid_scores_kernel", grid=grid,
+                config={**scores_cfg, "WRITE_G": with_grad, "window": (win_rows, win_cols)},
+                tiles=grid[0] * grid[1] * triton.cdiv(d, bd),
+                executed_flops=2 * grid[0] * bm * grid[1] * bn * d_pad, useful_flops=2 * win_rows * win_cols * d,
+                hbm_bytes=(win_rows + win_cols) * d * elem + (g_bytes if with_grad else 0)
+                + 3 * grid[1] * win_rows * 4)]
+            if with_image:  # dx_win += alpha G' y[cols]: [R, C] x [C, d]
+                launches.append(product(win_rows, win_cols, "image",
+                                        g_bytes + win_cols * d * elem + 2 * win_rows * d * 4))
+            if with_text:  # dy_acc[cols] += alpha G'^T x[rows]: [C, R] x [R, d]
+                launches.append(product(win_cols, win_rows, "text",
+                                        g_bytes + win_rows * d * elem + 2 * win_cols * d * 4))
+            yield row0, win_rows, col0, win_cols, launches
 
 
 def sigmoid_contrastive_plan(n: int, d: int, dtype: str = "bf16", n_cols: int | None = None,
@@ -203,69 +246,43 @@ def sigmoid_contrastive_plan(n: int, d: int, dtype: str = "bf16", n_cols: int | 
         with_params: whether the logit scale / bias gradients are formed (they need G' too).
         device: ``"cuda"`` (the sm_90 preferred configs) or ``"interpreter"`` (the CPU test tiles).
 
-    The launchers call this to get their window size, grids and configs. FLOPs count the tensor-core
-    work (tile padding included in ``executed_flops``); HBM bytes model each window as: x window and
-    all of y read once by the scores kernel (its column tiles are the slow grid axis, so a y tile
-    stays in L2 while all row tiles of the window use it), G' written once and read once per
-    product, the products' other operand read once, the fp32 text accumulator read and written
-    once per window. Backward launches nothing but the scaling of the saved gradients.
+    The launcher walks the same :func:`_window_steps`. Launches are in launch order, consecutive
+    identical window pairs merged with ``count``. FLOPs count the tensor-core work (tile padding in
+    ``executed_flops``). HBM bytes model a window as: its x rows and y rows read once by the scores
+    kernel (its column tiles are the slow grid axis, so a y tile stays in L2 while all row tiles of
+    the window use it), G' written once and read once per product, the products' other operand read
+    once, their fp32 accumulator tiles read and written once. Backward launches nothing but the
+    scaling of the saved gradients (not counted).
     """
     n_cols = n if n_cols is None else n_cols
     if dtype not in _DTYPE_BYTES:
         raise ValueError(f"dtype must be one of {sorted(_DTYPE_BYTES)}, got {dtype!r}")
     elem = _DTYPE_BYTES[dtype]
-    key = _config_key(dtype, device)
-    scores_cfg, mm_cfg = _SCORES_CONFIG[key], _MATMUL_CONFIG[key]
-    bm, bn, bd = scores_cfg["BLOCK_M"], scores_cfg["BLOCK_N"], scores_cfg["BLOCK_D"]
-    mbm, mbn, mbk = mm_cfg["BLOCK_M"], mm_cfg["BLOCK_N"], mm_cfg["BLOCK_K"]
-    rows = _window_rows(n, n_cols, dtype, bm)
-    windows = [(start, min(rows, n - start)) for start in range(0, n, rows)]
-    with_grad = with_image or with_text or with_params
-    d_pad = triton.cdiv(d, bd) * bd
+    steps = [tuple(step[4]) for step in _window_steps(n, n_cols, d, dtype, with_image, with_text, with_params,
+                                                       device)]
     launches: list[KernelLaunch] = []
-    # identical full windows share one launch entry; the last, shorter window gets its own
-    sizes: dict[int, int] = {}
-    for _, win in windows:
-        sizes[win] = sizes.get(win, 0) + 1
-    for win, count in sizes.items():
-        grid = (triton.cdiv(win, bm), triton.cdiv(n_cols, bn))
-        launches.append(KernelLaunch(
-            kernel="_sigmoid_scores_kernel", grid=grid,
-            config={**scores_cfg, "WRITE_G": with_grad, "window_rows": win},
-            tiles=grid[0] * grid[1] * triton.cdiv(d, bd),
-            executed_flops=2 * grid[0] * bm * grid[1] * bn * d_pad, useful_flops=2 * win * n_cols * d,
-            hbm_bytes=(win + n_cols) * d * elem + (win * n_cols * elem if with_grad else 0)
-            + 3 * grid[1] * win * 4,
-            count=count))
-        if with_image:  # dx[window] = alpha G' y: [win, N] x [N, d]
-            mgrid = (triton.cdiv(win, mbm), triton.cdiv(d, mbn))
-            launches.append(KernelLaunch(
-                kernel="_window_matmul_kernel", grid=mgrid, config={**mm_cfg, "ACCUMULATE": False, "side": "image"},
-                tiles=mgrid[0] * mgrid[1] * triton.cdiv(n_cols, mbk),
-                executed_flops=2 * mgrid[0] * mbm * mgrid[1] * mbn * triton.cdiv(n_cols, mbk) * mbk,
-                useful_flops=2 * win * n_cols * d,
-                hbm_bytes=win * n_cols * elem + n_cols * d * elem + win * d * elem, count=count))
-        if with_text:  # dy_acc += alpha G'^T x[window]: [N, win] x [win, d]
-            mgrid = (triton.cdiv(n_cols, mbm), triton.cdiv(d, mbn))
-            launches.append(KernelLaunch(
-                kernel="_window_matmul_kernel", grid=mgrid, config={**mm_cfg, "ACCUMULATE": True, "side": "text"},
-                tiles=mgrid[0] * mgrid[1] * triton.cdiv(win, mbk),
-                executed_flops=2 * mgrid[0] * mbm * mgrid[1] * mbn * triton.cdiv(win, mbk) * mbk,
-                useful_flops=2 * win * n_cols * d,
-                hbm_bytes=win * n_cols * elem + win * d * elem + 2 * n_cols * d * 4, count=count))
+    start = 0
+    while start < len(steps):  # run-length merge of identical consecutive window pairs
+        end = start
+        while end < len(steps) and steps[end] == steps[start]:
+            end += 1
+        launches += [dataclasses.replace(launch, count=end - start) for launch in steps[start]]
+        start = end
+    with_grad = with_image or with_text or with_params
     products = int(with_image) + int(with_text)
     floor_flops = 2 * n * n_cols * d * (1 + products)
     grads_bytes = (n * d * elem if with_image else 0) + (n_cols * d * elem if with_text else 0)
     floor_bytes = (n + n_cols) * d * elem + grads_bytes
-    window_bytes = rows * n_cols * elem if with_grad else 0
-    partial_bytes = 3 * triton.cdiv(n_cols, bn) * rows * 4
-    peak_extra = window_bytes + partial_bytes + (n_cols * d * 4 if with_text else 0)
-    notes = [f"G' window {rows} rows x {n_cols} cols ({window_bytes / 2**20:.0f} MiB), {len(windows)} windows",
-             f"fp32 text-gradient accumulator {n_cols * d * 4 / 2**20:.0f} MiB" if with_text else "text frozen",
+    rows, cols = min(WINDOW, n), min(WINDOW, n_cols)
+    window_bytes = rows * cols * elem if with_grad else 0
+    partial_bytes = 3 * triton.cdiv(cols, _SCORES_CONFIG[_config_key(dtype, device)]["BLOCK_N"]) * rows * 4
+    accumulators = (n_cols * d * 4 if with_text else 0) + (rows * d * 4 if with_image else 0)
+    notes = [f"G' windows of {rows} x {cols} ({window_bytes / 2**20:.0f} MiB), {len(steps)} windows",
+             f"fp32 accumulators {accumulators / 2**20:.0f} MiB (text [N, d], image window [R, d])",
              "backward: only scales the saved gradients by the incoming gradient (no launch counted)"]
-    return OpPlan(op="sigmoid", shape={"n": n, "d": d, "dtype": dtype, **({"n_cols": n_cols} if n_cols != n else {})},
-                  mode="fwd_bwd", launches=launches, floor_flops=floor_flops, floor_bytes=floor_bytes,
-                  peak_extra_bytes=peak_extra, notes=notes)
+    shape = {"n": n, "d": d, "dtype": dtype, **({"n_cols": n_cols} if n_cols != n else {})}
+    return OpPlan(op="sigmoid", shape=shape, mode="fwd_bwd", launches=launches, floor_flops=floor_flops,
+                  floor_bytes=floor_bytes, peak_extra_bytes=window_bytes + partial_bytes + accumulators, notes=notes)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -300,9 +317,6 @@ def _block_forward(x: torch.Tensor, y: torch.Tensor, scale_bias: torch.Tensor, x
     n_cols = y.shape[0]
     dtype = _DTYPE_NAMES[x.dtype]
     device = "interpreter" if interpreter_enabled() else "cuda"
-    plan = sigmoid_contrastive_plan(m, d, dtype, n_cols, with_x, with_y, with_params, device)
-    scores = [launch for launch in plan.launches if launch.kernel == "_sigmoid_scores_kernel"]
-    rows = scores[0].config["window_rows"]
     key = _config_key(dtype, device)
     scores_cfg, mm_cfg = _SCORES_CONFIG[key], _MATMUL_CONFIG[key]
     with_grad = with_x or with_y or with_params
@@ -311,31 +325,35 @@ def _block_forward(x: torch.Tensor, y: torch.Tensor, scale_bias: torch.Tensor, x
     alpha = (scale_bias[:1] / norm).contiguous()  # s / n: dx = alpha G' y, dy = alpha G'^T x
     dx = torch.empty_like(x) if with_x else None
     dy_acc = torch.zeros((n_cols, d), **f32) if with_y else None
-    n_windows = triton.cdiv(m, rows)
-    totals = torch.empty((n_windows, 3), **f32)
-    n_col_tiles = triton.cdiv(n_cols, scores_cfg["BLOCK_N"])
-    g = torch.empty((rows, n_cols), device=x.device, dtype=x.dtype) if with_grad else totals
+    steps = list(_window_steps(m, n_cols, d, dtype, with_x, with_y, with_params, device))
+    totals = torch.empty((len(steps), 3), **f32)
+    rows, cols = min(WINDOW, m), min(WINDOW, n_cols)
+    g = torch.empty((rows, cols), device=x.device, dtype=x.dtype) if with_grad else totals
+    dx_win = torch.empty((rows, d), **f32) if with_x else totals
     x_ids = x_ids if x_ids is not None else totals  # stand-in pointers are never read
     y_ids = y_ids if y_ids is not None else totals
-    for i_w, row0 in enumerate(range(0, m, rows)):
-        win = min(rows, m - row0)
-        part = torch.empty((3, n_col_tiles, win), **f32)
+    for i_step, (row0, win_rows, col0, win_cols, launches) in enumerate(steps):
+        scores, *products = launches
+        if with_x and col0 == 0:
+            dx_win.zero_()
+        part = torch.empty((3, scores.grid[1], win_rows), **f32)
         if not with_grad:
             part[1:].zero_()  # the kernel writes only the loss partials
-        _launch(_sigmoid_scores_kernel, (triton.cdiv(win, scores_cfg["BLOCK_M"]), n_col_tiles),
-                (x, y, scale_bias, x_ids, y_ids, g, part, row0, win, n_cols, d, x.stride(0), y.stride(0),
-                 n_cols, positive_offset),
+        _launch(_sigmoid_scores_kernel, scores.grid,
+                (x, y, scale_bias, x_ids, y_ids, g, part, row0, win_rows, col0, win_cols, d, x.stride(0),
+                 y.stride(0), win_cols, positive_offset),
                 scores_cfg, POSITIVES=positives, WRITE_G=with_grad, PRECISION=precision)
-        totals[i_w] = part.sum(dim=(1, 2))
-        x_win = x[row0:row0 + win]
-        if with_x:  # dx[window] = alpha G' y ([win, N] x [N, d]), written once
-            _launch(_window_matmul_kernel, (triton.cdiv(win, mm_cfg["BLOCK_M"]), triton.cdiv(d, mm_cfg["BLOCK_N"])),
-                    (g, y, dx[row0:row0 + win], alpha, win, d, n_cols, n_cols, 1, y.stride(0), 1, dx.stride(0)),
-                    mm_cfg, ACCUMULATE=False, PRECISION=precision)
-        if with_y:  # dy_acc += alpha G'^T x[window] ([N, win] x [win, d]), windows in order
-            _launch(_window_matmul_kernel, (triton.cdiv(n_cols, mm_cfg["BLOCK_M"]), triton.cdiv(d, mm_cfg["BLOCK_N"])),
-                    (g, x_win, dy_acc, alpha, n_cols, d, win, 1, n_cols, x.stride(0), 1, dy_acc.stride(0)),
-                    mm_cfg, ACCUMULATE=True, PRECISION=precision)
+        totals[i_step] = part.sum(dim=(1, 2))
+        for launch in products:
+            if launch.config["side"] == "image":  # dx_win += alpha G' y[cols] ([R, C] x [C, d])
+                args = (g, y[col0:col0 + win_cols], dx_win, alpha, win_rows, d, win_cols,
+                        win_cols, 1, y.stride(0), 1, dx_win.stride(0))
+            else:  # dy_acc[cols] += alpha G'^T x[rows] ([C, R] x [R, d])
+                args = (g, x[row0:row0 + win_rows], dy_acc[col0:col0 + win_cols], alpha, win_cols, d, win_rows,
+                        1, win_cols, x.stride(0), 1, dy_acc.stride(0))
+            _launch(_window_matmul_kernel, launch.grid, args, mm_cfg, PRECISION=precision)
+        if with_x and col0 + win_cols == n_cols:  # this row window is complete: one rounding
+            dx[row0:row0 + win_rows] = dx_win[:win_rows]
     loss, sum_gx, sum_g = (totals.sum(0) / norm).unbind(0)
     dy = dy_acc.to(y.dtype) if with_y else None
     return loss, dx, dy, sum_gx, sum_g

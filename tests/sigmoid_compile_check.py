@@ -25,22 +25,20 @@ from triton.compiler import ASTSource  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-DIVISIBLE = {"row0", "win_rows", "n_cols", "d", "stride_x", "stride_y", "stride_g", "M", "N", "K",
+DIVISIBLE = {"row0", "win_rows", "col0", "win_cols", "d", "stride_x", "stride_y", "stride_g", "M", "N", "K",
              "stride_am", "stride_ak", "stride_bk", "stride_bn", "stride_cm"}
 INTS = DIVISIBLE | {"positive_offset"}
 # strides that are 1 in a launch (the transposed operand of a product): typed i32, not divisible
 UNIT_STRIDES = {("text", "stride_am"), ("text", "stride_bn"), ("image", "stride_ak"), ("image", "stride_bn")}
 
 
-def _types(fn, dtype: str, accumulate: bool) -> dict[str, str]:
+def _types(fn, dtype: str) -> dict[str, str]:
     types = {}
     for name in fn.arg_names:
         if name in INTS:
             types[name] = "i32"
         elif name in ("p_x", "p_y", "p_g", "p_a", "p_b"):
             types[name] = f"*{dtype}"
-        elif name == "p_c":
-            types[name] = "*fp32" if accumulate else f"*{dtype}"
         elif name in ("p_xid", "p_yid"):
             types[name] = "*i64"
         elif name.startswith("p_"):
@@ -49,7 +47,7 @@ def _types(fn, dtype: str, accumulate: bool) -> dict[str, str]:
 
 
 def compile_variant(fn, dtype: str, constexprs: dict, num_warps: int, num_stages: int, side: str = "") -> dict:
-    types = _types(fn, dtype, constexprs.get("ACCUMULATE", False))
+    types = _types(fn, dtype)
     signature = {name: ("constexpr" if name in constexprs else types[name]) for name in fn.arg_names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
              if name not in constexprs and (types[name].startswith("*") or name in DIVISIBLE)
@@ -86,8 +84,8 @@ def variants():
                        cfg["num_warps"], cfg["num_stages"], "")
         cfg = module._MATMUL_CONFIG[key]
         blocks = {k: v for k, v in cfg.items() if k.startswith("BLOCK_")}
-        for accumulate, side in ((False, "image"), (True, "text")):
-            yield (module._window_matmul_kernel, dtype, dict(ACCUMULATE=accumulate, PRECISION=precision, **blocks),
+        for side in ("image", "text"):
+            yield (module._window_matmul_kernel, dtype, dict(PRECISION=precision, **blocks),
                    cfg["num_warps"], cfg["num_stages"], side)
 
 

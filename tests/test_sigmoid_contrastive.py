@@ -79,10 +79,10 @@ def test_matches_reference(dtype, n, d, scale, bias, device, nan_poisoned_empty)
 
 def test_several_windows(device, nan_poisoned_empty, monkeypatch):
     """G' windows smaller than the batch: rows split over windows, the text gradient summed over them."""
-    monkeypatch.setattr(module, "WINDOW_BYTES", 32 * 70 * 4)  # 32-row windows at 70 fp32 columns
+    monkeypatch.setattr(module, "WINDOW", 32)  # 3 x 3 windows of at most 32 x 32
     image, text = _features(70, 48, torch.float32, device)
     plan = module.sigmoid_contrastive_plan(70, 48, "fp32", device="interpreter" if device.type == "cpu" else "cuda")
-    assert sum(launch.count for launch in plan.launches if launch.kernel == "_sigmoid_scores_kernel") > 1
+    assert sum(launch.count for launch in plan.launches if launch.kernel == "_sigmoid_scores_kernel") == 9
     _check(image, text, torch.tensor(10.0, device=device), torch.tensor(-10.0, device=device))
 
 
@@ -98,15 +98,17 @@ def test_frozen_towers_skip_their_product(device, nan_poisoned_empty, monkeypatc
     real_launch = module._launch
 
     def spy(kernel, grid, args, config, **constexprs):
-        launched.append((kernel.__name__, constexprs.get("ACCUMULATE")))
+        # the image product reads G' row-major (stride_am = window columns), the text one transposed (1)
+        side = ("image" if args[7] != 1 else "text") if kernel.__name__ == "_window_matmul_kernel" else None
+        launched.append((kernel.__name__, side))
         real_launch(kernel, grid, args, config, **constexprs)
 
     monkeypatch.setattr(module, "_launch", spy)
     image, text = _features(37, 16, torch.float32, device)
     got = _check(image, text, torch.tensor(10.0, device=device), torch.tensor(-10.0, device=device), need=need)
     assert (got[1] is None) == (not need[0]) and (got[2] is None) == (not need[1])
-    assert (("_window_matmul_kernel", False) in launched) == need[0]  # image product
-    assert (("_window_matmul_kernel", True) in launched) == need[1]  # text accumulation
+    assert (("_window_matmul_kernel", "image") in launched) == need[0]
+    assert (("_window_matmul_kernel", "text") in launched) == need[1]
 
 
 def test_no_grad_forward_writes_no_gradient_window(device, monkeypatch):
@@ -187,7 +189,7 @@ def test_gradient_scaled_by_the_incoming_gradient(device):
 
 def test_plan_matches_the_launches(device, monkeypatch):
     """The launchers run exactly the grids of :func:`sigmoid_contrastive_plan` (the same function)."""
-    monkeypatch.setattr(module, "WINDOW_BYTES", 32 * 70 * 4)
+    monkeypatch.setattr(module, "WINDOW", 32)
     launched = []
     real_launch = module._launch
 

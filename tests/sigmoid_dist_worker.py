@@ -7,7 +7,8 @@ each (backend, dist_impl, group ids, frozen text) case of :data:`CASES` runs the
 loss forward + backward with ``group=WORLD``, the loss multiplied by a rank-dependent factor (so the
 test sees that each rank's own incoming gradient scales the partials it sends home). Features live
 on CUDA when present (gloo moves CUDA tensors through the host), else on CPU with the kernels in the
-Triton interpreter. Saves ``{case: {loss, d_image, d_text, d_logit_scale, d_logit_bias}}``.
+Triton interpreter. Saves ``{case: {loss, d_image, d_text, d_logit_scale, d_logit_bias}}`` and, under
+``"ring_events"``, the order of the ring's posts, scores and waits (:func:`ring_events`).
 """
 
 from __future__ import annotations
@@ -43,6 +44,41 @@ def global_batch(world: int):
     return image, text, ids, torch.tensor(SCALE), torch.tensor(BIAS)
 
 
+def ring_events(image, text, scale, bias) -> list[str]:
+    """The order of the ring's forward: exchange posted, block scored, exchange waited on."""
+    import vlmcore.kernels.sigmoid_contrastive as module
+    from vlmcore.kernels import backend, sigmoid_contrastive_loss
+
+    events = []
+    real_exchange, real_block = module._exchange, module._triton_block
+
+    class Logged:
+        def __init__(self, request):
+            self.request = request
+
+        def wait(self):
+            events.append("wait")
+            return self.request.wait()
+
+    def exchange(*args):
+        received, requests = real_exchange(*args)
+        events.append("post")
+        return received, [Logged(r) for r in requests]
+
+    def block(*args):
+        events.append("score")
+        return real_block(*args)
+
+    module._exchange, module._triton_block = exchange, block
+    try:
+        with backend("triton"):
+            sigmoid_contrastive_loss(image.requires_grad_(), text.requires_grad_(), scale, bias,
+                                     group=dist.group.WORLD, dist_impl="ring").backward()
+    finally:
+        module._exchange, module._triton_block = real_exchange, real_block
+    return events
+
+
 def main(rank: int, world: int, init_file: str, out_file: str) -> None:
     from vlmcore.kernels import backend, sigmoid_contrastive_loss
 
@@ -62,6 +98,7 @@ def main(rank: int, world: int, init_file: str, out_file: str) -> None:
         results[case] = {key: (None if value is None else value.detach().cpu()) for key, value in (
             ("loss", loss), ("d_image", leaves[0].grad), ("d_text", leaves[1].grad),
             ("d_logit_scale", leaves[2].grad), ("d_logit_bias", leaves[3].grad))}
+    results["ring_events"] = ring_events(image[rows], text[rows], scale, bias)
     torch.save(results, out_file)
     dist.barrier()
     dist.destroy_process_group()

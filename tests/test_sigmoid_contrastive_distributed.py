@@ -83,3 +83,13 @@ def test_rank_mean_is_the_one_process_loss():
         kwargs = {"image_group_ids": ids, "text_group_ids": ids} if with_ids else {}
         full = sigmoid_contrastive_loss_reference(image, text, scale, bias, **kwargs)
         assert_close(torch.stack(losses).mean(), full, atol=1e-6, rtol=1e-6, name="rank-mean loss")
+
+
+@pytest.mark.distributed
+def test_ring_posts_the_exchange_before_scoring(rank_results):
+    """Forward: the next block's isend/irecv is posted, THEN the current block is scored, then waited
+    on (W - 1 times), then the last block is scored; backward: one exchange per remote partial."""
+    for results in rank_results:
+        forward = ["post", "score", "wait", "wait"] * (WORLD - 1) + ["score"]
+        backward = ["post", "wait", "wait"] * (WORLD - 1)
+        assert results["ring_events"] == forward + backward

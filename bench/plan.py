@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import asdict
 
 from vlmcore.kernels._plan import OpPlan
+from vlmcore.kernels.sigmoid_contrastive import sigmoid_contrastive_plan as sigmoid_plan
 
 from . import contrastive
 
@@ -26,6 +27,7 @@ COPY_BYTES_PER_S = 3.0e12
 # One line per op; each op file owns its planning function.
 PLANNERS: dict[str, tuple[list[dict], Callable[..., OpPlan]]] = {
     "contrastive": (contrastive.PLAN_SHAPES, contrastive.plan),
+    "sigmoid": ([dict(n=n, d=768, dtype="bf16") for n in (8192, 32768, 65536, 131072, 2**20)], sigmoid_plan),
 }
 
 

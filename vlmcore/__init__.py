@@ -16,7 +16,7 @@ from vlmcore.clip import CLIP, TextTransformer, retrieval_metrics, zero_shot_cla
 from vlmcore.cross_attention import GatedCrossAttentionBlock, MaskedCrossAttention
 from vlmcore.flamingo import Flamingo, find_decoder_layers
 from vlmcore.frozen import FrozenPrefix
-from vlmcore.losses import ContrastiveLoss
+from vlmcore.losses import ContrastiveLoss, SigLIPLoss
 from vlmcore.resampler import PerceiverAttention, PerceiverResampler
 from vlmcore.vision import (
     HFVisionAdapter,
@@ -39,6 +39,7 @@ __all__ = [
     "OpenCLIPVisionAdapter",
     "PerceiverAttention",
     "PerceiverResampler",
+    "SigLIPLoss",
     "TextTransformer",
     "TimmViTAdapter",
     "VisionTransformer",

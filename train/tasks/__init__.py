@@ -16,6 +16,7 @@ REGISTRY: dict[str, str | type[Task]] = {
     "clip": ".clip:ClipTask",
     "flamingo": ".flamingo:FlamingoTask",
     "frozen": ".frozen:FrozenTask",
+    "siglip": ".siglip:SiglipTask",
 }
 
 

@@ -290,3 +290,20 @@ def test_bad_inputs_name_the_argument():
         tiny_config(v_biattention_id=[0])
     with pytest.raises(ValueError, match="bi_hidden_size=31 is not divisible"):
         tiny_config(bi_hidden_size=31)
+
+
+def test_benchmark_sdpa_provider_matches_the_fused_attention():
+    """The SDPA peer of ``python -m vlmcore.bench vilbert`` computes the same block (so its timings compare)."""
+    from vlmcore.bench import vilbert as bench
+
+    from vlmcore.vilbert import attend
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 5, 32), torch.randn(2, 7, 32), torch.randn(2, 7, 32)
+    mask = torch.ones(2, 7, dtype=torch.bool)
+    mask[0, -3:] = False
+    with K.backend("triton"):
+        fused = attend(q, k, v, mask, 2)
+    assert_close(bench.sdpa_attend(q, k, v, mask, 2), fused, name="sdpa vs fused")
+    flops, nbytes = bench.floors(512, 36, 36, 1024, 768, 1024, 8, 1024, 3072, 2)
+    assert flops["fwd_bwd"] == 3 * flops["fwd"] > 0 and nbytes["fwd_bwd"] > nbytes["fwd"] > 0

@@ -162,6 +162,8 @@ class CoAttentionLayer(nn.Module):
                  t_intermediate: int, dropout: float, eps: float):
         super().__init__()
         self.heads = bi_heads
+        # The fused op; benchmarks swap in another attention with attend()'s signature.
+        self.attention = attend
         self.v_query, self.v_key, self.v_value = (nn.Linear(v_width, bi_width) for _ in range(3))
         self.t_query, self.t_key, self.t_value = (nn.Linear(t_width, bi_width) for _ in range(3))
         self.v_attn_output = nn.Linear(bi_width, v_width)
@@ -175,8 +177,9 @@ class CoAttentionLayer(nn.Module):
     def forward(self, visual: torch.Tensor, visual_mask: torch.Tensor | None, text: torch.Tensor,
                 text_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         # Regions read the text; text reads the regions.
-        v_context = attend(self.v_query(visual), self.t_key(text), self.t_value(text), text_mask, self.heads)
-        t_context = attend(self.t_query(text), self.v_key(visual), self.v_value(visual), visual_mask, self.heads)
+        v_context = self.attention(self.v_query(visual), self.t_key(text), self.t_value(text), text_mask, self.heads)
+        t_context = self.attention(self.t_query(text), self.v_key(visual), self.v_value(visual), visual_mask,
+                                   self.heads)
         visual = self.v_attn_norm(visual + self.dropout(self.v_attn_output(v_context)))
         text = self.t_attn_norm(text + self.dropout(self.t_attn_output(t_context)))
         return self.v_ffn(visual), self.t_ffn(text)

@@ -37,7 +37,8 @@ import torch
 from PIL import Image
 
 from .data import BadSample
-from .shapes import CLASSNAMES, COLOURS, SHAPES, ShardWriter, draw_shape
+from .shapes import _CAPTIONS, CLASSNAMES, COLOURS, SHAPES, ShardWriter, draw_shape
+from .tokenizer import train_word_tokenizer
 
 NUM_REGION_CLASSES = len(CLASSNAMES) + 1  # the shapes classes + background
 BACKGROUND_CLASS = len(CLASSNAMES)
@@ -157,7 +158,8 @@ def make_region_shapes(out_dir: str, n_train: int, n_eval: int = 240, image_size
                        regions_per_image: tuple[int, int] = (4, 9), shard_size: int = 1000, seed: int = 0) -> dict:
     """Write ``regions-train-*.tar`` / ``regions-eval-*.tar`` (``KEY.npz``, ``KEY.txt``, ``KEY.json``)
     into ``out_dir``: the shapes images (train / held-out variations, see :mod:`vlmcore.train.shapes`)
-    as detector-style region features. Returns the summary also written to ``regions.json`` (last,
+    as detector-style region features, plus ``captions.txt`` and a word-level ``tokenizer.json``
+    trained on it. Returns the summary also written to ``regions.json`` (last,
     so its presence marks a complete set)."""
     for name, v in (("n_train", n_train), ("n_eval", n_eval), ("feature_dim", feature_dim),
                     ("shard_size", shard_size)):
@@ -171,6 +173,7 @@ def make_region_shapes(out_dir: str, n_train: int, n_eval: int = 240, image_size
     rng = random.Random(seed)
     project = CropProjector(feature_dim, seed=seed + 1234)
     classes = [(s, c) for s in SHAPES for c in COLOURS]
+    captions = []
     for split, n in (("train", n_train), ("eval", n_eval)):
         writer = ShardWriter(out_dir, f"regions-{split}", shard_size)
         for i in range(n):
@@ -187,11 +190,18 @@ def make_region_shapes(out_dir: str, n_train: int, n_eval: int = 240, image_size
                 probs[r, label] += 0.99 * covered
                 probs[r, BACKGROUND_CLASS] += 0.99 * (1 - covered)
             features = np.stack([project(img, tuple(box)) for box in boxes])
-            caption = f"a {colour} {shape}"
+            if split == "eval":
+                caption = f"a {colour} {shape}"
+            else:
+                caption = rng.choice(_CAPTIONS).format(colour=colour, shape=shape, size=p["size"], bg=p["bg"])
+            captions.append(caption)
             meta = {"shape": shape, "colour": colour, "label": label}
             writer.write(f"{split}{i:07d}", {"npz": npz_bytes(features, boxes, image_size, image_size, probs),
                                               "txt": caption.encode(), "json": json.dumps(meta).encode()})
         writer.close()
+    with open(os.path.join(out_dir, "captions.txt"), "w", encoding="utf-8") as f:
+        f.write("\n".join(captions) + "\n")
+    train_word_tokenizer(os.path.join(out_dir, "captions.txt"), os.path.join(out_dir, "tokenizer.json"))
     summary = {"n_train": n_train, "n_eval": n_eval, "image_size": image_size, "feature_dim": feature_dim,
                "num_classes": NUM_REGION_CLASSES, "regions_per_image": [low, high], "seed": seed,
                "seconds": round(time.time() - start, 2)}

@@ -16,6 +16,8 @@ REGISTRY: dict[str, str | type[Task]] = {
     "clip": ".clip:ClipTask",
     "flamingo": ".flamingo:FlamingoTask",
     "frozen": ".frozen:FrozenTask",
+    "vilbert": ".vilbert:VilbertTask",
+    "vlbert": ".vlbert:VlbertTask",
 }
 
 

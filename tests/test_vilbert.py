@@ -307,3 +307,15 @@ def test_benchmark_sdpa_provider_matches_the_fused_attention():
     assert_close(bench.sdpa_attend(q, k, v, mask, 2), fused, name="sdpa vs fused")
     flops, nbytes = bench.floors(512, 36, 36, 1024, 768, 1024, 8, 1024, 3072, 2)
     assert flops["fwd_bwd"] == 3 * flops["fwd"] > 0 and nbytes["fwd_bwd"] > nbytes["fwd"] > 0
+
+
+def test_pooler_activation_option():
+    ids, feats, boxes, mask, region_mask = _region_inputs()
+    torch.manual_seed(0)
+    relu = ViLBERT(tiny_config())(ids, feats, boxes, mask, region_mask)
+    assert (relu["pooled_text"] >= 0).all()
+    torch.manual_seed(0)
+    tanh = ViLBERT(tiny_config(pooler_activation="tanh"))(ids, feats, boxes, mask, region_mask)
+    assert (tanh["pooled_text"] < 0).any() and (tanh["pooled_text"].abs() < 1).all()
+    with pytest.raises(ValueError, match="pooler_activation must be one of"):
+        tiny_config(pooler_activation="gelu")

@@ -64,6 +64,7 @@ class RegionBertConfig:
     v_target_size: int = NUM_REGION_CLASSES
     max_regions: int = 16
     hidden_dropout_prob: float = 0.1
+    pooler_activation: str = "relu"
     mlm_probability: float = 0.15
     region_mask_probability: float = 0.15
     mismatch_probability: float = 0.5
@@ -84,7 +85,8 @@ class RegionBertConfig:
         sizes = {k: getattr(self, k) for k in (
             "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "v_feature_size",
             "v_hidden_size", "v_num_hidden_layers", "v_num_attention_heads", "v_intermediate_size",
-            "bi_hidden_size", "bi_num_attention_heads", "v_target_size", "max_regions", "hidden_dropout_prob")}
+            "bi_hidden_size", "bi_num_attention_heads", "v_target_size", "max_regions", "hidden_dropout_prob",
+            "pooler_activation")}
         return vlmcore.ViLBERTConfig(vocab_size=vocab_size, max_position_embeddings=max_positions,
                                      v_biattention_id=list(self.v_biattention_id),
                                      t_biattention_id=list(self.t_biattention_id), pad_token_id=pad_token_id,

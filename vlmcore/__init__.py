@@ -8,7 +8,8 @@ Modules (``nn.Module``) built on the ops of :mod:`vlmcore.kernels`; the trainer 
 - Vision: :class:`VisionTransformer` and adapters (:class:`OpenCLIPVisionAdapter`,
   :class:`TimmViTAdapter`, :class:`HFVisionAdapter`).
 - Models: :class:`Flamingo`, :class:`CLIP` (+ :func:`zero_shot_classifier`,
-  :func:`zero_shot_predict`, :func:`retrieval_metrics`), :class:`FrozenPrefix`.
+  :func:`zero_shot_predict`, :func:`retrieval_metrics`), :class:`FrozenPrefix`,
+  :class:`ViLBERT` and :class:`VLBERT` (region features, :mod:`vlmcore.vilbert`).
 """
 
 from vlmcore import kernels
@@ -18,6 +19,7 @@ from vlmcore.flamingo import Flamingo, find_decoder_layers
 from vlmcore.frozen import FrozenPrefix
 from vlmcore.losses import ContrastiveLoss, SigLIPLoss
 from vlmcore.resampler import PerceiverAttention, PerceiverResampler
+from vlmcore.vilbert import VLBERT, CoAttentionLayer, ViLBERT, ViLBERTConfig
 from vlmcore.vision import (
     HFVisionAdapter,
     OpenCLIPVisionAdapter,
@@ -30,6 +32,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CLIP",
+    "CoAttentionLayer",
     "ContrastiveLoss",
     "Flamingo",
     "FrozenPrefix",
@@ -42,6 +45,9 @@ __all__ = [
     "SigLIPLoss",
     "TextTransformer",
     "TimmViTAdapter",
+    "VLBERT",
+    "ViLBERT",
+    "ViLBERTConfig",
     "VisionTransformer",
     "find_decoder_layers",
     "kernels",

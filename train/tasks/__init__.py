@@ -17,6 +17,8 @@ REGISTRY: dict[str, str | type[Task]] = {
     "flamingo": ".flamingo:FlamingoTask",
     "frozen": ".frozen:FrozenTask",
     "siglip": ".siglip:SiglipTask",
+    "vilbert": ".vilbert:VilbertTask",
+    "vlbert": ".vlbert:VlbertTask",
 }
 
 

@@ -149,7 +149,7 @@ def test_other_tile_sizes(block_m, block_n, mode, monkeypatch, device):
 
     With a single config the autotuner launches it directly (no tuning, no cached choice), on CUDA too."""
     config = triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=4, num_stages=1)
-    for tuned in (mxa._fwd_kernel, mxa._dq_kernel, mxa._dkdv_kernel):
+    for tuned in (mxa._fwd_kernel, mxa._dq_kernel, mxa._kv_kernel):
         monkeypatch.setattr(tuned, "configs", [config])
     media_index = make_media_index(53, [5, 2], [6, 0], device)
     q, k, v = make_qkv(2, 53, 1, 32, 5, 9, torch.float32, device)
@@ -258,11 +258,22 @@ def test_deterministic(mode, device):
 
 
 def test_media_spans(device):
-    media_index = torch.tensor([[-1, 0, 0, 2, 2, 7], [1, 1, -1, 0, -5, 1]], device=device)
+    """The span-table kernel: first / last referencing position per image, then the monotone flag."""
+    media_index = torch.tensor([[-1, 0, 0, 2, 2, 7], [1, 1, -1, 0, -5, 1], [-1, -1, 0, 1, 1, 9]], device=device)
     spans = mxa._media_spans(media_index, 3, immediate=True)
-    assert spans.tolist() == [[[1, 6, 3], [2, -1, 4]], [[3, 0, 6], [3, 5, -1]]]
+    # Index 7 / 9 / -5 are out of range: clamped to -1, which breaks monotonicity in rows 0 and 2.
+    assert spans.tolist() == [[1, 6, 3, 2, -1, 4, 0], [3, 0, 6, 3, 5, -1, 0], [2, 3, 6, 2, 4, -1, 0]]
+    assert torch.equal(spans, mxa.media_spans_reference(media_index, 3, immediate=True))
     spans = mxa._media_spans(media_index, 3, immediate=False)
-    assert spans.tolist() == [[[1, 3, 3], [4, 4, 4]], [[0, 0, 6], [5, 5, -1]]]
+    assert spans[:, :6].tolist() == [[1, 3, 3, 4, 4, 4], [0, 0, 6, 5, 5, -1], [2, 3, 6, 4, 4, -1]]
+    assert torch.equal(spans[:, :6], mxa.media_spans_reference(media_index, 3, immediate=False)[:, :6])
+    monotone = torch.tensor([[-1, 0, 0, 1, 2, 2], [0, 0, 0, 0, 0, 0], [-1, -1, -1, -1, -1, -1]], device=device)
+    assert mxa._media_spans(monotone, 3, immediate=True)[:, -1].tolist() == [1, 1, 1]
+    # More images than one span program holds (32) and more text than one chunk (128).
+    long_index = make_media_index(300, [40, 3], [0, 100], device)
+    long_index[1, 250] = 0  # one descent
+    assert torch.equal(mxa._media_spans(long_index, 41, immediate=True),
+                       mxa.media_spans_reference(long_index, 41, immediate=True))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -339,7 +350,7 @@ def test_cuda_autotune_space(monkeypatch):
     """The CUDA configs: power-of-two tiles >= 16 (tl.dot), and the pruner keeps some but drops oversize ones."""
     monkeypatch.setattr(mxa, "interpreter_enabled", lambda: False)
     for tuned, block_m, block_n in ((mxa._fwd_kernel, (64, 128), (32, 64, 128)),
-                                    (mxa._dkdv_kernel, (32, 64, 128), (64, 128))):
+                                    (mxa._kv_kernel, (32, 64, 128), (64, 128))):
         configs = mxa._configs(block_m, block_n)
         assert len(configs) == len(block_m) * len(block_n) * 4
         for config in configs:

@@ -51,6 +51,7 @@ import triton.language as tl
 
 from ._backend import interpreter_enabled, use_triton
 from ._checks import check_float_tensor, check_same, check_softmax_scale
+from ._host import cdiv, next_power_of_2
 from ._plan import KernelLaunch, OpPlan
 from .reference import masked_cross_attention_reference
 
@@ -393,9 +394,7 @@ _AUTOTUNE_KEY = ["L_BUCKET", "R", "BLOCK_D", "IMMEDIATE"]
 _KV_AUTOTUNE_KEY = _AUTOTUNE_KEY + ["ONE_PASS"]
 
 
-def _configs(block_m: tuple[int, ...], block_n: tuple[int, ...]) -> list[triton.Config]:
-    if interpreter_enabled():
-        return [triton.Config(dict(_INTERPRETER_CONFIG), num_warps=4, num_stages=1)]
+def _cuda_configs(block_m: tuple[int, ...], block_n: tuple[int, ...]) -> list[triton.Config]:
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
         for bm in block_m
@@ -405,18 +404,32 @@ def _configs(block_m: tuple[int, ...], block_n: tuple[int, ...]) -> list[triton.
     ]
 
 
+# Autotune spaces on CUDA (before pruning).
+_CUDA_CONFIGS = {
+    "fwd": _cuda_configs((64, 128), (32, 64, 128)),  # BLOCK_M text rows resident, BLOCK_N keys streamed
+    "dq": _cuda_configs((64, 128), (32, 64, 128)),
+    "kv": _cuda_configs((32, 64, 128), (64, 128)),  # BLOCK_N key rows resident, BLOCK_M text rows streamed
+}
+
+
+def _configs(name: str) -> list[triton.Config]:
+    if interpreter_enabled():
+        return [triton.Config(dict(_INTERPRETER_CONFIG), num_warps=4, num_stages=1)]
+    return list(_CUDA_CONFIGS[name])
+
+
 _SHARED_MEMORY_BYTES = 220 * 1024  # H100 / H200: 227 KB per block
 # fp32 values live per thread above which the sm_90 compiles of these kernels spill registers
 # (ptxas over the whole config space, bf16, Dh 64-128: tests/masked_compile_check.py).
 _MAX_LIVE_PER_THREAD = 128
 
 
-def _pruner(streamed: str, resident_tiles: int, accumulators: int, score_tiles: int, one_pass_tiles: int = 0):
-    """Config filter for a kernel that streams ``streamed``-row operand tiles (pipelined over
+def _pruner(streamed: str, resident_tiles: int, accumulators: int, score_tiles: int, one_pass_kernel: bool = False):
+    """Config filter for a kernel that streams two ``streamed``-row operand tiles (pipelined over
     ``num_stages``) past ``resident_tiles`` tiles of the other block size, with ``accumulators``
     fp32 ``[resident, Dh]`` accumulators and ``score_tiles`` fp32 ``[BLOCK_M, BLOCK_N]`` temporaries.
-    With ``ONE_PASS`` the kernel streams ``one_pass_tiles`` more tiles (o), holds one more fp32
-    ``[BLOCK_M, Dh]`` (dq) and must hold whole images (``BLOCK_N >= R``).
+    ``one_pass_kernel`` (the kv kernel): with ``ONE_PASS`` it streams one more tile (o), holds one
+    more fp32 ``[BLOCK_M, Dh]`` (dq) and must hold whole images (``BLOCK_N >= R``).
     Drops configs that overflow shared memory or would spill registers; keeps the lightest if none fit."""
     resident = "BLOCK_N" if streamed == "BLOCK_M" else "BLOCK_M"
 
@@ -429,10 +442,10 @@ def _pruner(streamed: str, resident_tiles: int, accumulators: int, score_tiles: 
 
     def prune(configs, named_args, **kwargs):
         block_d = kwargs["BLOCK_D"]
-        one_pass = bool(kwargs.get("ONE_PASS", False))
+        one_pass = one_pass_kernel and bool(kwargs.get("ONE_PASS", False))
         if one_pass:  # the dq kernel has already skipped these rows: a smaller key tile would be wrong
             configs = [config for config in configs if config.kwargs["BLOCK_N"] >= named_args["R"]]
-        streams = 2 + (one_pass_tiles if one_pass else 0)
+        streams = 3 if one_pass else 2
         row_bytes = block_d * named_args["q_ptr"].element_size()
         kept = [
             config for config in configs
@@ -447,18 +460,18 @@ def _pruner(streamed: str, resident_tiles: int, accumulators: int, score_tiles: 
 
 # Forward and dQ: BLOCK_M text rows resident (q; dq also do, o), BLOCK_N key rows (k, v) streamed.
 _fwd_kernel = triton.autotune(
-    configs=_configs((64, 128), (32, 64, 128)), key=_AUTOTUNE_KEY,
+    configs=_configs("fwd"), key=_AUTOTUNE_KEY,
     prune_configs_by={"early_config_prune": _pruner("BLOCK_N", 1, accumulators=1, score_tiles=2)},
 )(_mxa_fwd_kernel)
 _dq_kernel = triton.autotune(
-    configs=_configs((64, 128), (32, 64, 128)), key=_AUTOTUNE_KEY,
+    configs=_configs("dq"), key=_AUTOTUNE_KEY,
     prune_configs_by={"early_config_prune": _pruner("BLOCK_N", 2, accumulators=1, score_tiles=3)},
 )(_mxa_bwd_dq_kernel)
 # dK/dV (and the one-pass dQ): BLOCK_N key rows resident (k, v), BLOCK_M text rows (q, do; o) streamed.
 _kv_kernel = triton.autotune(
-    configs=_configs((32, 64, 128), (64, 128)), key=_KV_AUTOTUNE_KEY,
+    configs=_configs("kv"), key=_KV_AUTOTUNE_KEY,
     prune_configs_by={"early_config_prune": _pruner("BLOCK_M", 2, accumulators=2, score_tiles=3,
-                                                    one_pass_tiles=1)},
+                                                    one_pass_kernel=True)},
 )(_mxa_bwd_kv_kernel)
 _spans_kernel = _mxa_spans_kernel  # no tiles to tune: a few loads per text position
 
@@ -466,13 +479,13 @@ _spans_kernel = _mxa_spans_kernel  # no tiles to tune: a few loads per text posi
 # bf16; the autotuner measures and may choose another surviving one.
 PREFERRED_CONFIGS = {
     "fwd": {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2},
-    "dq": {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2},
-    "kv": {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2},
+    "dq": {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2},
+    "kv": {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2},
 }
 
 
 def _block_d(head_dim: int) -> int:
-    return max(16, triton.next_power_of_2(head_dim))
+    return max(16, next_power_of_2(head_dim))
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -487,15 +500,15 @@ def _dot_precision(dtype: torch.dtype) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
-def _one_pass(mode: str, tokens_per_media: int) -> bool:
+def _one_pass(mode: str, tokens_per_media: int, kv_configs: list[triton.Config]) -> bool:
     """Whether the backward may run in one pass for monotone samples: ``immediate`` and some kv config
     holds a whole image (``BLOCK_N >= R``). Which samples are monotone is decided on the device."""
-    return mode == "immediate" and any(c.kwargs["BLOCK_N"] >= tokens_per_media for c in _kv_kernel.configs)
+    return mode == "immediate" and any(c.kwargs["BLOCK_N"] >= tokens_per_media for c in kv_configs)
 
 
 def _query_grid(batch_heads: int, length: int, block_m: int) -> tuple[int, int]:
     """Forward and dQ grid: (batch x heads, query blocks)."""
-    return batch_heads, triton.cdiv(length, block_m)
+    return batch_heads, cdiv(length, block_m)
 
 
 def _kv_rows_per_block(tokens_per_media: int, block_n: int) -> int:
@@ -505,12 +518,12 @@ def _kv_rows_per_block(tokens_per_media: int, block_n: int) -> int:
 
 def _kv_grid(batch_heads: int, num_media: int, tokens_per_media: int, block_n: int) -> tuple[int, int]:
     """dK/dV grid: (batch x heads, key blocks)."""
-    return batch_heads, triton.cdiv(num_media * tokens_per_media, _kv_rows_per_block(tokens_per_media, block_n))
+    return batch_heads, cdiv(num_media * tokens_per_media, _kv_rows_per_block(tokens_per_media, block_n))
 
 
 def _spans_grid(batch: int, num_media: int) -> tuple[int, int]:
     """Span-table grid: (samples, image blocks)."""
-    return batch, triton.cdiv(num_media, _SPAN_BLOCK_J)
+    return batch, cdiv(num_media, _SPAN_BLOCK_J)
 
 
 def media_spans_reference(media_index: torch.Tensor, num_media: int, immediate: bool) -> torch.Tensor:
@@ -541,10 +554,10 @@ def _config_dict(config: triton.Config) -> dict:
 def _planned_config(name: str, tuned, dtype: torch.dtype, block_d: int, tokens: int, one_pass: bool,
                     configs: dict | None) -> dict:
     """The config the plan assumes: ``configs[name]`` if given, else the preferred one if the kernel's
-    pruner keeps it, else the first config the pruner keeps."""
+    pruner keeps it from the CUDA space, else the first config the pruner keeps."""
     if configs is not None and name in configs:
         return configs[name]
-    kept = tuned.early_config_prune(tuned.configs, {"q_ptr": torch.empty(0, dtype=dtype), "R": tokens},
+    kept = tuned.early_config_prune(_CUDA_CONFIGS[name], {"q_ptr": torch.empty(0, dtype=dtype), "R": tokens},
                                     BLOCK_D=block_d, ONE_PASS=one_pass)
     kept = [_config_dict(c) for c in kept]
     preferred = PREFERRED_CONFIGS[name]
@@ -587,7 +600,10 @@ def masked_cross_attention_plan(batch: int, length: int, num_media: int, tokens:
     immediate = mode == "immediate"
     elem = torch.empty(0, dtype=dtype).element_size()
     block_d = _block_d(head_dim)
-    one_pass = _one_pass(mode, tokens)
+    if configs is not None and "kv" in configs:
+        one_pass = mode == "immediate" and configs["kv"]["BLOCK_N"] >= tokens
+    else:
+        one_pass = _one_pass(mode, tokens, _CUDA_CONFIGS["kv"])
     fwd = _planned_config("fwd", _fwd_kernel, dtype, block_d, tokens, False, configs)
     dqc = _planned_config("dq", _dq_kernel, dtype, block_d, tokens, False, configs)
     kvc = _planned_config("kv", _kv_kernel, dtype, block_d, tokens, one_pass, configs)
@@ -604,7 +620,7 @@ def masked_cross_attention_plan(batch: int, length: int, num_media: int, tokens:
 
     def query_block_tiles(block_m: int, block_n: int) -> torch.Tensor:
         """[B, query blocks] key tiles each forward / dQ program loops over."""
-        blocks = triton.cdiv(length, block_m)
+        blocks = cdiv(length, block_m)
         padded = torch.full((batch, blocks * block_m), -1, dtype=torch.long)
         padded[:, :length] = index
         padded = padded.view(batch, blocks, block_m)
@@ -623,7 +639,7 @@ def masked_cross_attention_plan(batch: int, length: int, num_media: int, tokens:
         hbm_bytes=bh * length * (2 * row + 8 + 4) + n_fwd * 2 * fwd["BLOCK_N"] * row))
     # Span table.
     sgrid = _spans_grid(batch, num_media)
-    chunks = triton.cdiv(length, _SPAN_BLOCK_L)
+    chunks = cdiv(length, _SPAN_BLOCK_L)
     launches.append(KernelLaunch(
         "_mxa_spans_kernel", sgrid, {"BLOCK_J": _SPAN_BLOCK_J, "BLOCK_L": _SPAN_BLOCK_L}, sgrid[0] * sgrid[1] * chunks,
         executed_flops=0, useful_flops=0,
@@ -711,7 +727,7 @@ def _forward(q, k, v, media_index, tokens_per_media: int, mode: str, scale: floa
     _fwd_kernel[lambda meta: _query_grid(batch * heads, length, meta["BLOCK_M"])](
         q, k, v, media_index, out, lse,
         *q.stride(), *k.stride(), *v.stride(), *media_index.stride(),
-        heads, length, tokens_per_media, num_media, scale * _LOG2E, triton.next_power_of_2(length),
+        heads, length, tokens_per_media, num_media, scale * _LOG2E, next_power_of_2(length),
         HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), IMMEDIATE=mode == "immediate",
         DOT_PRECISION=_dot_precision(q.dtype),
     )
@@ -730,12 +746,12 @@ def _backward(grad_out, q, k, v, media_index, out, lse, tokens_per_media: int, m
         return dq.zero_(), dk.zero_(), dv.zero_()
     out = out.contiguous()  # ours, so already contiguous: the kernels derive its strides
     immediate = mode == "immediate"
-    one_pass = _one_pass(mode, tokens_per_media)
+    one_pass = _one_pass(mode, tokens_per_media, _kv_kernel.configs)
     spans = _media_spans(media_index, num_media, immediate)
     delta = torch.empty(batch, heads, length, dtype=torch.float32, device=q.device)
     meta = dict(HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), IMMEDIATE=immediate, ONE_PASS=one_pass,
                 DOT_PRECISION=_dot_precision(q.dtype))
-    sizes = (heads, length, tokens_per_media, num_media, scale, scale * _LOG2E, triton.next_power_of_2(length))
+    sizes = (heads, length, tokens_per_media, num_media, scale, scale * _LOG2E, next_power_of_2(length))
     strides = (*q.stride(), *k.stride(), *v.stride(), *media_index.stride(), *grad_out.stride())
     _dq_kernel[lambda m: _query_grid(batch * heads, length, m["BLOCK_M"])](
         q, k, v, media_index, out, grad_out, lse, delta, spans, dq, *strides, *sizes, **meta,

@@ -31,6 +31,7 @@ import triton.language as tl
 
 from ._backend import interpreter_enabled, use_triton
 from ._checks import check_float_tensor, check_same, check_softmax_scale
+from ._host import cdiv, next_power_of_2
 from .reference import resampler_attention_reference
 
 MAX_HEAD_DIM = 128
@@ -73,7 +74,7 @@ def _tile_limit_pruner(max_tile: int, max_tile_4_warps: int | None = None):
 
 def _query_block(num_queries: int) -> int:
     """Query tile: the next power of two >= R, at least 16 (tl.dot), at most 64."""
-    return min(64, max(16, triton.next_power_of_2(num_queries)))
+    return min(64, max(16, next_power_of_2(num_queries)))
 
 
 _PRUNE = _tile_limit_pruner(64 * 128)
@@ -541,14 +542,14 @@ def resampler_attention_forward(
     k_lat, v_lat, latent_strides = _latent_args(k_latents, v_latents, q)
     mask, stride_maskb, stride_maskn = _mask_arg(media_mask, q)
     block_m = _query_block(num_queries)
-    grid = (batch * heads, triton.cdiv(num_queries, block_m))
+    grid = (batch * heads, cdiv(num_queries, block_m))
     _resampler_fwd_kernel[grid](
         q, k_media, v_media, k_lat, v_lat, mask, out, lse,
         *q.stride(), *k_media.stride(), *v_media.stride(), *latent_strides,
         stride_maskb, stride_maskn, *out.stride(),
         heads, num_queries, num_media, softmax_scale * _LOG2E,
         HAS_LATENTS=k_latents is not None, HAS_MASK=media_mask is not None, HEAD_DIM=head_dim,
-        PRECISION=_precision(q.dtype), BLOCK_M=block_m, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+        PRECISION=_precision(q.dtype), BLOCK_M=block_m, BLOCK_D=max(16, next_power_of_2(head_dim)),
     )
     return out, lse
 
@@ -605,7 +606,7 @@ def resampler_attention_backward(
     constants = dict(
         HAS_LATENTS=has_latents, HAS_MASK=media_mask is not None, HEAD_DIM=head_dim,
         PRECISION=_precision(q.dtype), BLOCK_M=_query_block(num_queries),
-        BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+        BLOCK_D=max(16, next_power_of_2(head_dim)),
     )
     qk_scale = softmax_scale * _LOG2E
 
@@ -621,7 +622,7 @@ def resampler_attention_backward(
         return grads
 
     delta = torch.empty(batch, heads, num_queries, dtype=torch.float32, device=q.device)
-    grid_dq = (batch * heads, triton.cdiv(num_queries, constants["BLOCK_M"]))
+    grid_dq = (batch * heads, cdiv(num_queries, constants["BLOCK_M"]))
     _resampler_bwd_dq_kernel[grid_dq](
         q, k_media, v_media, k_lat, v_lat, mask, out, grad_out, lse, delta, dq,
         *q.stride(), *k_media.stride(), *v_media.stride(), *latent_strides,
@@ -630,8 +631,8 @@ def resampler_attention_backward(
     )
 
     def grid_dkdv(meta):
-        latent_blocks = triton.cdiv(num_queries, meta["BLOCK_N"]) if has_latents else 0
-        return (batch * heads, triton.cdiv(num_media, meta["BLOCK_N"]) + latent_blocks)
+        latent_blocks = cdiv(num_queries, meta["BLOCK_N"]) if has_latents else 0
+        return (batch * heads, cdiv(num_media, meta["BLOCK_N"]) + latent_blocks)
 
     _resampler_bwd_dkdv_kernel[grid_dkdv](
         q, k_media, v_media, k_lat, v_lat, mask, grad_out, lse, delta,

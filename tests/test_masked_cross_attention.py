@@ -346,21 +346,27 @@ def test_torch_compile(compile_backend, device):
             assert torch.equal(a, b)
 
 
-def test_cuda_autotune_space(monkeypatch):
-    """The CUDA configs: power-of-two tiles >= 16 (tl.dot), and the pruner keeps some but drops oversize ones."""
-    monkeypatch.setattr(mxa, "interpreter_enabled", lambda: False)
-    for tuned, block_m, block_n in ((mxa._fwd_kernel, (64, 128), (32, 64, 128)),
-                                    (mxa._kv_kernel, (32, 64, 128), (64, 128))):
-        configs = mxa._configs(block_m, block_n)
-        assert len(configs) == len(block_m) * len(block_n) * 4
+def test_cuda_autotune_space():
+    """The CUDA configs: power-of-two tiles >= 16 (tl.dot), and the pruner keeps some but drops oversize ones;
+    with ONE_PASS the kv pruner keeps only key tiles that hold a whole image."""
+    for name, tuned in (("fwd", mxa._fwd_kernel), ("kv", mxa._kv_kernel)):
+        configs = mxa._CUDA_CONFIGS[name]
         for config in configs:
             for tile in (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]):
                 assert tile >= 16 and tile & (tile - 1) == 0
         for dtype, block_d in ((torch.bfloat16, 32), (torch.bfloat16, 128), (torch.float32, 128)):
-            kept = tuned.early_config_prune(configs, {"q_ptr": torch.empty(0, dtype=dtype)}, BLOCK_D=block_d)
+            args = {"q_ptr": torch.empty(0, dtype=dtype), "R": 64}
+            kept = tuned.early_config_prune(configs, args, BLOCK_D=block_d, ONE_PASS=False)
             assert 0 < len(kept) <= len(configs)
-        kept = tuned.early_config_prune(configs, {"q_ptr": torch.empty(0, dtype=torch.float32)}, BLOCK_D=256)
+        kept = tuned.early_config_prune(configs, {"q_ptr": torch.empty(0, dtype=torch.float32), "R": 64},
+                                        BLOCK_D=256, ONE_PASS=False)
         assert len(kept) < len(configs)
+    args = {"q_ptr": torch.empty(0, dtype=torch.bfloat16), "R": 100}
+    kept = mxa._kv_kernel.early_config_prune(mxa._CUDA_CONFIGS["kv"], args, BLOCK_D=64, ONE_PASS=True)
+    assert kept and all(c.kwargs["BLOCK_N"] >= 100 for c in kept)
+    assert mxa._one_pass("immediate", 128, mxa._CUDA_CONFIGS["kv"])
+    assert not mxa._one_pass("immediate", 129, mxa._CUDA_CONFIGS["kv"])
+    assert not mxa._one_pass("all_previous", 64, mxa._CUDA_CONFIGS["kv"])
 
 
 _SM90_COMPILE = r"""
@@ -511,3 +517,108 @@ def test_gpu_odd_shapes(head_dim, dtype, mode, device):
     k, v = kv.view(3, 9 * 17, 2, 4, head_dim).unbind(2)
     q = torch.randn(3, 4, 777, head_dim, dtype=dtype, device=device).transpose(1, 2)
     check_gpu_against_reference(q, k, v, media_index, 17, mode)
+
+
+# ------------------------------------------------------------------------------------------------
+# the launch plan against the interpreter, and at the ANCHORS shapes
+# ------------------------------------------------------------------------------------------------
+
+# tl.dot calls per inner tile: forward (S, PV), dQ (S, dP, dQ), kv (S, dV, dP, dK; + dQ in one pass).
+DOTS_PER_TILE = {"_mxa_fwd_kernel": 2, "_mxa_bwd_dq_kernel": 3, "_mxa_bwd_kv_kernel": 4}
+
+
+class _CountingLaunch:
+    """Wraps a module's kernel so that the interpreter's tl.dot calls made during its launches are
+    attributed to it (``counts[name]``)."""
+
+    def __init__(self, kernel, name, state):
+        self.kernel, self.name, self.state = kernel, name, state
+        self.configs = kernel.configs
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.state["current"] = self.name
+            try:
+                return self.kernel[grid](*args, **kwargs)
+            finally:
+                self.state["current"] = None
+
+        return launch
+
+
+def count_interpreter_dots(monkeypatch, fn) -> dict:
+    """Run ``fn`` with every tl.dot the interpreter executes counted per masked-attention kernel."""
+    from triton.runtime import interpreter
+
+    state = {"current": None, "counts": {name: 0 for name in DOTS_PER_TILE}}
+    real_dot = interpreter.InterpreterBuilder.create_dot
+
+    def counting_dot(self, *args, **kwargs):
+        if state["current"] is not None:
+            state["counts"][state["current"]] += 1
+        return real_dot(self, *args, **kwargs)
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", counting_dot)
+    for attr, name in (("_fwd_kernel", "_mxa_fwd_kernel"), ("_dq_kernel", "_mxa_bwd_dq_kernel"),
+                       ("_kv_kernel", "_mxa_bwd_kv_kernel")):
+        monkeypatch.setattr(mxa, attr, _CountingLaunch(getattr(mxa, attr), name, state))
+    fn()
+    return state["counts"]
+
+
+def planned_dots(plan) -> dict:
+    """tl.dot calls the plan implies per kernel (one-pass kv tiles add one dot each)."""
+    dots = {}
+    for launch in plan.launches:
+        if launch.kernel not in DOTS_PER_TILE:
+            continue
+        dots[launch.kernel] = DOTS_PER_TILE[launch.kernel] * launch.tiles
+        if launch.kernel == "_mxa_bwd_kv_kernel":
+            tile_flops = 2 * launch.config["BLOCK_M"] * launch.config["BLOCK_N"] * mxa._block_d(plan.shape["Dh"])
+            dots[launch.kernel] += (launch.executed_flops - 4 * launch.tiles * tile_flops) // tile_flops
+    return dots
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("layout, mode, tokens", [
+    ("monotone", "immediate", 5), ("monotone", "immediate", 40), ("monotone_tail_descent", "immediate", 9),
+    ("non_monotone", "immediate", 9), ("monotone", "all_previous", 9), ("non_monotone", "all_previous", 5),
+])
+def test_plan_tiles_equal_interpreter_tiles(layout, mode, tokens, monkeypatch, device):
+    """The plan's tile counts (what the launchers' grids and loops imply) equal the tiles the
+    interpreter runs, for monotone samples (one-pass backward), a sample with one descent (two
+    passes), random indices, in both modes, with R below, near and above the 32-row key tile."""
+    batch, length, heads, head_dim, num_media = 2, 70, 2, 16, 4
+    media_index = make_media_index(length, [4, 3], [0, 9], device)
+    if layout == "monotone_tail_descent":
+        media_index[1, -3] = 0
+    elif layout == "non_monotone":
+        media_index = torch.randint(-1, num_media, (batch, length), device=device)
+    q, k, v = make_qkv(batch, length, heads, head_dim, num_media, tokens, torch.float32, device)
+    configs = {name: {**mxa._INTERPRETER_CONFIG, "num_warps": 4, "num_stages": 1} for name in ("fwd", "dq", "kv")}
+    plan = mxa.masked_cross_attention_plan(batch, length, num_media, tokens, heads, head_dim, mode=mode,
+                                           media_index=media_index, dtype=torch.float32, configs=configs)
+    grad_out = torch.randn(q.shape, device=device)
+    counts = count_interpreter_dots(monkeypatch, lambda: run_kernel(q, k, v, media_index, tokens, mode, grad_out))
+    assert counts == planned_dots(plan)
+    one_pass_samples = int(plan.notes[0].split("; ")[1].split(" of ")[0])
+    assert one_pass_samples == (2 if layout == "monotone" and mode == "immediate" and tokens <= 32 else
+                                1 if layout == "monotone_tail_descent" and mode == "immediate" and tokens <= 32
+                                else 0)
+
+
+def test_plan_at_anchor_shapes():
+    """The ANCHORS shapes (bf16, CUDA configs, monotone layout): every sample takes the one-pass
+    backward, the long shape's backward moves at most 0.9 GB (its floor is 0.81 GB) and no more
+    than 1.2x the compulsory bytes forward + backward; useful FLOPs = the floor."""
+    for shape in ANCHOR_SHAPES.values():
+        batch, length, num_media, tokens, heads, head_dim = shape
+        plan = mxa.masked_cross_attention_plan(batch, length, num_media, tokens, heads, head_dim)
+        assert plan.num_launches == 4
+        assert f"{batch} of {batch} samples take the one-pass backward" in plan.notes[0]
+        assert plan.useful_flops == plan.floor_flops
+        assert plan.hbm_bytes <= 1.2 * plan.floor_bytes
+    plan = mxa.masked_cross_attention_plan(*ANCHOR_SHAPES["long_interleaved"])
+    backward_bytes = sum(launch.hbm_bytes for launch in plan.launches[1:])
+    assert backward_bytes <= 0.9e9
+    assert plan.hbm_bytes <= 1.25e9

@@ -11,7 +11,8 @@ Usage: ``python tests/masked_compile_check.py [all]``. By default: each kernel's
 (``PREFERRED_CONFIGS``, the one the plan assumes) at Dh 64 and 128 and the heaviest surviving kv
 configs (see :func:`variants`), ``immediate`` mode; ``all`` compiles every surviving config of
 every kernel at Dh 64 and 128 (kv in both forms; bench/results/masked_sm90_compile_all.jsonl).
-Prints one JSON line per variant: ``{"kernel", "head_dim", "one_pass", "config", "preferred", "registers", "spill_bytes",
+Prints one JSON line per variant: ``{"kernel", "head_dim", "one_pass", "config", "preferred",
+"registers", "spill_bytes",
 "shared", "ctas_per_sm", "wgmma", "mma"}``.
 """
 

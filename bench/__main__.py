@@ -5,6 +5,7 @@
         [--device cuda|cpu] [--time-budget SECONDS] [--rep-ms MS]
     python -m vlmcore.bench plot [--results DIR_or_CSV] [--out DIR]
     python -m vlmcore.bench summary [--results DIR_or_CSV]
+    python -m vlmcore.bench host-overhead [--op masked_xattn|resampler] [--inner N] [--repeats N]
 
 Every benchmark measures the card's ceilings first (matmul, device copy), then appends one CSV row
 per (op, provider, shape, mode) to ``--out`` (see :mod:`vlmcore.bench.results` for the columns).
@@ -94,6 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("--out", metavar="DIR", help="where the PNGs go (default: <results dir>/plots)")
     summary = commands.add_parser("summary", help="print the short summary table of result CSVs")
     summary.add_argument("--results", default=str(DEFAULT_RESULTS), metavar="DIR_or_CSV")
+    host = commands.add_parser("host-overhead", help="host time of an eager fwd+bwd (no-op launches) vs a trivial op",
+                               description="Host (Python) time of one eager forward + backward per op at the small "
+                                           "ANCHORS shape, Triton launches replaced by no-ops, and its ratio to one "
+                                           "trivial eager torch op (runs on CPU).")
+    host.add_argument("--op", choices=("masked_xattn", "resampler"), help="default: both")
+    host.add_argument("--inner", type=int, default=50, help="calls per timed round (default 50)")
+    host.add_argument("--repeats", type=int, default=9, help="rounds; the minimum is reported (default 9)")
     return parser
 
 
@@ -145,6 +153,13 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"plot: {error}")
         for path in written:
             print(path)
+        return 0
+    if args.command == "host-overhead":
+        from .host_overhead import main as host_overhead_main
+
+        if args.inner < 1 or args.repeats < 1:
+            parser.error("host-overhead: --inner and --repeats must be >= 1")
+        host_overhead_main(args.op, args.inner, args.repeats)
         return 0
     if args.command == "summary":
         try:

@@ -15,6 +15,11 @@ from collections.abc import Callable
 from dataclasses import asdict
 
 from vlmcore.kernels._plan import OpPlan
+from vlmcore.kernels.masked_cross_attention import masked_cross_attention_plan
+from vlmcore.kernels.resampler_attention import resampler_attention_plan
+
+from . import masked_xattn as _masked_xattn
+from . import resampler as _resampler
 
 # Ceilings measured on one H100 80GB (ANCHORS.md, 2026-11-27).
 MATMUL_FLOPS_PER_S = 807e12
@@ -23,6 +28,8 @@ COPY_BYTES_PER_S = 3.0e12
 # op name -> (ANCHORS shapes, plan function taking one shape's keyword arguments).
 # One line per op; each op file owns its planning function.
 PLANNERS: dict[str, tuple[list[dict], Callable[..., OpPlan]]] = {}
+PLANNERS["masked_xattn"] = (_masked_xattn.PLAN_SHAPES, masked_cross_attention_plan)
+PLANNERS["resampler"] = (_resampler.PLAN_SHAPES, resampler_attention_plan)
 
 
 def plans(op: str | None = None) -> list[OpPlan]:

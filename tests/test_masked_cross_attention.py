@@ -13,7 +13,7 @@ import importlib
 import pytest
 import torch
 import triton
-from utils import assert_close, run_sm90_compile_check, tolerance
+from utils import assert_close, count_interpreter_dots, run_sm90_compile_check, tolerance
 from vlmcore.kernels import masked_cross_attention, media_index_from_locations
 from vlmcore.kernels.reference import masked_cross_attention_reference
 
@@ -500,43 +500,8 @@ def test_gpu_odd_shapes(head_dim, dtype, mode, device):
 DOTS_PER_TILE = {"_mxa_fwd_kernel": 2, "_mxa_bwd_dq_kernel": 3, "_mxa_bwd_kv_kernel": 4}
 
 
-class _CountingLaunch:
-    """Wraps a module's kernel so that the interpreter's tl.dot calls made during its launches are
-    attributed to it (``counts[name]``)."""
-
-    def __init__(self, kernel, name, state):
-        self.kernel, self.name, self.state = kernel, name, state
-        self.configs = kernel.configs
-
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            self.state["current"] = self.name
-            try:
-                return self.kernel[grid](*args, **kwargs)
-            finally:
-                self.state["current"] = None
-
-        return launch
-
-
-def count_interpreter_dots(monkeypatch, fn) -> dict:
-    """Run ``fn`` with every tl.dot the interpreter executes counted per masked-attention kernel."""
-    from triton.runtime import interpreter
-
-    state = {"current": None, "counts": {name: 0 for name in DOTS_PER_TILE}}
-    real_dot = interpreter.InterpreterBuilder.create_dot
-
-    def counting_dot(self, *args, **kwargs):
-        if state["current"] is not None:
-            state["counts"][state["current"]] += 1
-        return real_dot(self, *args, **kwargs)
-
-    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", counting_dot)
-    for attr, name in (("_fwd_kernel", "_mxa_fwd_kernel"), ("_dq_kernel", "_mxa_bwd_dq_kernel"),
-                       ("_kv_kernel", "_mxa_bwd_kv_kernel")):
-        monkeypatch.setattr(mxa, attr, _CountingLaunch(getattr(mxa, attr), name, state))
-    fn()
-    return state["counts"]
+MASKED_KERNELS = {"_fwd_kernel": "_mxa_fwd_kernel", "_dq_kernel": "_mxa_bwd_dq_kernel",
+                  "_kv_kernel": "_mxa_bwd_kv_kernel"}
 
 
 def planned_dots(plan) -> dict:
@@ -572,7 +537,8 @@ def test_plan_tiles_equal_interpreter_tiles(layout, mode, tokens, monkeypatch, d
     plan = mxa.masked_cross_attention_plan(batch, length, num_media, tokens, heads, head_dim, mode=mode,
                                            media_index=media_index, dtype=torch.float32, configs=configs)
     grad_out = torch.randn(q.shape, device=device)
-    counts = count_interpreter_dots(monkeypatch, lambda: run_kernel(q, k, v, media_index, tokens, mode, grad_out))
+    counts = count_interpreter_dots(monkeypatch, mxa, MASKED_KERNELS,
+                                    lambda: run_kernel(q, k, v, media_index, tokens, mode, grad_out))
     assert counts == planned_dots(plan)
     one_pass_samples = int(plan.notes[0].split("; ")[1].split(" of ")[0])
     assert one_pass_samples == (2 if layout == "monotone" and mode == "immediate" and tokens <= 32 else
@@ -595,3 +561,24 @@ def test_plan_at_anchor_shapes():
     backward_bytes = sum(launch.hbm_bytes for launch in plan.launches[1:])
     assert backward_bytes <= 0.9e9
     assert plan.hbm_bytes <= 1.25e9
+
+
+def test_host_overhead_benchmark_runs(capsys):
+    """``python -m vlmcore.bench host-overhead`` times the eager fwd+bwd with no kernel launched."""
+    from vlmcore.bench import host_overhead
+    from vlmcore.bench.__main__ import main
+
+    launched = []
+    real = host_overhead._NoLaunch.__getitem__
+    host_overhead._NoLaunch.__getitem__ = lambda self, grid: launched.append(1) or real(self, grid)
+    try:
+        result = host_overhead.measure("masked_xattn", inner=2, repeats=1)
+    finally:
+        host_overhead._NoLaunch.__getitem__ = real
+    assert len(launched) == 3 * 4  # warm-up + 2 timed calls, 4 launches each, all stubbed
+    assert result.op_us > 0 and result.trivial_us > 0 and result.ratio == result.op_us / result.trivial_us
+    assert isinstance(mxa._fwd_kernel, triton.runtime.Autotuner)  # the real kernels are back
+    assert main(["host-overhead", "--op", "masked_xattn", "--inner", "1", "--repeats", "1"]) == 0
+    assert "ratio" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="op must be one of"):
+        host_overhead.measure("contrastive")

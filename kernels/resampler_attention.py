@@ -60,12 +60,13 @@ def _key_block_configs() -> list[triton.Config]:
     return _cuda_key_block_configs()
 
 
-def _tile_limit_pruner(max_tile: int, max_tile_4_warps: int | None = None):
+def _tile_limit_pruner(max_tile: int, max_tile_4_warps: int | None = None, min_tile_128_head: int = 0):
     """Autotune pruner dropping tiles that spill registers on sm_90 (seen with ``ptxas -v`` on the
     bf16 kernels): key tile x padded head dim above ``max_tile``, and 4 warps with a 128-wide head
     or with a key tile x head dim above ``max_tile_4_warps`` (default ``max_tile``). Also drops key
     tiles wider than all the keys of a row (``BLOCK_N > S + R``, or ``> S`` without latents): such a
-    tile is mostly padding (the smallest, 32, always stays)."""
+    tile is mostly padding (the smallest, 32, always stays). ``min_tile_128_head``: smallest key tile
+    kept for a 128-wide head (the dk/dv kernel with 32-key tiles spilled at Dh 128)."""
     max_tile_4_warps = max_tile if max_tile_4_warps is None else max_tile_4_warps
 
     def prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
@@ -76,6 +77,7 @@ def _tile_limit_pruner(max_tile: int, max_tile_4_warps: int | None = None):
             c for c in fitting
             if c.kwargs["BLOCK_N"] * block_d <= max_tile
             and (c.num_warps >= 8 or (block_d <= 64 and c.kwargs["BLOCK_N"] * block_d <= max_tile_4_warps))
+            and (block_d < 128 or c.kwargs["BLOCK_N"] >= min_tile_128_head)
         ]
         return kept or fitting[:1]
 
@@ -89,8 +91,10 @@ def _query_block(num_queries: int) -> int:
 
 _PRUNE = _tile_limit_pruner(64 * 128)
 _PRUNE_FUSED = _tile_limit_pruner(64 * 64)  # the fused backward also holds dq and q, do, o tiles
-# dk/dv keep two fp32 [BLOCK_N, BLOCK_D] accumulators: 128 x 64 on 4 warps spilled ~800 bytes.
-_PRUNE_DKDV = _tile_limit_pruner(64 * 128, max_tile_4_warps=64 * 64)
+# dk/dv keep two fp32 [BLOCK_N, BLOCK_D] accumulators: 128 x 64 on 4 warps spilled ~800 bytes; at
+# Dh 128, 32-key tiles on 8 warps spilled 4 bytes without latents (sm_90a, 2026-12-01) while
+# 64-key tiles compiled spill-free in every latents / mask / 32- or 64-row query tile variant.
+_PRUNE_DKDV = _tile_limit_pruner(64 * 128, max_tile_4_warps=64 * 64, min_tile_128_head=64)
 # ``media_bucket`` = next power of two of S (a kernel argument the kernels do not read): each new S
 # within a bucket reuses the tuned config instead of retuning.
 _AUTOTUNE_KEY = ["num_queries", "media_bucket", "HEAD_DIM", "HAS_LATENTS", "HAS_MASK", "PRECISION"]

@@ -100,8 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
                                            "ANCHORS shape, Triton launches replaced by no-ops, and its ratio to one "
                                            "trivial eager torch op (runs on CPU).")
     host.add_argument("--op", choices=("masked_xattn", "resampler"), help="default: both")
-    host.add_argument("--inner", type=int, default=50, help="calls per timed round (default 50)")
-    host.add_argument("--repeats", type=int, default=9, help="rounds; the minimum is reported (default 9)")
+    host.add_argument("--inner", type=int, default=10, help="calls per timed round (default 10)")
+    host.add_argument("--repeats", type=int, default=50, help="rounds; the minimum is reported (default 50)")
     return parser
 
 

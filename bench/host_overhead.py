@@ -5,8 +5,8 @@ the launch grid (so the launcher's own planning runs), and one eager forward + b
 at the small ANCHORS shape is timed next to one trivial eager torch op (``x.add(1)`` on a
 one-element tensor) in the same process. The ratio says how many trivial ops' worth of host time
 the call costs; on a GPU that host time is the floor under the op's wall time when it is
-launch-bound. The machine is shared: each figure is the minimum over ``repeats`` rounds of the
-mean over ``inner`` calls.
+launch-bound. The machine is shared: the op and the trivial op take turns in short rounds, and
+each figure is the minimum over ``repeats`` rounds of the mean over the round's calls.
 """
 
 from __future__ import annotations
@@ -52,15 +52,18 @@ def no_launches(module) -> Iterator[None]:
             setattr(module, name, value)
 
 
-def _time_per_call(fn: Callable[[], object], inner: int, repeats: int) -> float:
-    """Seconds per call: minimum over ``repeats`` rounds of the mean over ``inner`` calls."""
-    fn()
-    best = float("inf")
+def _interleaved_times(fns: list[Callable[[], object]], inner: list[int], repeats: int) -> list[float]:
+    """Seconds per call of each function: rounds of ``inner[i]`` calls, the functions taking turns
+    (so that all see the same machine load), minimum over ``repeats`` rounds of each round's mean."""
+    for fn in fns:
+        fn()
+    best = [float("inf")] * len(fns)
     for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(inner):
-            fn()
-        best = min(best, (time.perf_counter() - start) / inner)
+        for i, fn in enumerate(fns):
+            start = time.perf_counter()
+            for _ in range(inner[i]):
+                fn()
+            best[i] = min(best[i], (time.perf_counter() - start) / inner[i])
     return best
 
 
@@ -122,7 +125,7 @@ def _resampler_case():
 CASES = {"masked_xattn": _masked_case, "resampler": _resampler_case}
 
 
-def measure(op: str, inner: int = 50, repeats: int = 7) -> HostOverhead:
+def measure(op: str, inner: int = 10, repeats: int = 50) -> HostOverhead:
     """Host time of one eager forward + backward of ``op`` (launches stubbed) and of a trivial op."""
     if op not in CASES:
         raise ValueError(f"op must be one of {sorted(CASES)}, got {op!r}")
@@ -130,8 +133,7 @@ def measure(op: str, inner: int = 50, repeats: int = 7) -> HostOverhead:
     module = importlib.import_module(module_name)
     tiny = torch.zeros(1)
     with kernels.backend("triton"), no_launches(module):
-        op_s = _time_per_call(step, inner, repeats)
-    trivial_s = _time_per_call(lambda: tiny.add(1), inner * 20, repeats)
+        op_s, trivial_s = _interleaved_times([step, lambda: tiny.add(1)], [inner, inner * 20], repeats)
     return HostOverhead(op, shape, op_s * 1e6, trivial_s * 1e6)
 
 

@@ -840,6 +840,27 @@ def _backward(ctx, grad_out, grad_lse):
 _resampler_attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _ResamplerAttention(torch.autograd.Function):
+    """The eager path: the same launchers as the custom ops, without their dispatcher round trips
+    (the custom ops stay for ``torch.compile`` and ``opcheck``)."""
+
+    @staticmethod
+    def forward(ctx, q, k_media, v_media, k_latents, v_latents, media_mask, softmax_scale):
+        out, lse = resampler_attention_forward(q, k_media, v_media, k_latents, v_latents, media_mask, softmax_scale)
+        ctx.save_for_backward(q, k_media, v_media, k_latents, v_latents, media_mask, out, lse)
+        ctx.softmax_scale = softmax_scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k_media, v_media, k_latents, v_latents, media_mask, out, lse = ctx.saved_tensors
+        grads = resampler_attention_backward(
+            grad_out, q, k_media, v_media, k_latents, v_latents, media_mask, out, lse, ctx.softmax_scale
+        )
+        dk_latents, dv_latents = (grads[3], grads[4]) if k_latents is not None else (None, None)
+        return grads[0], grads[1], grads[2], dk_latents, dv_latents, None, None
+
+
 # ----------------------------------------------------------------------------------------------
 # public op
 # ----------------------------------------------------------------------------------------------
@@ -907,7 +928,8 @@ def resampler_attention(
         softmax_scale: default ``Dh ** -0.5``.
 
     Any strides are accepted (e.g. ``k, v = to_kv(x).view(B, S, 2, H, Dh).unbind(2)``). The Triton
-    path (CUDA tensors, or ``with vlmcore.kernels.backend("triton")``) supports ``Dh <= 128``.
+    path (CUDA tensors, or ``with vlmcore.kernels.backend("triton")``) supports ``Dh <= 128``; eager calls go
+    through an ``autograd.Function``, ``torch.compile`` traces the ``vlmcore::resampler_attention_*`` ops.
 
     Returns:
         ``[B, R, H, Dh]`` in q's dtype.
@@ -930,8 +952,10 @@ def resampler_attention(
                 f"the Triton resampler_attention kernel supports head dims Dh <= {MAX_HEAD_DIM}, got "
                 f"q.shape[-1] = {q.shape[-1]}; use vlmcore.kernels.backend('reference')"
             )
-        out, _ = _resampler_attention_fwd_op(q, k_media, v_media, k_latents, v_latents, media_mask, scale)
-        return out
+        if torch.compiler.is_compiling():
+            out, _ = _resampler_attention_fwd_op(q, k_media, v_media, k_latents, v_latents, media_mask, scale)
+            return out
+        return _ResamplerAttention.apply(q, k_media, v_media, k_latents, v_latents, media_mask, scale)
     return resampler_attention_reference(
         q, k_media, v_media, k_latents, v_latents, media_mask=media_mask, softmax_scale=scale
     )

@@ -582,3 +582,15 @@ def test_host_overhead_benchmark_runs(capsys):
     assert "ratio" in capsys.readouterr().out
     with pytest.raises(ValueError, match="op must be one of"):
         host_overhead.measure("contrastive")
+
+
+@pytest.mark.interpreter
+def test_bf16_in_the_interpreter_is_refused():
+    """bf16 CPU tensors under backend("triton"): a TypeError naming q (the interpreter computes bf16
+    dots wrongly: error ~8e8 before this check existed); the reference still takes bf16."""
+    media_index = make_media_index(12, [1], [0], torch.device("cpu"))
+    q, k, v = make_qkv(1, 12, 1, 16, 1, 4, torch.bfloat16, torch.device("cpu"))
+    with kernels.backend("triton"), pytest.raises(TypeError, match="q is bfloat16 on CPU"):
+        masked_cross_attention(q, k, v, media_index, 4)
+    with kernels.backend("reference"):
+        assert masked_cross_attention(q, k, v, media_index, 4).dtype == torch.bfloat16

@@ -6,6 +6,7 @@
     python -m vlmcore.bench plot [--results DIR_or_CSV] [--out DIR]
     python -m vlmcore.bench summary [--results DIR_or_CSV]
     python -m vlmcore.bench plan [--op NAME] [--json]
+    python -m vlmcore.bench host-overhead [--op masked_xattn|resampler] [--inner N] [--repeats N]
 
 Every benchmark measures the card's ceilings first (matmul, device copy), then appends one CSV row
 per (op, provider, shape, mode) to ``--out`` (see :mod:`vlmcore.bench.results` for the columns).
@@ -105,6 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
                                            "launchers' own planning code. No GPU needed.")
     plan.add_argument("--op", metavar="NAME", help="one op (default: every planned op)")
     plan.add_argument("--json", action="store_true", help="one JSON object per shape instead of text")
+    host = commands.add_parser("host-overhead", help="host time of an eager fwd+bwd (no-op launches) vs a trivial op",
+                               description="Host (Python) time of one eager forward + backward per op at the small "
+                                           "ANCHORS shape, Triton launches replaced by no-ops, and its ratio to one "
+                                           "trivial eager torch op (runs on CPU).")
+    host.add_argument("--op", choices=("masked_xattn", "resampler"), help="default: both")
+    host.add_argument("--inner", type=int, default=10, help="calls per timed round (default 10)")
+    host.add_argument("--repeats", type=int, default=50, help="rounds; the minimum is reported (default 50)")
     return parser
 
 
@@ -164,6 +172,13 @@ def main(argv: list[str] | None = None) -> int:
             plan_main(args.op, args.json)
         except ValueError as error:
             parser.error(f"plan: {error}")
+        return 0
+    if args.command == "host-overhead":
+        from .host_overhead import main as host_overhead_main
+
+        if args.inner < 1 or args.repeats < 1:
+            parser.error("host-overhead: --inner and --repeats must be >= 1")
+        host_overhead_main(args.op, args.inner, args.repeats)
         return 0
     if args.command == "summary":
         try:

@@ -15,9 +15,13 @@ from collections.abc import Callable
 from dataclasses import asdict
 
 from vlmcore.kernels._plan import OpPlan
+from vlmcore.kernels.masked_cross_attention import masked_cross_attention_plan
+from vlmcore.kernels.resampler_attention import resampler_attention_plan
 from vlmcore.kernels.sigmoid_contrastive import sigmoid_contrastive_plan as sigmoid_plan
 
 from . import contrastive
+from . import masked_xattn as _masked_xattn
+from . import resampler as _resampler
 
 # Ceilings measured on one H100 80GB (ANCHORS.md, 2026-11-27).
 MATMUL_FLOPS_PER_S = 807e12
@@ -27,6 +31,8 @@ COPY_BYTES_PER_S = 3.0e12
 # One line per op; each op file owns its planning function.
 PLANNERS: dict[str, tuple[list[dict], Callable[..., OpPlan]]] = {
     "contrastive": (contrastive.PLAN_SHAPES, contrastive.plan),
+    "masked_xattn": (_masked_xattn.PLAN_SHAPES, masked_cross_attention_plan),
+    "resampler": (_resampler.PLAN_SHAPES, resampler_attention_plan),
     "sigmoid": ([dict(n=n, d=768, dtype="bf16") for n in (8192, 32768, 65536, 131072, 2**20)], sigmoid_plan),
 }
 

@@ -17,6 +17,7 @@ from vlmcore.cross_attention import GatedCrossAttentionBlock, MaskedCrossAttenti
 from vlmcore.flamingo import Flamingo, find_decoder_layers
 from vlmcore.frozen import FrozenPrefix
 from vlmcore.losses import ContrastiveLoss
+from vlmcore.qformer import QFormer
 from vlmcore.resampler import PerceiverAttention, PerceiverResampler
 from vlmcore.vision import (
     HFVisionAdapter,
@@ -39,6 +40,7 @@ __all__ = [
     "OpenCLIPVisionAdapter",
     "PerceiverAttention",
     "PerceiverResampler",
+    "QFormer",
     "TextTransformer",
     "TimmViTAdapter",
     "VisionTransformer",

@@ -23,7 +23,6 @@ from utils import assert_close
 from vlmcore.kernels import backend
 
 from vlmcore.blip2 import Blip2Stage1, fetch_rows, sample_hard_negatives
-from vlmcore.qformer import QFormer
 
 WORKER = Path(__file__).with_name("blip2_dist_worker.py")
 WORLD = 2
@@ -195,7 +194,8 @@ def test_hf_retrieval_heads_load_by_name():
     assert all(k.startswith(("vision_model.", "embeddings.position_ids")) for k in unused), unused
     assert torch.equal(model.itm_head.weight, hf.itm_head.weight)
     assert torch.equal(model.vision_proj.bias, hf.vision_projection.bias)
-    assert torch.equal(model.qformer.layers[1].ffn_query.fc2.weight, hf.qformer.encoder.layer[1].output_query.dense.weight)
+    assert torch.equal(model.qformer.layers[1].ffn_query.fc2.weight,
+                       hf.qformer.encoder.layer[1].output_query.dense.weight)
     bad = dict(hf.state_dict())
     bad["text_projection.weight"] = torch.zeros(9, 32)
     with pytest.raises(ValueError, match="text_projection.weight"):

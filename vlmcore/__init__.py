@@ -7,11 +7,13 @@ Modules (``nn.Module``) built on the ops of :mod:`vlmcore.kernels`; the trainer 
   :class:`PerceiverAttention`, :class:`PerceiverResampler`, :class:`ContrastiveLoss`.
 - Vision: :class:`VisionTransformer` and adapters (:class:`OpenCLIPVisionAdapter`,
   :class:`TimmViTAdapter`, :class:`HFVisionAdapter`).
+- BLIP-2: :class:`QFormer`, :class:`Blip2Stage1` (ITC / ITM / ITG), :class:`Blip2LM` (stage 2).
 - Models: :class:`Flamingo`, :class:`CLIP` (+ :func:`zero_shot_classifier`,
   :func:`zero_shot_predict`, :func:`retrieval_metrics`), :class:`FrozenPrefix`.
 """
 
 from vlmcore import kernels
+from vlmcore.blip2 import Blip2LM, Blip2Stage1
 from vlmcore.clip import CLIP, TextTransformer, retrieval_metrics, zero_shot_classifier, zero_shot_predict
 from vlmcore.cross_attention import GatedCrossAttentionBlock, MaskedCrossAttention
 from vlmcore.flamingo import Flamingo, find_decoder_layers
@@ -30,6 +32,8 @@ from vlmcore.vision import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "Blip2LM",
+    "Blip2Stage1",
     "CLIP",
     "ContrastiveLoss",
     "Flamingo",

@@ -237,3 +237,32 @@ def test_two_gloo_ranks_match_one_process(rank_results, case):
         averaged = sum(r["grads"][param] for r in per_rank) / WORLD
         assert_close(averaged, expected, atol=1e-5, rtol=1e-4, name=f"averaged d {param}")
     assert N_LOCAL * WORLD == len(text)
+
+
+def test_recall_at_k_ranks_like_retrieval_metrics():
+    import vlmcore
+    from vlmcore.blip2 import recall_at_k
+
+    gen = torch.Generator().manual_seed(3)
+    img = F.normalize(torch.randn(7, 5, generator=gen), dim=1)
+    txt = F.normalize(img.repeat_interleave(2, dim=0) + 0.8 * torch.randn(14, 5, generator=gen), dim=1)
+    text_to_image = torch.arange(7).repeat_interleave(2)
+    scores = img @ txt.T
+    got = recall_at_k(scores, scores.T, text_to_image, ks=(1, 3))
+    expected = vlmcore.retrieval_metrics(img, txt, text_to_image, ks=(1, 3))
+    expected.pop("mean_recall")
+    assert got == expected
+
+
+def test_retrieval_scores_rerank_only_the_top_k():
+    model, image, text, mask, _ = _tiny()
+    model.eval()
+    scores = model.retrieval_scores(image, text, mask, k=2, batch_size=4)
+    itc, i2t, t2i = scores["itc"], scores["itm_i2t"], scores["itm_t2i"]
+    assert itc.shape == (6, 6) and i2t.shape == (6, 6) and t2i.shape == (6, 6)
+    top = itc.topk(2, dim=1).indices
+    kept = i2t > -100
+    assert kept.sum(dim=1).eq(2).all() and kept.gather(1, top).all()
+    itm = model.itm_logits(image[:1].expand(2, -1, -1), text[top[0]], mask[top[0]])[:, 1]
+    assert_close(i2t[0, top[0]], itm + itc[0, top[0]], atol=1e-5, rtol=1e-5)
+    assert (t2i > -100).sum(dim=1).eq(2).all()

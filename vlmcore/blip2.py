@@ -326,6 +326,49 @@ class Blip2Stage1(nn.Module):
             "itm_acc": itm_acc.detach(),
         }
 
+    # ----------------------------------------------------------------------------- retrieval
+
+    @torch.no_grad()
+    def retrieval_scores(self, image_embeds: torch.Tensor, text_ids: torch.Tensor,
+                         attention_mask: torch.Tensor | None = None, *, k: int = 16, batch_size: int = 64,
+                         image_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """BLIP-2's retrieval protocol (LAVIS ``compute_sim_matrix``): ITC scores of every pair, then the
+        top ``k`` candidates of each image (texts) and of each text (images) re-scored by
+        ``ITM match logit + ITC score``; the other entries are -100.
+
+        Args:
+            image_embeds: ``[N_img, S, W]``; text_ids, attention_mask: ``[N_txt, L]``.
+            k: candidates re-ranked per query; batch_size: pairs per ITM forward.
+
+        Returns:
+            ``{"itc": [N_img, N_txt], "itm_i2t": [N_img, N_txt], "itm_t2i": [N_txt, N_img]}`` (fp32).
+        """
+        check_positive_int("k", k)
+        check_positive_int("batch_size", batch_size)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(text_ids)
+        image_feats = torch.cat([self.image_features(image_embeds[i:i + batch_size],
+                                                     None if image_mask is None else image_mask[i:i + batch_size])
+                                 for i in range(0, len(image_embeds), batch_size)])
+        text_feats = torch.cat([self.text_features(text_ids[i:i + batch_size], attention_mask[i:i + batch_size])
+                                for i in range(0, len(text_ids), batch_size)])
+        itc = self.similarity(image_feats, text_feats).float()  # [N_img, N_txt]
+
+        def rerank(scores: torch.Tensor, query_is_image: bool) -> torch.Tensor:
+            top_sim, top_idx = scores.topk(min(k, scores.shape[1]), dim=1)  # [Nq, k]
+            queries = torch.arange(scores.shape[0], device=scores.device)[:, None].expand_as(top_idx).reshape(-1)
+            candidates = top_idx.reshape(-1)
+            images, texts = (queries, candidates) if query_is_image else (candidates, queries)
+            match = torch.cat([
+                self.itm_logits(image_embeds[images[i:i + batch_size]], text_ids[texts[i:i + batch_size]],
+                                attention_mask[texts[i:i + batch_size]],
+                                None if image_mask is None else image_mask[images[i:i + batch_size]])[:, 1]
+                for i in range(0, len(queries), batch_size)]).float()
+            out = torch.full_like(scores, -100.0)
+            return out.scatter_(1, top_idx, match.view_as(top_sim) + top_sim)
+
+        return {"itc": itc, "itm_i2t": rerank(itc, True), "itm_t2i": rerank(itc.T.contiguous(), False)}
+
     # ----------------------------------------------------------------------------- weights
 
     def load_hf_state_dict(self, state_dict: dict[str, torch.Tensor], strict: bool = True) -> list[str]:
@@ -345,6 +388,33 @@ class Blip2Stage1(nn.Module):
                     if n.startswith(("qformer.", "vision_proj.", "text_proj.", "itm_head."))]
         load_mapped(self, mapped, strict=strict, source="HF BLIP-2", expected=expected)
         return unused
+
+
+def recall_at_k(scores_i2t: torch.Tensor, scores_t2i: torch.Tensor, text_to_image: torch.Tensor | None = None,
+                ks: tuple[int, ...] = (1, 5, 10)) -> dict[str, float]:
+    """Image->text and text->image Recall@k from score matrices (the rules of :func:`vlmcore.retrieval_metrics`:
+    an image counts at k if any of its captions ranks in the top k; ties rank pessimistically).
+
+    Args:
+        scores_i2t: ``[N_img, N_txt]``; scores_t2i: ``[N_txt, N_img]`` (e.g. ``scores_i2t.T``, or
+            the ITM-reranked matrices of :meth:`Blip2Stage1.retrieval_scores`).
+        text_to_image: ``[N_txt]`` image index of each caption (default ``arange``).
+    """
+    n_img, n_txt = scores_i2t.shape
+    if tuple(scores_t2i.shape) != (n_txt, n_img):
+        raise ValueError(f"scores_t2i must be [N_txt, N_img] = {(n_txt, n_img)}, got {tuple(scores_t2i.shape)}")
+    if text_to_image is None:
+        if n_img != n_txt:
+            raise ValueError(f"text_to_image is required when N_img ({n_img}) != N_txt ({n_txt})")
+        text_to_image = torch.arange(n_txt)
+    text_to_image = text_to_image.to(scores_i2t.device, torch.int64)
+    is_gt = text_to_image[None, :] == torch.arange(n_img, device=scores_i2t.device)[:, None]  # [N_img, N_txt]
+    best_gt = scores_i2t.masked_fill(~is_gt, float("-inf")).amax(dim=1, keepdim=True)
+    i2t_rank = ((scores_i2t >= best_gt) & ~is_gt).sum(dim=1)
+    t2i_rank = (scores_t2i >= scores_t2i.gather(1, text_to_image[:, None])).sum(dim=1) - 1
+    metrics = {f"i2t_R@{k}": float((i2t_rank < k).float().mean()) for k in ks}
+    metrics.update({f"t2i_R@{k}": float((t2i_rank < k).float().mean()) for k in ks})
+    return metrics
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -558,5 +628,5 @@ def stage1_qformer_state(stage1: Blip2Stage1) -> dict[str, torch.Tensor]:
     return {f"qformer.{k}": v.detach() for k, v in stage1.qformer.named_parameters()}
 
 
-__all__ = ["Blip2LM", "Blip2Stage1", "fetch_rows", "gather_rows", "sample_hard_negatives",
+__all__ = ["Blip2LM", "Blip2Stage1", "fetch_rows", "gather_rows", "recall_at_k", "sample_hard_negatives",
            "soft_target_cross_entropy", "stage1_qformer_state"]

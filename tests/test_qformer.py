@@ -187,3 +187,20 @@ def test_hf_load_refuses_mismatches_by_name():
     extra["qformer.encoder.layer.9.attention.output.dense.weight"] = torch.zeros(HIDDEN, HIDDEN)
     with pytest.raises(ValueError, match=r"map to no parameter.*layer\.9"):
         ours.load_hf_state_dict(extra, strict=False)
+
+
+@pytest.mark.gpu
+def test_qformer_bf16_on_cuda_matches_fp32_hf():
+    """The compiled kernel in bf16 at a GPU-sane head dim (64) against HF in fp32."""
+    config = Blip2QFormerConfig(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=256,
+                                hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, encoder_hidden_size=96)
+    hf = Blip2QFormerModel(config).cuda().eval()
+    ours = QFormer(96, hidden_size=128, num_layers=2, num_heads=2, intermediate_size=256, num_query_tokens=32,
+                   dropout=0.0, attention_dropout=0.0).cuda().eval()
+    state = {f"qformer.{k}": v for k, v in hf.state_dict().items()}
+    state["query_tokens"] = ours.query_tokens.detach().clone()
+    ours.load_hf_state_dict(state, strict=False)
+    image = torch.randn(4, 257, 96, device="cuda")
+    expected = hf(query_embeds=state["query_tokens"].expand(4, -1, -1), encoder_hidden_states=image).last_hidden_state
+    got = ours.to(torch.bfloat16).encode_image(image.bfloat16())
+    assert_close(got, expected, atol=5e-2, rtol=5e-2, name="bf16 query outputs")

@@ -238,7 +238,7 @@ class Blip2Stage1(nn.Module):
     def forward(self, images: torch.Tensor | None = None, text_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, *, image_embeds: torch.Tensor | None = None,
                 image_ids: torch.Tensor | None = None, image_mask: torch.Tensor | None = None,
-                generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+                generator: torch.Generator | None = None, group=None) -> dict[str, torch.Tensor]:
         """The three stage-1 losses on a batch of ``b`` pairs (this rank's part of the global batch).
 
         Args:
@@ -247,6 +247,7 @@ class Blip2Stage1(nn.Module):
             image_ids: optional ``[b]`` ints; equal ids are positives (several captions per image).
             image_mask: optional ``[b, S]`` bool, False = padding image token.
             generator: optional RNG of the hard-negative draws (see the module docstring).
+            group: the data-parallel group of this call (default: the one given at construction).
 
         Returns:
             ``{"loss": itc + itm + itg, "loss_itc", "loss_itm", "loss_itg", "itc_i2t_acc",
@@ -266,7 +267,8 @@ class Blip2Stage1(nn.Module):
         if image_ids is not None and (not isinstance(image_ids, torch.Tensor) or tuple(image_ids.shape) != (batch,)):
             raise ValueError(f"image_ids must be a [b] = [{batch}] tensor, got "
                              f"{tuple(image_ids.shape) if isinstance(image_ids, torch.Tensor) else image_ids!r}")
-        rank, world = _world(self.group)
+        group = self.group if group is None else group
+        rank, world = _world(group)
         device = text_ids.device
         with torch.no_grad():
             self.temp.clamp_(0.001, 0.5)
@@ -275,8 +277,8 @@ class Blip2Stage1(nn.Module):
         query_out, query_kv = self.qformer.encode_image(image_embeds, image_mask, return_kv=True)
         image_feats = F.normalize(self.vision_proj(query_out), dim=-1)  # [b, Q, e]
         text_feat = self.text_features(text_ids, attention_mask)  # [b, e]
-        image_feats_all = gather_rows(image_feats, self.group, with_grad=self.gather_with_grad)  # [N, Q, e]
-        text_feat_all = gather_rows(text_feat, self.group, with_grad=self.gather_with_grad)  # [N, e]
+        image_feats_all = gather_rows(image_feats, group, with_grad=self.gather_with_grad)  # [N, Q, e]
+        text_feat_all = gather_rows(text_feat, group, with_grad=self.gather_with_grad)  # [N, e]
         total = image_feats_all.shape[0]
         sim_i2t = torch.einsum("bqe,ne->bnq", image_feats, text_feat_all).amax(dim=-1) / self.temp  # [b, N]
         sim_t2i = torch.einsum("be,nqe->bnq", text_feat, image_feats_all).amax(dim=-1) / self.temp  # [b, N]
@@ -284,7 +286,7 @@ class Blip2Stage1(nn.Module):
             columns = torch.arange(total, device=device)
             positive = columns[None, :] == (rank * batch + torch.arange(batch, device=device))[:, None]
         else:
-            ids_all = gather_rows(image_ids, self.group, with_grad=False)
+            ids_all = gather_rows(image_ids, group, with_grad=False)
             positive = image_ids[:, None] == ids_all[None, :]  # [b, N]
         loss_itc = 0.5 * (soft_target_cross_entropy(sim_i2t, positive, self.label_smoothing)
                           + soft_target_cross_entropy(sim_t2i, positive, self.label_smoothing))
@@ -296,15 +298,15 @@ class Blip2Stage1(nn.Module):
         noise_i2t = self._noise(batch, total, rank, device, generator)
         neg_image, valid_t2i = sample_hard_negatives(sim_t2i, positive, noise_t2i)
         neg_text, valid_i2t = sample_hard_negatives(sim_i2t, positive, noise_i2t)
-        image_neg = fetch_rows(image_embeds, neg_image, self.group)
-        text_neg = fetch_rows(text_ids, neg_text, self.group)
-        mask_neg = fetch_rows(attention_mask, neg_text, self.group)
+        image_neg = fetch_rows(image_embeds, neg_image, group)
+        text_neg = fetch_rows(text_ids, neg_text, group)
+        mask_neg = fetch_rows(attention_mask, neg_text, group)
         itm_images = torch.cat([image_embeds, image_neg, image_embeds], dim=0)  # pos, neg image, pos image
         itm_text = torch.cat([text_ids, text_ids, text_neg], dim=0)  # pos, pos text, neg text
         itm_mask = torch.cat([attention_mask, attention_mask, mask_neg.to(attention_mask.dtype)], dim=0)
         itm_image_mask = None
         if image_mask is not None:
-            image_mask_neg = fetch_rows(image_mask.to(torch.uint8), neg_image, self.group).bool()
+            image_mask_neg = fetch_rows(image_mask.to(torch.uint8), neg_image, group).bool()
             itm_image_mask = torch.cat([image_mask, image_mask_neg, image_mask], dim=0)
         itm_logits = self.itm_logits(itm_images, itm_text, itm_mask, itm_image_mask)  # [3b, 2]
         itm_labels = torch.cat([torch.ones(batch, dtype=torch.long, device=device),
@@ -588,10 +590,12 @@ class Blip2LM(nn.Module):
     # ----------------------------------------------------------------------------- weights
 
     def load_qformer_state_dict(self, state_dict: dict[str, torch.Tensor], strict: bool = True) -> None:
-        """Start from a stage-1 checkpoint: ``qformer.*`` keys of :class:`Blip2Stage1` (other keys ignored)."""
-        own = {f"qformer.{k}": k for k, _ in self.qformer.named_parameters()}
-        mapped = {own[k]: (k, v) for k, v in state_dict.items() if k in own}
-        load_mapped(self.qformer, mapped, strict=strict, source="stage-1 checkpoint")
+        """Start from a stage-1 checkpoint: the ``qformer.*`` keys of :class:`Blip2Stage1` that stage 2
+        uses (the query path; the text embeddings and text FFNs are ignored, so the stage-1 text
+        vocabulary may differ). ``strict``: every query-path parameter must be there."""
+        used = {f"qformer.{k}": k for k, p in self.qformer.named_parameters() if p.requires_grad}
+        mapped = {used[k]: (k, v) for k, v in state_dict.items() if k in used}
+        load_mapped(self.qformer, mapped, strict=strict, source="stage-1 checkpoint", expected=list(used.values()))
 
     def load_hf_state_dict(self, state_dict: dict[str, torch.Tensor], strict: bool = True) -> list[str]:
         """Load HF ``Blip2ForConditionalGeneration`` bridge weights (``qformer.*``, ``query_tokens``,

@@ -16,6 +16,8 @@ REGISTRY: dict[str, str | type[Task]] = {
     "clip": ".clip:ClipTask",
     "flamingo": ".flamingo:FlamingoTask",
     "frozen": ".frozen:FrozenTask",
+    "blip2_stage1": ".blip2_stage1:Blip2Stage1Task",
+    "blip2_stage2": ".blip2_stage2:Blip2Stage2Task",
 }
 
 

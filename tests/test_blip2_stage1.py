@@ -266,3 +266,13 @@ def test_retrieval_scores_rerank_only_the_top_k():
     itm = model.itm_logits(image[:1].expand(2, -1, -1), text[top[0]], mask[top[0]])[:, 1]
     assert_close(i2t[0, top[0]], itm + itc[0, top[0]], atol=1e-5, rtol=1e-5)
     assert (t2i > -100).sum(dim=1).eq(2).all()
+
+
+def test_recall_at_k_with_duplicate_captions_counts_them_as_positives():
+    from vlmcore.blip2 import recall_at_k
+
+    scores = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0], [0.0, 0.0, 1.0]])  # captions 0 and 1 are the same
+    positive = torch.tensor([[True, True, False], [True, True, False], [False, False, True]])
+    assert recall_at_k(scores, scores.T, positive=positive, ks=(1,)) == {"i2t_R@1": 1.0, "t2i_R@1": 1.0}
+    plain = recall_at_k(scores, scores.T, ks=(1,))  # ties with the duplicate rank pessimistically
+    assert plain["i2t_R@1"] == pytest.approx(1 / 3) and plain["t2i_R@1"] == pytest.approx(1 / 3)

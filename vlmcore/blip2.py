@@ -393,27 +393,36 @@ class Blip2Stage1(nn.Module):
 
 
 def recall_at_k(scores_i2t: torch.Tensor, scores_t2i: torch.Tensor, text_to_image: torch.Tensor | None = None,
-                ks: tuple[int, ...] = (1, 5, 10)) -> dict[str, float]:
+                ks: tuple[int, ...] = (1, 5, 10), *, positive: torch.Tensor | None = None) -> dict[str, float]:
     """Image->text and text->image Recall@k from score matrices (the rules of :func:`vlmcore.retrieval_metrics`:
-    an image counts at k if any of its captions ranks in the top k; ties rank pessimistically).
+    a query counts at k if any of its positives ranks in the top k; ties rank pessimistically).
 
     Args:
         scores_i2t: ``[N_img, N_txt]``; scores_t2i: ``[N_txt, N_img]`` (e.g. ``scores_i2t.T``, or
             the ITM-reranked matrices of :meth:`Blip2Stage1.retrieval_scores`).
         text_to_image: ``[N_txt]`` image index of each caption (default ``arange``).
+        positive: instead of ``text_to_image``, a bool ``[N_img, N_txt]`` of the correct pairs (e.g.
+            also the other images whose caption is identical).
     """
     n_img, n_txt = scores_i2t.shape
     if tuple(scores_t2i.shape) != (n_txt, n_img):
         raise ValueError(f"scores_t2i must be [N_txt, N_img] = {(n_txt, n_img)}, got {tuple(scores_t2i.shape)}")
-    if text_to_image is None:
-        if n_img != n_txt:
-            raise ValueError(f"text_to_image is required when N_img ({n_img}) != N_txt ({n_txt})")
-        text_to_image = torch.arange(n_txt)
-    text_to_image = text_to_image.to(scores_i2t.device, torch.int64)
-    is_gt = text_to_image[None, :] == torch.arange(n_img, device=scores_i2t.device)[:, None]  # [N_img, N_txt]
-    best_gt = scores_i2t.masked_fill(~is_gt, float("-inf")).amax(dim=1, keepdim=True)
-    i2t_rank = ((scores_i2t >= best_gt) & ~is_gt).sum(dim=1)
-    t2i_rank = (scores_t2i >= scores_t2i.gather(1, text_to_image[:, None])).sum(dim=1) - 1
+    if positive is None:
+        if text_to_image is None:
+            if n_img != n_txt:
+                raise ValueError(f"text_to_image is required when N_img ({n_img}) != N_txt ({n_txt})")
+            text_to_image = torch.arange(n_txt)
+        text_to_image = text_to_image.to(scores_i2t.device, torch.int64)
+        positive = text_to_image[None, :] == torch.arange(n_img, device=scores_i2t.device)[:, None]
+    elif tuple(positive.shape) != (n_img, n_txt) or positive.dtype != torch.bool:
+        raise ValueError(f"positive must be a bool [N_img, N_txt] = {(n_img, n_txt)} tensor")
+
+    def ranks(scores: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        best = scores.masked_fill(~pos, float("-inf")).amax(dim=1, keepdim=True)
+        return ((scores >= best) & ~pos).sum(dim=1)
+
+    i2t_rank = ranks(scores_i2t, positive)
+    t2i_rank = ranks(scores_t2i, positive.T)
     metrics = {f"i2t_R@{k}": float((i2t_rank < k).float().mean()) for k in ks}
     metrics.update({f"t2i_R@{k}": float((t2i_rank < k).float().mean()) for k in ks})
     return metrics

@@ -5,7 +5,8 @@ and ``[DEC]`` (the ITG start token) are two ids after the tokenizer's vocabulary
 Q-Former. Loss: ``loss_itc + loss_itm + loss_itg`` over the data-parallel group (hard negatives
 exchanged index-wise); logged with the three losses, ITC / ITM accuracies and the temperature.
 Eval: retrieval Recall@1/5/10 over the held-out pairs (up to ``data.eval.max_batches``) by ITC and
-re-ranked by ITM over each query's top ``eval_k`` (BLIP-2's protocol); every rank scores the whole
+re-ranked by ITM over each query's top ``eval_k`` (BLIP-2's protocol); a caption identical to the
+image's own counts as correct too (the shapes captions repeat); every rank scores the whole
 held-out set (it is small; the result is identical on all ranks). Config section ``model.blip2_stage1``.
 """
 
@@ -158,9 +159,13 @@ class Blip2Stage1Task(Task):
             images.append(module.vision_encoder(batch["images"].to(device, ctx.dtype)))
             text_ids.append(batch["text_ids"].to(device))
             masks.append(batch["attention_mask"].to(device))
-        scores = module.retrieval_scores(torch.cat(images), torch.cat(text_ids), torch.cat(masks),
+        text_ids = torch.cat(text_ids)
+        scores = module.retrieval_scores(torch.cat(images), text_ids, torch.cat(masks),
                                          k=self.config.eval_k, batch_size=ev.batch_size)
-        results = {f"itc_{k}": v for k, v in recall_at_k(scores["itc"], scores["itc"].T).items()}
-        results.update({f"itm_{k}": v for k, v in recall_at_k(scores["itm_i2t"], scores["itm_t2i"]).items()})
+        # A pair is correct when the image's own caption is the text, or the same text (duplicate captions).
+        positive = (text_ids[:, None, :] == text_ids[None, :, :]).all(dim=-1)
+        results = {f"itc_{k}": v for k, v in recall_at_k(scores["itc"], scores["itc"].T, positive=positive).items()}
+        results.update({f"itm_{k}": v for k, v in
+                        recall_at_k(scores["itm_i2t"], scores["itm_t2i"], positive=positive).items()})
         results["eval_samples"] = int(scores["itc"].shape[0])
         return results

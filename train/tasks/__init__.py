@@ -19,6 +19,8 @@ REGISTRY: dict[str, str | type[Task]] = {
     "siglip": ".siglip:SiglipTask",
     "vilbert": ".vilbert:VilbertTask",
     "vlbert": ".vlbert:VlbertTask",
+    "blip2_stage1": ".blip2_stage1:Blip2Stage1Task",
+    "blip2_stage2": ".blip2_stage2:Blip2Stage2Task",
 }
 
 

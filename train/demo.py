@@ -233,6 +233,11 @@ def _vilbert(args, ranks: int, env: dict, start: float) -> dict:
              "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
              "seconds": round(time.time() - start, 1)}
     with open(os.path.join(args.out, "final_metrics_vilbert.json"), "w", encoding="utf-8") as f:
+        json.dump(final, f, indent=1)
+    print(json.dumps(final, indent=1))
+    return final
+
+
 def _blip2(args, ranks: int, env: dict, start: float, clip_dir: str, lm_dir: str, data_overrides: list[str]) -> dict:
     """BLIP-2 stage 1 then stage 2 over the CLIP's frozen tower (and, stage 2, the pre-trained frozen LM)."""
     common = [f"model.vision.init={clip_dir}/vision.safetensors", f"data.train.0.shards={args.data}/train-*.tar",

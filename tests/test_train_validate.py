@@ -22,7 +22,7 @@ TINY = ["model.vision={image_size: 16, patch_size: 8, width: 32, depth: 1, heads
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     out = tmp_path_factory.mktemp("shapes")
-    shapes.make_shapes(str(out), n_train=64, n_eval=40, n_docs=16, image_size=16, shard_size=32, seed=4)
+    shapes.make_shapes(str(out), n_train=64, n_eval=40, n_docs=16, image_size=16, shard_size=64, seed=4)
     train_word_tokenizer(str(out / "captions.txt"), str(out / "tokenizer.json"))
     # img2dataset-style eval shard: KEY.png + KEY.txt, no KEY.json (hence no label), no classes.json beside it
     os.makedirs(out / "plain")
@@ -55,7 +55,7 @@ def test_every_missing_path_is_listed_in_one_error(data, tmp_path):
     (tmp_path / "not_an_lm").mkdir()
     cfg = load_config(str(CONFIGS / "frozen_tiny.yaml"), [
         "out_dir=x", "data.shapes=null", "tokenizer.train_from_shapes=false", f"tokenizer.path={tmp_path}/tok.json",
-        f"data.train.0.shards=[{data}/train-000000.tar, {tmp_path}/gone-{{000..002}}.tar]",
+        f"data.train.0.shards=[{data}/train-000000.tar, '{tmp_path}/gone-{{000..002}}.tar']",
         f"data.eval.shards={tmp_path}/eval-*.tar", f"data.eval.classes={tmp_path}/classes.json",
         f"model.lm={{path: {tmp_path}/not_an_lm}}", f"model.vision.init={tmp_path}/vision.safetensors"])
     problems = _problems(cfg)
@@ -122,19 +122,21 @@ def test_missing_classes_file_fails_before_training_starts(data, tmp_path, monke
     assert not os.path.exists(out / "metrics.jsonl")
 
 
+def _run_argv(data, out, eval_shards, *extra):
+    return ["--config", str(CONFIGS / "clip_tiny.yaml"), f"out_dir={out}", f"tokenizer.path={data}/tokenizer.json",
+            f"data.train.0.shards={data}/train-*.tar", f"data.eval.shards={eval_shards}", "data.eval.batch_size=16",
+            "data.train.0.batch_size=8", "save_every=0", *TINY, *extra]
+
+
 def test_clip_eval_without_labels_reports_retrieval_metrics(data, tmp_path):
     out = tmp_path / "run"
-    result = main(["--config", str(CONFIGS / "clip_tiny.yaml"), f"out_dir={out}", f"tokenizer.path={data}/tokenizer.json",
-                   f"data.train.0.shards={data}/train-*.tar", f"data.eval.shards={data}/plain/eval-000000.tar",
-                   "data.eval.batch_size=16", "data.train.0.batch_size=8", "max_steps=2", "save_every=0", *TINY])
+    result = main(_run_argv(data, out, f"{data}/plain/eval-000000.tar", "max_steps=2"))
     assert "zero_shot_top1" not in result and result["eval_samples"] == 40
     for key in ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10"):
         assert 0 <= result[key] <= 1, key
     assert result["i2t_R@1"] <= result["i2t_R@5"] <= result["i2t_R@10"]
     # With labels and classes.json beside the shard: both zero-shot and retrieval.
-    result = main(["--config", str(CONFIGS / "clip_tiny.yaml"), f"out_dir={out}2", f"tokenizer.path={data}/tokenizer.json",
-                   f"data.train.0.shards={data}/train-*.tar", f"data.eval.shards={data}/eval-000000.tar",
-                   "data.eval.batch_size=16", "data.train.0.batch_size=8", "max_steps=1", "save_every=0", *TINY])
+    result = main(_run_argv(data, f"{out}2", f"{data}/eval-000000.tar", "max_steps=1"))
     assert result["zero_shot_samples"] == 40 and 0 <= result["zero_shot_top1"] <= 1 and "t2i_R@1" in result
 
 

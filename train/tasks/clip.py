@@ -44,7 +44,7 @@ class TextConfig:
     depth: int = 2  # text transformer blocks
     heads: int = 4  # attention heads
     lock: bool = False  # freeze the text tower and its projection (OpenCLIP --lock-text)
-    unlocked_layers: int = 0  # with lock: the last N blocks (and everything after them) stay trainable
+    unlocked_layers: int = 0  # with lock: the last N blocks, ln_final and the projection stay trainable
 
     def check(self, where: str) -> list[str]:
         out = [f"{where}.{n}: must be >= 1, got {getattr(self, n)}" for n in ("width", "depth", "heads")
@@ -106,8 +106,9 @@ class ClipTask(Task):
             context_length=self.cfg.tokenizer.context_length, text_width=c.text.width, text_depth=c.text.depth,
             text_heads=c.text.heads, pad_token_id=tok.pad_token_id, eot_token_id=tok.eos_token_id,
             init_temperature=c.init_temperature, max_logit_scale=c.max_logit_scale)
-        if c.text.lock:  # the projection comes after the last block: it is frozen unless layers are unlocked
-            lock_tower(model.text, model.text.blocks, c.text.unlocked_layers, after=[model.text_projection])
+        if c.text.lock:  # the final norm and projection follow the last block: frozen unless blocks are unlocked
+            lock_tower(model.text, model.text.blocks, c.text.unlocked_layers,
+                       after=[model.text.ln_final, model.text_projection])
         if self.cfg.model.gradient_checkpointing:
             checkpoint_blocks(list(model.visual.blocks) if hasattr(model.visual, "blocks") else [])
             checkpoint_blocks(list(model.text.blocks))

@@ -62,7 +62,8 @@ def shard_problems(spec, where: str) -> list[str]:
     return []
 
 
-def _first_local_shard(spec) -> str | None:
+def first_local_shard(spec) -> str | None:
+    """The first existing local shard of ``spec`` (None when there is none)."""
     for pattern in [spec] if isinstance(spec, str) else list(spec):
         if is_remote(pattern):
             continue
@@ -119,7 +120,7 @@ def first_eval_sample(cfg: TrainConfig) -> dict | None:
     """The first raw sample of the first local eval shard (None without one)."""
     from .data import read_tar
 
-    shard = _first_local_shard(cfg.data.eval.shards)
+    shard = first_local_shard(cfg.data.eval.shards)
     if shard is None:
         return None
     return next(iter(read_tar(shard)), None)

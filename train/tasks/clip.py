@@ -29,9 +29,10 @@ from torch import nn
 
 import vlmcore
 
-from ..data import decode_image, eval_batches, expand_shards, pair_fields
+from ..data import decode_image, eval_batches, pair_fields
 from ..distributed import all_reduce_sum
 from ..tokenizer import Tokenizer
+from ..validate import first_local_shard
 from .base import EvalContext, Task
 from .common import build_vision, checkpoint_blocks, in_step, lock_tower, move
 
@@ -131,9 +132,12 @@ class ClipTask(Task):
         return out["loss"].float(), metrics
 
     def classes_path(self) -> str:
-        """``data.eval.classes``, or ``classes.json`` next to the first eval shard."""
+        """``data.eval.classes``, or ``classes.json`` next to the first local eval shard ("" without one)."""
         ev = self.cfg.data.eval
-        return ev.classes or os.path.join(os.path.dirname(expand_shards(ev.shards)[0]), "classes.json")
+        if ev.classes:
+            return ev.classes
+        shard = first_local_shard(ev.shards)
+        return os.path.join(os.path.dirname(shard), "classes.json") if shard else ""
 
     def check_eval_sample(self, sample: dict) -> list[str]:
         out = super().check_eval_sample(sample)
@@ -152,7 +156,7 @@ class ClipTask(Task):
         if not has_label and not self.config.retrieval_eval:
             out.append("model.clip.retrieval_eval: false and the eval samples have no 'label' (zero-shot "
                        "impossible): there would be no eval metric")
-        if has_label and os.path.isfile(path):
+        if has_label and path and os.path.isfile(path):
             try:
                 with open(path, encoding="utf-8") as f:
                     classes = json.load(f)
@@ -167,7 +171,7 @@ class ClipTask(Task):
         info, ev = ctx.info, ctx.eval
         path = self.classes_path()
         classifier = None
-        if os.path.isfile(path):
+        if path and os.path.isfile(path):
             with open(path, encoding="utf-8") as f:
                 classes = json.load(f)
             classifier = vlmcore.zero_shot_classifier(module, self.tok, classes["classnames"], classes["templates"])

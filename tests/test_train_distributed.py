@@ -84,6 +84,14 @@ def _clip(data, out_dir, *extra):
         "optim.lr=3e-3", "optim.warmup_steps=2", *extra]
 
 
+def _accumulation(data, out_dir, *extra):
+    """Frozen on the fixed-length eval captions, no shuffling: the same samples whatever the batch size."""
+    return _common("frozen", data, out_dir) + [
+        TINY_LM, f"data.train.0.shards={data}/eval-000000.tar", "data.train.0.resampled=false",
+        "data.train.0.shuffle_buffer=0", "tokenizer.context_length=16", "max_steps=3", "save_every=0",
+        "data.eval=null", "optim.lr=1e-3", "deepspeed.zero_optimization.stage=2", *extra]
+
+
 def _falls(steps, k=3):
     losses = [s["loss"] for s in steps]
     return sum(losses[-k:]) / k < sum(losses[:k]) / k
@@ -92,6 +100,7 @@ def _falls(steps, k=3):
 def test_two_ranks_zero2_zero3_and_exact_resume(data, tmp_path):
     full, killed = tmp_path / "full", tmp_path / "killed"
     fl3, fr3, clip3 = tmp_path / "flamingo_z3", tmp_path / "frozen_z3", tmp_path / "clip_z3"
+    acc1, acc2 = tmp_path / "batch8", tmp_path / "accumulated4x2"
     proc = _launch(tmp_path, "first", [
         _clip(data, full),
         _common("flamingo", data, fl3) + [
@@ -104,6 +113,8 @@ def test_two_ranks_zero2_zero3_and_exact_resume(data, tmp_path):
             ZERO3, TINY_LM, f"data.train.0.shards={data}/train-*.tar", "data.train.0.batch_size=8",
             "tokenizer.context_length=16", "max_steps=12", "save_every=0", "eval_every=0", "optim.lr=3e-3"],
         _clip(data, clip3, ZERO3, "max_steps=6", "save_every=0", *(a.format(data=data) for a in ODD_EVAL)),
+        _accumulation(data, acc1, "data.train.0.batch_size=8"),
+        _accumulation(data, acc2, "data.train.0.batch_size=4", "optim.accumulation_steps=2"),
     ])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
@@ -121,6 +132,15 @@ def test_two_ranks_zero2_zero3_and_exact_resume(data, tmp_path):
     assert len(_steps(clip3)) == 6
     # ZeRO-3 evaluation with more batches on one rank than on the other: no hang, every sample counted.
     assert _evals(clip3)[-1]["eval_samples"] == 25
+
+    # Gradient accumulation over 2 ranks (ZeRO-2): 2 micro-batches of 4 == one batch of 8 for the LM loss
+    # (the eval captions all have the same token count), step after step.
+    big, accumulated = _steps(acc1), _steps(acc2)
+    assert len(big) == len(accumulated) == 3
+    for b, a in zip(big, accumulated):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+        assert a["samples/pairs"] == b["samples/pairs"] == 16  # 8 per rank
 
     # Killed with SIGKILL right after step 5 (last checkpoint: step 4), then resumed.
     proc = _launch(tmp_path, "killed", [_clip(data, killed, "testing.sigkill_at_step=5")])

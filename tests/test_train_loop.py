@@ -1,6 +1,7 @@
 """In-process trainings (one rank, DeepSpeed on gloo) on tiny shapes data: every task learns;
 mixture weights; bad samples counted; non-finite losses skipped, then abort with a checkpoint."""
 
+import datetime
 import io
 import json
 import os
@@ -47,9 +48,16 @@ def _argv(task, data, out_dir, *extra):
             "model.vision={image_size: 16, patch_size: 8, width: 32, depth: 1, heads: 2}", *extra]
 
 
+def _reject(constant):
+    raise ValueError(f"metrics.jsonl is not strict JSON: {constant}")
+
+
 def _metrics(out_dir):
+    """The step and eval records; every line must be strict JSON (no NaN / Infinity) with a UTC time."""
     with open(os.path.join(out_dir, "metrics.jsonl"), encoding="utf-8") as f:
-        lines = [json.loads(line) for line in f]
+        lines = [json.loads(line, parse_constant=_reject) for line in f]
+    for line in lines:
+        assert datetime.datetime.fromisoformat(line["time"]).utcoffset() == datetime.timedelta(0)
     return [x for x in lines if "loss" in x], [x for x in lines if "eval" in x]
 
 
@@ -67,8 +75,10 @@ def test_clip_trains_and_counts_bad_samples(data, tmp_path):
                         "tokenizer.context_length=12", "optim.lr=3e-3", "optim.warmup_steps=2"))
     steps, evals = _metrics(out)
     assert [s["step"] for s in steps] == list(range(1, 31))
-    for key in ("loss", "lr", "samples_per_s", "tokens_per_s", "grad_norm", "skipped_samples"):
+    for key in ("loss", "lr", "samples_per_s", "tokens_per_s", "grad_norm", "skipped_samples", "logit_scale",
+                "i2t_acc", "t2i_acc", "samples/shapes"):
         assert all(s[key] is not None for s in steps), key
+    assert all(s["samples/shapes"] == 24 for s in steps) and 1 < steps[-1]["logit_scale"] <= 100
     # The bad shard (3 broken samples) is read once per epoch; the count is cumulative.
     skipped = [s["skipped_samples"] for s in steps]
     assert skipped[-1] >= 3 and skipped[-1] % 3 == 0 and skipped == sorted(skipped)
@@ -161,6 +171,10 @@ def test_nonfinite_losses_are_skipped_then_abort_zero0(data, tmp_path, monkeypat
     assert [s["step"] for s in steps] == list(range(1, 9))
     assert [s["nonfinite_steps"] for s in steps] == [0, 0, 1, 1, 1, 2, 3, 4]
     assert steps[2]["grad_norm"] is None and steps[3]["grad_norm"] is not None  # step 3 skipped, 4 trained
+    # The NaN loss is written as null and flagged (strict JSON, checked by _metrics).
+    assert steps[2]["loss"] is None and steps[2]["nonfinite"] == ["loss"] and "nonfinite" not in steps[3]
+    with pytest.raises(ValueError, match="not strict JSON: NaN"):  # the parser used above does reject NaN
+        json.loads('{"loss": NaN}', parse_constant=_reject)
     assert open(out / "checkpoints" / "latest").read() == "step_00000008"
 
 

@@ -18,6 +18,8 @@ module names no task.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import functools
 import json
 import os
 import types
@@ -46,11 +48,11 @@ class DatasetConfig:
 
     shards: Union[str, list]  # brace pattern "dir/train-{000..007}.tar" or a list of paths/patterns
     name: str = ""  # for logging; defaults to "kind<index>"
-    kind: Literal["pairs", "interleaved"] = "pairs"
+    kind: Literal["pairs", "interleaved"] = "pairs"  # pairs: image + caption; interleaved: MMC4-like documents
     weight: float = 1.0  # loss weight in the mixture (Flamingo: M3W 1.0, ALIGN 0.2, LTIP 0.2, VTP 0.03)
     batch_size: int = 8  # per rank
     max_images: int = 3  # interleaved: images kept per document (the rest are dropped)
-    shuffle_buffer: int = 256
+    shuffle_buffer: int = 256  # samples in the shuffle buffer (0 = shard order)
     resampled: bool = True  # shards drawn with replacement per rank/worker (webdataset "resampled")
     # interleaved (MMC4): drop images whose matched_sim is below this (OpenFlamingo trains with 0.24); 0 = keep all
     min_image_similarity: float = 0.0
@@ -80,8 +82,8 @@ class DatasetConfig:
 class EvalConfig:
     """Held-out image-text pairs used for evaluation every ``eval_every`` steps and at the end."""
 
-    shards: Union[str, list]
-    batch_size: int = 64
+    shards: Union[str, list]  # brace pattern / glob / list, like data.train[].shards
+    batch_size: int = 64  # per rank
     max_batches: int = 0  # 0 = the whole split
     classes: str = ""  # JSON file with {"classnames": [...], "templates": [...]} (CLIP zero-shot)
 
@@ -98,14 +100,13 @@ class EvalConfig:
 class ShapesConfig:
     """Generate the embedded shapes dataset into ``dir`` when its shards are missing."""
 
-    dir: str
-    n_train: int = 4000
-    n_eval: int = 480
-    n_docs: int = 1000
-    image_size: int = 64
-    shard_size: int = 1000
-    seed: int = 0
-
+    dir: str  # output directory (shards, captions.txt, classes.json)
+    n_train: int = 4000  # training pairs
+    n_eval: int = 480  # held-out pairs
+    n_docs: int = 1000  # interleaved documents
+    image_size: int = 64  # pixels (square)
+    shard_size: int = 1000  # samples per tar shard
+    seed: int = 0  # generator seed
     def check(self, where: str) -> list[str]:
         out = []
         for name in ("n_train", "n_eval", "n_docs", "shard_size"):
@@ -118,10 +119,10 @@ class ShapesConfig:
 
 @dataclass
 class DataConfig:
-    train: list[DatasetConfig]
-    eval: Union[EvalConfig, None] = None
+    train: list[DatasetConfig]  # the training datasets (a mixture: one batch of each per step)
+    eval: Union[EvalConfig, None] = None  # held-out data (null = no evaluation)
     num_workers: int = 0  # DataLoader workers per dataset and rank
-    shapes: Union[ShapesConfig, None] = None
+    shapes: Union[ShapesConfig, None] = None  # generate the embedded shapes dataset (null = off)
     # a stream with this many unusable samples in a row stops the run with an error naming the reasons
     max_consecutive_bad_samples: int = 5000
 
@@ -143,8 +144,8 @@ class DataConfig:
 class TokenizerConfig:
     """A ``tokenizers`` JSON file or a local Hugging Face tokenizer directory."""
 
-    path: str
-    context_length: int = 32
+    path: str  # tokenizers JSON file or local HF tokenizer directory
+    context_length: int = 32  # T: text tokens per sample (truncated / padded)
     train_from_shapes: bool = False  # train a small word-level tokenizer on the shapes captions if missing
 
     def check(self, where: str) -> list[str]:
@@ -153,17 +154,22 @@ class TokenizerConfig:
 
 @dataclass
 class VisionConfig:
-    image_size: int = 32
-    patch_size: int = 8
-    width: int = 64
-    depth: int = 2
-    heads: int = 4
-    mlp_ratio: float = 4.0
+    image_size: int = 32  # input pixels (square)
+    patch_size: int = 8  # ViT patch size
+    width: int = 64  # ViT width
+    depth: int = 2  # ViT blocks
+    heads: int = 4  # attention heads
+    mlp_ratio: float = 4.0  # MLP hidden = mlp_ratio * width
     init: str = ""  # safetensors file with VisionTransformer weights (e.g. vision.safetensors of a CLIP run)
     freeze: bool = False  # the vision encoder is frozen (as in the Flamingo / Frozen papers) when True
+    unlocked_layers: int = 0  # with freeze: the last N blocks and the final norm stay trainable (LiT)
 
     def check(self, where: str) -> list[str]:
         out = []
+        if not 0 <= self.unlocked_layers <= max(self.depth, 0):
+            out.append(f"{where}.unlocked_layers: must be in [0, depth={self.depth}], got {self.unlocked_layers}")
+        if self.unlocked_layers and not self.freeze:
+            out.append(f"{where}.unlocked_layers: only meaningful with {where}.freeze: true")
         for name in ("image_size", "patch_size", "width", "depth", "heads"):
             if getattr(self, name) < 1:
                 out.append(f"{where}.{name}: must be >= 1, got {getattr(self, name)}")
@@ -180,7 +186,7 @@ class VisionConfig:
 class LMConfig:
     """The frozen language model: a local HF directory (``path``) or a config built with random weights."""
 
-    path: str = ""
+    path: str = ""  # local Hugging Face model directory (with config.json)
     config: dict = field(default_factory=dict)  # e.g. {model_type: llama, hidden_size: 64, ...}
 
     def check(self, where: str) -> list[str]:
@@ -196,20 +202,20 @@ class ModelConfig:
     """The parts shared by tasks; each task adds its own section ``model.<task>`` (its ``Config``
     dataclass, see ``train/tasks/base.py``), composed in by :func:`parse_config`."""
 
-    vision: VisionConfig = field(default_factory=VisionConfig)
+    vision: VisionConfig = field(default_factory=VisionConfig)  # the vision tower
     lm: Union[LMConfig, None] = None  # the frozen language model of the tasks that use one
-    gradient_checkpointing: bool = False
-
-
+    gradient_checkpointing: bool = False  # activation checkpointing (all tasks; CLIP: every tower block)
 @dataclass
 class OptimConfig:
-    lr: float = 1e-3
-    weight_decay: float = 0.1
-    betas: list = field(default_factory=lambda: [0.9, 0.98])
-    eps: float = 1e-6
-    warmup_steps: int = 0
-    schedule: Literal["cosine", "constant"] = "cosine"
-    min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio at max_steps
+    lr: float = 1e-3  # peak learning rate (AdamW)
+    weight_decay: float = 0.1  # AdamW decay (not on 1-D parameters)
+    betas: list = field(default_factory=lambda: [0.9, 0.98])  # AdamW betas
+    eps: float = 1e-6  # AdamW epsilon
+    warmup_steps: int = 0  # linear warmup from lr / warmup_steps to lr
+    schedule: Literal["cosine", "constant", "linear", "warmup_constant_cooldown"] = "cosine"  # after the warmup
+    min_lr_ratio: float = 0.0  # cosine / linear / cooldown end at lr * min_lr_ratio at the last step
+    cooldown_fraction: float = 0.1  # warmup_constant_cooldown: the last fraction of the steps decays linearly
+    accumulation_steps: int = 1  # micro-batches per optimizer step (DeepSpeed gradient_accumulation_steps)
 
     def check(self, where: str) -> list[str]:
         out = []
@@ -225,6 +231,10 @@ class OptimConfig:
             out.append(f"{where}.warmup_steps: must be >= 0, got {self.warmup_steps}")
         if not 0 <= self.min_lr_ratio <= 1:
             out.append(f"{where}.min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
+        if not 0 < self.cooldown_fraction <= 1:
+            out.append(f"{where}.cooldown_fraction: must be in (0, 1], got {self.cooldown_fraction}")
+        if self.accumulation_steps < 1:
+            out.append(f"{where}.accumulation_steps: must be >= 1, got {self.accumulation_steps}")
         return out
 
 
@@ -242,28 +252,37 @@ class TestingConfig:
 @dataclass
 class TrainConfig:
     task: str  # a name of the task registry (train/tasks/__init__.py)
-    out_dir: str
-    max_steps: int
-    data: DataConfig
-    tokenizer: TokenizerConfig
-    model: ModelConfig = field(default_factory=ModelConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
+    out_dir: str  # metrics.jsonl, checkpoints/, exported weights
+    data: DataConfig  # datasets
+    tokenizer: TokenizerConfig  # the text tokenizer
+    max_steps: int = 0  # optimizer steps; 0 = derived from epochs x train_num_samples (OpenCLIP)
+    epochs: int = 0  # with train_num_samples: max_steps = epochs * ceil(train_num_samples / samples per step)
+    train_num_samples: int = 0  # samples per epoch, all datasets and ranks together (OpenCLIP --train-num-samples)
+    model: ModelConfig = field(default_factory=ModelConfig)  # the model sections (common + model.<task>)
+    optim: OptimConfig = field(default_factory=OptimConfig)  # AdamW and the lr schedule
     deepspeed: Union[dict, str] = field(default_factory=dict)  # DeepSpeed's own keys, or a JSON path
     save_every: int = 0  # 0 = only at the end
-    keep_last: int = 2
+    keep_last: int = 2  # checkpoints kept
     eval_every: int = 0  # 0 = only at the end (when data.eval is set)
-    log_every: int = 1
-    seed: int = 0
+    log_every: int = 1  # steps between metrics lines
+    seed: int = 0  # base seed (rank r uses seed + r)
     resume: Union[str, None] = None  # "latest" or a checkpoint tag ("step_00000040")
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU; fp16: CUDA only
     max_nonfinite_steps: int = 5  # this many non-finite losses in a row abort the run
-    progress_bar: bool = True
-    testing: TestingConfig = field(default_factory=TestingConfig)
-
+    progress_bar: bool = True  # tqdm bar on rank 0
+    testing: TestingConfig = field(default_factory=TestingConfig)  # fault injection for the test suite
     def check(self, where: str) -> list[str]:
         out = []
-        if self.max_steps < 1:
-            out.append(f"max_steps: must be >= 1, got {self.max_steps}")
+        by_epochs = self.epochs != 0 or self.train_num_samples != 0
+        if by_epochs:
+            if self.max_steps:
+                out.append("max_steps: give either max_steps or epochs + train_num_samples, not both")
+            for name in ("epochs", "train_num_samples"):
+                if getattr(self, name) < 1:
+                    out.append(f"{name}: must be >= 1 with {'train_num_samples' if name == 'epochs' else 'epochs'} "
+                               f"set, got {getattr(self, name)}")
+        elif self.max_steps < 1:
+            out.append(f"max_steps: must be >= 1 (or set epochs and train_num_samples), got {self.max_steps}")
         for name in ("save_every", "eval_every"):
             if getattr(self, name) < 0:
                 out.append(f"{name}: must be >= 0, got {getattr(self, name)}")
@@ -272,26 +291,94 @@ class TrainConfig:
                 out.append(f"{name}: must be >= 1, got {getattr(self, name)}")
         if not self.out_dir:
             out.append("out_dir: must not be empty")
-        out += _check_deepspeed(self.deepspeed)
+        out += _check_deepspeed(self.deepspeed, self.precision)
         return out
 
 
-def _check_deepspeed(ds) -> list[str]:
+@functools.lru_cache(maxsize=1)
+def deepspeed_keys() -> tuple[frozenset, frozenset]:
+    """(top-level keys, ``zero_optimization`` keys) that the installed DeepSpeed reads.
+
+    Top level: the keys ``DeepSpeedConfig._initialize_params`` looks up, recorded by running it on
+    an empty mapping that logs every lookup (DeepSpeed has no single list of them), plus the
+    ``autotuning`` section read by its launcher (its constant). Keys DeepSpeed has removed are in
+    neither set (:func:`removed_deepspeed_keys` explains them). ZeRO: the fields and aliases of
+    DeepSpeed's pydantic ``DeepSpeedZeroConfig``.
+    """
+    from deepspeed.autotuning.constants import AUTOTUNING
+    from deepspeed.runtime.config import DeepSpeedConfig
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    seen: set = set()
+
+    class Recording(dict):  # starts empty; DeepSpeed may insert defaults into it while parsing
+        def get(self, key, default=None):
+            seen.add(key)
+            return super().get(key, default)
+
+        def __contains__(self, key):
+            seen.add(key)
+            return super().__contains__(key)
+
+        def __getitem__(self, key):
+            seen.add(key)
+            return super().__getitem__(key)
+
+        def keys(self):  # ``KEY in param_dict.keys()`` is recorded too
+            return self
+
+    probe = object.__new__(DeepSpeedConfig)
+    probe.global_rank, probe.world_size, probe.mpu = 0, 1, None
+    probe._param_dict = Recording()
+    probe._initialize_params(probe._param_dict)
+    top = ({k for k in seen if isinstance(k, str)} | {AUTOTUNING}) - set(removed_deepspeed_keys()[0])
+    zero = set(DeepSpeedZeroConfig.model_fields)
+    zero |= {f.alias for f in DeepSpeedZeroConfig.model_fields.values() if f.alias}
+    return frozenset(top), frozenset(zero)
+
+
+def removed_deepspeed_keys() -> tuple[dict, dict]:
+    """DeepSpeed's own messages for the (top-level, ZeRO) keys it has removed (empty if it has none)."""
+    import deepspeed.runtime.config as ds_config
+
+    return (getattr(ds_config, "_REMOVED_TOP_LEVEL_CONFIG_KEYS", {}),
+            getattr(ds_config, "_REMOVED_ZERO_CONFIG_KEYS", {}))
+
+
+def _unknown_keys(section: dict, known: frozenset, where: str, removed: dict) -> list[str]:
+    out = []
+    for key in sorted(k for k in section if k not in known):
+        if key in removed:
+            out.append(f"{where}.{key}: removed from DeepSpeed: {removed[key].strip()}")
+            continue
+        close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.75)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        out.append(f"{where}.{key}: not a DeepSpeed config key{hint}")
+    return out
+
+
+def _check_deepspeed(ds, precision: str = "auto") -> list[str]:
     if isinstance(ds, str):
         if not os.path.isfile(ds):
             return [f"deepspeed: JSON file {ds!r} does not exist"]
         return []
-    out = []
+    top, zero_keys = deepspeed_keys()
+    removed_top, removed_zero = removed_deepspeed_keys()
+    out = _unknown_keys(ds, top, "deepspeed", removed_top)
     zero = ds.get("zero_optimization", {})
     if not isinstance(zero, dict):
         out.append("deepspeed.zero_optimization: must be a mapping")
-    elif zero.get("stage", 0) not in (0, 1, 2, 3):
-        out.append(f"deepspeed.zero_optimization.stage: must be 0, 1, 2 or 3, got {zero.get('stage')!r}")
-    if ds.get("fp16", {}).get("enabled", False):
-        out.append("deepspeed.fp16: not supported (use precision: bf16 on GPU, fp32 on CPU)")
+    else:
+        out += _unknown_keys(zero, zero_keys, "deepspeed.zero_optimization", removed_zero)
+        if zero.get("stage", 0) not in (0, 1, 2, 3):
+            out.append(f"deepspeed.zero_optimization.stage: must be 0, 1, 2 or 3, got {zero.get('stage')!r}")
+    fp16 = ds.get("fp16", {})
+    if isinstance(fp16, dict) and fp16.get("enabled", False) and precision != "fp16":
+        out.append("deepspeed.fp16.enabled: the trainer's precision decides; set precision: fp16 instead")
     for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
         if key in ds:
-            out.append(f"deepspeed.{key}: set by the trainer from data.train[*].batch_size; remove it")
+            source = "optim.accumulation_steps" if key == "gradient_accumulation_steps" else "data.train[*].batch_size"
+            out.append(f"deepspeed.{key}: set by the trainer from {source}; remove it")
     if "gradient_clipping" in ds and not (isinstance(ds["gradient_clipping"], (int, float))
                                            and ds["gradient_clipping"] >= 0):
         out.append(f"deepspeed.gradient_clipping: must be a number >= 0, got {ds['gradient_clipping']!r}")
@@ -518,7 +605,7 @@ def deepspeed_dict(cfg: TrainConfig) -> dict:
     if isinstance(cfg.deepspeed, str):
         with open(cfg.deepspeed, encoding="utf-8") as f:
             ds = json.load(f)
-        problems = _check_deepspeed(ds)
+        problems = _check_deepspeed(ds, cfg.precision)
         if problems:
             raise ConfigError(problems, cfg.deepspeed)
         return ds
@@ -528,3 +615,4 @@ def deepspeed_dict(cfg: TrainConfig) -> dict:
 def to_dict(cfg: TrainConfig) -> dict:
     """The resolved configuration as plain data (written to ``<out_dir>/config.yaml``)."""
     return dataclasses.asdict(cfg)
+

@@ -54,6 +54,46 @@ def init(local_rank: int | None = None) -> DistInfo:
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 
+def local_world_size() -> int:
+    """Ranks on this node: ``LOCAL_WORLD_SIZE`` (torchrun), ``LOCAL_SIZE`` (the deepspeed launcher),
+    else ``WORLD_SIZE`` (one node), else 1."""
+    for name in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "WORLD_SIZE"):
+        value = os.environ.get(name, "")
+        if value.isdigit() and int(value) >= 1:
+            return int(value)
+    return 1
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def configure_threads() -> tuple[int, str]:
+    """Set this rank's intra-op threads; returns ``(threads, why)`` for the log.
+
+    ``OMP_NUM_THREADS`` in the environment wins (the user's choice; torchrun sets it to 1 when it
+    starts several ranks, the deepspeed launcher to the cores per rank under
+    ``--bind_cores_to_rank``). Otherwise each rank takes ``max(1, cores // local ranks)``: by
+    default torch gives every process all cores, and N ranks on one node would run N x cores
+    threads (measured on the 2-core machine, 2026-12-01: a CLIP run went from 45 to 357 samples/s).
+    The plain ``deepspeed --num_gpus N`` launcher sets no ``OMP_NUM_THREADS`` (checked with
+    DeepSpeed 0.19.8 on CPU).
+    """
+    explicit = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if explicit.isdigit() and int(explicit) >= 1:
+        threads = int(explicit)
+        torch.set_num_threads(threads)
+        return threads, f"OMP_NUM_THREADS={explicit} from the environment"
+    cores, ranks = available_cores(), local_world_size()
+    threads = max(1, cores // ranks)
+    torch.set_num_threads(threads)
+    return threads, f"{cores} cores // {ranks} local rank(s); set OMP_NUM_THREADS to override"
+
+
 def barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()

@@ -11,6 +11,7 @@ save a checkpoint and abort with a :class:`NonFiniteLossError`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -24,9 +25,10 @@ import torch
 from . import checkpoint, distributed, shapes
 from .config import TrainConfig, deepspeed_dict, to_dict
 from .data import SKIP_REASONS, DataStream, ShardStream, expand_shards
-from .metrics import MetricsLogger
+from .metrics import MetricsLogger, utc_now
 from .tasks import Task, get_task
 from .tokenizer import Tokenizer, train_word_tokenizer
+from .validate import validate_inputs
 
 
 class NonFiniteLossError(RuntimeError):
@@ -34,19 +36,49 @@ class NonFiniteLossError(RuntimeError):
 
 
 def lr_lambda(cfg: TrainConfig):
-    """Multiplier of the base lr at scheduler step s: linear warmup, then cosine to ``min_lr_ratio``."""
+    """Multiplier of the base lr at scheduler step s (0-based optimizer steps).
+
+    Linear warmup over ``warmup_steps``, then ``optim.schedule``: ``cosine`` (to ``min_lr_ratio``
+    at ``max_steps``), ``linear`` (straight line to ``min_lr_ratio``), ``constant``, or
+    ``warmup_constant_cooldown`` (constant, then a linear decay to ``min_lr_ratio`` over the last
+    ``cooldown_fraction`` of ``max_steps``; the "WSD" schedule).
+    """
     o = cfg.optim
+    floor = o.min_lr_ratio
 
     def factor(step: int) -> float:
         if step < o.warmup_steps:
             return (step + 1) / o.warmup_steps
         if o.schedule == "constant":
             return 1.0
+        if o.schedule == "warmup_constant_cooldown":
+            cooldown = max(1, round(o.cooldown_fraction * cfg.max_steps))
+            start = max(o.warmup_steps, cfg.max_steps - cooldown)
+            if step < start:
+                return 1.0
+            progress = min(1.0, (step - start + 1) / max(1, cfg.max_steps - start))
+            return 1.0 - (1.0 - floor) * progress
         span = max(1, cfg.max_steps - o.warmup_steps)
         progress = min(1.0, (step - o.warmup_steps) / span)
-        return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        if o.schedule == "linear":
+            return 1.0 - (1.0 - floor) * progress
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return factor
+
+
+def samples_per_step(cfg: TrainConfig, world_size: int) -> int:
+    """Samples one optimizer step consumes: every dataset's batch x ranks x accumulation steps."""
+    return sum(d.batch_size for d in cfg.data.train) * world_size * cfg.optim.accumulation_steps
+
+
+def resolve_max_steps(cfg: TrainConfig, world_size: int) -> int:
+    """``max_steps``, or OpenCLIP's ``epochs * ceil(train_num_samples / global batch)`` when given by epochs
+    (global batch = :func:`samples_per_step`; OpenCLIP: ``ceil(num_samples / (batch * world))`` batches
+    per epoch, ``// accum_freq`` steps)."""
+    if cfg.max_steps:
+        return cfg.max_steps
+    return cfg.epochs * math.ceil(cfg.train_num_samples / samples_per_step(cfg, world_size))
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
@@ -80,7 +112,7 @@ def promote_scalar_parameters(model: torch.nn.Module) -> list[str]:
 def build_ds_config(cfg: TrainConfig, precision: str) -> dict:
     ds = deepspeed_dict(cfg)
     ds["train_micro_batch_size_per_gpu"] = cfg.data.train[0].batch_size
-    ds["gradient_accumulation_steps"] = 1
+    ds["gradient_accumulation_steps"] = cfg.optim.accumulation_steps
     ds.setdefault("steps_per_print", 10**9)
     ds.setdefault("wall_clock_breakdown", False)
     ds.setdefault("zero_allow_untested_optimizer", True)
@@ -88,19 +120,29 @@ def build_ds_config(cfg: TrainConfig, precision: str) -> dict:
     # The trainer's precision decides (auto: bf16 on CUDA, fp32 on CPU), whatever the section says;
     # DeepSpeed reads "bf16" before its old name "bfloat16".
     ds["bf16"] = {**ds.pop("bfloat16", {}), **ds.get("bf16", {}), "enabled": precision == "bf16"}
+    # fp16: DeepSpeed's dynamic loss scaling (loss_scale 0) unless the section sets a static scale;
+    # its other keys (initial_scale_power, loss_scale_window, hysteresis, min_loss_scale) pass through.
+    ds["fp16"] = {"loss_scale": 0, **ds.get("fp16", {}), "enabled": precision == "fp16"}
+    if precision != "fp16":
+        ds["fp16"] = {"enabled": False}
     return ds
 
 
 def resolve_precision(cfg: TrainConfig, device: torch.device) -> str:
     if cfg.precision == "auto":
         return "bf16" if device.type == "cuda" else "fp32"
-    if cfg.precision == "bf16" and device.type != "cuda":
-        raise ValueError("precision: bf16 needs a CUDA device (on CPU, training runs in fp32)")
+    if cfg.precision in ("bf16", "fp16") and device.type != "cuda":
+        raise ValueError(f"precision: {cfg.precision} needs a CUDA device (on CPU, training runs in fp32; "
+                         "DeepSpeed's fp16 loss scaling is CUDA-only)")
     return cfg.precision
 
 
+PARAM_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def prepare_inputs(cfg: TrainConfig, info: distributed.DistInfo) -> Tokenizer:
-    """Generate the shapes data and train the tokenizer if asked and missing (rank 0), then load it."""
+    """Generate the shapes data and train the tokenizer if asked and missing (rank 0), then check every
+    input (``validate.validate_inputs``: one ConfigError for all) and return the loaded tokenizer."""
     if info.is_main:
         s = cfg.data.shapes
         if s is not None and not shapes.is_complete(s.dir):
@@ -111,7 +153,7 @@ def prepare_inputs(cfg: TrainConfig, info: distributed.DistInfo) -> Tokenizer:
                 raise ValueError("tokenizer.train_from_shapes needs data.shapes")
             train_word_tokenizer(os.path.join(s.dir, "captions.txt"), t.path)
     distributed.barrier()
-    return Tokenizer(cfg.tokenizer.path, cfg.tokenizer.context_length)
+    return validate_inputs(cfg, lambda: Tokenizer(cfg.tokenizer.path, cfg.tokenizer.context_length))
 
 
 def seed_everything(seed: int) -> None:
@@ -163,16 +205,14 @@ def train(cfg: TrainConfig, local_rank: int | None = None) -> dict:
     import deepspeed
 
     info = distributed.init(local_rank)
+    threads, why = distributed.configure_threads()
     precision = resolve_precision(cfg, info.device)
+    cfg = dataclasses.replace(cfg, max_steps=resolve_max_steps(cfg, info.world_size))
     seed_everything(cfg.seed + info.rank)
     tok = prepare_inputs(cfg, info)
-    for d in cfg.data.train:
-        expand_shards(d.shards)
-    if cfg.data.eval is not None:
-        expand_shards(cfg.data.eval.shards)
 
     task = get_task(cfg.task)(cfg, tok)
-    model = task.build_model(torch.bfloat16 if precision == "bf16" else torch.float32)
+    model = task.build_model(PARAM_DTYPES[precision])
     promote_scalar_parameters(model)
     # Checkpoints hold no frozen parameter: they are rebuilt from the config, identified by this
     # fingerprint (rank 0's: DeepSpeed broadcasts rank 0's weights, random-init LMs included).
@@ -210,6 +250,7 @@ def train(cfg: TrainConfig, local_rank: int | None = None) -> dict:
             json.dump(to_dict(cfg), f, indent=1)
     log = MetricsLogger(cfg.out_dir, info.is_main, cfg.max_steps, start_step, cfg.progress_bar and info.is_main,
                         resume_step=start_step if resume_tag is not None else None)
+    log.message(f"intra-op threads per rank: {threads} ({why})")
     if resume_tag is not None:
         log.message(f"resumed from {resume_tag} (step {start_step})")
     if restored_rng is not None:
@@ -231,29 +272,49 @@ def train(cfg: TrainConfig, local_rank: int | None = None) -> dict:
     streak = 0
     engine.train()
     step = start_step
+    accumulation = cfg.optim.accumulation_steps
     while step < cfg.max_steps:
         step += 1
         started = time.perf_counter()
-        batches = [next(s) for s in streams]
-        total, losses, metrics = mixture_loss(task, engine, batches, weights, info.device, group)
-        finite = bool(torch.isfinite(total.detach()))
-        samples = sum(next(iter(b.values())).shape[0] for b in batches)
-        tokens = sum(task.batch_tokens(b) for b in batches)
-        extra = _metric_items(streams, metrics)
-        skip_counts = [s.skip_counts for s in streams]
-        reduced = distributed.all_reduce_sum(
-            [0.0 if finite else 1.0, float(total.detach()) if finite else 0.0, samples, tokens]
-            + [float(x.detach()) if finite else 0.0 for x in losses]
-            + [value if finite else 0.0 for _, value in extra]
-            + [counts.get(reason, 0) for counts in skip_counts for reason in SKIP_REASONS], info.device)
-        losses_at, extra_at, skipped_at = 4, 4 + len(streams), 4 + len(streams) + len(extra)
-        skipped = reduced[skipped_at:]
-        bad_ranks = reduced[0]
+        # One optimizer step = ``accumulation`` micro-batches of every dataset. DeepSpeed scales each
+        # backward by 1 / accumulation and updates at the last one (its gradient_accumulation_steps).
+        sums = None  # per-rank sums over the micro-batches of the numbers below, reduced once per step
         grad_norm, lr = None, engine.get_lr()[0]
+        for micro in range(accumulation):
+            batches = [next(s) for s in streams]
+            total, losses, metrics = mixture_loss(task, engine, batches, weights, info.device, group)
+            finite = bool(torch.isfinite(total.detach()))
+            extra = _metric_items(streams, metrics)
+            counts = [float(next(iter(b.values())).shape[0]) for b in batches]  # samples per dataset
+            values = ([0.0 if finite else 1.0, float(total.detach()) if finite else 0.0,
+                       sum(task.batch_tokens(b) for b in batches)] + counts
+                      + [float(x.detach()) if finite else 0.0 for x in losses]
+                      + [value if finite else 0.0 for _, value in extra])
+            if accumulation > 1:  # decide on this micro-batch before its backward (collectives inside)
+                (bad,) = distributed.all_reduce_sum([values[0]], info.device)
+                if bad:
+                    log.close()
+                    raise NonFiniteLossError(
+                        f"loss was non-finite at step {step}, micro-batch {micro + 1} of {accumulation}: with "
+                        "optim.accumulation_steps > 1 a non-finite micro-batch stops the run (its window's other "
+                        "gradients are already accumulated, so the step cannot be skipped). The last checkpoint "
+                        f"is in {ckpt_dir}. Lower optim.lr or check the data.")
+                engine.backward(total)
+                if micro == accumulation - 1:
+                    local_norm = _grad_norm(trainable) if zero_stage == 0 else None
+                engine.step()
+            sums = values if sums is None else [a + b for a, b in zip(sums, values)]
+        skip_counts = [s.skip_counts.get(reason, 0) for s in streams for reason in SKIP_REASONS]
+        reduced = distributed.all_reduce_sum(sums + skip_counts, info.device)
+        skipped = reduced[len(sums):]
+        n_sets = len(streams)
+        bad_ranks = reduced[0]
+        if accumulation == 1:
+            if bad_ranks == 0:
+                engine.backward(total)
+                local_norm = _grad_norm(trainable) if zero_stage == 0 else None  # ZeRO-0 reports none
+                engine.step()
         if bad_ranks == 0:
-            engine.backward(total)
-            local_norm = _grad_norm(trainable) if zero_stage == 0 else None  # ZeRO-0 reports none
-            engine.step()
             norm = engine.get_global_grad_norm() if local_norm is None else local_norm
             grad_norm = float(norm) if norm is not None else None
             streak = 0
@@ -262,25 +323,30 @@ def train(cfg: TrainConfig, local_rank: int | None = None) -> dict:
             streak += 1
         elapsed = time.perf_counter() - started
         world = info.world_size
+        means = world * accumulation  # the logged losses / metrics: means over ranks and micro-batches
+        dataset_samples = reduced[3:3 + n_sets]
         record = {
             "step": step,
-            "loss": reduced[1] / world if bad_ranks == 0 else float("nan"),
+            "time": utc_now(),
+            "loss": reduced[1] / means if bad_ranks == 0 else float("nan"),
             "lr": lr,
-            "samples_per_s": reduced[2] / elapsed,
-            "tokens_per_s": reduced[3] / elapsed,
+            "samples_per_s": sum(dataset_samples) / elapsed,
+            "tokens_per_s": reduced[2] / elapsed,
             "grad_norm": grad_norm,
             "skipped_samples": int(sum(skipped)),
             "nonfinite_steps": nonfinite_total,
         }
+        record.update({f"samples/{s.name}": int(v) for s, v in zip(streams, dataset_samples)})
         # Cumulative skipped samples per dataset and reason, summed over ranks (non-zero ones only).
         for i, s in enumerate(streams):
             for j, reason in enumerate(SKIP_REASONS):
                 if skipped[i * len(SKIP_REASONS) + j]:
                     record[f"skipped/{s.name}/{reason}"] = int(skipped[i * len(SKIP_REASONS) + j])
-        if len(streams) > 1 and bad_ranks == 0:
-            record.update({f"loss/{s.name}": v / world for s, v in zip(streams, reduced[losses_at:extra_at])})
-        if bad_ranks == 0:  # the task's extra scalars, averaged over ranks
-            record.update({key: v / world for (key, _), v in zip(extra, reduced[extra_at:skipped_at])})
+        losses_at = 3 + n_sets
+        if n_sets > 1 and bad_ranks == 0:
+            record.update({f"loss/{s.name}": v / means for s, v in zip(streams, reduced[losses_at:losses_at + n_sets])})
+        if bad_ranks == 0:  # the task's extra scalars, averaged over ranks (and micro-batches)
+            record.update({key: v / means for (key, _), v in zip(extra, reduced[losses_at + n_sets:len(sums)])})
         if step % cfg.log_every == 0 or step == cfg.max_steps or bad_ranks:
             log.log_step(record)
         if streak >= cfg.max_nonfinite_steps:

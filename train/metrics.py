@@ -1,14 +1,40 @@
 """Rank-0 logging: ``<out_dir>/metrics.jsonl``, a tqdm progress bar, TensorBoard when installed.
 
-One JSON object per line: training steps (``{"step", "loss", "lr", "samples_per_s",
-"tokens_per_s", "grad_norm", "skipped_samples", ...}``) and evaluations (``{"step", "eval": {...}}``).
+One strict-JSON object per line (RFC 8259: no ``NaN`` / ``Infinity``): training steps
+(``{"step", "time", "loss", "lr", "samples_per_s", "tokens_per_s", "grad_norm", "skipped_samples",
+"nonfinite_steps", "samples/<dataset>", ...}`` plus the task's scalars, e.g. CLIP's
+``logit_scale``, ``i2t_acc``, ``t2i_acc``) and evaluations (``{"step", "time", "eval": {...}}``).
+``time`` is an ISO-8601 UTC timestamp. A non-finite number is written as ``null`` and its key
+listed in ``"nonfinite"`` (dotted for nested keys: ``"eval.loss"``).
 """
 
 from __future__ import annotations
 
+import datetime
 import json
 import math
 import os
+
+
+def strict_json(record: dict) -> tuple[dict, list[str]]:
+    """``record`` with every non-finite float replaced by None (nested dicts too), and the dotted
+    keys that were replaced."""
+    bad: list[str] = []
+
+    def clean(value, key: str):
+        if isinstance(value, dict):
+            return {k: clean(v, f"{key}.{k}" if key else k) for k, v in value.items()}
+        if isinstance(value, float) and not math.isfinite(value):
+            bad.append(key)
+            return None
+        return value
+
+    return clean(record, ""), bad
+
+
+def utc_now() -> str:
+    """The current time, ISO-8601 in UTC with milliseconds (``2026-12-02T00:10:00.123+00:00``)."""
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")
 
 
 class MetricsLogger:
@@ -46,8 +72,11 @@ class MetricsLogger:
             self._tb = None
 
     def _write(self, record: dict) -> None:
+        record, bad = strict_json(record)
+        if bad:
+            record["nonfinite"] = bad
         with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record, allow_nan=True) + "\n")
+            f.write(json.dumps(record, allow_nan=False) + "\n")
 
     def log_step(self, record: dict) -> None:
         if not self.enabled:
@@ -60,13 +89,13 @@ class MetricsLogger:
                                   lr=f"{record.get('lr', 0):.2e}")
         if self._tb is not None:
             for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)):
+                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
                     self._tb.add_scalar(f"train/{key}", value, record["step"])
 
     def log_eval(self, step: int, results: dict) -> None:
         if not self.enabled:
             return
-        self._write({"step": step, "eval": results})
+        self._write({"step": step, "time": utc_now(), "eval": results})
         if self._bar is not None:
             self._bar.write(f"[eval step {step}] " + ", ".join(f"{k}={v:.4f}" for k, v in results.items()
                                                                   if isinstance(v, float)))

@@ -15,6 +15,7 @@ Life of a run, as the loop sees it::
     encoder = task.encoder(kind, max_images)          # one per training dataset (data.train[i])
     loss, metrics = task.loss(engine, batch, device, group)    # every step, every dataset
     tokens = task.batch_tokens(batch)                 # for tokens_per_s
+    problems = task.check_eval_sample(sample)         # before DeepSpeed starts (train/validate.py)
     results = task.run_evaluation(module, info, zero_stage)    # calls task.evaluate(module, ctx)
     files = task.export(module)                       # written at the end of the run
 """
@@ -29,7 +30,7 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 from torch import nn
 
-from ..data import batch_tokens, expand_shards
+from ..data import BadSample, batch_tokens, expand_shards
 from .common import gathered, model_dtype
 
 if TYPE_CHECKING:
@@ -181,6 +182,22 @@ class Task(abc.ABC):
             ``{metric: float | int}``, global (reduced over ranks with ``distributed.all_reduce_sum``),
             identical on every rank; written to ``metrics.jsonl`` and ``eval.json``.
         """
+
+    def check_eval_sample(self, sample: dict) -> list[str]:
+        """Problems of the eval data, found on its first raw sample before training starts.
+
+        Args:
+            sample: the first sample of the first eval shard (``{"__key__", "__url__", ext: bytes}``).
+        Returns:
+            ConfigError lines starting with ``"data.eval"``; default: the eval encoder
+            (``encoder("pairs", 1)``) must accept the sample. Override to add required fields.
+        """
+        try:
+            self.encoder("pairs", 1)(sample)
+        except BadSample as e:
+            return [f"data.eval.shards: the first sample ({sample.get('__url__')}: {sample.get('__key__')}) is not "
+                    f"usable by task {self.name!r}: {e}"]
+        return []
 
     def export(self, module: nn.Module) -> dict[str, tuple[list[str], str]]:
         """Files written into ``out_dir`` at the end of the run.

@@ -1,11 +1,20 @@
-"""CLIP: :class:`vlmcore.CLIP` trained with the fused contrastive loss; zero-shot eval.
+"""CLIP: :class:`vlmcore.CLIP` trained with the fused contrastive loss; retrieval and zero-shot eval.
 
 Loss: the fused contrastive loss over the data-parallel group (``local_loss=True``: each rank's
 rows against all gathered columns); logged with the logit scale and the in-batch i2t / t2i
-accuracies. Eval: zero-shot top-1 on the held-out pairs with a classifier built from label text
-(``data.eval.classes``, default ``classes.json`` next to the first eval shard; each sample's json
-holds its ``label``). Export: the trainable weights and ``vision.safetensors`` (the vision tower,
-usable as ``model.vision.init``). Config section ``model.clip``.
+accuracies. On a mixture (several ``data.train`` datasets) each dataset's batch is its own
+contrastive problem (negatives from the same dataset), and the loop sums ``weight_i * loss_i``.
+
+Eval on the held-out pairs: image<->text retrieval Recall@1/5/10 over the whole eval set
+(``model.clip.retrieval_eval``; features gathered from every rank), and zero-shot top-1 when the
+data allows it: each sample's ``KEY.json`` holds an integer ``label`` and a classes file exists
+(``data.eval.classes``, default ``classes.json`` next to the first eval shard, ``{"classnames":
+[...], "templates": ["a photo of a {}.", ...]}``). Eval shards without labels (plain img2dataset
+output) get the retrieval metrics only. Export: the trainable weights and ``vision.safetensors``
+(the vision tower, usable as ``model.vision.init``). Config section ``model.clip``.
+
+Locking (LiT, OpenCLIP's ``--lock-image`` / ``--lock-text``): ``model.vision.freeze`` with
+``model.vision.unlocked_layers``, and ``model.clip.text.lock`` with ``model.clip.text.unlocked_layers``.
 """
 
 from __future__ import annotations
@@ -15,6 +24,7 @@ import os
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 import vlmcore
@@ -22,21 +32,28 @@ import vlmcore
 from ..data import decode_image, eval_batches, pair_fields
 from ..distributed import all_reduce_sum
 from ..tokenizer import Tokenizer
+from ..validate import first_local_shard
 from .base import EvalContext, Task
-from .common import build_vision, in_step, move
+from .common import build_vision, checkpoint_blocks, in_step, lock_tower, move
 
 
 @dataclass
 class TextConfig:
     """CLIP's text tower (its context length is ``tokenizer.context_length``)."""
 
-    width: int = 64
-    depth: int = 2
-    heads: int = 4
+    width: int = 64  # text transformer width
+    depth: int = 2  # text transformer blocks
+    heads: int = 4  # attention heads
+    lock: bool = False  # freeze the text tower and its projection (OpenCLIP --lock-text)
+    unlocked_layers: int = 0  # with lock: the last N blocks, ln_final and the projection stay trainable
 
     def check(self, where: str) -> list[str]:
         out = [f"{where}.{n}: must be >= 1, got {getattr(self, n)}" for n in ("width", "depth", "heads")
                if getattr(self, n) < 1]
+        if not 0 <= self.unlocked_layers <= max(self.depth, 0):
+            out.append(f"{where}.unlocked_layers: must be in [0, depth={self.depth}], got {self.unlocked_layers}")
+        if self.unlocked_layers and not self.lock:
+            out.append(f"{where}.unlocked_layers: only meaningful with {where}.lock: true")
         if self.heads >= 1 and self.width % self.heads:
             out.append(f"{where}.width: {self.width} is not divisible by heads {self.heads}")
         return out
@@ -46,10 +63,11 @@ class TextConfig:
 class ClipConfig:
     """``model.clip``: the text tower, the joint embedding and the temperature."""
 
-    embed_dim: int = 64
-    text: TextConfig = field(default_factory=TextConfig)
-    init_temperature: float = 0.07
-    max_logit_scale: float = 100.0
+    embed_dim: int = 64  # joint embedding width
+    text: TextConfig = field(default_factory=TextConfig)  # the text tower
+    init_temperature: float = 0.07  # initial softmax temperature (logit scale = 1 / temperature)
+    max_logit_scale: float = 100.0  # clamp of the logit scale
+    retrieval_eval: bool = True  # image<->text Recall@1/5/10 on data.eval (besides zero-shot when labelled)
 
     def check(self, where: str) -> list[str]:
         out = []
@@ -80,20 +98,22 @@ class ClipTask(Task):
 
     @classmethod
     def check_config(cls, cfg) -> list[str]:
-        out = []
-        if cfg.model.gradient_checkpointing:
-            out.append("model.gradient_checkpointing: not available for task 'clip' (flamingo and frozen only)")
-        if len(cfg.data.train) != 1:
-            out.append("data.train: task 'clip' takes exactly one dataset")
-        return out
+        return []
 
     def build_model(self, dtype: torch.dtype) -> nn.Module:
         c, tok = self.config, self.tok
-        return vlmcore.CLIP(
+        model = vlmcore.CLIP(
             c.embed_dim, vision_encoder=build_vision(self.cfg), vocab_size=tok.vocab_size,
             context_length=self.cfg.tokenizer.context_length, text_width=c.text.width, text_depth=c.text.depth,
             text_heads=c.text.heads, pad_token_id=tok.pad_token_id, eot_token_id=tok.eos_token_id,
             init_temperature=c.init_temperature, max_logit_scale=c.max_logit_scale)
+        if c.text.lock:  # the final norm and projection follow the last block: frozen unless blocks are unlocked
+            lock_tower(model.text, model.text.blocks, c.text.unlocked_layers,
+                       after=[model.text.ln_final, model.text_projection])
+        if self.cfg.model.gradient_checkpointing:
+            checkpoint_blocks(list(model.visual.blocks) if hasattr(model.visual, "blocks") else [])
+            checkpoint_blocks(list(model.text.blocks))
+        return model
 
     def prepare_for_engine(self, model: nn.Module, zero_stage: int) -> None:
         if zero_stage == 3:
@@ -111,26 +131,94 @@ class ClipTask(Task):
         metrics = {k: out[k].detach().float().reshape(()) for k in ("logit_scale", "i2t_acc", "t2i_acc")}
         return out["loss"].float(), metrics
 
+    def classes_path(self) -> str:
+        """``data.eval.classes``, or ``classes.json`` next to the first local eval shard ("" without one)."""
+        ev = self.cfg.data.eval
+        if ev.classes:
+            return ev.classes
+        shard = first_local_shard(ev.shards)
+        return os.path.join(os.path.dirname(shard), "classes.json") if shard else ""
+
+    def check_eval_sample(self, sample: dict) -> list[str]:
+        out = super().check_eval_sample(sample)
+        if out:
+            return out
+        try:
+            has_label = "label" in json.loads(sample["json"]) if "json" in sample else False
+        except (ValueError, TypeError):
+            has_label = False
+        explicit = self.cfg.data.eval.classes
+        path = self.classes_path()
+        if explicit and not has_label:
+            out.append(f"data.eval.classes: zero-shot needs an integer 'label' in each eval sample's json; the "
+                       f"first sample ({sample['__key__']}) has none (remove data.eval.classes for retrieval "
+                       "metrics only)")
+        if not has_label and not self.config.retrieval_eval:
+            out.append("model.clip.retrieval_eval: false and the eval samples have no 'label' (zero-shot "
+                       "impossible): there would be no eval metric")
+        if has_label and path and os.path.isfile(path):
+            try:
+                with open(path, encoding="utf-8") as f:
+                    classes = json.load(f)
+                if not (isinstance(classes.get("classnames"), list) and classes["classnames"]
+                        and isinstance(classes.get("templates"), list) and classes["templates"]):
+                    raise ValueError("needs non-empty lists 'classnames' and 'templates'")
+            except (ValueError, OSError, AttributeError) as e:
+                out.append(f"data.eval.classes: {path!r} is not a valid classes file: {e}")
+        return out
+
     def evaluate(self, module: nn.Module, ctx: EvalContext) -> dict:
         info, ev = ctx.info, ctx.eval
-        classes_path = ev.classes or os.path.join(os.path.dirname(ctx.shards[0]), "classes.json")
-        with open(classes_path, encoding="utf-8") as f:
-            classes = json.load(f)
-        classifier = vlmcore.zero_shot_classifier(module, self.tok, classes["classnames"], classes["templates"])
-        correct = total = 0
+        path = self.classes_path()
+        classifier = None
+        if path and os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                classes = json.load(f)
+            classifier = vlmcore.zero_shot_classifier(module, self.tok, classes["classnames"], classes["templates"])
+        correct = labelled = total = 0
+        image_features, text_features = [], []
         batches = eval_batches(ctx.shards, ctx.encoder, ev.batch_size, info.rank, info.world_size, ev.max_batches)
         for batch, metas, real in in_step(batches, info, ctx.zero_stage, ctx.shards, ctx.encoder):
-            _, preds = vlmcore.zero_shot_predict(module, batch["images"].to(info.device, ctx.dtype), classifier)
+            images = batch["images"].to(info.device, ctx.dtype)
+            features = module.encode_image(images)
+            texts = module.encode_text(batch["tokens"].to(info.device)) if self.config.retrieval_eval else None
             if not real:
                 continue
-            labels = torch.tensor([m["label"] for m in metas], device=preds.device)
-            correct += int((preds == labels).sum())
             total += len(metas)
-        correct, total = all_reduce_sum([correct, total], info.device)
-        return {"zero_shot_top1": correct / max(total, 1), "eval_samples": int(total)}
+            if texts is not None:
+                image_features.append(features.float().cpu())
+                text_features.append(texts.float().cpu())
+            has = [i for i, m in enumerate(metas) if isinstance(m.get("label"), int)]
+            if classifier is not None and has:
+                preds = (features.float() @ classifier.float()).argmax(dim=-1)
+                labels = torch.tensor([metas[i]["label"] for i in has], device=preds.device)
+                correct += int((preds[has] == labels).sum())
+                labelled += len(has)
+        correct, labelled, total = all_reduce_sum([correct, labelled, total], info.device)
+        results: dict = {"eval_samples": int(total)}
+        if labelled:
+            results["zero_shot_top1"] = correct / labelled
+            results["zero_shot_samples"] = int(labelled)
+        if self.config.retrieval_eval:
+            images, texts = _gather_rows(image_features, info), _gather_rows(text_features, info)
+            if images is not None:
+                results.update(vlmcore.retrieval_metrics(images, texts))
+        return results
 
     def export(self, module: nn.Module) -> dict[str, tuple[list[str], str]]:
         names = super().export(module)
         names["vision.safetensors"] = ([n for n, _ in module.named_parameters() if n.startswith("visual.")],
                                        "visual.")
         return names
+
+
+def _gather_rows(chunks: list[torch.Tensor], info) -> torch.Tensor | None:
+    """The rows of every rank's ``chunks`` concatenated (rank order); None when there is none."""
+    local = torch.cat(chunks) if chunks else None
+    if info.world_size > 1 and dist.is_initialized():
+        everyone: list = [None] * info.world_size
+        dist.all_gather_object(everyone, local)
+        parts = [t for t in everyone if t is not None]
+    else:
+        parts = [local] if local is not None else []
+    return torch.cat(parts) if parts else None

@@ -2,6 +2,7 @@
 
 - :func:`build_language_model`: the frozen causal LM of ``model.lm`` (local directory or config).
 - :func:`build_vision`: the :class:`vlmcore.VisionTransformer` of ``model.vision``.
+- :func:`lock_tower` / :func:`checkpoint_blocks`: LiT-style locking, activation checkpointing of blocks.
 - :func:`in_step`: the ZeRO-3 lock-step iterator over eval batches.
 - :func:`caption_accuracy`: caption token accuracy with the images and with the images blanked.
 - :func:`needs_language_model`: the config check of the tasks that need ``model.lm``.
@@ -64,7 +65,43 @@ def build_vision(cfg: TrainConfig) -> vlmcore.VisionTransformer:
         vit.load_state_dict(load_file(v.init))
     if v.freeze:
         vit.requires_grad_(False)
+        if v.unlocked_layers:  # LiT with the last blocks unlocked (OpenCLIP --lock-image-unlocked-groups)
+            lock_tower(vit, vit.blocks, v.unlocked_layers, after=[vit.ln_post])
     return vit
+
+
+def lock_tower(tower: nn.Module, blocks, unlocked_layers: int, after: list[nn.Module] = ()) -> None:
+    """Freeze ``tower`` except its last ``unlocked_layers`` ``blocks`` and the ``after`` modules.
+
+    ``after``: what follows the blocks in the forward (final norm, projection); it stays trainable
+    when ``unlocked_layers > 0`` and is frozen with the rest when 0 (everything locked).
+    """
+    blocks = list(blocks)
+    if not 0 <= unlocked_layers <= len(blocks):
+        raise ValueError(f"unlocked_layers must be in [0, {len(blocks)}] (the tower's blocks), got {unlocked_layers}")
+    tower.requires_grad_(False)
+    for module in after:
+        module.requires_grad_(unlocked_layers > 0)
+    for block in blocks[len(blocks) - unlocked_layers:]:
+        block.requires_grad_(True)
+
+
+def checkpoint_blocks(blocks) -> None:
+    """Activation checkpointing of each block (non-reentrant ``torch.utils.checkpoint``), in place.
+
+    The blocks' forward is wrapped on the instance, so parameter names (and exported files) are unchanged.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    for block in blocks:
+        inner = block.forward
+
+        def forward(*args, _inner=inner, **kwargs):
+            if not torch.is_grad_enabled():  # eval: nothing to recompute
+                return _inner(*args, **kwargs)
+            return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+
+        block.forward = forward
 
 
 def needs_language_model(cfg: TrainConfig) -> list[str]:

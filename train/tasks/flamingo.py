@@ -15,7 +15,7 @@ from torch import nn
 
 import vlmcore
 
-from ..data import decode_image, doc_fields, lm_text, pair_fields
+from ..data import IGNORE_INDEX, decode_image, doc_fields, lm_text, pair_fields
 from ..tokenizer import EOC, MEDIA, Tokenizer
 from .base import EvalContext, Task
 from .common import build_language_model, build_vision, caption_accuracy, move, needs_language_model
@@ -25,14 +25,15 @@ from .common import build_language_model, build_vision, caption_accuracy, move, 
 class FlamingoConfig:
     """``model.flamingo``: the perceiver resampler and the gated cross-attention layers."""
 
-    cross_attn_every_n_layers: int = 1
-    num_latents: int = 8
-    resampler_depth: int = 1
-    dim_head: int = 16
-    heads: int = 4
-    ff_mult: int = 2
-    only_attend_immediate_media: bool = True
-    train_new_token_embeddings: bool = False
+    cross_attn_every_n_layers: int = 1  # a gated cross-attention layer every N LM layers
+    num_latents: int = 8  # perceiver resampler latents per image
+    resampler_depth: int = 1  # perceiver resampler layers
+    dim_head: int = 16  # cross-attention head width
+    heads: int = 4  # cross-attention heads
+    ff_mult: int = 2  # feed-forward hidden = ff_mult * LM width
+    only_attend_immediate_media: bool = True  # text attends only to the last preceding image (OpenFlamingo default)
+    train_new_token_embeddings: bool = False  # train the <image> / <|endofchunk|> embeddings (else frozen)
+    mask_text_before_first_image: bool = False  # OpenFlamingo's MMC4 masking: no loss before the first <image>
 
     def check(self, where: str) -> list[str]:
         return [f"{where}.{f.name}: must be >= 1, got {getattr(self, f.name)}"
@@ -44,8 +45,10 @@ class FlamingoEncoder:
     pairs) and ``input_ids`` / ``attention_mask`` / ``labels`` ``[T]``. A pair becomes
     ``<image> caption <|endofchunk|>``; a document keeps its ``<image>`` / ``<|endofchunk|>`` markers."""
 
-    def __init__(self, kind: str, tokenizer: Tokenizer, image_size: int, max_images: int):
+    def __init__(self, kind: str, tokenizer: Tokenizer, image_size: int, max_images: int,
+                 mask_text_before_first_image: bool = False):
         self.kind, self.tok, self.image_size, self.max_images = kind, tokenizer, image_size, max_images
+        self.mask_text_before_first_image = mask_text_before_first_image
 
     def __call__(self, sample: dict) -> dict:
         if self.kind == "interleaved":
@@ -57,7 +60,12 @@ class FlamingoEncoder:
         vision = torch.zeros(self.max_images if self.kind == "interleaved" else 1, 1, 3, self.image_size,
                              self.image_size)
         vision[: len(images), 0] = torch.stack(images)
-        return {"vision_x": vision, **lm_text(self.tok, self.tok.encode(text))}
+        example = lm_text(self.tok, self.tok.encode(text))
+        if self.mask_text_before_first_image:
+            media = (example["input_ids"] == self.tok.media_token_id).nonzero()
+            first = int(media[0, 0]) if len(media) else len(example["labels"])
+            example["labels"][:first] = IGNORE_INDEX
+        return {"vision_x": vision, **example}
 
 
 class FlamingoTask(Task):
@@ -82,7 +90,8 @@ class FlamingoTask(Task):
             train_new_token_embeddings=new_tokens, gradient_checkpointing=self.cfg.model.gradient_checkpointing)
 
     def encoder(self, kind: str, max_images: int) -> FlamingoEncoder:
-        return FlamingoEncoder(kind, self.tok, self.cfg.model.vision.image_size, max_images)
+        return FlamingoEncoder(kind, self.tok, self.cfg.model.vision.image_size, max_images,
+                               self.config.mask_text_before_first_image)
 
     def loss(self, model, batch: dict, device: torch.device, group=None) -> tuple[torch.Tensor, dict]:
         batch = move(batch, device)

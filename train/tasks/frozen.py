@@ -23,8 +23,7 @@ from .common import build_language_model, build_vision, caption_accuracy, move, 
 class FrozenConfig:
     """``model.frozen``: how many LM token positions the image prefix takes."""
 
-    num_prefix_tokens: int = 2
-
+    num_prefix_tokens: int = 2  # LM positions of the visual prefix
     def check(self, where: str) -> list[str]:
         n = self.num_prefix_tokens
         return [] if n >= 1 else [f"{where}.num_prefix_tokens: must be >= 1, got {n}"]

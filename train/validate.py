@@ -1,0 +1,152 @@
+"""Checks of everything a run reads, done before DeepSpeed starts (one :class:`ConfigError` for all).
+
+:func:`config.load_config` checks the configuration itself (keys, types, values, DeepSpeed's
+keys). This module checks what the configuration points at, once the shapes data and the
+tokenizer that the run may generate exist (``loop.prepare_inputs``):
+
+- every training and eval shard that is a local path exists (a ``pipe:`` command or a URL is
+  accepted unchecked: only reading it can tell);
+- the tokenizer (a ``tokenizers`` JSON file or a local HF tokenizer directory) loads;
+- ``model.lm.path`` is a directory with a ``config.json`` (transformers would otherwise report a
+  missing directory as "Repo id must be in the form ...");
+- ``model.vision.init`` and ``data.eval.classes`` exist;
+- the first eval sample is usable by the task (``Task.check_eval_sample``: e.g. CLIP zero-shot
+  needs ``label`` in the sample's json and a classes file).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from typing import TYPE_CHECKING
+
+from braceexpand import braceexpand
+
+from .config import ConfigError
+
+if TYPE_CHECKING:
+    from .config import TrainConfig
+    from .tokenizer import Tokenizer
+
+#: Prefixes of shard specs that are not local files (WebDataset's ``pipe:`` and URLs).
+REMOTE_PREFIXES = ("pipe:", "http://", "https://", "s3://", "gs://", "hf://")
+
+
+def is_remote(path: str) -> bool:
+    return path.startswith(REMOTE_PREFIXES)
+
+
+def shard_problems(spec, where: str) -> list[str]:
+    """Missing local shards of ``spec`` (a brace pattern / glob, or a list of them)."""
+    patterns = [spec] if isinstance(spec, str) else list(spec)
+    missing, count = [], 0
+    for pattern in patterns:
+        if is_remote(pattern):
+            count += 1
+            continue
+        for path in braceexpand(pattern):
+            if any(c in path for c in "*?["):
+                matches = glob.glob(path)
+                count += len(matches)
+                if not matches:
+                    missing.append(f"{path} (no match)")
+            else:
+                count += 1
+                if not os.path.isfile(path):
+                    missing.append(path)
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" ... ({len(missing) - 5} more)" if len(missing) > 5 else "")
+        return [f"{where}: {len(missing)} of {max(count, len(missing))} shard(s) missing: {shown}"]
+    if count == 0:
+        return [f"{where}: {spec!r} names no shard"]
+    return []
+
+
+def first_local_shard(spec) -> str | None:
+    """The first existing local shard of ``spec`` (None when there is none)."""
+    for pattern in [spec] if isinstance(spec, str) else list(spec):
+        if is_remote(pattern):
+            continue
+        for path in braceexpand(pattern):
+            paths = sorted(glob.glob(path)) if any(c in path for c in "*?[") else [path]
+            if paths and os.path.isfile(paths[0]):
+                return paths[0]
+    return None
+
+
+def tokenizer_problems(cfg: TrainConfig) -> list[str]:
+    path = cfg.tokenizer.path
+    if os.path.isfile(path):
+        return []
+    if os.path.isdir(path):
+        known = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "vocab.txt")
+        if not any(os.path.isfile(os.path.join(path, name)) for name in known):
+            return [f"tokenizer.path: directory {path!r} holds no tokenizer file ({', '.join(known)})"]
+        return []
+    hint = " (or set tokenizer.train_from_shapes with data.shapes)" if not cfg.tokenizer.train_from_shapes else ""
+    return [f"tokenizer.path: {path!r} does not exist{hint}"]
+
+
+def model_path_problems(cfg: TrainConfig) -> list[str]:
+    out = []
+    lm = cfg.model.lm
+    if lm is not None and lm.path:
+        if not os.path.isdir(lm.path):
+            out.append(f"model.lm.path: {lm.path!r} is not a directory (a local Hugging Face model directory "
+                       "is expected; nothing is downloaded)")
+        elif not os.path.isfile(os.path.join(lm.path, "config.json")):
+            out.append(f"model.lm.path: directory {lm.path!r} has no config.json (not a Hugging Face model "
+                       "directory: save it with save_pretrained)")
+    init = cfg.model.vision.init
+    if init and not os.path.exists(init):
+        out.append(f"model.vision.init: {init!r} does not exist")
+    return out
+
+
+def input_problems(cfg: TrainConfig) -> list[str]:
+    """Every missing path of ``cfg`` (shards, tokenizer, LM directory, vision init, classes file)."""
+    out = []
+    for i, d in enumerate(cfg.data.train):
+        out += shard_problems(d.shards, f"data.train.{i}.shards")
+    if cfg.data.eval is not None:
+        out += shard_problems(cfg.data.eval.shards, "data.eval.shards")
+        classes = cfg.data.eval.classes
+        if classes and not os.path.isfile(classes):
+            out.append(f"data.eval.classes: {classes!r} does not exist")
+    return out + tokenizer_problems(cfg) + model_path_problems(cfg)
+
+
+def first_eval_sample(cfg: TrainConfig) -> dict | None:
+    """The first raw sample of the first local eval shard (None without one)."""
+    from .data import read_tar
+
+    shard = first_local_shard(cfg.data.eval.shards)
+    if shard is None:
+        return None
+    return next(iter(read_tar(shard)), None)
+
+
+def validate_inputs(cfg: TrainConfig, load_tokenizer) -> Tokenizer:
+    """Check every input of the run; returns the loaded tokenizer. Raises :class:`ConfigError`.
+
+    ``load_tokenizer()`` loads ``cfg.tokenizer`` (called only when the path exists; its ValueError
+    becomes a problem line). The eval data is checked on its first sample by the task
+    (``Task.check_eval_sample``) once the tokenizer is there.
+    """
+    from .tasks import get_task
+
+    problems = input_problems(cfg)
+    tok = None
+    if not any(p.startswith("tokenizer.") for p in problems):
+        try:
+            tok = load_tokenizer()
+        except (ValueError, OSError) as e:
+            problems.append(f"tokenizer.path: {cfg.tokenizer.path!r} does not load: {e}")
+    if tok is not None and cfg.data.eval is not None and not any(p.startswith("data.eval") for p in problems):
+        sample = first_eval_sample(cfg)
+        if sample is not None:
+            task = get_task(cfg.task)(cfg, tok)
+            problems += task.check_eval_sample(sample)
+    if problems:
+        raise ConfigError(problems, "inputs")
+    return tok

@@ -54,8 +54,7 @@ class DatasetConfig:
     max_images: int = 3  # interleaved: images kept per document (the rest are dropped)
     shuffle_buffer: int = 256  # samples in the shuffle buffer (0 = shard order)
     resampled: bool = True  # shards drawn with replacement per rank/worker (webdataset "resampled")
-    # interleaved (MMC4): drop images whose matched_sim is below this (OpenFlamingo trains with 0.24); 0 = keep all
-    min_image_similarity: float = 0.0
+    min_image_similarity: float = 0.0  # interleaved (MMC4): drop images with matched_sim below it (OpenFlamingo: 0.24)
 
     def check(self, where: str) -> list[str]:
         out = []
@@ -123,8 +122,7 @@ class DataConfig:
     eval: Union[EvalConfig, None] = None  # held-out data (null = no evaluation)
     num_workers: int = 0  # DataLoader workers per dataset and rank
     shapes: Union[ShapesConfig, None] = None  # generate the embedded shapes dataset (null = off)
-    # a stream with this many unusable samples in a row stops the run with an error naming the reasons
-    max_consecutive_bad_samples: int = 5000
+    max_consecutive_bad_samples: int = 5000  # unusable samples in a row that stop the run with the reasons
 
     def check(self, where: str) -> list[str]:
         out = []

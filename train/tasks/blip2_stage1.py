@@ -30,15 +30,15 @@ from .common import build_vision, move
 class QFormerSection:
     """The Q-Former's size (BLIP-2: 768 x 12 layers x 12 heads, 3072, 32 queries, cross-attention every 2nd)."""
 
-    hidden_size: int = 64
-    num_layers: int = 2
-    num_heads: int = 4
-    intermediate_size: int = 128
-    num_query_tokens: int = 8
-    cross_attention_freq: int = 2
-    max_position_embeddings: int = 512
-    dropout: float = 0.1
-    attention_dropout: float = 0.1
+    hidden_size: int = 64  # BERT width (BLIP-2: 768)
+    num_layers: int = 2  # BLIP-2: 12
+    num_heads: int = 4  # BLIP-2: 12
+    intermediate_size: int = 128  # feed-forward width (BLIP-2: 3072)
+    num_query_tokens: int = 8  # learned queries (BLIP-2: 32)
+    cross_attention_freq: int = 2  # cross-attention to the image every n-th layer
+    max_position_embeddings: int = 512  # text positions
+    dropout: float = 0.1  # hidden-state dropout
+    attention_dropout: float = 0.1  # dropout on the self-attention probabilities
 
     def check(self, where: str) -> list[str]:
         out = [f"{where}.{n}: must be >= 1, got {getattr(self, n)}"
@@ -72,9 +72,9 @@ class Blip2Stage1Config:
     """``model.blip2_stage1``: the Q-Former, the ITC projection / temperature, the distributed gather, eval."""
 
     qformer: QFormerSection = field(default_factory=QFormerSection)
-    embed_dim: int = 32
-    init_temperature: float = 0.07
-    label_smoothing: float = 0.1
+    embed_dim: int = 32  # ITC projection width (BLIP-2: 256)
+    init_temperature: float = 0.07  # ITC temperature at start (learnable, clamped to [0.001, 0.5])
+    label_smoothing: float = 0.1  # ITC and ITG label smoothing
     gather_with_grad: bool = False  # False: LAVIS (the gathered ITC columns carry no gradient)
     eval_k: int = 16  # ITM re-ranks each query's top eval_k ITC candidates
 

@@ -32,10 +32,10 @@ from .common import build_vision, move
 class SiglipConfig:
     """``model.siglip``: text tower, joint embedding, the loss's initial scale / bias, the exchange."""
 
-    embed_dim: int = 64
+    embed_dim: int = 64  # joint embedding width
     text: TextConfig = field(default_factory=TextConfig)
-    init_scale: float = 10.0
-    init_bias: float = -10.0
+    init_scale: float = 10.0  # initial logit scale s (the learnable log-scale starts at ln of it)
+    init_bias: float = -10.0  # initial logit bias b
     dist_impl: Literal["local", "ring", "gather"] = "ring"
 
     def check(self, where: str) -> list[str]:

@@ -48,26 +48,26 @@ LOG_HALF = math.log(0.5)
 class RegionBertConfig:
     """``model.vilbert`` / ``model.vlbert``: sizes (vilbert-multi-task's names) and corruption rates."""
 
-    hidden_size: int = 64
-    num_hidden_layers: int = 3
-    num_attention_heads: int = 4
-    intermediate_size: int = 128
-    v_feature_size: int = 2048
-    v_hidden_size: int = 64
-    v_num_hidden_layers: int = 2
-    v_num_attention_heads: int = 4
-    v_intermediate_size: int = 128
-    bi_hidden_size: int = 64
-    bi_num_attention_heads: int = 4
-    v_biattention_id: list = field(default_factory=lambda: [0, 1])
-    t_biattention_id: list = field(default_factory=lambda: [1, 2])
-    v_target_size: int = NUM_REGION_CLASSES
-    max_regions: int = 16
-    hidden_dropout_prob: float = 0.1
-    pooler_activation: str = "relu"
-    mlm_probability: float = 0.15
-    region_mask_probability: float = 0.15
-    mismatch_probability: float = 0.5
+    hidden_size: int = 64  # text stream width (ViLBERT: 768)
+    num_hidden_layers: int = 3  # text layers (ViLBERT: 12)
+    num_attention_heads: int = 4  # text heads
+    intermediate_size: int = 128  # text feed-forward width
+    v_feature_size: int = 2048  # region feature width F (BUTD: 2048)
+    v_hidden_size: int = 64  # visual stream width (ViLBERT: 1024)
+    v_num_hidden_layers: int = 2  # visual layers (ViLBERT: 6; VL-BERT: unused)
+    v_num_attention_heads: int = 4  # visual heads
+    v_intermediate_size: int = 128  # visual feed-forward width
+    bi_hidden_size: int = 64  # co-attention width (ViLBERT: 1024)
+    bi_num_attention_heads: int = 4  # co-attention heads
+    v_biattention_id: list = field(default_factory=lambda: [0, 1])  # visual layers before each co-attention block
+    t_biattention_id: list = field(default_factory=lambda: [1, 2])  # text layers before each co-attention block
+    v_target_size: int = NUM_REGION_CLASSES  # detector classes C of class_probs
+    max_regions: int = 16  # regions per sample, global region 0 included (more are cut)
+    hidden_dropout_prob: float = 0.1  # hidden-state dropout
+    pooler_activation: str = "relu"  # relu (vilbert-multi-task) or tanh (BERT)
+    mlm_probability: float = 0.15  # share of text tokens masked
+    region_mask_probability: float = 0.15  # share of regions masked
+    mismatch_probability: float = 0.5  # share of captions swapped (ViLBERT alignment)
 
     def check(self, where: str) -> list[str]:
         out = []

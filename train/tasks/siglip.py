@@ -36,7 +36,7 @@ class SiglipConfig:
     text: TextConfig = field(default_factory=TextConfig)
     init_scale: float = 10.0  # initial logit scale s (the learnable log-scale starts at ln of it)
     init_bias: float = -10.0  # initial logit bias b
-    dist_impl: Literal["local", "ring", "gather"] = "ring"
+    dist_impl: Literal["local", "ring", "gather"] = "ring"  # how text blocks meet across ranks (local: no exchange)
 
     def check(self, where: str) -> list[str]:
         out = []

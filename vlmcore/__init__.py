@@ -12,6 +12,7 @@ Modules (``nn.Module``) built on the ops of :mod:`vlmcore.kernels`; the trainer 
 """
 
 from vlmcore import kernels
+from vlmcore.blip import BLIP, MEDConfig, blip_vision_encoder
 from vlmcore.clip import CLIP, TextTransformer, retrieval_metrics, zero_shot_classifier, zero_shot_predict
 from vlmcore.cross_attention import GatedCrossAttentionBlock, MaskedCrossAttention
 from vlmcore.flamingo import Flamingo, find_decoder_layers
@@ -48,4 +49,7 @@ __all__ = [
     "retrieval_metrics",
     "zero_shot_classifier",
     "zero_shot_predict",
+    "BLIP",
+    "MEDConfig",
+    "blip_vision_encoder",
 ]

@@ -1,0 +1,615 @@
+"""BLIP (Li et al. 2022): the multimodal mixture of encoder-decoder (MED), ITC, ITM and captioning.
+
+One BERT-style text transformer is used three ways:
+
+- unimodal text encoder (``mode="text"``): bidirectional self-attention only, ``[CLS]`` first;
+- image-grounded text encoder (``mode="multimodal"``): bidirectional self-attention, then
+  cross-attention to every image token in every layer, ``[ENC]`` first; the ITM head reads its
+  first token;
+- image-grounded text decoder (``mode="decoder"``): causal self-attention, the same
+  cross-attention and feed-forward, ``[DEC]`` (BOS) first; the LM head predicts the next token.
+
+Encoder and decoder share every parameter except the self-attention blocks (BLIP's best setting):
+each layer holds ``attention`` (encoder) and ``decoder_attention`` (decoder), and one
+``crossattention``, ``intermediate``, ``output``. Cross-attention runs on
+:func:`vlmcore.kernels.resampler_attention` (the no-latents form, with an image padding mask).
+
+Parameter names follow Hugging Face ``transformers`` (``BlipForImageTextRetrieval`` and
+``BlipForConditionalGeneration``), whose state dicts load by name:
+:meth:`BLIP.load_hf_retrieval_state_dict`, :meth:`BLIP.load_hf_captioning_state_dict`.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vlmcore._checks import check_positive_int, check_token_ids
+from vlmcore.kernels import resampler_attention
+from vlmcore.vision import HFVisionAdapter, vision_width
+
+MODES = ("text", "multimodal", "decoder")
+
+
+@dataclass
+class MEDConfig:
+    """Sizes and special tokens of BLIP's text transformer (BERT-base in the paper).
+
+    ``bos_token_id`` is BLIP's ``[DEC]`` (first token of the decoder input), ``enc_token_id`` its
+    ``[ENC]`` (first token of the image-grounded encoder input), ``sep_token_id`` ends a caption
+    (generation stops there), ``pad_token_id`` pads. ``encoder_width`` is the image token width.
+    """
+
+    vocab_size: int = 30524
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    max_position_embeddings: int = 512
+    encoder_width: int = 768
+    layer_norm_eps: float = 1e-12
+    hidden_dropout_prob: float = 0.0
+    attention_probs_dropout_prob: float = 0.0
+    pad_token_id: int = 0
+    bos_token_id: int = 30522
+    enc_token_id: int = 30523
+    sep_token_id: int = 102
+    tie_word_embeddings: bool = True
+
+    def __post_init__(self):
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                     "max_position_embeddings", "encoder_width"):
+            check_positive_int(name, getattr(self, name))
+        if self.hidden_size % self.num_attention_heads != 0:
+            raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
+                             f"({self.num_attention_heads})")
+        for name in ("pad_token_id", "bos_token_id", "enc_token_id", "sep_token_id"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < self.vocab_size:
+                raise ValueError(f"{name} must be a token id in [0, vocab_size={self.vocab_size}), got {value!r}")
+
+    @classmethod
+    def from_hf(cls, text_config, *, enc_token_id: int | None = None) -> MEDConfig:
+        """From a transformers ``BlipTextConfig``. HF has no ``[ENC]`` id; default: ``bos_token_id + 1``
+        when that is inside the vocabulary (BLIP's tokenizer), else ``bos_token_id``."""
+        bos = int(text_config.bos_token_id)
+        if enc_token_id is None:
+            enc_token_id = bos + 1 if bos + 1 < text_config.vocab_size else bos
+        return cls(
+            vocab_size=text_config.vocab_size, hidden_size=text_config.hidden_size,
+            num_hidden_layers=text_config.num_hidden_layers, num_attention_heads=text_config.num_attention_heads,
+            intermediate_size=text_config.intermediate_size,
+            max_position_embeddings=text_config.max_position_embeddings,
+            encoder_width=text_config.encoder_hidden_size, layer_norm_eps=text_config.layer_norm_eps,
+            hidden_dropout_prob=text_config.hidden_dropout_prob,
+            attention_probs_dropout_prob=text_config.attention_probs_dropout_prob,
+            pad_token_id=int(text_config.pad_token_id), bos_token_id=bos, enc_token_id=int(enc_token_id),
+            sep_token_id=int(text_config.sep_token_id),
+            tie_word_embeddings=bool(getattr(text_config, "tie_word_embeddings", True)),
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# text transformer (MED)
+# ----------------------------------------------------------------------------------------------
+
+
+class _Embeddings(nn.Module):
+    """Word + learned position embeddings, LayerNorm, dropout: ``[B, L] -> [B, L, hidden]``."""
+
+    def __init__(self, config: MEDConfig):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        x = self.word_embeddings(input_ids) + self.position_embeddings(positions)
+        return self.dropout(self.LayerNorm(x))
+
+
+class _SelfAttentionCore(nn.Module):
+    """``query`` / ``key`` / ``value`` projections and scaled dot-product self-attention.
+
+    ``forward(x [B, L, hidden], additive_mask [B, 1, L, L]) -> [B, L, hidden]`` (before the
+    output projection). The mask is additive (0 or the dtype's minimum), as BERT / HF eager.
+    """
+
+    def __init__(self, config: MEDConfig):
+        super().__init__()
+        self.heads = config.num_attention_heads
+        self.query = nn.Linear(config.hidden_size, config.hidden_size)
+        self.key = nn.Linear(config.hidden_size, config.hidden_size)
+        self.value = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dropout_p = config.attention_probs_dropout_prob
+
+    def forward(self, x: torch.Tensor, additive_mask: torch.Tensor) -> torch.Tensor:
+        b, length, width = x.shape
+        shape = (b, length, self.heads, width // self.heads)
+        q, k, v = (proj(x).view(shape).transpose(1, 2) for proj in (self.query, self.key, self.value))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=additive_mask.to(q.dtype),
+                                             dropout_p=self.dropout_p if self.training else 0.0)
+        return out.transpose(1, 2).reshape(b, length, width)
+
+
+class _CrossAttentionCore(nn.Module):
+    """Text queries attend image tokens through :func:`vlmcore.kernels.resampler_attention`.
+
+    ``forward(x [B, L, hidden], image_embeds [B, S, encoder_width], image_mask [B, S] bool or None)
+    -> [B, L, hidden]``. Attention dropout is not applied (the fused op has none; BLIP trains with
+    attention dropout 0).
+    """
+
+    def __init__(self, config: MEDConfig):
+        super().__init__()
+        self.heads = config.num_attention_heads
+        self.query = nn.Linear(config.hidden_size, config.hidden_size)
+        self.key = nn.Linear(config.encoder_width, config.hidden_size)
+        self.value = nn.Linear(config.encoder_width, config.hidden_size)
+
+    def forward(self, x: torch.Tensor, image_embeds: torch.Tensor, image_mask: torch.Tensor | None) -> torch.Tensor:
+        b, length, width = x.shape
+        head_dim = width // self.heads
+        q = self.query(x).view(b, length, self.heads, head_dim)
+        image_embeds = image_embeds.to(q.dtype)
+        k = self.key(image_embeds).view(b, image_embeds.shape[1], self.heads, head_dim)
+        v = self.value(image_embeds).view(b, image_embeds.shape[1], self.heads, head_dim)
+        return resampler_attention(q, k, v, media_mask=image_mask).reshape(b, length, width)
+
+
+class _AttentionOutput(nn.Module):
+    """``dense`` + dropout, residual, ``LayerNorm`` (BERT's post-norm sub-layer output)."""
+
+    def __init__(self, width_in: int, config: MEDConfig):
+        super().__init__()
+        self.dense = nn.Linear(width_in, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(self.dropout(self.dense(x)) + residual)
+
+
+class _SelfAttention(nn.Module):
+    def __init__(self, config: MEDConfig):
+        super().__init__()
+        self.self = _SelfAttentionCore(config)
+        self.output = _AttentionOutput(config.hidden_size, config)
+
+    def forward(self, x: torch.Tensor, additive_mask: torch.Tensor) -> torch.Tensor:
+        return self.output(self.self(x, additive_mask), x)
+
+
+class _CrossAttention(nn.Module):
+    def __init__(self, config: MEDConfig):
+        super().__init__()
+        self.self = _CrossAttentionCore(config)
+        self.output = _AttentionOutput(config.hidden_size, config)
+
+    def forward(self, x, image_embeds, image_mask):
+        return self.output(self.self(x, image_embeds, image_mask), x)
+
+
+class _Intermediate(nn.Module):
+    def __init__(self, config: MEDConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(self.dense(x))
+
+
+class MEDLayer(nn.Module):
+    """One MED layer: self-attention (``attention`` for the encoders, ``decoder_attention`` for the
+    decoder), cross-attention to the image (multimodal / decoder modes), feed-forward. All but the
+    self-attention is shared by the three modes."""
+
+    def __init__(self, config: MEDConfig):
+        super().__init__()
+        self.attention = _SelfAttention(config)
+        self.decoder_attention = _SelfAttention(config)
+        self.crossattention = _CrossAttention(config)
+        self.intermediate = _Intermediate(config)
+        self.output = _AttentionOutput(config.intermediate_size, config)
+
+    def forward(self, x, additive_mask, mode, image_embeds, image_mask):
+        x = (self.decoder_attention if mode == "decoder" else self.attention)(x, additive_mask)
+        if mode != "text":
+            x = self.crossattention(x, image_embeds, image_mask)
+        return self.output(self.intermediate(x), x)
+
+
+class _Encoder(nn.Module):
+    def __init__(self, config: MEDConfig):
+        super().__init__()
+        self.layer = nn.ModuleList(MEDLayer(config) for _ in range(config.num_hidden_layers))
+
+
+class MEDTextModel(nn.Module):
+    """BLIP's text transformer in its three modes (module docstring).
+
+    ``forward(input_ids [B, L], attention_mask [B, L] or None, *, mode, image_embeds [B, S, W],
+    image_mask [B, S] bool or None) -> [B, L, hidden]``.
+    """
+
+    def __init__(self, config: MEDConfig):
+        super().__init__()
+        self.config = config
+        self.embeddings = _Embeddings(config)
+        self.encoder = _Encoder(config)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *, mode: str = "text",
+                image_embeds: torch.Tensor | None = None, image_mask: torch.Tensor | None = None) -> torch.Tensor:
+        check_token_ids("input_ids", input_ids)
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        b, length = input_ids.shape
+        if length > self.config.max_position_embeddings:
+            raise ValueError(f"input_ids has {length} tokens, more than max_position_embeddings="
+                             f"{self.config.max_position_embeddings}")
+        if mode != "text":
+            _check_image_inputs(image_embeds, image_mask, b, self.config.encoder_width)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        elif tuple(attention_mask.shape) != (b, length):
+            raise ValueError(f"attention_mask must be [B, L] = {(b, length)}, got {tuple(attention_mask.shape)}")
+        x = self.embeddings(input_ids)
+        allowed = attention_mask.bool()[:, None, None, :]  # [B, 1, 1, L] keys
+        if mode == "decoder":
+            allowed = allowed & torch.ones(length, length, dtype=torch.bool, device=x.device).tril()
+        additive = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device).masked_fill(
+            ~allowed, torch.finfo(x.dtype).min)
+        for layer in self.encoder.layer:
+            x = layer(x, additive, mode, image_embeds, image_mask)
+        return x
+
+
+def _check_image_inputs(image_embeds, image_mask, batch: int, width: int) -> None:
+    if not isinstance(image_embeds, torch.Tensor) or image_embeds.dim() != 3:
+        got = tuple(image_embeds.shape) if isinstance(image_embeds, torch.Tensor) else type(image_embeds).__name__
+        raise ValueError(f"image_embeds must be a [B, S, encoder_width] tensor for the image-grounded modes, got {got}")
+    if image_embeds.shape[0] != batch or image_embeds.shape[2] != width:
+        raise ValueError(f"image_embeds must be [B={batch}, S, encoder_width={width}], got {tuple(image_embeds.shape)}")
+    if image_mask is not None and (image_mask.dtype != torch.bool or tuple(image_mask.shape) != image_embeds.shape[:2]):
+        raise ValueError(f"image_mask must be a bool [B, S] = {tuple(image_embeds.shape[:2])} tensor "
+                         f"(False = padding), got {image_mask.dtype} {tuple(image_mask.shape)}")
+
+
+class _PredictionTransform(nn.Module):
+    def __init__(self, config: MEDConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, x):
+        return self.LayerNorm(F.gelu(self.dense(x)))
+
+
+class _Predictions(nn.Module):
+    def __init__(self, config: MEDConfig):
+        super().__init__()
+        self.transform = _PredictionTransform(config)
+        self.decoder = nn.Linear(config.hidden_size, config.vocab_size)
+
+    def forward(self, x):
+        return self.decoder(self.transform(x))
+
+
+class LMHead(nn.Module):
+    """BERT's LM head (``predictions.transform`` then ``predictions.decoder``): ``[.., hidden] -> [.., vocab]``."""
+
+    def __init__(self, config: MEDConfig):
+        super().__init__()
+        self.predictions = _Predictions(config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.predictions(x)
+
+
+# ----------------------------------------------------------------------------------------------
+# the model
+# ----------------------------------------------------------------------------------------------
+
+
+def blip_vision_encoder(**vision_config) -> HFVisionAdapter:
+    """BLIP's ViT as a transformers ``BlipVisionModel`` (random init) in :class:`HFVisionAdapter`.
+
+    Keyword arguments go to ``BlipVisionConfig`` (``hidden_size``, ``num_hidden_layers``,
+    ``num_attention_heads``, ``intermediate_size``, ``image_size``, ``patch_size``, ...). This is
+    the encoder whose weights load from HF BLIP checkpoints (``vision_model.*``).
+    """
+    from transformers import BlipVisionConfig, BlipVisionModel
+
+    return HFVisionAdapter(BlipVisionModel(BlipVisionConfig(**vision_config)))
+
+
+class BLIP(nn.Module):
+    """BLIP: image encoder + MED text transformer + ITC projections + ITM head + LM head.
+
+    Args:
+        visual_encoder: images ``[B, C, H, W]`` -> tokens ``[B, S, width]`` (first token = CLS):
+            :class:`vlmcore.VisionTransformer`, an adapter, or :func:`blip_vision_encoder`.
+        text_config: :class:`MEDConfig`; ``encoder_width`` must equal the image token width.
+        embed_dim: ITC feature width (256 in BLIP).
+
+    Momentum encoders, queues and the momentum-distilled ITC loss are added by
+    :meth:`enable_momentum_distillation`.
+    """
+
+    def __init__(self, visual_encoder: nn.Module, text_config: MEDConfig, *, embed_dim: int = 256):
+        super().__init__()
+        if not isinstance(text_config, MEDConfig):
+            raise TypeError(f"text_config must be a MEDConfig, got {type(text_config).__name__}")
+        check_positive_int("embed_dim", embed_dim)
+        width = vision_width(visual_encoder)
+        if width != text_config.encoder_width:
+            raise ValueError(f"text_config.encoder_width ({text_config.encoder_width}) must equal the visual "
+                             f"encoder's token width ({width})")
+        self.config = text_config
+        self.embed_dim = embed_dim
+        self.visual_encoder = visual_encoder
+        self.text_encoder = MEDTextModel(text_config)
+        self.lm_head = LMHead(text_config)
+        if text_config.tie_word_embeddings:
+            self.lm_head.predictions.decoder.weight = self.text_encoder.embeddings.word_embeddings.weight
+        self.vision_proj = nn.Linear(width, embed_dim)
+        self.text_proj = nn.Linear(text_config.hidden_size, embed_dim)
+        self.itm_head = nn.Linear(text_config.hidden_size, 2)
+        self.temp = nn.Parameter(torch.tensor(0.07))
+
+    # -- the three text modes and the heads ------------------------------------------------
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """Image tokens ``[B, S, width]`` (CLS first)."""
+        return self.visual_encoder(images)
+
+    def image_features(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        """ITC image features: ``normalize(vision_proj(CLS))``, ``[B, embed_dim]``."""
+        return F.normalize(self.vision_proj(image_embeds[:, 0]), dim=-1)
+
+    def text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """ITC text features from the unimodal encoder: ``normalize(text_proj(first token))``, ``[B, embed_dim]``.
+        ``input_ids`` are used as given (BLIP: ``[CLS]`` first)."""
+        hidden = self.text_encoder(input_ids, attention_mask, mode="text")
+        return F.normalize(self.text_proj(hidden[:, 0]), dim=-1)
+
+    def itm_logits(self, image_embeds: torch.Tensor, input_ids: torch.Tensor,
+                   attention_mask: torch.Tensor | None = None, image_mask: torch.Tensor | None = None,
+                   *, replace_first_token: bool = True) -> torch.Tensor:
+        """ITM logits ``[B, 2]`` (index 1 = match) of the image-grounded encoder's first token.
+
+        With ``replace_first_token`` the first id becomes ``[ENC]`` (BLIP); HF's
+        ``BlipForImageTextRetrieval`` uses the ids as given (``replace_first_token=False``).
+        """
+        if replace_first_token:
+            input_ids = _with_first_token(input_ids, self.config.enc_token_id)
+        hidden = self.text_encoder(input_ids, attention_mask, mode="multimodal", image_embeds=image_embeds,
+                                   image_mask=image_mask)
+        return self.itm_head(hidden[:, 0])
+
+    def itm_match_probability(self, images: torch.Tensor, input_ids: torch.Tensor,
+                              attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``softmax(ITM logits)[:, 1]``, ``[B]``: the probability that caption i matches image i (CapFilt's filter)."""
+        return self.itm_logits(self.encode_image(images), input_ids, attention_mask).float().softmax(-1)[:, 1]
+
+    def decoder_logits(self, image_embeds: torch.Tensor, input_ids: torch.Tensor,
+                       attention_mask: torch.Tensor | None = None, image_mask: torch.Tensor | None = None
+                       ) -> torch.Tensor:
+        """Next-token logits ``[B, L, vocab]`` of the image-grounded decoder (ids used as given)."""
+        hidden = self.text_encoder(input_ids, attention_mask, mode="decoder", image_embeds=image_embeds,
+                                   image_mask=image_mask)
+        return self.lm_head(hidden)
+
+    def lm_loss(self, image_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                *, prompt_length: int = 0, label_smoothing: float = 0.1, image_mask: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """BLIP's captioning loss, an fp32 scalar.
+
+        The first id becomes ``[DEC]``; targets are the ids shifted by one, with padding and the
+        first ``prompt_length`` positions (BOS + the prompt's tokens, e.g. "a picture of ")
+        excluded; cross-entropy with ``label_smoothing`` (0.1 in BLIP), mean over target tokens.
+        """
+        check_token_ids("input_ids", input_ids)
+        if isinstance(prompt_length, bool) or not isinstance(prompt_length, int) or prompt_length < 0:
+            raise ValueError(f"prompt_length must be an int >= 0, got {prompt_length!r}")
+        if not 0.0 <= float(label_smoothing) < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
+        decoder_ids = _with_first_token(input_ids, self.config.bos_token_id)
+        labels = decoder_ids.masked_fill(decoder_ids == self.config.pad_token_id, -100)
+        if attention_mask is not None:
+            labels = labels.masked_fill(attention_mask == 0, -100)
+        labels[:, :prompt_length] = -100
+        logits = self.decoder_logits(image_embeds, decoder_ids, attention_mask, image_mask)
+        return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                               ignore_index=-100, label_smoothing=float(label_smoothing))
+
+    def itc_similarity(self, images: torch.Tensor, input_ids: torch.Tensor,
+                       attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Cosine similarities ``[B_images, B_texts]`` of the ITC features (HF ``use_itm_head=False``)."""
+        return self.image_features(self.encode_image(images)) @ self.text_features(input_ids, attention_mask).T
+
+    @torch.no_grad()
+    def generate(self, images: torch.Tensor, prompt_ids: list[int] | None = None, *, num_beams: int = 3,
+                 do_sample: bool = False, top_p: float = 0.9, max_length: int = 30, min_length: int = 10,
+                 repetition_penalty: float = 1.0, num_return_sequences: int = 1, **generate_kwargs) -> torch.Tensor:
+        """Captions for ``images`` ``[B, C, H, W]``, as BLIP generates them.
+
+        The decoder input is ``[DEC] + prompt_ids`` (BLIP: the tokens of "a picture of " without
+        ``[CLS]`` / ``[SEP]``); decoding stops at ``[SEP]``, pads with the pad id. Beam search by
+        default (BLIP: 3 beams, max 30, min 10 tokens); ``do_sample=True`` is nucleus sampling with
+        ``top_p`` (BLIP: 0.9, ``repetition_penalty=1.1``). ``max_length`` / ``min_length`` count the
+        whole sequence, prompt included (as Hugging Face and BLIP do). Runs Hugging Face's
+        ``GenerationMixin.generate`` over this model's decoder; extra keyword arguments go there.
+
+        Returns:
+            ``[B * num_return_sequences, T]`` token ids after the prompt (the caption; BLIP strips
+            the prompt the same way), padded with ``pad_token_id``.
+        """
+        prompt_ids = [] if prompt_ids is None else [int(t) for t in prompt_ids]
+        if any(not 0 <= t < self.config.vocab_size for t in prompt_ids):
+            raise ValueError(f"prompt_ids must be token ids in [0, {self.config.vocab_size}), got {prompt_ids}")
+        check_positive_int("max_length", max_length)
+        if max_length <= 1 + len(prompt_ids):
+            raise ValueError(f"max_length ({max_length}) must exceed 1 + len(prompt_ids) ({1 + len(prompt_ids)})")
+        if not 0.0 < float(top_p) <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+        image_embeds = self.encode_image(images)
+        b = image_embeds.shape[0]
+        input_ids = torch.tensor([[self.config.bos_token_id, *prompt_ids]], device=image_embeds.device).repeat(b, 1)
+        wrapper = _decoder_for_generation_class()(self)
+        sampling = dict(do_sample=True, top_p=float(top_p), num_beams=1) if do_sample else dict(
+            do_sample=False, num_beams=int(num_beams))
+        out = wrapper.generate(
+            input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+            encoder_hidden_states=image_embeds,
+            max_length=int(max_length), min_length=int(min_length), repetition_penalty=float(repetition_penalty),
+            num_return_sequences=int(num_return_sequences), eos_token_id=self.config.sep_token_id,
+            pad_token_id=self.config.pad_token_id, bos_token_id=self.config.bos_token_id, use_cache=False,
+            **sampling, **generate_kwargs,
+        )
+        return out[:, input_ids.shape[1]:]
+
+    # -- Hugging Face weights ------------------------------------------------------------------
+
+    def load_hf_retrieval_state_dict(self, state_dict: dict[str, torch.Tensor]) -> list[str]:
+        """Load a transformers ``BlipForImageTextRetrieval`` state dict by name.
+
+        Loads the vision model, the text encoder (self-attention = the encoders' ``attention``,
+        cross-attention and feed-forward shared with the decoder), ``vision_proj``, ``text_proj``
+        and ``itm_head``. Unknown, missing or mis-shaped names raise ``ValueError`` listing them.
+        Returns the names of this model's parameters the checkpoint does not cover (the
+        decoder's self-attention, the LM head, ``temp``, momentum copies).
+        """
+        def rename(key: str) -> str | None:
+            for hf, ours in (("vision_model.", "visual_encoder.model."), ("text_encoder.", "text_encoder."),
+                             ("vision_proj.", "vision_proj."), ("text_proj.", "text_proj."),
+                             ("itm_head.", "itm_head.")):
+                if key.startswith(hf):
+                    return ours + key[len(hf):]
+            return None
+
+        def covers(key: str) -> bool:
+            if key.startswith("text_encoder."):
+                return ".decoder_attention." not in key
+            return key.startswith(("visual_encoder.", "vision_proj.", "text_proj.", "itm_head."))
+
+        return self._load_renamed(state_dict, rename, covers, "BlipForImageTextRetrieval")
+
+    def load_hf_captioning_state_dict(self, state_dict: dict[str, torch.Tensor]) -> list[str]:
+        """Load a transformers ``BlipForConditionalGeneration`` state dict by name.
+
+        ``text_decoder.bert.*`` fills the shared text transformer with its self-attention mapped
+        to ``decoder_attention``; ``text_decoder.cls.*`` the LM head. Tied copies (the LM decoder
+        weight / bias) must equal their source. Unknown, missing or mis-shaped names raise
+        ``ValueError``. Returns this model's parameters the checkpoint does not cover.
+        """
+        def rename(key: str) -> str | None:
+            if key.startswith("vision_model."):
+                return "visual_encoder.model." + key[len("vision_model."):]
+            if key.startswith("text_decoder.bert."):
+                rest = key[len("text_decoder.bert."):]
+                return "text_encoder." + rest.replace(".attention.", ".decoder_attention.", 1)
+            if key == "text_decoder.cls.predictions.bias":
+                return "lm_head.predictions.decoder.bias"
+            if key.startswith("text_decoder.cls."):
+                return "lm_head." + key[len("text_decoder.cls."):]
+            return None
+
+        state_dict = dict(state_dict)
+        hf_bias = state_dict.pop("text_decoder.cls.predictions.decoder.bias", None)
+        if hf_bias is not None and "text_decoder.cls.predictions.bias" in state_dict and not torch.equal(
+                hf_bias, state_dict["text_decoder.cls.predictions.bias"]):
+            raise ValueError("text_decoder.cls.predictions.decoder.bias differs from text_decoder.cls.predictions.bias "
+                             "(they are one tied parameter in BLIP)")
+        if self.config.tie_word_embeddings:
+            hf_weight = state_dict.pop("text_decoder.cls.predictions.decoder.weight", None)
+            word = state_dict.get("text_decoder.bert.embeddings.word_embeddings.weight")
+            if hf_weight is not None and word is not None and not torch.equal(hf_weight, word):
+                raise ValueError("text_decoder.cls.predictions.decoder.weight differs from the word embeddings, but "
+                                 "this model ties them (MEDConfig.tie_word_embeddings=True)")
+        def covers(key: str) -> bool:
+            if key.startswith("text_encoder."):
+                return ".attention." not in key  # the encoders' own self-attention is not in a captioner
+            return key.startswith(("visual_encoder.", "lm_head."))
+
+        return self._load_renamed(state_dict, rename, covers, "BlipForConditionalGeneration")
+
+    def _load_renamed(self, state_dict, rename, covers, source: str) -> list[str]:
+        """Copy ``state_dict`` into this model under ``rename(hf_key)``; ``covers(our_key)`` says which of
+        our weights the source must provide. Returns our state-dict names it left untouched."""
+        own = self.state_dict()
+        if not all(k.startswith("visual_encoder.model.") for k in own if k.startswith("visual_encoder.")):
+            raise ValueError(f"loading {source} weights needs the visual encoder built by blip_vision_encoder() "
+                             "(HFVisionAdapter over BlipVisionModel)")
+        targets: dict[str, torch.Tensor] = {}
+        unknown = []
+        for key, value in state_dict.items():
+            ours = rename(key)
+            if ours is None or ours not in own:
+                unknown.append(key)
+            elif tuple(own[ours].shape) != tuple(value.shape):
+                raise ValueError(f"{key}: checkpoint shape {tuple(value.shape)} != model shape "
+                                 f"{tuple(own[ours].shape)} ({ours})")
+            else:
+                targets[ours] = value
+        if unknown:
+            raise ValueError(f"{len(unknown)} {source} weights have no counterpart in this BLIP: {unknown[:10]}")
+        expected = {k for k in own if covers(k)}
+        if self.config.tie_word_embeddings:
+            expected.discard("lm_head.predictions.decoder.weight")
+        missing = sorted(expected - set(targets))
+        if missing:
+            raise ValueError(f"{len(missing)} weights of this BLIP are missing from the {source} state dict: "
+                             f"{missing[:10]}")
+        with torch.no_grad():
+            params = dict(self.named_parameters())
+            params.update(dict(self.named_buffers()))
+            for name, value in targets.items():
+                params[name].copy_(value)
+        return sorted(set(own) - set(targets) - ({"lm_head.predictions.decoder.weight"}
+                                                  if self.config.tie_word_embeddings else set()))
+
+
+def _with_first_token(input_ids: torch.Tensor, token_id: int) -> torch.Tensor:
+    check_token_ids("input_ids", input_ids)
+    out = input_ids.clone()
+    out[:, 0] = token_id
+    return out
+
+
+@functools.cache
+def _decoder_for_generation_class():
+    """:class:`DecoderForGeneration`, built once on first use (transformers is imported lazily)."""
+    from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
+    from transformers.modeling_outputs import CausalLMOutput
+
+    class DecoderForGeneration(PreTrainedModel, GenerationMixin):
+        """BLIP's image-grounded decoder behind Hugging Face's ``GenerationMixin`` (beam search,
+        sampling, logits processors), so that no second beam search exists here. Built per
+        :meth:`BLIP.generate` call around the model's own modules (no copy). No KV cache: each step
+        re-runs the (short) caption through the decoder."""
+
+        main_input_name = "input_ids"
+
+        def __init__(self, model: BLIP):
+            config = PretrainedConfig(vocab_size=model.config.vocab_size, bos_token_id=model.config.bos_token_id,
+                                      eos_token_id=model.config.sep_token_id, pad_token_id=model.config.pad_token_id)
+            super().__init__(config)
+            self.text_encoder = model.text_encoder
+            self.lm_head = model.lm_head
+
+        def forward(self, input_ids, attention_mask=None, encoder_hidden_states=None, **_):
+            hidden = self.text_encoder(input_ids, attention_mask, mode="decoder", image_embeds=encoder_hidden_states)
+            return CausalLMOutput(logits=self.lm_head(hidden))
+
+        def prepare_inputs_for_generation(self, input_ids, attention_mask=None, encoder_hidden_states=None, **_):
+            return {"input_ids": input_ids, "attention_mask": attention_mask,
+                    "encoder_hidden_states": encoder_hidden_states}
+
+    return DecoderForGeneration

@@ -8,7 +8,7 @@ import pytest
 import torch
 import vlmcore.kernels as K
 
-from tests.utils import assert_close
+from utils import assert_close
 from vlmcore.blip import BLIP, MEDConfig, blip_vision_encoder
 
 transformers = pytest.importorskip("transformers")

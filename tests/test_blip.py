@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 import vlmcore.kernels as K
-
 from utils import assert_close
+
 from vlmcore.blip import BLIP, MEDConfig, blip_vision_encoder
 
 transformers = pytest.importorskip("transformers")

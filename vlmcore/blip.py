@@ -21,6 +21,7 @@ Parameter names follow Hugging Face ``transformers`` (``BlipForImageTextRetrieva
 
 from __future__ import annotations
 
+import copy
 import functools
 from dataclasses import dataclass
 
@@ -29,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlmcore._checks import check_positive_int, check_token_ids
-from vlmcore.kernels import resampler_attention
+from vlmcore.kernels import momentum_contrastive_loss, resampler_attention
 from vlmcore.vision import HFVisionAdapter, vision_width
 
 MODES = ("text", "multimodal", "decoder")
@@ -338,11 +339,15 @@ class BLIP(nn.Module):
         text_config: :class:`MEDConfig`; ``encoder_width`` must equal the image token width.
         embed_dim: ITC feature width (256 in BLIP).
 
-    Momentum encoders, queues and the momentum-distilled ITC loss are added by
-    :meth:`enable_momentum_distillation`.
+        momentum: EMA coefficient of the momentum encoders (BLIP: 0.995); ``None`` builds no momentum
+            encoders and no queues (captioning, inference), and :meth:`forward` then needs
+            ``losses`` without ``"itc"``.
+        queue_size: momentum features kept per modality (BLIP: 57,600); 0 = no queue.
+        temperature: initial ITC temperature (BLIP: 0.07); clamped to [0.001, 0.5] at every forward.
     """
 
-    def __init__(self, visual_encoder: nn.Module, text_config: MEDConfig, *, embed_dim: int = 256):
+    def __init__(self, visual_encoder: nn.Module, text_config: MEDConfig, *, embed_dim: int = 256,
+                 momentum: float | None = 0.995, queue_size: int = 57600, temperature: float = 0.07):
         super().__init__()
         if not isinstance(text_config, MEDConfig):
             raise TypeError(f"text_config must be a MEDConfig, got {type(text_config).__name__}")
@@ -361,7 +366,22 @@ class BLIP(nn.Module):
         self.vision_proj = nn.Linear(width, embed_dim)
         self.text_proj = nn.Linear(text_config.hidden_size, embed_dim)
         self.itm_head = nn.Linear(text_config.hidden_size, 2)
-        self.temp = nn.Parameter(torch.tensor(0.07))
+        if not 0.001 <= float(temperature) <= 0.5:
+            raise ValueError(f"temperature must be in [0.001, 0.5], got {temperature!r}")
+        self.temp = nn.Parameter(torch.tensor(float(temperature)))
+        self.momentum = momentum
+        if momentum is not None:
+            if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 <= momentum < 1.0:
+                raise ValueError(f"momentum must be a float in [0, 1) or None, got {momentum!r}")
+            if isinstance(queue_size, bool) or not isinstance(queue_size, int) or queue_size < 0:
+                raise ValueError(f"queue_size must be an int >= 0, got {queue_size!r}")
+            self.visual_encoder_m = _frozen_copy(visual_encoder)
+            self.vision_proj_m = _frozen_copy(self.vision_proj)
+            self.text_encoder_m = _frozen_copy(self.text_encoder)
+            self.text_proj_m = _frozen_copy(self.text_proj)
+            self.register_buffer("image_queue", F.normalize(torch.randn(queue_size, embed_dim), dim=1))
+            self.register_buffer("text_queue", F.normalize(torch.randn(queue_size, embed_dim), dim=1))
+            self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
 
     # -- the three text modes and the heads ------------------------------------------------
 
@@ -433,6 +453,148 @@ class BLIP(nn.Module):
                        attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Cosine similarities ``[B_images, B_texts]`` of the ITC features (HF ``use_itm_head=False``)."""
         return self.image_features(self.encode_image(images)) @ self.text_features(input_ids, attention_mask).T
+
+    # -- momentum encoders, queues, pre-training losses -------------------------------------
+
+    def _momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        return [(self.visual_encoder, self.visual_encoder_m), (self.vision_proj, self.vision_proj_m),
+                (self.text_encoder, self.text_encoder_m), (self.text_proj, self.text_proj_m)]
+
+    def _require_momentum(self, what: str) -> None:
+        if self.momentum is None:
+            raise ValueError(f"{what} needs the momentum encoders: build BLIP with momentum=<float> (not None)")
+
+    @torch.no_grad()
+    def copy_params_to_momentum(self) -> None:
+        """Momentum encoders := online encoders (BLIP does this at init and after loading weights)."""
+        self._require_momentum("copy_params_to_momentum")
+        for online, momentum in self._momentum_pairs():
+            for p, p_m in zip(online.parameters(), momentum.parameters()):
+                p_m.copy_(p)
+
+    @torch.no_grad()
+    def momentum_update(self) -> None:
+        """``theta_m = m theta_m + (1 - m) theta`` for every momentum parameter (one fused foreach op)."""
+        self._require_momentum("momentum_update")
+        online, momentum = [], []
+        for a, b in self._momentum_pairs():
+            online.extend(a.parameters())
+            momentum.extend(b.parameters())
+        torch._foreach_mul_(momentum, self.momentum)
+        torch._foreach_add_(momentum, online, alpha=1.0 - self.momentum)
+
+    @torch.no_grad()
+    def momentum_features(self, images: torch.Tensor, input_ids: torch.Tensor,
+                          attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """ITC features of the momentum encoders, ``([B, embed_dim], [B, embed_dim])``, no gradient."""
+        self._require_momentum("momentum_features")
+        image_m = F.normalize(self.vision_proj_m(self.visual_encoder_m(images)[:, 0]), dim=-1)
+        text_m = F.normalize(self.text_proj_m(self.text_encoder_m(input_ids, attention_mask, mode="text")[:, 0]),
+                             dim=-1)
+        return image_m, text_m
+
+    @torch.no_grad()
+    def enqueue(self, image_features_m: torch.Tensor, text_features_m: torch.Tensor, group=None) -> None:
+        """Write the momentum features of this step (gathered from every rank of ``group`` when given,
+        rank order) into the queues at ``queue_ptr``, wrapping around; no host sync."""
+        self._require_momentum("enqueue")
+        queue_size = self.image_queue.shape[0]
+        if queue_size == 0:
+            return
+        if group is not None:
+            image_features_m = _all_gather_no_grad(image_features_m, group)
+            text_features_m = _all_gather_no_grad(text_features_m, group)
+        n = image_features_m.shape[0]
+        if n > queue_size:
+            raise ValueError(f"queue_size ({queue_size}) must be >= the global batch ({n}) that is enqueued per step")
+        slots = (self.queue_ptr + torch.arange(n, device=self.queue_ptr.device)) % queue_size
+        self.image_queue.index_copy_(0, slots, image_features_m.to(self.image_queue.dtype))
+        self.text_queue.index_copy_(0, slots, text_features_m.to(self.text_queue.dtype))
+        self.queue_ptr.copy_((self.queue_ptr + n) % queue_size)
+
+    def itc_loss(self, image_features: torch.Tensor, text_features: torch.Tensor, image_features_m: torch.Tensor,
+                 text_features_m: torch.Tensor, alpha: float) -> torch.Tensor:
+        """BLIP's ITC with momentum distillation against [momentum batch; queue], through the fused
+        :func:`vlmcore.kernels.momentum_contrastive_loss` (fp32 scalar)."""
+        self._require_momentum("itc_loss")
+        queued = self.image_queue.shape[0] > 0
+        return momentum_contrastive_loss(
+            image_features, text_features, image_features_m, text_features_m, self.temp, alpha,
+            image_queue=self.image_queue.to(image_features.dtype) if queued else None,
+            text_queue=self.text_queue.to(text_features.dtype) if queued else None)
+
+    def itm_loss(self, image_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 image_features: torch.Tensor, text_features: torch.Tensor, *, image_ids: torch.Tensor | None = None,
+                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """ITM loss with one hard negative per row in each direction (BLIP), local batch.
+
+        Negatives are drawn from ``softmax(ITC similarity)`` over the batch by
+        :func:`sample_hard_negatives`, never a positive: the diagonal, or with ``image_ids`` every
+        pair of the same image. Rows without any negative count 0. Returns ``(loss fp32 scalar,
+        accuracy of the 3B ITM decisions)``.
+        """
+        b = image_embeds.shape[0]
+        with torch.no_grad():
+            sim_i2t = (image_features @ text_features.T).float() / self.temp.float()
+            if image_ids is None:
+                positive = torch.eye(b, dtype=torch.bool, device=image_embeds.device)
+            else:
+                positive = image_ids[:, None] == image_ids[None, :]
+            neg_text, text_ok = sample_hard_negatives(sim_i2t, positive, generator=generator)
+            neg_image, image_ok = sample_hard_negatives(sim_i2t.T, positive.T, generator=generator)
+        ids_all = torch.cat([input_ids, input_ids, input_ids[neg_text]])
+        mask_all = torch.cat([attention_mask, attention_mask, attention_mask[neg_text]])
+        embeds_all = torch.cat([image_embeds, image_embeds[neg_image], image_embeds])
+        logits = self.itm_logits(embeds_all, ids_all, mask_all).float()
+        labels = torch.cat([torch.ones(b, dtype=torch.long, device=logits.device),
+                            torch.zeros(2 * b, dtype=torch.long, device=logits.device)])
+        weight = torch.cat([torch.ones_like(image_ok), image_ok, text_ok]).float()
+        per_row = F.cross_entropy(logits, labels, reduction="none")
+        loss = (per_row * weight).sum() / weight.sum().clamp_min(1.0)
+        accuracy = (((logits.argmax(1) == labels).float() * weight).sum() / weight.sum().clamp_min(1.0)).detach()
+        return loss, accuracy
+
+    def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                alpha: float = 0.4, losses: tuple[str, ...] = ("itc", "itm", "lm"), prompt_length: int = 0,
+                image_ids: torch.Tensor | None = None, group=None, generator: torch.Generator | None = None
+                ) -> dict[str, torch.Tensor]:
+        """One BLIP training step's losses (``blip_pretrain.py``): ``{"loss", "itc", "itm", "lm", "itm_acc"}``
+        for the requested ``losses``; ``loss`` is their sum.
+
+        ``input_ids`` ``[B, L]`` start with ``[CLS]`` (the ITC text encoder reads them as given; ITM
+        swaps in ``[ENC]``, LM ``[DEC]``). ``alpha``: distillation weight (see :func:`alpha_ramp`).
+        ITC clamps the temperature to [0.001, 0.5], updates the momentum encoders, scores against
+        the queues, then enqueues the momentum features (of every rank of ``group``).
+        ``image_ids`` masks same-image pairs out of the ITM negatives. ``prompt_length`` excludes
+        the prompt from the LM loss.
+        """
+        unknown = set(losses) - {"itc", "itm", "lm"}
+        if unknown or not losses:
+            raise ValueError(f"losses must be a non-empty subset of ('itc', 'itm', 'lm'), got {losses!r}")
+        check_token_ids("input_ids", input_ids)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        out: dict[str, torch.Tensor] = {}
+        image_embeds = self.encode_image(images)
+        if "itc" in losses or "itm" in losses:
+            with torch.no_grad():
+                self.temp.clamp_(0.001, 0.5)
+            image_feat = self.image_features(image_embeds)
+            text_feat = self.text_features(input_ids, attention_mask)
+        if "itc" in losses:
+            self._require_momentum("the ITC loss")
+            with torch.no_grad():
+                self.momentum_update()
+                image_feat_m, text_feat_m = self.momentum_features(images, input_ids, attention_mask)
+            out["itc"] = self.itc_loss(image_feat, text_feat, image_feat_m, text_feat_m, alpha)
+            self.enqueue(image_feat_m, text_feat_m, group)
+        if "itm" in losses:
+            out["itm"], out["itm_acc"] = self.itm_loss(image_embeds, input_ids, attention_mask, image_feat,
+                                                       text_feat, image_ids=image_ids, generator=generator)
+        if "lm" in losses:
+            out["lm"] = self.lm_loss(image_embeds, input_ids, attention_mask, prompt_length=prompt_length)
+        out["loss"] = sum(out[name] for name in ("itc", "itm", "lm") if name in out)
+        return out
 
     @torch.no_grad()
     def generate(self, images: torch.Tensor, prompt_ids: list[int] | None = None, *, num_beams: int = 3,
@@ -572,8 +734,68 @@ class BLIP(nn.Module):
             params.update(dict(self.named_buffers()))
             for name, value in targets.items():
                 params[name].copy_(value)
-        return sorted(set(own) - set(targets) - ({"lm_head.predictions.decoder.weight"}
-                                                  if self.config.tie_word_embeddings else set()))
+        if self.momentum is not None:
+            self.copy_params_to_momentum()
+        momentum_state = ("visual_encoder_m.", "vision_proj_m.", "text_encoder_m.", "text_proj_m.", "image_queue",
+                          "text_queue", "queue_ptr")
+        tied = {"lm_head.predictions.decoder.weight"} if self.config.tie_word_embeddings else set()
+        return sorted(k for k in set(own) - set(targets) - tied if not k.startswith(momentum_state))
+
+
+def alpha_ramp(step: int, ramp_steps: int, alpha: float = 0.4) -> float:
+    """BLIP's distillation weight schedule: ``alpha * min(1, step / ramp_steps)`` (BLIP ramps over the
+    first epoch's steps, then keeps ``alpha``)."""
+    check_positive_int("ramp_steps", ramp_steps)
+    return float(alpha) * min(1.0, max(0, step) / ramp_steps)
+
+
+def sample_hard_negatives(similarity: torch.Tensor, positive_mask: torch.Tensor, *,
+                          generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One hard negative column per row, drawn with probability ``softmax(similarity) + 1e-4`` (BLIP)
+    restricted to the non-positive columns, entirely on the tensors' device (no host sync).
+
+    Args:
+        similarity: ``[b, N]`` scores (ITC similarity / temperature).
+        positive_mask: bool ``[b, N]``, True where the column is a positive of the row (never drawn).
+        generator: random generator on the tensors' device (default: the global one).
+
+    Returns:
+        ``(index long [b], valid bool [b])``; ``valid`` is False for a row whose columns are all
+        positives (its index is then meaningless and must be weighted out).
+
+    Gumbel-max sampling: ``argmax(log w + G)`` with ``G ~ Gumbel(0, 1)`` draws index j with
+    probability ``w_j / sum w``, the distribution of BLIP's ``torch.multinomial(w, 1)``, without
+    the per-row host loop.
+    """
+    if not isinstance(similarity, torch.Tensor) or similarity.dim() != 2:
+        raise ValueError("similarity must be a [b, N] tensor")
+    if not isinstance(positive_mask, torch.Tensor) or positive_mask.dtype != torch.bool \
+            or positive_mask.shape != similarity.shape:
+        raise ValueError(f"positive_mask must be a bool tensor of the similarity's shape {tuple(similarity.shape)}")
+    weights = torch.softmax(similarity.float(), dim=1) + 1e-4
+    log_w = weights.log().masked_fill(positive_mask, float("-inf"))
+    uniform = torch.rand(similarity.shape, device=similarity.device, generator=generator)
+    gumbel = -torch.log(-torch.log(uniform.clamp(1e-20, 1.0 - 1e-7)))
+    index = (log_w + gumbel).argmax(dim=1)
+    valid = (~positive_mask).any(dim=1)
+    return index, valid
+
+
+def _all_gather_no_grad(local: torch.Tensor, group) -> torch.Tensor:
+    """``[world * n, ...]`` concatenation of every rank's ``local`` (rank order), no gradient."""
+    import torch.distributed as dist
+
+    parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, local.contiguous(), group=group)
+    return torch.cat(parts)
+
+
+def _frozen_copy(module: nn.Module) -> nn.Module:
+    """A deep copy with ``requires_grad=False`` (a momentum encoder's initial state)."""
+    copied = copy.deepcopy(module)
+    for p in copied.parameters():
+        p.requires_grad_(False)
+    return copied
 
 
 def _with_first_token(input_ids: torch.Tensor, token_id: int) -> torch.Tensor:

@@ -736,10 +736,8 @@ class BLIP(nn.Module):
                 params[name].copy_(value)
         if self.momentum is not None:
             self.copy_params_to_momentum()
-        momentum_state = ("visual_encoder_m.", "vision_proj_m.", "text_encoder_m.", "text_proj_m.", "image_queue",
-                          "text_queue", "queue_ptr")
         tied = {"lm_head.predictions.decoder.weight"} if self.config.tie_word_embeddings else set()
-        return sorted(k for k in set(own) - set(targets) - tied if not k.startswith(momentum_state))
+        return sorted(k for k in set(own) - set(targets) - tied if not k.startswith(MOMENTUM_STATE))
 
 
 def alpha_ramp(step: int, ramp_steps: int, alpha: float = 0.4) -> float:
@@ -803,6 +801,92 @@ def _with_first_token(input_ids: torch.Tensor, token_id: int) -> torch.Tensor:
     out = input_ids.clone()
     out[:, 0] = token_id
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# building from a plain spec, checkpoints
+# ----------------------------------------------------------------------------------------------
+
+MOMENTUM_STATE = ("visual_encoder_m.", "vision_proj_m.", "text_encoder_m.", "text_proj_m.", "image_queue",
+                  "text_queue", "queue_ptr")
+
+
+def build_blip(spec: dict) -> BLIP:
+    """A BLIP from a JSON-able spec (what :func:`save_blip` stores)::
+
+        {"vision": {"kind": "vit", "image_size": 224, "patch_size": 16, "width": 768, "depth": 12, "heads": 12}
+                   # or {"kind": "hf_blip", <BlipVisionConfig fields>},
+         "text": {<MEDConfig fields>}, "embed_dim": 256, "momentum": 0.995 or null, "queue_size": 57600}
+
+    The spec is kept on the model as ``model.spec``.
+    """
+    from vlmcore.vision import VisionTransformer
+
+    if not isinstance(spec, dict) or "vision" not in spec or "text" not in spec:
+        raise ValueError("spec must be a dict with 'vision' and 'text' entries")
+    vision = dict(spec["vision"])
+    kind = vision.pop("kind", "vit")
+    if kind == "vit":
+        encoder = VisionTransformer(**vision)
+    elif kind == "hf_blip":
+        encoder = blip_vision_encoder(**vision)
+    else:
+        raise ValueError(f"spec['vision']['kind'] must be 'vit' or 'hf_blip', got {kind!r}")
+    model = BLIP(encoder, MEDConfig(**spec["text"]), embed_dim=int(spec.get("embed_dim", 256)),
+                 momentum=spec.get("momentum", 0.995), queue_size=int(spec.get("queue_size", 57600)),
+                 temperature=float(spec.get("temperature", 0.07)))
+    model.spec = dict(spec)
+    return model
+
+
+def save_blip(model: BLIP, directory: str) -> str:
+    """Write ``blip.json`` (the spec) and ``model.safetensors`` (online weights; no momentum copies or
+    queues) into ``directory``, atomically per file. The model must come from :func:`build_blip`."""
+    import json
+    import os
+
+    from safetensors.torch import save_file
+
+    spec = getattr(model, "spec", None)
+    if spec is None:
+        raise ValueError("model has no spec: build it with build_blip(spec) to save it with save_blip")
+    os.makedirs(directory, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()
+             if not k.startswith(MOMENTUM_STATE) and k != "lm_head.predictions.decoder.weight"}
+    tmp = os.path.join(directory, "model.safetensors.tmp")
+    save_file(state, tmp)
+    os.replace(tmp, os.path.join(directory, "model.safetensors"))
+    tmp = os.path.join(directory, "blip.json.tmp")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        json.dump(spec, handle, indent=1, sort_keys=True)
+    os.replace(tmp, os.path.join(directory, "blip.json"))
+    return directory
+
+
+def load_blip(directory: str, **overrides) -> BLIP:
+    """The BLIP saved by :func:`save_blip` in ``directory`` (spec entries can be overridden, e.g.
+    ``momentum=None`` for inference); every saved weight must match by name and shape."""
+    import json
+    import os
+
+    from safetensors.torch import load_file
+
+    spec_path = os.path.join(directory, "blip.json")
+    if not os.path.isfile(spec_path):
+        raise ValueError(f"{directory!r} is not a BLIP checkpoint (no blip.json)")
+    with open(spec_path, encoding="utf-8") as handle:
+        spec = json.load(handle)
+    spec.update(overrides)
+    model = build_blip(spec)
+    state = load_file(os.path.join(directory, "model.safetensors"))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith(MOMENTUM_STATE) and k != "lm_head.predictions.decoder.weight"]
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {directory!r} does not match its spec: missing {missing[:10]}, "
+                         f"unexpected {unexpected[:10]}")
+    if model.momentum is not None:
+        model.copy_params_to_momentum()
+    return model
 
 
 @functools.cache

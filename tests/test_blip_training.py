@@ -163,3 +163,27 @@ def test_alpha_ramp_and_bad_arguments():
     with pytest.raises(ValueError, match="losses"):
         model(images, ids, mask, losses=("itx",))
     assert set(model(images, ids, mask, losses=("itm", "lm"))) == {"loss", "itm", "lm", "itm_acc"}
+
+
+def test_retrieval_scores_rerank_the_itc_top_k_with_itm():
+    from vlmcore.blip import blip_retrieval_metrics
+
+    model = tiny_blip().eval()
+    images, ids, mask = tiny_batch(b=5, seed=3)
+    with torch.no_grad():
+        score_i2t, score_t2i = model.retrieval_scores(images, ids, mask, k_test=2, batch_size=2)
+        embeds = model.encode_image(images)
+        sim = model.image_features(embeds) @ model.text_features(ids, mask).T
+        for i in range(5):
+            top = sim[i].topk(2).indices
+            itm = model.itm_logits(embeds[i].expand(2, -1, -1), ids[top], mask[top])[:, 1]
+            assert_close(score_i2t[i, top], itm + sim[i, top], atol=1e-5, rtol=1e-5, name="reranked")
+            others = torch.ones(5, dtype=torch.bool)
+            others[top] = False
+            assert (score_i2t[i, others] == -100).all()
+        assert (score_t2i > -100).sum(1).tolist() == [2] * 5
+    metrics = blip_retrieval_metrics(score_i2t, score_t2i)
+    assert set(metrics) == {"i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "mean_recall"}
+    assert metrics["i2t_R@5"] == 1.0  # 5 candidates
+    perfect = torch.eye(5) * 10
+    assert blip_retrieval_metrics(perfect, perfect)["i2t_R@1"] == 1.0

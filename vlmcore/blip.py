@@ -597,6 +597,38 @@ class BLIP(nn.Module):
         return out
 
     @torch.no_grad()
+    def retrieval_scores(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                         *, k_test: int = 256, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+        """BLIP's retrieval scores: ITC similarity, with each query's top ``k_test`` candidates
+        re-ranked by ``ITM logit(match) + ITC similarity`` (BLIP ``evaluation``); others get -100.
+
+        Returns ``(score_i2t [N_img, N_txt], score_t2i [N_txt, N_img])`` (fp32).
+        """
+        check_positive_int("k_test", k_test)
+        check_positive_int("batch_size", batch_size)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        embeds = torch.cat([self.encode_image(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
+        image_feat = self.image_features(embeds)
+        text_feat = torch.cat([self.text_features(input_ids[i:i + batch_size], attention_mask[i:i + batch_size])
+                               for i in range(0, len(input_ids), batch_size)])
+        sim = (image_feat @ text_feat.T).float()
+
+        def rerank(similarity: torch.Tensor, image_of, text_of) -> torch.Tensor:
+            scores = torch.full_like(similarity, -100.0)
+            k = min(k_test, similarity.shape[1])
+            top_sim, top_idx = similarity.topk(k, dim=1)
+            for row in range(similarity.shape[0]):
+                img, txt = image_of(row, top_idx[row]), text_of(row, top_idx[row])
+                itm = self.itm_logits(embeds[img], input_ids[txt], attention_mask[txt])[:, 1].float()
+                scores[row, top_idx[row]] = itm + top_sim[row]
+            return scores
+
+        score_i2t = rerank(sim, lambda row, idx: torch.full_like(idx, row), lambda row, idx: idx)
+        score_t2i = rerank(sim.T, lambda row, idx: idx, lambda row, idx: torch.full_like(idx, row))
+        return score_i2t, score_t2i
+
+    @torch.no_grad()
     def generate(self, images: torch.Tensor, prompt_ids: list[int] | None = None, *, num_beams: int = 3,
                  do_sample: bool = False, top_p: float = 0.9, max_length: int = 30, min_length: int = 10,
                  repetition_penalty: float = 1.0, num_return_sequences: int = 1, **generate_kwargs) -> torch.Tensor:
@@ -738,6 +770,26 @@ class BLIP(nn.Module):
             self.copy_params_to_momentum()
         tied = {"lm_head.predictions.decoder.weight"} if self.config.tie_word_embeddings else set()
         return sorted(k for k in set(own) - set(targets) - tied if not k.startswith(MOMENTUM_STATE))
+
+
+def blip_retrieval_metrics(score_i2t: torch.Tensor, score_t2i: torch.Tensor,
+                           text_to_image: torch.Tensor | None = None, ks=(1, 5, 10)) -> dict[str, float]:
+    """Recall@k of :meth:`BLIP.retrieval_scores` (i2t from ``score_i2t``, t2i from ``score_t2i``),
+    with :func:`vlmcore.retrieval_metrics`' conventions (several captions per image via
+    ``text_to_image``; ties rank pessimistically)."""
+    from vlmcore.clip import retrieval_metrics
+
+    n_img, n_txt = score_i2t.shape
+    if tuple(score_t2i.shape) != (n_txt, n_img):
+        raise ValueError(f"score_t2i must be [N_txt, N_img] = {(n_txt, n_img)}, got {tuple(score_t2i.shape)}")
+    # a score matrix S equals S @ I^T: feed it as "features" against the identity
+    eye = torch.eye(n_txt, dtype=score_i2t.dtype, device=score_i2t.device)
+    i2t = retrieval_metrics(score_i2t, eye, text_to_image, ks=ks)
+    t2i = retrieval_metrics(score_t2i.T.contiguous(), eye, text_to_image, ks=ks)
+    out = {k: v for k, v in i2t.items() if k.startswith("i2t")}
+    out.update({k: v for k, v in t2i.items() if k.startswith("t2i")})
+    out["mean_recall"] = sum(out.values()) / len(out)
+    return out
 
 
 def alpha_ramp(step: int, ramp_steps: int, alpha: float = 0.4) -> float:

@@ -525,27 +525,49 @@ class BLIP(nn.Module):
 
     def itm_loss(self, image_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                  image_features: torch.Tensor, text_features: torch.Tensor, *, image_ids: torch.Tensor | None = None,
-                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """ITM loss with one hard negative per row in each direction (BLIP), local batch.
+                 negatives_group=None, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """ITM loss with one hard negative per row in each direction (BLIP).
 
-        Negatives are drawn from ``softmax(ITC similarity)`` over the batch by
-        :func:`sample_hard_negatives`, never a positive: the diagonal, or with ``image_ids`` every
-        pair of the same image. Rows without any negative count 0. Returns ``(loss fp32 scalar,
-        accuracy of the 3B ITM decisions)``.
+        Negatives are drawn from ``softmax(ITC similarity / temp)`` by :func:`sample_hard_negatives`,
+        never a positive: the diagonal, or with ``image_ids`` every pair of the same image. With
+        ``negatives_group`` (retrieval fine-tuning, ``blip_retrieval.py``), the candidates are the
+        whole batch of every rank: features, ids, masks and image ids are all-gathered, image tokens
+        with a differentiable all-gather. Rows without any negative count 0. Returns ``(loss fp32
+        scalar, accuracy of the 3B ITM decisions)``.
         """
         b = image_embeds.shape[0]
+        offset = 0
+        all_embeds, all_ids, all_mask = image_embeds, input_ids, attention_mask
+        all_image_feat, all_text_feat, all_image_ids = image_features, text_features, image_ids
+        if negatives_group is not None:
+            import torch.distributed as dist
+
+            from vlmcore.kernels import all_gather_with_grad
+
+            offset = dist.get_rank(negatives_group) * b
+            all_embeds = all_gather_with_grad(image_embeds.reshape(b, -1), negatives_group).view(
+                -1, *image_embeds.shape[1:])
+            all_ids = _all_gather_no_grad(input_ids, negatives_group)
+            all_mask = _all_gather_no_grad(attention_mask, negatives_group)
+            all_image_feat = _all_gather_no_grad(image_features.detach(), negatives_group)
+            all_text_feat = _all_gather_no_grad(text_features.detach(), negatives_group)
+            if image_ids is not None:
+                all_image_ids = _all_gather_no_grad(image_ids, negatives_group)
         with torch.no_grad():
-            sim_i2t = (image_features @ text_features.T).float() / self.temp.float()
+            temp = self.temp.float()
+            sim_i2t = (image_features @ all_text_feat.T).float() / temp  # [b, world b]
+            sim_t2i = (text_features @ all_image_feat.T).float() / temp
             if image_ids is None:
-                positive = torch.eye(b, dtype=torch.bool, device=image_embeds.device)
+                columns = torch.arange(all_ids.shape[0], device=image_embeds.device)
+                positive = columns[None, :] == (torch.arange(b, device=image_embeds.device) + offset)[:, None]
             else:
-                positive = image_ids[:, None] == image_ids[None, :]
+                positive = image_ids[:, None] == all_image_ids[None, :]
             neg_text, text_ok = sample_hard_negatives(sim_i2t, positive, generator=generator)
-            neg_image, image_ok = sample_hard_negatives(sim_i2t.T, positive.T, generator=generator)
-        ids_all = torch.cat([input_ids, input_ids, input_ids[neg_text]])
-        mask_all = torch.cat([attention_mask, attention_mask, attention_mask[neg_text]])
-        embeds_all = torch.cat([image_embeds, image_embeds[neg_image], image_embeds])
-        logits = self.itm_logits(embeds_all, ids_all, mask_all).float()
+            neg_image, image_ok = sample_hard_negatives(sim_t2i, positive, generator=generator)
+        ids_cat = torch.cat([input_ids, input_ids, all_ids[neg_text]])
+        mask_cat = torch.cat([attention_mask, attention_mask, all_mask[neg_text]])
+        embeds_cat = torch.cat([image_embeds, all_embeds[neg_image], image_embeds])
+        logits = self.itm_logits(embeds_cat, ids_cat, mask_cat).float()
         labels = torch.cat([torch.ones(b, dtype=torch.long, device=logits.device),
                             torch.zeros(2 * b, dtype=torch.long, device=logits.device)])
         weight = torch.cat([torch.ones_like(image_ok), image_ok, text_ok]).float()
@@ -556,8 +578,8 @@ class BLIP(nn.Module):
 
     def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                 alpha: float = 0.4, losses: tuple[str, ...] = ("itc", "itm", "lm"), prompt_length: int = 0,
-                image_ids: torch.Tensor | None = None, group=None, generator: torch.Generator | None = None
-                ) -> dict[str, torch.Tensor]:
+                image_ids: torch.Tensor | None = None, group=None, all_rank_negatives: bool = False,
+                generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """One BLIP training step's losses (``blip_pretrain.py``): ``{"loss", "itc", "itm", "lm", "itm_acc"}``
         for the requested ``losses``; ``loss`` is their sum.
 
@@ -565,13 +587,16 @@ class BLIP(nn.Module):
         swaps in ``[ENC]``, LM ``[DEC]``). ``alpha``: distillation weight (see :func:`alpha_ramp`).
         ITC clamps the temperature to [0.001, 0.5], updates the momentum encoders, scores against
         the queues, then enqueues the momentum features (of every rank of ``group``).
-        ``image_ids`` masks same-image pairs out of the ITM negatives. ``prompt_length`` excludes
-        the prompt from the LM loss.
+        ``image_ids`` masks same-image pairs out of the ITM negatives; ``all_rank_negatives`` draws
+        them from every rank of ``group`` (retrieval fine-tuning) instead of the local batch
+        (pre-training). ``prompt_length`` excludes the prompt from the LM loss.
         """
         unknown = set(losses) - {"itc", "itm", "lm"}
         if unknown or not losses:
             raise ValueError(f"losses must be a non-empty subset of ('itc', 'itm', 'lm'), got {losses!r}")
         check_token_ids("input_ids", input_ids)
+        if all_rank_negatives and group is None:
+            raise ValueError("all_rank_negatives=True needs group (the data-parallel process group)")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         out: dict[str, torch.Tensor] = {}
@@ -590,7 +615,8 @@ class BLIP(nn.Module):
             self.enqueue(image_feat_m, text_feat_m, group)
         if "itm" in losses:
             out["itm"], out["itm_acc"] = self.itm_loss(image_embeds, input_ids, attention_mask, image_feat,
-                                                       text_feat, image_ids=image_ids, generator=generator)
+                                                       text_feat, image_ids=image_ids, generator=generator,
+                                                       negatives_group=group if all_rank_negatives else None)
         if "lm" in losses:
             out["lm"] = self.lm_loss(image_embeds, input_ids, attention_mask, prompt_length=prompt_length)
         out["loss"] = sum(out[name] for name in ("itc", "itm", "lm") if name in out)

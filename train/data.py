@@ -29,7 +29,7 @@ import json
 import os
 import random
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -208,45 +208,18 @@ def doc_fields(sample: dict, max_images: int) -> tuple[list[bytes], str]:
     return images, " ".join(parts)
 
 
-class Encoder:
-    """Turns raw samples into tensors for one task (see :meth:`__call__`)."""
+#: A per-sample encoder: raw sample -> dict of example tensors; raises :class:`BadSample`. Each task
+#: builds its own (``Task.encoder`` in ``train/tasks/``) from the helpers of this module.
+Encoder = Callable[[dict], dict]
 
-    def __init__(self, task: str, kind: str, tokenizer: Tokenizer, image_size: int, max_images: int = 1,
-                 num_prefix_tokens: int = 1):
-        self.task, self.kind, self.tok = task, kind, tokenizer
-        self.image_size, self.max_images, self.num_prefix_tokens = image_size, max_images, num_prefix_tokens
 
-    def lm_text(self, ids: list[int]) -> dict:
-        """input_ids / attention_mask / labels (pad and media positions ignored) of an LM sequence."""
-        ids = ids[: self.tok.context_length - 1] + [self.tok.eos_token_id]
-        ids, mask = self.tok.pad(ids)
-        labels = [i if m and i != self.tok.media_token_id else IGNORE_INDEX for i, m in zip(ids, mask)]
-        return {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask), "labels": torch.tensor(labels)}
-
-    def __call__(self, sample: dict) -> dict:
-        """One decoded example; raises :class:`BadSample`.
-
-        clip: ``images [3,H,W]``, ``tokens [T]``. flamingo: ``vision_x [T_img,1,3,H,W]`` (zero
-        padded to ``max_images``), ``input_ids``/``attention_mask``/``labels`` ``[T]``. frozen:
-        ``images [1,3,H,W]`` and the caption after ``num_prefix_tokens`` ``<image>`` placeholders.
-        """
-        if self.kind == "interleaved":
-            blobs, text = doc_fields(sample, self.max_images)
-        else:
-            image, caption = pair_fields(sample)
-            blobs = [image]
-        images = [decode_image(b, self.image_size) for b in blobs]
-        if self.task == "clip":
-            return {"images": images[0], "tokens": self.tok([caption])[0]}
-        if self.task == "frozen":
-            ids = [self.tok.media_token_id] * self.num_prefix_tokens + self.tok.encode(caption)
-            return {"images": images[0][None], **self.lm_text(ids)}
-        if self.kind == "pairs":
-            text = f"{MEDIA} {caption} {EOC}"
-        vision = torch.zeros(self.max_images if self.kind == "interleaved" else 1, 1, 3, self.image_size,
-                             self.image_size)
-        vision[: len(images), 0] = torch.stack(images)
-        return {"vision_x": vision, **self.lm_text(self.tok.encode(text))}
+def lm_text(tok: Tokenizer, ids: list[int]) -> dict:
+    """input_ids / attention_mask / labels ``[T]`` (pad and media positions ignored) of an LM sequence:
+    ``ids`` cut to ``T - 1``, then ``<eos>``, then padding to ``T = tok.context_length``."""
+    ids = ids[: tok.context_length - 1] + [tok.eos_token_id]
+    ids, mask = tok.pad(ids)
+    labels = [i if m and i != tok.media_token_id else IGNORE_INDEX for i, m in zip(ids, mask)]
+    return {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask), "labels": torch.tensor(labels)}
 
 
 def collate(examples: list[dict]) -> dict:

@@ -957,6 +957,10 @@ def load_blip(directory: str, **overrides) -> BLIP:
     spec.update(overrides)
     model = build_blip(spec)
     state = load_file(os.path.join(directory, "model.safetensors"))
+    own = model.state_dict()
+    for key, value in state.items():  # the trainer stores 0-dim parameters (temp) as [1]
+        if key in own and value.shape != own[key].shape and value.numel() == own[key].numel() == 1:
+            state[key] = value.reshape(own[key].shape)
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.startswith(MOMENTUM_STATE) and k != "lm_head.predictions.decoder.weight"]
     if missing or unexpected:

@@ -16,6 +16,9 @@ REGISTRY: dict[str, str | type[Task]] = {
     "clip": ".clip:ClipTask",
     "flamingo": ".flamingo:FlamingoTask",
     "frozen": ".frozen:FrozenTask",
+    "blip_pretrain": ".blip_pretrain:BlipPretrainTask",
+    "blip_retrieval": ".blip_retrieval:BlipRetrievalTask",
+    "blip_caption": ".blip_caption:BlipCaptionTask",
 }
 
 

@@ -1,6 +1,6 @@
 """``python -m vlmcore.bench`` (console script ``vlmcore-bench``): run benchmarks, plot, summarize.
 
-    python -m vlmcore.bench {contrastive|masked_xattn|resampler|e2e|all|ceilings}
+    python -m vlmcore.bench {contrastive|masked_xattn|resampler|e2e|blip|all|ceilings}
         [--quick] [--out FILE] [--modes fwd,bwd,fwd_bwd] [--dtype bf16|fp16|fp32]
         [--device cuda|cpu] [--time-budget SECONDS] [--rep-ms MS]
     python -m vlmcore.bench plot [--results DIR_or_CSV] [--out DIR]
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from . import contrastive, e2e, masked_xattn, resampler
+from . import blip, contrastive, e2e, masked_xattn, resampler
 from .harness import MODES, RunContext, measure_ceilings
 from .results import CsvWriter, read_rows, summary_table
 
@@ -31,9 +31,10 @@ OPS = {
     "masked_xattn": masked_xattn.run,
     "resampler": resampler.run,
     "e2e": e2e.run,
+    "blip": blip.run,
 }
 # Share of the time budget each op of ``all`` gets (what an op leaves unused rolls over to the next).
-SHARES = {"contrastive": 0.25, "masked_xattn": 0.3, "resampler": 0.15, "e2e": 0.3}
+SHARES = {"contrastive": 0.25, "masked_xattn": 0.3, "resampler": 0.15, "e2e": 0.3, "blip": 0.1}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DEFAULT_RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -82,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
         "masked_xattn": "Flamingo masked cross-attention vs reference, SDPA, FlexAttention, varlen, xformers",
         "resampler": "Perceiver / Q-Former attention vs reference and SDPA (concat)",
         "e2e": "one training step of a Flamingo-style model and of CLIP, vlmcore vs reference ops",
+        "blip": "BLIP ITC with momentum distillation over a feature queue: fused vs materialized reference",
         "all": "ceilings, every op, then e2e",
         "ceilings": "only the card's matmul and copy ceilings",
     }

@@ -157,3 +157,15 @@ def test_kernels_compile_for_h100():
         if row["dtype"] == "bf16":
             assert row["spill_bytes"] <= 64, row
     assert any(row["wgmma"] > 0 for row in rows)
+
+
+def test_bench_blip_quick_writes_rows_for_both_providers(tmp_path):
+    import csv
+
+    from vlmcore.bench.__main__ import main as bench_main
+
+    out = tmp_path / "bench.csv"
+    assert bench_main(["blip", "--quick", "--device", "cpu", "--modes", "fwd_bwd", "--out", str(out)]) == 0
+    rows = [r for r in csv.DictReader(open(out)) if r["op"] == "blip_itc"]
+    assert {(r["provider"], r["status"]) for r in rows} == {("vlmcore", "ok"), ("reference", "ok")}
+    assert len(rows) == 4

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from blip_dist_worker import IMAGE_IDS, B
 from utils import assert_close
@@ -16,6 +17,7 @@ WORKER = Path(__file__).with_name("blip_dist_worker.py")
 WORLD = 2
 
 
+@pytest.mark.distributed
 def test_queues_and_all_rank_negatives(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", VLMCORE_BACKEND="reference")
     procs = [subprocess.Popen([sys.executable, str(WORKER), str(r), str(WORLD), str(tmp_path / "init"),

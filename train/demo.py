@@ -106,7 +106,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--lm-steps", type=int, default=400)
     parser.add_argument("--flamingo-steps", type=int, default=300)
     parser.add_argument("--ranks", type=int, default=0, help="processes (default: 2 on CPU, every GPU on CUDA)")
+    parser.add_argument("--family", choices=("flamingo", "blip"), default="flamingo",
+                        help="flamingo: shapes -> CLIP -> Flamingo (above); blip: noisy captions -> BLIP -> "
+                             "CapFilt -> BLIP (train/demo_blip.py; uses --out, --blip-steps)")
+    parser.add_argument("--blip-steps", type=int, default=300, help="--family blip: steps of each pre-training")
     args = parser.parse_args(argv)
+    if args.family == "blip":
+        from .demo_blip import run_blip_demo
+
+        return run_blip_demo(args.out, steps=args.blip_steps)
     start = time.time()
     os.makedirs(args.out, exist_ok=True)
     ranks = args.ranks or (torch.cuda.device_count() if torch.cuda.is_available() else 2)

@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--family", choices=("flamingo", "blip"), default="flamingo",
                         help="flamingo: shapes -> CLIP -> Flamingo (above); blip: noisy captions -> BLIP -> "
                              "CapFilt -> BLIP (train/demo_blip.py; uses --out, --blip-steps)")
-    parser.add_argument("--blip-steps", type=int, default=300, help="--family blip: steps of each pre-training")
+    parser.add_argument("--blip-steps", type=int, default=1000, help="--family blip: steps of each pre-training")
     args = parser.parse_args(argv)
     if args.family == "blip":
         from .demo_blip import run_blip_demo

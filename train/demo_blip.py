@@ -97,7 +97,7 @@ def _pretrain(out_dir: str, shards: str, data_dir: str, steps: int, batch_size: 
         "model.blip_pretrain.k_test=8"])
 
 
-def run_blip_demo(out: str, steps: int = 300, n_train: int = 3000, noise: float = 0.3, batch_size: int = 32) -> dict:
+def run_blip_demo(out: str, steps: int = 1000, n_train: int = 3000, noise: float = 0.3, batch_size: int = 32) -> dict:
     start = time.time()
     root = os.path.join(out, "blip")
     data_dir = os.path.join(root, "shapes")

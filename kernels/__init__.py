@@ -29,6 +29,7 @@ else:
     from .masked_cross_attention import masked_cross_attention, media_index_from_locations
     from .momentum_contrastive import momentum_contrastive_loss
     from .resampler_attention import resampler_attention
+    from .sigmoid_contrastive import sigmoid_contrastive_loss
 
     __all__ = [
         "BACKENDS",
@@ -40,4 +41,5 @@ else:
         "media_index_from_locations",
         "momentum_contrastive_loss",
         "resampler_attention",
+        "sigmoid_contrastive_loss",
     ]

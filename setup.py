@@ -52,6 +52,7 @@ setup(
             "vlmcore-train=vlmcore.train.__main__:console_main",
             "vlmcore-make-shapes=vlmcore.train.shapes:console_main",
             "vlmcore-bench=vlmcore.bench.__main__:console_main",
+            "vlmcore-capfilt=vlmcore.train.capfilt:console_main",
         ]
     },
 )

@@ -1,6 +1,6 @@
 """``python -m vlmcore.bench`` (console script ``vlmcore-bench``): run benchmarks, plot, summarize.
 
-    python -m vlmcore.bench {contrastive|masked_xattn|resampler|e2e|sigmoid|vilbert|blip2|all|ceilings}
+    python -m vlmcore.bench {contrastive|masked_xattn|resampler|e2e|sigmoid|vilbert|blip2|blip|all|ceilings}
         [--quick] [--out FILE] [--modes fwd,bwd,fwd_bwd] [--dtype bf16|fp16|fp32]
         [--device cuda|cpu] [--time-budget SECONDS] [--rep-ms MS]
     python -m vlmcore.bench plot [--results DIR_or_CSV] [--out DIR]
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from . import blip2, contrastive, e2e, masked_xattn, resampler, sigmoid, vilbert
+from . import blip, blip2, contrastive, e2e, masked_xattn, resampler, sigmoid, vilbert
 from .harness import MODES, RunContext, measure_ceilings
 from .results import CsvWriter, read_rows, summary_table
 
@@ -36,10 +36,11 @@ OPS = {
     "sigmoid": sigmoid.run,
     "vilbert": vilbert.run,
     "blip2": blip2.run,
+    "blip": blip.run,
 }
 # Share of the time budget each op of ``all`` gets (what an op leaves unused rolls over to the next).
 SHARES = {"contrastive": 0.25, "masked_xattn": 0.3, "resampler": 0.15, "e2e": 0.3, "sigmoid": 0.15, "vilbert": 0.05,
-          "blip2": 0.1}
+          "blip2": 0.1, "blip": 0.1}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DEFAULT_RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -90,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
         "e2e": "one training step of a Flamingo-style model and of CLIP, vlmcore vs reference ops",
         "vilbert": "one ViLBERT co-attention block (both directions) vs the reference op and SDPA",
         "blip2": "BLIP-2 Q-Former image pass and stage-2 step vs HF Blip2QFormerModel / Blip2ForConditionalGeneration",
+        "blip": "BLIP ITC with momentum distillation over a feature queue: fused vs materialized reference",
         "all": "ceilings, every op, then e2e",
         "sigmoid": "SigLIP sigmoid loss: vlmcore vs OpenCLIP math (materialized, chunked) vs siglip-kernel",
         "ceilings": "only the card's matmul and copy ceilings",

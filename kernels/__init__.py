@@ -27,6 +27,7 @@ else:
 
     from .contrastive import all_gather_with_grad, contrastive_loss
     from .masked_cross_attention import masked_cross_attention, media_index_from_locations
+    from .momentum_contrastive import momentum_contrastive_loss
     from .resampler_attention import resampler_attention
     from .sigmoid_contrastive import sigmoid_contrastive_loss
 
@@ -38,6 +39,7 @@ else:
         "get_backend",
         "masked_cross_attention",
         "media_index_from_locations",
+        "momentum_contrastive_loss",
         "resampler_attention",
         "sigmoid_contrastive_loss",
     ]

@@ -237,3 +237,44 @@ def sigmoid_contrastive_loss_reference(
         positive = torch.arange(n_cols, device=logits.device)[None, :] == (rows + positive_offset)[:, None]
     signs = positive.float() * 2 - 1
     return -F.logsigmoid(signs * logits).sum() / (m if normalizer is None else normalizer)
+
+
+def momentum_contrastive_rows_reference(
+    rows: torch.Tensor, rows_m: torch.Tensor, cols: torch.Tensor, temperature: torch.Tensor, alpha: float,
+    *, label_offset: int = 0,
+) -> torch.Tensor:
+    """One direction of ITC with momentum distillation (ALBEF / BLIP ``blip_pretrain.py`` math).
+
+    Args:
+        rows: ``[b, e]`` online features; rows_m: ``[b, e]`` momentum features of the same samples.
+        cols: ``[N, e]`` columns (momentum batch of the other modality, then the queue).
+        temperature: 0-dim; logits = similarities / temperature.
+        alpha: weight of the momentum soft targets.
+        label_offset: column of row 0's positive (0: the momentum batch comes first).
+
+    Returns:
+        fp32 ``[b]``: ``-sum_j t_ij log_softmax(rows @ cols^T / temp)_ij`` with
+        ``t = alpha * softmax(rows_m @ cols^T / temp) + (1 - alpha) * onehot(i + label_offset)``;
+        the targets carry no gradient (BLIP computes them under ``no_grad``).
+    """
+    logits = (rows @ cols.T).float() / temperature.float()
+    with torch.no_grad():
+        soft = torch.softmax((rows_m @ cols.T).float() / temperature.float(), dim=1)
+        labels = torch.arange(rows.shape[0], device=rows.device) + label_offset
+        targets = alpha * soft + (1 - alpha) * F.one_hot(labels, cols.shape[0]).float()
+    return -(torch.log_softmax(logits, dim=1) * targets).sum(dim=1)
+
+
+def momentum_contrastive_loss_reference(
+    image_features: torch.Tensor, text_features: torch.Tensor, image_features_m: torch.Tensor,
+    text_features_m: torch.Tensor, image_columns: torch.Tensor, text_columns: torch.Tensor,
+    temperature: torch.Tensor, alpha: float,
+) -> torch.Tensor:
+    """BLIP's symmetric ITC loss with momentum distillation, an fp32 scalar (materialized logits).
+
+    ``image_columns`` = ``[image_features_m; image_queue]`` ``[b + Q, e]`` (scored by the text rows),
+    ``text_columns`` likewise; ``(mean_i loss_i2t + mean_i loss_t2i) / 2``.
+    """
+    i2t = momentum_contrastive_rows_reference(image_features, image_features_m, text_columns, temperature, alpha)
+    t2i = momentum_contrastive_rows_reference(text_features, text_features_m, image_columns, temperature, alpha)
+    return (i2t.mean() + t2i.mean()) / 2

@@ -10,7 +10,9 @@ import yaml
 from vlmcore.train.config import ConfigError, apply_overrides, load_config, parse_config
 
 CONFIGS = resources.files("vlmcore.train") / "configs"
-SHIPPED = ["clip_tiny.yaml", "flamingo_tiny.yaml", "frozen_tiny.yaml", "clip_vit_b16.yaml", "openflamingo_3b.yaml"]
+SHIPPED = ["clip_tiny.yaml", "flamingo_tiny.yaml", "frozen_tiny.yaml", "clip_vit_b16.yaml", "openflamingo_3b.yaml",
+           "blip_pretrain_tiny.yaml", "blip_retrieval_tiny.yaml", "blip_caption_tiny.yaml",
+           "blip_pretrain_vit_b16.yaml"]
 
 
 def _raw(name: str) -> dict:
@@ -21,7 +23,7 @@ def _raw(name: str) -> dict:
 @pytest.mark.parametrize("name", SHIPPED)
 def test_shipped_configs_validate(name):
     cfg = load_config(str(CONFIGS / name))
-    assert cfg.task in ("clip", "flamingo", "frozen")
+    assert cfg.task in ("clip", "flamingo", "frozen", "blip_pretrain", "blip_retrieval", "blip_caption")
     assert cfg.max_steps > 0 and cfg.data.train
 
 

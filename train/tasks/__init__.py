@@ -21,6 +21,9 @@ REGISTRY: dict[str, str | type[Task]] = {
     "vlbert": ".vlbert:VlbertTask",
     "blip2_stage1": ".blip2_stage1:Blip2Stage1Task",
     "blip2_stage2": ".blip2_stage2:Blip2Stage2Task",
+    "blip_pretrain": ".blip_pretrain:BlipPretrainTask",
+    "blip_retrieval": ".blip_retrieval:BlipRetrievalTask",
+    "blip_caption": ".blip_caption:BlipCaptionTask",
 }
 
 

@@ -1,0 +1,83 @@
+"""Compile the momentum-distillation ITC kernels for an H100 (sm_90a) on a machine without a GPU.
+
+Run as a script with ``TRITON_INTERPRET=0`` (tests/test_momentum_contrastive.py does): Triton's
+frontend, its GPU passes and the bundled ``ptxas`` turn each kernel variant into a cubin, so type
+or layout errors the interpreter cannot see fail here. Arguments get the 16-divisibility a real
+launch with e = 256 and aligned tensors gets. Prints one JSON line per variant:
+``{"kernel", "config", "dtype", "spill_bytes", "wgmma", "mma", "shared"}``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+os.environ["TRITON_INTERPRET"] = "0"
+
+import triton  # noqa: E402
+import vlmcore.kernels.momentum_contrastive as module  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+TARGET = GPUTarget("cuda", 90, 32)
+PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+DIVISIBLE = {"e", "stride_r", "stride_rm", "stride_c", "stride_dr", "n_rows", "n_cols", "size_bucket"}
+FEATURE_POINTERS = {"p_rows", "p_rows_m", "p_cols", "p_drows"}
+
+
+def _types(fn, dtype: str) -> dict[str, str]:
+    types = {}
+    for name in fn.arg_names:
+        if name in DIVISIBLE or name == "label_offset":
+            types[name] = "i32"
+        elif name == "alpha":
+            types[name] = "fp32"
+        elif name in FEATURE_POINTERS:
+            types[name] = f"*{dtype}"
+        elif name.startswith("p_"):
+            types[name] = "*fp32"
+    return types
+
+
+def compile_variant(fn, dtype: str, constexprs: dict, num_warps: int, num_stages: int) -> dict:
+    fn = getattr(fn, "fn", fn)  # the JITFunction under @triton.autotune
+    types = _types(fn, dtype)
+    signature = {name: ("constexpr" if name in constexprs else types[name]) for name in fn.arg_names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
+             if name not in constexprs and (types[name].startswith("*") or name in DIVISIBLE)}
+    kernel = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=TARGET,
+                            options={"num_warps": num_warps, "num_stages": num_stages})
+    ptx = kernel.asm["ptx"]
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as handle:
+        handle.write(ptx)
+    report = subprocess.run([PTXAS, "--gpu-name", "sm_90a", "-v", handle.name, "-o", os.devnull],
+                            capture_output=True, text=True, check=True).stderr
+    os.unlink(handle.name)
+    spills = re.search(r"(\d+) bytes spill stores", report)
+    return {"kernel": fn.__name__, "dtype": dtype, "config": {**constexprs, "num_warps": num_warps,
+            "num_stages": num_stages}, "spill_bytes": int(spills.group(1)) if spills else 0,
+            "wgmma": ptx.count("wgmma.mma_async"), "mma": ptx.count("mma.sync"), "shared": kernel.metadata.shared}
+
+
+def variants():
+    """bf16 at e = 256 over every autotune config the pruner keeps; fp16 / fp32 (e = 256) and bf16 at
+    e = 64 for the first kept config."""
+    configs = module._configs()
+    for dtype, block_e, every in (("bf16", 256, True), ("fp16", 256, False), ("fp32", 256, False),
+                                  ("bf16", 64, False)):
+        precision = "ieee" if dtype == "fp32" else "tf32"
+        kept = module._prune(configs, {}, BLOCK_E=block_e)
+        for config in kept if every else kept[:1]:
+            for kernel in (module._momentum_distill_fwd_kernel, module._momentum_distill_bwd_kernel):
+                yield (kernel, dtype, dict(BLOCK_E=block_e, PRECISION=precision, **config.kwargs),
+                       config.num_warps, config.num_stages)
+
+
+if __name__ == "__main__":
+    for fn, dtype, constexprs, warps, stages in variants():
+        print(json.dumps(compile_variant(fn, dtype, constexprs, warps, stages)), flush=True)
+    sys.exit(0)

@@ -1,0 +1,116 @@
+"""The BLIP trainer tasks in-process (one rank, DeepSpeed on gloo) on tiny shapes data: pre-training
+learns and its out_dir is a BLIP checkpoint; retrieval and captioning fine-tune from it; the GPU
+example config has BLIP's ViT-B/16 / BERT-base sizes and builds; bad configs are refused."""
+
+from __future__ import annotations
+
+import json
+import os
+from importlib import resources
+
+import pytest
+import torch
+from vlmcore.train import main, shapes
+from vlmcore.train.config import ConfigError, load_config
+from vlmcore.train.tasks import get_task
+from vlmcore.train.tokenizer import Tokenizer, train_word_tokenizer
+
+from vlmcore.blip import load_blip
+
+CONFIGS = resources.files("vlmcore.train") / "configs"
+TINY_TEXT = "{hidden_size: 32, num_hidden_layers: 1, num_attention_heads: 2, intermediate_size: 64}"
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("shapes_blip")
+    shapes.make_shapes(str(out), n_train=192, n_eval=48, n_docs=8, image_size=32, shard_size=96, seed=3)
+    train_word_tokenizer(str(out / "captions.txt"), str(out / "tokenizer.json"))
+    return out
+
+
+def _argv(task, data, out_dir, *extra):
+    return ["--config", str(CONFIGS / f"{task}_tiny.yaml"), f"out_dir={out_dir}", "data.shapes=null",
+            f"tokenizer.path={data}/tokenizer.json", "tokenizer.train_from_shapes=false",
+            f"data.eval.shards={data}/eval-000000.tar", "data.eval.batch_size=24", "progress_bar=false",
+            f"data.train.0.shards={data}/train-*.tar", "data.train.0.batch_size=16", "tokenizer.context_length=12",
+            "model.vision={image_size: 16, patch_size: 8, width: 32, depth: 1, heads: 2}", "save_every=0",
+            "optim.lr=2e-3", "optim.warmup_steps=2", *extra]
+
+
+def _steps(out_dir):
+    with open(os.path.join(out_dir, "metrics.jsonl"), encoding="utf-8") as f:
+        lines = [json.loads(line) for line in f]
+    return [x for x in lines if "loss" in x]
+
+
+@pytest.fixture(scope="module")
+def pretrained(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("blip_pre") / "run"
+    result = main(_argv("blip_pretrain", data, out, "max_steps=24", "eval_every=24",
+                        f"model.blip_pretrain.text={TINY_TEXT}", "model.blip_pretrain.embed_dim=16",
+                        "model.blip_pretrain.queue_size=64", "model.blip_pretrain.alpha_ramp_steps=10",
+                        "model.blip_pretrain.k_test=4"))
+    return out, result
+
+
+def test_pretrain_learns_and_exports_a_blip_checkpoint(pretrained, data):
+    out, result = pretrained
+    steps = _steps(out)
+    assert len(steps) == 24
+    for key in ("itc", "itm", "lm", "itm_acc", "temperature", "alpha"):
+        assert all(s.get(key) is not None for s in steps), key
+    assert steps[0]["alpha"] == 0.0 and steps[-1]["alpha"] == pytest.approx(0.4)  # the ramp
+    first, last = sum(s["lm"] for s in steps[:4]) / 4, sum(s["lm"] for s in steps[-4:]) / 4
+    assert last < first - 0.1
+    assert {"i2t_R@1", "t2i_R@5", "caption_token_acc", "blind_token_acc"} <= set(result)
+    assert 0 <= result["i2t_R@1"] <= 1
+    model = load_blip(str(out), momentum=None)  # the run folder is a checkpoint (CapFilt reads it)
+    assert model.config.vocab_size == Tokenizer(str(data / "tokenizer.json")).vocab_size + 3
+
+
+def test_retrieval_and_caption_fine_tune_from_the_pretrained_run(pretrained, data, tmp_path):
+    pre, _ = pretrained
+    common = (f"={TINY_TEXT}", "=16")
+    ret = main(_argv("blip_retrieval", data, tmp_path / "ret", "max_steps=4", "eval_every=0",
+                     f"model.blip_retrieval.text{common[0]}", f"model.blip_retrieval.embed_dim{common[1]}",
+                     "model.blip_retrieval.queue_size=64", "model.blip_retrieval.k_test=4",
+                     f"model.blip_retrieval.init={pre}"))
+    assert "i2t_R@1" in ret and "caption_token_acc" not in ret
+    assert {"itc", "itm"} <= set(_steps(tmp_path / "ret")[0]) and "lm" not in _steps(tmp_path / "ret")[0]
+    cap = main(_argv("blip_caption", data, tmp_path / "cap", "max_steps=4", "eval_every=0",
+                     f"model.blip_caption.text{common[0]}", f"model.blip_caption.embed_dim{common[1]}",
+                     f"model.blip_caption.init={pre}"))
+    assert "caption_token_acc" in cap and "i2t_R@1" not in cap
+    assert load_blip(str(tmp_path / "cap")).momentum is None  # a captioner: no momentum encoders
+
+
+def test_gpu_example_config_has_blip_base_sizes_and_builds():
+    cfg = load_config(str(CONFIGS / "blip_pretrain_vit_b16.yaml"))
+    v, c = cfg.model.vision, cfg.model.blip_pretrain
+    assert (v.image_size, v.patch_size, v.width, v.depth, v.heads) == (224, 16, 768, 12, 12)
+    assert (c.text.hidden_size, c.text.num_hidden_layers, c.text.intermediate_size) == (768, 12, 3072)
+    assert (c.embed_dim, c.queue_size, c.momentum, c.alpha) == (256, 57600, 0.995, 0.4)
+    assert cfg.precision == "bf16"
+
+    class FakeTokenizer:  # the BERT tokenizer's sizes, without the files
+        vocab_size, pad_token_id, eos_token_id, context_length = 30522, 0, 102, 30
+
+    task = get_task("blip_pretrain")(cfg, FakeTokenizer())
+    with torch.device("meta"):  # shapes only: 224 M + momentum copies, no memory
+        model = task.build_model(torch.float32)
+    assert model.visual_encoder.num_tokens == 197
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert 200e6 < trainable < 260e6, trainable  # ViT-B/16 (86 M) + BERT-base MED with decoder SA (~140 M)
+    assert model.image_queue.shape == (57600, 256)
+
+
+def test_bad_blip_configs_are_refused(data, tmp_path):
+    with pytest.raises(ConfigError) as err:
+        main(_argv("blip_pretrain", data, tmp_path / "x", "model.blip_pretrain.alpha=2.0",
+                   "model.blip_pretrain.temperature=0.9", "deepspeed.zero_optimization.stage=3",
+                   "model.blip_pretrain.init=/nowhere"))
+    text = str(err.value)
+    for needle in ("model.blip_pretrain.alpha", "model.blip_pretrain.temperature",
+                   "deepspeed.zero_optimization.stage", "model.blip_pretrain.init"):
+        assert needle in text, text

@@ -1,0 +1,18 @@
+"""BLIP captioning fine-tuning: the image-grounded decoder's LM loss (label smoothing 0.1) on
+``prompt + caption``, the prompt ("a picture of ") excluded from the loss, as BLIP's
+``blip.py``/``train_caption.py``. No momentum encoders. Eval: caption token accuracy with and
+without the images. The exported ``out_dir`` is a CapFilt captioner. Config section
+``model.blip_caption``."""
+
+from __future__ import annotations
+
+from .blip_common import BlipTaskBase
+
+
+class BlipCaptionTask(BlipTaskBase):
+    name = "blip_caption"
+    losses = ("lm",)
+    all_rank_negatives = False
+    use_prompt = True
+    with_momentum = False
+    eval_kinds = ("caption",)

@@ -1,0 +1,263 @@
+"""What the three BLIP tasks share: the ``model.<task>`` section, the model, the sample encoder,
+the evaluations, the export. Each task (``blip_pretrain``, ``blip_retrieval``, ``blip_caption``)
+is a small subclass of :class:`BlipTaskBase` in its own file.
+
+- Model: :class:`vlmcore.BLIP` over the ``model.vision`` ViT (``common.build_vision``) with the
+  text transformer of the section; optionally initialized from a :func:`vlmcore.blip.save_blip`
+  checkpoint (``init``: e.g. the out_dir of a ``blip_pretrain`` run).
+- Text: ``[CLS] caption <eos>`` (``train/blip_text.py``); the caption task prefixes the prompt.
+  A ``KEY.txt`` with several lines (CapFilt output: kept web + synthetic captions) gives one line
+  per visit, drawn from a generator seeded by the key and the visit count.
+- ``alpha`` ramps linearly over ``alpha_ramp_steps`` (BLIP: the first epoch); the step count is a
+  model buffer, so it is checkpointed and resumes with the run (one device->host read per step).
+- Export: ``model.safetensors`` + ``blip.json`` in ``out_dir``: the run's folder is a BLIP
+  checkpoint (:func:`vlmcore.blip.load_blip`, ``vlmcore-capfilt --captioner/--filter``).
+- Evaluation (every rank evaluates the same first ``max_batches`` batches of the held-out set, so
+  the numbers are identical on all ranks): retrieval Recall@1/5/10 with ITC top-``k_test``
+  re-ranked by ITM, and caption token accuracy with and without the images.
+
+ZeRO-3 is refused: the momentum update reads the online parameters in place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from vlmcore.blip import BLIP, blip_retrieval_metrics, build_blip, load_blip
+
+from ..blip_text import BlipText
+from ..data import IGNORE_INDEX, BadSample, decode_image, eval_batches, pair_fields
+from .base import EvalContext, Task
+from .common import build_vision, move
+
+
+@dataclass
+class BlipTextSection:
+    """The MED text transformer (BERT-base in BLIP: 768 / 12 / 12 / 3072)."""
+
+    hidden_size: int = 64
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    intermediate_size: int = 128
+
+    def check(self, where: str) -> list[str]:
+        names = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+        out = [f"{where}.{n}: must be >= 1, got {getattr(self, n)}" for n in names if getattr(self, n) < 1]
+        if self.num_attention_heads >= 1 and self.hidden_size % self.num_attention_heads:
+            out.append(f"{where}.hidden_size: {self.hidden_size} is not divisible by num_attention_heads "
+                       f"{self.num_attention_heads}")
+        return out
+
+
+@dataclass
+class BlipConfig:
+    """``model.blip_pretrain`` / ``model.blip_retrieval`` / ``model.blip_caption``."""
+
+    embed_dim: int = 256
+    text: BlipTextSection = field(default_factory=BlipTextSection)
+    momentum: float = 0.995
+    queue_size: int = 57600
+    alpha: float = 0.4
+    alpha_ramp_steps: int = 0  # 0: alpha from the first step
+    temperature: float = 0.07
+    prompt: str = "a picture of "  # blip_caption: prefixed to every caption, excluded from the loss
+    k_test: int = 256  # retrieval eval: ITC candidates re-ranked by ITM per query
+    init: str = ""  # a save_blip checkpoint folder to start from (e.g. a blip_pretrain out_dir)
+
+    def check(self, where: str) -> list[str]:
+        out = []
+        if self.embed_dim < 1:
+            out.append(f"{where}.embed_dim: must be >= 1, got {self.embed_dim}")
+        if not 0.0 <= self.momentum < 1.0:
+            out.append(f"{where}.momentum: must be in [0, 1), got {self.momentum}")
+        if self.queue_size < 0:
+            out.append(f"{where}.queue_size: must be >= 0, got {self.queue_size}")
+        if not 0.0 <= self.alpha <= 1.0:
+            out.append(f"{where}.alpha: must be in [0, 1], got {self.alpha}")
+        if self.alpha_ramp_steps < 0:
+            out.append(f"{where}.alpha_ramp_steps: must be >= 0, got {self.alpha_ramp_steps}")
+        if not 0.001 <= self.temperature <= 0.5:
+            out.append(f"{where}.temperature: must be in [0.001, 0.5], got {self.temperature}")
+        if self.k_test < 1:
+            out.append(f"{where}.k_test: must be >= 1, got {self.k_test}")
+        if self.init and not os.path.isfile(os.path.join(self.init, "blip.json")):
+            out.append(f"{where}.init: {self.init!r} is not a BLIP checkpoint folder (no blip.json)")
+        return out + self.text.check(f"{where}.text")
+
+
+def _image_id(sample: dict, image: bytes) -> int:
+    """The sample's ``image_id`` from its JSON, else a hash of the image bytes (same image, same id)."""
+    if "json" in sample:
+        try:
+            value = json.loads(sample["json"].decode("utf-8")).get("image_id")
+            if isinstance(value, int):
+                return value
+        except (UnicodeDecodeError, ValueError, AttributeError):
+            pass
+    return int.from_bytes(hashlib.sha1(image).digest()[:7], "little")
+
+
+class BlipEncoder:
+    """Pair sample -> ``{"images" [3, H, W], "input_ids" [T], "attention_mask" [T], "image_ids" []}``."""
+
+    def __init__(self, text: BlipText, image_size: int, prompt: str):
+        self.text, self.image_size, self.prompt = text, image_size, prompt
+        self.visits: dict[str, int] = {}
+
+    def __call__(self, sample: dict) -> dict:
+        image, caption = pair_fields(sample)
+        lines = [line.strip() for line in caption.split("\n") if line.strip()]
+        if not lines:
+            raise BadSample(f"sample {sample['__key__']} has an empty caption")
+        key = sample["__key__"]
+        visit = self.visits.get(key, 0)
+        self.visits[key] = visit + 1
+        line = lines[0] if len(lines) == 1 else random.Random(f"{key}:{visit}").choice(lines)
+        ids, mask = self.text.encode([self.prompt + line])
+        return {"images": decode_image(image, self.image_size), "input_ids": ids[0], "attention_mask": mask[0],
+                "image_ids": torch.tensor(_image_id(sample, image), dtype=torch.long)}
+
+
+class BlipTaskBase(Task):
+    """The BLIP tasks' shared behaviour; a subclass sets ``name``, ``losses``, ``all_rank_negatives``,
+    ``use_prompt``, ``with_momentum`` and ``eval_kinds``."""
+
+    Config = BlipConfig
+    data_kinds = ("pairs",)
+    losses: tuple[str, ...] = ("itc", "itm", "lm")
+    all_rank_negatives = False
+    use_prompt = False
+    with_momentum = True
+    eval_kinds: tuple[str, ...] = ("retrieval", "caption")
+
+    @classmethod
+    def check_config(cls, cfg) -> list[str]:
+        out = []
+        if cfg.model.gradient_checkpointing:
+            out.append(f"model.gradient_checkpointing: not available for task {cls.name!r}")
+        if cfg.model.lm is not None:
+            out.append(f"model.lm: task {cls.name!r} has its own text transformer; remove model.lm")
+        if (cfg.deepspeed.get("zero_optimization", {}) or {}).get("stage", 0) == 3:
+            out.append(f"deepspeed.zero_optimization.stage: task {cls.name!r} supports ZeRO 0-2 (the momentum "
+                       "encoders read the online parameters in place)")
+        return out
+
+    def __init__(self, cfg, tokenizer):
+        super().__init__(cfg, tokenizer)
+        self.text = BlipText(tokenizer)
+        self.prompt = self.config.prompt if self.use_prompt else ""
+        self.prompt_length = 1 + len(self.text.prompt_ids(self.prompt)) if self.prompt else 0
+
+    def spec(self) -> dict:
+        c, v = self.config, self.cfg.model.vision
+        return {"vision": {"kind": "vit", "image_size": v.image_size, "patch_size": v.patch_size, "width": v.width,
+                           "depth": v.depth, "heads": v.heads, "mlp_ratio": v.mlp_ratio},
+                "text": asdict(self.text.med_config(max_position_embeddings=max(64, self.text.context_length),
+                                                    encoder_width=v.width, **asdict(c.text))),
+                "embed_dim": c.embed_dim, "momentum": c.momentum if self.with_momentum else None,
+                "queue_size": c.queue_size, "temperature": c.temperature}
+
+    def build_model(self, dtype: torch.dtype) -> nn.Module:
+        spec = self.spec()
+        if self.config.init:
+            overrides = {"momentum": spec["momentum"], "queue_size": spec["queue_size"]}
+            model = load_blip(self.config.init, **overrides)
+            if model.config.vocab_size != self.text.vocab_size:
+                raise ValueError(f"model.{self.name}.init: checkpoint vocab_size {model.config.vocab_size} != "
+                                 f"{self.text.vocab_size} of tokenizer {self.cfg.tokenizer.path!r}")
+        else:
+            model = build_blip(spec)
+            vision = build_vision(self.cfg)  # honours model.vision.init / freeze
+            model.visual_encoder.load_state_dict(vision.state_dict())
+            model.visual_encoder.requires_grad_(not self.cfg.model.vision.freeze)
+            if model.momentum is not None:
+                model.copy_params_to_momentum()
+        model.register_buffer("train_step", torch.zeros(1, dtype=torch.long))
+        return model
+
+    def encoder(self, kind: str, max_images: int) -> BlipEncoder:
+        return BlipEncoder(self.text, self.cfg.model.vision.image_size, self.prompt)
+
+    def _alpha(self, module: BLIP) -> float:
+        ramp = self.config.alpha_ramp_steps
+        if ramp == 0:
+            return self.config.alpha
+        step = int(module.train_step)  # one device->host read per step
+        return self.config.alpha * min(1.0, step / ramp)
+
+    def loss(self, model, batch: dict, device: torch.device, group=None) -> tuple[torch.Tensor, dict]:
+        module = getattr(model, "module", model)
+        batch = move(batch, device)
+        alpha = self._alpha(module)
+        with torch.no_grad():
+            module.train_step += 1
+        out = model(batch["images"], batch["input_ids"], batch["attention_mask"], alpha=alpha, losses=self.losses,
+                    prompt_length=self.prompt_length, image_ids=batch["image_ids"],
+                    group=group, all_rank_negatives=self.all_rank_negatives and group is not None)
+        metrics = {k: out[k].detach().float().reshape(()) for k in ("itc", "itm", "lm", "itm_acc") if k in out}
+        if "itc" in out:
+            metrics["temperature"] = module.temp.detach().float().reshape(())
+            metrics["alpha"] = alpha
+        return out["loss"].float(), metrics
+
+    def batch_tokens(self, batch: dict) -> int:
+        return int(batch["attention_mask"].sum())
+
+    def evaluate(self, module: nn.Module, ctx: EvalContext) -> dict:
+        device, dtype = ctx.info.device, ctx.dtype
+        images, ids, masks, image_ids = [], [], [], []
+        for batch, _ in eval_batches(ctx.shards, ctx.encoder, ctx.eval.batch_size, 0, 1, ctx.eval.max_batches):
+            images.append(batch["images"])
+            ids.append(batch["input_ids"])
+            masks.append(batch["attention_mask"])
+            image_ids.append(batch["image_ids"])
+        images = torch.cat(images).to(device, dtype)
+        ids, masks, image_ids = (torch.cat(t).to(device) for t in (ids, masks, image_ids))
+        results: dict = {"eval_samples": int(ids.shape[0])}
+        if "retrieval" in self.eval_kinds:
+            # one entry per distinct image; each caption points at its image
+            unique, text_to_image = torch.unique(image_ids, sorted=False, return_inverse=True)
+            first = torch.full((len(unique),), ids.shape[0], device=device, dtype=torch.long).scatter_reduce(
+                0, text_to_image, torch.arange(ids.shape[0], device=device), "amin")
+            score_i2t, score_t2i = module.retrieval_scores(images[first], ids, masks, k_test=self.config.k_test,
+                                                           batch_size=ctx.eval.batch_size)
+            results.update(blip_retrieval_metrics(score_i2t, score_t2i, text_to_image))
+        if "caption" in self.eval_kinds:
+            results.update(self._caption_accuracy(module, images, ids, masks))
+        return results
+
+    def _caption_accuracy(self, module: BLIP, images, ids, masks) -> dict:
+        """Next-token accuracy of the decoder on the held-out captions, with images and blanked."""
+        bos = module.config.bos_token_id
+        decoder_ids = ids.clone()
+        decoder_ids[:, 0] = bos
+        targets = decoder_ids[:, 1:].masked_fill(masks[:, 1:] == 0, IGNORE_INDEX)
+        if self.prompt_length:
+            targets[:, : self.prompt_length - 1] = IGNORE_INDEX
+        valid = targets != IGNORE_INDEX
+        out = {"eval_tokens": int(valid.sum())}
+        for name, pixels in (("caption_token_acc", images), ("blind_token_acc", torch.zeros_like(images))):
+            logits = module.decoder_logits(module.encode_image(pixels), decoder_ids, masks)
+            hits = (logits[:, :-1].argmax(-1) == targets) & valid
+            out[name] = float(hits.sum()) / max(int(valid.sum()), 1)
+        return out
+
+    def export(self, module: nn.Module) -> dict[str, tuple[list[str], str]]:
+        """``model.safetensors`` (online weights) + ``blip.json``: ``out_dir`` becomes a BLIP checkpoint."""
+        import torch.distributed as dist
+
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            os.makedirs(self.cfg.out_dir, exist_ok=True)
+            path = os.path.join(self.cfg.out_dir, "blip.json")
+            with open(path + ".tmp", "w", encoding="utf-8") as handle:
+                json.dump(self.spec(), handle, indent=1, sort_keys=True)
+            os.replace(path + ".tmp", path)
+        momentum = ("visual_encoder_m.", "vision_proj_m.", "text_encoder_m.", "text_proj_m.")
+        return {"model.safetensors": ([n for n, _ in module.named_parameters() if not n.startswith(momentum)], "")}

@@ -1,0 +1,17 @@
+"""BLIP pre-training: ITC (momentum distillation, fused op, queues) + ITM (local hard negatives)
++ LM, as BLIP's ``blip_pretrain.py``. Eval: retrieval Recall@k (ITC top-k re-ranked by ITM) and
+caption token accuracy with / without images. Config section ``model.blip_pretrain``; the shared
+behaviour is in ``blip_common.py``."""
+
+from __future__ import annotations
+
+from .blip_common import BlipTaskBase
+
+
+class BlipPretrainTask(BlipTaskBase):
+    name = "blip_pretrain"
+    losses = ("itc", "itm", "lm")
+    all_rank_negatives = False
+    use_prompt = False
+    with_momentum = True
+    eval_kinds = ("retrieval", "caption")

@@ -1,0 +1,18 @@
+"""BLIP retrieval fine-tuning: ITC (momentum distillation) + ITM with hard negatives drawn from
+every rank's batch, same-image pairs masked by image id (BLIP's ``blip_retrieval.py``; the ITC
+targets stay one-hot on the diagonal plus the momentum soft targets: BLIP's image-id positives in
+ITC are not implemented). Eval: Recall@k with ITM re-ranking of the ITC top ``k_test``. Config
+section ``model.blip_retrieval``."""
+
+from __future__ import annotations
+
+from .blip_common import BlipTaskBase
+
+
+class BlipRetrievalTask(BlipTaskBase):
+    name = "blip_retrieval"
+    losses = ("itc", "itm")
+    all_rank_negatives = True
+    use_prompt = False
+    with_momentum = True
+    eval_kinds = ("retrieval",)

@@ -42,10 +42,10 @@ from .common import build_vision, move
 class BlipTextSection:
     """The MED text transformer (BERT-base in BLIP: 768 / 12 / 12 / 3072)."""
 
-    hidden_size: int = 64
-    num_hidden_layers: int = 2
-    num_attention_heads: int = 4
-    intermediate_size: int = 128
+    hidden_size: int = 64  # BLIP: 768
+    num_hidden_layers: int = 2  # BLIP: 12
+    num_attention_heads: int = 4  # BLIP: 12
+    intermediate_size: int = 128  # feed-forward width (BLIP: 3072)
 
     def check(self, where: str) -> list[str]:
         names = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
@@ -60,13 +60,13 @@ class BlipTextSection:
 class BlipConfig:
     """``model.blip_pretrain`` / ``model.blip_retrieval`` / ``model.blip_caption``."""
 
-    embed_dim: int = 256
+    embed_dim: int = 256  # ITC projection width
     text: BlipTextSection = field(default_factory=BlipTextSection)
-    momentum: float = 0.995
-    queue_size: int = 57600
-    alpha: float = 0.4
+    momentum: float = 0.995  # EMA factor of the momentum encoders
+    queue_size: int = 57600  # momentum features kept per modality (all ranks enqueue)
+    alpha: float = 0.4  # weight of the momentum-distilled soft targets
     alpha_ramp_steps: int = 0  # 0: alpha from the first step
-    temperature: float = 0.07
+    temperature: float = 0.07  # initial ITC temperature (learnable, clamped to [0.001, 0.5])
     prompt: str = "a picture of "  # blip_caption: prefixed to every caption, excluded from the loss
     k_test: int = 256  # retrieval eval: ITC candidates re-ranked by ITM per query
     init: str = ""  # a save_blip checkpoint folder to start from (e.g. a blip_pretrain out_dir)

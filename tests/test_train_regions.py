@@ -81,7 +81,7 @@ def test_region_shapes_dataset(tmp_path):
         probs = out["class_probs"]
         torch.testing.assert_close(probs.sum(-1), torch.ones(len(probs)), atol=1e-5, rtol=0)
         assert int(probs[1].argmax()) == meta["label"]  # region 1 = the drawn object's box
-        assert sample["txt"].decode() == f"a {CLASSNAMES[meta['label']]}"
+        assert CLASSNAMES[meta["label"]] in sample["txt"].decode()  # '<colour> <shape>' in every template
         assert (out["region_features"] >= 0).all()
     # Some extra boxes are background: the detector stand-in gives them the background class.
     classes = {int(c) for s in samples

@@ -129,14 +129,22 @@ class DataConfig:
 
 @dataclass
 class TokenizerConfig:
-    """A ``tokenizers`` JSON file or a local Hugging Face tokenizer directory."""
+    """A ``tokenizers`` JSON file or a local Hugging Face tokenizer directory (``type: auto``), or
+    open_clip's own CLIP tokenizer (``type: open_clip``, no path; OpenCLIP uses context_length 77)."""
 
-    path: str
+    path: str = ""
+    type: Literal["auto", "open_clip"] = "auto"
     context_length: int = 32
     train_from_shapes: bool = False  # train a small word-level tokenizer on the shapes captions if missing
 
     def check(self, where: str) -> list[str]:
-        return [] if self.context_length >= 4 else [f"{where}.context_length: must be >= 4, got {self.context_length}"]
+        out = [] if self.context_length >= 4 else [f"{where}.context_length: must be >= 4, got {self.context_length}"]
+        if self.type == "auto" and not self.path:
+            out.append(f"{where}.path: required (a tokenizers JSON file or a local HF tokenizer directory) "
+                       "unless type is open_clip")
+        if self.type == "open_clip" and (self.path or self.train_from_shapes):
+            out.append(f"{where}: type open_clip uses open_clip's bundled vocabulary; remove path / train_from_shapes")
+        return out
 
 
 @dataclass

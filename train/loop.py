@@ -110,7 +110,9 @@ def prepare_inputs(cfg: TrainConfig, info: distributed.DistInfo) -> Tokenizer:
                 raise ValueError("tokenizer.train_from_shapes needs data.shapes")
             train_word_tokenizer(os.path.join(s.dir, "captions.txt"), t.path)
     distributed.barrier()
-    return Tokenizer(cfg.tokenizer.path, cfg.tokenizer.context_length)
+    # Only the tasks that place images in the text get <image> / <|endofchunk|>.
+    return Tokenizer(cfg.tokenizer.path, cfg.tokenizer.context_length, kind=cfg.tokenizer.type,
+                     media_tokens=cfg.task != "clip")
 
 
 def seed_everything(seed: int) -> None:

@@ -23,7 +23,6 @@ round-robin is rotated so the next batch comes from the worker that was next.
 
 from __future__ import annotations
 
-import glob
 import io
 import json
 import os
@@ -33,9 +32,9 @@ from collections.abc import Iterator
 
 import numpy as np
 import torch
-from braceexpand import braceexpand
 from PIL import Image
 
+from .shards import expand_shard_spec, open_shard
 from .tokenizer import EOC, MEDIA, Tokenizer
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -49,17 +48,9 @@ class BadSample(Exception):
 
 
 def expand_shards(spec) -> list[str]:
-    """Paths of ``spec`` (brace patterns, globs, or a list of them); raises ValueError if one is missing."""
-    patterns = [spec] if isinstance(spec, str) else list(spec)
-    paths = []
-    for pattern in patterns:
-        for path in braceexpand(pattern):
-            paths += sorted(glob.glob(path)) if any(c in path for c in "*?[") else [path]
-    missing = [p for p in paths if not os.path.isfile(p)]
-    if not paths or missing:
-        shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
-        raise ValueError(f"shards {spec!r}: {len(missing)} of {len(paths)} file(s) missing: {shown}")
-    return paths
+    """Shard URLs of ``spec`` (paths, brace patterns, globs, ``pipe:`` / s3 / http(s) URLs, ``a::b``
+    lists; see :mod:`.shards`); raises ValueError if a local file is missing."""
+    return expand_shard_spec(spec)
 
 
 def read_tar(path: str) -> Iterator[dict]:
@@ -70,7 +61,7 @@ def read_tar(path: str) -> Iterator[dict]:
     """
     current: dict | None = None
     try:
-        with tarfile.open(path, "r:") as tar:
+        with open_shard(path) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
             for member in tar:
                 if not member.isfile():
                     continue

@@ -6,7 +6,8 @@ A spec is a string or a list of strings. Each string may be an OpenCLIP-style ``
 - a local path or glob (``/data/laion-*.tar``, ``file:///data/x.tar``): must exist, checked up front;
 - ``pipe:COMMAND``: the tar is the command's standard output (webdataset's convention);
 - ``s3://bucket/key.tar``: streamed as ``pipe:aws s3 cp s3://bucket/key.tar -``;
-- ``http://...`` / ``https://...``: streamed as ``pipe:curl -s -L --fail URL``.
+- ``http://...`` / ``https://...``: streamed as ``pipe:curl -s -L --fail ... URL`` (with connect and
+  stall timeouts).
 
 URLs are not checked up front (that would mean fetching them). :func:`open_shard` opens one shard as
 a binary stream; a stream that breaks (the command exits non-zero, or the tar is truncated) raises
@@ -30,6 +31,7 @@ from typing import BinaryIO
 from braceexpand import braceexpand
 
 PIPE_PREFIX = "pipe:"
+CURL = "curl -s -L --fail --connect-timeout 30 --speed-limit 1 --speed-time 60"
 # After the tar's end-of-archive, how long a finished stream's command may take to exit.
 EXIT_GRACE_S = 30.0
 
@@ -47,7 +49,8 @@ def to_url(part: str) -> str:
     if part.startswith("s3://"):
         return f"{PIPE_PREFIX}aws s3 cp {shlex.quote(part)} -"
     if part.startswith(("http://", "https://")):
-        return f"{PIPE_PREFIX}curl -s -L --fail {shlex.quote(part)}"
+        # A stalled server must not hang the reader: give up below 1 B/s for 60 s.
+        return f"{PIPE_PREFIX}{CURL} {shlex.quote(part)}"
     if part.startswith("file://"):
         return part[len("file://"):]
     if "://" in part:

@@ -30,16 +30,14 @@ import random
 import tarfile
 from collections.abc import Iterator
 
-import numpy as np
 import torch
 from PIL import Image
 
+from .preprocess import ImageTransform
 from .shards import expand_shard_spec, open_shard
 from .tokenizer import EOC, MEDIA, Tokenizer
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(3, 1, 1)
-STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(3, 1, 1)
 IGNORE_INDEX = -100
 
 
@@ -129,15 +127,20 @@ def shuffled(samples: Iterator[dict], buffer: int, rng: random.Random) -> Iterat
 # ----------------------------------------------------------------------------------------- decode
 
 
-def decode_image(data: bytes, image_size: int) -> torch.Tensor:
-    """PIL-decode ``data`` into a normalized ``[3, image_size, image_size]`` float tensor."""
+def decode_image(data: bytes, image_size: int, transform: ImageTransform | None = None,
+                 rng: random.Random | None = None) -> torch.Tensor:
+    """PIL-decode ``data`` into a normalized ``[3, image_size, image_size]`` float tensor.
+
+    ``transform`` (:mod:`.preprocess`; ``rng`` for its random crop) defaults to a squash resize with
+    OpenAI CLIP's mean / std.
+    """
+    transform = transform or ImageTransform(size=image_size, resize_mode="squash")
     try:
         with Image.open(io.BytesIO(data)) as img:
-            img = img.convert("RGB").resize((image_size, image_size), Image.BICUBIC)
+            img = img.convert("RGB")
     except Exception as e:  # PIL raises many types on corrupt data
         raise BadSample(f"image does not decode: {type(e).__name__}: {e}") from None
-    pixels = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255.0
-    return (pixels - MEAN) / STD
+    return transform(img, rng)
 
 
 def _text(data: bytes, what: str) -> str:
@@ -203,9 +206,11 @@ class Encoder:
     """Turns raw samples into tensors for one task (see :meth:`__call__`)."""
 
     def __init__(self, task: str, kind: str, tokenizer: Tokenizer, image_size: int, max_images: int = 1,
-                 num_prefix_tokens: int = 1):
+                 num_prefix_tokens: int = 1, transform: ImageTransform | None = None, seed: int = 0):
         self.task, self.kind, self.tok = task, kind, tokenizer
         self.image_size, self.max_images, self.num_prefix_tokens = image_size, max_images, num_prefix_tokens
+        # Random crops are seeded per sample (seed, shard URL, key): exact on resume, decoded on the workers.
+        self.transform, self.seed = transform, seed
 
     def lm_text(self, ids: list[int]) -> dict:
         """input_ids / attention_mask / labels (pad and media positions ignored) of an LM sequence."""
@@ -226,7 +231,8 @@ class Encoder:
         else:
             image, caption = pair_fields(sample)
             blobs = [image]
-        images = [decode_image(b, self.image_size) for b in blobs]
+        rng = random.Random(f"{self.seed}-{sample.get('__url__')}-{sample['__key__']}")
+        images = [decode_image(b, self.image_size, self.transform, rng) for b in blobs]
         if self.task == "clip":
             return {"images": images[0], "tokens": self.tok([caption])[0]}
         if self.task == "frozen":

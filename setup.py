@@ -16,6 +16,7 @@ PACKAGE_DIRS = {
     "vlmcore.kernels": "kernels",
     "vlmcore.train": "train",
     "vlmcore.bench": "bench",
+    "vlmcore.train.tasks": "train/tasks",
 }
 
 setup(

@@ -79,7 +79,7 @@ def _common(task, data, out_dir):
 def _clip(data, out_dir, *extra):
     return _common("clip", data, out_dir) + [
         f"data.train.0.shards={data}/train-*.tar", "data.train.0.batch_size=8", "data.train.0.resampled=false",
-        "data.train.0.shuffle_buffer=32", "model.text={width: 32, depth: 1, heads: 2}", "model.embed_dim=32",
+        "data.train.0.shuffle_buffer=32", "model.clip.text={width: 32, depth: 1, heads: 2}", "model.clip.embed_dim=32",
         "tokenizer.context_length=12", "max_steps=8", "save_every=2", "keep_last=2", "eval_every=0",
         "optim.lr=3e-3", "optim.warmup_steps=2", *extra]
 

@@ -10,6 +10,8 @@ from importlib import resources
 import pytest
 import torch
 from vlmcore.train import NonFiniteLossError, loop, main, shapes
+from vlmcore.train.config import parse_config
+from vlmcore.train.tasks import get_task
 from vlmcore.train.tokenizer import Tokenizer, train_word_tokenizer
 
 import vlmcore
@@ -17,6 +19,8 @@ import vlmcore
 CONFIGS = resources.files("vlmcore.train") / "configs"
 TINY_LM = ("model.lm={config: {model_type: llama, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, "
            "num_attention_heads: 2, num_key_value_heads: 2, max_position_embeddings: 64}}")
+_TINY_RAW = {"task": "clip", "out_dir": "x", "max_steps": 1, "tokenizer": {"path": "t.json"},
+             "data": {"train": [{"shards": "a.tar", "batch_size": 4}]}}
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +63,7 @@ def test_clip_trains_and_counts_bad_samples(data, tmp_path):
     result = main(_argv("clip", data, out, "max_steps=30", "save_every=0", "eval_every=15",
                         f"data.train.0.shards=[{data}/bad-000000.tar, '{data}/train-*.tar']",
                         "data.train.0.batch_size=24", "data.train.0.resampled=false", "data.train.0.shuffle_buffer=0",
-                        "model.text={width: 32, depth: 1, heads: 2}", "model.embed_dim=32",
+                        "model.clip.text={width: 32, depth: 1, heads: 2}", "model.clip.embed_dim=32",
                         "tokenizer.context_length=12", "optim.lr=3e-3", "optim.warmup_steps=2"))
     steps, evals = _metrics(out)
     assert [s["step"] for s in steps] == list(range(1, 31))
@@ -126,9 +130,10 @@ def test_mixture_gradient_is_the_weighted_sum(data):
         loss.backward()
         return [p.grad.clone() for p in model.parameters()]
 
-    total, parts = loop.mixture_loss(model, batches, weights, "clip", torch.device("cpu"))
+    task = get_task("clip")(parse_config(_TINY_RAW), tok)
+    total, parts, _ = loop.mixture_loss(task, model, batches, weights, torch.device("cpu"))
     combined = grads(total)
-    separate = [grads(loop.mixture_loss(model, [b], [1.0], "clip", torch.device("cpu"))[0]) for b in batches]
+    separate = [grads(loop.mixture_loss(task, model, [b], [1.0], torch.device("cpu"))[0]) for b in batches]
     for g, g0, g1 in zip(combined, *separate):
         torch.testing.assert_close(g, weights[0] * g0 + weights[1] * g1, rtol=1e-5, atol=1e-6)
     expected = weights[0] * float(parts[0].detach()) + weights[1] * float(parts[1].detach())
@@ -136,16 +141,17 @@ def test_mixture_gradient_is_the_weighted_sum(data):
 
 
 def test_nonfinite_losses_are_skipped_then_abort_zero0(data, tmp_path, monkeypatch):
-    real = loop.tasks.compute_loss
+    frozen = get_task("frozen")
+    real = frozen.loss
     calls = {"n": 0}
     nan_calls = {3} | set(range(6, 100))  # step 3, then every step from 6 on
 
     def poisoned(*args, **kwargs):
         calls["n"] += 1
-        loss = real(*args, **kwargs)
-        return loss * float("nan") if calls["n"] in nan_calls else loss
+        loss, metrics = real(*args, **kwargs)
+        return (loss * float("nan") if calls["n"] in nan_calls else loss), metrics
 
-    monkeypatch.setattr(loop.tasks, "compute_loss", poisoned)
+    monkeypatch.setattr(frozen, "loss", poisoned)
     out = tmp_path / "nan"
     with pytest.raises(NonFiniteLossError, match="non-finite for 3 steps in a row"):
         main(_argv("frozen", data, out, "max_steps=20", "save_every=0", "eval_every=0", TINY_LM,
@@ -160,11 +166,8 @@ def test_nonfinite_losses_are_skipped_then_abort_zero0(data, tmp_path, monkeypat
 
 def test_precision_decides_the_deepspeed_bf16_section():
     from deepspeed.runtime.config import DeepSpeedConfig
-    from vlmcore.train.config import parse_config
 
-    raw = {"task": "clip", "out_dir": "x", "max_steps": 1, "tokenizer": {"path": "t.json"},
-           "data": {"train": [{"shards": "a.tar", "batch_size": 4}]},
-           "deepspeed": {"zero_optimization": {"stage": 2}, "bfloat16": {"enabled": True}}}
+    raw = {**_TINY_RAW, "deepspeed": {"zero_optimization": {"stage": 2}, "bfloat16": {"enabled": True}}}
     cfg = parse_config(raw)
     fp32 = loop.build_ds_config(cfg, "fp32")  # precision auto on CPU: a bf16 section must not win
     assert DeepSpeedConfig(fp32).bfloat16_config.enabled is False
@@ -199,6 +202,6 @@ def test_lm_directory_is_loaded_in_the_training_precision(data, tmp_path):
     AutoModelForCausalLM.from_config(config).to(torch.bfloat16).save_pretrained(tmp_path / "lm")
     argv = _argv("flamingo", data, tmp_path / "out", f"model.lm={{path: {tmp_path}/lm}}", "tokenizer.context_length=16")
     cfg = load_config(argv[1], argv[2:])
-    model = loop.tasks.build_model(cfg, tok, torch.float32)
+    model = get_task(cfg.task)(cfg, tok).build_model(torch.float32)
     assert {p.dtype for p in model.parameters()} == {torch.float32}
     assert {p.dtype for p in model.lang_model.parameters()} == {torch.float32}

@@ -9,6 +9,10 @@ impossible values are all collected and raised together as one :class:`ConfigErr
 plain dataclasses (no pydantic: the GPU image lacks it). The ``deepspeed`` section is DeepSpeed's
 own config (a mapping, or the path of a JSON file); the trainer fills in the batch sizes and the
 precision and checks the few keys it depends on.
+
+The schema is the common part below plus the section ``model.<task>`` of the task named by
+``task:``: its ``Config`` dataclass, found through the task registry (``train/tasks/``); this
+module names no task.
 """
 
 from __future__ import annotations
@@ -22,8 +26,6 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Union
 
 import yaml
-
-TASKS = ("clip", "flamingo", "frozen")
 
 
 class ConfigError(ValueError):
@@ -156,7 +158,7 @@ class VisionConfig:
     heads: int = 4
     mlp_ratio: float = 4.0
     init: str = ""  # safetensors file with VisionTransformer weights (e.g. vision.safetensors of a CLIP run)
-    freeze: bool = False  # flamingo/frozen: the vision encoder is frozen (as in the papers) when True
+    freeze: bool = False  # the vision encoder is frozen (as in the Flamingo / Frozen papers) when True
 
     def check(self, where: str) -> list[str]:
         out = []
@@ -169,22 +171,6 @@ class VisionConfig:
             out.append(f"{where}.width: {self.width} is not divisible by heads {self.heads}")
         if not self.mlp_ratio > 0:
             out.append(f"{where}.mlp_ratio: must be > 0, got {self.mlp_ratio}")
-        return out
-
-
-@dataclass
-class TextConfig:
-    """CLIP's text tower (its context length is ``tokenizer.context_length``)."""
-
-    width: int = 64
-    depth: int = 2
-    heads: int = 4
-
-    def check(self, where: str) -> list[str]:
-        out = [f"{where}.{n}: must be >= 1, got {getattr(self, n)}" for n in ("width", "depth", "heads")
-               if getattr(self, n) < 1]
-        if self.heads >= 1 and self.width % self.heads:
-            out.append(f"{where}.width: {self.width} is not divisible by heads {self.heads}")
         return out
 
 
@@ -204,51 +190,13 @@ class LMConfig:
 
 
 @dataclass
-class FlamingoConfig:
-    cross_attn_every_n_layers: int = 1
-    num_latents: int = 8
-    resampler_depth: int = 1
-    dim_head: int = 16
-    heads: int = 4
-    ff_mult: int = 2
-    only_attend_immediate_media: bool = True
-    train_new_token_embeddings: bool = False
-
-    def check(self, where: str) -> list[str]:
-        return [f"{where}.{f.name}: must be >= 1, got {getattr(self, f.name)}"
-                for f in dataclasses.fields(self) if f.type == "int" and getattr(self, f.name) < 1]
-
-
-@dataclass
-class FrozenConfig:
-    num_prefix_tokens: int = 2
-
-    def check(self, where: str) -> list[str]:
-        n = self.num_prefix_tokens
-        return [] if n >= 1 else [f"{where}.num_prefix_tokens: must be >= 1, got {n}"]
-
-
-@dataclass
 class ModelConfig:
-    vision: VisionConfig = field(default_factory=VisionConfig)
-    text: TextConfig = field(default_factory=TextConfig)  # clip
-    embed_dim: int = 64  # clip
-    init_temperature: float = 0.07  # clip
-    max_logit_scale: float = 100.0  # clip
-    lm: Union[LMConfig, None] = None  # flamingo / frozen
-    flamingo: FlamingoConfig = field(default_factory=FlamingoConfig)
-    frozen: FrozenConfig = field(default_factory=FrozenConfig)
-    gradient_checkpointing: bool = False
+    """The parts shared by tasks; each task adds its own section ``model.<task>`` (its ``Config``
+    dataclass, see ``train/tasks/base.py``), composed in by :func:`parse_config`."""
 
-    def check(self, where: str) -> list[str]:
-        out = []
-        if self.embed_dim < 1:
-            out.append(f"{where}.embed_dim: must be >= 1, got {self.embed_dim}")
-        if not self.init_temperature > 0:
-            out.append(f"{where}.init_temperature: must be > 0, got {self.init_temperature}")
-        if not self.max_logit_scale > 0:
-            out.append(f"{where}.max_logit_scale: must be > 0, got {self.max_logit_scale}")
-        return out
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    lm: Union[LMConfig, None] = None  # the frozen language model of the tasks that use one
+    gradient_checkpointing: bool = False
 
 
 @dataclass
@@ -291,7 +239,7 @@ class TestingConfig:
 
 @dataclass
 class TrainConfig:
-    task: Literal["clip", "flamingo", "frozen"]
+    task: str  # a name of the task registry (train/tasks/__init__.py)
     out_dir: str
     max_steps: int
     data: DataConfig
@@ -322,14 +270,6 @@ class TrainConfig:
                 out.append(f"{name}: must be >= 1, got {getattr(self, name)}")
         if not self.out_dir:
             out.append("out_dir: must not be empty")
-        if self.task in ("flamingo", "frozen") and self.model.lm is None:
-            out.append(f"model.lm: task {self.task!r} needs a language model (model.lm.path or model.lm.config)")
-        if self.task in ("clip", "frozen") and any(d.kind != "pairs" for d in self.data.train):
-            out.append(f"data.train: task {self.task!r} trains on image-text pairs only (kind: pairs)")
-        if self.task == "clip" and self.model.gradient_checkpointing:
-            out.append("model.gradient_checkpointing: not available for task 'clip' (flamingo and frozen only)")
-        if self.task == "clip" and len(self.data.train) != 1:
-            out.append("data.train: task 'clip' takes exactly one dataset")
         out += _check_deepspeed(self.deepspeed)
         return out
 
@@ -489,12 +429,68 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
+KIND_NAMES = {"pairs": "image-text pairs", "interleaved": "interleaved documents"}
+
+
+def _schema_for(task_cls) -> type:
+    """:class:`TrainConfig` with ``model.<task name>`` = the task's ``Config`` section (cached)."""
+    if task_cls in _SCHEMAS:
+        return _SCHEMAS[task_cls]
+    name = task_cls.name
+    if name in {f.name for f in dataclasses.fields(ModelConfig)}:
+        raise TypeError(f"task name {name!r} clashes with the common key model.{name}")
+    suffix = "".join(part.capitalize() for part in name.split("_"))
+    model_cls = dataclasses.make_dataclass(
+        f"ModelConfig{suffix}", [(name, task_cls.Config, field(default_factory=task_cls.Config))],
+        bases=(ModelConfig,))
+    train_cls = dataclasses.make_dataclass(
+        f"TrainConfig{suffix}", [("model", model_cls, field(default_factory=model_cls))], bases=(TrainConfig,))
+    for cls in (model_cls, train_cls):  # findable by pickle / copy as train.config.<name>
+        cls.__module__, cls.__qualname__ = __name__, cls.__name__
+        globals()[cls.__name__] = cls
+    _SCHEMAS[task_cls] = train_cls
+    return train_cls
+
+
+_SCHEMAS: dict[type, type] = {}
+
+
+def _check_task(task_cls, cfg: TrainConfig) -> list[str]:
+    """The data kinds the task accepts, then the task's own cross-section checks."""
+    out = []
+    kinds = task_cls.data_kinds
+    if any(d.kind not in kinds for d in cfg.data.train):
+        accepted = " and ".join(KIND_NAMES.get(k, k) for k in kinds)
+        out.append(f"data.train: task {task_cls.name!r} trains on {accepted} only (kind: {' | '.join(kinds)})")
+    return out + task_cls.check_config(cfg)
+
+
 def parse_config(raw: dict, source: str = "config") -> TrainConfig:
-    """Build and validate a :class:`TrainConfig` from a plain mapping; raises :class:`ConfigError`."""
+    """Build and validate a :class:`TrainConfig` from a plain mapping; raises :class:`ConfigError`.
+
+    The schema is the common part plus the section ``model.<task>`` of the task named by ``task``
+    (looked up in the task registry): an unknown task, or an unknown key inside the section, is
+    reported like any other problem.
+    """
+    from .tasks import UnknownTaskError, get_task
+
     errors: list[str] = []
-    cfg = _build(TrainConfig, raw, "", errors)
+    schema, task_cls = TrainConfig, None
+    name = raw.get("task") if isinstance(raw, dict) else None
+    if isinstance(name, str):
+        try:
+            task_cls = get_task(name)
+            schema = _schema_for(task_cls)
+        except UnknownTaskError as e:
+            errors.append(f"task: {e}")
+    cfg = _build(schema, raw, "", errors)
     if cfg is not None:
         errors += _walk_checks(cfg, "")
+        if task_cls is not None:
+            try:
+                errors += _check_task(task_cls, cfg)
+            except (TypeError, AttributeError):  # a field of the wrong type: already reported
+                pass
     if errors:
         raise ConfigError(errors, source)
     return cfg

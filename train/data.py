@@ -28,7 +28,7 @@ import json
 import os
 import random
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from PIL import Image
@@ -131,8 +131,8 @@ def decode_image(data: bytes, image_size: int, transform: ImageTransform | None 
                  rng: random.Random | None = None) -> torch.Tensor:
     """PIL-decode ``data`` into a normalized ``[3, image_size, image_size]`` float tensor.
 
-    ``transform`` (:mod:`.preprocess`; ``rng`` for its random crop) defaults to a squash resize with
-    OpenAI CLIP's mean / std.
+    ``transform`` (:mod:`.preprocess`; ``rng`` for its random crop, see :func:`sample_rng`) defaults
+    to a squash resize with OpenAI CLIP's mean / std.
     """
     transform = transform or ImageTransform(size=image_size, resize_mode="squash")
     try:
@@ -141,6 +141,12 @@ def decode_image(data: bytes, image_size: int, transform: ImageTransform | None 
     except Exception as e:  # PIL raises many types on corrupt data
         raise BadSample(f"image does not decode: {type(e).__name__}: {e}") from None
     return transform(img, rng)
+
+
+def sample_rng(seed: int, sample: dict) -> random.Random:
+    """The random crops' generator of one sample: a function of (seed, shard URL, key) only, so it is
+    drawn on the data workers and a resumed run (which skips samples undecoded) crops identically."""
+    return random.Random(f"{seed}-{sample.get('__url__')}-{sample['__key__']}")
 
 
 def _text(data: bytes, what: str) -> str:
@@ -202,48 +208,18 @@ def doc_fields(sample: dict, max_images: int) -> tuple[list[bytes], str]:
     return images, " ".join(parts)
 
 
-class Encoder:
-    """Turns raw samples into tensors for one task (see :meth:`__call__`)."""
+#: A per-sample encoder: raw sample -> dict of example tensors; raises :class:`BadSample`. Each task
+#: builds its own (``Task.encoder`` in ``train/tasks/``) from the helpers of this module.
+Encoder = Callable[[dict], dict]
 
-    def __init__(self, task: str, kind: str, tokenizer: Tokenizer, image_size: int, max_images: int = 1,
-                 num_prefix_tokens: int = 1, transform: ImageTransform | None = None, seed: int = 0):
-        self.task, self.kind, self.tok = task, kind, tokenizer
-        self.image_size, self.max_images, self.num_prefix_tokens = image_size, max_images, num_prefix_tokens
-        # Random crops are seeded per sample (seed, shard URL, key): exact on resume, decoded on the workers.
-        self.transform, self.seed = transform, seed
 
-    def lm_text(self, ids: list[int]) -> dict:
-        """input_ids / attention_mask / labels (pad and media positions ignored) of an LM sequence."""
-        ids = ids[: self.tok.context_length - 1] + [self.tok.eos_token_id]
-        ids, mask = self.tok.pad(ids)
-        labels = [i if m and i != self.tok.media_token_id else IGNORE_INDEX for i, m in zip(ids, mask)]
-        return {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask), "labels": torch.tensor(labels)}
-
-    def __call__(self, sample: dict) -> dict:
-        """One decoded example; raises :class:`BadSample`.
-
-        clip: ``images [3,H,W]``, ``tokens [T]``. flamingo: ``vision_x [T_img,1,3,H,W]`` (zero
-        padded to ``max_images``), ``input_ids``/``attention_mask``/``labels`` ``[T]``. frozen:
-        ``images [1,3,H,W]`` and the caption after ``num_prefix_tokens`` ``<image>`` placeholders.
-        """
-        if self.kind == "interleaved":
-            blobs, text = doc_fields(sample, self.max_images)
-        else:
-            image, caption = pair_fields(sample)
-            blobs = [image]
-        rng = random.Random(f"{self.seed}-{sample.get('__url__')}-{sample['__key__']}")
-        images = [decode_image(b, self.image_size, self.transform, rng) for b in blobs]
-        if self.task == "clip":
-            return {"images": images[0], "tokens": self.tok([caption])[0]}
-        if self.task == "frozen":
-            ids = [self.tok.media_token_id] * self.num_prefix_tokens + self.tok.encode(caption)
-            return {"images": images[0][None], **self.lm_text(ids)}
-        if self.kind == "pairs":
-            text = f"{MEDIA} {caption} {EOC}"
-        vision = torch.zeros(self.max_images if self.kind == "interleaved" else 1, 1, 3, self.image_size,
-                             self.image_size)
-        vision[: len(images), 0] = torch.stack(images)
-        return {"vision_x": vision, **self.lm_text(self.tok.encode(text))}
+def lm_text(tok: Tokenizer, ids: list[int]) -> dict:
+    """input_ids / attention_mask / labels ``[T]`` (pad and media positions ignored) of an LM sequence:
+    ``ids`` cut to ``T - 1``, then ``<eos>``, then padding to ``T = tok.context_length``."""
+    ids = ids[: tok.context_length - 1] + [tok.eos_token_id]
+    ids, mask = tok.pad(ids)
+    labels = [i if m and i != tok.media_token_id else IGNORE_INDEX for i, m in zip(ids, mask)]
+    return {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask), "labels": torch.tensor(labels)}
 
 
 def collate(examples: list[dict]) -> dict:

@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
     data_overrides = [f"data.shapes.dir={args.data}", f"tokenizer.path={tok_path}",
                       f"data.eval.shards={args.data}/eval-*.tar"]
 
-    clip_dir = os.path.join(args.out, "clip")
+    clip_dir = os.path.join(args.out, clip_yaml["task"])
     if not os.path.isfile(os.path.join(clip_dir, "eval.json")):
         print(f"[demo] training CLIP ({args.clip_steps} steps, {ranks} ranks) -> {clip_dir}", flush=True)
         _run(_launcher_command(ranks) + [
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
                            lm_dir, args.lm_steps, batch_size=64)
         print(f"[demo] LM loss {loss:.3f}", flush=True)
 
-    flamingo_dir = os.path.join(args.out, "flamingo")
+    flamingo_dir = os.path.join(args.out, flamingo_yaml["task"])
     if not os.path.isfile(os.path.join(flamingo_dir, "eval.json")):
         print(f"[demo] training Flamingo ({args.flamingo_steps} steps, {ranks} ranks) -> {flamingo_dir}", flush=True)
         _run(_launcher_command(ranks) + [

@@ -21,10 +21,11 @@ import time
 import numpy as np
 import torch
 
-from . import checkpoint, distributed, shapes, tasks
+from . import checkpoint, distributed, shapes
 from .config import TrainConfig, deepspeed_dict, to_dict
-from .data import DataStream, ShardStream, batch_tokens, expand_shards
+from .data import DataStream, ShardStream, expand_shards
 from .metrics import MetricsLogger
+from .tasks import Task, get_task
 from .tokenizer import Tokenizer, train_word_tokenizer
 
 
@@ -112,7 +113,7 @@ def prepare_inputs(cfg: TrainConfig, info: distributed.DistInfo) -> Tokenizer:
     distributed.barrier()
     # Only the tasks that place images in the text get <image> / <|endofchunk|>.
     return Tokenizer(cfg.tokenizer.path, cfg.tokenizer.context_length, kind=cfg.tokenizer.type,
-                     media_tokens=cfg.task != "clip")
+                     media_tokens=get_task(cfg.task).media_tokens)
 
 
 def seed_everything(seed: int) -> None:
@@ -121,11 +122,22 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def mixture_loss(model, batches: list[dict], weights: list[float], task: str, device, group=None):
-    """``(sum_i w_i * loss_i, [loss_i])`` over one batch of every dataset (one graph, one backward)."""
-    losses = [tasks.compute_loss(model, b, task, device, group) for b in batches]
+def mixture_loss(task: Task, model, batches: list[dict], weights: list[float], device, group=None):
+    """``(sum_i w_i * loss_i, [loss_i], [metrics_i])`` over one batch of every dataset (one graph,
+    one backward); ``metrics_i`` = the task's extra scalars of batch i."""
+    results = [task.loss(model, b, device, group) for b in batches]
+    losses = [loss for loss, _ in results]
     total = sum(w * loss for w, loss in zip(weights, losses))
-    return total, losses
+    return total, losses, [metrics for _, metrics in results]
+
+
+def _metric_items(streams: list[DataStream], metrics: list[dict]) -> list[tuple[str, float]]:
+    """The task's extra scalars as (key, local value); keyed ``name/<dataset>`` when there are several."""
+    items = []
+    for stream, extra in zip(streams, metrics):
+        for key, value in extra.items():
+            items.append((f"{key}/{stream.name}" if len(streams) > 1 else key, float(value)))
+    return items
 
 
 def _grad_norm(params: list[torch.Tensor]) -> float:
@@ -134,10 +146,10 @@ def _grad_norm(params: list[torch.Tensor]) -> float:
     return float(torch.stack(squares).sum().sqrt()) if squares else 0.0
 
 
-def _streams(cfg: TrainConfig, tok: Tokenizer, info: distributed.DistInfo) -> list[DataStream]:
+def _streams(cfg: TrainConfig, task: Task, info: distributed.DistInfo) -> list[DataStream]:
     out = []
     for i, d in enumerate(cfg.data.train):
-        encoder = tasks.encoder_for(cfg, tok, d.kind, d.max_images)
+        encoder = task.encoder(d.kind, d.max_images)
         dataset = ShardStream(
             expand_shards(d.shards), encoder, d.batch_size, seed=cfg.seed * 1000 + i, rank=info.rank,
             world_size=info.world_size, num_workers=cfg.data.num_workers, shuffle_buffer=d.shuffle_buffer,
@@ -159,13 +171,12 @@ def train(cfg: TrainConfig, local_rank: int | None = None) -> dict:
     if cfg.data.eval is not None:
         expand_shards(cfg.data.eval.shards)
 
-    model = tasks.build_model(cfg, tok, torch.bfloat16 if precision == "bf16" else torch.float32)
+    task = get_task(cfg.task)(cfg, tok)
+    model = task.build_model(torch.bfloat16 if precision == "bf16" else torch.float32)
     promote_scalar_parameters(model)
     ds_config = build_ds_config(cfg, precision)
     zero_stage = int(ds_config["zero_optimization"].get("stage", 0))
-    if zero_stage == 3 and cfg.task == "clip":
-        # CLIP's forward reads the temperature of its criterion submodule directly.
-        deepspeed.zero.register_external_parameter(model, model.criterion.logit_scale)
+    task.prepare_for_engine(model, zero_stage)
     optimizer = None if "optimizer" in ds_config else build_optimizer(model, cfg, info.device)
     scheduler = None if "scheduler" in ds_config else (
         lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)))
@@ -174,7 +185,7 @@ def train(cfg: TrainConfig, local_rank: int | None = None) -> dict:
                                            lr_scheduler=scheduler, config=ds_config, dist_init_required=False)
     module = engine.module
     group = distributed.data_parallel_group()
-    streams = _streams(cfg, tok, info)
+    streams = _streams(cfg, task, info)
     weights = [d.weight for d in cfg.data.train]
 
     ckpt_dir = os.path.join(cfg.out_dir, "checkpoints")
@@ -206,7 +217,7 @@ def train(cfg: TrainConfig, local_rank: int | None = None) -> dict:
         checkpoint.save(engine, ckpt_dir, step, trainer_state(step), cfg.keep_last, info.rank)
 
     def run_eval(step: int) -> dict:
-        results = tasks.evaluate(module, cfg, tok, info, zero_stage)
+        results = task.run_evaluation(module, info, zero_stage)
         log.log_eval(step, results)
         return results
 
@@ -218,14 +229,16 @@ def train(cfg: TrainConfig, local_rank: int | None = None) -> dict:
         step += 1
         started = time.perf_counter()
         batches = [next(s) for s in streams]
-        total, losses = mixture_loss(engine, batches, weights, cfg.task, info.device, group)
+        total, losses, metrics = mixture_loss(task, engine, batches, weights, info.device, group)
         finite = bool(torch.isfinite(total.detach()))
         samples = sum(next(iter(b.values())).shape[0] for b in batches)
-        tokens = sum(batch_tokens(b, tok.pad_token_id, tok.eos_token_id) for b in batches)
+        tokens = sum(task.batch_tokens(b) for b in batches)
         skipped = sum(s.skipped for s in streams)
+        extra = _metric_items(streams, metrics)
         reduced = distributed.all_reduce_sum(
             [0.0 if finite else 1.0, float(total.detach()) if finite else 0.0, samples, tokens, skipped]
-            + [float(x.detach()) if finite else 0.0 for x in losses], info.device)
+            + [float(x.detach()) if finite else 0.0 for x in losses]
+            + [value if finite else 0.0 for _, value in extra], info.device)
         bad_ranks = reduced[0]
         grad_norm, lr = None, engine.get_lr()[0]
         if bad_ranks == 0:
@@ -251,7 +264,9 @@ def train(cfg: TrainConfig, local_rank: int | None = None) -> dict:
             "nonfinite_steps": nonfinite_total,
         }
         if len(streams) > 1 and bad_ranks == 0:
-            record.update({f"loss/{s.name}": v / world for s, v in zip(streams, reduced[5:])})
+            record.update({f"loss/{s.name}": v / world for s, v in zip(streams, reduced[5:5 + len(streams)])})
+        if bad_ranks == 0:  # the task's extra scalars, averaged over ranks
+            record.update({key: v / world for (key, _), v in zip(extra, reduced[5 + len(streams):])})
         if step % cfg.log_every == 0 or step == cfg.max_steps or bad_ranks:
             log.log_step(record)
         if streak >= cfg.max_nonfinite_steps:
@@ -269,7 +284,7 @@ def train(cfg: TrainConfig, local_rank: int | None = None) -> dict:
             os.kill(os.getpid(), signal.SIGKILL)
     if cfg.data.eval is not None:
         last_eval = run_eval(step)
-    for filename, (names, prefix) in tasks.export_names(module, cfg.task).items():
+    for filename, (names, prefix) in task.export(module).items():
         checkpoint.export_safetensors(module, names, os.path.join(cfg.out_dir, filename), zero_stage, prefix)
     if info.is_main and last_eval:
         with open(os.path.join(cfg.out_dir, "eval.json"), "w", encoding="utf-8") as f:

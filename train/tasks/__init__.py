@@ -1,0 +1,44 @@
+"""The task registry: ``task:`` name -> the module and class implementing it.
+
+Adding a task = one new file ``train/tasks/<name>.py`` with a :class:`Task` subclass (the protocol
+is documented in ``base.py``) plus one line below. Modules are imported on first use only.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from .base import EvalContext, SampleEncoder, Task
+
+# name -> "module:Class" (relative to this package, imported lazily); tests may also map a name
+# to a Task subclass directly.
+REGISTRY: dict[str, str | type[Task]] = {
+    "clip": ".clip:ClipTask",
+    "flamingo": ".flamingo:FlamingoTask",
+    "frozen": ".frozen:FrozenTask",
+}
+
+
+class UnknownTaskError(ValueError):
+    """A ``task:`` name that is not in :data:`REGISTRY`."""
+
+
+def task_names() -> list[str]:
+    """The registered task names, sorted."""
+    return sorted(REGISTRY)
+
+
+def get_task(name: str) -> type[Task]:
+    """The :class:`Task` subclass registered as ``name``; raises :class:`UnknownTaskError` listing the names."""
+    if name not in REGISTRY:
+        raise UnknownTaskError(f"unknown task {name!r} (registered: {', '.join(task_names())})")
+    target = REGISTRY[name]
+    if isinstance(target, str):
+        module_name, _, class_name = target.partition(":")
+        target = getattr(importlib.import_module(module_name, __name__), class_name)
+    if not (isinstance(target, type) and issubclass(target, Task)) or target.name != name:
+        raise TypeError(f"REGISTRY[{name!r}] must be a Task subclass whose name is {name!r}, got {target!r}")
+    return target
+
+
+__all__ = ["REGISTRY", "EvalContext", "SampleEncoder", "Task", "UnknownTaskError", "get_task", "task_names"]

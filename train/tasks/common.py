@@ -1,0 +1,152 @@
+"""Builders and evaluation pieces shared by several tasks (no task is named here).
+
+- :func:`build_language_model`: the frozen causal LM of ``model.lm`` (local directory or config).
+- :func:`build_vision`: the :class:`vlmcore.VisionTransformer` of ``model.vision``.
+- :func:`in_step`: the ZeRO-3 lock-step iterator over eval batches.
+- :func:`caption_accuracy`: caption token accuracy with the images and with the images blanked.
+- :func:`needs_language_model`: the config check of the tasks that need ``model.lm``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+import vlmcore
+
+from ..data import IGNORE_INDEX, eval_batches
+from ..distributed import DistInfo, all_reduce_sum
+
+if TYPE_CHECKING:
+    from ..config import TrainConfig
+    from ..tokenizer import Tokenizer
+    from .base import EvalContext
+
+
+def build_language_model(cfg: TrainConfig, tok: Tokenizer, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The frozen causal LM: loaded from a local directory or built from a config (random weights).
+
+    ``dtype``: the training precision's parameter dtype. A directory is loaded in it, not in the
+    dtype of its files (transformers 5 defaults to the latter: a bf16 checkpoint would otherwise make
+    the model, and the bridge built at the LM's dtype, bf16 in an fp32 run, with no fp32 master weights).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    lm_cfg = cfg.model.lm
+    if lm_cfg.path:
+        lm = AutoModelForCausalLM.from_pretrained(lm_cfg.path, local_files_only=True, dtype=dtype)
+    else:
+        options = dict(lm_cfg.config)
+        model_type = options.pop("model_type")
+        options.setdefault("vocab_size", tok.vocab_size)
+        options.setdefault("pad_token_id", tok.pad_token_id)
+        options.setdefault("eos_token_id", tok.eos_token_id)
+        options.setdefault("bos_token_id", tok.eos_token_id)
+        lm = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **options))
+    if lm.get_input_embeddings().weight.shape[0] < tok.vocab_size:
+        lm.resize_token_embeddings(tok.vocab_size)
+    return lm
+
+
+def build_vision(cfg: TrainConfig) -> vlmcore.VisionTransformer:
+    """The vision tower of ``model.vision`` (weights from ``init`` if set; frozen if ``freeze``)."""
+    v = cfg.model.vision
+    vit = vlmcore.VisionTransformer(v.image_size, v.patch_size, v.width, v.depth, v.heads, mlp_ratio=v.mlp_ratio)
+    if v.init:
+        from safetensors.torch import load_file
+
+        if not os.path.isfile(v.init):
+            raise ValueError(f"model.vision.init: {v.init!r} does not exist")
+        vit.load_state_dict(load_file(v.init))
+    if v.freeze:
+        vit.requires_grad_(False)
+    return vit
+
+
+def needs_language_model(cfg: TrainConfig) -> list[str]:
+    """The ConfigError line of a task that needs ``model.lm`` when it is not set."""
+    if cfg.model.lm is None:
+        return [f"model.lm: task {cfg.task!r} needs a language model (model.lm.path or model.lm.config)"]
+    return []
+
+
+def gathered(module: nn.Module, zero_stage: int):
+    """All parameters materialized on every rank under ZeRO-3 (for evaluation); a no-op otherwise."""
+    if zero_stage != 3:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
+
+
+def model_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype of the module's first floating-point parameter."""
+    return next(p.dtype for p in module.parameters() if p.dtype.is_floating_point)
+
+
+def in_step(batches, info: DistInfo, zero_stage: int, shards: list[str], encoder):
+    """``(batch, metas, real)`` of this rank's ``batches``, with every rank running as many forwards.
+
+    Under ZeRO-3 each forward gathers parameters with collectives (its hooks re-partition them even
+    inside ``GatheredParameters``), and the ranks' shares of the held-out set can differ by a batch:
+    a rank that has run out repeats a spare batch (``real`` False, its results dropped) until all are done.
+    """
+    if zero_stage != 3 or info.world_size == 1:
+        for batch, metas in batches:
+            yield batch, metas, True
+        return
+    spare = None
+    batches = iter(batches)
+    while True:
+        item = next(batches, None)
+        (busy,) = all_reduce_sum([float(item is not None)], info.device)
+        if busy == 0:
+            return
+        if item is not None:
+            spare = item
+            yield (*item, True)
+        else:
+            if spare is None:  # this rank had no sample at all: borrow the first one of the set
+                spare = next(eval_batches(shards, encoder, 1, 0, 1, 1))
+            yield (*spare, False)
+
+
+def _token_hits(module, images_key: str, batch, device, dtype, blind: bool) -> tuple[int, int]:
+    images = batch[images_key].to(device, dtype)
+    if blind:
+        images = torch.zeros_like(images)
+    ids, mask, labels = (batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
+    logits = module(images, ids, attention_mask=mask).logits
+    pred, target = logits[:, :-1].argmax(dim=-1), labels[:, 1:]
+    valid = target != IGNORE_INDEX
+    return int(((pred == target) & valid).sum()), int(valid.sum())
+
+
+def caption_accuracy(module: nn.Module, ctx: EvalContext, images_key: str) -> dict:
+    """Next-token accuracy on the held-out captions, with the images and with them blanked (zeros).
+
+    ``module(images, input_ids, attention_mask=...)`` must return an object with ``.logits``
+    ``[B, T, V]``; ``images_key`` names the batch entry holding the images. Returns
+    ``{"caption_token_acc", "blind_token_acc", "eval_tokens"}`` over all ranks.
+    """
+    info = ctx.info
+    hits = [0, 0, 0]  # with images, blind, tokens
+    batches = eval_batches(ctx.shards, ctx.encoder, ctx.eval.batch_size, info.rank, info.world_size,
+                           ctx.eval.max_batches)
+    for batch, _, real in in_step(batches, info, ctx.zero_stage, ctx.shards, ctx.encoder):
+        seen, n = _token_hits(module, images_key, batch, info.device, ctx.dtype, blind=False)
+        blind, _ = _token_hits(module, images_key, batch, info.device, ctx.dtype, blind=True)
+        if not real:
+            continue
+        hits = [hits[0] + seen, hits[1] + blind, hits[2] + n]
+    seen, blind, n = all_reduce_sum(hits, info.device)
+    return {"caption_token_acc": seen / max(n, 1), "blind_token_acc": blind / max(n, 1), "eval_tokens": int(n)}
+
+
+def move(batch: dict, device: torch.device) -> dict:
+    """The batch's tensors on ``device``."""
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}

@@ -1,0 +1,94 @@
+"""Flamingo: :class:`vlmcore.Flamingo` over a frozen HF causal LM and a :class:`vlmcore.VisionTransformer`.
+
+Trains on pairs and MMC4-like interleaved documents (a mixture). Loss: the LM loss. Eval: caption
+token accuracy on the held-out pairs, with the images and with the images blanked (``blind``).
+Config section ``model.flamingo`` (plus the common ``model.vision`` / ``model.lm``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+import vlmcore
+
+from ..data import decode_image, doc_fields, lm_text, pair_fields
+from ..tokenizer import EOC, MEDIA, Tokenizer
+from .base import EvalContext, Task
+from .common import build_language_model, build_vision, caption_accuracy, move, needs_language_model
+
+
+@dataclass
+class FlamingoConfig:
+    """``model.flamingo``: the perceiver resampler and the gated cross-attention layers."""
+
+    cross_attn_every_n_layers: int = 1
+    num_latents: int = 8
+    resampler_depth: int = 1
+    dim_head: int = 16
+    heads: int = 4
+    ff_mult: int = 2
+    only_attend_immediate_media: bool = True
+    train_new_token_embeddings: bool = False
+
+    def check(self, where: str) -> list[str]:
+        return [f"{where}.{f.name}: must be >= 1, got {getattr(self, f.name)}"
+                for f in dataclasses.fields(self) if f.type == "int" and getattr(self, f.name) < 1]
+
+
+class FlamingoEncoder:
+    """Sample -> ``vision_x [M, 1, 3, H, W]`` (M = ``max_images`` for documents, zero padded; 1 for
+    pairs) and ``input_ids`` / ``attention_mask`` / ``labels`` ``[T]``. A pair becomes
+    ``<image> caption <|endofchunk|>``; a document keeps its ``<image>`` / ``<|endofchunk|>`` markers."""
+
+    def __init__(self, kind: str, tokenizer: Tokenizer, image_size: int, max_images: int):
+        self.kind, self.tok, self.image_size, self.max_images = kind, tokenizer, image_size, max_images
+
+    def __call__(self, sample: dict) -> dict:
+        if self.kind == "interleaved":
+            blobs, text = doc_fields(sample, self.max_images)
+        else:
+            image, caption = pair_fields(sample)
+            blobs, text = [image], f"{MEDIA} {caption} {EOC}"
+        images = [decode_image(b, self.image_size) for b in blobs]
+        vision = torch.zeros(self.max_images if self.kind == "interleaved" else 1, 1, 3, self.image_size,
+                             self.image_size)
+        vision[: len(images), 0] = torch.stack(images)
+        return {"vision_x": vision, **lm_text(self.tok, self.tok.encode(text))}
+
+
+class FlamingoTask(Task):
+    name = "flamingo"
+    Config = FlamingoConfig
+    data_kinds = ("pairs", "interleaved")
+
+    @classmethod
+    def check_config(cls, cfg) -> list[str]:
+        return needs_language_model(cfg)
+
+    def build_model(self, dtype: torch.dtype) -> nn.Module:
+        f, tok = self.config, self.tok
+        vision = build_vision(self.cfg)
+        lm = build_language_model(self.cfg, tok, dtype)
+        new_tokens = [tok.media_token_id, tok.eoc_token_id] if f.train_new_token_embeddings else False
+        return vlmcore.Flamingo(
+            vision, lm, media_token_id=tok.media_token_id, vis_dim=vision.width,
+            cross_attn_every_n_layers=f.cross_attn_every_n_layers, num_latents=f.num_latents,
+            resampler_depth=f.resampler_depth, dim_head=f.dim_head, heads=f.heads,
+            only_attend_immediate_media=f.only_attend_immediate_media, ff_mult=f.ff_mult,
+            train_new_token_embeddings=new_tokens, gradient_checkpointing=self.cfg.model.gradient_checkpointing)
+
+    def encoder(self, kind: str, max_images: int) -> FlamingoEncoder:
+        return FlamingoEncoder(kind, self.tok, self.cfg.model.vision.image_size, max_images)
+
+    def loss(self, model, batch: dict, device: torch.device, group=None) -> tuple[torch.Tensor, dict]:
+        batch = move(batch, device)
+        out = model(batch["vision_x"], batch["input_ids"], attention_mask=batch["attention_mask"],
+                    labels=batch["labels"])
+        return out.loss.float(), {}
+
+    def evaluate(self, module: nn.Module, ctx: EvalContext) -> dict:
+        return caption_accuracy(module, ctx, "vision_x")

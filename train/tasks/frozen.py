@@ -1,0 +1,74 @@
+"""Frozen (Tsimpoukelli et al. 2021): :class:`vlmcore.FrozenPrefix`, a visual prefix for a frozen LM.
+
+Trains on pairs: ``num_prefix_tokens`` ``<image>`` placeholders, then the caption. Loss: the LM
+loss. Eval: caption token accuracy with and without the images. Config section ``model.frozen``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+import vlmcore
+
+from ..data import decode_image, lm_text, pair_fields
+from ..tokenizer import Tokenizer
+from .base import EvalContext, Task
+from .common import build_language_model, build_vision, caption_accuracy, move, needs_language_model
+
+
+@dataclass
+class FrozenConfig:
+    """``model.frozen``: how many LM token positions the image prefix takes."""
+
+    num_prefix_tokens: int = 2
+
+    def check(self, where: str) -> list[str]:
+        n = self.num_prefix_tokens
+        return [] if n >= 1 else [f"{where}.num_prefix_tokens: must be >= 1, got {n}"]
+
+
+class FrozenEncoder:
+    """Pair sample -> ``images [1, 3, H, W]`` and ``input_ids`` / ``attention_mask`` / ``labels`` ``[T]``
+    (``num_prefix_tokens`` ``<image>`` placeholders, not trained on, then the caption)."""
+
+    def __init__(self, tokenizer: Tokenizer, image_size: int, num_prefix_tokens: int):
+        self.tok, self.image_size, self.num_prefix_tokens = tokenizer, image_size, num_prefix_tokens
+
+    def __call__(self, sample: dict) -> dict:
+        image, caption = pair_fields(sample)
+        ids = [self.tok.media_token_id] * self.num_prefix_tokens + self.tok.encode(caption)
+        return {"images": decode_image(image, self.image_size)[None], **lm_text(self.tok, ids)}
+
+
+class FrozenTask(Task):
+    name = "frozen"
+    Config = FrozenConfig
+    data_kinds = ("pairs",)
+
+    @classmethod
+    def check_config(cls, cfg) -> list[str]:
+        return needs_language_model(cfg)
+
+    def build_model(self, dtype: torch.dtype) -> nn.Module:
+        vision = build_vision(self.cfg)
+        lm = build_language_model(self.cfg, self.tok, dtype)
+        model = vlmcore.FrozenPrefix(vision, lm, image_token_id=self.tok.media_token_id, vis_dim=vision.pooled_width,
+                                     num_prefix_tokens=self.config.num_prefix_tokens)
+        if self.cfg.model.gradient_checkpointing and hasattr(lm, "gradient_checkpointing_enable"):
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return model
+
+    def encoder(self, kind: str, max_images: int) -> FrozenEncoder:
+        return FrozenEncoder(self.tok, self.cfg.model.vision.image_size, self.config.num_prefix_tokens)
+
+    def loss(self, model, batch: dict, device: torch.device, group=None) -> tuple[torch.Tensor, dict]:
+        batch = move(batch, device)
+        out = model(batch["images"], batch["input_ids"], attention_mask=batch["attention_mask"],
+                    labels=batch["labels"])
+        return out.loss.float(), {}
+
+    def evaluate(self, module: nn.Module, ctx: EvalContext) -> dict:
+        return caption_accuracy(module, ctx, "images")

@@ -111,11 +111,42 @@ class ShapesConfig:
 
 
 @dataclass
+class PreprocessConfig:
+    """``data.preprocess``: image transforms (``train/preprocess.py``). Null values: the vision tower's
+    own (open_clip ``preprocess_cfg``, timm ``pretrained_cfg``, HF ``preprocessor_config.json``;
+    built-in ViT: OpenAI mean / std, bicubic, shortest side + center crop)."""
+
+    train: Literal["random_resized_crop", "resize"] = "random_resized_crop"  # resize = the eval transform
+    scale: list = field(default_factory=lambda: [0.9, 1.0])  # RandomResizedCrop area fraction (OpenCLIP)
+    ratio: list = field(default_factory=lambda: [3 / 4, 4 / 3])  # RandomResizedCrop aspect ratio range
+    resize_mode: Union[Literal["shortest", "squash"], None] = None
+    crop_pct: Union[float, None] = None  # eval: resize the short side to size / crop_pct, center crop size
+    interpolation: Union[Literal["bicubic", "bilinear", "nearest", "lanczos"], None] = None
+    mean: Union[list, None] = None
+    std: Union[list, None] = None
+
+    def options(self) -> dict:
+        return {k: getattr(self, k) for k in ("train", "scale", "ratio", "resize_mode", "crop_pct", "interpolation",
+                                              "mean", "std")}
+
+    def check(self, where: str) -> list[str]:
+        from .preprocess import ImageTransform
+
+        options = {k: (tuple(v) if isinstance(v, list) else v) for k, v in self.options().items() if v is not None}
+        try:
+            ImageTransform(size=1, **options)
+        except (ValueError, TypeError) as e:
+            return [f"{where}: {e}"]
+        return []
+
+
+@dataclass
 class DataConfig:
     train: list[DatasetConfig]
     eval: Union[EvalConfig, None] = None
     num_workers: int = 0  # DataLoader workers per dataset and rank
     shapes: Union[ShapesConfig, None] = None
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
 
     def check(self, where: str) -> list[str]:
         out = []
@@ -151,17 +182,37 @@ class TokenizerConfig:
 
 @dataclass
 class VisionConfig:
+    """``model.vision``: the vision tower (see ``train/towers.py``)."""
+
+    type: Literal["builtin", "open_clip", "timm", "hf"] = "builtin"
+    # builtin: vlmcore.VisionTransformer
     image_size: int = 32
     patch_size: int = 8
     width: int = 64
     depth: int = 2
     heads: int = 4
     mlp_ratio: float = 4.0
+    act: Literal["gelu", "quick_gelu"] = "gelu"  # quick_gelu for OpenAI CLIP weights
     init: str = ""  # safetensors file with VisionTransformer weights (e.g. vision.safetensors of a CLIP run)
-    freeze: bool = False  # the vision encoder is frozen (as in the Flamingo / Frozen papers) when True
+    # open_clip / timm: the model name, a local checkpoint file (null = random init), create_model kwargs
+    name: str = ""
+    checkpoint: Union[str, None] = None
+    model_kwargs: dict = field(default_factory=dict)
+    # hf: a local CLIPVisionModel / SiglipVisionModel (or full CLIP / SigLIP) directory
+    path: str = ""
+    # all types
+    prefix_tokens: Union[Literal["drop", "keep"], None] = None  # null: builtin keeps CLS, adapters drop it
+    freeze: bool = False  # the vision encoder is frozen (as in the Flamingo / Frozen papers, LiT) when True
+    unlocked_layers: int = 0  # with freeze: the last N blocks (+ final norm / pooling) still train
 
     def check(self, where: str) -> list[str]:
         out = []
+        if self.unlocked_layers < 0:
+            out.append(f"{where}.unlocked_layers: must be >= 0, got {self.unlocked_layers}")
+        if self.unlocked_layers and not self.freeze:
+            out.append(f"{where}.unlocked_layers: only means something with freeze: true")
+        if self.type != "builtin":
+            return out + self._check_external(where)
         for name in ("image_size", "patch_size", "width", "depth", "heads"):
             if getattr(self, name) < 1:
                 out.append(f"{where}.{name}: must be >= 1, got {getattr(self, name)}")
@@ -171,6 +222,32 @@ class VisionConfig:
             out.append(f"{where}.width: {self.width} is not divisible by heads {self.heads}")
         if not self.mlp_ratio > 0:
             out.append(f"{where}.mlp_ratio: must be > 0, got {self.mlp_ratio}")
+        for name in ("name", "checkpoint", "path"):
+            if getattr(self, name):
+                out.append(f"{where}.{name}: not used by type builtin (weights: init)")
+        if self.model_kwargs:
+            out.append(f"{where}.model_kwargs: not used by type builtin")
+        return out
+
+    def _check_external(self, where: str) -> list[str]:
+        out = []
+        if self.init:
+            out.append(f"{where}.init: only for type builtin (use checkpoint / path)")
+        if self.type in ("open_clip", "timm"):
+            if not self.name:
+                out.append(f"{where}.name: type {self.type} needs a model name (e.g. ViT-B-32, vit_base_patch16_224)")
+            elif self.name.startswith("hf-hub:"):
+                out.append(f"{where}.name: hub names download weights; give a local checkpoint instead")
+            if self.path:
+                out.append(f"{where}.path: only for type hf")
+        else:  # hf
+            if not self.path:
+                out.append(f"{where}.path: type hf needs a local transformers model directory")
+            for name in ("name", "checkpoint"):
+                if getattr(self, name):
+                    out.append(f"{where}.{name}: not used by type hf (the weights are in path)")
+            if self.model_kwargs:
+                out.append(f"{where}.model_kwargs: not used by type hf")
         return out
 
 

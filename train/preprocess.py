@@ -154,7 +154,7 @@ def tower_preprocess(kind: str, tower=None, path: str = "") -> dict:
     resize_mode}`` (only the keys the tower declares).
 
     ``kind``: ``open_clip`` (``tower`` = the open_clip model or its ``visual``: ``preprocess_cfg``),
-    ``timm`` (``tower`` = the timm model: ``pretrained_cfg``), ``hf`` (``path`` = the model directory:
+    ``timm`` (``tower`` = the timm model, or its ``pretrained_cfg`` dict), ``hf`` (``path`` = the model directory:
     ``preprocessor_config.json``, if present), ``builtin`` (OpenAI CLIP's mean / std).
     """
     if kind == "builtin":
@@ -170,7 +170,7 @@ def tower_preprocess(kind: str, tower=None, path: str = "") -> dict:
                              f"(supported: {RESIZE_MODES}); set data.preprocess.resize_mode")
         return out
     if kind == "timm":
-        cfg = getattr(tower, "pretrained_cfg", None) or {}
+        cfg = tower if isinstance(tower, dict) else getattr(tower, "pretrained_cfg", None) or {}
         out = {k: cfg[k] for k in ("mean", "std", "interpolation", "crop_pct") if cfg.get(k) is not None}
         if _size_of(cfg.get("input_size")):
             out["size"] = _size_of(cfg["input_size"])

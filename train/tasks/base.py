@@ -55,7 +55,7 @@ class EvalContext:
             ``common.in_step`` so that all ranks run as many forwards.
         shards: the expanded paths of ``data.eval.shards``.
         eval: the ``data.eval`` section (``batch_size``, ``max_batches``, ``classes``).
-        encoder: ``task.encoder("pairs", 1)``: the eval data is image-text pairs.
+        encoder: ``task.eval_encoder()``: the eval data is image-text pairs.
         dtype: the floating dtype of the module's parameters (cast images to it).
     """
 
@@ -143,9 +143,15 @@ class Task(abc.ABC):
             max_images: ``data.train[i].max_images`` (interleaved: images kept per document).
         Returns:
             a picklable callable ``sample -> {name: tensor}``; every example of a dataset must have
-            the same keys and shapes (they are stacked). Images: ``data.decode_image`` gives
-            ``[3, H, W]`` normalized floats with ``H = W = cfg.model.vision.image_size``.
+            the same keys and shapes (they are stacked). Images: ``common.image_decoder(cfg, train)``
+            gives the tower's input ``[3, S, S]`` (normalized floats, ``data.preprocess`` applied;
+            ``S`` the tower's input size); ``data.decode_image`` is the plain squash resize.
         """
+
+    def eval_encoder(self) -> SampleEncoder:
+        """The encoder of the held-out pairs; default ``self.encoder("pairs", 1)``. The built-in tasks
+        return their encoder with the evaluation image transform (resize + center crop, no random crop)."""
+        return self.encoder("pairs", 1)
 
     @abc.abstractmethod
     def loss(self, model, batch: dict, device: torch.device, group=None) -> tuple[torch.Tensor, dict]:
@@ -198,7 +204,7 @@ class Task(abc.ABC):
     def run_evaluation(self, module: nn.Module, info: DistInfo, zero_stage: int) -> dict:
         """Called by the loop: eval mode, parameters gathered under ZeRO-3, then :meth:`evaluate`."""
         ctx = EvalContext(info=info, zero_stage=zero_stage, shards=expand_shards(self.cfg.data.eval.shards),
-                          eval=self.cfg.data.eval, encoder=self.encoder("pairs", 1), dtype=model_dtype(module))
+                          eval=self.cfg.data.eval, encoder=self.eval_encoder(), dtype=model_dtype(module))
         was_training = module.training
         module.eval()
         try:

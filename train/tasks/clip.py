@@ -19,11 +19,11 @@ from torch import nn
 
 import vlmcore
 
-from ..data import decode_image, eval_batches, pair_fields
+from ..data import eval_batches, pair_fields
 from ..distributed import all_reduce_sum
 from ..tokenizer import Tokenizer
 from .base import EvalContext, Task
-from .common import build_vision, in_step, move
+from .common import ImageDecoder, build_vision, image_decoder, in_step, move
 
 
 @dataclass
@@ -65,12 +65,12 @@ class ClipConfig:
 class ClipEncoder:
     """Pair sample -> ``{"images": [3, H, W], "tokens": [T]}``."""
 
-    def __init__(self, tokenizer: Tokenizer, image_size: int):
-        self.tok, self.image_size = tokenizer, image_size
+    def __init__(self, tokenizer: Tokenizer, images: ImageDecoder):
+        self.tok, self.images = tokenizer, images
 
     def __call__(self, sample: dict) -> dict:
         image, caption = pair_fields(sample)
-        return {"images": decode_image(image, self.image_size), "tokens": self.tok([caption])[0]}
+        return {"images": self.images(image, sample), "tokens": self.tok([caption])[0]}
 
 
 class ClipTask(Task):
@@ -103,8 +103,11 @@ class ClipTask(Task):
             # CLIP's forward reads the temperature of its criterion submodule directly.
             deepspeed.zero.register_external_parameter(model, model.criterion.logit_scale)
 
-    def encoder(self, kind: str, max_images: int) -> ClipEncoder:
-        return ClipEncoder(self.tok, self.cfg.model.vision.image_size)
+    def encoder(self, kind: str, max_images: int, train: bool = True) -> ClipEncoder:
+        return ClipEncoder(self.tok, image_decoder(self.cfg, train))
+
+    def eval_encoder(self) -> ClipEncoder:
+        return self.encoder("pairs", 1, train=False)
 
     def loss(self, model, batch: dict, device: torch.device, group=None) -> tuple[torch.Tensor, dict]:
         batch = move(batch, device)

@@ -162,7 +162,7 @@ def _last_blocks(tower: nn.Module, v: VisionConfig) -> tuple[list[nn.Module], li
                 if isinstance(getattr(model, n, None), nn.Module)]
         return list(blocks), tail
     if v.type == "hf":
-        vm = tower.model.vision_model
+        vm = getattr(tower.model, "vision_model", tower.model)  # transformers 5 has no vision_model level
         tail = [getattr(vm, n) for n in ("post_layernorm", "head") if isinstance(getattr(vm, n, None), nn.Module)]
         return list(vm.encoder.layers), tail
     raise ValueError(f"model.vision.unlocked_layers: not supported for type {v.type!r}")
@@ -174,7 +174,9 @@ def freeze_vision(tower: nn.Module, v: VisionConfig) -> None:
     if not v.freeze:
         return
     if v.type == "open_clip":
-        tower.visual.lock(unlocked_groups=v.unlocked_layers, freeze_bn_stats=False)
+        # open_clip's groups: embeddings, the blocks but the last, [last block + ln_post], proj; so
+        # N unlocked blocks (with ln_post and proj) are N + 1 of its groups (--lock-image-unlocked-groups).
+        tower.visual.lock(unlocked_groups=v.unlocked_layers + 1 if v.unlocked_layers else 0, freeze_bn_stats=False)
         return
     tower.requires_grad_(False)
     if v.unlocked_layers:

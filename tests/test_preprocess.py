@@ -120,3 +120,20 @@ def test_hf_image_processor_values(tmp_path):
     assert torch.equal(evaluate(image), expected)
     assert tower_preprocess("hf", path=str(tmp_path / "none")) == {}
     assert tower_preprocess("builtin") == {"mean": OPENAI_MEAN, "std": OPENAI_STD}
+
+
+def test_image_decoder_crops_are_a_function_of_seed_url_and_key():
+    """What makes a resumed run (which skips samples undecoded) crop exactly as the uninterrupted one."""
+    from vlmcore.train.tasks.common import ImageDecoder
+
+    buf = io.BytesIO()
+    picture(48, 40).save(buf, format="PNG")
+    data = buf.getvalue()
+    train = ImageTransform(16, is_train=True)
+    sample = {"__url__": "pipe:cat a.tar", "__key__": "000001"}
+    first = ImageDecoder(train, seed=3)(data, sample)
+    assert torch.equal(ImageDecoder(train, seed=3)(data, dict(sample)), first)  # a fresh decoder, same crop
+    assert not torch.equal(ImageDecoder(train, seed=3)(data, {**sample, "__key__": "000002"}), first)
+    assert not torch.equal(ImageDecoder(train, seed=4)(data, sample), first)
+    evaluate = ImageDecoder(train.for_eval(), seed=3)
+    assert torch.equal(evaluate(data, sample), train.for_eval()(Image.open(io.BytesIO(data))))

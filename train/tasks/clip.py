@@ -4,8 +4,9 @@ Loss: the fused contrastive loss over the data-parallel group (``local_loss=True
 rows against all gathered columns); logged with the logit scale and the in-batch i2t / t2i
 accuracies. Eval: zero-shot top-1 on the held-out pairs with a classifier built from label text
 (``data.eval.classes``, default ``classes.json`` next to the first eval shard; each sample's json
-holds its ``label``). Export: the trainable weights and ``vision.safetensors`` (the vision tower,
-usable as ``model.vision.init``). Config section ``model.clip``.
+holds its ``label``). Export: the trainable weights and ``vision.safetensors`` (the vision tower;
+for the built-in ViT usable as ``model.vision.init``; for adapter towers the adapter's keys, e.g.
+``visual.conv1.weight`` of an open_clip tower). Config section ``model.clip``.
 """
 
 from __future__ import annotations

@@ -117,7 +117,7 @@ def test_clip_trains_from_pipe_and_double_colon_specs(pair_shards, tmp_path):
           f"tokenizer.path={d}/tokenizer.json", "tokenizer.train_from_shapes=false", "tokenizer.context_length=12",
           "progress_bar=false", "max_steps=8", "save_every=0", "eval_every=0",
           "model.vision={image_size: 16, patch_size: 8, width: 32, depth: 1, heads: 2}",
-          "model.text={width: 32, depth: 1, heads: 2}", "model.embed_dim=32",
+          "model.clip={embed_dim: 32, text: {width: 32, depth: 1, heads: 2}}",
           f"data.train.0.shards={spec}", "data.train.0.batch_size=16", "data.train.0.resampled=false",
           "data.train.0.shuffle_buffer=0"])
     with open(out / "metrics.jsonl", encoding="utf-8") as f:

@@ -76,6 +76,11 @@ class ImageDecoder:
     def __call__(self, data: bytes, sample: dict) -> torch.Tensor:
         return decode_image(data, self.size, self.transform, sample_rng(self.seed, sample))
 
+    @classmethod
+    def squash(cls, size: int) -> ImageDecoder:
+        """The plain decoder: squash-resize to ``size`` x ``size``, OpenAI CLIP mean / std, no crop."""
+        return cls(ImageTransform(size=size, resize_mode="squash"), seed=0)
+
 
 def image_decoder(cfg: TrainConfig, train: bool = True) -> ImageDecoder:
     """The :class:`ImageDecoder` of training (``train``) or evaluation images for ``cfg``."""

@@ -1,10 +1,12 @@
 """``python -m vlmcore.bench`` (console script ``vlmcore-bench``): run benchmarks, plot, summarize.
 
-    python -m vlmcore.bench {contrastive|masked_xattn|resampler|e2e|all|ceilings}
+    python -m vlmcore.bench {contrastive|masked_xattn|resampler|e2e|sigmoid|vilbert|blip2|all|ceilings}
         [--quick] [--out FILE] [--modes fwd,bwd,fwd_bwd] [--dtype bf16|fp16|fp32]
         [--device cuda|cpu] [--time-budget SECONDS] [--rep-ms MS]
     python -m vlmcore.bench plot [--results DIR_or_CSV] [--out DIR]
     python -m vlmcore.bench summary [--results DIR_or_CSV]
+    python -m vlmcore.bench plan [--op NAME] [--json]
+    python -m vlmcore.bench host-overhead [--op masked_xattn|resampler] [--inner N] [--repeats N]
 
 Every benchmark measures the card's ceilings first (matmul, device copy), then appends one CSV row
 per (op, provider, shape, mode) to ``--out`` (see :mod:`vlmcore.bench.results` for the columns).
@@ -22,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from . import contrastive, e2e, masked_xattn, resampler
+from . import blip2, contrastive, e2e, masked_xattn, resampler, sigmoid, vilbert
 from .harness import MODES, RunContext, measure_ceilings
 from .results import CsvWriter, read_rows, summary_table
 
@@ -31,9 +33,13 @@ OPS = {
     "masked_xattn": masked_xattn.run,
     "resampler": resampler.run,
     "e2e": e2e.run,
+    "sigmoid": sigmoid.run,
+    "vilbert": vilbert.run,
+    "blip2": blip2.run,
 }
 # Share of the time budget each op of ``all`` gets (what an op leaves unused rolls over to the next).
-SHARES = {"contrastive": 0.25, "masked_xattn": 0.3, "resampler": 0.15, "e2e": 0.3}
+SHARES = {"contrastive": 0.25, "masked_xattn": 0.3, "resampler": 0.15, "e2e": 0.3, "sigmoid": 0.15, "vilbert": 0.05,
+          "blip2": 0.1}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DEFAULT_RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -82,7 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
         "masked_xattn": "Flamingo masked cross-attention vs reference, SDPA, FlexAttention, varlen, xformers",
         "resampler": "Perceiver / Q-Former attention vs reference and SDPA (concat)",
         "e2e": "one training step of a Flamingo-style model and of CLIP, vlmcore vs reference ops",
+        "vilbert": "one ViLBERT co-attention block (both directions) vs the reference op and SDPA",
+        "blip2": "BLIP-2 Q-Former image pass and stage-2 step vs HF Blip2QFormerModel / Blip2ForConditionalGeneration",
         "all": "ceilings, every op, then e2e",
+        "sigmoid": "SigLIP sigmoid loss: vlmcore vs OpenCLIP math (materialized, chunked) vs siglip-kernel",
         "ceilings": "only the card's matmul and copy ceilings",
     }
     for name, text in helps.items():
@@ -94,6 +103,19 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("--out", metavar="DIR", help="where the PNGs go (default: <results dir>/plots)")
     summary = commands.add_parser("summary", help="print the short summary table of result CSVs")
     summary.add_argument("--results", default=str(DEFAULT_RESULTS), metavar="DIR_or_CSV")
+    plan = commands.add_parser("plan", help="the exact work plan of every op per ANCHORS shape (predictions)",
+                               description="Executed vs useful FLOPs, modelled HBM bytes, launches, peak extra "
+                                           "memory, sm_90a compile evidence and predicted times, from the "
+                                           "launchers' own planning code. No GPU needed.")
+    plan.add_argument("--op", metavar="NAME", help="one op (default: every planned op)")
+    plan.add_argument("--json", action="store_true", help="one JSON object per shape instead of text")
+    host = commands.add_parser("host-overhead", help="host time of an eager fwd+bwd (no-op launches) vs a trivial op",
+                               description="Host (Python) time of one eager forward + backward per op at the small "
+                                           "ANCHORS shape, Triton launches replaced by no-ops, and its ratio to one "
+                                           "trivial eager torch op (runs on CPU).")
+    host.add_argument("--op", choices=("masked_xattn", "resampler"), help="default: both")
+    host.add_argument("--inner", type=int, default=10, help="calls per timed round (default 10)")
+    host.add_argument("--repeats", type=int, default=50, help="rounds; the minimum is reported (default 50)")
     return parser
 
 
@@ -145,6 +167,21 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"plot: {error}")
         for path in written:
             print(path)
+        return 0
+    if args.command == "plan":
+        from .plan import main as plan_main
+
+        try:
+            plan_main(args.op, args.json)
+        except ValueError as error:
+            parser.error(f"plan: {error}")
+        return 0
+    if args.command == "host-overhead":
+        from .host_overhead import main as host_overhead_main
+
+        if args.inner < 1 or args.repeats < 1:
+            parser.error("host-overhead: --inner and --repeats must be >= 1")
+        host_overhead_main(args.op, args.inner, args.repeats)
         return 0
     if args.command == "summary":
         try:

@@ -10,11 +10,16 @@ once (2 n d elements) forward; read once and their gradients written once (4 n d
 
 from __future__ import annotations
 
+import json
 import time
+from dataclasses import replace
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from vlmcore.kernels import contrastive_loss
+from vlmcore.kernels._plan import OpPlan
+from vlmcore.kernels.contrastive import contrastive_plan
 from vlmcore.kernels.reference import contrastive_loss_reference
 
 from . import providers as peers
@@ -125,3 +130,50 @@ def run_huge(ctx: RunContext) -> None:
         run_op(OP, [make_case(HUGE_N, DIM, ctx)], PROVIDERS[:1], ctx)
     finally:
         ctx.modes = saved_modes
+
+
+# ----------------------------------------------------------------------------------------------
+# launch plan (``python -m vlmcore.bench plan --op contrastive``)
+# ----------------------------------------------------------------------------------------------
+
+PLAN_SHAPES = [{"n": n, "d": DIM, "dtype": "bf16"} for n in (*GPU_SIZES, HUGE_N)]
+# Written by ``tests/contrastive_compile_check.py --write-evidence`` (sm_90a compile, no GPU).
+EVIDENCE = Path(__file__).resolve().parent / "evidence" / "contrastive_sm90.json"
+_EVIDENCE_FIELDS = ("registers", "spill_bytes", "ctas_per_sm", "shared", "wgmma")
+
+
+def _evidence_rows() -> list[dict]:
+    if not EVIDENCE.exists():
+        return []
+    return json.loads(EVIDENCE.read_text())["rows"]
+
+
+def join_evidence(plan_: OpPlan, rows: list[dict]) -> OpPlan:
+    """``plan_`` with each launch's compile evidence: the row of the same kernel and dtype whose
+    config has every entry of the launch's config (rows also name the JIT's unit-stride
+    specializations). Launches without a compiled row (library calls) keep ``evidence=None``."""
+    dtype = plan_.shape.get("dtype")
+
+    def find(launch, ignored=()):
+        # the column merge reads only fp32 statistics: compiled once, as fp32
+        dtypes = (dtype, "fp32") if launch.kernel == "_contrastive_merge_cols_kernel" else (dtype,)
+        return next((row for row in rows if row["kernel"] == launch.kernel and row["dtype"] in dtypes
+                     and all(row["config"].get(k) == v for k, v in launch.config.items() if k not in ignored)), None)
+
+    launches = []
+    for launch in plan_.launches:
+        match, nearest = find(launch), False
+        if match is None and "FIRST" in launch.config:
+            # the window products were compiled at their heaviest steps (accumulator read): the
+            # first / middle / last step of the same tile config is the nearest evidence
+            match, nearest = find(launch, ("FIRST", "LAST")), True
+        evidence = {k: match[k] for k in _EVIDENCE_FIELDS} if match else None
+        if evidence and nearest:
+            evidence["compiled_step"] = f"FIRST={match['config']['FIRST']} LAST={match['config']['LAST']}"
+        launches.append(replace(launch, evidence=evidence))
+    return replace(plan_, launches=launches)
+
+
+def plan(**shape) -> OpPlan:
+    """The plan of :func:`vlmcore.kernels.contrastive.contrastive_plan` with sm_90a compile evidence."""
+    return join_evidence(contrastive_plan(**shape), _evidence_rows())

@@ -30,6 +30,10 @@ ANCHOR_SHAPES = (
     (16, 512, 5, 64, 8, 64, "immediate"),     # OpenFlamingo-9B training
     (4, 4096, 32, 64, 32, 128, "immediate"),  # long interleaved documents
 )
+# The ANCHORS shapes for ``python -m vlmcore.bench plan`` (keyword arguments of
+# masked_cross_attention_plan; media layout: its default, image j owns positions [j L / M, (j + 1) L / M)).
+PLAN_SHAPES = [dict(zip(("batch", "length", "num_media", "tokens", "heads", "head_dim", "mode"), shape))
+               for shape in ANCHOR_SHAPES]
 SWEEP_IMAGES = (1, 6, 16, 33)  # images per sample, on the OpenFlamingo-9B shape
 ALL_PREVIOUS_SHAPES = ((16, 512, 5, 64, 8, 64, "all_previous"),)
 QUICK_SHAPES = ((2, 48, 3, 16, 2, 32, "immediate"), (2, 48, 3, 16, 2, 32, "all_previous"))

@@ -15,6 +15,13 @@ from collections.abc import Callable
 from dataclasses import asdict
 
 from vlmcore.kernels._plan import OpPlan
+from vlmcore.kernels.masked_cross_attention import masked_cross_attention_plan
+from vlmcore.kernels.resampler_attention import resampler_attention_plan
+from vlmcore.kernels.sigmoid_contrastive import sigmoid_contrastive_plan as sigmoid_plan
+
+from . import contrastive
+from . import masked_xattn as _masked_xattn
+from . import resampler as _resampler
 
 # Ceilings measured on one H100 80GB (ANCHORS.md, 2026-11-27).
 MATMUL_FLOPS_PER_S = 807e12
@@ -22,7 +29,12 @@ COPY_BYTES_PER_S = 3.0e12
 
 # op name -> (ANCHORS shapes, plan function taking one shape's keyword arguments).
 # One line per op; each op file owns its planning function.
-PLANNERS: dict[str, tuple[list[dict], Callable[..., OpPlan]]] = {}
+PLANNERS: dict[str, tuple[list[dict], Callable[..., OpPlan]]] = {
+    "contrastive": (contrastive.PLAN_SHAPES, contrastive.plan),
+    "masked_xattn": (_masked_xattn.PLAN_SHAPES, masked_cross_attention_plan),
+    "resampler": (_resampler.PLAN_SHAPES, resampler_attention_plan),
+    "sigmoid": ([dict(n=n, d=768, dtype="bf16") for n in (8192, 32768, 65536, 131072, 2**20)], sigmoid_plan),
+}
 
 
 def plans(op: str | None = None) -> list[OpPlan]:
@@ -53,6 +65,8 @@ def format_plan(plan: OpPlan) -> str:
     for launch in plan.launches:
         lines.append(f"    {launch.kernel} x{launch.count}: grid {launch.grid} tiles {launch.tiles} "
                      f"config {launch.config}")
+        if launch.evidence:
+            lines.append("      sm_90a: " + ", ".join(f"{k} {v}" for k, v in sorted(launch.evidence.items())))
     lines += [f"  note: {note}" for note in plan.notes]
     return "\n".join(lines)
 

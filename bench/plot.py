@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .results import latest, read_rows
 
-BENCH_OPS = ("contrastive", "masked_xattn", "resampler")
+BENCH_OPS = ("contrastive", "masked_xattn", "resampler", "sigmoid")
 
 
 def _slug(text: str) -> str:
@@ -52,6 +52,9 @@ def plot_results(results: str | Path, out_dir: str | Path | None = None) -> list
             if path is not None:
                 written.append(path)
         path = _memory(device_rows, device, out)
+        if path is not None:
+            written.append(path)
+        path = _memory(device_rows, device, out, op="sigmoid")
         if path is not None:
             written.append(path)
         path = _e2e(device_rows, device, out)
@@ -110,8 +113,8 @@ def _speedup(rows: list[dict], op: str, device: str, out: Path) -> Path | None:
     return path
 
 
-def _memory(rows: list[dict], device: str, out: Path) -> Path | None:
-    op_rows = [r for r in rows if r["op"] == "contrastive" and r["mode"] == "fwd_bwd"]
+def _memory(rows: list[dict], device: str, out: Path, op: str = "contrastive") -> Path | None:
+    op_rows = [r for r in rows if r["op"] == op and r["mode"] == "fwd_bwd"]
     series: dict[str, list[tuple[float, float]]] = {}
     ooms: dict[str, list[float]] = {}
     for row in op_rows:
@@ -132,11 +135,11 @@ def _memory(rows: list[dict], device: str, out: Path) -> Path | None:
     axis.set_yscale("log")
     axis.set_xlabel("n (pairs), d = 768")
     axis.set_ylabel("peak extra memory (MiB), forward + backward")
-    axis.set_title(f"contrastive loss memory — {device}", fontsize=10)
+    axis.set_title(f"{op} loss memory — {device}", fontsize=10)
     axis.grid(True, which="both", linewidth=0.3)
     axis.legend(fontsize=8)
     fig.tight_layout()
-    path = out / f"memory_contrastive_{_slug(device)}.png"
+    path = out / f"memory_{op}_{_slug(device)}.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

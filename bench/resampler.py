@@ -28,6 +28,9 @@ GPU_SHAPES = (
     (256, 257, 32, 12, 64, False),  # BLIP-2 Q-Former cross-attention: 32 queries over 257 tokens
 )
 QUICK_SHAPES = ((4, 33, 16, 2, 32, True), (4, 33, 16, 2, 32, False))
+# The ANCHORS shapes (and BLIP-2's Q-Former) for ``python -m vlmcore.bench plan``.
+PLAN_SHAPES = [dict(zip(("batch", "media", "latents", "heads", "head_dim", "with_latents"), shape))
+               for shape in GPU_SHAPES]
 
 
 def floors(batch, media_tokens, latents, heads, head_dim, with_latents, element_size):

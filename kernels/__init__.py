@@ -28,6 +28,7 @@ else:
     from .contrastive import all_gather_with_grad, contrastive_loss
     from .masked_cross_attention import masked_cross_attention, media_index_from_locations
     from .resampler_attention import resampler_attention
+    from .sigmoid_contrastive import sigmoid_contrastive_loss
 
     __all__ = [
         "BACKENDS",
@@ -38,4 +39,5 @@ else:
         "masked_cross_attention",
         "media_index_from_locations",
         "resampler_attention",
+        "sigmoid_contrastive_loss",
     ]

@@ -28,6 +28,8 @@ class KernelLaunch:
         useful_flops: FLOPs of the math itself in one launch (no padding, no masked-out work).
         hbm_bytes: modelled HBM traffic of one launch (reads + writes).
         count: how many times this launch happens (e.g. one per row window).
+        evidence: sm_90a compile facts of this config where an op supplies them (``registers``,
+            ``spill_bytes``, ``ctas_per_sm``, ``shared``), joined in by the bench plan.
     """
 
     kernel: str
@@ -38,6 +40,7 @@ class KernelLaunch:
     useful_flops: int
     hbm_bytes: int
     count: int = 1
+    evidence: dict | None = None
 
 
 @dataclass

@@ -57,6 +57,33 @@ def contrastive_loss_reference(
     ) / 2
 
 
+def contrastive_loss_multi_positive_reference(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale: torch.Tensor,
+    image_ids: torch.Tensor,
+    text_ids: torch.Tensor,
+    *,
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
+    """Symmetric contrastive loss with several positives per row, as an fp32 scalar.
+
+    Pairs ``(i, j)`` with ``image_ids[i] == text_ids[j]`` are positives. Image row i's soft target
+    spreads uniformly over its positive texts (``1 / |P_i|`` each), text row j's over its positive
+    images; then ``F.cross_entropy`` with probability targets (label smoothing mixes in the uniform
+    distribution, as there). All-unique ids equal on both sides (``arange``) give the plain loss.
+    A row without any positive gives NaN.
+    """
+    logits = contrastive_logits_reference(image_features, text_features, logit_scale)
+    positive = (image_ids[:, None] == text_ids[None, :]).float()  # [n, n]
+    i2t = positive / positive.sum(1, keepdim=True)
+    t2i = (positive / positive.sum(0, keepdim=True)).T
+    return (
+        F.cross_entropy(logits, i2t, label_smoothing=label_smoothing)
+        + F.cross_entropy(logits.T, t2i, label_smoothing=label_smoothing)
+    ) / 2
+
+
 def contrastive_accuracy_reference(
     image_features: torch.Tensor, text_features: torch.Tensor, *, label_offset: int = 0,
     all_image_features: torch.Tensor | None = None, all_text_features: torch.Tensor | None = None,
@@ -170,3 +197,43 @@ def resampler_attention_reference(
         )
     scores = torch.einsum("bqhd,bkhd->bhqk", q, keys).float() * scale
     return _masked_softmax_attention(scores, allowed[:, None, None, :], values, q.dtype)
+
+
+def sigmoid_contrastive_loss_reference(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale: torch.Tensor,
+    logit_bias: torch.Tensor,
+    *,
+    image_group_ids: torch.Tensor | None = None,
+    text_group_ids: torch.Tensor | None = None,
+    positive_offset: int = 0,
+    negatives_only: bool = False,
+    normalizer: int | None = None,
+) -> torch.Tensor:
+    """SigLIP pairwise sigmoid loss, OpenCLIP ``SigLipLoss._loss`` math with fp32 logits.
+
+    Args:
+        image_features: ``[m, d]`` rows x; text_features: ``[N, d]`` columns y (caller-normalized).
+        logit_scale: 0-dim s (already exponentiated); logit_bias: 0-dim b.
+        image_group_ids, text_group_ids: optional int ``[m]`` / ``[N]``: pairs with equal ids are the
+            positives (several captions per image); otherwise pair (i, i + positive_offset) is.
+        positive_offset: column of row 0's positive (``rank * n`` against gathered text).
+        negatives_only: no positive pair at all (another rank's text block).
+        normalizer: the divisor, default m (OpenCLIP divides by the local batch).
+
+    Returns:
+        fp32 scalar ``-(1/normalizer) sum_ij log sigmoid(z_ij (s x_i.y_j + b))``, z = +1 on positives,
+        -1 elsewhere.
+    """
+    logits = logit_scale.float() * (image_features @ text_features.T).float() + logit_bias.float()
+    m, n_cols = logits.shape
+    if negatives_only:
+        positive = torch.zeros_like(logits, dtype=torch.bool)
+    elif image_group_ids is not None:
+        positive = image_group_ids[:, None] == text_group_ids[None, :]
+    else:
+        rows = torch.arange(m, device=logits.device)
+        positive = torch.arange(n_cols, device=logits.device)[None, :] == (rows + positive_offset)[:, None]
+    signs = positive.float() * 2 - 1
+    return -F.logsigmoid(signs * logits).sum() / (m if normalizer is None else normalizer)

@@ -31,6 +31,8 @@ import triton.language as tl
 
 from ._backend import interpreter_enabled, use_triton
 from ._checks import check_float_tensor, check_same, check_softmax_scale
+from ._host import cdiv, next_power_of_2
+from ._plan import KernelLaunch, OpPlan
 from .reference import resampler_attention_reference
 
 MAX_HEAD_DIM = 128
@@ -41,10 +43,8 @@ LOG2E = tl.constexpr(_LOG2E)
 M_FLOOR = tl.constexpr(-1.0e30)
 
 
-def _key_block_configs() -> list[triton.Config]:
-    """Autotune space over the key tile on CUDA; one small fixed config in the interpreter."""
-    if interpreter_enabled():
-        return [triton.Config({"BLOCK_N": 32}, num_warps=4, num_stages=1)]
+def _cuda_key_block_configs() -> list[triton.Config]:
+    """Autotune space over the key tile on CUDA (before pruning)."""
     return [
         triton.Config({"BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
         for block_n in (32, 64, 128)
@@ -53,34 +53,51 @@ def _key_block_configs() -> list[triton.Config]:
     ]
 
 
-def _tile_limit_pruner(max_tile: int, max_tile_4_warps: int | None = None):
+def _key_block_configs() -> list[triton.Config]:
+    """The CUDA space on CUDA; one small fixed config in the interpreter."""
+    if interpreter_enabled():
+        return [triton.Config({"BLOCK_N": 32}, num_warps=4, num_stages=1)]
+    return _cuda_key_block_configs()
+
+
+def _tile_limit_pruner(max_tile: int, max_tile_4_warps: int | None = None, min_tile_128_head: int = 0):
     """Autotune pruner dropping tiles that spill registers on sm_90 (seen with ``ptxas -v`` on the
     bf16 kernels): key tile x padded head dim above ``max_tile``, and 4 warps with a 128-wide head
-    or with a key tile x head dim above ``max_tile_4_warps`` (default ``max_tile``)."""
+    or with a key tile x head dim above ``max_tile_4_warps`` (default ``max_tile``). Also drops key
+    tiles wider than all the keys of a row (``BLOCK_N > S + R``, or ``> S`` without latents): such a
+    tile is mostly padding (the smallest, 32, always stays). ``min_tile_128_head``: smallest key tile
+    kept for a 128-wide head (the dk/dv kernel with 32-key tiles spilled at Dh 128)."""
     max_tile_4_warps = max_tile if max_tile_4_warps is None else max_tile_4_warps
 
     def prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
         block_d = kwargs["BLOCK_D"]
+        keys = named_args["num_media"] + (named_args["num_queries"] if kwargs["HAS_LATENTS"] else 0)
+        fitting = [c for c in configs if c.kwargs["BLOCK_N"] <= max(keys, 32)] or configs[:1]
         kept = [
-            c for c in configs
+            c for c in fitting
             if c.kwargs["BLOCK_N"] * block_d <= max_tile
             and (c.num_warps >= 8 or (block_d <= 64 and c.kwargs["BLOCK_N"] * block_d <= max_tile_4_warps))
+            and (block_d < 128 or c.kwargs["BLOCK_N"] >= min_tile_128_head)
         ]
-        return kept or configs[:1]
+        return kept or fitting[:1]
 
     return {"early_config_prune": prune}
 
 
 def _query_block(num_queries: int) -> int:
     """Query tile: the next power of two >= R, at least 16 (tl.dot), at most 64."""
-    return min(64, max(16, triton.next_power_of_2(num_queries)))
+    return min(64, max(16, next_power_of_2(num_queries)))
 
 
 _PRUNE = _tile_limit_pruner(64 * 128)
 _PRUNE_FUSED = _tile_limit_pruner(64 * 64)  # the fused backward also holds dq and q, do, o tiles
-# dk/dv keep two fp32 [BLOCK_N, BLOCK_D] accumulators: 128 x 64 on 4 warps spilled ~800 bytes.
-_PRUNE_DKDV = _tile_limit_pruner(64 * 128, max_tile_4_warps=64 * 64)
-_AUTOTUNE_KEY = ["num_queries", "num_media", "HEAD_DIM", "HAS_LATENTS", "HAS_MASK", "PRECISION"]
+# dk/dv keep two fp32 [BLOCK_N, BLOCK_D] accumulators: 128 x 64 on 4 warps spilled ~800 bytes; at
+# Dh 128, 32-key tiles on 8 warps spilled 4 bytes without latents (sm_90a, 2026-12-01) while
+# 64-key tiles compiled spill-free in every latents / mask / 32- or 64-row query tile variant.
+_PRUNE_DKDV = _tile_limit_pruner(64 * 128, max_tile_4_warps=64 * 64, min_tile_128_head=64)
+# ``media_bucket`` = next power of two of S (a kernel argument the kernels do not read): each new S
+# within a bucket reuses the tuned config instead of retuning.
+_AUTOTUNE_KEY = ["num_queries", "media_bucket", "HEAD_DIM", "HAS_LATENTS", "HAS_MASK", "PRECISION"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -147,7 +164,7 @@ def _resampler_fwd_kernel(
     stride_vlb, stride_vln, stride_vlh, stride_vld,
     stride_maskb, stride_maskn,
     stride_ob, stride_or, stride_oh, stride_od,
-    num_heads, num_queries, num_media, qk_scale,
+    num_heads, num_queries, num_media, media_bucket, qk_scale,
     HAS_LATENTS: tl.constexpr, HAS_MASK: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -245,7 +262,7 @@ def _resampler_bwd_dq_kernel(
     stride_ob, stride_or, stride_oh, stride_od,
     stride_dob, stride_dor, stride_doh, stride_dod,
     stride_dqb, stride_dqr, stride_dqh, stride_dqd,
-    num_heads, num_queries, num_media, qk_scale, softmax_scale,
+    num_heads, num_queries, num_media, media_bucket, qk_scale, softmax_scale,
     HAS_LATENTS: tl.constexpr, HAS_MASK: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -349,7 +366,7 @@ def _resampler_bwd_dkdv_kernel(
     stride_dvmb, stride_dvmn, stride_dvmh, stride_dvmd,
     stride_dklb, stride_dkln, stride_dklh, stride_dkld,
     stride_dvlb, stride_dvln, stride_dvlh, stride_dvld,
-    num_heads, num_queries, num_media, qk_scale, softmax_scale,
+    num_heads, num_queries, num_media, media_bucket, qk_scale, softmax_scale,
     HAS_LATENTS: tl.constexpr, HAS_MASK: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -440,7 +457,7 @@ def _resampler_bwd_fused_kernel(
     stride_dvmb, stride_dvmn, stride_dvmh, stride_dvmd,
     stride_dklb, stride_dkln, stride_dklh, stride_dkld,
     stride_dvlb, stride_dvln, stride_dvlh, stride_dvld,
-    num_heads, num_queries, num_media, qk_scale, softmax_scale,
+    num_heads, num_queries, num_media, media_bucket, qk_scale, softmax_scale,
     HAS_LATENTS: tl.constexpr, HAS_MASK: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -541,31 +558,135 @@ def resampler_attention_forward(
     k_lat, v_lat, latent_strides = _latent_args(k_latents, v_latents, q)
     mask, stride_maskb, stride_maskn = _mask_arg(media_mask, q)
     block_m = _query_block(num_queries)
-    grid = (batch * heads, triton.cdiv(num_queries, block_m))
+    grid = (batch * heads, cdiv(num_queries, block_m))
     _resampler_fwd_kernel[grid](
         q, k_media, v_media, k_lat, v_lat, mask, out, lse,
         *q.stride(), *k_media.stride(), *v_media.stride(), *latent_strides,
         stride_maskb, stride_maskn, *out.stride(),
-        heads, num_queries, num_media, softmax_scale * _LOG2E,
+        heads, num_queries, num_media, next_power_of_2(num_media), softmax_scale * _LOG2E,
         HAS_LATENTS=k_latents is not None, HAS_MASK=media_mask is not None, HEAD_DIM=head_dim,
-        PRECISION=_precision(q.dtype), BLOCK_M=block_m, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+        PRECISION=_precision(q.dtype), BLOCK_M=block_m, BLOCK_D=max(16, next_power_of_2(head_dim)),
     )
     return out, lse
 
 
 def _backward_plan(num_queries: int, programs: int, device: torch.device) -> str:
-    """``"fused"`` or ``"split"`` backward.
+    """``"fused"`` or ``"split"`` backward (:func:`_backward_choice` with the device's SM count)."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 0
+    return _backward_choice(num_queries, programs, sms)
+
+
+def _backward_choice(num_queries: int, programs: int, sms: int) -> str:
+    """``"fused"`` or ``"split"``.
 
     Fused (one program per (batch, head), every input read once, 5 matmuls per key block) needs
     all R queries in one block (R <= 64) and enough (batch, head) programs to fill the GPU (at
-    least two per SM). Otherwise split: a dq grid over query blocks and a dk/dv grid over key
-    blocks of both sources (more programs, 7 matmuls per key block).
+    least two per SM; ``sms = 0``: no GPU to fill, the interpreter). Otherwise split: a dq grid
+    over query blocks and a dk/dv grid over key blocks of both sources (more programs, 7 matmuls
+    per key block).
     """
     if num_queries > _query_block(num_queries):
         return "split"
-    if device.type == "cuda" and programs < 2 * torch.cuda.get_device_properties(device).multi_processor_count:
+    if programs < 2 * sms:
         return "split"
     return "fused"
+
+
+# The configs the plan (and the sm_90a compile check) assume the autotuner picks on an H100 for
+# bf16 when the pruner keeps them (else the first it keeps); the autotuner may choose another.
+PREFERRED_CONFIGS = {
+    "fwd": {"BLOCK_N": 64, "num_warps": 4, "num_stages": 2},
+    "dq": {"BLOCK_N": 64, "num_warps": 4, "num_stages": 2},
+    "dkdv": {"BLOCK_N": 64, "num_warps": 4, "num_stages": 2},
+    "fused": {"BLOCK_N": 64, "num_warps": 4, "num_stages": 2},
+}
+H100_SMS = 132
+
+
+def planned_config(name: str, head_dim: int, num_media: int, num_queries: int, with_latents: bool) -> dict:
+    """The preferred config of kernel ``name`` if its pruner keeps it from the CUDA space, else the first kept."""
+    tuned = {"fwd": _resampler_fwd_kernel, "dq": _resampler_bwd_dq_kernel, "dkdv": _resampler_bwd_dkdv_kernel,
+             "fused": _resampler_bwd_fused_kernel}[name]
+    kept = tuned.early_config_prune(_cuda_key_block_configs(), {"num_media": num_media, "num_queries": num_queries},
+                                    BLOCK_D=max(16, next_power_of_2(head_dim)), HAS_LATENTS=with_latents)
+    kept = [{**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages} for c in kept]
+    return PREFERRED_CONFIGS[name] if PREFERRED_CONFIGS[name] in kept else kept[0]
+
+
+def resampler_attention_plan(batch: int, media: int, latents: int, heads: int, head_dim: int,
+                             with_latents: bool = True, dtype: torch.dtype = torch.bfloat16,
+                             configs: dict | None = None, sms: int = H100_SMS) -> OpPlan:
+    """Exact launches, tiles, FLOPs and modelled HBM bytes of one forward + backward.
+
+    Args:
+        batch, media, latents, heads, head_dim: B (samples x images), S, R, H, Dh.
+        with_latents: Perceiver form (keys = [media; latents]); False: Q-Former form.
+        dtype: input dtype (bytes model).
+        configs: ``{"fwd" | "dq" | "dkdv" | "fused": {"BLOCK_N", ...}}`` overriding the assumed
+            configs (tests pass the interpreter's); default :func:`planned_config`.
+        sms: SM count for the fused / split choice (H100: 132; 0 = the interpreter's choice).
+
+    Tiles are key-tile iterations summed over programs (the split dk/dv kernel's are query tiles).
+    Bytes count every tile load and store as HBM traffic (masked rows are not loaded).
+    """
+    elem = torch.empty(0, dtype=dtype).element_size()
+    block_d = max(16, next_power_of_2(head_dim))
+    block_m = _query_block(latents)
+    bh = batch * heads
+    row = head_dim * elem
+    latent_keys = latents if with_latents else 0
+    keys = media + latent_keys
+    pairs = bh * latents * keys
+
+    def config(name):
+        if configs is not None and name in configs:
+            return configs[name]
+        return planned_config(name, head_dim, media, latents, with_latents)
+
+    def key_tiles(block_n):
+        return cdiv(media, block_n) + (cdiv(latents, block_n) if with_latents else 0)
+
+    query_blocks = cdiv(latents, block_m)
+    launches = []
+    fwd = config("fwd")
+    tiles = bh * query_blocks * key_tiles(fwd["BLOCK_N"])
+    launches.append(KernelLaunch(
+        "_resampler_fwd_kernel", (bh, query_blocks), {**fwd, "BLOCK_M": block_m}, tiles,
+        executed_flops=4 * tiles * block_m * fwd["BLOCK_N"] * block_d, useful_flops=4 * pairs * head_dim,
+        hbm_bytes=bh * latents * (2 * row + 4) + bh * query_blocks * 2 * keys * row))
+    choice = _backward_choice(latents, bh, sms)
+    if choice == "fused":
+        fused = config("fused")
+        tiles = bh * key_tiles(fused["BLOCK_N"])
+        launches.append(KernelLaunch(
+            "_resampler_bwd_fused_kernel", (bh,), {**fused, "BLOCK_M": block_m}, tiles,
+            executed_flops=10 * tiles * block_m * fused["BLOCK_N"] * block_d, useful_flops=10 * pairs * head_dim,
+            hbm_bytes=bh * latents * (4 * row + 4) + bh * 4 * keys * row))
+    else:
+        dq = config("dq")
+        tiles = bh * query_blocks * key_tiles(dq["BLOCK_N"])
+        launches.append(KernelLaunch(
+            "_resampler_bwd_dq_kernel", (bh, query_blocks), {**dq, "BLOCK_M": block_m}, tiles,
+            executed_flops=6 * tiles * block_m * dq["BLOCK_N"] * block_d, useful_flops=6 * pairs * head_dim,
+            hbm_bytes=bh * latents * (4 * row + 8) + bh * query_blocks * 2 * keys * row))
+        dkdv = config("dkdv")
+        blocks = key_tiles(dkdv["BLOCK_N"])
+        tiles = bh * blocks * query_blocks
+        launches.append(KernelLaunch(
+            "_resampler_bwd_dkdv_kernel", (bh, blocks), {**dkdv, "BLOCK_M": block_m}, tiles,
+            executed_flops=8 * tiles * block_m * dkdv["BLOCK_N"] * block_d, useful_flops=8 * pairs * head_dim,
+            hbm_bytes=bh * blocks * latents * (2 * row + 8) + bh * 4 * keys * row))
+    q_bytes = bh * latents * row
+    kv_bytes = bh * keys * row
+    return OpPlan(
+        op="resampler",
+        shape=dict(B=batch, S=media, R=latents, H=heads, Dh=head_dim, form="perceiver" if with_latents else "qformer"),
+        mode="fwd_bwd", launches=launches, floor_flops=14 * pairs * head_dim,
+        floor_bytes=6 * q_bytes + 6 * kv_bytes,
+        peak_extra_bytes=bh * latents * 4 * (2 if choice == "split" else 1),
+        notes=[f"backward: {choice} (fused needs R <= 64 and B x H >= 2 x {sms} SMs)",
+               "bytes: every tile load/store counted as HBM traffic; floor = q, k, v (both sources), o forward "
+               "and q, o, do, dq, k, v, dk, dv backward once each"])
 
 
 def resampler_attention_backward(
@@ -605,7 +726,7 @@ def resampler_attention_backward(
     constants = dict(
         HAS_LATENTS=has_latents, HAS_MASK=media_mask is not None, HEAD_DIM=head_dim,
         PRECISION=_precision(q.dtype), BLOCK_M=_query_block(num_queries),
-        BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+        BLOCK_D=max(16, next_power_of_2(head_dim)),
     )
     qk_scale = softmax_scale * _LOG2E
 
@@ -616,22 +737,22 @@ def resampler_attention_backward(
             *q.stride(), *k_media.stride(), *v_media.stride(), *latent_strides,
             stride_maskb, stride_maskn, *out.stride(), *grad_out.stride(), *dq.stride(),
             *dk_media.stride(), *dv_media.stride(), *dlatent_strides,
-            heads, num_queries, num_media, qk_scale, softmax_scale, **constants,
+            heads, num_queries, num_media, next_power_of_2(num_media), qk_scale, softmax_scale, **constants,
         )
         return grads
 
     delta = torch.empty(batch, heads, num_queries, dtype=torch.float32, device=q.device)
-    grid_dq = (batch * heads, triton.cdiv(num_queries, constants["BLOCK_M"]))
+    grid_dq = (batch * heads, cdiv(num_queries, constants["BLOCK_M"]))
     _resampler_bwd_dq_kernel[grid_dq](
         q, k_media, v_media, k_lat, v_lat, mask, out, grad_out, lse, delta, dq,
         *q.stride(), *k_media.stride(), *v_media.stride(), *latent_strides,
         stride_maskb, stride_maskn, *out.stride(), *grad_out.stride(), *dq.stride(),
-        heads, num_queries, num_media, qk_scale, softmax_scale, **constants,
+        heads, num_queries, num_media, next_power_of_2(num_media), qk_scale, softmax_scale, **constants,
     )
 
     def grid_dkdv(meta):
-        latent_blocks = triton.cdiv(num_queries, meta["BLOCK_N"]) if has_latents else 0
-        return (batch * heads, triton.cdiv(num_media, meta["BLOCK_N"]) + latent_blocks)
+        latent_blocks = cdiv(num_queries, meta["BLOCK_N"]) if has_latents else 0
+        return (batch * heads, cdiv(num_media, meta["BLOCK_N"]) + latent_blocks)
 
     _resampler_bwd_dkdv_kernel[grid_dkdv](
         q, k_media, v_media, k_lat, v_lat, mask, grad_out, lse, delta,
@@ -639,7 +760,7 @@ def resampler_attention_backward(
         *q.stride(), *k_media.stride(), *v_media.stride(), *latent_strides,
         stride_maskb, stride_maskn, *grad_out.stride(),
         *dk_media.stride(), *dv_media.stride(), *dlatent_strides,
-        heads, num_queries, num_media, qk_scale, softmax_scale, **constants,
+        heads, num_queries, num_media, next_power_of_2(num_media), qk_scale, softmax_scale, **constants,
     )
     return grads
 
@@ -719,6 +840,27 @@ def _backward(ctx, grad_out, grad_lse):
 _resampler_attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _ResamplerAttention(torch.autograd.Function):
+    """The eager path: the same launchers as the custom ops, without their dispatcher round trips
+    (the custom ops stay for ``torch.compile`` and ``opcheck``)."""
+
+    @staticmethod
+    def forward(ctx, q, k_media, v_media, k_latents, v_latents, media_mask, softmax_scale):
+        out, lse = resampler_attention_forward(q, k_media, v_media, k_latents, v_latents, media_mask, softmax_scale)
+        ctx.save_for_backward(q, k_media, v_media, k_latents, v_latents, media_mask, out, lse)
+        ctx.softmax_scale = softmax_scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k_media, v_media, k_latents, v_latents, media_mask, out, lse = ctx.saved_tensors
+        grads = resampler_attention_backward(
+            grad_out, q, k_media, v_media, k_latents, v_latents, media_mask, out, lse, ctx.softmax_scale
+        )
+        dk_latents, dv_latents = (grads[3], grads[4]) if k_latents is not None else (None, None)
+        return grads[0], grads[1], grads[2], dk_latents, dv_latents, None, None
+
+
 # ----------------------------------------------------------------------------------------------
 # public op
 # ----------------------------------------------------------------------------------------------
@@ -786,7 +928,8 @@ def resampler_attention(
         softmax_scale: default ``Dh ** -0.5``.
 
     Any strides are accepted (e.g. ``k, v = to_kv(x).view(B, S, 2, H, Dh).unbind(2)``). The Triton
-    path (CUDA tensors, or ``with vlmcore.kernels.backend("triton")``) supports ``Dh <= 128``.
+    path (CUDA tensors, or ``with vlmcore.kernels.backend("triton")``) supports ``Dh <= 128``; eager calls go
+    through an ``autograd.Function``, ``torch.compile`` traces the ``vlmcore::resampler_attention_*`` ops.
 
     Returns:
         ``[B, R, H, Dh]`` in q's dtype.
@@ -809,8 +952,10 @@ def resampler_attention(
                 f"the Triton resampler_attention kernel supports head dims Dh <= {MAX_HEAD_DIM}, got "
                 f"q.shape[-1] = {q.shape[-1]}; use vlmcore.kernels.backend('reference')"
             )
-        out, _ = _resampler_attention_fwd_op(q, k_media, v_media, k_latents, v_latents, media_mask, scale)
-        return out
+        if torch.compiler.is_compiling():
+            out, _ = _resampler_attention_fwd_op(q, k_media, v_media, k_latents, v_latents, media_mask, scale)
+            return out
+        return _ResamplerAttention.apply(q, k_media, v_media, k_latents, v_latents, media_mask, scale)
     return resampler_attention_reference(
         q, k_media, v_media, k_latents, v_latents, media_mask=media_mask, softmax_scale=scale
     )

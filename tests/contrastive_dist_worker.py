@@ -7,8 +7,9 @@ each backend (reference, triton) and ``local_loss`` (False, True) runs the distr
 backward with ``group=WORLD``. The features live on CUDA when it is present (every rank on the same
 GPU; gloo gathers and reduces CUDA tensors through the host), so the triton cases run the compiled
 kernels; otherwise on CPU, with the kernels in the Triton interpreter (the caller sets
-``TRITON_INTERPRET=1``). Saves ``{(backend, local_loss): {loss, i2t_acc, t2i_acc, d_image, d_text,
-d_logit_scale}}`` (CPU tensors) with ``torch.save``.
+``TRITON_INTERPRET=1``). Then the multi-positive global loss
+with group ids (``IDS_CASES``). Saves ``{(backend, local_loss or "ids"): {loss, [i2t_acc, t2i_acc,]
+d_image, d_text, d_logit_scale}}`` (CPU tensors) with ``torch.save``.
 """
 
 from __future__ import annotations
@@ -21,6 +22,15 @@ import torch.nn.functional as F
 
 N_LOCAL, DIM, LABEL_SMOOTHING = 6, 24, 0.1
 CASES = [(name, local) for name in ("reference", "triton") for local in (False, True)]
+# Multi-positive (group ids) cases: the global loss with ids gathered across ranks.
+IDS_CASES = ("reference", "triton")
+
+
+def global_ids(world: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(image_ids, text_ids)`` ``[world * N_LOCAL]``: groups of 3 that span both ranks' rows."""
+    gen = torch.Generator().manual_seed(99)
+    image_ids = torch.arange(world * N_LOCAL) // 3
+    return image_ids, image_ids[torch.randperm(world * N_LOCAL, generator=gen)]
 
 
 def global_batch(world: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -51,6 +61,16 @@ def main(rank: int, world: int, init_file: str, out_file: str) -> None:
                 ("d_image", leaves[0].grad), ("d_text", leaves[1].grad), ("d_logit_scale", leaves[2].grad),
             )
         }
+    image_ids, text_ids = (t.to(device) for t in global_ids(world))
+    for name in IDS_CASES:
+        leaves = [t.clone().requires_grad_() for t in (image[rows], text[rows], scale)]
+        with backend(name):
+            loss = contrastive_loss(*leaves, group=dist.group.WORLD, label_smoothing=LABEL_SMOOTHING,
+                                    image_ids=image_ids[rows], text_ids=text_ids[rows])
+        loss.backward()
+        results[(name, "ids")] = {key: value.detach().cpu() for key, value in (
+            ("loss", loss), ("d_image", leaves[0].grad), ("d_text", leaves[1].grad),
+            ("d_logit_scale", leaves[2].grad))}
     torch.save(results, out_file)
     dist.barrier()
     dist.destroy_process_group()

@@ -36,7 +36,7 @@ TARGET = GPUTarget("cuda", 90, 32)
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 FP32_POINTERS = ("lse", "delta")
 SCALARS_FP32 = ("qk_scale", "softmax_scale")
-SCALARS_I32 = ("num_heads", "num_queries", "num_media")  # runtime sizes: no divisibility assumed
+SCALARS_I32 = ("num_heads", "num_queries", "num_media", "media_bucket")  # runtime sizes: no divisibility assumed
 KERNELS = {
     "fwd": module._resampler_fwd_kernel,
     "dq": module._resampler_bwd_dq_kernel,
@@ -75,11 +75,24 @@ def _unit_strides(fn, has_mask: bool) -> dict:
     return unit
 
 
-def compile_variant(name: str, config: triton.Config, head_dim: int, latents: bool, mask: bool) -> dict:
-    """Compile one variant to an sm_90a cubin; its shared memory, ptxas spill bytes and tensor-core ops."""
+# H100 / H200 per SM: 64K registers, 228 KB shared memory (1 KB reserved per CTA), 2048 threads.
+REGISTERS_PER_SM, SHARED_PER_SM, THREADS_PER_SM = 65536, 233472, 2048
+
+
+def ctas_per_sm(registers: int, num_warps: int, shared: int) -> int:
+    """Resident CTAs per SM allowed by registers (allocated per warp in units of 256), shared memory, threads."""
+    per_warp = -(-registers * 32 // 256) * 256
+    return min(REGISTERS_PER_SM // (per_warp * num_warps), SHARED_PER_SM // (shared + 1024),
+               THREADS_PER_SM // (32 * num_warps), 32)
+
+
+def compile_variant(name: str, config: triton.Config, head_dim: int, latents: bool, mask: bool,
+                    block_m: int = 64) -> dict:
+    """Compile one variant to an sm_90a cubin; shared memory, registers, ptxas spill bytes, CTAs per SM,
+    tensor-core ops. ``block_m``: the query tile (64 for R = 64 latents, 32 for a 32-query Q-Former)."""
     fn = KERNELS[name].fn
     constexprs = dict(HAS_LATENTS=latents, HAS_MASK=mask, HEAD_DIM=head_dim, PRECISION="tf32",
-                      BLOCK_M=64, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+                      BLOCK_M=block_m, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
                       **config.kwargs, **_unit_strides(fn, mask))
     signature, attrs = _signature(fn, constexprs, mask)
     kernel = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=TARGET,
@@ -93,18 +106,29 @@ def compile_variant(name: str, config: triton.Config, head_dim: int, latents: bo
     finally:
         os.unlink(handle.name)
     spills = re.search(r"(\d+) bytes spill stores", report)
-    return {"kernel": name, "head_dim": head_dim, "latents": latents, "mask": mask,
-            "config": {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages},
+    registers = int(re.search(r"Used (\d+) registers", report).group(1))
+    config_dict = {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
+    return {"kernel": name, "head_dim": head_dim, "latents": latents, "mask": mask, "block_m": block_m,
+            "config": config_dict,
+            "preferred": config_dict == module.planned_config(name, head_dim, 257, block_m, latents),
+            "registers": registers, "ctas_per_sm": ctas_per_sm(registers, config.num_warps, kernel.metadata.shared),
             "shared": kernel.metadata.shared, "spill_bytes": int(spills.group(1)) if spills else 0,
             "wgmma": ptx.count("wgmma.mma_async"), "mma": ptx.count("mma.sync.aligned"),
             "cubin": len(kernel.asm.get("cubin", b""))}
 
 
 def surviving_configs(name: str, head_dim: int) -> list[triton.Config]:
-    """The CUDA autotune configs that the kernel's own pruner keeps for this head dim."""
+    """The CUDA autotune configs that the kernel's own pruner keeps for this head dim (S = 257, R = 64)."""
     tuned = KERNELS[name]
     block_d = max(16, triton.next_power_of_2(head_dim))
-    return tuned.early_config_prune(tuned.configs, {}, BLOCK_D=block_d)
+    return tuned.early_config_prune(tuned.configs, {"num_media": 257, "num_queries": 64}, BLOCK_D=block_d,
+                                    HAS_LATENTS=True)
+
+
+def preferred_config(name: str, head_dim: int, latents: bool, queries: int) -> triton.Config:
+    """The config the plan assumes (:func:`planned_config`, S = 257)."""
+    preferred = dict(module.planned_config(name, head_dim, 257, queries, latents))
+    return triton.Config({"BLOCK_N": preferred.pop("BLOCK_N")}, **preferred)
 
 
 def _size(config: triton.Config) -> tuple:
@@ -140,8 +164,19 @@ def variants(everything: bool):
                 yield name, config, 96, latents, True
 
 
+def preferred_variants():
+    """Each kernel's preferred config at Dh 64 and 128: Perceiver form (R = 64 latents, masked) and
+    Q-Former form (no latents, 32 queries: a 32-row query tile, below one warpgroup's 64)."""
+    for name in KERNELS:
+        for head_dim in (64, 128):
+            yield name, preferred_config(name, head_dim, True, 64), head_dim, True, True, 64
+            yield name, preferred_config(name, head_dim, False, 32), head_dim, False, False, 32
+
+
 if __name__ == "__main__":
     everything = sys.argv[1:] == ["all"]
     for variant in variants(everything):
+        print(json.dumps(compile_variant(*variant)), flush=True)
+    for variant in preferred_variants():
         print(json.dumps(compile_variant(*variant)), flush=True)
     sys.exit(0)

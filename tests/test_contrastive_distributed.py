@@ -15,9 +15,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from contrastive_dist_worker import CASES, LABEL_SMOOTHING, N_LOCAL, global_batch
+from contrastive_dist_worker import CASES, IDS_CASES, LABEL_SMOOTHING, N_LOCAL, global_batch, global_ids
 from utils import assert_close
-from vlmcore.kernels.reference import contrastive_accuracy_reference, contrastive_loss_reference
+from vlmcore.kernels.reference import (
+    contrastive_accuracy_reference,
+    contrastive_loss_multi_positive_reference,
+    contrastive_loss_reference,
+)
 
 WORKER = Path(__file__).with_name("contrastive_dist_worker.py")
 WORLD = 2
@@ -78,3 +82,23 @@ def test_two_gloo_ranks_match_one_process(rank_results, backend_name, local_loss
         assert_close(averaged, full[key], dtype=torch.float32, grad=True, name=f"averaged {key}")
     averaged_scale = torch.stack([got["d_logit_scale"] for got in per_rank]).mean()
     assert_close(averaged_scale, full["d_logit_scale"], dtype=torch.float32, grad=True, name="averaged d_logit_scale")
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("backend_name", IDS_CASES)
+def test_two_gloo_ranks_multi_positive_match_one_process(rank_results, backend_name):
+    """Group ids spanning both ranks: every rank's loss is the one-process multi-positive loss of
+    the concatenated batch, and the rank-averaged gradients equal its gradients."""
+    image, text, scale = global_batch(WORLD)
+    image_ids, text_ids = global_ids(WORLD)
+    leaves = [t.clone().requires_grad_() for t in (image, text, scale)]
+    full = contrastive_loss_multi_positive_reference(*leaves, image_ids, text_ids, label_smoothing=LABEL_SMOOTHING)
+    full.backward()
+    per_rank = [results[(backend_name, "ids")] for results in rank_results]
+    for rank, got in enumerate(per_rank):
+        assert_close(got["loss"], full, dtype=torch.float32, name=f"rank {rank} loss")
+    for key, leaf in (("d_image", leaves[0]), ("d_text", leaves[1])):
+        averaged = torch.cat([got[key] for got in per_rank]) / WORLD
+        assert_close(averaged, leaf.grad, dtype=torch.float32, grad=True, name=f"averaged {key}")
+    averaged_scale = torch.stack([got["d_logit_scale"] for got in per_rank]).mean()
+    assert_close(averaged_scale, leaves[2].grad, dtype=torch.float32, grad=True, name="averaged d_logit_scale")

@@ -16,7 +16,7 @@ import importlib
 import pytest
 import torch
 import triton
-from utils import assert_close, run_sm90_compile_check
+from utils import assert_close, count_interpreter_dots, run_sm90_compile_check
 from vlmcore.kernels import resampler_attention
 from vlmcore.kernels.reference import resampler_attention_reference
 from vlmcore.kernels.resampler_attention import resampler_attention_forward
@@ -102,6 +102,15 @@ def check_against_reference(inputs, *, media_mask=None, softmax_scale=None, grad
 # ------------------------------------------------------------------------------------------------
 # outputs and gradients vs the reference
 # ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("media", "queries"), [(197, 32), (257, 35), (197, 40)],
+                         ids=["blip2_qformer_224px", "blip_text_257", "blip_text_197"])
+def test_qformer_and_blip_shapes(media, queries, device, nan_poisoned_empty, backward_plan):
+    """The no-latents form as BLIP-2's Q-Former (32 queries) and BLIP's text cross-attention
+    (text lengths 30-40) use it: S = 197 / 257 image tokens, R not a power of two, padded keys."""
+    mask = padding_mask(1, media, device=device)
+    check_against_reference(make_inputs(1, media, queries, 1, 64, latents=False, device=device), media_mask=mask)
 
 
 @pytest.mark.parametrize("masked", [False, True], ids=["dense", "padded"])
@@ -250,24 +259,53 @@ def test_autotune_pruner_drops_spilling_tiles():
     configs = [
         triton.Config({"BLOCK_N": block_n}, num_warps=warps) for block_n in (32, 64, 128) for warps in (4, 8)
     ]
+    shape = {"num_media": 257, "num_queries": 64}
     prune = OP_MODULE._tile_limit_pruner(64 * 128)["early_config_prune"]
-    assert prune(configs, {}, BLOCK_D=64) == configs
-    kept = prune(configs, {}, BLOCK_D=128)
+    assert prune(configs, shape, BLOCK_D=64, HAS_LATENTS=True) == configs
+    kept = prune(configs, shape, BLOCK_D=128, HAS_LATENTS=True)
     assert [(c.kwargs["BLOCK_N"], c.num_warps) for c in kept] == [(32, 8), (64, 8)]
     fused = OP_MODULE._tile_limit_pruner(64 * 64)["early_config_prune"]
-    assert [(c.kwargs["BLOCK_N"], c.num_warps) for c in fused(configs, {}, BLOCK_D=128)] == [(32, 8)]
-    dkdv = OP_MODULE._tile_limit_pruner(64 * 128, max_tile_4_warps=64 * 64)["early_config_prune"]
-    assert [(c.kwargs["BLOCK_N"], c.num_warps) for c in dkdv(configs, {}, BLOCK_D=64)] == [
+    assert [(c.kwargs["BLOCK_N"], c.num_warps) for c in fused(configs, shape, BLOCK_D=128, HAS_LATENTS=True)] == [
+        (32, 8)]
+    dkdv = OP_MODULE._PRUNE_DKDV["early_config_prune"]
+    assert [(c.kwargs["BLOCK_N"], c.num_warps) for c in dkdv(configs, shape, BLOCK_D=64, HAS_LATENTS=True)] == [
         (32, 4), (32, 8), (64, 4), (64, 8), (128, 8)]
-    assert dkdv(configs, {}, BLOCK_D=128) == kept
+    assert [(c.kwargs["BLOCK_N"], c.num_warps) for c in dkdv(configs, shape, BLOCK_D=128, HAS_LATENTS=True)] == [
+        (64, 8)]
+
+
+def test_autotune_pruner_drops_key_tiles_wider_than_the_keys():
+    """BLOCK_N > S + R (S without latents) is mostly padding: dropped; 32 always stays."""
+    configs = [triton.Config({"BLOCK_N": block_n}, num_warps=8) for block_n in (32, 64, 128)]
+    prune = OP_MODULE._tile_limit_pruner(64 * 128)["early_config_prune"]
+
+    def tiles(media, queries, latents):
+        kept = prune(configs, {"num_media": media, "num_queries": queries}, BLOCK_D=64, HAS_LATENTS=latents)
+        return [c.kwargs["BLOCK_N"] for c in kept]
+
+    assert tiles(40, 16, True) == [32]  # 56 keys
+    assert tiles(40, 30, True) == [32, 64]  # 70 keys
+    assert tiles(100, 30, False) == [32, 64]
+    assert tiles(5, 3, False) == [32]
+    assert tiles(197, 32, False) == [32, 64, 128]
+
+
+def test_autotune_key_buckets_the_media_tokens():
+    """The key holds next_power_of_2(S), not S: S = 197 and 257 ... 512 share a tuned config."""
+    key = OP_MODULE._AUTOTUNE_KEY
+    assert "num_media" not in key and "media_bucket" in key
+    for tuned in (OP_MODULE._resampler_fwd_kernel, OP_MODULE._resampler_bwd_fused_kernel,
+                  OP_MODULE._resampler_bwd_dq_kernel, OP_MODULE._resampler_bwd_dkdv_kernel):
+        assert "media_bucket" in tuned.fn.arg_names and tuned.keys == key
 
 
 def test_kernels_compile_for_h100():
     """Every kernel (forward, dq, dk/dv, fused backward) compiles to an sm_90a cubin with Triton's GPU
     passes and bundled ptxas (no GPU needed), on a subset of the CUDA autotune configs that the
     kernels' own pruners keep: bf16 at Dh 64, 128 and 96 (padded to 128), with and without latents
-    and mask. Each fits the H100's 227 KB of shared memory, runs its products on tensor cores, and
-    spills at most a few words of registers (the pruners exist to drop the tiles that spill more).
+    and mask, and each kernel's preferred config (the plan's) in the Perceiver and the 32-query
+    Q-Former form. Each fits the H100's 227 KB of shared memory, runs its products on tensor cores,
+    spills no register, and reports its registers and CTAs per SM.
     ``python tests/resampler_compile_check.py all`` compiles every surviving config."""
     rows = run_sm90_compile_check("resampler_compile_check.py", timeout=600)
     assert {row["kernel"] for row in rows} == {"fwd", "dq", "dkdv", "fused"}
@@ -280,7 +318,15 @@ def test_kernels_compile_for_h100():
     for row in rows:
         assert row["cubin"] > 0 and 0 < row["shared"] <= 227 * 1024, row
         assert row["wgmma"] + row["mma"] > 0, row
-        assert row["spill_bytes"] <= 32, row
+        assert row["spill_bytes"] == 0, row
+        assert 0 < row["registers"] <= 255 and row["ctas_per_sm"] >= 1, row
+    # Every kernel's preferred config, in the Perceiver form (64-row query tile) and the Q-Former
+    # form with 32 queries (32-row query tile: mma.sync tensor-core tiles, below wgmma's 64 rows).
+    preferred = {(row["kernel"], row["head_dim"], row["block_m"]) for row in rows if row["preferred"]}
+    assert preferred >= {(k, d, m) for k in ("fwd", "dq", "dkdv", "fused") for d in (64, 128) for m in (32, 64)}
+    for row in rows:  # the dk/dv kernel's products have the key tile as rows: wgmma at 64 keys
+        if row["block_m"] == 32 and row["kernel"] != "dkdv":
+            assert row["mma"] > 0, row
 
 
 def test_auto_backend_on_cpu_runs_the_reference(monkeypatch):
@@ -450,3 +496,50 @@ def test_gpu_deterministic():
     assert torch.equal(first[0], second[0])
     for name in first[1]:
         assert torch.equal(first[1][name], second[1][name]), name
+
+
+# ------------------------------------------------------------------------------------------------
+# the launch plan against the interpreter, and at the ANCHORS shapes
+# ------------------------------------------------------------------------------------------------
+
+RESAMPLER_KERNELS = {"_resampler_fwd_kernel": "_resampler_fwd_kernel",
+                     "_resampler_bwd_fused_kernel": "_resampler_bwd_fused_kernel",
+                     "_resampler_bwd_dq_kernel": "_resampler_bwd_dq_kernel",
+                     "_resampler_bwd_dkdv_kernel": "_resampler_bwd_dkdv_kernel"}
+# tl.dot calls per inner tile: forward (S, PV), fused (S, dP, dV, dK, dQ), dq (S, dP, dQ), dk/dv (S, dV, dP, dK).
+RESAMPLER_DOTS = {"_resampler_fwd_kernel": 2, "_resampler_bwd_fused_kernel": 5, "_resampler_bwd_dq_kernel": 3,
+                  "_resampler_bwd_dkdv_kernel": 4}
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize(("media", "queries", "latents"), [(70, 20, True), (45, 100, True), (33, 35, False)])
+def test_plan_tiles_equal_interpreter_tiles(media, queries, latents, monkeypatch, device):
+    """The plan's tiles (the launchers' grids and loops) equal the tiles the interpreter runs:
+    fused backward (R <= 64), split backward (R = 100: several query blocks), Q-Former form."""
+    inputs = make_inputs(2, media, queries, 1, 16, latents=latents, device=device)
+    config = {"BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
+    plan = OP_MODULE.resampler_attention_plan(2, media, queries, 1, 16, with_latents=latents, dtype=torch.float32,
+                                              configs=dict.fromkeys(("fwd", "dq", "dkdv", "fused"), config), sms=0)
+    grad_out = torch.randn_like(inputs["q"])
+
+    def run_kernel():
+        with kernels.backend("triton"):
+            run(resampler_attention, inputs, grad_out)
+
+    counts = count_interpreter_dots(monkeypatch, OP_MODULE, RESAMPLER_KERNELS, run_kernel)
+    planned = dict.fromkeys(RESAMPLER_DOTS, 0)
+    for launch in plan.launches:
+        planned[launch.kernel] = RESAMPLER_DOTS[launch.kernel] * launch.tiles
+    assert counts == planned
+    assert plan.notes[0].startswith("backward: fused") == (queries <= 64)
+
+
+def test_plan_at_anchor_shapes():
+    """bf16, CUDA configs, H100: the fused backward; OpenFlamingo's shape within 20% of its byte floor."""
+    plan = OP_MODULE.resampler_attention_plan(640, 257, 64, 8, 64)
+    assert [launch.kernel for launch in plan.launches] == ["_resampler_fwd_kernel", "_resampler_bwd_fused_kernel"]
+    assert plan.hbm_bytes <= 1.2 * plan.floor_bytes
+    assert plan.useful_flops == plan.floor_flops
+    for shape in ((256, 1025, 64, 16, 64, True), (256, 257, 32, 12, 64, False)):
+        plan = OP_MODULE.resampler_attention_plan(*shape)
+        assert plan.hbm_bytes <= 1.2 * plan.floor_bytes and plan.num_launches == 2

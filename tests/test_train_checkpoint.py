@@ -1,5 +1,6 @@
 """Checkpoint bookkeeping without DeepSpeed: ``latest`` moves only after a complete save, a crash
-mid-save leaves the previous checkpoint as ``latest``, pruning keeps the last K."""
+mid-save leaves the previous checkpoint as ``latest``, pruning keeps the last K; the frozen-model
+fingerprint names what differs."""
 
 import os
 
@@ -14,8 +15,9 @@ class FakeEngine:
     def __init__(self, crash=False):
         self.crash = crash
 
-    def save_checkpoint(self, save_dir, tag, client_state, save_latest):
+    def save_checkpoint(self, save_dir, tag, client_state, save_latest, exclude_frozen_parameters):
         assert save_latest is False  # the trainer owns 'latest'
+        assert exclude_frozen_parameters is True  # frozen towers are rebuilt from the config
         os.makedirs(os.path.join(save_dir, tag), exist_ok=True)
         with open(os.path.join(save_dir, tag, "model_states.pt"), "w") as f:
             f.write("partial")
@@ -60,3 +62,33 @@ def test_resolve_tag_and_rng_roundtrip(tmp_path):
     checkpoint.set_rng_state(state)
     b = (torch.rand(3), __import__("numpy").random.rand(), __import__("random").random())
     assert torch.equal(a[0], b[0]) and a[1:] == b[1:]
+
+
+def _frozen_model(seed):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
+    model[0].requires_grad_(False)
+    model[1].requires_grad_(False)
+    return model
+
+
+def test_frozen_fingerprint_names_what_differs(tmp_path):
+    model = _frozen_model(0)
+    fp = checkpoint.frozen_fingerprint(model, {"model.lm.path": "/models/lm"})
+    assert (fp["tensors"], fp["numel"], fp["bytes"]) == (4, 4 * 8 + 8 + 8 * 8 + 8, 4 * 112)
+    assert fp["first"]["name"] == "0.weight" and fp["last"]["name"] == "1.bias"  # the trainable layer is not in it
+    checkpoint.save(FakeEngine(), str(tmp_path), 2, {"step": 2}, keep_last=2, rank=0, fingerprint=fp)
+    checkpoint.check_fingerprint(str(tmp_path), "step_00000002", checkpoint.frozen_fingerprint(
+        _frozen_model(0), {"model.lm.path": "/models/lm"}))  # rebuilt identically: accepted
+
+    with pytest.raises(checkpoint.FrozenModelMismatchError, match=r"first frozen tensor '0.weight': sha256"):
+        checkpoint.check_fingerprint(str(tmp_path), "step_00000002", checkpoint.frozen_fingerprint(
+            _frozen_model(1), {"model.lm.path": "/models/lm"}))  # other weights
+    other = _frozen_model(0)
+    other[2].requires_grad_(False)  # one more frozen layer
+    with pytest.raises(checkpoint.FrozenModelMismatchError) as err:
+        checkpoint.check_fingerprint(str(tmp_path), "step_00000002",
+                                     checkpoint.frozen_fingerprint(other, {"model.lm.path": "/models/lm2"}))
+    message = str(err.value)
+    assert "model.lm.path: checkpoint '/models/lm', now '/models/lm2'" in message
+    assert "frozen tensors: checkpoint 4, now 6" in message and "last frozen tensor '1.bias'" in message

@@ -115,7 +115,9 @@ def test_bad_samples_are_skipped_and_counted(shapes_dir, tok, tmp_path):
     stream = DataStream("mixed", ds, num_workers=0)
     batch = next(stream)
     assert batch["images"].shape == (6, 3, 16, 16) and batch["tokens"].shape == (6, 24)
-    assert stream.skipped == 4 and stream.state_dict()["pos"] == [10]
+    assert stream.skipped == 4 and stream.state_dict()["workers"][0]["draws"] == 10
+    assert stream.skip_counts == {"missing_caption": 1, "not_utf8": 1, "undecodable_image": 2}
+    assert stream.state_dict()["workers"][0]["raw"] == [0, 0, 10]  # epoch 0, shard 0, next sample 10
     # A broken shard is counted too, and never stops the stream.
     (tmp_path / "broken.tar").write_bytes(path.read_bytes()[:3000])
     ds = ShardStream([str(tmp_path / "broken.tar"), str(path)], ClipEncoder(tok, ImageDecoder.squash(16)), batch_size=6,

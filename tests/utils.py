@@ -82,3 +82,46 @@ def run_sm90_compile_check(script_name: str, timeout: int) -> list[dict]:
                           capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return [json.loads(line) for line in proc.stdout.splitlines()]
+
+
+class _CountingLaunch:
+    """Wraps a module's kernel so that the interpreter's tl.dot calls made during its launches are
+    attributed to it (``state["counts"][name]``)."""
+
+    def __init__(self, kernel, name: str, state: dict):
+        self.kernel, self.name, self.state = kernel, name, state
+        self.configs = kernel.configs
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.state["current"] = self.name
+            try:
+                return self.kernel[grid](*args, **kwargs)
+            finally:
+                self.state["current"] = None
+
+        return launch
+
+
+def count_interpreter_dots(monkeypatch, module, kernels: dict[str, str], fn) -> dict[str, int]:
+    """Run ``fn`` and return how many ``tl.dot`` calls the Triton interpreter executed in each kernel.
+
+    ``kernels`` maps the module attribute that launchers use (e.g. ``"_fwd_kernel"``) to the name
+    the counts are reported under (e.g. the ``@triton.jit`` function's name, as in a launch plan).
+    Dots per inner tile are fixed per kernel, so this counts the tiles the kernels really ran.
+    """
+    from triton.runtime import interpreter
+
+    state = {"current": None, "counts": dict.fromkeys(kernels.values(), 0)}
+    real_dot = interpreter.InterpreterBuilder.create_dot
+
+    def counting_dot(self, *args, **kwargs):
+        if state["current"] is not None:
+            state["counts"][state["current"]] += 1
+        return real_dot(self, *args, **kwargs)
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", counting_dot)
+    for attr, name in kernels.items():
+        monkeypatch.setattr(module, attr, _CountingLaunch(getattr(module, attr), name, state))
+    fn()
+    return state["counts"]

@@ -52,9 +52,15 @@ class DatasetConfig:
     max_images: int = 3  # interleaved: images kept per document (the rest are dropped)
     shuffle_buffer: int = 256
     resampled: bool = True  # shards drawn with replacement per rank/worker (webdataset "resampled")
+    # interleaved (MMC4): drop images whose matched_sim is below this (OpenFlamingo trains with 0.24); 0 = keep all
+    min_image_similarity: float = 0.0
 
     def check(self, where: str) -> list[str]:
         out = []
+        if not 0 <= self.min_image_similarity <= 1:
+            out.append(f"{where}.min_image_similarity: must be in [0, 1], got {self.min_image_similarity}")
+        if self.min_image_similarity > 0 and self.kind != "interleaved":
+            out.append(f"{where}.min_image_similarity: only for kind: interleaved (MMC4 documents)")
         if isinstance(self.shards, list) and (not self.shards or not all(isinstance(s, str) for s in self.shards)):
             out.append(f"{where}.shards: must be a pattern string or a non-empty list of strings")
         if isinstance(self.shards, str) and not self.shards:
@@ -147,6 +153,8 @@ class DataConfig:
     num_workers: int = 0  # DataLoader workers per dataset and rank
     shapes: Union[ShapesConfig, None] = None
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    # a stream with this many unusable samples in a row stops the run with an error naming the reasons
+    max_consecutive_bad_samples: int = 5000
 
     def check(self, where: str) -> list[str]:
         out = []
@@ -154,6 +162,8 @@ class DataConfig:
             out.append(f"{where}.train: needs at least one dataset")
         if self.num_workers < 0:
             out.append(f"{where}.num_workers: must be >= 0, got {self.num_workers}")
+        if self.max_consecutive_bad_samples < 1:
+            out.append(f"{where}.max_consecutive_bad_samples: must be >= 1, got {self.max_consecutive_bad_samples}")
         names = [d.name for d in self.train if d.name]
         if len(names) != len(set(names)):
             out.append(f"{where}.train: dataset names must be unique, got {names}")

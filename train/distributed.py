@@ -72,3 +72,12 @@ def data_parallel_group():
     if dist.is_initialized() and dist.get_world_size() > 1:
         return dist.group.WORLD
     return None
+
+
+def broadcast_object(obj):
+    """Rank 0's ``obj`` (any picklable value) on every rank."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+    return obj

@@ -23,7 +23,7 @@ import torch
 
 from . import checkpoint, distributed, shapes
 from .config import TrainConfig, deepspeed_dict, to_dict
-from .data import DataStream, ShardStream, expand_shards
+from .data import SKIP_REASONS, DataStream, ShardStream, expand_shards
 from .metrics import MetricsLogger
 from .tasks import Task, get_task
 from .tokenizer import Tokenizer, train_word_tokenizer
@@ -150,11 +150,13 @@ def _streams(cfg: TrainConfig, task: Task, info: distributed.DistInfo) -> list[D
     out = []
     for i, d in enumerate(cfg.data.train):
         encoder = task.encoder(d.kind, d.max_images)
+        name = d.name or f"{d.kind}{i}"
         dataset = ShardStream(
             expand_shards(d.shards), encoder, d.batch_size, seed=cfg.seed * 1000 + i, rank=info.rank,
             world_size=info.world_size, num_workers=cfg.data.num_workers, shuffle_buffer=d.shuffle_buffer,
-            resampled=d.resampled)
-        out.append(DataStream(d.name or f"{d.kind}{i}", dataset, cfg.data.num_workers, d.weight))
+            resampled=d.resampled, name=name, max_consecutive_bad=cfg.data.max_consecutive_bad_samples,
+            min_image_similarity=d.min_image_similarity)
+        out.append(DataStream(name, dataset, cfg.data.num_workers, d.weight))
     return out
 
 
@@ -174,6 +176,12 @@ def train(cfg: TrainConfig, local_rank: int | None = None) -> dict:
     task = get_task(cfg.task)(cfg, tok)
     model = task.build_model(torch.bfloat16 if precision == "bf16" else torch.float32)
     promote_scalar_parameters(model)
+    # Checkpoints hold no frozen parameter: they are rebuilt from the config, identified by this
+    # fingerprint (rank 0's: DeepSpeed broadcasts rank 0's weights, random-init LMs included).
+    sources = {"model.lm.path": cfg.model.lm.path if cfg.model.lm is not None else "",
+               "model.vision.init": cfg.model.vision.init if cfg.model.vision.freeze else ""}
+    fingerprint = distributed.broadcast_object(
+        checkpoint.frozen_fingerprint(model, {k: v for k, v in sources.items() if v}) if info.is_main else None)
     ds_config = build_ds_config(cfg, precision)
     zero_stage = int(ds_config["zero_optimization"].get("stage", 0))
     task.prepare_for_engine(model, zero_stage)
@@ -193,7 +201,7 @@ def train(cfg: TrainConfig, local_rank: int | None = None) -> dict:
     resume_tag = checkpoint.resolve_tag(ckpt_dir, cfg.resume) if cfg.resume else None
     restored_rng = None
     if resume_tag is not None:
-        state = checkpoint.load(engine, ckpt_dir, resume_tag, info.rank)
+        state = checkpoint.load(engine, ckpt_dir, resume_tag, info.rank, fingerprint)
         start_step, nonfinite_total = state["step"], state["nonfinite_steps"]
         for stream in streams:
             stream.load_state_dict(state["data"][stream.name])
@@ -214,7 +222,7 @@ def train(cfg: TrainConfig, local_rank: int | None = None) -> dict:
                 "data": {s.name: s.state_dict() for s in streams}}
 
     def save(step: int) -> None:
-        checkpoint.save(engine, ckpt_dir, step, trainer_state(step), cfg.keep_last, info.rank)
+        checkpoint.save(engine, ckpt_dir, step, trainer_state(step), cfg.keep_last, info.rank, fingerprint)
 
     def run_eval(step: int) -> dict:
         results = task.run_evaluation(module, info, zero_stage)
@@ -233,12 +241,15 @@ def train(cfg: TrainConfig, local_rank: int | None = None) -> dict:
         finite = bool(torch.isfinite(total.detach()))
         samples = sum(next(iter(b.values())).shape[0] for b in batches)
         tokens = sum(task.batch_tokens(b) for b in batches)
-        skipped = sum(s.skipped for s in streams)
         extra = _metric_items(streams, metrics)
+        skip_counts = [s.skip_counts for s in streams]
         reduced = distributed.all_reduce_sum(
-            [0.0 if finite else 1.0, float(total.detach()) if finite else 0.0, samples, tokens, skipped]
+            [0.0 if finite else 1.0, float(total.detach()) if finite else 0.0, samples, tokens]
             + [float(x.detach()) if finite else 0.0 for x in losses]
-            + [value if finite else 0.0 for _, value in extra], info.device)
+            + [value if finite else 0.0 for _, value in extra]
+            + [counts.get(reason, 0) for counts in skip_counts for reason in SKIP_REASONS], info.device)
+        losses_at, extra_at, skipped_at = 4, 4 + len(streams), 4 + len(streams) + len(extra)
+        skipped = reduced[skipped_at:]
         bad_ranks = reduced[0]
         grad_norm, lr = None, engine.get_lr()[0]
         if bad_ranks == 0:
@@ -260,13 +271,18 @@ def train(cfg: TrainConfig, local_rank: int | None = None) -> dict:
             "samples_per_s": reduced[2] / elapsed,
             "tokens_per_s": reduced[3] / elapsed,
             "grad_norm": grad_norm,
-            "skipped_samples": int(reduced[4]),
+            "skipped_samples": int(sum(skipped)),
             "nonfinite_steps": nonfinite_total,
         }
+        # Cumulative skipped samples per dataset and reason, summed over ranks (non-zero ones only).
+        for i, s in enumerate(streams):
+            for j, reason in enumerate(SKIP_REASONS):
+                if skipped[i * len(SKIP_REASONS) + j]:
+                    record[f"skipped/{s.name}/{reason}"] = int(skipped[i * len(SKIP_REASONS) + j])
         if len(streams) > 1 and bad_ranks == 0:
-            record.update({f"loss/{s.name}": v / world for s, v in zip(streams, reduced[5:5 + len(streams)])})
+            record.update({f"loss/{s.name}": v / world for s, v in zip(streams, reduced[losses_at:extra_at])})
         if bad_ranks == 0:  # the task's extra scalars, averaged over ranks
-            record.update({key: v / world for (key, _), v in zip(extra, reduced[5 + len(streams):])})
+            record.update({key: v / world for (key, _), v in zip(extra, reduced[extra_at:skipped_at])})
         if step % cfg.log_every == 0 or step == cfg.max_steps or bad_ranks:
             log.log_step(record)
         if streak >= cfg.max_nonfinite_steps:

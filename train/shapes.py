@@ -20,6 +20,9 @@ Output directory (``vlmcore-make-shapes --out DIR --n N``)::
     classes.json           {"classnames": [...], "templates": [...]} for zero-shot evaluation
     captions.txt           every caption / document text, one per line (tokenizer + LM pre-training)
     shapes.json            the generation parameters, written last (marks a complete dataset)
+
+``--regions`` writes the region-feature variant instead (``regions-{train,eval}-*.tar`` with
+``KEY.npz`` detector-style features, for ViLBERT / VL-BERT): see :mod:`vlmcore.train.regions`.
 """
 
 from __future__ import annotations
@@ -245,8 +248,18 @@ def console_main(argv: list[str] | None = None) -> None:
     parser.add_argument("--image-size", type=int, default=64, help="image side in pixels")
     parser.add_argument("--shard-size", type=int, default=1000, help="samples per tar shard")
     parser.add_argument("--seed", type=int, default=0, help="random seed")
+    parser.add_argument("--regions", action="store_true",
+                        help="write the region-feature variant (KEY.npz, for ViLBERT / VL-BERT) instead")
+    parser.add_argument("--feature-dim", type=int, default=2048, help="--regions: region feature width")
     args = parser.parse_args(argv)
-    summary = make_shapes(args.out, args.n, args.n_eval, args.n_docs, args.image_size, args.shard_size, args.seed)
+    if args.regions:
+        from .regions import make_region_shapes  # regions builds on this module
+
+        summary = make_region_shapes(args.out, args.n, args.n_eval, args.image_size, args.feature_dim,
+                                     shard_size=args.shard_size, seed=args.seed)
+    else:
+        summary = make_shapes(args.out, args.n, args.n_eval, args.n_docs, args.image_size, args.shard_size,
+                              args.seed)
     print(json.dumps(summary))
 
 

@@ -7,17 +7,22 @@ Modules (``nn.Module``) built on the ops of :mod:`vlmcore.kernels`; the trainer 
   :class:`PerceiverAttention`, :class:`PerceiverResampler`, :class:`ContrastiveLoss`.
 - Vision: :class:`VisionTransformer` and adapters (:class:`OpenCLIPVisionAdapter`,
   :class:`TimmViTAdapter`, :class:`HFVisionAdapter`).
+- BLIP-2: :class:`QFormer`, :class:`Blip2Stage1` (ITC / ITM / ITG), :class:`Blip2LM` (stage 2).
 - Models: :class:`Flamingo`, :class:`CLIP` (+ :func:`zero_shot_classifier`,
-  :func:`zero_shot_predict`, :func:`retrieval_metrics`), :class:`FrozenPrefix`.
+  :func:`zero_shot_predict`, :func:`retrieval_metrics`), :class:`FrozenPrefix`,
+  :class:`ViLBERT` and :class:`VLBERT` (region features, :mod:`vlmcore.vilbert`).
 """
 
 from vlmcore import kernels
+from vlmcore.blip2 import Blip2LM, Blip2Stage1
 from vlmcore.clip import CLIP, TextTransformer, retrieval_metrics, zero_shot_classifier, zero_shot_predict
 from vlmcore.cross_attention import GatedCrossAttentionBlock, MaskedCrossAttention
 from vlmcore.flamingo import Flamingo, find_decoder_layers
 from vlmcore.frozen import FrozenPrefix
-from vlmcore.losses import ContrastiveLoss
+from vlmcore.losses import ContrastiveLoss, SigLIPLoss
+from vlmcore.qformer import QFormer
 from vlmcore.resampler import PerceiverAttention, PerceiverResampler
+from vlmcore.vilbert import VLBERT, CoAttentionLayer, ViLBERT, ViLBERTConfig
 from vlmcore.vision import (
     HFVisionAdapter,
     OpenCLIPVisionAdapter,
@@ -29,7 +34,10 @@ from vlmcore.vision import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "Blip2LM",
+    "Blip2Stage1",
     "CLIP",
+    "CoAttentionLayer",
     "ContrastiveLoss",
     "Flamingo",
     "FrozenPrefix",
@@ -39,8 +47,13 @@ __all__ = [
     "OpenCLIPVisionAdapter",
     "PerceiverAttention",
     "PerceiverResampler",
+    "SigLIPLoss",
+    "QFormer",
     "TextTransformer",
     "TimmViTAdapter",
+    "VLBERT",
+    "ViLBERT",
+    "ViLBERTConfig",
     "VisionTransformer",
     "find_decoder_layers",
     "kernels",

@@ -15,7 +15,7 @@ from torch import nn
 
 from vlmcore._checks import check_positive_int
 from vlmcore.kernels import contrastive_loss
-from vlmcore.losses import ContrastiveLoss
+from vlmcore.losses import ContrastiveLoss, SigLIPLoss
 from vlmcore.vision import TransformerBlock, VisionTransformer, pooled_features
 from vlmcore.vision import vision_width as declared_width
 
@@ -87,10 +87,15 @@ class CLIP(nn.Module):
         vocab_size, context_length, text_width, text_depth, text_heads: the text transformer.
         pad_token_id, eot_token_id: text pooling (see :class:`TextTransformer`).
         init_temperature, max_logit_scale: the criterion's temperature (s = 1/tau <= max_logit_scale).
+        loss: ``"clip"`` (softmax InfoNCE, :class:`vlmcore.ContrastiveLoss`) or ``"siglip"`` (pairwise
+            sigmoid, :class:`vlmcore.SigLIPLoss`: s = exp(t') from ``siglip_init_scale``, bias from
+            ``siglip_init_bias``; ``max_logit_scale`` is not applied; ring/gather from
+            ``siglip_dist_impl``). Zero-shot scores are then ``sigmoid(s cos + b)`` (same ranking).
 
     ``encode_image(images [n, C, H, W]) -> [n, embed_dim]`` and ``encode_text(tokens [n, T]) ->
     [n, embed_dim]``, both L2-normalized. ``forward(images, tokens, *, group=None, local_loss=False)``
-    returns ``dict(loss, i2t_acc, t2i_acc, logit_scale, image_features, text_features)``.
+    returns ``dict(loss, i2t_acc, t2i_acc, logit_scale, image_features, text_features)`` (SigLIP:
+    ``logit_bias`` instead of the accuracies, which would need the local n x n similarities).
     """
 
     def __init__(
@@ -112,6 +117,10 @@ class CLIP(nn.Module):
         eot_token_id: int | None = None,
         init_temperature: float = 0.07,
         max_logit_scale: float = 100.0,
+        loss: str = "clip",
+        siglip_init_scale: float = 10.0,
+        siglip_init_bias: float = -10.0,
+        siglip_dist_impl: str = "ring",
     ):
         super().__init__()
         check_positive_int("embed_dim", embed_dim)
@@ -122,7 +131,13 @@ class CLIP(nn.Module):
                                     pad_token_id=pad_token_id, eot_token_id=eot_token_id)
         self.image_projection = nn.Linear(declared_width(vision_encoder, pooled=True), embed_dim, bias=False)
         self.text_projection = nn.Linear(text_width, embed_dim, bias=False)
-        self.criterion = ContrastiveLoss(init_temperature, max_logit_scale)
+        if loss == "clip":
+            self.criterion = ContrastiveLoss(init_temperature, max_logit_scale)
+        elif loss == "siglip":
+            self.criterion = SigLIPLoss(siglip_init_scale, siglip_init_bias, dist_impl=siglip_dist_impl)
+        else:
+            raise ValueError(f"loss must be 'clip' or 'siglip', got {loss!r}")
+        self.loss = loss
         self.embed_dim = embed_dim
 
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
@@ -136,6 +151,14 @@ class CLIP(nn.Module):
     def logit_scale(self) -> torch.Tensor:
         """The current multiplier s = exp(theta), clamped (0-dim)."""
         return self.criterion.scale()
+
+    def pair_scores(self, similarity: torch.Tensor) -> torch.Tensor:
+        """Scores of cosine similarities: CLIP ``s * cos`` (logits); SigLIP ``sigmoid(s * cos + b)``
+        (the pair probability the loss trains). Both are increasing in cos: rankings are the same."""
+        scale = self.logit_scale().to(similarity.device, similarity.dtype)
+        if self.loss == "siglip":
+            return torch.sigmoid(scale * similarity + self.criterion.logit_bias.to(similarity.device, similarity.dtype))
+        return scale * similarity
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor, *, group=None, local_loss: bool = False) -> dict:
         """Contrastive training step on matching (image, text) rows.
@@ -154,6 +177,14 @@ class CLIP(nn.Module):
                              f"{images.shape[0]} and {tokens.shape[0]}")
         image_features = self.encode_image(images)
         text_features = self.encode_text(tokens)
+        if self.loss == "siglip":
+            if local_loss:
+                raise ValueError("local_loss is a softmax-loss option; the SigLIP loss is always per rank")
+            out = self.criterion(image_features, text_features.to(image_features.dtype), group=group,
+                                 output_dict=True)
+            out["image_features"] = image_features
+            out["text_features"] = text_features
+            return out
         scale = self.criterion.scale().to(image_features.device)
         out = contrastive_loss(
             image_features, text_features.to(image_features.dtype), scale,
@@ -207,8 +238,9 @@ def zero_shot_predict(model: CLIP, images: torch.Tensor, classifier: torch.Tenso
     """Classify images with a :func:`zero_shot_classifier` matrix.
 
     Returns:
-        ``(logits [n, C], preds [n])``: logits = ``s * cos(image, class)`` with the model's scale
-        (when it has ``logit_scale()``; else 100 as in CLIP's evaluation), preds = argmax.
+        ``(logits [n, C], preds [n])``: logits = ``model.pair_scores(cos(image, class))`` when the
+        model has it (CLIP: ``s * cos``; SigLIP: ``sigmoid(s * cos + b)``), else ``s * cos`` with the
+        model's ``logit_scale()`` (or 100 as in CLIP's evaluation); preds = argmax.
     """
     if not isinstance(classifier, torch.Tensor) or classifier.dim() != 2:
         got = tuple(classifier.shape) if isinstance(classifier, torch.Tensor) else type(classifier).__name__
@@ -217,8 +249,11 @@ def zero_shot_predict(model: CLIP, images: torch.Tensor, classifier: torch.Tenso
     if features.shape[-1] != classifier.shape[0]:
         raise ValueError(f"classifier has {classifier.shape[0]} rows but the model's image features have width "
                          f"{features.shape[-1]}; classifier must be [embed_dim, C]")
-    scale = float(model.logit_scale()) if hasattr(model, "logit_scale") else 100.0
-    logits = scale * features @ classifier.float()
+    similarity = features @ classifier.float()
+    if hasattr(model, "pair_scores"):
+        logits = model.pair_scores(similarity)
+    else:
+        logits = (float(model.logit_scale()) if hasattr(model, "logit_scale") else 100.0) * similarity
     return logits, logits.argmax(dim=1)
 
 
@@ -229,7 +264,8 @@ def retrieval_metrics(image_features: torch.Tensor, text_features: torch.Tensor,
     """Image->text and text->image Recall@k, as in the CLIP and BLIP evaluations (fractions in [0, 1]).
 
     Args:
-        image_features: ``[N_img, d]``; text_features: ``[N_txt, d]`` (normalized; similarity = dot).
+        image_features: ``[N_img, d]``; text_features: ``[N_txt, d]`` (normalized; similarity = dot;
+            a SigLIP model's scores ``sigmoid(s dot + b)`` rank exactly the same, so one function serves both).
         text_to_image: int ``[N_txt]``, the image each caption describes (several captions per
             image, as in COCO/Flickr30k); default ``arange`` (one caption per image, N_txt = N_img).
         ks: the k of Recall@k.

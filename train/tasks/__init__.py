@@ -16,6 +16,11 @@ REGISTRY: dict[str, str | type[Task]] = {
     "clip": ".clip:ClipTask",
     "flamingo": ".flamingo:FlamingoTask",
     "frozen": ".frozen:FrozenTask",
+    "siglip": ".siglip:SiglipTask",
+    "vilbert": ".vilbert:VilbertTask",
+    "vlbert": ".vlbert:VlbertTask",
+    "blip2_stage1": ".blip2_stage1:Blip2Stage1Task",
+    "blip2_stage2": ".blip2_stage2:Blip2Stage2Task",
 }
 
 

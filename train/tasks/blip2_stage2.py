@@ -1,0 +1,101 @@
+"""BLIP-2 stage 2: :class:`vlmcore.Blip2LM`, the Q-Former's queries as soft visual prompts of a frozen LM.
+
+Trains on pairs: ``num_query_tokens`` ``<image>`` placeholders (filled with the projected query
+outputs, as HF ``Blip2ForConditionalGeneration`` does; not trained on), then the caption. Loss:
+the LM loss. Eval: caption token accuracy with the images and with them blanked (the blind
+control). The Q-Former starts from a stage-1 run (``stage1_init``: its ``trainable.safetensors``).
+The LM is any local / config-built causal LM of ``model.lm`` (encoder-decoder LMs such as T5 work in
+:class:`vlmcore.Blip2LM` but not through this task). Config section ``model.blip2_stage2``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+import vlmcore
+
+from ..data import decode_image, lm_text, pair_fields
+from ..tokenizer import Tokenizer
+from .base import EvalContext, Task
+from .blip2_stage1 import QFormerSection, build_qformer, frozen_vision_check
+from .common import build_language_model, build_vision, caption_accuracy, move, needs_language_model
+
+
+@dataclass
+class Blip2Stage2Config:
+    """``model.blip2_stage2``: the Q-Former (same section as stage 1) and the stage-1 weights to start from."""
+
+    qformer: QFormerSection = field(default_factory=QFormerSection)
+    stage1_init: str = ""  # trainable.safetensors of a blip2_stage1 run ("" = a random Q-Former)
+
+    def check(self, where: str) -> list[str]:
+        if self.stage1_init and not self.stage1_init.endswith(".safetensors"):
+            return [f"{where}.stage1_init: must be a .safetensors file, got {self.stage1_init!r}"]
+        return []
+
+
+class Blip2CaptionEncoder:
+    """Pair sample -> ``images [3, H, W]`` and ``input_ids`` / ``attention_mask`` / ``labels`` ``[T]``
+    (``num_query_tokens`` ``<image>`` placeholders, then the caption)."""
+
+    def __init__(self, tokenizer: Tokenizer, image_size: int, num_query_tokens: int):
+        self.tok, self.image_size, self.num_query_tokens = tokenizer, image_size, num_query_tokens
+
+    def __call__(self, sample: dict) -> dict:
+        image, caption = pair_fields(sample)
+        ids = [self.tok.media_token_id] * self.num_query_tokens + self.tok.encode(caption)
+        return {"images": decode_image(image, self.image_size), **lm_text(self.tok, ids)}
+
+
+class Blip2Stage2Task(Task):
+    name = "blip2_stage2"
+    Config = Blip2Stage2Config
+    data_kinds = ("pairs",)
+
+    @classmethod
+    def check_config(cls, cfg) -> list[str]:
+        out = needs_language_model(cfg) + frozen_vision_check(cfg)
+        queries = cfg.model.blip2_stage2.qformer.num_query_tokens
+        if cfg.tokenizer.context_length < queries + 2:
+            out.append(f"tokenizer.context_length: {cfg.tokenizer.context_length} leaves no room for a caption "
+                       f"after the {queries} query placeholders")
+        return out
+
+    def build_model(self, dtype: torch.dtype) -> nn.Module:
+        c = self.config
+        vision = build_vision(self.cfg)
+        lm = build_language_model(self.cfg, self.tok, dtype)
+        qformer = build_qformer(c.qformer, vision.width, self.tok.vocab_size)
+        model = vlmcore.Blip2LM(qformer, lm, vision, image_token_id=self.tok.media_token_id)
+        if c.stage1_init:
+            from safetensors.torch import load_file
+
+            if not os.path.isfile(c.stage1_init):
+                raise ValueError(f"model.blip2_stage2.stage1_init: {c.stage1_init!r} does not exist")
+            model.load_qformer_state_dict(load_file(c.stage1_init))
+        if self.cfg.model.gradient_checkpointing and hasattr(lm, "gradient_checkpointing_enable"):
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return model
+
+    def prepare_for_engine(self, model: nn.Module, zero_stage: int) -> None:
+        if zero_stage == 3:
+            import deepspeed
+
+            # encode_image is a method, not the Q-Former's forward: its queries are read directly.
+            deepspeed.zero.register_external_parameter(model, model.qformer.query_tokens)
+
+    def encoder(self, kind: str, max_images: int) -> Blip2CaptionEncoder:
+        return Blip2CaptionEncoder(self.tok, self.cfg.model.vision.image_size, self.config.qformer.num_query_tokens)
+
+    def loss(self, model, batch: dict, device: torch.device, group=None) -> tuple[torch.Tensor, dict]:
+        batch = move(batch, device)
+        out = model(batch["images"], batch["input_ids"], attention_mask=batch["attention_mask"],
+                    labels=batch["labels"])
+        return out.loss.float(), {}
+
+    def evaluate(self, module: nn.Module, ctx: EvalContext) -> dict:
+        return caption_accuracy(module, ctx, "images")

@@ -1,0 +1,87 @@
+"""SigLIP: :class:`vlmcore.CLIP` with ``loss="siglip"``, trained with the fused sigmoid loss.
+
+Same data pipeline (image-text pairs), DeepSpeed path, zero-shot evaluation and exports as the
+``clip`` task (train/tasks/clip.py); only the model's criterion and the loss call differ. Config
+section ``model.siglip``; its ``dist_impl`` picks how ranks see each other's text:
+
+- ``local``: each rank's images against its own text only (no exchange);
+- ``ring`` (default): OpenCLIP's distributed SigLIP, text blocks passed rank to rank with the
+  exchange overlapped with the scoring (``vlmcore.kernels.sigmoid_contrastive_loss``);
+- ``gather``: the same loss with one differentiable all-gather of the text.
+
+Each rank's loss is divided by its local batch (OpenCLIP); DDP's gradient averaging then optimizes
+the one-process loss of the global batch. Logged: the logit scale and bias.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import nn
+
+import vlmcore
+
+from .clip import ClipTask, TextConfig
+from .common import build_vision, move
+
+
+@dataclass
+class SiglipConfig:
+    """``model.siglip``: text tower, joint embedding, the loss's initial scale / bias, the exchange."""
+
+    embed_dim: int = 64
+    text: TextConfig = field(default_factory=TextConfig)
+    init_scale: float = 10.0
+    init_bias: float = -10.0
+    dist_impl: Literal["local", "ring", "gather"] = "ring"
+
+    def check(self, where: str) -> list[str]:
+        out = []
+        if self.embed_dim < 1:
+            out.append(f"{where}.embed_dim: must be >= 1, got {self.embed_dim}")
+        if not 0 < self.init_scale < math.inf:
+            out.append(f"{where}.init_scale: must be a finite number > 0, got {self.init_scale}")
+        if not math.isfinite(self.init_bias):
+            out.append(f"{where}.init_bias: must be finite, got {self.init_bias}")
+        return out
+
+
+class SiglipTask(ClipTask):
+    name = "siglip"
+    Config = SiglipConfig
+    data_kinds = ("pairs",)
+
+    @classmethod
+    def check_config(cls, cfg) -> list[str]:
+        out = []
+        if cfg.model.gradient_checkpointing:
+            out.append("model.gradient_checkpointing: not available for task 'siglip' (flamingo and frozen only)")
+        if len(cfg.data.train) != 1:
+            out.append("data.train: task 'siglip' takes exactly one dataset")
+        return out
+
+    def build_model(self, dtype: torch.dtype) -> nn.Module:
+        c, tok = self.config, self.tok
+        return vlmcore.CLIP(
+            c.embed_dim, vision_encoder=build_vision(self.cfg), vocab_size=tok.vocab_size,
+            context_length=self.cfg.tokenizer.context_length, text_width=c.text.width, text_depth=c.text.depth,
+            text_heads=c.text.heads, pad_token_id=tok.pad_token_id, eot_token_id=tok.eos_token_id,
+            loss="siglip", siglip_init_scale=c.init_scale, siglip_init_bias=c.init_bias,
+            siglip_dist_impl="gather" if c.dist_impl == "gather" else "ring")
+
+    def prepare_for_engine(self, model: nn.Module, zero_stage: int) -> None:
+        if zero_stage == 3:
+            import deepspeed
+
+            # CLIP's forward reads the scale and bias of its criterion submodule directly.
+            deepspeed.zero.register_external_parameter(model, model.criterion.logit_scale)
+            deepspeed.zero.register_external_parameter(model, model.criterion.logit_bias)
+
+    def loss(self, model, batch: dict, device: torch.device, group=None) -> tuple[torch.Tensor, dict]:
+        batch = move(batch, device)
+        out = model(batch["images"], batch["tokens"], group=None if self.config.dist_impl == "local" else group)
+        metrics = {k: out[k].detach().float().reshape(()) for k in ("logit_scale", "logit_bias")}
+        return out["loss"].float(), metrics

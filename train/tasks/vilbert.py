@@ -1,0 +1,226 @@
+"""ViLBERT pre-training (:class:`vlmcore.ViLBERT`) on region-feature pairs.
+
+Data: ``kind: pairs`` shards whose samples are ``KEY.npz`` (detector region features, see
+:mod:`vlmcore.train.regions`) + ``KEY.txt``; ``vlmcore-make-shapes --regions`` writes such shards.
+Text: ``[CLS] caption [SEP]`` padded to ``tokenizer.context_length``.
+
+Loss (every step, on the device, with the global torch RNG so that resume is exact): half of the
+captions swapped for another sample's (alignment labels), BERT masking of 15% of the text tokens
+(80/10/10), masking of 15% of the regions (90% zeroed, overlapping regions left out of region 0);
+``mlm + masked-region KL + alignment`` (:func:`vlmcore.vilbert.vilbert_pretraining_loss`).
+
+Eval (held-out pairs): alignment accuracy (each sample with its own caption and with the next
+sample's), and image->text / text->image R@1 by alignment score among the candidates of each eval
+batch (a hit when the top caption's text equals the true caption, so duplicate captions count).
+
+Config section ``model.vilbert``: the model sizes (:class:`vlmcore.ViLBERTConfig` fields that a
+tiny run changes) and the corruption rates.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+import vlmcore
+from vlmcore.vilbert import (
+    alignment_scores,
+    mask_regions,
+    mask_tokens,
+    mismatch_captions,
+    vilbert_pretraining_loss,
+)
+
+from ..data import BadSample, eval_batches
+from ..distributed import all_reduce_sum
+from ..regions import NUM_REGION_CLASSES, decode_regions, pad_regions
+from ..tokenizer import EOC, EOS, Tokenizer
+from .base import EvalContext, Task
+from .common import in_step, move
+
+LOG_HALF = math.log(0.5)
+
+
+@dataclass
+class RegionBertConfig:
+    """``model.vilbert`` / ``model.vlbert``: sizes (vilbert-multi-task's names) and corruption rates."""
+
+    hidden_size: int = 64
+    num_hidden_layers: int = 3
+    num_attention_heads: int = 4
+    intermediate_size: int = 128
+    v_feature_size: int = 2048
+    v_hidden_size: int = 64
+    v_num_hidden_layers: int = 2
+    v_num_attention_heads: int = 4
+    v_intermediate_size: int = 128
+    bi_hidden_size: int = 64
+    bi_num_attention_heads: int = 4
+    v_biattention_id: list = field(default_factory=lambda: [0, 1])
+    t_biattention_id: list = field(default_factory=lambda: [1, 2])
+    v_target_size: int = NUM_REGION_CLASSES
+    max_regions: int = 16
+    hidden_dropout_prob: float = 0.1
+    pooler_activation: str = "relu"
+    mlm_probability: float = 0.15
+    region_mask_probability: float = 0.15
+    mismatch_probability: float = 0.5
+
+    def check(self, where: str) -> list[str]:
+        out = []
+        for name in ("mlm_probability", "region_mask_probability", "mismatch_probability"):
+            if not 0 < getattr(self, name) < 1:
+                out.append(f"{where}.{name}: must be in (0, 1), got {getattr(self, name)}")
+        try:
+            self.model_config(vocab_size=8, max_positions=8)
+        except ValueError as error:
+            out.append(f"{where}: {error}")
+        return out
+
+    def model_config(self, vocab_size: int, max_positions: int, pad_token_id: int = 0) -> vlmcore.ViLBERTConfig:
+        """The :class:`vlmcore.ViLBERTConfig` of this section (raises ValueError on inconsistent sizes)."""
+        sizes = {k: getattr(self, k) for k in (
+            "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "v_feature_size",
+            "v_hidden_size", "v_num_hidden_layers", "v_num_attention_heads", "v_intermediate_size",
+            "bi_hidden_size", "bi_num_attention_heads", "v_target_size", "max_regions", "hidden_dropout_prob",
+            "pooler_activation")}
+        return vlmcore.ViLBERTConfig(vocab_size=vocab_size, max_position_embeddings=max_positions,
+                                     v_biattention_id=list(self.v_biattention_id),
+                                     t_biattention_id=list(self.t_biattention_id), pad_token_id=pad_token_id,
+                                     **sizes)
+
+
+def bert_special_ids(tok: Tokenizer) -> tuple[int, int, int]:
+    """``(cls, sep, mask)`` token ids.
+
+    A BERT vocabulary (an HF tokenizer directory with ``[CLS]``/``[SEP]``/``[MASK]``) supplies its own.
+    The trainer's word-level tokenizers carry only ``<pad> <eos> <unk> <image> <|endofchunk|>``:
+    there ``<eos>`` plays [CLS] and [SEP] and ``<|endofchunk|>`` plays [MASK] — roles no other part
+    of these tasks gives them; their embeddings are trained like any token's.
+    """
+    hf = getattr(tok, "_hf", None)
+    if hf is not None and None not in (hf.cls_token_id, hf.sep_token_id, hf.mask_token_id):
+        return hf.cls_token_id, hf.sep_token_id, hf.mask_token_id
+    eos = tok.eos_token_id
+    mask = tok.encode(EOC)
+    if len(mask) != 1 or tok.encode(EOS) != [eos]:
+        raise ValueError(f"tokenizer {tok.path!r} has no [CLS]/[SEP]/[MASK] tokens and no single-token "
+                         f"{EOS!r} / {EOC!r} to stand in for them")
+    return eos, eos, mask[0]
+
+
+class RegionPairEncoder:
+    """Region sample -> ``input_ids``/``attention_mask`` ``[T]`` ([CLS] caption [SEP], padded),
+    ``region_features [R, F]``, ``region_boxes [R, 5]``, ``class_probs [R, C]``, ``region_mask [R]``
+    (R = ``max_regions``, region 0 = the global image feature)."""
+
+    def __init__(self, tokenizer: Tokenizer, config: RegionBertConfig):
+        self.tok, self.config = tokenizer, config
+        self.cls_id, self.sep_id, _ = bert_special_ids(tokenizer)
+
+    def __call__(self, sample: dict) -> dict:
+        key = sample.get("__key__", "?")
+        if "__error__" in sample:
+            raise BadSample(sample["__error__"])
+        if "npz" not in sample:
+            raise BadSample(f"sample {key} has no region features (npz)")
+        if "txt" not in sample:
+            raise BadSample(f"sample {key} has no caption (txt)")
+        try:
+            caption = sample["txt"].decode("utf-8").strip()
+        except UnicodeDecodeError as error:
+            raise BadSample(f"sample {key}: txt is not UTF-8: {error}") from None
+        if not caption:
+            raise BadSample(f"sample {key} has an empty caption")
+        c = self.config
+        regions = decode_regions(sample["npz"], max_regions=c.max_regions, feature_dim=c.v_feature_size,
+                                 num_classes=c.v_target_size, key=key)
+        length = self.tok.context_length
+        ids = [self.cls_id] + self.tok.encode(caption)[: length - 2] + [self.sep_id]
+        ids, mask = self.tok.pad(ids)
+        return {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask),
+                **pad_regions(regions, c.max_regions)}
+
+
+class RegionTask(Task):
+    """What ViLBERT and VL-BERT share: the region-pair data and the BERT text layout."""
+
+    data_kinds = ("pairs",)
+
+    def __init__(self, cfg, tokenizer: Tokenizer):
+        super().__init__(cfg, tokenizer)
+        self.cls_id, self.sep_id, self.mask_id = bert_special_ids(tokenizer)
+
+    def encoder(self, kind: str, max_images: int) -> RegionPairEncoder:
+        return RegionPairEncoder(self.tok, self.config)
+
+    def model_config(self) -> vlmcore.ViLBERTConfig:
+        return self.config.model_config(self.tok.vocab_size, self.cfg.tokenizer.context_length + 1,
+                                        self.tok.pad_token_id)
+
+    def special_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        """bool ``[B, T]``: positions BERT masking never picks (padding, [CLS], [SEP])."""
+        return (ids == self.tok.pad_token_id) | (ids == self.cls_id) | (ids == self.sep_id)
+
+    def batch_tokens(self, batch: dict) -> int:
+        return int(batch["attention_mask"].sum())
+
+
+class VilbertTask(RegionTask):
+    name = "vilbert"
+    Config = RegionBertConfig
+
+    def build_model(self, dtype: torch.dtype) -> nn.Module:
+        return vlmcore.ViLBERT(self.model_config())
+
+    def loss(self, model, batch: dict, device: torch.device, group=None) -> tuple[torch.Tensor, dict]:
+        b = move(batch, device)
+        c = self.config
+        ids, mask, aligned = mismatch_captions(b["input_ids"], b["attention_mask"], probability=c.mismatch_probability)
+        ids, mlm_labels = mask_tokens(ids, mask_token_id=self.mask_id, vocab_size=self.tok.vocab_size,
+                                      special_tokens=self.special_tokens(ids), probability=c.mlm_probability)
+        features, region_labels = mask_regions(b["region_features"], b["region_boxes"], b["region_mask"],
+                                               probability=c.region_mask_probability)
+        out = model(ids, features, b["region_boxes"], mask, b["region_mask"])
+        losses = vilbert_pretraining_loss(out, mlm_labels, b["class_probs"], region_labels, aligned)
+        accuracy = (out["alignment_logits"].argmax(-1) == aligned).float().mean()
+        metrics = {k: v.detach() for k, v in losses.items() if k != "loss"}
+        metrics["alignment_acc"] = accuracy.detach()
+        return losses["loss"].float(), metrics
+
+    def evaluate(self, module: nn.Module, ctx: EvalContext) -> dict:
+        info, ev = ctx.info, ctx.eval
+        counts = [0.0] * 5  # alignment hits, alignment pairs, i2t R@1 hits, t2i R@1 hits, samples
+        batches = eval_batches(ctx.shards, ctx.encoder, ev.batch_size, info.rank, info.world_size, ev.max_batches)
+        for batch, _, real in in_step(batches, info, ctx.zero_stage, ctx.shards, ctx.encoder):
+            b = move(batch, info.device)
+            feats = b["region_features"].to(ctx.dtype)
+            n = feats.shape[0]
+            # Every image with every caption of the batch: [n images, n captions] alignment scores.
+            img = torch.arange(n, device=info.device).repeat_interleave(n)
+            txt = torch.arange(n, device=info.device).repeat(n)
+            scores = alignment_scores(module, b["input_ids"][txt], feats[img], b["region_boxes"][img].to(ctx.dtype),
+                                      b["attention_mask"][txt], b["region_mask"][img]).view(n, n)
+            same_text = (b["input_ids"][:, None, :] == b["input_ids"][None, :, :]).all(-1)  # [n, n]
+            rows = torch.arange(n, device=info.device)
+            nxt = torch.roll(rows, -1)
+            # A pair is called aligned when P(match) > 0.5; the "next sample" pair counts as a
+            # mismatch only where its caption text differs.
+            matched_ok = scores.diagonal() > LOG_HALF
+            is_mismatch = ~same_text[rows, nxt]
+            mismatched_ok = (scores[rows, nxt] <= LOG_HALF) & is_mismatch
+            i2t = same_text[rows, scores.argmax(1)]
+            t2i = same_text[scores.argmax(0), rows]
+            if not real:
+                continue
+            counts[0] += float(matched_ok.sum() + mismatched_ok.sum())
+            counts[1] += float(n + is_mismatch.sum())
+            counts[2] += float(i2t.sum())
+            counts[3] += float(t2i.sum())
+            counts[4] += n
+        hits, pairs, i2t_hits, t2i_hits, samples = all_reduce_sum(counts, info.device)
+        return {"alignment_acc": hits / max(pairs, 1), "i2t_r1": i2t_hits / max(samples, 1),
+                "t2i_r1": t2i_hits / max(samples, 1), "eval_samples": int(samples)}

@@ -46,6 +46,9 @@ setup(
             "safetensors",
         ],
         "bench": ["matplotlib"],
+        # model.vision types open_clip / timm and tokenizer type open_clip (they bring torchvision;
+        # the CPU test environment installs them --no-deps instead, see the Makefile).
+        "towers": ["open-clip-torch", "timm", "ftfy"],
     },
     entry_points={
         "console_scripts": [

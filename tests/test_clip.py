@@ -179,7 +179,7 @@ def test_transformers_vision_adapters(which):
                patch_size=8)
     if which == "clip":
         tower = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**cfg))
-        tokens = 1 + 4
+        tokens = 4  # CLS dropped (prefix_tokens="drop", the default)
     else:
         tower = transformers.SiglipVisionModel(transformers.SiglipVisionConfig(**cfg))
         tokens = 4
@@ -206,26 +206,6 @@ def test_builtin_vit_shapes_and_errors():
                      text_depth=1, text_heads=1)
 
 
-class FakeOpenCLIPVisual(torch.nn.Module):
-    """The interface of an open_clip VisionTransformer that the adapter relies on (the package is
-    optional and not installed in CI): ``output_tokens``, ``transformer.width``, ``output_dim``,
-    ``forward -> (pooled, tokens)`` when ``output_tokens``."""
-
-    def __init__(self):
-        super().__init__()
-        self.output_tokens = False
-        self.transformer = torch.nn.Module()
-        self.transformer.width = 12
-        self.output_dim = 6
-        self.patch = torch.nn.Conv2d(3, 12, 8, 8)
-        self.proj = torch.nn.Linear(12, 6)
-
-    def forward(self, x):
-        tokens = self.patch(x).flatten(2).transpose(1, 2)
-        pooled = self.proj(tokens.mean(dim=1))
-        return (pooled, tokens) if self.output_tokens else pooled
-
-
 class FakeTimmViT(torch.nn.Module):
     """The timm ViT interface the adapter relies on: ``embed_dim``, ``num_features``,
     ``forward_features`` and ``forward_head(x, pre_logits=True)``."""
@@ -243,12 +223,9 @@ class FakeTimmViT(torch.nn.Module):
         return x[:, 0]
 
 
-def test_open_clip_and_timm_adapters_on_their_interfaces():
+def test_timm_adapter_on_its_interface():
+    """Real open_clip / timm models: tests/test_vision_towers.py."""
     images = torch.randn(2, 3, 16, 16)
-    oc = vlmcore.OpenCLIPVisionAdapter(FakeOpenCLIPVisual())
-    assert oc.visual.output_tokens and oc.width == 12 and oc.pooled_width == 6
-    assert oc(images).shape == (2, 4, 12) and oc.pooled(images).shape == (2, 6)
-    assert tiny_clip(vision_encoder=oc).encode_image(images).shape == (2, 16)
     tm = vlmcore.TimmViTAdapter(FakeTimmViT())
     assert tm(images).shape == (2, 4, 10) and tm.pooled(images).shape == (2, 10)
     assert tiny_clip(vision_encoder=tm).encode_image(images).shape == (2, 16)

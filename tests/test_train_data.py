@@ -16,6 +16,7 @@ from vlmcore.train.data import (
     read_tar,
 )
 from vlmcore.train.tasks.clip import ClipEncoder
+from vlmcore.train.tasks.common import ImageDecoder
 from vlmcore.train.tasks.flamingo import FlamingoEncoder
 from vlmcore.train.tokenizer import EOC, MEDIA, Tokenizer, train_word_tokenizer
 
@@ -76,7 +77,7 @@ def test_tokenizer_special_tokens_and_padding(tok):
 
 def test_interleaved_document_encoding(shapes_dir):
     tok = Tokenizer(str(shapes_dir / "tokenizer.json"), context_length=64)
-    enc = FlamingoEncoder("interleaved", tok, image_size=16, max_images=3)
+    enc = FlamingoEncoder("interleaved", tok, ImageDecoder.squash(16), max_images=3)
     doc = next(read_tar(str(shapes_dir / "docs-000000.tar")))
     n_images = len(json.loads(doc["json"])["image_info"])
     out = enc(doc)
@@ -109,7 +110,7 @@ def test_bad_samples_are_skipped_and_counted(shapes_dir, tok, tmp_path):
     samples += [(s["__key__"], {"png": s["png"], "txt": s["txt"]}) for s in good[3:]]
     path = tmp_path / "mixed.tar"
     _write_tar(path, samples)
-    ds = ShardStream([str(path)], ClipEncoder(tok, 16), batch_size=6, seed=0, rank=0, world_size=1,
+    ds = ShardStream([str(path)], ClipEncoder(tok, ImageDecoder.squash(16)), batch_size=6, seed=0, rank=0, world_size=1,
                      num_workers=0, shuffle_buffer=0, resampled=False)
     stream = DataStream("mixed", ds, num_workers=0)
     batch = next(stream)
@@ -119,7 +120,7 @@ def test_bad_samples_are_skipped_and_counted(shapes_dir, tok, tmp_path):
     assert stream.state_dict()["workers"][0]["raw"] == [0, 0, 10]  # epoch 0, shard 0, next sample 10
     # A broken shard is counted too, and never stops the stream.
     (tmp_path / "broken.tar").write_bytes(path.read_bytes()[:3000])
-    ds = ShardStream([str(tmp_path / "broken.tar"), str(path)], ClipEncoder(tok, 16), batch_size=6,
+    ds = ShardStream([str(tmp_path / "broken.tar"), str(path)], ClipEncoder(tok, ImageDecoder.squash(16)), batch_size=6,
                      seed=0, rank=0, world_size=1, num_workers=0, shuffle_buffer=0, resampled=False)
     stream = DataStream("broken", ds, num_workers=0)
     next(stream)
@@ -143,7 +144,7 @@ def test_split_by_rank_and_worker(shapes_dir, resampled):
 
 def test_exact_resume_of_the_data_position(shapes_dir, tok):
     def make(num_workers, start=None):
-        ds = ShardStream(expand_shards(str(shapes_dir / "train-*.tar")), ClipEncoder(tok, 16),
+        ds = ShardStream(expand_shards(str(shapes_dir / "train-*.tar")), ClipEncoder(tok, ImageDecoder.squash(16)),
                          batch_size=5, seed=7, rank=1, world_size=2, num_workers=num_workers, shuffle_buffer=16,
                          resampled=False, start=start)
         return DataStream("train", ds, num_workers)
@@ -162,8 +163,8 @@ def test_exact_resume_of_the_data_position(shapes_dir, tok):
 
 
 def test_starting_a_stream_leaves_the_global_rng_alone(shapes_dir, tok):
-    ds = ShardStream(expand_shards(str(shapes_dir / "train-*.tar")), ClipEncoder(tok, 16), batch_size=4,
-                     seed=0, rank=0, world_size=1, num_workers=0, shuffle_buffer=8, resampled=True)
+    ds = ShardStream(expand_shards(str(shapes_dir / "train-*.tar")), ClipEncoder(tok, ImageDecoder.squash(16)),
+                     batch_size=4, seed=0, rank=0, world_size=1, num_workers=0, shuffle_buffer=8, resampled=True)
     torch.manual_seed(123)
     expected = torch.rand(3)
     torch.manual_seed(123)

@@ -22,6 +22,7 @@ from vlmcore.train.data import (
     read_tar,
 )
 from vlmcore.train.tasks.clip import ClipEncoder
+from vlmcore.train.tasks.common import ImageDecoder
 from vlmcore.train.tasks.flamingo import FlamingoEncoder
 from vlmcore.train.tokenizer import EOC, MEDIA, Tokenizer, train_word_tokenizer
 
@@ -64,7 +65,7 @@ def _caption_under_another_key(shapes_dir, tmp_path):
 @pytest.mark.parametrize("workers,resampled", [(0, True), (2, False)])
 def test_a_shard_without_usable_samples_fails_fast_with_the_reasons(shapes_dir, tok, tmp_path, workers, resampled):
     shard = _caption_under_another_key(shapes_dir, tmp_path)
-    stream = _stream([shard, shard], ClipEncoder(tok, 16), name="laion", workers=workers,
+    stream = _stream([shard, shard], ClipEncoder(tok, ImageDecoder.squash(16)), name="laion", workers=workers,
                      resampled=resampled)
     started = time.perf_counter()
     with pytest.raises(NoUsableSamplesError) as err:
@@ -79,17 +80,18 @@ def test_a_shard_without_usable_samples_fails_fast_with_the_reasons(shapes_dir, 
 def test_kind_mismatch_and_empty_shards_are_named(shapes_dir, tok, tmp_path):
     docs, pairs = str(shapes_dir / "docs-000000.tar"), str(shapes_dir / "train-000000.tar")
     with pytest.raises(NoUsableSamplesError, match=r"50 kind_mismatch \(first: .*set kind: interleaved"):
-        next(_stream([docs], ClipEncoder(tok, 16), max_consecutive_bad=50))
+        next(_stream([docs], ClipEncoder(tok, ImageDecoder.squash(16)), max_consecutive_bad=50))
     with pytest.raises(NoUsableSamplesError, match=r"50 kind_mismatch \(first: .*set kind: pairs"):
-        next(_stream([pairs], FlamingoEncoder("interleaved", tok, 16, max_images=2), max_consecutive_bad=50))
+        documents = FlamingoEncoder("interleaved", tok, ImageDecoder.squash(16), max_images=2)
+        next(_stream([pairs], documents, max_consecutive_bad=50))
     empty = _write_tar(tmp_path / "empty.tar", [])
     with pytest.raises(NoUsableSamplesError, match=r"20 no_samples \(first: shard .*empty.tar has no sample"):
-        next(_stream([empty], ClipEncoder(tok, 16), max_consecutive_bad=20))
+        next(_stream([empty], ClipEncoder(tok, ImageDecoder.squash(16)), max_consecutive_bad=20))
     # Good samples in between reset the count: a noisy but usable shard never trips it.
     good = [s for s in read_tar(pairs)][:4]
     noisy = _write_tar(tmp_path / "noisy.tar", [(f"bad{i}", {"png": good[0]["png"]}) for i in range(3)]
                        + [(s["__key__"], {"png": s["png"], "txt": s["txt"]}) for s in good])
-    stream = _stream([noisy], ClipEncoder(tok, 16), max_consecutive_bad=4, buffer=0)
+    stream = _stream([noisy], ClipEncoder(tok, ImageDecoder.squash(16)), max_consecutive_bad=4, buffer=0)
     for _ in range(3):
         next(stream)
     assert stream.skip_counts == {"missing_caption": 9}
@@ -111,7 +113,7 @@ def test_mmc4_openflamingo_layout_matches_ours_and_similarity_drops_images(tok, 
         **{f"img{i}.png": im for i, im in enumerate(images)}}
     openflamingo = {"__key__": "d0", "json": json.dumps({"text_list": texts, "image_info": [
         {**info, "image_base64": base64.b64encode(im).decode()} for info, im in zip(infos, images)]}).encode()}
-    enc = FlamingoEncoder("interleaved", tok, image_size=16, max_images=3)
+    enc = FlamingoEncoder("interleaved", tok, ImageDecoder.squash(16), max_images=3)
     a, b = enc(ours), enc(openflamingo)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert int((a["input_ids"] == tok.media_token_id).sum()) == 3
@@ -153,7 +155,7 @@ def test_mmc4_openflamingo_layout_matches_ours_and_similarity_drops_images(tok, 
 @pytest.mark.parametrize("buffer", [0, 8])
 def test_resume_by_position_opens_no_earlier_shard_and_decodes_nothing_twice(shapes_dir, tok, monkeypatch, buffer):
     shards = expand_shards(str(shapes_dir / "train-*.tar"))  # 4 shards of 16
-    encoder = ClipEncoder(tok, 16)
+    encoder = ClipEncoder(tok, ImageDecoder.squash(16))
     decodes, opened = [0], []
     real_open, real_open_shard = Image.open, data_module.open_shard
 

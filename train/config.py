@@ -117,11 +117,42 @@ class ShapesConfig:
 
 
 @dataclass
+class PreprocessConfig:
+    """``data.preprocess``: image transforms (``train/preprocess.py``). Null values: the vision tower's
+    own (open_clip ``preprocess_cfg``, timm ``pretrained_cfg``, HF ``preprocessor_config.json``;
+    built-in ViT: OpenAI mean / std, bicubic, shortest side + center crop)."""
+
+    train: Literal["random_resized_crop", "resize"] = "random_resized_crop"  # resize = the eval transform
+    scale: list = field(default_factory=lambda: [0.9, 1.0])  # RandomResizedCrop area fraction (OpenCLIP)
+    ratio: list = field(default_factory=lambda: [3 / 4, 4 / 3])  # RandomResizedCrop aspect ratio range
+    resize_mode: Union[Literal["shortest", "squash"], None] = None
+    crop_pct: Union[float, None] = None  # eval: resize the short side to size / crop_pct, center crop size
+    interpolation: Union[Literal["bicubic", "bilinear", "nearest", "lanczos"], None] = None
+    mean: Union[list, None] = None
+    std: Union[list, None] = None
+
+    def options(self) -> dict:
+        return {k: getattr(self, k) for k in ("train", "scale", "ratio", "resize_mode", "crop_pct", "interpolation",
+                                              "mean", "std")}
+
+    def check(self, where: str) -> list[str]:
+        from .preprocess import ImageTransform
+
+        options = {k: (tuple(v) if isinstance(v, list) else v) for k, v in self.options().items() if v is not None}
+        try:
+            ImageTransform(size=1, **options)
+        except (ValueError, TypeError) as e:
+            return [f"{where}: {e}"]
+        return []
+
+
+@dataclass
 class DataConfig:
     train: list[DatasetConfig]  # the training datasets (a mixture: one batch of each per step)
     eval: Union[EvalConfig, None] = None  # held-out data (null = no evaluation)
     num_workers: int = 0  # DataLoader workers per dataset and rank
     shapes: Union[ShapesConfig, None] = None  # generate the embedded shapes dataset (null = off)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     max_consecutive_bad_samples: int = 5000  # unusable samples in a row that stop the run with the reasons
 
     def check(self, where: str) -> list[str]:
@@ -140,34 +171,55 @@ class DataConfig:
 
 @dataclass
 class TokenizerConfig:
-    """A ``tokenizers`` JSON file or a local Hugging Face tokenizer directory."""
+    """A ``tokenizers`` JSON file or a local Hugging Face tokenizer directory (``type: auto``), or
+    open_clip's own CLIP tokenizer (``type: open_clip``, no path; OpenCLIP uses context_length 77)."""
 
-    path: str  # tokenizers JSON file or local HF tokenizer directory
+    path: str = ""  # tokenizers JSON file or local HF tokenizer directory (type auto; none for open_clip)
+    type: Literal["auto", "open_clip"] = "auto"  # open_clip: open_clip's own tokenizer (SOT/EOT, zero padding)
     context_length: int = 32  # T: text tokens per sample (truncated / padded)
     train_from_shapes: bool = False  # train a small word-level tokenizer on the shapes captions if missing
 
     def check(self, where: str) -> list[str]:
-        return [] if self.context_length >= 4 else [f"{where}.context_length: must be >= 4, got {self.context_length}"]
+        out = [] if self.context_length >= 4 else [f"{where}.context_length: must be >= 4, got {self.context_length}"]
+        if self.type == "auto" and not self.path:
+            out.append(f"{where}.path: required (a tokenizers JSON file or a local HF tokenizer directory) "
+                       "unless type is open_clip")
+        if self.type == "open_clip" and (self.path or self.train_from_shapes):
+            out.append(f"{where}: type open_clip uses open_clip's bundled vocabulary; remove path / train_from_shapes")
+        return out
 
 
 @dataclass
 class VisionConfig:
-    image_size: int = 32  # input pixels (square)
-    patch_size: int = 8  # ViT patch size
-    width: int = 64  # ViT width
-    depth: int = 2  # ViT blocks
-    heads: int = 4  # attention heads
-    mlp_ratio: float = 4.0  # MLP hidden = mlp_ratio * width
-    init: str = ""  # safetensors file with VisionTransformer weights (e.g. vision.safetensors of a CLIP run)
-    freeze: bool = False  # the vision encoder is frozen (as in the Flamingo / Frozen papers) when True
-    unlocked_layers: int = 0  # with freeze: the last N blocks and the final norm stay trainable (LiT)
+    """``model.vision``: the vision tower (see ``train/towers.py``)."""
+
+    type: Literal["builtin", "open_clip", "timm", "hf"] = "builtin"  # builtin = vlmcore.VisionTransformer
+    image_size: int = 32  # builtin: input pixels (square)
+    patch_size: int = 8  # builtin: ViT patch size
+    width: int = 64  # builtin: ViT width
+    depth: int = 2  # builtin: ViT blocks
+    heads: int = 4  # builtin: attention heads
+    mlp_ratio: float = 4.0  # builtin: MLP hidden = mlp_ratio * width
+    act: Literal["gelu", "quick_gelu"] = "gelu"  # builtin: quick_gelu for OpenAI CLIP weights
+    init: str = ""  # builtin: safetensors file with VisionTransformer weights (e.g. a CLIP run's vision.safetensors)
+    name: str = ""  # open_clip / timm: the model name (e.g. ViT-B-32, vit_base_patch16_224)
+    checkpoint: Union[str, None] = None  # open_clip / timm: a local checkpoint file (null = random init)
+    model_kwargs: dict = field(default_factory=dict)  # open_clip / timm: create_model keyword arguments
+    path: str = ""  # hf: a local CLIPVisionModel / SiglipVisionModel (or full CLIP / SigLIP) directory
+    prefix_tokens: Union[Literal["drop", "keep"], None] = None  # CLS token policy (null: builtin keeps, adapters drop)
+    freeze: bool = False  # the vision encoder is frozen (as in the Flamingo / Frozen papers, LiT) when True
+    unlocked_layers: int = 0  # with freeze: the last N blocks (+ final norm / pooling) still train (LiT)
 
     def check(self, where: str) -> list[str]:
         out = []
-        if not 0 <= self.unlocked_layers <= max(self.depth, 0):
+        if self.unlocked_layers < 0:
+            out.append(f"{where}.unlocked_layers: must be >= 0, got {self.unlocked_layers}")
+        elif self.type == "builtin" and self.unlocked_layers > max(self.depth, 0):
             out.append(f"{where}.unlocked_layers: must be in [0, depth={self.depth}], got {self.unlocked_layers}")
         if self.unlocked_layers and not self.freeze:
             out.append(f"{where}.unlocked_layers: only meaningful with {where}.freeze: true")
+        if self.type != "builtin":
+            return out + self._check_external(where)
         for name in ("image_size", "patch_size", "width", "depth", "heads"):
             if getattr(self, name) < 1:
                 out.append(f"{where}.{name}: must be >= 1, got {getattr(self, name)}")
@@ -177,6 +229,32 @@ class VisionConfig:
             out.append(f"{where}.width: {self.width} is not divisible by heads {self.heads}")
         if not self.mlp_ratio > 0:
             out.append(f"{where}.mlp_ratio: must be > 0, got {self.mlp_ratio}")
+        for name in ("name", "checkpoint", "path"):
+            if getattr(self, name):
+                out.append(f"{where}.{name}: not used by type builtin (weights: init)")
+        if self.model_kwargs:
+            out.append(f"{where}.model_kwargs: not used by type builtin")
+        return out
+
+    def _check_external(self, where: str) -> list[str]:
+        out = []
+        if self.init:
+            out.append(f"{where}.init: only for type builtin (use checkpoint / path)")
+        if self.type in ("open_clip", "timm"):
+            if not self.name:
+                out.append(f"{where}.name: type {self.type} needs a model name (e.g. ViT-B-32, vit_base_patch16_224)")
+            elif self.name.startswith("hf-hub:"):
+                out.append(f"{where}.name: hub names download weights; give a local checkpoint instead")
+            if self.path:
+                out.append(f"{where}.path: only for type hf")
+        else:  # hf
+            if not self.path:
+                out.append(f"{where}.path: type hf needs a local transformers model directory")
+            for name in ("name", "checkpoint"):
+                if getattr(self, name):
+                    out.append(f"{where}.{name}: not used by type hf (the weights are in path)")
+            if self.model_kwargs:
+                out.append(f"{where}.model_kwargs: not used by type hf")
         return out
 
 

@@ -38,7 +38,6 @@ import base64
 import binascii
 import collections
 import copy
-import glob
 import io
 import json
 import os
@@ -46,16 +45,14 @@ import random
 import tarfile
 from collections.abc import Callable, Iterator
 
-import numpy as np
 import torch
-from braceexpand import braceexpand
 from PIL import Image
 
+from .preprocess import ImageTransform
+from .shards import expand_shard_spec, open_shard
 from .tokenizer import EOC, MEDIA, Tokenizer
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(3, 1, 1)
-STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(3, 1, 1)
 IGNORE_INDEX = -100
 
 # Why a sample was skipped (the keys of the skip counts; ``skipped/<dataset>/<reason>`` in the metrics).
@@ -89,22 +86,9 @@ class NoUsableSamplesError(RuntimeError):
 
 
 def expand_shards(spec) -> list[str]:
-    """Paths of ``spec`` (brace patterns, globs, or a list of them); raises ValueError if one is missing."""
-    patterns = [spec] if isinstance(spec, str) else list(spec)
-    paths = []
-    for pattern in patterns:
-        for path in braceexpand(pattern):
-            paths += sorted(glob.glob(path)) if any(c in path for c in "*?[") else [path]
-    missing = [p for p in paths if not os.path.isfile(p)]
-    if not paths or missing:
-        shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
-        raise ValueError(f"shards {spec!r}: {len(missing)} of {len(paths)} file(s) missing: {shown}")
-    return paths
-
-
-def open_shard(path: str):
-    """A binary file object reading shard ``path`` (the one place shards are opened)."""
-    return open(path, "rb")
+    """Shard URLs of ``spec`` (paths, brace patterns, globs, ``pipe:`` / s3 / http(s) URLs, ``a::b``
+    lists; see :mod:`.shards`); raises ValueError if a local file is missing."""
+    return expand_shard_spec(spec)
 
 
 def read_tar(path: str, skip: int = 0, select: set[int] | None = None) -> Iterator[dict]:
@@ -250,15 +234,26 @@ def shuffled(samples: Iterator[dict], buffer: int, seed: str, pool: list[dict] |
 # ----------------------------------------------------------------------------------------- decode
 
 
-def decode_image(data: bytes, image_size: int) -> torch.Tensor:
-    """PIL-decode ``data`` into a normalized ``[3, image_size, image_size]`` float tensor."""
+def decode_image(data: bytes, image_size: int, transform: ImageTransform | None = None,
+                 rng: random.Random | None = None) -> torch.Tensor:
+    """PIL-decode ``data`` into a normalized ``[3, image_size, image_size]`` float tensor.
+
+    ``transform`` (:mod:`.preprocess`; ``rng`` for its random crop, see :func:`sample_rng`) defaults
+    to a squash resize with OpenAI CLIP's mean / std.
+    """
+    transform = transform or ImageTransform(size=image_size, resize_mode="squash")
     try:
         with Image.open(io.BytesIO(data)) as img:
-            img = img.convert("RGB").resize((image_size, image_size), Image.BICUBIC)
+            img = img.convert("RGB")
     except Exception as e:  # PIL raises many types on corrupt data
         raise BadSample(f"image does not decode: {type(e).__name__}: {e}", "undecodable_image") from None
-    pixels = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255.0
-    return (pixels - MEAN) / STD
+    return transform(img, rng)
+
+
+def sample_rng(seed: int, sample: dict) -> random.Random:
+    """The random crops' generator of one sample: a function of (seed, shard URL, key) only, so it is
+    drawn on the data workers and a resumed run (which skips samples undecoded) crops identically."""
+    return random.Random(f"{seed}-{sample.get('__url__')}-{sample['__key__']}")
 
 
 def _text(data: bytes, what: str) -> str:

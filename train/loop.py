@@ -153,7 +153,10 @@ def prepare_inputs(cfg: TrainConfig, info: distributed.DistInfo) -> Tokenizer:
                 raise ValueError("tokenizer.train_from_shapes needs data.shapes")
             train_word_tokenizer(os.path.join(s.dir, "captions.txt"), t.path)
     distributed.barrier()
-    return validate_inputs(cfg, lambda: Tokenizer(cfg.tokenizer.path, cfg.tokenizer.context_length))
+    # Only the tasks that place images in the text get <image> / <|endofchunk|>.
+    media_tokens = get_task(cfg.task).media_tokens
+    return validate_inputs(cfg, lambda: Tokenizer(cfg.tokenizer.path, cfg.tokenizer.context_length,
+                                                  kind=cfg.tokenizer.type, media_tokens=media_tokens))
 
 
 def seed_everything(seed: int) -> None:

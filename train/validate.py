@@ -76,6 +76,8 @@ def first_local_shard(spec) -> str | None:
 
 def tokenizer_problems(cfg: TrainConfig) -> list[str]:
     path = cfg.tokenizer.path
+    if cfg.tokenizer.type == "open_clip":  # its vocabulary ships inside the open_clip package
+        return []
     if os.path.isfile(path):
         return []
     if os.path.isdir(path):
@@ -97,9 +99,13 @@ def model_path_problems(cfg: TrainConfig) -> list[str]:
         elif not os.path.isfile(os.path.join(lm.path, "config.json")):
             out.append(f"model.lm.path: directory {lm.path!r} has no config.json (not a Hugging Face model "
                        "directory: save it with save_pretrained)")
-    init = cfg.model.vision.init
-    if init and not os.path.exists(init):
-        out.append(f"model.vision.init: {init!r} does not exist")
+    vision = cfg.model.vision
+    if vision.init and not os.path.exists(vision.init):
+        out.append(f"model.vision.init: {vision.init!r} does not exist")
+    if vision.checkpoint and not os.path.isfile(vision.checkpoint):
+        out.append(f"model.vision.checkpoint: {vision.checkpoint!r} does not exist")
+    if vision.type == "hf" and vision.path and not os.path.isfile(os.path.join(vision.path, "config.json")):
+        out.append(f"model.vision.path: {vision.path!r} is not a Hugging Face model directory (no config.json)")
     return out
 
 

@@ -7,7 +7,14 @@ width) and ``pooled_width``. :class:`vlmcore.Flamingo` consumes the tokens,
 :func:`pooled_features`, which also accepts any other module).
 
 ``open_clip``, ``timm`` and ``transformers`` are optional: the adapters take an already built model
-and import nothing themselves.
+and import nothing themselves. They never change the wrapped module (no flag is set on it), so the
+user's own ``encode_image`` / ``forward`` keep working.
+
+Token policy, the same for every adapter: ``prefix_tokens="drop"`` (default; OpenFlamingo's
+convention: patch tokens only, e.g. 49 for a ViT-B/32 at 224 px) or ``"keep"`` (the CLS /
+register tokens first, then the patches: 50). Towers without prefix tokens (SigLIP, convnext /
+resnet feature maps) return the same tokens either way. Spatial feature maps ``[N, C, h, w]``
+become tokens ``[N, h*w, C]`` (row-major).
 """
 
 from __future__ import annotations
@@ -45,20 +52,39 @@ class Attention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(n, t, width))
 
 
-class TransformerBlock(nn.Module):
-    """Pre-norm transformer block (CLIP's ``ResidualAttentionBlock``): attention then GELU MLP.
+class QuickGELU(nn.Module):
+    """OpenAI CLIP's activation ``x * sigmoid(1.702 x)`` (its ViT-B/32, ViT-L/14 ... were trained with it)."""
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+ACTIVATIONS = {"gelu": nn.GELU, "quick_gelu": QuickGELU}
+PREFIX_TOKEN_POLICIES = ("drop", "keep")
+
+
+def _check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm transformer block (CLIP's ``ResidualAttentionBlock``): attention then an MLP.
+
+    ``act``: the MLP activation, ``"gelu"`` (exact) or ``"quick_gelu"`` (OpenAI CLIP). It has no
+    parameters, so the state-dict names are the same for both.
     ``forward(x [N, T, width]) -> [N, T, width]``.
     """
 
-    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0, *, causal: bool = False):
+    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0, *, causal: bool = False, act: str = "gelu"):
         super().__init__()
         check_positive_number("mlp_ratio", mlp_ratio)
+        _check_choice("act", act, tuple(ACTIVATIONS))
         hidden = int(width * mlp_ratio)
         self.ln_1 = nn.LayerNorm(width)
         self.attn = Attention(width, heads, causal=causal)
         self.ln_2 = nn.LayerNorm(width)
-        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
+        self.mlp = nn.Sequential(nn.Linear(width, hidden), ACTIVATIONS[act](), nn.Linear(hidden, width))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x))
@@ -74,13 +100,14 @@ class VisionTransformer(nn.Module):
         width, depth, heads: transformer width, number of blocks, attention heads.
         mlp_ratio: MLP hidden width / width.
         channels: input channels.
+        act: MLP activation, ``"gelu"`` or ``"quick_gelu"`` (OpenAI CLIP weights need the latter).
 
     ``forward(images [N, C, H, W]) -> [N, 1 + num_patches, width]`` (CLS first, after the final
     LayerNorm); ``pooled(images) -> [N, width]`` (the CLS token). ``num_tokens = 1 + num_patches``.
     """
 
     def __init__(self, image_size: int, patch_size: int, width: int, depth: int, heads: int,
-                 mlp_ratio: float = 4.0, channels: int = 3):
+                 mlp_ratio: float = 4.0, channels: int = 3, act: str = "gelu"):
         super().__init__()
         for name, value in (("image_size", image_size), ("patch_size", patch_size), ("width", width),
                             ("depth", depth), ("heads", heads), ("channels", channels)):
@@ -98,7 +125,8 @@ class VisionTransformer(nn.Module):
         self.class_embedding = nn.Parameter(torch.randn(width) * width**-0.5)
         self.positional_embedding = nn.Parameter(torch.randn(self.num_tokens, width) * width**-0.5)
         self.ln_pre = nn.LayerNorm(width)
-        self.blocks = nn.ModuleList(TransformerBlock(width, heads, mlp_ratio) for _ in range(depth))
+        self.act = act
+        self.blocks = nn.ModuleList(TransformerBlock(width, heads, mlp_ratio, act=act) for _ in range(depth))
         self.ln_post = nn.LayerNorm(width)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -119,46 +147,103 @@ class VisionTransformer(nn.Module):
         return self.forward(images)[:, 0]
 
 
-class OpenCLIPVisionAdapter(nn.Module):
-    """Wrap an ``open_clip`` visual tower (``model.visual`` of a ViT model).
+def _spatial_to_tokens(features: torch.Tensor, channels: int, where: str) -> torch.Tensor:
+    """``[N, C, h, w]`` (or channels-last ``[N, h, w, C]``) -> ``[N, h*w, C]``; 3-D passes through."""
+    if features.dim() == 3:
+        return features
+    if features.dim() == 4:
+        if features.shape[1] == channels:
+            return features.flatten(2).transpose(1, 2)
+        if features.shape[-1] == channels:
+            return features.flatten(1, 2)
+    raise ValueError(f"{where} returned shape {tuple(features.shape)}; expected tokens [N, T, {channels}] or a "
+                     f"feature map [N, {channels}, h, w]")
 
-    ``forward`` returns the patch tokens (``visual.output_tokens = True``, as OpenFlamingo does),
-    ``[N, P, width]``; ``pooled`` the tower's pooled, projected embedding ``[N, output_dim]``.
+
+class OpenCLIPVisionAdapter(nn.Module):
+    """Wrap an ``open_clip`` ViT visual tower (``model.visual``; also CoCa's attentional-pooling towers).
+
+    Args:
+        visual: an ``open_clip.transformer.VisionTransformer``. It is not modified: the adapter runs
+            the tower's own stages (``_embeds``, ``transformer``, ``_pool``, ``proj``), the same code
+            as its ``forward``, and never sets ``output_tokens``.
+        prefix_tokens: ``"drop"`` (default): the tokens open_clip returns with ``output_tokens``
+            (patches, or the attentional pooler's query outputs after the first). ``"keep"``: the
+            whole sequence before open_clip splits off the pooled token (CLS first).
+
+    ``forward(images [N, 3, H, W]) -> [N, v, width]``; ``pooled(images) -> [N, output_dim]`` equals
+    the tower's own ``forward`` (= ``encode_image`` without normalization). ``width`` is
+    ``transformer.width``, or ``output_dim`` when an attentional pooler makes the tokens (CoCa).
     """
 
-    def __init__(self, visual: nn.Module):
+    def __init__(self, visual: nn.Module, *, prefix_tokens: str = "drop"):
         super().__init__()
-        if not hasattr(visual, "output_tokens"):
-            raise TypeError("visual must be an open_clip VisionTransformer (it has no 'output_tokens' attribute)")
+        _check_choice("prefix_tokens", prefix_tokens, PREFIX_TOKEN_POLICIES)
+        needed = ("_embeds", "transformer", "_pool", "output_dim")
+        if not all(hasattr(visual, name) for name in needed):
+            raise TypeError(f"visual must be an open_clip VisionTransformer (with {', '.join(needed)}); got "
+                            f"{type(visual).__name__}. For open_clip's timm towers wrap visual.trunk in "
+                            "TimmViTAdapter; ModifiedResNet (RN50 ...) towers are not supported")
+        attn_pool = getattr(visual, "attn_pool", None)
+        if prefix_tokens == "keep" and getattr(visual, "attn_pool_contrastive", None) is not None:
+            raise ValueError("prefix_tokens='keep': this tower's tokens come from an attentional pooler with no "
+                             "prefix token (attn_pool_type parallel/cascade); use 'drop'")
         self.visual = visual
-        self.visual.output_tokens = True
-        self.width = int(visual.transformer.width)
+        self.prefix_tokens = prefix_tokens
+        self.width = int(visual.output_dim if attn_pool is not None else visual.transformer.width)
         self.pooled_width = int(visual.output_dim)
 
+    def _trunk(self, images: torch.Tensor) -> torch.Tensor:
+        return self.visual.transformer(self.visual._embeds(images))
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.visual(images)[1]
+        x = self._trunk(images)
+        if self.prefix_tokens == "drop":
+            return self.visual._pool(x)[1]
+        # The sequence that open_clip's _global_pool splits into (pooled, tokens).
+        visual = self.visual
+        if visual.attn_pool is not None:
+            return visual.ln_post(visual.attn_pool(x))
+        return x if visual.final_ln_after_pool else visual.ln_post(x)
 
     def pooled(self, images: torch.Tensor) -> torch.Tensor:
-        return self.visual(images)[0]
+        pooled = self.visual._pool(self._trunk(images))[0]
+        return pooled @ self.visual.proj if self.visual.proj is not None else pooled
 
 
 class TimmViTAdapter(nn.Module):
-    """Wrap a ``timm`` ViT (built with ``num_classes=0`` or not; the head is never used).
+    """Wrap a ``timm`` model: ViTs (CLS / register prefix tokens) and CNNs (convnext, resnet ...).
 
-    ``forward`` returns ``model.forward_features(images)`` (prefix + patch tokens after the final
-    norm), ``[N, v, embed_dim]``; ``pooled`` the pre-logits pooled vector ``[N, embed_dim]``.
+    Args:
+        model: a timm model (built with ``num_classes=0`` or not; the classifier is never used).
+            It is not modified.
+        prefix_tokens: ``"drop"`` (default) removes the ``model.num_prefix_tokens`` CLS / register
+            tokens; ``"keep"`` returns them first. CNN feature maps have none.
+
+    ``forward`` returns ``model.forward_features(images)`` as tokens ``[N, v, num_features]``
+    (a feature map ``[N, C, h, w]`` becomes ``[N, h*w, C]``); ``pooled`` the pre-logits pooled
+    vector ``model.forward_head(features, pre_logits=True)`` ``[N, num_features]``.
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, *, prefix_tokens: str = "drop"):
         super().__init__()
+        _check_choice("prefix_tokens", prefix_tokens, PREFIX_TOKEN_POLICIES)
         if not (hasattr(model, "forward_features") and hasattr(model, "forward_head")):
             raise TypeError("model must be a timm model with forward_features and forward_head")
         self.model = model
-        self.width = int(getattr(model, "embed_dim", getattr(model, "num_features", 0)))
-        self.pooled_width = int(getattr(model, "num_features", self.width))
+        self.prefix_tokens = prefix_tokens
+        self.width = int(getattr(model, "num_features", 0) or getattr(model, "embed_dim", 0))
+        if self.width <= 0:
+            raise TypeError(f"cannot tell the feature width of timm model {type(model).__name__} (no num_features)")
+        self.pooled_width = int(getattr(model, "head_hidden_size", None) or self.width)
+        self.num_prefix_tokens = int(getattr(model, "num_prefix_tokens", 0))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model.forward_features(images)
+        tokens = _spatial_to_tokens(self.model.forward_features(images), self.width,
+                                    f"{type(self.model).__name__}.forward_features")
+        if self.prefix_tokens == "drop" and self.num_prefix_tokens:
+            tokens = tokens[:, self.num_prefix_tokens:]
+        return tokens
 
     def pooled(self, images: torch.Tensor) -> torch.Tensor:
         return self.model.forward_head(self.model.forward_features(images), pre_logits=True)
@@ -166,24 +251,39 @@ class TimmViTAdapter(nn.Module):
 
 class HFVisionAdapter(nn.Module):
     """Wrap a transformers ``CLIPVisionModel`` or ``SiglipVisionModel`` (or any vision model whose
-    output has ``last_hidden_state`` and ``pooler_output``).
+    output has ``last_hidden_state`` and ``pooler_output`` and whose config has ``hidden_size``).
 
-    ``forward`` returns ``last_hidden_state`` ``[N, v, hidden_size]`` (CLIP: CLS + patches; SigLIP:
-    patches); ``pooled`` returns ``pooler_output`` ``[N, hidden_size]``.
+    Args:
+        model: the vision model (not modified).
+        prefix_tokens: ``"drop"`` (default) removes the tokens before the patches (CLIP's CLS; SigLIP
+            has none); ``"keep"`` returns ``last_hidden_state`` as is. The number of prefix tokens is
+            ``sequence length - (image_size / patch_size)^2``.
+
+    ``forward`` -> ``[N, v, hidden_size]``; ``pooled`` returns ``pooler_output`` ``[N, hidden_size]``.
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, *, prefix_tokens: str = "drop"):
         super().__init__()
+        _check_choice("prefix_tokens", prefix_tokens, PREFIX_TOKEN_POLICIES)
         config = getattr(model, "config", None)
-        hidden = getattr(getattr(config, "vision_config", config), "hidden_size", None)
+        config = getattr(config, "vision_config", config)
+        hidden = getattr(config, "hidden_size", None)
         if hidden is None:
             raise TypeError("model must be a transformers vision model with config.hidden_size")
         self.model = model
+        self.prefix_tokens = prefix_tokens
         self.width = int(hidden)
         self.pooled_width = int(hidden)
+        image_size, patch_size = getattr(config, "image_size", None), getattr(config, "patch_size", None)
+        self.num_patches = (image_size // patch_size) ** 2 if image_size and patch_size else None
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model(pixel_values=images).last_hidden_state
+        tokens = self.model(pixel_values=images).last_hidden_state
+        if self.prefix_tokens == "drop":
+            if self.num_patches is None:
+                raise ValueError("prefix_tokens='drop' needs config.image_size and config.patch_size")
+            tokens = tokens[:, tokens.shape[1] - self.num_patches:]
+        return tokens
 
     def pooled(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(pixel_values=images).pooler_output

@@ -56,7 +56,7 @@ class EvalContext:
             ``common.in_step`` so that all ranks run as many forwards.
         shards: the expanded paths of ``data.eval.shards``.
         eval: the ``data.eval`` section (``batch_size``, ``max_batches``, ``classes``).
-        encoder: ``task.encoder("pairs", 1)``: the eval data is image-text pairs.
+        encoder: ``task.eval_encoder()``: the eval data is image-text pairs.
         dtype: the floating dtype of the module's parameters (cast images to it).
     """
 
@@ -82,6 +82,8 @@ class Task(abc.ABC):
             sections of ``train/config.py`` do.
         data_kinds: the ``data.train[*].kind`` values the task trains on (``"pairs"``,
             ``"interleaved"``); others are a ConfigError.
+        media_tokens: whether the tokenizer must hold ``<image>`` / ``<|endofchunk|>`` (added when
+            missing; default True). A task that never writes images into its text sets False.
 
     The common sections stay where they are: ``model.vision`` (the vision tower, see
     ``common.build_vision``), ``model.lm`` (a frozen causal LM, ``common.build_language_model``),
@@ -91,6 +93,7 @@ class Task(abc.ABC):
     name: ClassVar[str]
     Config: ClassVar[type]
     data_kinds: ClassVar[tuple[str, ...]] = ("pairs",)
+    media_tokens: ClassVar[bool] = True
 
     @classmethod
     def check_config(cls, cfg: TrainConfig) -> list[str]:
@@ -141,9 +144,15 @@ class Task(abc.ABC):
             max_images: ``data.train[i].max_images`` (interleaved: images kept per document).
         Returns:
             a picklable callable ``sample -> {name: tensor}``; every example of a dataset must have
-            the same keys and shapes (they are stacked). Images: ``data.decode_image`` gives
-            ``[3, H, W]`` normalized floats with ``H = W = cfg.model.vision.image_size``.
+            the same keys and shapes (they are stacked). Images: ``common.image_decoder(cfg, train)``
+            gives the tower's input ``[3, S, S]`` (normalized floats, ``data.preprocess`` applied;
+            ``S`` the tower's input size); ``data.decode_image`` is the plain squash resize.
         """
+
+    def eval_encoder(self) -> SampleEncoder:
+        """The encoder of the held-out pairs; default ``self.encoder("pairs", 1)``. The built-in tasks
+        return their encoder with the evaluation image transform (resize + center crop, no random crop)."""
+        return self.encoder("pairs", 1)
 
     @abc.abstractmethod
     def loss(self, model, batch: dict, device: torch.device, group=None) -> tuple[torch.Tensor, dict]:
@@ -190,10 +199,10 @@ class Task(abc.ABC):
             sample: the first sample of the first eval shard (``{"__key__", "__url__", ext: bytes}``).
         Returns:
             ConfigError lines starting with ``"data.eval"``; default: the eval encoder
-            (``encoder("pairs", 1)``) must accept the sample. Override to add required fields.
+            (:meth:`eval_encoder`) must accept the sample. Override to add required fields.
         """
         try:
-            self.encoder("pairs", 1)(sample)
+            self.eval_encoder()(sample)
         except BadSample as e:
             return [f"data.eval.shards: the first sample ({sample.get('__url__')}: {sample.get('__key__')}) is not "
                     f"usable by task {self.name!r}: {e}"]
@@ -212,7 +221,7 @@ class Task(abc.ABC):
     def run_evaluation(self, module: nn.Module, info: DistInfo, zero_stage: int) -> dict:
         """Called by the loop: eval mode, parameters gathered under ZeRO-3, then :meth:`evaluate`."""
         ctx = EvalContext(info=info, zero_stage=zero_stage, shards=expand_shards(self.cfg.data.eval.shards),
-                          eval=self.cfg.data.eval, encoder=self.encoder("pairs", 1), dtype=model_dtype(module))
+                          eval=self.cfg.data.eval, encoder=self.eval_encoder(), dtype=model_dtype(module))
         was_training = module.training
         module.eval()
         try:

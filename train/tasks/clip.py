@@ -11,7 +11,8 @@ data allows it: each sample's ``KEY.json`` holds an integer ``label`` and a clas
 (``data.eval.classes``, default ``classes.json`` next to the first eval shard, ``{"classnames":
 [...], "templates": ["a photo of a {}.", ...]}``). Eval shards without labels (plain img2dataset
 output) get the retrieval metrics only. Export: the trainable weights and ``vision.safetensors``
-(the vision tower, usable as ``model.vision.init``). Config section ``model.clip``.
+(the vision tower; for the built-in ViT usable as ``model.vision.init``; for adapter towers the
+adapter's keys, e.g. ``visual.conv1.weight`` of an open_clip tower). Config section ``model.clip``.
 
 Locking (LiT, OpenCLIP's ``--lock-image`` / ``--lock-text``): ``model.vision.freeze`` with
 ``model.vision.unlocked_layers``, and ``model.clip.text.lock`` with ``model.clip.text.unlocked_layers``.
@@ -29,12 +30,12 @@ from torch import nn
 
 import vlmcore
 
-from ..data import decode_image, eval_batches, pair_fields
+from ..data import eval_batches, pair_fields
 from ..distributed import all_reduce_sum
 from ..tokenizer import Tokenizer
 from ..validate import first_local_shard
 from .base import EvalContext, Task
-from .common import build_vision, checkpoint_blocks, in_step, lock_tower, move
+from .common import ImageDecoder, build_vision, checkpoint_blocks, image_decoder, in_step, lock_tower, move
 
 
 @dataclass
@@ -83,18 +84,19 @@ class ClipConfig:
 class ClipEncoder:
     """Pair sample -> ``{"images": [3, H, W], "tokens": [T]}``."""
 
-    def __init__(self, tokenizer: Tokenizer, image_size: int):
-        self.tok, self.image_size = tokenizer, image_size
+    def __init__(self, tokenizer: Tokenizer, images: ImageDecoder):
+        self.tok, self.images = tokenizer, images
 
     def __call__(self, sample: dict) -> dict:
         image, caption = pair_fields(sample)
-        return {"images": decode_image(image, self.image_size), "tokens": self.tok([caption])[0]}
+        return {"images": self.images(image, sample), "tokens": self.tok([caption])[0]}
 
 
 class ClipTask(Task):
     name = "clip"
     Config = ClipConfig
     data_kinds = ("pairs",)
+    media_tokens = False  # CLIP text has no image placeholders: keep the CLIP vocabulary as it is
 
     @classmethod
     def check_config(cls, cfg) -> list[str]:
@@ -122,8 +124,11 @@ class ClipTask(Task):
             # CLIP's forward reads the temperature of its criterion submodule directly.
             deepspeed.zero.register_external_parameter(model, model.criterion.logit_scale)
 
-    def encoder(self, kind: str, max_images: int) -> ClipEncoder:
-        return ClipEncoder(self.tok, self.cfg.model.vision.image_size)
+    def encoder(self, kind: str, max_images: int, train: bool = True) -> ClipEncoder:
+        return ClipEncoder(self.tok, image_decoder(self.cfg, train))
+
+    def eval_encoder(self) -> ClipEncoder:
+        return self.encoder("pairs", 1, train=False)
 
     def loss(self, model, batch: dict, device: torch.device, group=None) -> tuple[torch.Tensor, dict]:
         batch = move(batch, device)

@@ -1,7 +1,10 @@
 """Builders and evaluation pieces shared by several tasks (no task is named here).
 
 - :func:`build_language_model`: the frozen causal LM of ``model.lm`` (local directory or config).
-- :func:`build_vision`: the :class:`vlmcore.VisionTransformer` of ``model.vision``.
+- :func:`build_vision`: the vision tower of ``model.vision`` (built-in ViT, open_clip, timm, HF;
+  ``train/towers.py``), frozen / partly unlocked as configured.
+- :class:`ImageDecoder`, :func:`image_decoder`: image bytes -> the tower's input (``data.preprocess``
+  over the tower's own preprocessing), for the task encoders.
 - :func:`lock_tower` / :func:`checkpoint_blocks`: LiT-style locking, activation checkpointing of blocks.
 - :func:`in_step`: the ZeRO-3 lock-step iterator over eval batches.
 - :func:`caption_accuracy`: caption token accuracy with the images and with the images blanked.
@@ -11,16 +14,15 @@
 from __future__ import annotations
 
 import contextlib
-import os
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-import vlmcore
-
-from ..data import IGNORE_INDEX, eval_batches
+from ..data import IGNORE_INDEX, decode_image, eval_batches, sample_rng
 from ..distributed import DistInfo, all_reduce_sum
+from ..preprocess import ImageTransform, build_transforms
+from ..towers import build_tower, freeze_vision, vision_preprocess
 
 if TYPE_CHECKING:
     from ..config import TrainConfig
@@ -53,21 +55,39 @@ def build_language_model(cfg: TrainConfig, tok: Tokenizer, dtype: torch.dtype = 
     return lm
 
 
-def build_vision(cfg: TrainConfig) -> vlmcore.VisionTransformer:
-    """The vision tower of ``model.vision`` (weights from ``init`` if set; frozen if ``freeze``)."""
-    v = cfg.model.vision
-    vit = vlmcore.VisionTransformer(v.image_size, v.patch_size, v.width, v.depth, v.heads, mlp_ratio=v.mlp_ratio)
-    if v.init:
-        from safetensors.torch import load_file
+def build_vision(cfg: TrainConfig) -> nn.Module:
+    """The vision tower of ``model.vision`` (``width``, ``pooled_width``; tokens ``[N, v, width]``),
+    with its weights (``init`` / ``checkpoint`` / ``path``) and ``freeze`` / ``unlocked_layers`` applied."""
+    tower = build_tower(cfg.model.vision)
+    freeze_vision(tower, cfg.model.vision)
+    return tower
 
-        if not os.path.isfile(v.init):
-            raise ValueError(f"model.vision.init: {v.init!r} does not exist")
-        vit.load_state_dict(load_file(v.init))
-    if v.freeze:
-        vit.requires_grad_(False)
-        if v.unlocked_layers:  # LiT with the last blocks unlocked (OpenCLIP --lock-image-unlocked-groups)
-            lock_tower(vit, vit.blocks, v.unlocked_layers, after=[vit.ln_post])
-    return vit
+
+class ImageDecoder:
+    """Image bytes of a sample -> ``[3, size, size]`` (the tower's input), decoded on the data workers.
+
+    ``transform``: an :class:`ImageTransform` (random crops when it is a training transform, drawn from
+    ``data.sample_rng(seed, sample)``: the same crops after a resume).
+    """
+
+    def __init__(self, transform: ImageTransform, seed: int):
+        self.transform, self.seed = transform, seed
+        self.size = transform.size
+
+    def __call__(self, data: bytes, sample: dict) -> torch.Tensor:
+        return decode_image(data, self.size, self.transform, sample_rng(self.seed, sample))
+
+    @classmethod
+    def squash(cls, size: int) -> ImageDecoder:
+        """The plain decoder: squash-resize to ``size`` x ``size``, OpenAI CLIP mean / std, no crop."""
+        return cls(ImageTransform(size=size, resize_mode="squash"), seed=0)
+
+
+def image_decoder(cfg: TrainConfig, train: bool = True) -> ImageDecoder:
+    """The :class:`ImageDecoder` of training (``train``) or evaluation images for ``cfg``."""
+    size, tower_values = vision_preprocess(cfg.model.vision)
+    train_transform, eval_transform = build_transforms(size, tower_values, cfg.data.preprocess.options())
+    return ImageDecoder(train_transform if train else eval_transform, cfg.seed)
 
 
 def lock_tower(tower: nn.Module, blocks, unlocked_layers: int, after: list[nn.Module] = ()) -> None:

@@ -15,10 +15,18 @@ from torch import nn
 
 import vlmcore
 
-from ..data import IGNORE_INDEX, decode_image, doc_fields, lm_text, pair_fields
+from ..data import IGNORE_INDEX, doc_fields, lm_text, pair_fields
 from ..tokenizer import EOC, MEDIA, Tokenizer
 from .base import EvalContext, Task
-from .common import build_language_model, build_vision, caption_accuracy, move, needs_language_model
+from .common import (
+    ImageDecoder,
+    build_language_model,
+    build_vision,
+    caption_accuracy,
+    image_decoder,
+    move,
+    needs_language_model,
+)
 
 
 @dataclass
@@ -45,9 +53,9 @@ class FlamingoEncoder:
     pairs) and ``input_ids`` / ``attention_mask`` / ``labels`` ``[T]``. A pair becomes
     ``<image> caption <|endofchunk|>``; a document keeps its ``<image>`` / ``<|endofchunk|>`` markers."""
 
-    def __init__(self, kind: str, tokenizer: Tokenizer, image_size: int, max_images: int,
+    def __init__(self, kind: str, tokenizer: Tokenizer, images: ImageDecoder, max_images: int,
                  mask_text_before_first_image: bool = False):
-        self.kind, self.tok, self.image_size, self.max_images = kind, tokenizer, image_size, max_images
+        self.kind, self.tok, self.images, self.max_images = kind, tokenizer, images, max_images
         self.mask_text_before_first_image = mask_text_before_first_image
 
     def __call__(self, sample: dict) -> dict:
@@ -56,9 +64,9 @@ class FlamingoEncoder:
         else:
             image, caption = pair_fields(sample)
             blobs, text = [image], f"{MEDIA} {caption} {EOC}"
-        images = [decode_image(b, self.image_size) for b in blobs]
-        vision = torch.zeros(self.max_images if self.kind == "interleaved" else 1, 1, 3, self.image_size,
-                             self.image_size)
+        images = [self.images(b, sample) for b in blobs]
+        size = self.images.size
+        vision = torch.zeros(self.max_images if self.kind == "interleaved" else 1, 1, 3, size, size)
         vision[: len(images), 0] = torch.stack(images)
         example = lm_text(self.tok, self.tok.encode(text))
         if self.mask_text_before_first_image:
@@ -89,9 +97,12 @@ class FlamingoTask(Task):
             only_attend_immediate_media=f.only_attend_immediate_media, ff_mult=f.ff_mult,
             train_new_token_embeddings=new_tokens, gradient_checkpointing=self.cfg.model.gradient_checkpointing)
 
-    def encoder(self, kind: str, max_images: int) -> FlamingoEncoder:
-        return FlamingoEncoder(kind, self.tok, self.cfg.model.vision.image_size, max_images,
+    def encoder(self, kind: str, max_images: int, train: bool = True) -> FlamingoEncoder:
+        return FlamingoEncoder(kind, self.tok, image_decoder(self.cfg, train), max_images,
                                self.config.mask_text_before_first_image)
+
+    def eval_encoder(self) -> FlamingoEncoder:
+        return self.encoder("pairs", 1, train=False)
 
     def loss(self, model, batch: dict, device: torch.device, group=None) -> tuple[torch.Tensor, dict]:
         batch = move(batch, device)

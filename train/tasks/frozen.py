@@ -13,10 +13,18 @@ from torch import nn
 
 import vlmcore
 
-from ..data import decode_image, lm_text, pair_fields
+from ..data import lm_text, pair_fields
 from ..tokenizer import Tokenizer
 from .base import EvalContext, Task
-from .common import build_language_model, build_vision, caption_accuracy, move, needs_language_model
+from .common import (
+    ImageDecoder,
+    build_language_model,
+    build_vision,
+    caption_accuracy,
+    image_decoder,
+    move,
+    needs_language_model,
+)
 
 
 @dataclass
@@ -33,13 +41,13 @@ class FrozenEncoder:
     """Pair sample -> ``images [1, 3, H, W]`` and ``input_ids`` / ``attention_mask`` / ``labels`` ``[T]``
     (``num_prefix_tokens`` ``<image>`` placeholders, not trained on, then the caption)."""
 
-    def __init__(self, tokenizer: Tokenizer, image_size: int, num_prefix_tokens: int):
-        self.tok, self.image_size, self.num_prefix_tokens = tokenizer, image_size, num_prefix_tokens
+    def __init__(self, tokenizer: Tokenizer, images: ImageDecoder, num_prefix_tokens: int):
+        self.tok, self.images, self.num_prefix_tokens = tokenizer, images, num_prefix_tokens
 
     def __call__(self, sample: dict) -> dict:
         image, caption = pair_fields(sample)
         ids = [self.tok.media_token_id] * self.num_prefix_tokens + self.tok.encode(caption)
-        return {"images": decode_image(image, self.image_size)[None], **lm_text(self.tok, ids)}
+        return {"images": self.images(image, sample)[None], **lm_text(self.tok, ids)}
 
 
 class FrozenTask(Task):
@@ -60,8 +68,11 @@ class FrozenTask(Task):
             lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return model
 
-    def encoder(self, kind: str, max_images: int) -> FrozenEncoder:
-        return FrozenEncoder(self.tok, self.cfg.model.vision.image_size, self.config.num_prefix_tokens)
+    def encoder(self, kind: str, max_images: int, train: bool = True) -> FrozenEncoder:
+        return FrozenEncoder(self.tok, image_decoder(self.cfg, train), self.config.num_prefix_tokens)
+
+    def eval_encoder(self) -> FrozenEncoder:
+        return self.encoder("pairs", 1, train=False)
 
     def loss(self, model, batch: dict, device: torch.device, group=None) -> tuple[torch.Tensor, dict]:
         batch = move(batch, device)

@@ -18,10 +18,11 @@ Steps (each skipped when its output already exists, so a second run only re-eval
 (``configs/vilbert_tiny.yaml``) on it, reporting held-out alignment accuracy and R@1 in
 ``runs/demo/final_metrics_vilbert.json``.
 ``--family blip2`` replaces step 4 by BLIP-2 (``configs/blip2_stage1_tiny.yaml`` then
-``configs/blip2_stage2_tiny.yaml``, both over the CLIP's frozen tower; stage 2 over the same frozen
-LM, its Q-Former from stage 1) and reports ``blip2_itc_i2t_R@1`` / ``blip2_itc_t2i_R@1`` (ITC),
-``blip2_itm_i2t_R@1`` / ``blip2_itm_t2i_R@1`` (ITM re-ranked), ``blip2_caption_token_acc`` and
-``blip2_blind_token_acc`` in ``runs/demo/final_metrics_blip2.json``.
+``configs/blip2_stage2_tiny.yaml``, both over the CLIP's frozen tower; stage 2 over a frozen LM of
+the same shape pre-trained on the captions plus echoed captions, so that it reads its context as a
+real LLM does, in ``lm_in_context``; its Q-Former from stage 1) and reports ``blip2_itc_i2t_R@1`` /
+``blip2_itc_t2i_R@1`` (ITC), ``blip2_itm_i2t_R@1`` / ``blip2_itm_t2i_R@1`` (ITM re-ranked),
+``blip2_caption_token_acc`` and ``blip2_blind_token_acc`` in ``runs/demo/final_metrics_blip2.json``.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from .tokenizer import EOC, MEDIA, Tokenizer, train_word_tokenizer
 
 CONFIGS = resources.files("vlmcore.train") / "configs"
 VILBERT_STEPS = 600
+BLIP2_ECHO_WORDS = 8  # captions of the pairs (2-7 words), not the long documents
 
 
 def _launcher_command(num_ranks: int) -> list[str]:
@@ -72,14 +74,22 @@ def _run(cmd: list[str], env: dict, log_path: str) -> None:
 
 
 def pretrain_lm(text_file: str, tok: Tokenizer, lm_config: dict, out_dir: str, steps: int, batch_size: int,
-                seed: int = 0) -> float:
+                seed: int = 0, echo_words: int = 0) -> float:
     """Train a causal LM (built from ``lm_config``) on the lines of ``text_file``, each written as
-    ``<image> line <|endofchunk|> <eos>``; save it with ``save_pretrained``; returns the last loss."""
+    ``<image> line <|endofchunk|> <eos>``; save it with ``save_pretrained``; returns the last loss.
+
+    ``echo_words > 0`` adds, for every line of at most that many words, the sequence
+    ``<image> line <|endofchunk|> line <|endofchunk|> <eos>``: text whose continuation is stated
+    earlier in the context. A real LLM learns to read its context from web text; an LM trained only
+    on isolated captions never does, and then no soft prompt (BLIP-2's projected queries) can
+    steer it (see the README's BLIP-2 section for the measured difference)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(seed)
     with open(text_file, encoding="utf-8") as f:
         lines = [line.strip() for line in f if line.strip()]
+    if echo_words > 0:
+        lines += [f"{line} {EOC} {line}" for line in lines if len(line.split()) <= echo_words]
     rows, masks = [], []
     for line in lines:
         ids = tok.encode(f"{MEDIA} {line} {EOC}")[: tok.context_length - 1] + [tok.eos_token_id]
@@ -167,13 +177,17 @@ def main(argv: list[str] | None = None) -> dict:
             f"data.train.0.shards={args.data}/train-*.tar", "progress_bar=false", *data_overrides,
         ], env, os.path.join(args.out, "clip.log"))
 
-    lm_dir = os.path.join(args.out, "lm")
+    # BLIP-2's frozen LM must read its context (the projected queries are only a soft prompt): its
+    # tiny LM is pre-trained with echoed captions too (pretrain_lm's echo_words); Flamingo's reads
+    # the images through its own trainable cross-attention and keeps the plain caption LM.
+    echo_words = BLIP2_ECHO_WORDS if args.family == "blip2" else 0
+    lm_dir = os.path.join(args.out, "lm_in_context" if echo_words else "lm")
     if not os.path.isfile(os.path.join(lm_dir, "config.json")):
         print(f"[demo] pre-training the tiny LM on the caption text ({args.lm_steps} steps) -> {lm_dir}", flush=True)
         tok = Tokenizer(tok_path, flamingo_yaml["tokenizer"]["context_length"])
         torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
         loss = pretrain_lm(os.path.join(args.data, "captions.txt"), tok, flamingo_yaml["model"]["lm"]["config"],
-                           lm_dir, args.lm_steps, batch_size=64)
+                           lm_dir, args.lm_steps, batch_size=64, echo_words=echo_words)
         print(f"[demo] LM loss {loss:.3f}", flush=True)
 
     if args.family == "blip2":

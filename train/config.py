@@ -125,11 +125,11 @@ class PreprocessConfig:
     train: Literal["random_resized_crop", "resize"] = "random_resized_crop"  # resize = the eval transform
     scale: list = field(default_factory=lambda: [0.9, 1.0])  # RandomResizedCrop area fraction (OpenCLIP)
     ratio: list = field(default_factory=lambda: [3 / 4, 4 / 3])  # RandomResizedCrop aspect ratio range
-    resize_mode: Union[Literal["shortest", "squash"], None] = None
+    resize_mode: Union[Literal["shortest", "squash"], None] = None  # eval / resize: shortest side + crop, or squash
     crop_pct: Union[float, None] = None  # eval: resize the short side to size / crop_pct, center crop size
-    interpolation: Union[Literal["bicubic", "bilinear", "nearest", "lanczos"], None] = None
-    mean: Union[list, None] = None
-    std: Union[list, None] = None
+    interpolation: Union[Literal["bicubic", "bilinear", "nearest", "lanczos"], None] = None  # resampling filter
+    mean: Union[list, None] = None  # per-channel mean (null: the tower's)
+    std: Union[list, None] = None  # per-channel std (null: the tower's)
 
     def options(self) -> dict:
         return {k: getattr(self, k) for k in ("train", "scale", "ratio", "resize_mode", "crop_pct", "interpolation",

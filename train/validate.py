@@ -36,9 +36,15 @@ def is_remote(path: str) -> bool:
     return path.startswith(REMOTE_PREFIXES)
 
 
+def _patterns(spec) -> list[str]:
+    """The patterns of a shard spec: a string or a list, each possibly an OpenCLIP ``a::b`` list."""
+    return [part.strip() for pattern in ([spec] if isinstance(spec, str) else list(spec))
+            for part in str(pattern).split("::") if part.strip()]
+
+
 def shard_problems(spec, where: str) -> list[str]:
-    """Missing local shards of ``spec`` (a brace pattern / glob, or a list of them)."""
-    patterns = [spec] if isinstance(spec, str) else list(spec)
+    """Missing local shards of ``spec`` (brace patterns / globs / ``a::b`` lists, or a list of them)."""
+    patterns = _patterns(spec)
     missing, count = [], 0
     for pattern in patterns:
         if is_remote(pattern):
@@ -64,7 +70,7 @@ def shard_problems(spec, where: str) -> list[str]:
 
 def first_local_shard(spec) -> str | None:
     """The first existing local shard of ``spec`` (None when there is none)."""
-    for pattern in [spec] if isinstance(spec, str) else list(spec):
+    for pattern in _patterns(spec):
         if is_remote(pattern):
             continue
         for path in braceexpand(pattern):

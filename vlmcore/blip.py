@@ -327,7 +327,8 @@ def blip_vision_encoder(**vision_config) -> HFVisionAdapter:
     """
     from transformers import BlipVisionConfig, BlipVisionModel
 
-    return HFVisionAdapter(BlipVisionModel(BlipVisionConfig(**vision_config)))
+    # BLIP's ITC / ITM read the CLS token: keep it (adapters drop prefix tokens by default).
+    return HFVisionAdapter(BlipVisionModel(BlipVisionConfig(**vision_config)), prefix_tokens="keep")
 
 
 class BLIP(nn.Module):

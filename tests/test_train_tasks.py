@@ -134,3 +134,24 @@ def test_a_new_task_is_one_class_plus_one_registry_line(tmp_path, monkeypatch):
     assert os.path.isfile(tmp_path / "run" / "trainable.safetensors")
     with open(tmp_path / "run" / "config.json", encoding="utf-8") as f:
         assert json.load(f)["model"]["toy"] == {"width": 4}
+
+
+def test_clip_retrieval_counts_identical_captions_as_one_candidate():
+    """Without repeated captions the CLIP eval's recall is the plain one; with repeats (the shapes eval set
+    says "a red circle" 20 times) identical captions are one candidate instead of 20 tied ones."""
+    import torch
+    from vlmcore.train.tasks.clip import _retrieval_over_distinct_captions
+
+    import vlmcore
+
+    torch.manual_seed(0)
+    images = torch.nn.functional.normalize(torch.randn(6, 8), dim=-1)
+    texts = torch.nn.functional.normalize(images + 0.1 * torch.randn(6, 8), dim=-1)
+    distinct_tokens = torch.arange(6)[:, None].repeat(1, 4)
+    assert _retrieval_over_distinct_captions(images, texts, distinct_tokens) == vlmcore.retrieval_metrics(images, texts)
+    # Three captions, each shared by two images: a caption's text features are the same for both.
+    tokens = torch.tensor([[1], [1], [2], [2], [3], [3]])
+    shared = torch.nn.functional.normalize(images[0::2] + images[1::2], dim=-1).repeat_interleave(2, dim=0)
+    tied = vlmcore.retrieval_metrics(images, shared)
+    merged = _retrieval_over_distinct_captions(images, shared, tokens)
+    assert merged["i2t_R@1"] > tied["i2t_R@1"] and merged["i2t_R@5"] == 1.0 and merged["t2i_R@5"] == 1.0

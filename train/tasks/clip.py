@@ -181,7 +181,7 @@ class ClipTask(Task):
                 classes = json.load(f)
             classifier = vlmcore.zero_shot_classifier(module, self.tok, classes["classnames"], classes["templates"])
         correct = labelled = total = 0
-        image_features, text_features = [], []
+        image_features, text_features, captions = [], [], []
         batches = eval_batches(ctx.shards, ctx.encoder, ev.batch_size, info.rank, info.world_size, ev.max_batches)
         for batch, metas, real in in_step(batches, info, ctx.zero_stage, ctx.shards, ctx.encoder):
             images = batch["images"].to(info.device, ctx.dtype)
@@ -193,6 +193,7 @@ class ClipTask(Task):
             if texts is not None:
                 image_features.append(features.float().cpu())
                 text_features.append(texts.float().cpu())
+                captions.append(batch["tokens"].cpu())
             has = [i for i, m in enumerate(metas) if isinstance(m.get("label"), int)]
             if classifier is not None and has:
                 preds = (features.float() @ classifier.float()).argmax(dim=-1)
@@ -207,7 +208,7 @@ class ClipTask(Task):
         if self.config.retrieval_eval:
             images, texts = _gather_rows(image_features, info), _gather_rows(text_features, info)
             if images is not None:
-                results.update(vlmcore.retrieval_metrics(images, texts))
+                results.update(_retrieval_over_distinct_captions(images, texts, _gather_rows(captions, info)))
         return results
 
     def export(self, module: nn.Module) -> dict[str, tuple[list[str], str]]:
@@ -215,6 +216,21 @@ class ClipTask(Task):
         names["vision.safetensors"] = ([n for n, _ in module.named_parameters() if n.startswith("visual.")],
                                        "visual.")
         return names
+
+
+def _retrieval_over_distinct_captions(images: torch.Tensor, texts: torch.Tensor, tokens: torch.Tensor) -> dict:
+    """Recall@k where identical captions are one candidate (held-out sets such as the shapes eval
+    repeat captions; ranked separately, equal scores would tie and every copy but one would rank
+    behind the others). Image i's target is its caption text; caption c's targets are all images
+    captioned c. Without repeated captions this is the plain image<->text Recall@k."""
+    distinct, image_to_caption = torch.unique(tokens, dim=0, return_inverse=True)
+    first = torch.full((len(distinct),), len(tokens), dtype=torch.long)
+    first.scatter_reduce_(0, image_to_caption, torch.arange(len(tokens)), reduce="amin")
+    # retrieval_metrics takes several captions per image; here one caption has several images, so
+    # the roles are swapped: its "i2t" is caption -> images (our t2i) and its "t2i" our i2t.
+    swapped = vlmcore.retrieval_metrics(texts[first], images, text_to_image=image_to_caption)
+    rename = {"i2t": "t2i", "t2i": "i2t"}
+    return {(rename[key[:3]] + key[3:] if key[:3] in rename else key): value for key, value in swapped.items()}
 
 
 def _gather_rows(chunks: list[torch.Tensor], info) -> torch.Tensor | None:

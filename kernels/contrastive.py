@@ -1377,6 +1377,14 @@ def _validate(image_features, text_features, logit_scale, label_smoothing) -> No
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing!r}")
 
 
+def _check_process_group(group) -> None:
+    """``group`` must be a ProcessGroup of an initialized torch.distributed."""
+    if not dist.is_available() or not isinstance(group, dist.ProcessGroup):
+        raise TypeError(f"group must be a torch.distributed ProcessGroup or None, got {type(group).__name__}")
+    if not dist.is_initialized():
+        raise ValueError("group was given but torch.distributed is not initialized")
+
+
 def contrastive_loss(
     image_features: torch.Tensor,
     text_features: torch.Tensor,
@@ -1427,8 +1435,7 @@ def contrastive_loss(
     if image_ids is not None or text_ids is not None:
         _check_group_ids(image_ids, text_ids, image_features, group, local_loss, output_dict)
         if group is not None:  # the global loss over the gathered batch, on every rank
-            if not dist.is_available() or not dist.is_initialized():
-                raise ValueError("group was given but torch.distributed is not initialized")
+            _check_process_group(group)
             image_features = all_gather_with_grad(image_features, group)
             text_features = all_gather_with_grad(text_features, group)
             image_ids, text_ids = _all_gather_ids(image_ids, group), _all_gather_ids(text_ids, group)
@@ -1438,8 +1445,7 @@ def contrastive_loss(
     label_offset = 0
     all_image = all_text = None
     if group is not None:
-        if not dist.is_available() or not dist.is_initialized():
-            raise ValueError("group was given but torch.distributed is not initialized")
+        _check_process_group(group)
         all_image = all_gather_with_grad(image_features, group)
         all_text = all_gather_with_grad(text_features, group)
         if local_loss:

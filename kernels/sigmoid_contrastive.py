@@ -603,7 +603,9 @@ def _validate(image, text, logit_scale, logit_bias, image_ids, text_ids, group, 
     if dist_impl not in DIST_IMPLS:
         raise ValueError(f"dist_impl must be one of {DIST_IMPLS}, got {dist_impl!r}")
     if group is not None:
-        if not dist.is_available() or not dist.is_initialized():
+        if not dist.is_available() or not isinstance(group, dist.ProcessGroup):
+            raise TypeError(f"group must be a torch.distributed ProcessGroup or None, got {type(group).__name__}")
+        if not dist.is_initialized():
             raise ValueError("group was given but torch.distributed is not initialized")
         if negatives_only:
             raise ValueError("negatives_only=True is a single-block option; it cannot be combined with group")

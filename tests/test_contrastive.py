@@ -428,7 +428,7 @@ BAD_INPUTS = [
     ("smoothing negative", _bad(label_smoothing=-0.1), ValueError, "label_smoothing"),
     ("smoothing nan", _bad(label_smoothing=math.nan), ValueError, "label_smoothing"),
     ("smoothing str", _bad(label_smoothing="0.1"), TypeError, "label_smoothing"),
-    ("group without init", _bad(group=object()), ValueError, "group"),
+    ("group not a ProcessGroup", _bad(group=object()), TypeError, "group must be a torch.distributed ProcessGroup"),
 ]
 
 

@@ -96,7 +96,7 @@ def test_bad_group_ids_name_the_argument(backend_name, device):
         ({"image_ids": image_ids, "text_ids": text_ids, "output_dict": True}, ValueError, "output_dict"),
         ({"image_ids": image_ids, "text_ids": text_ids, "group": object(), "local_loss": True}, ValueError,
          "local_loss"),
-        ({"image_ids": image_ids, "text_ids": text_ids, "group": object()}, ValueError, "group"),
+        ({"image_ids": image_ids, "text_ids": text_ids, "group": object()}, TypeError, "group must be a"),
         ({"image_ids": image_ids, "text_ids": text_ids + 100}, ValueError, "image_ids needs|positive"),
     ]
     with backend(backend_name):

@@ -277,7 +277,7 @@ def test_bad_inputs():
         ((image, text, s, b), {"image_group_ids": ids, "text_group_ids": ids[:3]}, ValueError, "text_group_ids"),
         ((image, text, s, b), {"image_group_ids": ids.float(), "text_group_ids": ids}, TypeError, "image_group_ids"),
         ((image, text, s, b), {"dist_impl": "allreduce"}, ValueError, "dist_impl"),
-        ((image, text, s, b), {"group": object()}, ValueError, "group"),
+        ((image, text, s, b), {"group": object()}, TypeError, "group must be a torch.distributed ProcessGroup"),
         ((image, text, s, b), {"negatives_only": 1}, TypeError, "negatives_only"),
     ]
     if torch.cuda.is_available():

@@ -37,6 +37,7 @@ class SiglipConfig:
     init_scale: float = 10.0  # initial logit scale s (the learnable log-scale starts at ln of it)
     init_bias: float = -10.0  # initial logit bias b
     dist_impl: Literal["local", "ring", "gather"] = "ring"  # how text blocks meet across ranks (local: no exchange)
+    retrieval_eval: bool = True  # image<->text Recall@1/5/10 on data.eval (besides zero-shot when labelled)
 
     def check(self, where: str) -> list[str]:
         out = []

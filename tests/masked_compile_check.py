@@ -21,22 +21,15 @@ from __future__ import annotations
 import importlib
 import json
 import os
-import re
-import subprocess
 import sys
-import tempfile
 
 os.environ["TRITON_INTERPRET"] = "0"
 
 import torch  # noqa: E402
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
+from sm90_compile import compile_sm90  # noqa: E402
 
 mxa = importlib.import_module("vlmcore.kernels.masked_cross_attention")
 
-TARGET = GPUTarget("cuda", 90, 32)
-PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 POINTERS = {"idx_ptr": "*i64", "lse_ptr": "*fp32", "delta_ptr": "*fp32", "span_ptr": "*i32"}
 SCALARS_FP32 = ("qk_scale_log2", "sm_scale")
 KERNELS = {"fwd": mxa._fwd_kernel, "dq": mxa._dq_kernel, "kv": mxa._kv_kernel}
@@ -73,22 +66,12 @@ def compile_variant(name: str, config: dict, head_dim: int, one_pass: bool) -> d
                 attrs[(i,)] = [["tt.divisibility", 16]]
         else:
             signature[arg] = "fp32" if arg in SCALARS_FP32 else "i32"
-    kernel = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=TARGET,
-                            options={"num_warps": config["num_warps"], "num_stages": config["num_stages"]})
-    ptx = kernel.asm["ptx"]
-    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as handle:
-        handle.write(ptx)
-    try:
-        report = subprocess.run([PTXAS, "--gpu-name", "sm_90a", "-v", handle.name, "-o", os.devnull],
-                                capture_output=True, text=True, check=True).stderr
-    finally:
-        os.unlink(handle.name)
-    spills = re.search(r"(\d+) bytes spill stores", report)
-    registers = int(re.search(r"Used (\d+) registers", report).group(1))
-    shared = kernel.metadata.shared
+    build = compile_sm90(fn, signature, constexprs, attrs, config["num_warps"], config["num_stages"])
+    ptx = build.ptx
+    registers, shared = build.registers, build.shared
     return {"kernel": name, "head_dim": head_dim, "one_pass": one_pass, "config": config,
             "preferred": config == mxa.PREFERRED_CONFIGS[name], "registers": registers,
-            "spill_bytes": int(spills.group(1)) if spills else 0, "shared": shared,
+            "spill_bytes": build.spill_bytes, "shared": shared,
             "ctas_per_sm": ctas_per_sm(registers, config["num_warps"], shared),
             "wgmma": ptx.count("wgmma.mma_async"), "mma": ptx.count("mma.sync.aligned")}
 

@@ -11,20 +11,13 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import subprocess
 import sys
-import tempfile
 
 os.environ["TRITON_INTERPRET"] = "0"
 
-import triton  # noqa: E402
 import vlmcore.kernels.momentum_contrastive as module  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
+from sm90_compile import compile_sm90  # noqa: E402
 
-TARGET = GPUTarget("cuda", 90, 32)
-PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 DIVISIBLE = {"e", "stride_r", "stride_rm", "stride_c", "stride_dr", "n_rows", "n_cols", "size_bucket"}
 FEATURE_POINTERS = {"p_rows", "p_rows_m", "p_cols", "p_drows"}
 
@@ -49,18 +42,11 @@ def compile_variant(fn, dtype: str, constexprs: dict, num_warps: int, num_stages
     signature = {name: ("constexpr" if name in constexprs else types[name]) for name in fn.arg_names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
              if name not in constexprs and (types[name].startswith("*") or name in DIVISIBLE)}
-    kernel = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=TARGET,
-                            options={"num_warps": num_warps, "num_stages": num_stages})
-    ptx = kernel.asm["ptx"]
-    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as handle:
-        handle.write(ptx)
-    report = subprocess.run([PTXAS, "--gpu-name", "sm_90a", "-v", handle.name, "-o", os.devnull],
-                            capture_output=True, text=True, check=True).stderr
-    os.unlink(handle.name)
-    spills = re.search(r"(\d+) bytes spill stores", report)
+    build = compile_sm90(fn, signature, constexprs, attrs, num_warps, num_stages)
+    ptx = build.ptx
     return {"kernel": fn.__name__, "dtype": dtype, "config": {**constexprs, "num_warps": num_warps,
-            "num_stages": num_stages}, "spill_bytes": int(spills.group(1)) if spills else 0,
-            "wgmma": ptx.count("wgmma.mma_async"), "mma": ptx.count("mma.sync"), "shared": kernel.metadata.shared}
+            "num_stages": num_stages}, "spill_bytes": build.spill_bytes,
+            "wgmma": ptx.count("wgmma.mma_async"), "mma": ptx.count("mma.sync"), "shared": build.shared}
 
 
 def variants():

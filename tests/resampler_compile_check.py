@@ -19,21 +19,15 @@ from __future__ import annotations
 import importlib
 import json
 import os
-import re
-import subprocess
 import sys
-import tempfile
 
 os.environ["TRITON_INTERPRET"] = "0"
 
 import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
+from sm90_compile import compile_sm90  # noqa: E402
 
 module = importlib.import_module("vlmcore.kernels.resampler_attention")
 
-TARGET = GPUTarget("cuda", 90, 32)
-PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 FP32_POINTERS = ("lse", "delta")
 SCALARS_FP32 = ("qk_scale", "softmax_scale")
 SCALARS_I32 = ("num_heads", "num_queries", "num_media", "media_bucket")  # runtime sizes: no divisibility assumed
@@ -95,26 +89,17 @@ def compile_variant(name: str, config: triton.Config, head_dim: int, latents: bo
                       BLOCK_M=block_m, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
                       **config.kwargs, **_unit_strides(fn, mask))
     signature, attrs = _signature(fn, constexprs, mask)
-    kernel = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=TARGET,
-                            options={"num_warps": config.num_warps, "num_stages": config.num_stages})
-    ptx = kernel.asm["ptx"]
-    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as handle:
-        handle.write(ptx)
-    try:
-        report = subprocess.run([PTXAS, "--gpu-name", "sm_90a", "-v", handle.name, "-o", os.devnull],
-                                capture_output=True, text=True, check=True).stderr
-    finally:
-        os.unlink(handle.name)
-    spills = re.search(r"(\d+) bytes spill stores", report)
-    registers = int(re.search(r"Used (\d+) registers", report).group(1))
+    build = compile_sm90(fn, signature, constexprs, attrs, config.num_warps, config.num_stages)
+    ptx = build.ptx
+    registers = build.registers
     config_dict = {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
     return {"kernel": name, "head_dim": head_dim, "latents": latents, "mask": mask, "block_m": block_m,
             "config": config_dict,
             "preferred": config_dict == module.planned_config(name, head_dim, 257, block_m, latents),
-            "registers": registers, "ctas_per_sm": ctas_per_sm(registers, config.num_warps, kernel.metadata.shared),
-            "shared": kernel.metadata.shared, "spill_bytes": int(spills.group(1)) if spills else 0,
+            "registers": registers, "ctas_per_sm": ctas_per_sm(registers, config.num_warps, build.shared),
+            "shared": build.shared, "spill_bytes": build.spill_bytes,
             "wgmma": ptx.count("wgmma.mma_async"), "mma": ptx.count("mma.sync.aligned"),
-            "cubin": len(kernel.asm.get("cubin", b""))}
+            "cubin": build.cubin_bytes}
 
 
 def surviving_configs(name: str, head_dim: int) -> list[triton.Config]:

@@ -296,6 +296,32 @@ def _validate(name: str, rows, rows_m, queue, queue_name: str, triton_path: bool
             raise ValueError(f"{name} has e={rows.shape[1]} features; the Triton path supports e <= {MAX_EMBED_DIM}")
 
 
+def _column_ids(ids, queue_ids, features: torch.Tensor, queue) -> torch.Tensor | None:
+    """``[ids; queue_ids]`` (int64 ``[b + Q]``) after validating both, or None without ids."""
+    b = features.shape[0]
+    if ids is None:
+        if queue_ids is not None:
+            raise ValueError("queue_ids is given without ids; pass the batch's ids too (or neither)")
+        return None
+    if not isinstance(ids, torch.Tensor) or ids.dtype != torch.int64 or tuple(ids.shape) != (b,):
+        raise TypeError(f"ids must be an int64 tensor of shape [{b}], got "
+                        f"{ids.dtype if isinstance(ids, torch.Tensor) else type(ids).__name__} "
+                        f"{tuple(ids.shape) if isinstance(ids, torch.Tensor) else ''}")
+    if ids.device != features.device:
+        raise ValueError(f"ids is on {ids.device}, image_features on {features.device}")
+    q = 0 if queue is None else queue.shape[0]
+    if q == 0:
+        if queue_ids is not None and queue_ids.numel():
+            raise ValueError(f"queue_ids has {queue_ids.numel()} entries but there is no queue")
+        return ids
+    if not isinstance(queue_ids, torch.Tensor) or queue_ids.dtype != torch.int64 or tuple(queue_ids.shape) != (q,):
+        raise TypeError(f"queue_ids must be an int64 tensor of shape [Q={q}] (one id per queued entry) when ids "
+                        f"and the queues are given, got {queue_ids if queue_ids is None else tuple(queue_ids.shape)}")
+    if queue_ids.device != features.device:
+        raise ValueError(f"queue_ids is on {queue_ids.device}, image_features on {features.device}")
+    return torch.cat([ids, queue_ids])
+
+
 def momentum_contrastive_loss(
     image_features: torch.Tensor,
     text_features: torch.Tensor,
@@ -306,6 +332,8 @@ def momentum_contrastive_loss(
     *,
     image_queue: torch.Tensor | None = None,
     text_queue: torch.Tensor | None = None,
+    ids: torch.Tensor | None = None,
+    queue_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """BLIP's ITC loss with momentum distillation, ``(loss_i2t + loss_t2i) / 2``, an fp32 scalar.
 
@@ -316,9 +344,14 @@ def momentum_contrastive_loss(
         alpha: distillation weight in [0, 1] (0 = plain one-hot InfoNCE against the columns).
         image_queue, text_queue: ``[Q, e]`` queued momentum features (or None): the columns are
             ``[image_features_m; image_queue]`` for t2i and ``[text_features_m; text_queue]`` for i2t.
+        ids: int64 ``[b]`` image ids of the batch (BLIP ``blip_retrieval.py``), or None. With ids,
+            every column whose id equals the row's is a positive (a COCO image's other captions):
+            the one-hot target becomes ``[ids_i == column_ids_j] / #positives_i``.
+        queue_ids: int64 ``[Q]`` ids of the queued entries; required with ``ids`` and the queues
+            (BLIP fills an empty queue's ids with -100, which matches no sample).
 
     Targets for i2t: ``alpha * softmax(image_features_m @ cols_t^T / temp) + (1 - alpha) *
-    onehot(i)``; likewise t2i. The momentum features and the queues are constants (no gradient),
+    onehot(i)`` (or the id positives above); likewise t2i. The momentum features and the queues are constants (no gradient),
     as in BLIP. Gradients flow to ``image_features``, ``text_features`` and ``temperature``.
 
     Backend: Triton (module docstring; ``[b, b + Q]`` logits never stored) for CUDA tensors or when
@@ -341,6 +374,7 @@ def momentum_contrastive_loss(
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= float(alpha) <= 1.0:
         raise ValueError(f"alpha must be a float in [0, 1], got {alpha!r}")
     alpha = float(alpha)
+    column_ids = _column_ids(ids, queue_ids, image_features, image_queue)
     cols_text = text_features_m.detach()
     cols_image = image_features_m.detach()
     if text_queue is not None:
@@ -349,7 +383,9 @@ def momentum_contrastive_loss(
     if not triton_path:
         return momentum_contrastive_loss_reference(image_features, text_features, image_features_m.detach(),
                                                    text_features_m.detach(), cols_image, cols_text, temperature,
-                                                   alpha)
+                                                   alpha, ids=ids, column_ids=column_ids)
+    if column_ids is not None:
+        raise NotImplementedError("ids on the Triton path: in progress")
     loss_i2t = _rows_op(image_features, image_features_m.detach(), cols_text, temperature, alpha, 0)[0]
     loss_t2i = _rows_op(text_features, text_features_m.detach(), cols_image, temperature, alpha, 0)[0]
     return (loss_i2t.mean() + loss_t2i.mean()) / 2

@@ -241,7 +241,7 @@ def sigmoid_contrastive_loss_reference(
 
 def momentum_contrastive_rows_reference(
     rows: torch.Tensor, rows_m: torch.Tensor, cols: torch.Tensor, temperature: torch.Tensor, alpha: float,
-    *, label_offset: int = 0,
+    *, label_offset: int = 0, row_ids: torch.Tensor | None = None, col_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One direction of ITC with momentum distillation (ALBEF / BLIP ``blip_pretrain.py`` math).
 
@@ -250,31 +250,44 @@ def momentum_contrastive_rows_reference(
         cols: ``[N, e]`` columns (momentum batch of the other modality, then the queue).
         temperature: 0-dim; logits = similarities / temperature.
         alpha: weight of the momentum soft targets.
-        label_offset: column of row 0's positive (0: the momentum batch comes first).
+        label_offset: column of row 0's positive (0: the momentum batch comes first); unused with ids.
+        row_ids, col_ids: int64 ``[b]`` / ``[N]`` image ids (BLIP ``blip_retrieval.py``): every
+            column with the row's id is a positive, the hard target spread evenly over them. Each
+            row must have at least one positive column (its own momentum feature).
 
     Returns:
         fp32 ``[b]``: ``-sum_j t_ij log_softmax(rows @ cols^T / temp)_ij`` with
-        ``t = alpha * softmax(rows_m @ cols^T / temp) + (1 - alpha) * onehot(i + label_offset)``;
-        the targets carry no gradient (BLIP computes them under ``no_grad``).
+        ``t = alpha * softmax(rows_m @ cols^T / temp) + (1 - alpha) * y``, ``y = onehot(i + label_offset)``
+        or, with ids, ``y_ij = [row_ids_i == col_ids_j] / #positives_i``; the targets carry no
+        gradient (BLIP computes them under ``no_grad``).
     """
     logits = (rows @ cols.T).float() / temperature.float()
     with torch.no_grad():
         soft = torch.softmax((rows_m @ cols.T).float() / temperature.float(), dim=1)
-        labels = torch.arange(rows.shape[0], device=rows.device) + label_offset
-        targets = alpha * soft + (1 - alpha) * F.one_hot(labels, cols.shape[0]).float()
+        if row_ids is None:
+            labels = torch.arange(rows.shape[0], device=rows.device) + label_offset
+            hard = F.one_hot(labels, cols.shape[0]).float()
+        else:
+            positive = (row_ids[:, None] == col_ids[None, :]).float()
+            hard = positive / positive.sum(dim=1, keepdim=True)
+        targets = alpha * soft + (1 - alpha) * hard
     return -(torch.log_softmax(logits, dim=1) * targets).sum(dim=1)
 
 
 def momentum_contrastive_loss_reference(
     image_features: torch.Tensor, text_features: torch.Tensor, image_features_m: torch.Tensor,
     text_features_m: torch.Tensor, image_columns: torch.Tensor, text_columns: torch.Tensor,
-    temperature: torch.Tensor, alpha: float,
+    temperature: torch.Tensor, alpha: float, *, ids: torch.Tensor | None = None,
+    column_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """BLIP's symmetric ITC loss with momentum distillation, an fp32 scalar (materialized logits).
 
     ``image_columns`` = ``[image_features_m; image_queue]`` ``[b + Q, e]`` (scored by the text rows),
-    ``text_columns`` likewise; ``(mean_i loss_i2t + mean_i loss_t2i) / 2``.
+    ``text_columns`` likewise; ``(mean_i loss_i2t + mean_i loss_t2i) / 2``. ``ids`` ``[b]`` and
+    ``column_ids`` ``[b + Q]`` (= ``[ids; queue ids]``): image-id positives in both directions.
     """
-    i2t = momentum_contrastive_rows_reference(image_features, image_features_m, text_columns, temperature, alpha)
-    t2i = momentum_contrastive_rows_reference(text_features, text_features_m, image_columns, temperature, alpha)
+    i2t = momentum_contrastive_rows_reference(image_features, image_features_m, text_columns, temperature, alpha,
+                                              row_ids=ids, col_ids=column_ids)
+    t2i = momentum_contrastive_rows_reference(text_features, text_features_m, image_columns, temperature, alpha,
+                                              row_ids=ids, col_ids=column_ids)
     return (i2t.mean() + t2i.mean()) / 2

@@ -16,7 +16,8 @@ For every image:
 Output, in ``--output`` (never the input's folder), one shard per input shard, same name:
 ``KEY.<image ext>`` (the original bytes), ``KEY.txt`` (the kept captions, one per line; an image
 with none kept is not written), ``KEY.json`` (every caption with its source ``web`` /
-``synthetic``, ITM score and kept flag, the input's own JSON, and both checkpoints). Plus
+``synthetic``, ITM score and kept flag, the input's own JSON, its ``image_id`` at the top level
+when it has one, and both checkpoints). Plus
 ``capfilt_report.json``: images, web captions kept / dropped, synthetic kept / dropped, images with
 no caption left, corrupt samples skipped, per shard and in total (BLIP's noise ratios).
 
@@ -200,6 +201,8 @@ class CapFilt:
                 except (UnicodeDecodeError, ValueError):
                     original = None
             meta = {"key": key, "captions": records, "capfilt": self.provenance, "source_json": original}
+            if isinstance(original, dict) and "image_id" in original:
+                meta["image_id"] = original["image_id"]  # the trainer's BLIP tasks read it at the top level
             ext = _image_ext(sample)
             _tar_add(tar, f"{key}.{ext}", sample[ext])
             _tar_add(tar, f"{key}.txt", "\n".join(kept_texts).encode("utf-8"))

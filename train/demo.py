@@ -129,18 +129,20 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--family", choices=("flamingo", "blip2", "vilbert", "blip"), default="flamingo",
                         help="flamingo (default) or blip2: what trains on the frozen CLIP tower and LM; "
                              "vilbert: ViLBERT on region features instead; blip: noisy captions -> BLIP -> "
-                             "CapFilt -> BLIP (train/demo_blip.py; uses --out, --blip-steps)")
+                             "CapFilt -> BLIP (train/demo_blip.py; uses --out, --blip-steps, --blip-seed)")
     parser.add_argument("--blip2-stage1-steps", type=int, default=300)
     parser.add_argument("--blip2-stage2-steps", type=int, default=300)
     parser.add_argument("--ranks", type=int, default=0, help="processes (default: 2 on CPU, every GPU on CUDA)")
     parser.add_argument("--regions", default="data/regions", help="--family vilbert: region-feature data directory")
     parser.add_argument("--vilbert-steps", type=int, default=VILBERT_STEPS)
     parser.add_argument("--blip-steps", type=int, default=1000, help="--family blip: steps of each pre-training")
+    parser.add_argument("--blip-seed", type=int, default=0,
+                        help="--family blip: seed of the data, the corruption, the trainings and CapFilt")
     args = parser.parse_args(argv)
     if args.family == "blip":
         from .demo_blip import run_blip_demo
 
-        return run_blip_demo(args.out, steps=args.blip_steps)
+        return run_blip_demo(args.out, steps=args.blip_steps, seed=args.blip_seed)
     start = time.time()
     os.makedirs(args.out, exist_ok=True)
     ranks = args.ranks or (torch.cuda.device_count() if torch.cuda.is_available() else 2)

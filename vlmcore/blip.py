@@ -382,6 +382,8 @@ class BLIP(nn.Module):
             self.text_proj_m = _frozen_copy(self.text_proj)
             self.register_buffer("image_queue", F.normalize(torch.randn(queue_size, embed_dim), dim=1))
             self.register_buffer("text_queue", F.normalize(torch.randn(queue_size, embed_dim), dim=1))
+            # image ids of the queued entries (BLIP retrieval's idx_queue); -100 matches no sample
+            self.register_buffer("idx_queue", torch.full((queue_size,), -100, dtype=torch.long))
             self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
 
     # -- the three text modes and the heads ------------------------------------------------
@@ -495,34 +497,44 @@ class BLIP(nn.Module):
         return image_m, text_m
 
     @torch.no_grad()
-    def enqueue(self, image_features_m: torch.Tensor, text_features_m: torch.Tensor, group=None) -> None:
-        """Write the momentum features of this step (gathered from every rank of ``group`` when given,
-        rank order) into the queues at ``queue_ptr``, wrapping around; no host sync."""
+    def enqueue(self, image_features_m: torch.Tensor, text_features_m: torch.Tensor, group=None,
+                image_ids: torch.Tensor | None = None) -> None:
+        """Write the momentum features of this step and their ``image_ids`` ``[B]`` (-100 when None:
+        matches no later sample) into the queues at ``queue_ptr``, gathered from every rank of
+        ``group`` when given (rank order), wrapping around; no host sync."""
         self._require_momentum("enqueue")
         queue_size = self.image_queue.shape[0]
         if queue_size == 0:
             return
+        if image_ids is None:
+            image_ids = torch.full((image_features_m.shape[0],), -100, dtype=torch.long,
+                                   device=image_features_m.device)
         if group is not None:
             image_features_m = _all_gather_no_grad(image_features_m, group)
             text_features_m = _all_gather_no_grad(text_features_m, group)
+            image_ids = _all_gather_no_grad(image_ids, group)
         n = image_features_m.shape[0]
         if n > queue_size:
             raise ValueError(f"queue_size ({queue_size}) must be >= the global batch ({n}) that is enqueued per step")
         slots = (self.queue_ptr + torch.arange(n, device=self.queue_ptr.device)) % queue_size
         self.image_queue.index_copy_(0, slots, image_features_m.to(self.image_queue.dtype))
         self.text_queue.index_copy_(0, slots, text_features_m.to(self.text_queue.dtype))
+        self.idx_queue.index_copy_(0, slots, image_ids.to(self.idx_queue.device, torch.long))
         self.queue_ptr.copy_((self.queue_ptr + n) % queue_size)
 
     def itc_loss(self, image_features: torch.Tensor, text_features: torch.Tensor, image_features_m: torch.Tensor,
-                 text_features_m: torch.Tensor, alpha: float) -> torch.Tensor:
+                 text_features_m: torch.Tensor, alpha: float, image_ids: torch.Tensor | None = None) -> torch.Tensor:
         """BLIP's ITC with momentum distillation against [momentum batch; queue], through the fused
-        :func:`vlmcore.kernels.momentum_contrastive_loss` (fp32 scalar)."""
+        :func:`vlmcore.kernels.momentum_contrastive_loss` (fp32 scalar). With ``image_ids`` ``[B]``
+        every batch or queue entry of the same image is a positive (BLIP ``blip_retrieval.py``);
+        with unique ids this is exactly the one-hot target of BLIP pre-training."""
         self._require_momentum("itc_loss")
         queued = self.image_queue.shape[0] > 0
         return momentum_contrastive_loss(
             image_features, text_features, image_features_m, text_features_m, self.temp, alpha,
             image_queue=self.image_queue.to(image_features.dtype) if queued else None,
-            text_queue=self.text_queue.to(text_features.dtype) if queued else None)
+            text_queue=self.text_queue.to(text_features.dtype) if queued else None,
+            ids=image_ids, queue_ids=self.idx_queue if queued and image_ids is not None else None)
 
     def itm_loss(self, image_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                  image_features: torch.Tensor, text_features: torch.Tensor, *, image_ids: torch.Tensor | None = None,
@@ -588,7 +600,8 @@ class BLIP(nn.Module):
         swaps in ``[ENC]``, LM ``[DEC]``). ``alpha``: distillation weight (see :func:`alpha_ramp`).
         ITC clamps the temperature to [0.001, 0.5], updates the momentum encoders, scores against
         the queues, then enqueues the momentum features (of every rank of ``group``).
-        ``image_ids`` masks same-image pairs out of the ITM negatives; ``all_rank_negatives`` draws
+        ``image_ids`` ``[B]`` (int64) makes same-image pairs ITC positives (batch and queue) and masks
+        them out of the ITM negatives; ``all_rank_negatives`` draws
         them from every rank of ``group`` (retrieval fine-tuning) instead of the local batch
         (pre-training). ``prompt_length`` excludes the prompt from the LM loss.
         """
@@ -612,8 +625,8 @@ class BLIP(nn.Module):
             with torch.no_grad():
                 self.momentum_update()
                 image_feat_m, text_feat_m = self.momentum_features(images, input_ids, attention_mask)
-            out["itc"] = self.itc_loss(image_feat, text_feat, image_feat_m, text_feat_m, alpha)
-            self.enqueue(image_feat_m, text_feat_m, group)
+            out["itc"] = self.itc_loss(image_feat, text_feat, image_feat_m, text_feat_m, alpha, image_ids)
+            self.enqueue(image_feat_m, text_feat_m, group, image_ids)
         if "itm" in losses:
             out["itm"], out["itm_acc"] = self.itm_loss(image_embeds, input_ids, attention_mask, image_feat,
                                                        text_feat, image_ids=image_ids, generator=generator,
@@ -887,7 +900,7 @@ def _with_first_token(input_ids: torch.Tensor, token_id: int) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 
 MOMENTUM_STATE = ("visual_encoder_m.", "vision_proj_m.", "text_encoder_m.", "text_proj_m.", "image_queue",
-                  "text_queue", "queue_ptr")
+                  "text_queue", "idx_queue", "queue_ptr")
 
 
 def build_blip(spec: dict) -> BLIP:

@@ -96,9 +96,11 @@ def test_momentum_update_and_queue_wraparound():
     model.momentum_update()
     assert_close(model.text_proj_m.weight, 0.9 * before + 0.1 * model.text_proj.weight, atol=1e-6, rtol=1e-6)
     feats = [F.normalize(torch.randn(4, 16), dim=1) for _ in range(2)]
-    model.enqueue(feats[0], feats[0].flip(0))
-    model.enqueue(feats[1], feats[1].flip(0))  # 8 rows into 6 slots: wraps
+    assert model.idx_queue.tolist() == [-100] * 6  # an empty queue's ids match no sample
+    model.enqueue(feats[0], feats[0].flip(0), image_ids=torch.tensor([10, 11, 12, 13]))
+    model.enqueue(feats[1], feats[1].flip(0))  # 8 rows into 6 slots: wraps; no ids -> -100
     assert model.queue_ptr.tolist() == [2]
+    assert model.idx_queue.tolist() == [-100, -100, 12, 13, -100, -100]
     assert_close(model.image_queue[:2], feats[1][2:], atol=0, rtol=0)
     assert_close(model.image_queue[2:4], feats[0][2:], atol=0, rtol=0)
     assert_close(model.image_queue[4:], feats[1][:2], atol=0, rtol=0)
@@ -126,6 +128,34 @@ def test_forward_itc_is_momentum_distilled_itc_on_the_queue(path):
             torch.cat([text_m, queue_before[1]]), model.temp, 0.3)
     assert_close(out["itc"], expected, atol=2e-5, rtol=2e-5, name="itc")
     assert_close(model.image_queue[:4], image_m, atol=1e-6, rtol=1e-6, name="enqueued")
+
+
+@pytest.mark.parametrize("path", ["reference", "triton"])
+def test_forward_itc_with_image_ids_scores_same_image_entries_as_positives(path):
+    """BLIP retrieval's ITC: with image ids, batch and queue entries of the same image are positives
+    (targets spread over them), and the ids are enqueued with the features."""
+    torch.manual_seed(0)
+    model = tiny_blip(queue_size=8, momentum=0.9).train()
+    images, ids, mask = tiny_batch()
+    image_ids = torch.tensor([7, 3, 7, 5])  # rows 0 and 2 show the same image
+    with backend(path):
+        model(images, ids, mask, alpha=0.3, losses=("itc",), image_ids=image_ids)
+    assert model.idx_queue[:4].tolist() == [7, 3, 7, 5] and model.idx_queue[4:].tolist() == [-100] * 4
+    queue_before = (model.image_queue.clone(), model.text_queue.clone(), model.idx_queue.clone())
+    with backend(path):
+        out = model(images, ids, mask, alpha=0.3, losses=("itc",), image_ids=image_ids)
+    with torch.no_grad():
+        embeds = model.encode_image(images)
+        image_feat, text_feat = model.image_features(embeds), model.text_features(ids, mask)
+        image_m, text_m = model.momentum_features(images, ids, mask)
+        columns = (torch.cat([image_m, queue_before[0]]), torch.cat([text_m, queue_before[1]]))
+        column_ids = torch.cat([image_ids, queue_before[2]])
+        expected = momentum_contrastive_loss_reference(image_feat, text_feat, image_m, text_m, *columns, model.temp,
+                                                       0.3, ids=image_ids, column_ids=column_ids)
+        one_hot = momentum_contrastive_loss_reference(image_feat, text_feat, image_m, text_m, *columns, model.temp,
+                                                      0.3)
+    assert_close(out["itc"], expected, atol=2e-5, rtol=2e-5, name="itc with image ids")
+    assert abs(float(expected) - float(one_hot)) > 1e-4  # the ids changed the targets (near-uniform logits: small)
 
 
 def test_pretrain_step_backpropagates_to_every_trained_part():

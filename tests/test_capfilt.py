@@ -61,8 +61,9 @@ def setup(tmp_path_factory):
         samples = []
         for i, colour in enumerate(colours[: 3 + s]):
             key = f"{s:03d}{i:04d}"
+            source = {"url": f"http://x/{key}", **({"image_id": 100 + i} if s == 1 else {})}
             samples += [(f"{key}.png", _png(colour)), (f"{key}.txt", f"a {colour} circle".encode()),
-                        (f"{key}.json", json.dumps({"url": f"http://x/{key}"}).encode())]
+                        (f"{key}.json", json.dumps(source).encode())]
         samples += [(f"{s:03d}9998.png", b"not a png"), (f"{s:03d}9998.txt", b"broken image")]  # corrupt
         samples += [(f"{s:03d}9999.png", _png("red"))]  # no caption
         _write_shard(shards_dir / f"shard-{s:05d}.tar", samples)
@@ -107,7 +108,10 @@ def test_end_to_end_outputs_and_report(setup, tmp_path):
             assert fields["txt"].decode().split("\n") == kept
             assert all(c["kept"] == (c["itm_score"] >= 0.5) or not c["text"] for c in meta["captions"])
             assert [c["source"] for c in meta["captions"]] == ["web", "synthetic", "synthetic"]
-            assert meta["source_json"] == {"url": f"http://x/{key}"}
+            assert meta["source_json"]["url"] == f"http://x/{key}"
+            # the BLIP tasks read image_id at the top level: CapFilt carries it over when the input has one
+            assert meta.get("image_id") == meta["source_json"].get("image_id")
+            assert ("image_id" in meta) == key.startswith("001")
             assert len(meta["capfilt"]["filter"]["sha256"]) == 64
             assert not any(c["text"].startswith("a picture of") for c in meta["captions"][1:])
             written += 1

@@ -40,8 +40,10 @@ def _ids(b, q, device):
     """Image ids as BLIP retrieval sees them: duplicates in the batch (several captions of one image),
     queue entries that share a batch id, unrelated ids and -100 (an unfilled queue slot)."""
     g = torch.Generator().manual_seed(b * 1000 + q)
-    ids = torch.randint(0, max(1, (b + 1) // 2), (b,), generator=g) + 10  # ~2 captions per image
-    queue_ids = torch.randint(0, b + 8, (q,), generator=g) + 10  # some equal a batch id, some not
+    # ids from 0, like COCO's: padded column / row lanes must not count as positives of image 0
+    ids = torch.randint(0, max(1, (b + 1) // 2), (b,), generator=g)  # ~2 captions per image
+    ids[0] = 0
+    queue_ids = torch.randint(0, b + 8, (q,), generator=g)  # some equal a batch id, some not
     queue_ids[torch.rand(q, generator=g) < 0.3] = -100
     if q:
         queue_ids[0] = ids[0]  # at least one queue positive, whatever the draw
@@ -238,6 +240,30 @@ def test_opcheck(with_ids):
     with backend("triton"):
         torch.library.opcheck(torch.ops.vlmcore.momentum_distill_rows, (rows, rows_m, cols, temp, 0.4, 0, *ids),
                               test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+def test_torch_compile_with_and_without_ids():
+    """The optional id tensors of the custom ops trace under ``torch.compile`` (graph breaks allowed):
+    same loss and gradients as eager, with ids and without (a recompile for ``None``)."""
+    inputs = _inputs(5, 16, 11, torch.float32, "cpu")
+    temperature = torch.tensor(0.07)
+    ids = _ids(5, 11, "cpu")
+
+    def loss_and_grads(loss_fn, *id_args):
+        image, text, temp = (t.detach().clone().requires_grad_() for t in (inputs[0], inputs[1], temperature))
+        loss = loss_fn(image, text, temp, *id_args)
+        loss.backward()
+        return loss, image.grad, text.grad, temp.grad
+
+    def loss_fn(image, text, temp, ids=None, queue_ids=None):
+        return momentum_contrastive_loss(image, text, inputs[2], inputs[3], temp, 0.4, image_queue=inputs[4],
+                                         text_queue=inputs[5], ids=ids, queue_ids=queue_ids)
+
+    compiled = torch.compile(loss_fn, backend="aot_eager")
+    with backend("triton"):
+        for id_args in (ids, ()):
+            for a, r in zip(loss_and_grads(compiled, *id_args), loss_and_grads(loss_fn, *id_args)):
+                assert_close(a, r, atol=1e-6, rtol=1e-6)
 
 
 @pytest.mark.slow

@@ -21,9 +21,10 @@ Triton path, one op direction at a time (the symmetric loss is two calls):
   (online and momentum scores) and three online reductions in fp32: the LSE of z, the LSE of the
   momentum scores, and ``sum_j exp(zm_j - max) z_j`` (the soft-target expectation of z, rescaled
   like the softmax sum). With ids (constexpr ``HAS_IDS``; off: the label-column path, no id loads)
-  the same walk also loads each column tile's int64 ids and accumulates per row the positive
-  count ``k_i`` and ``sum_{j positive} z_ij``. Stores per row: the loss, ``lse(z)``, ``lse(zm)``
-  and, with ids, ``k_i`` (fp32).
+  a first walk over the int64 column ids alone (no features) counts each row's positives ``k_i``
+  and the main walk loads each tile's ids again to sum z over the positives (8 bytes per column
+  per pass; counting inside the main walk spilled the fp32 variant on sm_90). Stores per row: the
+  loss, ``lse(z)``, ``lse(zm)`` and, with ids, ``k_i`` (fp32).
 - backward ``_momentum_distill_bwd_kernel``: one program per block of rows recomputes both score
   tiles, forms ``(softmax(z) - t) * g`` (with ids, ``t``'s hard part is ``(1 - alpha) / k_i`` on
   the positives, from the stored counts) and accumulates ``d rows`` in fp32 registers, plus the
@@ -122,6 +123,13 @@ def _momentum_distill_fwd_kernel(
     b_count = tl.zeros([BLOCK_M], tl.float32)  # positive columns per row (ids only)
     if HAS_IDS:
         b_row_ids = tl.load(p_row_ids + o_m, mask=m_m, other=0)  # int64 [BLOCK_M]
+        # Counted in its own id-only pass, the count stays out of the score tiles' layout: counted in the
+        # main walk it made ptxas spill the fp32 [32, 32] variant (4-7 KB; momentum_contrastive_compile_check.py).
+        for i_n in range(0, n_cols, BLOCK_N):
+            o_n = i_n + tl.arange(0, BLOCK_N).to(tl.int64)
+            m_n = o_n < n_cols
+            b_col_ids = tl.load(p_col_ids + o_n, mask=m_n, other=0)
+            b_count += tl.sum(((b_col_ids[None, :] == b_row_ids[:, None]) & m_n[None, :]).to(tl.float32), 1)
     for i_n in range(0, n_cols, BLOCK_N):
         o_n = i_n + tl.arange(0, BLOCK_N).to(tl.int64)
         m_n = o_n < n_cols
@@ -140,7 +148,6 @@ def _momentum_distill_fwd_kernel(
         if HAS_IDS:
             b_col_ids = tl.load(p_col_ids + o_n, mask=m_n, other=0)  # int64 [BLOCK_N]
             b_pos = (b_col_ids[None, :] == b_row_ids[:, None]) & m_n[None, :]
-            b_count += tl.sum(b_pos.to(tl.float32), 1)
             b_target += tl.sum(tl.where(b_pos, b_z, 0.0), 1)
         else:
             b_target += tl.sum(tl.where(o_n[None, :] == label[:, None], b_z, 0.0), 1)

@@ -3,12 +3,16 @@
 Public op: :func:`momentum_contrastive_loss`. One direction (image -> text, say) is
 
     z = rows @ cols^T / temp                     online logits     [b, N]   (N = b + Q columns)
-    t = alpha * softmax(rows_m @ cols^T / temp) + (1 - alpha) * onehot(i + label_offset)
-    loss_i = -sum_j t_ij log_softmax(z_i)_j = lse(z_i) - alpha * E_{q_i}[z_i] - (1 - alpha) z_i,label
+    t = alpha * softmax(rows_m @ cols^T / temp) + (1 - alpha) * y
+    y = onehot(i + label_offset)      or, with image ids,      y_ij = [row_ids_i == col_ids_j] / k_i
+    loss_i = -sum_j t_ij log_softmax(z_i)_j = lse(z_i) - alpha * E_{q_i}[z_i] - (1 - alpha) sum_j y_ij z_ij
 
 with ``rows`` the online features, ``rows_m`` the momentum features of the same samples and
-``cols`` = [momentum batch; queue] of the other modality. Targets are constants (BLIP computes
-them under ``no_grad``): gradients flow to ``rows`` and to ``temp`` only.
+``cols`` = [momentum batch; queue] of the other modality. With ids (BLIP ``blip_retrieval.py``)
+every column carrying the row's image id is a positive, ``k_i >= 1`` of them (the row's own
+momentum column is one); the hard term is then ``(1 - alpha) * sum_{j positive} z_ij / k_i``.
+Targets are constants (BLIP computes them under ``no_grad``): gradients flow to ``rows`` and to
+``temp`` only.
 
 Triton path, one op direction at a time (the symmetric loss is two calls):
 
@@ -16,9 +20,14 @@ Triton path, one op direction at a time (the symmetric loss is two calls):
   and the momentum row tiles once and walks the column tiles; each column tile feeds two matmuls
   (online and momentum scores) and three online reductions in fp32: the LSE of z, the LSE of the
   momentum scores, and ``sum_j exp(zm_j - max) z_j`` (the soft-target expectation of z, rescaled
-  like the softmax sum). Stores per row: the loss, ``lse(z)``, ``lse(zm)`` (fp32).
+  like the softmax sum). With ids (constexpr ``HAS_IDS``; off: the label-column path, no id loads)
+  a first walk over the int64 column ids alone (no features) counts each row's positives ``k_i``
+  and the main walk loads each tile's ids again to sum z over the positives (8 bytes per column
+  per pass; counting inside the main walk spilled the fp32 variant on sm_90). Stores per row: the
+  loss, ``lse(z)``, ``lse(zm)`` and, with ids, ``k_i`` (fp32).
 - backward ``_momentum_distill_bwd_kernel``: one program per block of rows recomputes both score
-  tiles, forms ``(softmax(z) - t) * g`` and accumulates ``d rows`` in fp32 registers, plus the
+  tiles, forms ``(softmax(z) - t) * g`` (with ids, ``t``'s hard part is ``(1 - alpha) / k_i`` on
+  the positives, from the stored counts) and accumulates ``d rows`` in fp32 registers, plus the
   per-row ``sum_j (p - t)_ij (r_i . c_j)`` for the temperature gradient (summed on the host in a
   fixed order).
 
@@ -64,7 +73,17 @@ def _prune(configs, named_args, **kwargs):
     return kept or configs[:1]
 
 
-_AUTOTUNE_KEY = ["size_bucket", "BLOCK_E", "PRECISION"]
+def _prune_backward(configs, named_args, **kwargs):
+    """:func:`_prune`, and with ids at e > 128 no ``[64, 64]`` tile: with the id comparison that tile
+    spilled 192-292 bytes at 255 registers (bf16, e = 256, 2-3 stages; without ids 32-36 bytes;
+    tests/momentum_contrastive_compile_check.py)."""
+    kept = _prune(configs, named_args, **kwargs)
+    if kwargs.get("HAS_IDS") and kwargs["BLOCK_E"] > 128:
+        kept = [c for c in kept if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] < 64 * 64] or kept[:1]
+    return kept
+
+
+_AUTOTUNE_KEY = ["size_bucket", "BLOCK_E", "PRECISION", "HAS_IDS"]
 
 
 @triton.jit
@@ -80,9 +99,10 @@ def _score_tiles(b_r, b_rm, p_cols, stride_c, o_n, m_n, o_e, m_e, scale, PRECISI
 @triton.autotune(configs=_configs(), key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _momentum_distill_fwd_kernel(
-    p_rows, p_rows_m, p_cols, p_scale, p_loss, p_lse, p_lse_m,
+    p_rows, p_rows_m, p_cols, p_scale, p_loss, p_lse, p_lse_m, p_row_ids, p_col_ids, p_count,
     n_rows, n_cols, e, stride_r, stride_rm, stride_c, label_offset, alpha, size_bucket,
-    BLOCK_E: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_E: tl.constexpr, PRECISION: tl.constexpr, HAS_IDS: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     i_m = tl.program_id(0).to(tl.int64)
     o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -99,7 +119,17 @@ def _momentum_distill_fwd_kernel(
     b_max_m = tl.full([BLOCK_M], M_FLOOR, tl.float32)
     b_sum_m = tl.zeros([BLOCK_M], tl.float32)
     b_expect = tl.zeros([BLOCK_M], tl.float32)  # sum_j exp(zm_j - max_m) z_j
-    b_target = tl.zeros([BLOCK_M], tl.float32)  # z at the label column
+    b_target = tl.zeros([BLOCK_M], tl.float32)  # z at the label column (with ids: summed over the positives)
+    b_count = tl.zeros([BLOCK_M], tl.float32)  # positive columns per row (ids only)
+    if HAS_IDS:
+        b_row_ids = tl.load(p_row_ids + o_m, mask=m_m, other=0)  # int64 [BLOCK_M]
+        # Counted in its own id-only pass, the count stays out of the score tiles' layout: counted in the
+        # main walk it made ptxas spill the fp32 [32, 32] variant (4-7 KB; momentum_contrastive_compile_check.py).
+        for i_n in range(0, n_cols, BLOCK_N):
+            o_n = i_n + tl.arange(0, BLOCK_N).to(tl.int64)
+            m_n = o_n < n_cols
+            b_col_ids = tl.load(p_col_ids + o_n, mask=m_n, other=0)
+            b_count += tl.sum(((b_col_ids[None, :] == b_row_ids[:, None]) & m_n[None, :]).to(tl.float32), 1)
     for i_n in range(0, n_cols, BLOCK_N):
         o_n = i_n + tl.arange(0, BLOCK_N).to(tl.int64)
         m_n = o_n < n_cols
@@ -115,21 +145,32 @@ def _momentum_distill_fwd_kernel(
         b_sum_m = b_sum_m * b_rescale + tl.sum(b_q, 1)
         b_expect = b_expect * b_rescale + tl.sum(b_q * tl.where(m_n[None, :], b_z, 0.0), 1)
         b_max_m = b_max_m_new
-        b_target += tl.sum(tl.where(o_n[None, :] == label[:, None], b_z, 0.0), 1)
+        if HAS_IDS:
+            b_col_ids = tl.load(p_col_ids + o_n, mask=m_n, other=0)  # int64 [BLOCK_N]
+            b_pos = (b_col_ids[None, :] == b_row_ids[:, None]) & m_n[None, :]
+            b_target += tl.sum(tl.where(b_pos, b_z, 0.0), 1)
+        else:
+            b_target += tl.sum(tl.where(o_n[None, :] == label[:, None], b_z, 0.0), 1)
     b_lse = b_max + tl.log(b_sum)
     b_lse_m = b_max_m + tl.log(b_sum_m)
+    if HAS_IDS:
+        # mean z over the positives; every valid row has >= 1 (rows past n_rows: 1, not 0 / 0)
+        b_target = b_target / tl.where(m_m, b_count, 1.0)
     b_loss = b_lse - alpha * (b_expect / b_sum_m) - (1.0 - alpha) * b_target
     tl.store(p_loss + o_m, b_loss, mask=m_m)
     tl.store(p_lse + o_m, b_lse, mask=m_m)
     tl.store(p_lse_m + o_m, b_lse_m, mask=m_m)
+    if HAS_IDS:
+        tl.store(p_count + o_m, b_count, mask=m_m)
 
 
-@triton.autotune(configs=_configs(), key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(configs=_configs(), key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune_backward})
 @triton.jit
 def _momentum_distill_bwd_kernel(
-    p_rows, p_rows_m, p_cols, p_scale, p_lse, p_lse_m, p_grad, p_drows, p_dscale_rows,
-    n_rows, n_cols, e, stride_r, stride_rm, stride_c, stride_dr, label_offset, alpha, size_bucket,
-    BLOCK_E: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    p_rows, p_rows_m, p_cols, p_scale, p_lse, p_lse_m, p_grad, p_drows, p_dscale_rows, p_row_ids, p_col_ids,
+    p_count, n_rows, n_cols, e, stride_r, stride_rm, stride_c, stride_dr, label_offset, alpha, size_bucket,
+    BLOCK_E: tl.constexpr, PRECISION: tl.constexpr, HAS_IDS: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     i_m = tl.program_id(0).to(tl.int64)
     o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -144,6 +185,9 @@ def _momentum_distill_bwd_kernel(
     b_lse_m = tl.load(p_lse_m + o_m, mask=m_m, other=0.0)
     b_g = tl.load(p_grad + o_m, mask=m_m, other=0.0)  # dL/dloss_i
     label = o_m + label_offset
+    if HAS_IDS:
+        b_row_ids = tl.load(p_row_ids + o_m, mask=m_m, other=0)
+        b_hard = (1.0 - alpha) / tl.load(p_count + o_m, mask=m_m, other=1.0)  # hard target per positive
     b_dr = tl.zeros([BLOCK_M, BLOCK_E], tl.float32)
     b_ds = tl.zeros([BLOCK_M], tl.float32)
     for i_n in range(0, n_cols, BLOCK_N):
@@ -151,7 +195,13 @@ def _momentum_distill_bwd_kernel(
         m_n = o_n < n_cols
         b_c, b_dot, b_z, b_zm = _score_tiles(b_r, b_rm, p_cols, stride_c, o_n, m_n, o_e, m_e, scale, PRECISION)
         b_p = tl.exp(b_z - b_lse[:, None])
-        b_t = alpha * tl.exp(b_zm - b_lse_m[:, None]) + tl.where(o_n[None, :] == label[:, None], 1.0 - alpha, 0.0)
+        if HAS_IDS:
+            b_col_ids = tl.load(p_col_ids + o_n, mask=m_n, other=0)
+            b_t = alpha * tl.exp(b_zm - b_lse_m[:, None]) + tl.where(b_col_ids[None, :] == b_row_ids[:, None],
+                                                                     b_hard[:, None], 0.0)
+        else:
+            b_t = alpha * tl.exp(b_zm - b_lse_m[:, None]) + tl.where(o_n[None, :] == label[:, None], 1.0 - alpha,
+                                                                     0.0)
         b_coef = tl.where(m_n[None, :] & m_m[:, None], (b_p - b_t) * b_g[:, None], 0.0)  # dL/dz [BLOCK_M, BLOCK_N]
         b_ds += tl.sum(b_coef * b_dot, 1)
         b_dr += tl.dot(b_coef.to(b_c.dtype), b_c, input_precision=PRECISION)
@@ -170,39 +220,46 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _meta(rows: torch.Tensor, cols: torch.Tensor) -> dict:
-    """Autotune key and compile-time sizes: column-count bucket, padded embedding tile, dot precision."""
+def _meta(rows: torch.Tensor, cols: torch.Tensor, row_ids: torch.Tensor | None) -> dict:
+    """Autotune key and compile-time sizes: column-count bucket, padded embedding tile, dot precision,
+    whether the targets come from image ids."""
     return dict(size_bucket=triton.next_power_of_2(cols.shape[0]),
-                BLOCK_E=max(16, triton.next_power_of_2(rows.shape[1])), PRECISION=_precision(rows.dtype))
+                BLOCK_E=max(16, triton.next_power_of_2(rows.shape[1])), PRECISION=_precision(rows.dtype),
+                HAS_IDS=row_ids is not None)
 
 
 def _grid(n_rows: int):
     return lambda meta: (triton.cdiv(n_rows, meta["BLOCK_M"]),)
 
 
-def momentum_distill_forward(rows, rows_m, cols, scale, alpha: float, label_offset: int):
-    """Per-row losses, ``lse(z)``, ``lse(zm)`` (fp32 ``[b]`` each) on contiguous validated inputs."""
+def momentum_distill_forward(rows, rows_m, cols, scale, alpha: float, label_offset: int, row_ids=None,
+                             col_ids=None):
+    """Per-row losses, ``lse(z)``, ``lse(zm)`` and the positive counts (fp32 ``[b]`` each; the counts
+    are ``[0]`` without ids) on contiguous validated inputs; ``row_ids`` / ``col_ids`` int64 ``[b]`` /
+    ``[N]`` or None."""
     n_rows, e = rows.shape
     loss = torch.empty(n_rows, dtype=torch.float32, device=rows.device)
     lse = torch.empty_like(loss)
     lse_m = torch.empty_like(loss)
+    count = torch.empty(n_rows if row_ids is not None else 0, dtype=torch.float32, device=rows.device)
     _momentum_distill_fwd_kernel[_grid(n_rows)](
-        rows, rows_m, cols, scale, loss, lse, lse_m,
+        rows, rows_m, cols, scale, loss, lse, lse_m, row_ids, col_ids, count if row_ids is not None else None,
         n_rows, cols.shape[0], e, rows.stride(0), rows_m.stride(0), cols.stride(0), label_offset, float(alpha),
-        **_meta(rows, cols),
+        **_meta(rows, cols, row_ids),
     )
-    return loss, lse, lse_m
+    return loss, lse, lse_m, count
 
 
-def momentum_distill_backward(grad_rows, rows, rows_m, cols, scale, lse, lse_m, alpha: float, label_offset: int):
+def momentum_distill_backward(grad_rows, rows, rows_m, cols, scale, lse, lse_m, alpha: float, label_offset: int,
+                              row_ids=None, col_ids=None, count=None):
     """``(d rows [b, e] in the rows' dtype, sum_j dL/dz_ij (r_i . c_j) per row, fp32 [b])``."""
     n_rows, e = rows.shape
     d_rows = torch.empty_like(rows)
     ds_rows = torch.empty(n_rows, dtype=torch.float32, device=rows.device)
     _momentum_distill_bwd_kernel[_grid(n_rows)](
-        rows, rows_m, cols, scale, lse, lse_m, grad_rows, d_rows, ds_rows,
+        rows, rows_m, cols, scale, lse, lse_m, grad_rows, d_rows, ds_rows, row_ids, col_ids, count,
         n_rows, cols.shape[0], e, rows.stride(0), rows_m.stride(0), cols.stride(0), d_rows.stride(0),
-        label_offset, float(alpha), **_meta(rows, cols),
+        label_offset, float(alpha), **_meta(rows, cols, row_ids),
     )
     return d_rows, ds_rows
 
@@ -217,54 +274,69 @@ def _scale_of(temperature: torch.Tensor) -> torch.Tensor:
     return (1.0 / temperature.detach().float()).reshape(1)
 
 
+def _contiguous_or_none(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.contiguous()
+
+
 @torch.library.custom_op("vlmcore::momentum_distill_rows", mutates_args=())
 def _rows_op(rows: torch.Tensor, rows_m: torch.Tensor, cols: torch.Tensor, temperature: torch.Tensor,
-             alpha: float, label_offset: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One direction: ``(per-row loss, lse(z), lse(zm))``, fp32 ``[b]`` each (module docstring)."""
+             alpha: float, label_offset: int, row_ids: torch.Tensor | None = None,
+             col_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One direction: ``(per-row loss, lse(z), lse(zm), positives per row)``, fp32 ``[b]`` each; the
+    positive counts are ``[0]`` without ids (module docstring). ``row_ids`` / ``col_ids``: int64
+    ``[b]`` / ``[N]`` (both or neither)."""
     rows, rows_m, cols = rows.contiguous(), rows_m.contiguous(), cols.contiguous()
-    return momentum_distill_forward(rows, rows_m, cols, _scale_of(temperature), alpha, label_offset)
+    return momentum_distill_forward(rows, rows_m, cols, _scale_of(temperature), alpha, label_offset,
+                                    _contiguous_or_none(row_ids), _contiguous_or_none(col_ids))
 
 
 @_rows_op.register_fake
-def _(rows, rows_m, cols, temperature, alpha, label_offset):
+def _(rows, rows_m, cols, temperature, alpha, label_offset, row_ids=None, col_ids=None):
     n = rows.shape[0]
-    return tuple(rows.new_empty(n, dtype=torch.float32) for _ in range(3))
+    per_row = tuple(rows.new_empty(n, dtype=torch.float32) for _ in range(3))
+    return per_row + (rows.new_empty(n if row_ids is not None else 0, dtype=torch.float32),)
 
 
 @torch.library.custom_op("vlmcore::momentum_distill_rows_backward", mutates_args=())
 def _rows_backward_op(grad: torch.Tensor, rows: torch.Tensor, rows_m: torch.Tensor, cols: torch.Tensor,
                       temperature: torch.Tensor, lse: torch.Tensor, lse_m: torch.Tensor, alpha: float,
-                      label_offset: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(d rows, d temperature)`` of ``sum_i grad_i loss_i``."""
+                      label_offset: int, row_ids: torch.Tensor | None = None, col_ids: torch.Tensor | None = None,
+                      count: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(d rows, d temperature)`` of ``sum_i grad_i loss_i``; ``count``: the forward's positives per row
+    (with ids)."""
     rows, rows_m, cols = rows.contiguous(), rows_m.contiguous(), cols.contiguous()
     grad = grad.detach().float().contiguous()  # may arrive expanded (stride 0) from a mean / sum
     scale = _scale_of(temperature)
-    d_rows, ds_rows = momentum_distill_backward(grad, rows, rows_m, cols, scale, lse, lse_m, alpha, label_offset)
+    d_rows, ds_rows = momentum_distill_backward(grad, rows, rows_m, cols, scale, lse, lse_m, alpha, label_offset,
+                                                _contiguous_or_none(row_ids), _contiguous_or_none(col_ids),
+                                                _contiguous_or_none(count))
     # z = s * dot with s = 1 / temp: dL/dtemp = -s^2 * sum_ij dL/dz_ij dot_ij
     d_temp = (-(scale * scale) * ds_rows.sum()).reshape(temperature.shape).to(temperature.dtype)
     return d_rows, d_temp
 
 
 @_rows_backward_op.register_fake
-def _(grad, rows, rows_m, cols, temperature, lse, lse_m, alpha, label_offset):
+def _(grad, rows, rows_m, cols, temperature, lse, lse_m, alpha, label_offset, row_ids=None, col_ids=None,
+      count=None):
     return torch.empty_like(rows), torch.empty_like(temperature)
 
 
 def _setup_context(ctx, inputs, output):
-    rows, rows_m, cols, temperature, alpha, label_offset = inputs
-    _, lse, lse_m = output
-    ctx.mark_non_differentiable(lse, lse_m)
-    ctx.save_for_backward(rows, rows_m, cols, temperature, lse, lse_m)
+    rows, rows_m, cols, temperature, alpha, label_offset, row_ids, col_ids = inputs
+    _, lse, lse_m, count = output
+    ctx.mark_non_differentiable(lse, lse_m, count)
+    ctx.save_for_backward(rows, rows_m, cols, temperature, lse, lse_m, row_ids, col_ids, count)
     ctx.alpha = alpha
     ctx.label_offset = label_offset
 
 
-def _backward(ctx, grad_loss, grad_lse, grad_lse_m):
-    rows, rows_m, cols, temperature, lse, lse_m = ctx.saved_tensors
+def _backward(ctx, grad_loss, grad_lse, grad_lse_m, grad_count):
+    rows, rows_m, cols, temperature, lse, lse_m, row_ids, col_ids, count = ctx.saved_tensors
+    has_ids = row_ids is not None
     d_rows, d_temp = _rows_backward_op(grad_loss, rows, rows_m, cols, temperature, lse, lse_m, ctx.alpha,
-                                       ctx.label_offset)
+                                       ctx.label_offset, row_ids, col_ids, count if has_ids else None)
     need_rows, _, _, need_temp = ctx.needs_input_grad[:4]
-    return (d_rows if need_rows else None, None, None, d_temp if need_temp else None, None, None)
+    return (d_rows if need_rows else None, None, None, d_temp if need_temp else None, None, None, None, None)
 
 
 _rows_op.register_autograd(_backward, setup_context=_setup_context)
@@ -351,8 +423,9 @@ def momentum_contrastive_loss(
             (BLIP fills an empty queue's ids with -100, which matches no sample).
 
     Targets for i2t: ``alpha * softmax(image_features_m @ cols_t^T / temp) + (1 - alpha) *
-    onehot(i)`` (or the id positives above); likewise t2i. The momentum features and the queues are constants (no gradient),
-    as in BLIP. Gradients flow to ``image_features``, ``text_features`` and ``temperature``.
+    onehot(i)`` (or the id positives above, the same ids in both directions); likewise t2i. The
+    momentum features and the queues are constants (no gradient), as in BLIP. Gradients flow to
+    ``image_features``, ``text_features`` and ``temperature``.
 
     Backend: Triton (module docstring; ``[b, b + Q]`` logits never stored) for CUDA tensors or when
     forced, else :func:`~vlmcore.kernels.reference.momentum_contrastive_loss_reference`.
@@ -384,9 +457,10 @@ def momentum_contrastive_loss(
         return momentum_contrastive_loss_reference(image_features, text_features, image_features_m.detach(),
                                                    text_features_m.detach(), cols_image, cols_text, temperature,
                                                    alpha, ids=ids, column_ids=column_ids)
-    if column_ids is not None:
-        raise NotImplementedError("ids on the Triton path: in progress")
-    loss_i2t = _rows_op(image_features, image_features_m.detach(), cols_text, temperature, alpha, 0)[0]
-    loss_t2i = _rows_op(text_features, text_features_m.detach(), cols_image, temperature, alpha, 0)[0]
+    # both directions share the ids: image i's captions and image i are one sample
+    loss_i2t = _rows_op(image_features, image_features_m.detach(), cols_text, temperature, alpha, 0, ids,
+                        column_ids)[0]
+    loss_t2i = _rows_op(text_features, text_features_m.detach(), cols_image, temperature, alpha, 0, ids,
+                        column_ids)[0]
     return (loss_i2t.mean() + loss_t2i.mean()) / 2
 

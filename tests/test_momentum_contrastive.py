@@ -289,6 +289,7 @@ def test_bench_blip_quick_writes_rows_for_both_providers(tmp_path):
 
     out = tmp_path / "bench.csv"
     assert bench_main(["blip", "--quick", "--device", "cpu", "--modes", "fwd_bwd", "--out", str(out)]) == 0
-    rows = [r for r in csv.DictReader(open(out)) if r["op"] == "blip_itc"]
-    assert {(r["provider"], r["status"]) for r in rows} == {("vlmcore", "ok"), ("reference", "ok")}
-    assert len(rows) == 4
+    for op in ("blip_itc", "blip_itc_ids"):  # the second with BLIP retrieval's image-id positives
+        rows = [r for r in csv.DictReader(open(out)) if r["op"] == op]
+        assert {(r["provider"], r["status"]) for r in rows} == {("vlmcore", "ok"), ("reference", "ok")}, op
+        assert len(rows) == 4, op

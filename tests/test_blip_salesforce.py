@@ -121,7 +121,8 @@ def salesforce_state_dict(kind: str, seed: int = 0, image_size: int = IMAGE) -> 
                 state[name] = state["text_encoder." + name[len("text_decoder.bert."):]]
     if "text_decoder.cls.predictions.bias" in state:  # BertLMPredictionHead ties; the LM decoder = word embeddings
         state["text_decoder.cls.predictions.decoder.bias"] = state["text_decoder.cls.predictions.bias"]
-        state["text_decoder.cls.predictions.decoder.weight"] = state["text_decoder.bert.embeddings.word_embeddings.weight"]
+        word_embeddings = state["text_decoder.bert.embeddings.word_embeddings.weight"]
+        state["text_decoder.cls.predictions.decoder.weight"] = word_embeddings
     return state
 
 

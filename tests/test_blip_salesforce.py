@@ -19,7 +19,16 @@ import pytest
 import torch
 from utils import assert_close
 
-from vlmcore.blip import BLIP, MEDConfig, blip_vision_encoder, read_salesforce_checkpoint
+from vlmcore.blip import (
+    BLIP,
+    MEDConfig,
+    blip_from_salesforce,
+    blip_vision_encoder,
+    load_blip,
+    read_salesforce_checkpoint,
+    salesforce_blip_spec,
+    save_blip,
+)
 
 transformers = pytest.importorskip("transformers")
 
@@ -383,3 +392,42 @@ def test_read_salesforce_checkpoint(tmp_path):
     model = ours(momentum=None)
     model.load_salesforce_checkpoint(str(path))
     check_decoder_outputs(model, state)
+
+
+TINY_TEXT = dict(num_attention_heads=2, bos_token_id=BOS, enc_token_id=BOS + 1, sep_token_id=SEP, pad_token_id=PAD)
+
+
+def test_spec_from_the_weights_builds_a_model_that_loads_and_matches_hf(tmp_path):
+    state = salesforce_state_dict("retrieval", seed=6)
+    spec = salesforce_blip_spec(state, vision_heads=2, text_overrides=TINY_TEXT)
+    assert spec["vision"] == {"kind": "hf_blip", "hidden_size": V_WIDTH, "num_hidden_layers": V_DEPTH,
+                              "num_attention_heads": 2, "intermediate_size": V_MLP, "image_size": IMAGE,
+                              "patch_size": PATCH, "layer_norm_eps": 1e-6}
+    assert {k: spec["text"][k] for k in ("vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size",
+                                         "max_position_embeddings", "encoder_width")} == {
+        "vocab_size": VOCAB, "hidden_size": T_WIDTH, "num_hidden_layers": T_DEPTH, "intermediate_size": T_MLP,
+        "max_position_embeddings": T_POS, "encoder_width": V_WIDTH}
+    assert (spec["momentum"], spec["queue_size"], spec["embed_dim"]) == (0.995, QUEUE, EMBED)
+    path = tmp_path / "model_base_retrieval.pth"
+    torch.save({"model": state}, path)
+    model = blip_from_salesforce(str(path), vision_heads=2, text_overrides=TINY_TEXT)
+    assert torch.equal(model.image_queue, state["image_queue"].T)
+    check_retrieval_outputs(model, state)
+    save_blip(model, str(tmp_path / "saved"))  # the spec is build_blip's: the vlmcore checkpoint round-trips
+    check_retrieval_outputs(load_blip(str(tmp_path / "saved")), state)
+    # another resolution: pos_embed interpolated (4x4 -> 6x6 patches), the rest loads as is
+    bigger = blip_from_salesforce(state, image_size=48, vision_heads=2, text_overrides=TINY_TEXT)
+    assert bigger.visual_encoder.model.embeddings.position_embedding.shape == (1, 37, V_WIDTH)
+    caption = salesforce_blip_spec(salesforce_state_dict("caption"), vision_heads=2, text_overrides=TINY_TEXT)
+    assert caption["momentum"] is None and caption["text"]["vocab_size"] == VOCAB
+
+
+def test_spec_needs_head_counts_when_widths_are_not_multiples_of_64():
+    state = salesforce_state_dict("caption")
+    with pytest.raises(ValueError, match="ViT width 48"):
+        salesforce_blip_spec(state, text_overrides=TINY_TEXT)
+    with pytest.raises(ValueError, match="text width 32"):
+        salesforce_blip_spec(state, vision_heads=2, text_overrides={k: v for k, v in TINY_TEXT.items()
+                                                                    if k != "num_attention_heads"})
+    with pytest.raises(ValueError, match="visual_encoder.cls_token"):
+        salesforce_blip_spec({"vision_proj.weight": torch.zeros(2, 2)})

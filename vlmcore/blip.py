@@ -1210,6 +1210,78 @@ def load_blip(directory: str, **overrides) -> BLIP:
     return model
 
 
+def salesforce_blip_spec(state_dict: dict[str, torch.Tensor], *, image_size: int | None = None,
+                         vision_heads: int | None = None, momentum: float | None | str = "auto",
+                         text_overrides: dict | None = None) -> dict:
+    """A :func:`build_blip` spec for the model a salesforce/BLIP state dict loads into, sizes read from
+    the weights' shapes: ViT width / depth / MLP / patch / checkpoint resolution, BERT width / depth /
+    vocabulary / positions / cross-attention width, ``embed_dim`` (``vision_proj``), ``queue_size``
+    (``image_queue``).
+
+    Head counts are not in the weights: ``width // 64`` (BLIP's ViT-B 12, ViT-L 16, BERT-base 12
+    heads) unless ``vision_heads`` / ``text_overrides["num_attention_heads"]`` say otherwise.
+    ``image_size`` defaults to the checkpoint's (``pos_embed``); another one needs
+    ``load_salesforce_state_dict(..., interpolate_pos_embed=True)``. ``momentum="auto"``: 0.995 when the
+    checkpoint has momentum encoders, else ``None``. The text config keeps :class:`MEDConfig`'s
+    special tokens (BLIP's ``bert-base-uncased`` + ``[DEC]`` 30522 + ``[ENC]`` 30523); ``text_overrides``
+    replaces any :class:`MEDConfig` field.
+    """
+    def shape(key: str) -> tuple[int, ...]:
+        if key not in state_dict:
+            raise ValueError(f"not a salesforce BLIP state dict: {key!r} is missing")
+        return tuple(state_dict[key].shape)
+
+    def layers(prefix: str) -> int:
+        found = {int(m[1]) for k in state_dict if (m := re.match(re.escape(prefix) + r"(\d+)\.", k))}
+        if not found:
+            raise ValueError(f"not a salesforce BLIP state dict: no {prefix}N.* weights")
+        return max(found) + 1
+
+    def heads(width: int, given: int | None, what: str) -> int:
+        if given is not None:
+            return int(given)
+        if width % 64:
+            raise ValueError(f"{what} width {width} is not a multiple of 64: give its number of attention heads")
+        return width // 64
+
+    width = shape("visual_encoder.cls_token")[-1]
+    patch = shape("visual_encoder.patch_embed.proj.weight")[-1]
+    grid = round((shape("visual_encoder.pos_embed")[1] - 1) ** 0.5)
+    vision = {"kind": "hf_blip", "hidden_size": width, "num_hidden_layers": layers("visual_encoder.blocks."),
+              "num_attention_heads": heads(width, vision_heads, "ViT"),
+              "intermediate_size": shape("visual_encoder.blocks.0.mlp.fc1.weight")[0],
+              "image_size": int(image_size) if image_size is not None else grid * patch, "patch_size": patch,
+              "layer_norm_eps": 1e-6}
+    bert = "text_encoder." if "text_encoder.embeddings.word_embeddings.weight" in state_dict else "text_decoder.bert."
+    vocab, hidden = shape(bert + "embeddings.word_embeddings.weight")
+    text = {"vocab_size": vocab, "hidden_size": hidden, "num_hidden_layers": layers(bert + "encoder.layer."),
+            "intermediate_size": shape(bert + "encoder.layer.0.intermediate.dense.weight")[0],
+            "max_position_embeddings": shape(bert + "embeddings.position_embeddings.weight")[0],
+            "encoder_width": shape(bert + "encoder.layer.0.crossattention.self.key.weight")[1]}
+    text.update(text_overrides or {})
+    if "num_attention_heads" not in text:
+        text["num_attention_heads"] = heads(hidden, None, "text")
+    has_momentum = "visual_encoder_m.cls_token" in state_dict
+    if momentum == "auto":
+        momentum = 0.995 if has_momentum else None
+    queue = shape("image_queue")[1] if "image_queue" in state_dict else 57600  # BLIP's default
+    return {"vision": vision, "text": text, "momentum": momentum, "queue_size": queue,
+            "embed_dim": shape("vision_proj.weight")[0] if "vision_proj.weight" in state_dict else 256}
+
+
+def blip_from_salesforce(checkpoint: str | dict[str, torch.Tensor], **spec_kwargs) -> BLIP:
+    """A BLIP built by :func:`salesforce_blip_spec` and loaded from a salesforce/BLIP checkpoint (a path
+    read by :func:`read_salesforce_checkpoint`, or its state dict), in eval mode. Momentum copies and
+    queues load when the model has momentum encoders; ``pos_embed`` is interpolated when
+    ``image_size`` differs from the checkpoint's (as salesforce's ``load_checkpoint``)."""
+    state_dict = read_salesforce_checkpoint(checkpoint) if isinstance(checkpoint, str) else checkpoint
+    spec = salesforce_blip_spec(state_dict, **spec_kwargs)
+    model = build_blip(spec)
+    model.load_salesforce_state_dict(state_dict, load_momentum=model.momentum is not None,
+                                     interpolate_pos_embed=True)
+    return model.eval()
+
+
 @functools.cache
 def _decoder_for_generation_class():
     """:class:`DecoderForGeneration`, built once on first use (transformers is imported lazily)."""

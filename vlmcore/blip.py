@@ -16,7 +16,9 @@ each layer holds ``attention`` (encoder) and ``decoder_attention`` (decoder), an
 
 Parameter names follow Hugging Face ``transformers`` (``BlipForImageTextRetrieval`` and
 ``BlipForConditionalGeneration``), whose state dicts load by name:
-:meth:`BLIP.load_hf_retrieval_state_dict`, :meth:`BLIP.load_hf_captioning_state_dict`.
+:meth:`BLIP.load_hf_retrieval_state_dict`, :meth:`BLIP.load_hf_captioning_state_dict`. The original
+salesforce/BLIP ``.pth`` checkpoints load by name too: :meth:`BLIP.load_salesforce_state_dict`, or
+:func:`blip_from_salesforce` (builds the model from the checkpoint's shapes, then loads it).
 """
 
 from __future__ import annotations
@@ -809,7 +811,6 @@ class BLIP(nn.Module):
             self.copy_params_to_momentum()
         tied = {"lm_head.predictions.decoder.weight"} if self.config.tie_word_embeddings else set()
         return sorted(k for k in set(own) - set(targets) - tied if not k.startswith(MOMENTUM_STATE))
-
 
     def _require_blip_vision(self, source: str) -> None:
         own = self.state_dict()

@@ -16,13 +16,16 @@ each layer holds ``attention`` (encoder) and ``decoder_attention`` (decoder), an
 
 Parameter names follow Hugging Face ``transformers`` (``BlipForImageTextRetrieval`` and
 ``BlipForConditionalGeneration``), whose state dicts load by name:
-:meth:`BLIP.load_hf_retrieval_state_dict`, :meth:`BLIP.load_hf_captioning_state_dict`.
+:meth:`BLIP.load_hf_retrieval_state_dict`, :meth:`BLIP.load_hf_captioning_state_dict`. The original
+salesforce/BLIP ``.pth`` checkpoints load by name too: :meth:`BLIP.load_salesforce_state_dict`, or
+:func:`blip_from_salesforce` (builds the model from the checkpoint's shapes, then loads it).
 """
 
 from __future__ import annotations
 
 import copy
 import functools
+import re
 from dataclasses import dataclass
 
 import torch
@@ -778,9 +781,7 @@ class BLIP(nn.Module):
         """Copy ``state_dict`` into this model under ``rename(hf_key)``; ``covers(our_key)`` says which of
         our weights the source must provide. Returns our state-dict names it left untouched."""
         own = self.state_dict()
-        if not all(k.startswith("visual_encoder.model.") for k in own if k.startswith("visual_encoder.")):
-            raise ValueError(f"loading {source} weights needs the visual encoder built by blip_vision_encoder() "
-                             "(HFVisionAdapter over BlipVisionModel)")
+        self._require_blip_vision(source)
         targets: dict[str, torch.Tensor] = {}
         unknown = []
         for key, value in state_dict.items():
@@ -810,6 +811,231 @@ class BLIP(nn.Module):
             self.copy_params_to_momentum()
         tied = {"lm_head.predictions.decoder.weight"} if self.config.tie_word_embeddings else set()
         return sorted(k for k in set(own) - set(targets) - tied if not k.startswith(MOMENTUM_STATE))
+
+    def _require_blip_vision(self, source: str) -> None:
+        own = self.state_dict()
+        if not all(k.startswith("visual_encoder.model.") for k in own if k.startswith("visual_encoder.")):
+            raise ValueError(f"loading {source} weights needs the visual encoder built by blip_vision_encoder() "
+                             "(HFVisionAdapter over BlipVisionModel)")
+
+    # -- salesforce/BLIP weights -----------------------------------------------------------------
+
+    def load_salesforce_state_dict(self, state_dict: dict[str, torch.Tensor], *, load_momentum: bool = True,
+                                   interpolate_pos_embed: bool = False) -> list[str]:
+        """Load a state dict of the original salesforce/BLIP code (``torch.load(path)["model"]`` of
+        ``model_base.pth``, ``model_base_capfilt_large.pth``, ``model_base_retrieval_coco.pth``,
+        ``model_base_caption_capfilt_large.pth``, ...) by name.
+
+        What maps where (salesforce -> this model):
+
+        - ``visual_encoder.*`` (timm-0.4 ViT: ``patch_embed.proj``, ``cls_token``, ``pos_embed``,
+          ``blocks.N.{norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2}``, ``norm``) -> the
+          ``BlipVisionModel`` in ``visual_encoder.model`` (``embeddings.*``, ``encoder.layers.N.*``,
+          ``post_layernorm``). Build the tower with :func:`blip_vision_encoder` and
+          ``layer_norm_eps=1e-6`` (BLIP's ViT; another eps raises ``ValueError``).
+        - ``text_encoder.*`` (BERT with ``crossattention``) -> ``text_encoder.*`` (same names);
+          ``text_decoder.bert.*`` -> ``text_encoder.*`` with the self-attention in
+          ``decoder_attention``. In a pre-training checkpoint both are present and the parameters
+          BLIP ties (all but the self-attention) must be equal. ``text_decoder.cls.*`` -> ``lm_head``
+          (``predictions.bias`` is the decoder bias; ``predictions.decoder.bias`` and, when this model
+          ties them, ``predictions.decoder.weight`` must equal their tied source). ``position_ids``
+          buffers must be ``arange`` and are dropped.
+        - ``vision_proj``, ``text_proj``, ``itm_head``, ``temp`` -> the same names.
+        - Momentum copies ``*_m`` -> ours; ``image_queue`` / ``text_queue`` ``[embed_dim, Q]`` ->
+          ``[Q, embed_dim]`` (transposed); ``idx_queue`` ``[1, Q]`` -> ``[Q]`` (-100 when the
+          checkpoint has queues but no ids: pre-training); ``ptr_queue`` / ``queue_ptr`` ->
+          ``queue_ptr``. With ``load_momentum=False`` these entries are skipped. Momentum encoders
+          the checkpoint does not provide are copied from the online ones (BLIP's ``copy_params``);
+          the momentum text encoder's decoder self-attention (never used) too.
+
+        Every part present must be complete (the vision tower always; the text encoder when any
+        ``text_encoder.*`` is given; the decoder when any ``text_decoder.bert.*``; and so on).
+        Unknown, missing or mis-shaped names raise ``ValueError`` listing them. A ``pos_embed`` of
+        another resolution (e.g. a 224 px pre-training checkpoint into a 384 px model) raises,
+        unless ``interpolate_pos_embed=True``: then its patch grid is resized bicubically
+        (``align_corners=False``) with the CLS position kept, as salesforce's ``load_checkpoint``
+        does. Returns this model's parameters the checkpoint does not cover (momentum state excluded).
+        """
+        self._require_blip_vision("salesforce BLIP")
+        vision_config = self.visual_encoder.model.config
+        if float(vision_config.layer_norm_eps) != 1e-6 or vision_config.hidden_act != "gelu":
+            raise ValueError("salesforce BLIP's ViT uses LayerNorm eps 1e-6 and exact GELU; this visual encoder has "
+                             f"layer_norm_eps={vision_config.layer_norm_eps}, hidden_act={vision_config.hidden_act!r}: "
+                             "build it with blip_vision_encoder(..., layer_norm_eps=1e-6)")
+        if load_momentum and self.momentum is None and any(_is_salesforce_momentum(k) for k in state_dict):
+            raise ValueError("the checkpoint has momentum encoders / queues but this BLIP has none (momentum=None): "
+                             "pass load_momentum=False to skip them")
+        own = self.state_dict()
+        targets: dict[str, tuple[torch.Tensor, str]] = {}
+        unknown, mis_shaped, tied_copies = [], [], []
+        for key, value in state_dict.items():
+            if not isinstance(value, torch.Tensor):
+                raise TypeError(f"state_dict[{key!r}] must be a tensor, got {type(value).__name__}")
+            if _is_salesforce_momentum(key) and not load_momentum:
+                continue
+            if key.endswith("embeddings.position_ids") and key.startswith(("text_encoder", "text_decoder.bert.")):
+                if not torch.equal(value.reshape(-1).cpu(), torch.arange(value.numel())):
+                    raise ValueError(f"{key} is not arange({value.numel()}): this BLIP has no custom position ids")
+                continue
+            if key == "text_decoder.cls.predictions.decoder.bias":
+                tied_copies.append((key, "text_decoder.cls.predictions.bias"))
+                continue
+            if key == "text_decoder.cls.predictions.decoder.weight" and self.config.tie_word_embeddings:
+                tied_copies.append((key, "text_decoder.bert.embeddings.word_embeddings.weight"))
+                continue
+            ours, value = _salesforce_target(key, value)
+            if ours is None or ours not in own:
+                unknown.append(key)
+                continue
+            wanted = tuple(own[ours].shape)
+            if interpolate_pos_embed and key.endswith("pos_embed") and tuple(value.shape) != wanted:
+                value = _resize_pos_embed(key, value, wanted)
+            if tuple(value.shape) != wanted:
+                mis_shaped.append(f"{key}: checkpoint {tuple(value.shape)} != model {wanted} ({ours})")
+            elif ours in targets:
+                if not torch.equal(targets[ours][0], value):
+                    raise ValueError(f"{key} differs from {targets[ours][1]}; both load into {ours}, which this "
+                                     "BLIP shares between encoder and decoder (BLIP ties them)")
+            else:
+                targets[ours] = (value, key)
+        if unknown:
+            raise ValueError(f"{len(unknown)} salesforce BLIP weights have no counterpart in this BLIP: {unknown[:10]}")
+        if mis_shaped:
+            hint = " (pass interpolate_pos_embed=True to resize pos_embed)" if any(
+                m.split(":")[0].endswith("pos_embed") for m in mis_shaped) else ""
+            raise ValueError(f"{len(mis_shaped)} salesforce BLIP weights have another shape here{hint}: "
+                             f"{mis_shaped[:10]}")
+        for copy_key, source_key in tied_copies:
+            if source_key in state_dict and not torch.equal(state_dict[copy_key], state_dict[source_key]):
+                raise ValueError(f"{copy_key} differs from {source_key} (one tied parameter in BLIP)")
+        missing = sorted(k for unit in self._salesforce_units(state_dict, set(targets)) for k in unit
+                         if k not in targets)
+        if missing:
+            raise ValueError(f"{len(missing)} weights of this BLIP are missing from the salesforce BLIP state dict: "
+                             f"{missing[:10]}")
+        with torch.no_grad():
+            params = dict(self.named_parameters())
+            params.update(dict(self.named_buffers()))
+            for name, (value, _) in targets.items():
+                params[name].copy_(value)
+            if self.momentum is not None:
+                loaded = set(targets)
+                if not any(k.startswith(_SALESFORCE_MOMENTUM) for k in loaded):  # same prefixes in both layouts
+                    self.copy_params_to_momentum()
+                else:  # the momentum text encoder's decoder self-attention is never used; keep it a copy
+                    online = dict(self.text_encoder.named_parameters())
+                    for name, p_m in self.text_encoder_m.named_parameters():
+                        if ".decoder_attention." in name:
+                            p_m.copy_(online[name])
+                if "image_queue" in loaded and "idx_queue" not in loaded:
+                    self.idx_queue.fill_(-100)  # pre-training queues carry no image ids: match nothing
+        tied = {"lm_head.predictions.decoder.weight"} if self.config.tie_word_embeddings else set()
+        return sorted(k for k in set(own) - set(targets) - tied if not k.startswith(MOMENTUM_STATE))
+
+    def load_salesforce_checkpoint(self, path: str, **kwargs) -> list[str]:
+        """:meth:`load_salesforce_state_dict` of :func:`read_salesforce_checkpoint` ``(path)``."""
+        return self.load_salesforce_state_dict(read_salesforce_checkpoint(path), **kwargs)
+
+    def _salesforce_units(self, state_dict, loaded: set[str]) -> list[list[str]]:
+        """Groups of our state-dict names that a salesforce checkpoint provides all or nothing of."""
+        own = [k for k in self.state_dict() if k != "lm_head.predictions.decoder.weight"
+               or not self.config.tie_word_embeddings]
+
+        def under(*prefixes, without=None):
+            return [k for k in own if k.startswith(prefixes) and (without is None or without not in k)]
+
+        units = [under("visual_encoder.")]  # always required
+        if any(k.startswith("text_encoder.") for k in state_dict):
+            units.append(under("text_encoder.", without=".decoder_attention."))
+        if any(k.startswith("text_decoder.bert.") for k in state_dict):
+            units.append(under("text_encoder.", without=".attention."))
+        momentum_units = [under("visual_encoder_m.", "vision_proj_m.", "text_proj_m.") +
+                          under("text_encoder_m.", without=".decoder_attention."),
+                          [k for k in ("image_queue", "text_queue", "queue_ptr") if k in own]]
+        for unit in [under("lm_head."), under("vision_proj."), under("text_proj."), under("itm_head."),
+                     *momentum_units]:
+            if any(k in loaded for k in unit):
+                units.append(unit)
+        return units
+
+
+_SALESFORCE_MOMENTUM = ("visual_encoder_m.", "vision_proj_m.", "text_encoder_m.", "text_proj_m.")
+_SALESFORCE_QUEUES = ("image_queue", "text_queue", "idx_queue", "ptr_queue", "queue_ptr")
+# timm-0.4 ViT block names (salesforce vit.py) -> transformers BlipEncoderLayer names
+_SALESFORCE_VIT_BLOCK = (("norm1.", "layer_norm1."), ("attn.qkv.", "self_attn.qkv."),
+                         ("attn.proj.", "self_attn.projection."), ("norm2.", "layer_norm2."), ("mlp.fc1.", "mlp.fc1."),
+                         ("mlp.fc2.", "mlp.fc2."))
+_SALESFORCE_VIT_TOP = {"patch_embed.proj.weight": "embeddings.patch_embedding.weight",
+                       "patch_embed.proj.bias": "embeddings.patch_embedding.bias",
+                       "cls_token": "embeddings.class_embedding", "pos_embed": "embeddings.position_embedding",
+                       "norm.weight": "post_layernorm.weight", "norm.bias": "post_layernorm.bias"}
+
+
+def _is_salesforce_momentum(key: str) -> bool:
+    return key.startswith(_SALESFORCE_MOMENTUM) or key in _SALESFORCE_QUEUES
+
+
+def _salesforce_vit_name(rest: str) -> str | None:
+    if rest in _SALESFORCE_VIT_TOP:
+        return _SALESFORCE_VIT_TOP[rest]
+    match = re.fullmatch(r"blocks\.(\d+)\.(.+)", rest)
+    if match:
+        for salesforce, hf in _SALESFORCE_VIT_BLOCK:
+            if match[2].startswith(salesforce):
+                return f"encoder.layers.{match[1]}.{hf}{match[2][len(salesforce):]}"
+    return None
+
+
+def _salesforce_target(key: str, value: torch.Tensor) -> tuple[str | None, torch.Tensor]:
+    """Our state-dict name for salesforce ``key`` (None: no counterpart) and the value in our layout
+    (queues transposed / flattened)."""
+    for prefix, ours in (("visual_encoder_m.", "visual_encoder_m.model."),
+                         ("visual_encoder.", "visual_encoder.model.")):
+        if key.startswith(prefix):
+            name = _salesforce_vit_name(key[len(prefix):])
+            return (None if name is None else ours + name), value
+    if key.startswith("text_decoder.bert."):
+        return "text_encoder." + key[len("text_decoder.bert."):].replace(".attention.", ".decoder_attention.", 1), value
+    if key == "text_decoder.cls.predictions.bias":
+        return "lm_head.predictions.decoder.bias", value
+    if key.startswith("text_decoder.cls."):
+        return "lm_head." + key[len("text_decoder.cls."):], value
+    if key in ("image_queue", "text_queue"):
+        return key, (value.T.contiguous() if value.dim() == 2 else value)  # [embed_dim, Q] -> [Q, embed_dim]
+    if key == "idx_queue":
+        return key, (value.reshape(-1) if value.dim() == 2 and value.shape[0] == 1 else value)  # [1, Q] -> [Q]
+    if key in ("ptr_queue", "queue_ptr"):
+        return "queue_ptr", value
+    if key.startswith(("text_encoder.", "text_encoder_m.", "vision_proj.", "vision_proj_m.", "text_proj.",
+                       "text_proj_m.", "itm_head.")) or key == "temp":
+        return key, value
+    return None, value
+
+
+def _resize_pos_embed(key: str, pos_embed: torch.Tensor, wanted: tuple[int, ...]) -> torch.Tensor:
+    """``[1, 1 + n*n, D]`` -> ``wanted`` ``[1, 1 + m*m, D]``: bicubic resize of the patch grid, CLS kept
+    (salesforce ``interpolate_pos_embed``). Non-square grids or another width raise ``ValueError``."""
+    if pos_embed.dim() != 3 or len(wanted) != 3 or pos_embed.shape[0] != 1 or pos_embed.shape[2] != wanted[2]:
+        raise ValueError(f"{key}: cannot resize {tuple(pos_embed.shape)} to {wanted}")
+    old, new = round((pos_embed.shape[1] - 1) ** 0.5), round((wanted[1] - 1) ** 0.5)
+    if old * old != pos_embed.shape[1] - 1 or new * new != wanted[1] - 1:
+        raise ValueError(f"{key}: cannot resize {tuple(pos_embed.shape)} to {wanted} (not square patch grids)")
+    grid = pos_embed[:, 1:].reshape(1, old, old, -1).permute(0, 3, 1, 2).float()
+    grid = F.interpolate(grid, size=(new, new), mode="bicubic", align_corners=False)
+    grid = grid.permute(0, 2, 3, 1).reshape(1, new * new, -1).to(pos_embed.dtype)
+    return torch.cat([pos_embed[:, :1], grid], dim=1)
+
+
+def read_salesforce_checkpoint(path: str) -> dict[str, torch.Tensor]:
+    """The state dict of a salesforce/BLIP ``.pth``: ``torch.load(path, map_location="cpu",
+    weights_only=True)["model"]`` (or the loaded dict itself when it has no ``"model"`` entry)."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"{path!r} does not hold a dict (got {type(checkpoint).__name__})")
+    state = checkpoint.get("model", checkpoint)
+    if not isinstance(state, dict):
+        raise ValueError(f"{path!r}: checkpoint['model'] is a {type(state).__name__}, not a state dict")
+    return state
 
 
 def blip_retrieval_metrics(score_i2t: torch.Tensor, score_t2i: torch.Tensor,
@@ -983,6 +1209,78 @@ def load_blip(directory: str, **overrides) -> BLIP:
     if model.momentum is not None:
         model.copy_params_to_momentum()
     return model
+
+
+def salesforce_blip_spec(state_dict: dict[str, torch.Tensor], *, image_size: int | None = None,
+                         vision_heads: int | None = None, momentum: float | None | str = "auto",
+                         text_overrides: dict | None = None) -> dict:
+    """A :func:`build_blip` spec for the model a salesforce/BLIP state dict loads into, sizes read from
+    the weights' shapes: ViT width / depth / MLP / patch / checkpoint resolution, BERT width / depth /
+    vocabulary / positions / cross-attention width, ``embed_dim`` (``vision_proj``), ``queue_size``
+    (``image_queue``).
+
+    Head counts are not in the weights: ``width // 64`` (BLIP's ViT-B 12, ViT-L 16, BERT-base 12
+    heads) unless ``vision_heads`` / ``text_overrides["num_attention_heads"]`` say otherwise.
+    ``image_size`` defaults to the checkpoint's (``pos_embed``); another one needs
+    ``load_salesforce_state_dict(..., interpolate_pos_embed=True)``. ``momentum="auto"``: 0.995 when the
+    checkpoint has momentum encoders, else ``None``. The text config keeps :class:`MEDConfig`'s
+    special tokens (BLIP's ``bert-base-uncased`` + ``[DEC]`` 30522 + ``[ENC]`` 30523); ``text_overrides``
+    replaces any :class:`MEDConfig` field.
+    """
+    def shape(key: str) -> tuple[int, ...]:
+        if key not in state_dict:
+            raise ValueError(f"not a salesforce BLIP state dict: {key!r} is missing")
+        return tuple(state_dict[key].shape)
+
+    def layers(prefix: str) -> int:
+        found = {int(m[1]) for k in state_dict if (m := re.match(re.escape(prefix) + r"(\d+)\.", k))}
+        if not found:
+            raise ValueError(f"not a salesforce BLIP state dict: no {prefix}N.* weights")
+        return max(found) + 1
+
+    def heads(width: int, given: int | None, what: str) -> int:
+        if given is not None:
+            return int(given)
+        if width % 64:
+            raise ValueError(f"{what} width {width} is not a multiple of 64: give its number of attention heads")
+        return width // 64
+
+    width = shape("visual_encoder.cls_token")[-1]
+    patch = shape("visual_encoder.patch_embed.proj.weight")[-1]
+    grid = round((shape("visual_encoder.pos_embed")[1] - 1) ** 0.5)
+    vision = {"kind": "hf_blip", "hidden_size": width, "num_hidden_layers": layers("visual_encoder.blocks."),
+              "num_attention_heads": heads(width, vision_heads, "ViT"),
+              "intermediate_size": shape("visual_encoder.blocks.0.mlp.fc1.weight")[0],
+              "image_size": int(image_size) if image_size is not None else grid * patch, "patch_size": patch,
+              "layer_norm_eps": 1e-6}
+    bert = "text_encoder." if "text_encoder.embeddings.word_embeddings.weight" in state_dict else "text_decoder.bert."
+    vocab, hidden = shape(bert + "embeddings.word_embeddings.weight")
+    text = {"vocab_size": vocab, "hidden_size": hidden, "num_hidden_layers": layers(bert + "encoder.layer."),
+            "intermediate_size": shape(bert + "encoder.layer.0.intermediate.dense.weight")[0],
+            "max_position_embeddings": shape(bert + "embeddings.position_embeddings.weight")[0],
+            "encoder_width": shape(bert + "encoder.layer.0.crossattention.self.key.weight")[1]}
+    text.update(text_overrides or {})
+    if "num_attention_heads" not in text:
+        text["num_attention_heads"] = heads(hidden, None, "text")
+    has_momentum = "visual_encoder_m.cls_token" in state_dict
+    if momentum == "auto":
+        momentum = 0.995 if has_momentum else None
+    queue = shape("image_queue")[1] if "image_queue" in state_dict else 57600  # BLIP's default
+    return {"vision": vision, "text": text, "momentum": momentum, "queue_size": queue,
+            "embed_dim": shape("vision_proj.weight")[0] if "vision_proj.weight" in state_dict else 256}
+
+
+def blip_from_salesforce(checkpoint: str | dict[str, torch.Tensor], **spec_kwargs) -> BLIP:
+    """A BLIP built by :func:`salesforce_blip_spec` and loaded from a salesforce/BLIP checkpoint (a path
+    read by :func:`read_salesforce_checkpoint`, or its state dict), in eval mode. Momentum copies and
+    queues load when the model has momentum encoders; ``pos_embed`` is interpolated when
+    ``image_size`` differs from the checkpoint's (as salesforce's ``load_checkpoint``)."""
+    state_dict = read_salesforce_checkpoint(checkpoint) if isinstance(checkpoint, str) else checkpoint
+    spec = salesforce_blip_spec(state_dict, **spec_kwargs)
+    model = build_blip(spec)
+    model.load_salesforce_state_dict(state_dict, load_momentum=model.momentum is not None,
+                                     interpolate_pos_embed=True)
+    return model.eval()
 
 
 @functools.cache

@@ -14,7 +14,7 @@ Modules (``nn.Module``) built on the ops of :mod:`vlmcore.kernels`; the trainer 
 """
 
 from vlmcore import kernels
-from vlmcore.blip import BLIP, MEDConfig, blip_vision_encoder
+from vlmcore.blip import BLIP, MEDConfig, blip_from_salesforce, blip_vision_encoder
 from vlmcore.blip2 import Blip2LM, Blip2Stage1
 from vlmcore.clip import CLIP, TextTransformer, retrieval_metrics, zero_shot_classifier, zero_shot_predict
 from vlmcore.cross_attention import GatedCrossAttentionBlock, MaskedCrossAttention
@@ -65,4 +65,5 @@ __all__ = [
     "BLIP",
     "MEDConfig",
     "blip_vision_encoder",
+    "blip_from_salesforce",
 ]

@@ -114,3 +114,23 @@ def test_bad_blip_configs_are_refused(data, tmp_path):
     for needle in ("model.blip_pretrain.alpha", "model.blip_pretrain.temperature",
                    "deepspeed.zero_optimization.stage", "model.blip_pretrain.init"):
         assert needle in text, text
+
+
+def test_image_ids_come_from_the_json_else_the_image_bytes(data):
+    """COCO-style ``image_id`` in KEY.json groups captions of one image; without it, identical image
+    bytes share an id; negative ids (reserved for empty queue slots) are bad samples."""
+    from vlmcore.train.blip_text import BlipText
+    from vlmcore.train.data import BadSample, read_tar
+    from vlmcore.train.tasks.blip_common import BlipEncoder
+
+    encoder = BlipEncoder(BlipText(Tokenizer(str(data / "tokenizer.json"), 12)), 16, "")
+    sample = next(read_tar(str(data / "train-000000.tar")))
+    with_id = dict(sample, json=json.dumps({"image_id": 41}).encode())
+    assert int(encoder(with_id)["image_ids"]) == 41
+    hashed = [int(encoder(dict(sample, json=b"{}", __key__=k))["image_ids"]) for k in ("a", "b")]
+    assert hashed[0] == hashed[1] >= 0  # same bytes, same id
+    other = next(s for i, s in enumerate(read_tar(str(data / "train-000000.tar"))) if i == 1)
+    assert int(encoder(dict(other, json=b"{}"))["image_ids"]) != hashed[0]
+    with pytest.raises(BadSample, match="image_id -100") as bad:
+        encoder(dict(sample, json=json.dumps({"image_id": -100}).encode()))
+    assert bad.value.reason == "json_error"

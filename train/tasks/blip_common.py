@@ -93,14 +93,20 @@ class BlipConfig:
 
 
 def _image_id(sample: dict, image: bytes) -> int:
-    """The sample's ``image_id`` from its JSON, else a hash of the image bytes (same image, same id)."""
+    """The sample's ``image_id`` from its JSON, else a hash of the image bytes (same image, same id;
+    56 bits, so never negative). A negative JSON id is a :class:`BadSample`: the model's
+    ``idx_queue`` marks empty slots with -100."""
+    value = None
     if "json" in sample:
         try:
             value = json.loads(sample["json"].decode("utf-8")).get("image_id")
-            if isinstance(value, int):
-                return value
         except (UnicodeDecodeError, ValueError, AttributeError):
-            pass
+            value = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 0:
+            raise BadSample(f"sample {sample['__key__']} has image_id {value}: image ids must be >= 0 "
+                            "(negative ids are reserved for empty queue slots)", "json_error")
+        return value
     return int.from_bytes(hashlib.sha1(image).digest()[:7], "little")
 
 

@@ -1,8 +1,7 @@
-"""BLIP retrieval fine-tuning: ITC (momentum distillation) + ITM with hard negatives drawn from
-every rank's batch, same-image pairs masked by image id (BLIP's ``blip_retrieval.py``; the ITC
-targets stay one-hot on the diagonal plus the momentum soft targets: BLIP's image-id positives in
-ITC are not implemented). Eval: Recall@k with ITM re-ranking of the ITC top ``k_test``. Config
-section ``model.blip_retrieval``."""
+"""BLIP retrieval fine-tuning: ITC (momentum distillation) with image-id positives over the batch
+and the queue + ITM with hard negatives drawn from every rank's batch, same-image pairs masked by
+image id (BLIP's ``blip_retrieval.py``). Eval: Recall@k with ITM re-ranking of the ITC top
+``k_test``. Config section ``model.blip_retrieval``."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
 """One rank of the 2-process BLIP check (tests/test_blip_distributed.py): queues enqueued from all
-ranks, all-rank ITM hard negatives with image-id masking, backward through the gathers."""
+ranks (with their image ids), all-rank ITM hard negatives with image-id masking, backward through
+the gathers."""
 
 from __future__ import annotations
 
@@ -41,6 +42,7 @@ def main(rank: int, world: int, init_file: str, out_path: str) -> None:
     with torch.no_grad():
         image_m, text_m = model.momentum_features(images, ids, mask)
     torch.save({"recorded": recorded, "image_queue": model.image_queue[:2 * B].clone(), "image_m": image_m,
+                "idx_queue": model.idx_queue.clone(),
                 "loss": out["loss"].detach(), "itm": out["itm"].detach(),
                 "vision_grad": model.visual_encoder.conv1.weight.grad.clone()}, out_path)
     dist.destroy_process_group()

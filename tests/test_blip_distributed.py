@@ -42,3 +42,4 @@ def test_queues_and_all_rank_negatives(tmp_path):
     gathered = torch.cat([results[0]["image_m"], results[1]["image_m"]])
     for res in results:
         assert_close(res["image_queue"], gathered, atol=1e-6, rtol=1e-6, name="queue from all ranks")
+        assert res["idx_queue"].tolist() == all_ids.tolist() + [-100] * (16 - WORLD * B)  # ids gathered alike

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from vlmcore.blip import BLIP, load_blip
+from vlmcore.blip import BLIP, blip_from_salesforce, load_blip
 
 from .blip_text import BlipText
 from .data import IMAGE_EXTS, BadSample, decode_image, expand_shards, pair_fields, read_tar
@@ -101,13 +101,14 @@ class ShardStats:
     corrupt_examples: list[str] = field(default_factory=list)
 
 
-def _checkpoint_id(directory: str) -> dict:
-    """Path and SHA-256 of a checkpoint's weights (recorded in every output JSON)."""
+def _checkpoint_id(path: str) -> dict:
+    """Path and SHA-256 of a checkpoint's weights (recorded in every output JSON): a save_blip folder's
+    ``model.safetensors``, or the salesforce ``.pth`` file itself."""
     digest = hashlib.sha256()
-    with open(os.path.join(directory, "model.safetensors"), "rb") as handle:
+    with open(path if os.path.isfile(path) else os.path.join(path, "model.safetensors"), "rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
-    return {"path": os.path.abspath(directory), "sha256": digest.hexdigest()}
+    return {"path": os.path.abspath(path), "sha256": digest.hexdigest()}
 
 
 def _shard_seed(seed: int, shard: str) -> int:
@@ -135,13 +136,14 @@ class CapFilt:
     def __init__(self, settings: CapFiltSettings, device: torch.device):
         self.settings = settings
         self.device = device
-        self.text = BlipText(Tokenizer(settings.tokenizer, settings.context_length), settings.context_length)
-        self.captioner: BLIP = load_blip(settings.captioner, momentum=None).to(device).eval()
-        self.filter: BLIP = load_blip(settings.filter, momentum=None).to(device).eval()
+        self.text = BlipText(Tokenizer(settings.tokenizer, settings.context_length, media_tokens=False),
+                             settings.context_length)
+        self.captioner: BLIP = self._load(settings.captioner, settings.image_size).to(device).eval()
+        self.filter: BLIP = self._load(settings.filter, settings.image_size).to(device).eval()
         for name, model in (("captioner", self.captioner), ("filter", self.filter)):
             if model.config.vocab_size != self.text.vocab_size:
                 raise ValueError(f"{name} checkpoint has vocab_size {model.config.vocab_size}, but tokenizer "
-                                 f"{settings.tokenizer!r} + BLIP's 3 special ids give {self.text.vocab_size}")
+                                 f"{settings.tokenizer!r} + BLIP's special ids give {self.text.vocab_size}")
         spec_vision = self.filter.spec["vision"]
         self.image_size = settings.image_size or int(spec_vision.get("image_size", 224))
         self.provenance = {"captioner": _checkpoint_id(settings.captioner), "filter": _checkpoint_id(settings.filter),
@@ -149,6 +151,14 @@ class CapFilt:
                            "top_p": settings.top_p if settings.sampling == "nucleus" else None,
                            "prompt": settings.prompt}
         self.prompt_ids = self.text.prompt_ids(settings.prompt)
+
+    def _load(self, path: str, image_size: int | None) -> BLIP:
+        """A save_blip folder, or an original salesforce/BLIP ``.pth`` (its ids: train/blip_text.py's BERT
+        layout, so ``--tokenizer`` must be BLIP's bert-base-uncased directory)."""
+        if os.path.isfile(path) and path.endswith((".pth", ".pt")):
+            return blip_from_salesforce(path, image_size=image_size, momentum=None,
+                                        text_overrides=self.text.special_ids())
+        return load_blip(path, momentum=None)
 
     @torch.no_grad()
     def _captions(self, images: torch.Tensor) -> list[list[str]]:
@@ -335,9 +345,10 @@ def parse_args(argv: list[str] | None = None) -> CapFiltSettings:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--input", nargs="+", required=True, help="input shards: paths, brace patterns or globs")
     p.add_argument("--output", required=True, help="output folder (not the input's)")
-    p.add_argument("--captioner", required=True, help="BLIP checkpoint folder (vlmcore.blip.save_blip) fine-tuned "
-                   "with the LM loss")
-    p.add_argument("--filter", required=True, help="BLIP checkpoint folder fine-tuned with ITC + ITM")
+    p.add_argument("--captioner", required=True, help="BLIP checkpoint folder (vlmcore.blip.save_blip) or "
+                   "salesforce/BLIP .pth, fine-tuned with the LM loss")
+    p.add_argument("--filter", required=True, help="BLIP checkpoint folder or salesforce/BLIP .pth, fine-tuned "
+                   "with ITC + ITM")
     p.add_argument("--tokenizer", required=True, help="tokenizer the checkpoints were trained with (JSON or HF dir)")
     p.add_argument("--num-captions", type=int, default=1, help="synthetic captions per image")
     p.add_argument("--sampling", choices=("nucleus", "beam"), default="nucleus", help="caption decoding")

@@ -95,7 +95,7 @@ def filter_quality(noisy_shards: list[str], capfilt_dir: str, filter_run: str, t
             if json.loads(sample["json"])["captions"][0]["kept"]:
                 kept_web.add(sample["__key__"])
     model = load_blip(filter_run, momentum=None).eval()
-    text = BlipText(Tokenizer(tokenizer_path, context_length))
+    text = BlipText(Tokenizer(tokenizer_path, context_length, media_tokens=False))
     image_size = model.spec["vision"]["image_size"]
     dropped = corrupted = both = 0
     scores, labels = [], []
@@ -136,7 +136,7 @@ def grouped_retrieval(run_dir: str, eval_shard: str, tokenizer_path: str, groups
     groups of 24 held-out samples (the eval split cycles through the 24 classes, so each group is
     one image per class with its caption), averaged over the groups."""
     model = load_blip(run_dir, momentum=None).eval()
-    text = BlipText(Tokenizer(tokenizer_path, context_length))
+    text = BlipText(Tokenizer(tokenizer_path, context_length, media_tokens=False))
     image_size = model.spec["vision"]["image_size"]
     samples = list(read_tar(eval_shard))
     group_size = len(shapes.CLASSNAMES)

@@ -83,7 +83,8 @@ class Tokenizer:
     ``tok(texts)`` -> LongTensor ``[n, T]``: the CLIP text input (``vlmcore.zero_shot_classifier``
     calls it with prompts). CLIP tokenizers (``start_token_id`` set): OpenCLIP's ``tokenize``
     exactly (start, text, end, zeros). Others: each text's ids followed by ``<eos>``, truncated to T
-    (the last position then holds ``<eos>``), padded with ``pad_token_id``.
+    (the last position then holds ``<eos>``), padded with ``pad_token_id``. A BERT vocabulary (an HF
+    directory with ``[SEP]`` and no eos token) uses ``[SEP]`` as its ``<eos>``; nothing is added.
     """
 
     def __init__(self, path: str = "", context_length: int = 32, *, kind: str = "auto", media_tokens: bool = True):
@@ -133,6 +134,12 @@ class Tokenizer:
                 # OpenCLIP's convention, not the HF tokenizer's own padding with <|endoftext|>.
                 self.start_token_id, self.eos_token_id, self.pad_token_id = (
                     self._hf.bos_token_id, self._hf.eos_token_id, 0)
+            elif self._hf.eos_token is None and self._hf.sep_token is not None:
+                # BERT vocabularies end a sequence with [SEP]: it plays <eos> (no token is added, so
+                # the vocabulary stays the one BLIP / ViLBERT checkpoints were trained with)
+                if self._hf.pad_token is None:
+                    self._hf.add_special_tokens({"pad_token": PAD})
+                self.pad_token_id, self.eos_token_id = self._hf.pad_token_id, self._hf.sep_token_id
             else:
                 if self._hf.eos_token is None:
                     self._hf.add_special_tokens({"eos_token": EOS})

@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from vlmcore.blip import BLIP, blip_retrieval_metrics, build_blip, load_blip
+from vlmcore.blip import BLIP, blip_from_salesforce, blip_retrieval_metrics, build_blip, load_blip
 
 from ..blip_text import BlipText
 from ..data import IGNORE_INDEX, BadSample, decode_image, eval_batches, pair_fields
@@ -69,7 +69,7 @@ class BlipConfig:
     temperature: float = 0.07  # initial ITC temperature (learnable, clamped to [0.001, 0.5])
     prompt: str = "a picture of "  # blip_caption: prefixed to every caption, excluded from the loss
     k_test: int = 256  # retrieval eval: ITC candidates re-ranked by ITM per query
-    init: str = ""  # a save_blip checkpoint folder to start from (e.g. a blip_pretrain out_dir)
+    init: str = ""  # start from: a save_blip folder (e.g. a blip_pretrain out_dir) or a salesforce/BLIP .pth
 
     def check(self, where: str) -> list[str]:
         out = []
@@ -87,9 +87,15 @@ class BlipConfig:
             out.append(f"{where}.temperature: must be in [0.001, 0.5], got {self.temperature}")
         if self.k_test < 1:
             out.append(f"{where}.k_test: must be >= 1, got {self.k_test}")
-        if self.init and not os.path.isfile(os.path.join(self.init, "blip.json")):
-            out.append(f"{where}.init: {self.init!r} is not a BLIP checkpoint folder (no blip.json)")
+        if self.init and not (os.path.isfile(os.path.join(self.init, "blip.json")) or _is_salesforce(self.init)):
+            out.append(f"{where}.init: {self.init!r} is neither a BLIP checkpoint folder (no blip.json) nor a "
+                       "salesforce/BLIP .pth file")
         return out + self.text.check(f"{where}.text")
+
+
+def _is_salesforce(path: str) -> bool:
+    """A salesforce/BLIP checkpoint file (``model_base.pth``, ...) rather than a save_blip folder."""
+    return os.path.isfile(path) and path.endswith((".pth", ".pt"))
 
 
 def _image_id(sample: dict, image: bytes) -> int:
@@ -137,6 +143,7 @@ class BlipTaskBase(Task):
 
     Config = BlipConfig
     data_kinds = ("pairs",)
+    media_tokens = False  # captions hold no image placeholders: a BERT vocabulary stays BLIP's
     losses: tuple[str, ...] = ("itc", "itm", "lm")
     all_rank_negatives = False
     use_prompt = False
@@ -172,12 +179,26 @@ class BlipTaskBase(Task):
 
     def build_model(self, dtype: torch.dtype) -> nn.Module:
         spec = self.spec()
-        if self.config.init:
+        where = f"model.{self.name}.init"
+        if self.config.init and _is_salesforce(self.config.init):
+            model = blip_from_salesforce(self.config.init, image_size=self.cfg.model.vision.image_size,
+                                         momentum=spec["momentum"], text_overrides=self.text.special_ids())
+            if model.momentum is not None and model.image_queue.shape[0] != self.config.queue_size:
+                raise ValueError(f"model.{self.name}.queue_size: {self.config.queue_size}, but {where} "
+                                 f"{self.config.init!r} holds a queue of {model.image_queue.shape[0]}; set it to that")
+            model.train()
+        elif self.config.init:
             overrides = {"momentum": spec["momentum"], "queue_size": spec["queue_size"]}
             model = load_blip(self.config.init, **overrides)
+            size = model.spec["vision"].get("image_size")
+            if size != self.cfg.model.vision.image_size:
+                raise ValueError(f"model.vision.image_size: {self.cfg.model.vision.image_size}, but {where} "
+                                 f"{self.config.init!r} was trained at {size} px; set it to {size}")
+        if self.config.init:
             if model.config.vocab_size != self.text.vocab_size:
-                raise ValueError(f"model.{self.name}.init: checkpoint vocab_size {model.config.vocab_size} != "
-                                 f"{self.text.vocab_size} of tokenizer {self.cfg.tokenizer.path!r}")
+                raise ValueError(f"{where}: checkpoint vocab_size {model.config.vocab_size} != "
+                                 f"{self.text.vocab_size} of tokenizer {self.cfg.tokenizer.path!r} (BLIP's layout: "
+                                 "train/blip_text.py)")
         else:
             model = build_blip(spec)
             vision = build_vision(self.cfg)  # honours model.vision.init / freeze
@@ -262,8 +283,10 @@ class BlipTaskBase(Task):
         if not dist.is_initialized() or dist.get_rank() == 0:
             os.makedirs(self.cfg.out_dir, exist_ok=True)
             path = os.path.join(self.cfg.out_dir, "blip.json")
+            # the model's own spec: an init checkpoint (e.g. salesforce's ViT) may differ from model.vision
+            spec = dict(getattr(module, "spec", None) or self.spec())
             with open(path + ".tmp", "w", encoding="utf-8") as handle:
-                json.dump(self.spec(), handle, indent=1, sort_keys=True)
+                json.dump(spec, handle, indent=1, sort_keys=True)
             os.replace(path + ".tmp", path)
         momentum = ("visual_encoder_m.", "vision_proj_m.", "text_encoder_m.", "text_proj_m.")
         return {"model.safetensors": ([n for n, _ in module.named_parameters() if not n.startswith(momentum)], "")}

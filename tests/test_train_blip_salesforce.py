@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from importlib import resources
 
 import pytest
 import test_blip_salesforce as sf
@@ -25,6 +26,7 @@ transformers = pytest.importorskip("transformers")
 WORDS = ["a", "picture", "of", "on", "background", "that", "is", *shapes.COLOURS, *shapes.SHAPES]
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 VOCAB = 40  # BERT vocabulary V = 38, + [DEC] + [ENC]
+CONFIGS = resources.files("vlmcore.train") / "configs"
 
 
 @pytest.fixture()
@@ -71,18 +73,12 @@ def test_bert_vocabulary_gives_blips_ids_and_tokenization(bert_dir):
 
 
 def _argv(task, data, bert_dir, out_dir, init, *extra):
-    return ["--config", str(sf_configs() / f"{task}_tiny.yaml"), f"out_dir={out_dir}", "data.shapes=null",
+    return ["--config", str(CONFIGS / f"{task}_tiny.yaml"), f"out_dir={out_dir}", "data.shapes=null",
             f"tokenizer.path={bert_dir}", "tokenizer.train_from_shapes=false", "tokenizer.context_length=12",
             f"data.train.0.shards={data}/train-*.tar", "data.train.0.batch_size=4",
             f"data.eval.shards={data}/eval-000000.tar", "data.eval.batch_size=12", "data.eval.max_batches=1",
             "model.vision.image_size=32", f"model.{task}.init={init}", f"model.{task}.k_test=4", "max_steps=2",
             "eval_every=2", "save_every=0", "progress_bar=false", "optim.warmup_steps=1", *extra]
-
-
-def sf_configs():
-    from importlib import resources
-
-    return resources.files("vlmcore.train") / "configs"
 
 
 def test_retrieval_fine_tunes_a_salesforce_checkpoint(salesforce_sizes, data, bert_dir, tmp_path):

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from vlmcore.blip import BLIP, blip_from_salesforce, load_blip
+from vlmcore.blip import BLIP, blip_from_salesforce, is_salesforce_checkpoint, load_blip
 
 from .blip_text import BlipText
 from .data import IMAGE_EXTS, BadSample, decode_image, expand_shards, pair_fields, read_tar
@@ -155,7 +155,7 @@ class CapFilt:
     def _load(self, path: str, image_size: int | None) -> BLIP:
         """A save_blip folder, or an original salesforce/BLIP ``.pth`` (its ids: train/blip_text.py's BERT
         layout, so ``--tokenizer`` must be BLIP's bert-base-uncased directory)."""
-        if os.path.isfile(path) and path.endswith((".pth", ".pt")):
+        if is_salesforce_checkpoint(path):
             return blip_from_salesforce(path, image_size=image_size, momentum=None,
                                         text_overrides=self.text.special_ids())
         return load_blip(path, momentum=None)

@@ -94,9 +94,7 @@ def filter_quality(noisy_shards: list[str], capfilt_dir: str, filter_run: str, t
         for sample in read_tar(os.path.join(capfilt_dir, os.path.basename(shard))):
             if json.loads(sample["json"])["captions"][0]["kept"]:
                 kept_web.add(sample["__key__"])
-    model = load_blip(filter_run, momentum=None).eval()
-    text = BlipText(Tokenizer(tokenizer_path, context_length, media_tokens=False))
-    image_size = model.spec["vision"]["image_size"]
+    model, text, image_size = _open_for_eval(filter_run, tokenizer_path, context_length)
     dropped = corrupted = both = 0
     scores, labels = [], []
     for shard in noisy_shards:
@@ -119,6 +117,13 @@ def filter_quality(noisy_shards: list[str], capfilt_dir: str, filter_run: str, t
                                   [sc for sc, c in zip(scores, labels) if c])}
 
 
+def _open_for_eval(run_dir: str, tokenizer_path: str, context_length: int) -> tuple:
+    """``(BLIP of run_dir without momentum encoders, in eval mode; its BlipText; its image size)``."""
+    model = load_blip(run_dir, momentum=None).eval()
+    return model, BlipText(Tokenizer(tokenizer_path, context_length, media_tokens=False)), \
+        model.spec["vision"]["image_size"]
+
+
 def roc_auc(positive: list[float], negative: list[float]) -> float:
     """P(a positive scores above a negative), ties counted half (the Mann-Whitney U statistic)."""
     if not positive or not negative:
@@ -135,9 +140,7 @@ def grouped_retrieval(run_dir: str, eval_shard: str, tokenizer_path: str, groups
     """Retrieval R@1/5 of the BLIP checkpoint in ``run_dir`` within each of ``groups`` consecutive
     groups of 24 held-out samples (the eval split cycles through the 24 classes, so each group is
     one image per class with its caption), averaged over the groups."""
-    model = load_blip(run_dir, momentum=None).eval()
-    text = BlipText(Tokenizer(tokenizer_path, context_length, media_tokens=False))
-    image_size = model.spec["vision"]["image_size"]
+    model, text, image_size = _open_for_eval(run_dir, tokenizer_path, context_length)
     samples = list(read_tar(eval_shard))
     group_size = len(shapes.CLASSNAMES)
     if len(samples) < groups * group_size:

@@ -1026,6 +1026,14 @@ def _resize_pos_embed(key: str, pos_embed: torch.Tensor, wanted: tuple[int, ...]
     return torch.cat([pos_embed[:, :1], grid], dim=1)
 
 
+def is_salesforce_checkpoint(path: str) -> bool:
+    """Whether ``path`` is a salesforce/BLIP checkpoint file (``model_base.pth``, ...), as opposed to
+    a :func:`save_blip` folder."""
+    import os
+
+    return os.path.isfile(path) and path.endswith((".pth", ".pt"))
+
+
 def read_salesforce_checkpoint(path: str) -> dict[str, torch.Tensor]:
     """The state dict of a salesforce/BLIP ``.pth``: ``torch.load(path, map_location="cpu",
     weights_only=True)["model"]`` (or the loaded dict itself when it has no ``"model"`` entry)."""

@@ -30,7 +30,14 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from vlmcore.blip import BLIP, blip_from_salesforce, blip_retrieval_metrics, build_blip, load_blip
+from vlmcore.blip import (
+    BLIP,
+    blip_from_salesforce,
+    blip_retrieval_metrics,
+    build_blip,
+    is_salesforce_checkpoint,
+    load_blip,
+)
 
 from ..blip_text import BlipText
 from ..data import IGNORE_INDEX, BadSample, decode_image, eval_batches, pair_fields
@@ -87,15 +94,11 @@ class BlipConfig:
             out.append(f"{where}.temperature: must be in [0.001, 0.5], got {self.temperature}")
         if self.k_test < 1:
             out.append(f"{where}.k_test: must be >= 1, got {self.k_test}")
-        if self.init and not (os.path.isfile(os.path.join(self.init, "blip.json")) or _is_salesforce(self.init)):
+        is_folder = os.path.isfile(os.path.join(self.init, "blip.json"))
+        if self.init and not (is_folder or is_salesforce_checkpoint(self.init)):
             out.append(f"{where}.init: {self.init!r} is neither a BLIP checkpoint folder (no blip.json) nor a "
                        "salesforce/BLIP .pth file")
         return out + self.text.check(f"{where}.text")
-
-
-def _is_salesforce(path: str) -> bool:
-    """A salesforce/BLIP checkpoint file (``model_base.pth``, ...) rather than a save_blip folder."""
-    return os.path.isfile(path) and path.endswith((".pth", ".pt"))
 
 
 def _image_id(sample: dict, image: bytes) -> int:
@@ -180,7 +183,7 @@ class BlipTaskBase(Task):
     def build_model(self, dtype: torch.dtype) -> nn.Module:
         spec = self.spec()
         where = f"model.{self.name}.init"
-        if self.config.init and _is_salesforce(self.config.init):
+        if self.config.init and is_salesforce_checkpoint(self.config.init):
             model = blip_from_salesforce(self.config.init, image_size=self.cfg.model.vision.image_size,
                                          momentum=spec["momentum"], text_overrides=self.text.special_ids())
             if model.momentum is not None and model.image_queue.shape[0] != self.config.queue_size:

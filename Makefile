@@ -7,6 +7,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.vlmcore-installed
 PYTEST_ARGS ?=
+# Never put the current directory (the repository root) on sys.path: there the folder kernels/ would
+# be found as a top-level `kernels`, the name of the PyPI package transformers imports (see
+# kernels/__init__.py, which also steps aside for the commands users type themselves).
+export PYTHONSAFEPATH := 1
 
 .PHONY: setup test test-fast demo bench-cpu lint clean
 

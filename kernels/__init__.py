@@ -1,24 +1,43 @@
 """vlmcore.kernels: fused Triton ops with autograd, each beside its plain-PyTorch reference.
 
-Ops (one file each): :func:`contrastive_loss`, :func:`masked_cross_attention` (+
-:func:`media_index_from_locations`), :func:`resampler_attention`. References:
-:mod:`vlmcore.kernels.reference`. Backend switch: :func:`backend`, :func:`get_backend`,
-``$VLMCORE_BACKEND`` (see :mod:`vlmcore.kernels._backend`).
+Ops (one file each): :func:`contrastive_loss` (+ :func:`all_gather_with_grad`),
+:func:`sigmoid_contrastive_loss`, :func:`momentum_contrastive_loss`,
+:func:`masked_cross_attention` (+ :func:`media_index_from_locations`), :func:`resampler_attention`.
+References: :mod:`vlmcore.kernels.reference`. Backend switch: :func:`backend`,
+:func:`get_backend`, ``$VLMCORE_BACKEND`` (see :mod:`vlmcore.kernels._backend`).
 
 This package imports nothing else of vlmcore.
 """
 
-if __name__ != "vlmcore.kernels":
-    # This folder is also reachable as a top-level ``kernels`` package whenever the repository root
-    # is on sys.path (``python -m ...`` or pytest started there). transformers probes for the
-    # unrelated PyPI ``kernels`` package by importing that name; executing our op files a second
-    # time under ``kernels.*`` would re-register the ``vlmcore::`` custom ops and destroy the first
-    # registrations (seen: "no schema registered", std::bad_alloc in later op calls). Hand out the
-    # one real module instead, so every op is registered exactly once.
-    import importlib
+if __name__ == "kernels":
+    # This folder is installed as ``vlmcore.kernels`` (setup.py's package_dir), but whenever the
+    # repository root is on sys.path (``python -m ...``, ``python -c ...``, ``python -m pytest``
+    # started there) it is ALSO found as a top-level ``kernels``: the name of Hugging Face's PyPI
+    # package, which transformers >= 5.25 imports from every model module. Running our op files
+    # under that name would both break transformers (it needs the real package) and register the
+    # ``vlmcore::`` custom ops a second time. So, imported under that name, this file steps aside:
+    # it loads the first ``kernels`` found on sys.path outside this checkout and puts it in
+    # sys.modules in its place (the import statement returns ``sys.modules["kernels"]``), or
+    # fails as a missing module when there is none (older transformers then see no hub kernels).
+    # The Makefile also runs every command with PYTHONSAFEPATH=1, so ``make test`` / ``make demo``
+    # never put the root on sys.path at all; this guard covers the commands users type themselves.
+    import importlib.machinery
+    import importlib.util
+    import os
     import sys
 
-    sys.modules[__name__] = importlib.import_module("vlmcore.kernels")
+    _checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    _elsewhere = [p for p in sys.path if os.path.abspath(p or os.curdir) != _checkout]
+    _spec = importlib.machinery.PathFinder.find_spec("kernels", _elsewhere)
+    if _spec is None or _spec.loader is None:
+        raise ModuleNotFoundError(
+            "No module named 'kernels' (the repository's kernels/ folder is vlmcore.kernels, "
+            "not the PyPI package 'kernels')",
+            name="kernels",
+        )
+    _real = importlib.util.module_from_spec(_spec)
+    sys.modules["kernels"] = _real
+    _spec.loader.exec_module(_real)
 else:
     from ._backend import BACKENDS, backend, enable_interpreter_without_cuda, get_backend
 

@@ -100,24 +100,59 @@ def test_backend_choice_is_traced_by_torch_compile_and_reguarded():
         assert compiled(x).tolist() == [1.0, 1.0]
 
 
-def test_repo_root_kernels_folder_never_registers_ops_twice():
-    """From the repository root the folder ``kernels/`` is importable as a top-level ``kernels``
-    (transformers imports that name when it probes for the hub-kernels package). It must resolve to
-    the one ``vlmcore.kernels`` module, and the ops must still work afterwards."""
+def _run_from_repo_root(code: str) -> subprocess.CompletedProcess:
+    """``python -c code`` started in the repository root: its sys.path begins with '' (the root)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSAFEPATH")}
+    return subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_repo_root_on_sys_path_leaves_pypi_kernels_to_transformers():
+    """From the repository root the folder ``kernels/`` is importable as a top-level ``kernels``, the
+    name of the PyPI package that transformers >= 5.25 imports from its model modules. That name must
+    give the real package (when installed), transformers' model classes must import, and vlmcore's ops
+    must be registered once and work in the same process."""
     code = (
-        "import sys, torch, vlmcore.kernels as vk\n"
+        "import os, sys, torch\n"
+        "assert os.path.abspath(sys.path[0] or '.') == os.getcwd(), sys.path[:2]\n"
+        "import transformers\n"
+        "from transformers import GPT2Config, GPT2LMHeadModel\n"
+        "import vlmcore, vlmcore.kernels as vk\n"
         "import kernels\n"
-        "assert kernels is vk, kernels\n"
-        "from transformers.utils.import_utils import is_kernels_available\n"
-        "is_kernels_available()\n"
-        "assert not [m for m in sys.modules if m.startswith('kernels.')], sorted(sys.modules)\n"
+        "assert kernels is not vk\n"
+        f"assert not os.path.abspath(kernels.__file__).startswith({str(REPO / 'kernels')!r}), kernels.__file__\n"
+        "assert hasattr(kernels, 'CUDAProperties'), dir(kernels)\n"
+        "assert not [m for m in sys.modules if m.startswith('kernels.') and 'vlmcore' in str(sys.modules[m])]\n"
+        "GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=32))\n"
         "q = torch.randn(1, 4, 1, 16, device='cuda' if torch.cuda.is_available() else 'cpu')\n"
         "with vk.backend('triton'):\n"
         "    out = vk.resampler_attention(q, q, q, q, q)\n"
         "assert torch.allclose(out, vk.reference.resampler_attention_reference(q, q, q, q, q), atol=1e-5)\n"
         "print('ok')\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True)
+    pytest.importorskip("kernels", reason="the PyPI 'kernels' package is not installed here")
+    out = _run_from_repo_root(code)
     assert out.returncode == 0, out.stderr[-3000:]
+    assert "ok" in out.stdout
+
+
+def test_repo_root_kernels_name_is_missing_without_the_pypi_package():
+    """Without a PyPI ``kernels`` anywhere on sys.path, ``import kernels`` from the root fails as a
+    missing module (what older transformers expect of an absent optional package), instead of
+    handing out vlmcore.kernels under a second name."""
+    code = (
+        "import os, sys\n"
+        "sys.path[:] = [p for p in sys.path if not os.path.isdir(os.path.join(p or '.', 'kernels'))\n"
+        "               or os.path.abspath(p or '.') == os.getcwd()]\n"
+        "try:\n"
+        "    import kernels\n"
+        "except ModuleNotFoundError as e:\n"
+        "    assert e.name == 'kernels', e.name\n"
+        "    assert 'kernels' not in sys.modules\n"
+        "    print('ok')\n"
+        "else:\n"
+        "    raise SystemExit(f'imported {kernels.__file__}')\n"
+    )
+    out = _run_from_repo_root(code)
+    assert out.returncode == 0, out.stderr[-3000:] + out.stdout
     assert "ok" in out.stdout

@@ -35,7 +35,7 @@ test-fast: $(STAMP)
 
 ## The main job (see README).
 demo: $(STAMP)
-	$(PY) -m vlmcore.train.demo
+	$(PY) -m vlmcore.train.tools.demo
 
 ## CPU microbenchmarks of the reference paths (pytest-benchmark), kept out of `make test`.
 bench-cpu: $(STAMP)

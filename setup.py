@@ -9,21 +9,33 @@ through ``package_dir`` so that no generic top-level name (``kernels``, ``train`
     vlmcore.bench    <- bench/     (benchmarks against references and peers)
 """
 
+import os
+
 from setuptools import setup
 
-PACKAGE_DIRS = {
-    "vlmcore": "vlmcore",
-    "vlmcore.kernels": "kernels",
-    "vlmcore.train": "train",
-    "vlmcore.bench": "bench",
-    "vlmcore.train.tasks": "train/tasks",
-}
+# The four top-level folders and the import names they install as; every sub-folder with an
+# __init__.py below them is a subpackage (vlmcore.train.data, vlmcore.blip, ...).
+TOP_LEVEL = {"vlmcore": "vlmcore", "vlmcore.kernels": "kernels", "vlmcore.train": "train", "vlmcore.bench": "bench"}
+
+
+def package_dirs() -> dict[str, str]:
+    dirs = {}
+    for name, folder in TOP_LEVEL.items():
+        for here, subdirs, files in os.walk(folder):
+            subdirs[:] = sorted(d for d in subdirs if not d.startswith((".", "__")))
+            if "__init__.py" in files:
+                rel = os.path.relpath(here, folder)
+                dirs[name if rel == "." else name + "." + rel.replace(os.sep, ".")] = here
+    return dirs
+
+
+PACKAGE_DIRS = package_dirs()
 
 setup(
     name="vlmcore",
     version="0.1.0",
     description="Fused Triton kernels and a DeepSpeed ZeRO training core for frozen-LM vision-language models",
-    long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
+    long_description=open("README.md", encoding="utf-8").read() if os.path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=list(PACKAGE_DIRS),
@@ -53,9 +65,9 @@ setup(
     entry_points={
         "console_scripts": [
             "vlmcore-train=vlmcore.train.__main__:console_main",
-            "vlmcore-make-shapes=vlmcore.train.shapes:console_main",
+            "vlmcore-make-shapes=vlmcore.train.tools.shapes:console_main",
             "vlmcore-bench=vlmcore.bench.__main__:console_main",
-            "vlmcore-capfilt=vlmcore.train.capfilt:console_main",
+            "vlmcore-capfilt=vlmcore.train.tools.capfilt:console_main",
         ]
     },
 )

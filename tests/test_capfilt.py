@@ -11,9 +11,9 @@ import tarfile
 import pytest
 import torch
 from PIL import Image
-from vlmcore.train import capfilt
-from vlmcore.train.blip_text import BlipText
-from vlmcore.train.tokenizer import Tokenizer, train_word_tokenizer
+from vlmcore.train.data.blip_text import BlipText
+from vlmcore.train.data.tokenizer import Tokenizer, train_word_tokenizer
+from vlmcore.train.tools import capfilt
 
 from vlmcore.blip import build_blip, save_blip
 

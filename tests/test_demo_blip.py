@@ -11,10 +11,10 @@ import tarfile
 
 import pytest
 import torch
-from vlmcore.train import demo_blip, shapes
-from vlmcore.train.blip_text import BlipText
-from vlmcore.train.data import decode_image, read_tar
-from vlmcore.train.tokenizer import Tokenizer, train_word_tokenizer
+from vlmcore.train.data.blip_text import BlipText
+from vlmcore.train.data.pipeline import decode_image, read_tar
+from vlmcore.train.data.tokenizer import Tokenizer, train_word_tokenizer
+from vlmcore.train.tools import demo_blip, shapes
 
 from vlmcore.blip import blip_retrieval_metrics, build_blip, load_blip, save_blip
 

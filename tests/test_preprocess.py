@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from vlmcore.train.data import decode_image
-from vlmcore.train.preprocess import OPENAI_MEAN, OPENAI_STD, ImageTransform, build_transforms, tower_preprocess
+from vlmcore.train.data.pipeline import decode_image
+from vlmcore.train.data.preprocess import OPENAI_MEAN, OPENAI_STD, ImageTransform, build_transforms, tower_preprocess
 
 
 def picture(width, height, seed=0):

@@ -11,9 +11,9 @@ from importlib import resources
 
 import pytest
 from vlmcore.train import main
-from vlmcore.train.data import read_tar
-from vlmcore.train.shards import ShardStreamError, expand_shard_spec, open_shard
-from vlmcore.train.tokenizer import train_word_tokenizer
+from vlmcore.train.data.pipeline import read_tar
+from vlmcore.train.data.shards import ShardStreamError, expand_shard_spec, open_shard
+from vlmcore.train.data.tokenizer import train_word_tokenizer
 
 CONFIGS = resources.files("vlmcore.train") / "configs"
 
@@ -101,7 +101,7 @@ def test_abandoned_stream_is_killed_not_waited_for(tmp_path):
 
 @pytest.fixture(scope="module")
 def pair_shards(tmp_path_factory):
-    from vlmcore.train import shapes
+    from vlmcore.train.tools import shapes
 
     out = tmp_path_factory.mktemp("shapes_urls")
     shapes.make_shapes(str(out), n_train=96, n_eval=16, n_docs=8, image_size=16, shard_size=32, seed=3)

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 from vlmcore.train.config import ConfigError, load_config
-from vlmcore.train.tokenizer import EOC, MEDIA, Tokenizer
+from vlmcore.train.data.tokenizer import EOC, MEDIA, Tokenizer
 
 open_clip = pytest.importorskip("open_clip")
 

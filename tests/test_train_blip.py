@@ -10,10 +10,11 @@ from importlib import resources
 
 import pytest
 import torch
-from vlmcore.train import main, shapes
+from vlmcore.train import main
 from vlmcore.train.config import ConfigError, load_config
+from vlmcore.train.data.tokenizer import Tokenizer, train_word_tokenizer
 from vlmcore.train.tasks import get_task
-from vlmcore.train.tokenizer import Tokenizer, train_word_tokenizer
+from vlmcore.train.tools import shapes
 
 from vlmcore.blip import load_blip
 
@@ -119,8 +120,8 @@ def test_bad_blip_configs_are_refused(data, tmp_path):
 def test_image_ids_come_from_the_json_else_the_image_bytes(data):
     """COCO-style ``image_id`` in KEY.json groups captions of one image; without it, identical image
     bytes share an id; negative ids (reserved for empty queue slots) are bad samples."""
-    from vlmcore.train.blip_text import BlipText
-    from vlmcore.train.data import BadSample, read_tar
+    from vlmcore.train.data.blip_text import BlipText
+    from vlmcore.train.data.pipeline import BadSample, read_tar
     from vlmcore.train.tasks.blip_common import BlipEncoder
 
     encoder = BlipEncoder(BlipText(Tokenizer(str(data / "tokenizer.json"), 12)), 16, "")

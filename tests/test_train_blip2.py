@@ -9,9 +9,10 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from vlmcore.train import main, shapes, tasks
+from vlmcore.train import main, tasks
 from vlmcore.train.config import ConfigError, load_config
-from vlmcore.train.tokenizer import Tokenizer, train_word_tokenizer
+from vlmcore.train.data.tokenizer import Tokenizer, train_word_tokenizer
+from vlmcore.train.tools import shapes
 
 CONFIGS = resources.files("vlmcore.train") / "configs"
 SHIPPED = ["blip2_stage1_tiny.yaml", "blip2_stage2_tiny.yaml", "blip2_stage1_eva_vitg.yaml",

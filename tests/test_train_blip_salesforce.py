@@ -14,10 +14,11 @@ from importlib import resources
 import pytest
 import test_blip_salesforce as sf
 import torch
-from vlmcore.train import capfilt, main, shapes
-from vlmcore.train.blip_text import BlipText
-from vlmcore.train.data import read_tar
-from vlmcore.train.tokenizer import Tokenizer
+from vlmcore.train import main
+from vlmcore.train.data.blip_text import BlipText
+from vlmcore.train.data.pipeline import read_tar
+from vlmcore.train.data.tokenizer import Tokenizer
+from vlmcore.train.tools import capfilt, shapes
 
 from vlmcore.blip import load_blip
 

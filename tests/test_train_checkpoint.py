@@ -6,7 +6,7 @@ import os
 
 import pytest
 import torch
-from vlmcore.train import checkpoint
+from vlmcore.train.runtime import checkpoint
 
 
 class FakeEngine:

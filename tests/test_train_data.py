@@ -6,8 +6,7 @@ import tarfile
 
 import pytest
 import torch
-from vlmcore.train import shapes
-from vlmcore.train.data import (
+from vlmcore.train.data.pipeline import (
     DataStream,
     ShardStream,
     batch_tokens,
@@ -15,10 +14,11 @@ from vlmcore.train.data import (
     raw_stream,
     read_tar,
 )
+from vlmcore.train.data.tokenizer import EOC, MEDIA, Tokenizer, train_word_tokenizer
 from vlmcore.train.tasks.clip import ClipEncoder
 from vlmcore.train.tasks.common import ImageDecoder
 from vlmcore.train.tasks.flamingo import FlamingoEncoder
-from vlmcore.train.tokenizer import EOC, MEDIA, Tokenizer, train_word_tokenizer
+from vlmcore.train.tools import shapes
 
 
 @pytest.fixture(scope="module")
@@ -175,7 +175,7 @@ def test_starting_a_stream_leaves_the_global_rng_alone(shapes_dir, tok):
 def test_hf_tokenizer_directory_gets_the_special_tokens(shapes_dir, tmp_path):
     from tokenizers import Tokenizer as RawTokenizer
     from transformers import PreTrainedTokenizerFast
-    from vlmcore.train.tokenizer import SPECIAL_TOKENS
+    from vlmcore.train.data.tokenizer import SPECIAL_TOKENS
 
     raw = RawTokenizer.from_file(str(shapes_dir / "tokenizer.json"))
     # A plain HF tokenizer directory without the Flamingo tokens: they are added on load.

@@ -13,8 +13,8 @@ import tarfile
 from importlib import resources
 
 import pytest
-from vlmcore.train import shapes
-from vlmcore.train.tokenizer import train_word_tokenizer
+from vlmcore.train.data.tokenizer import train_word_tokenizer
+from vlmcore.train.tools import shapes
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -40,7 +40,7 @@ def _launch(tmp_path, name, runs, timeout=400):
     launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     env.pop("RANK", None), env.pop("WORLD_SIZE", None), env.pop("LOCAL_RANK", None)
-    from vlmcore.train.distributed import _free_port
+    from vlmcore.train.runtime.distributed import _free_port
 
     proc = subprocess.run([launcher, "--num_gpus", "2", "--master_port", str(_free_port()), str(driver), str(spec)],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)

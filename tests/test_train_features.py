@@ -10,11 +10,13 @@ from importlib import resources
 
 import pytest
 import torch
-from vlmcore.train import ConfigError, distributed, loop, main, shapes
+from vlmcore.train import ConfigError, main
 from vlmcore.train.config import load_config
-from vlmcore.train.data import IGNORE_INDEX
+from vlmcore.train.data.pipeline import IGNORE_INDEX
+from vlmcore.train.data.tokenizer import MEDIA, Tokenizer, train_word_tokenizer
+from vlmcore.train.runtime import distributed, loop
 from vlmcore.train.tasks import get_task
-from vlmcore.train.tokenizer import MEDIA, Tokenizer, train_word_tokenizer
+from vlmcore.train.tools import shapes
 
 CONFIGS = resources.files("vlmcore.train") / "configs"
 VISION = "model.vision={image_size: 16, patch_size: 8, width: 32, depth: 2, heads: 2}"

@@ -10,10 +10,12 @@ from importlib import resources
 
 import pytest
 import torch
-from vlmcore.train import NonFiniteLossError, loop, main, shapes
+from vlmcore.train import NonFiniteLossError, main
 from vlmcore.train.config import parse_config
+from vlmcore.train.data.tokenizer import Tokenizer, train_word_tokenizer
+from vlmcore.train.runtime import loop
 from vlmcore.train.tasks import get_task
-from vlmcore.train.tokenizer import Tokenizer, train_word_tokenizer
+from vlmcore.train.tools import shapes
 
 import vlmcore
 
@@ -110,7 +112,7 @@ def test_flamingo_mixture_trains_with_weighted_losses_and_activation_checkpointi
 
 def test_frozen_trains_with_zero1_over_a_local_lm_directory(data, tmp_path):
     # The LM comes from a directory (save_pretrained), here written by the demo's LM pre-training.
-    from vlmcore.train.demo import pretrain_lm
+    from vlmcore.train.tools.demo import pretrain_lm
 
     tok = Tokenizer(str(data / "tokenizer.json"), 16)
     lm_config = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
@@ -192,7 +194,7 @@ def test_precision_decides_the_deepspeed_bf16_section():
 
 
 def test_progress_bar_counts_steps_not_log_lines(tmp_path):
-    from vlmcore.train.metrics import MetricsLogger
+    from vlmcore.train.runtime.metrics import MetricsLogger
 
     log = MetricsLogger(str(tmp_path), True, total_steps=30, progress_bar=True)
     for step in (10, 20, 30):  # log_every=10

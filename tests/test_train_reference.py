@@ -2,8 +2,8 @@
 
 import os
 
-from vlmcore.train.reference import REFERENCE_BEGIN, REFERENCE_END, reference_markdown
 from vlmcore.train.tasks import task_names
+from vlmcore.train.tools.config_reference import REFERENCE_BEGIN, REFERENCE_END, reference_markdown
 
 README = os.path.join(os.path.dirname(__file__), os.pardir, "README.md")
 
@@ -13,7 +13,7 @@ def test_readme_reference_equals_the_generated_table():
         text = f.read()
     begin, end = text.index(REFERENCE_BEGIN) + len(REFERENCE_BEGIN), text.index(REFERENCE_END)
     assert text[begin:end] == "\n" + reference_markdown(), (
-        "README.md's config reference is stale: run `python -m vlmcore.train.reference README.md`")
+        "README.md's config reference is stale: run `python -m vlmcore.train.tools.config_reference README.md`")
 
 
 def test_reference_covers_every_key_with_help():

@@ -9,8 +9,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from vlmcore.train.data import BadSample, read_tar
-from vlmcore.train.regions import (
+from vlmcore.train.data.pipeline import BadSample, read_tar
+from vlmcore.train.data.regions import (
     BACKGROUND_CLASS,
     NUM_REGION_CLASSES,
     decode_regions,
@@ -19,7 +19,7 @@ from vlmcore.train.regions import (
     pad_regions,
     regions_complete,
 )
-from vlmcore.train.shapes import CLASSNAMES, console_main
+from vlmcore.train.tools.shapes import CLASSNAMES, console_main
 
 
 def _npz(regions=3, dim=6, classes=4, **override):

@@ -8,9 +8,11 @@ from importlib import resources
 
 import pytest
 import torch
-from vlmcore.train import checkpoint, main, shapes
-from vlmcore.train.data import NoUsableSamplesError
-from vlmcore.train.tokenizer import train_word_tokenizer
+from vlmcore.train import main
+from vlmcore.train.data.pipeline import NoUsableSamplesError
+from vlmcore.train.data.tokenizer import train_word_tokenizer
+from vlmcore.train.runtime import checkpoint
+from vlmcore.train.tools import shapes
 
 CONFIGS = resources.files("vlmcore.train") / "configs"
 # An LM much larger than the trainable parts (so that a checkpoint holding it could not be smaller than it).
@@ -41,8 +43,8 @@ def _losses(out_dir):
 
 def _frozen_names(task, argv):
     from vlmcore.train.config import load_config
+    from vlmcore.train.data.tokenizer import Tokenizer
     from vlmcore.train.tasks import get_task
-    from vlmcore.train.tokenizer import Tokenizer
 
     cfg = load_config(argv[1], argv[2:])
     model = get_task(task)(cfg, Tokenizer(cfg.tokenizer.path, cfg.tokenizer.context_length)).build_model(torch.float32)

@@ -10,9 +10,7 @@ import time
 import pytest
 import torch
 from PIL import Image
-from vlmcore.train import data as data_module
-from vlmcore.train import shapes
-from vlmcore.train.data import (
+from vlmcore.train.data.pipeline import (
     DataStream,
     NoUsableSamplesError,
     ShardStream,
@@ -21,10 +19,12 @@ from vlmcore.train.data import (
     expand_shards,
     read_tar,
 )
+from vlmcore.train.data import pipeline as data_module
+from vlmcore.train.data.tokenizer import EOC, MEDIA, Tokenizer, train_word_tokenizer
 from vlmcore.train.tasks.clip import ClipEncoder
 from vlmcore.train.tasks.common import ImageDecoder
 from vlmcore.train.tasks.flamingo import FlamingoEncoder
-from vlmcore.train.tokenizer import EOC, MEDIA, Tokenizer, train_word_tokenizer
+from vlmcore.train.tools import shapes
 
 
 @pytest.fixture(scope="module")

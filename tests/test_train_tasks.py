@@ -9,11 +9,12 @@ from importlib import resources
 import pytest
 import yaml
 from torch import nn
-from vlmcore.train import main, shapes, tasks
+from vlmcore.train import main, tasks
 from vlmcore.train.config import ConfigError, load_config, parse_config
-from vlmcore.train.data import decode_image, eval_batches, pair_fields
-from vlmcore.train.distributed import all_reduce_sum
-from vlmcore.train.tokenizer import train_word_tokenizer
+from vlmcore.train.data.pipeline import decode_image, eval_batches, pair_fields
+from vlmcore.train.data.tokenizer import train_word_tokenizer
+from vlmcore.train.runtime.distributed import all_reduce_sum
+from vlmcore.train.tools import shapes
 
 CONFIGS = resources.files("vlmcore.train") / "configs"
 

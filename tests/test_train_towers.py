@@ -10,11 +10,12 @@ from importlib import resources
 
 import pytest
 import torch
-from vlmcore.train import main, shapes
+from vlmcore.train import main
 from vlmcore.train.config import ConfigError, VisionConfig, load_config
+from vlmcore.train.data.tokenizer import train_word_tokenizer
 from vlmcore.train.tasks.common import build_vision
-from vlmcore.train.tokenizer import train_word_tokenizer
-from vlmcore.train.towers import build_tower, freeze_vision, vision_preprocess
+from vlmcore.train.tasks.towers import build_tower, freeze_vision, vision_preprocess
+from vlmcore.train.tools import shapes
 
 import vlmcore
 

@@ -8,9 +8,10 @@ import tarfile
 from importlib import resources
 
 import pytest
-from vlmcore.train import ConfigError, main, shapes
+from vlmcore.train import ConfigError, main
 from vlmcore.train.config import deepspeed_keys, load_config, parse_config
-from vlmcore.train.tokenizer import Tokenizer, train_word_tokenizer
+from vlmcore.train.data.tokenizer import Tokenizer, train_word_tokenizer
+from vlmcore.train.tools import shapes
 from vlmcore.train.validate import shard_problems, validate_inputs
 
 CONFIGS = resources.files("vlmcore.train") / "configs"

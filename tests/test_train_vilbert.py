@@ -14,10 +14,10 @@ import torch
 import yaml
 from vlmcore.train import main, tasks
 from vlmcore.train.config import ConfigError, load_config
-from vlmcore.train.data import BadSample, read_tar
-from vlmcore.train.regions import make_region_shapes
+from vlmcore.train.data.pipeline import BadSample, read_tar
+from vlmcore.train.data.regions import make_region_shapes
+from vlmcore.train.data.tokenizer import Tokenizer
 from vlmcore.train.tasks.vilbert import RegionPairEncoder, bert_special_ids
-from vlmcore.train.tokenizer import Tokenizer
 
 CONFIGS = resources.files("vlmcore.train") / "configs"
 

@@ -4,8 +4,8 @@
 every rank calls it); ``vlmcore-train`` / ``python -m vlmcore.train`` is the same from the shell.
 """
 
-from .cli import main
-from .config import ConfigError, TrainConfig, load_config
-from .loop import NonFiniteLossError, train
+from vlmcore.train.cli import main
+from vlmcore.train.config import ConfigError, TrainConfig, load_config
+from vlmcore.train.runtime.loop import NonFiniteLossError, train
 
 __all__ = ["ConfigError", "NonFiniteLossError", "TrainConfig", "load_config", "main", "train"]

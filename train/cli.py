@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .config import ConfigError, load_config
+from vlmcore.train.config import ConfigError, load_config
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> dict:
     """Validate the config, then train in this process; returns the final evaluation metrics."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
     cfg = load_config(args.config, args.overrides)
-    from .loop import train
+    from vlmcore.train.runtime.loop import train
 
     return train(cfg, args.local_rank)
 

@@ -136,7 +136,7 @@ class PreprocessConfig:
                                               "mean", "std")}
 
     def check(self, where: str) -> list[str]:
-        from .preprocess import ImageTransform
+        from vlmcore.train.data.preprocess import ImageTransform
 
         options = {k: (tuple(v) if isinstance(v, list) else v) for k, v in self.options().items() if v is not None}
         try:
@@ -637,7 +637,7 @@ def parse_config(raw: dict, source: str = "config") -> TrainConfig:
     (looked up in the task registry): an unknown task, or an unknown key inside the section, is
     reported like any other problem.
     """
-    from .tasks import UnknownTaskError, get_task
+    from vlmcore.train.tasks import UnknownTaskError, get_task
 
     errors: list[str] = []
     schema, task_cls = TrainConfig, None

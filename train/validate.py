@@ -21,12 +21,11 @@ import os
 from typing import TYPE_CHECKING
 
 from braceexpand import braceexpand
-
-from .config import ConfigError
+from vlmcore.train.config import ConfigError
 
 if TYPE_CHECKING:
-    from .config import TrainConfig
-    from .tokenizer import Tokenizer
+    from vlmcore.train.config import TrainConfig
+    from vlmcore.train.data.tokenizer import Tokenizer
 
 #: Prefixes of shard specs that are not local files (WebDataset's ``pipe:`` and URLs).
 REMOTE_PREFIXES = ("pipe:", "http://", "https://", "s3://", "gs://", "hf://")
@@ -130,7 +129,7 @@ def input_problems(cfg: TrainConfig) -> list[str]:
 
 def first_eval_sample(cfg: TrainConfig) -> dict | None:
     """The first raw sample of the first local eval shard (None without one)."""
-    from .data import read_tar
+    from vlmcore.train.data.pipeline import read_tar
 
     shard = first_local_shard(cfg.data.eval.shards)
     if shard is None:
@@ -145,7 +144,7 @@ def validate_inputs(cfg: TrainConfig, load_tokenizer) -> Tokenizer:
     becomes a problem line). The eval data is checked on its first sample by the task
     (``Task.check_eval_sample``) once the tokenizer is there.
     """
-    from .tasks import get_task
+    from vlmcore.train.tasks import get_task
 
     problems = input_problems(cfg)
     tok = None

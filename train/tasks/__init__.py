@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 
-from .base import EvalContext, SampleEncoder, Task
+from vlmcore.train.tasks.base import EvalContext, SampleEncoder, Task
 
 # name -> "module:Class" (relative to this package, imported lazily); tests may also map a name
 # to a Task subclass directly.

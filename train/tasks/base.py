@@ -29,14 +29,13 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import nn
-
-from ..data import BadSample, batch_tokens, expand_shards
-from .common import gathered, model_dtype
+from vlmcore.train.data.pipeline import BadSample, batch_tokens, expand_shards
+from vlmcore.train.tasks.common import gathered, model_dtype
 
 if TYPE_CHECKING:
-    from ..config import EvalConfig, TrainConfig
-    from ..distributed import DistInfo
-    from ..tokenizer import Tokenizer
+    from vlmcore.train.config import EvalConfig, TrainConfig
+    from vlmcore.train.data.tokenizer import Tokenizer
+    from vlmcore.train.runtime.distributed import DistInfo
 
 #: The per-sample encoder the data pipeline calls: raw WebDataset sample (``{"__key__", "__url__",
 #: ext: bytes, ...}``, see ``train/data.py``) -> dict of tensors of one example, stacked into a

@@ -16,14 +16,13 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from vlmcore.train.data.pipeline import decode_image, eval_batches, pair_fields
+from vlmcore.train.data.tokenizer import Tokenizer
+from vlmcore.train.tasks.base import EvalContext, Task
+from vlmcore.train.tasks.common import build_vision, move
 
 import vlmcore
 from vlmcore.blip2 import recall_at_k
-
-from ..data import decode_image, eval_batches, pair_fields
-from ..tokenizer import Tokenizer
-from .base import EvalContext, Task
-from .common import build_vision, move
 
 
 @dataclass

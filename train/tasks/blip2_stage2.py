@@ -15,14 +15,13 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from vlmcore.train.data.pipeline import decode_image, lm_text, pair_fields
+from vlmcore.train.data.tokenizer import Tokenizer
+from vlmcore.train.tasks.base import EvalContext, Task
+from vlmcore.train.tasks.blip2_stage1 import QFormerSection, build_qformer, frozen_vision_check
+from vlmcore.train.tasks.common import build_language_model, build_vision, caption_accuracy, move, needs_language_model
 
 import vlmcore
-
-from ..data import decode_image, lm_text, pair_fields
-from ..tokenizer import Tokenizer
-from .base import EvalContext, Task
-from .blip2_stage1 import QFormerSection, build_qformer, frozen_vision_check
-from .common import build_language_model, build_vision, caption_accuracy, move, needs_language_model
 
 
 @dataclass

@@ -6,7 +6,7 @@ without the images. The exported ``out_dir`` is a CapFilt captioner. Config sect
 
 from __future__ import annotations
 
-from .blip_common import BlipTaskBase
+from vlmcore.train.tasks.blip_common import BlipTaskBase
 
 
 class BlipCaptionTask(BlipTaskBase):

@@ -29,6 +29,10 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
+from vlmcore.train.data.blip_text import BlipText
+from vlmcore.train.data.pipeline import IGNORE_INDEX, BadSample, decode_image, eval_batches, pair_fields
+from vlmcore.train.tasks.base import EvalContext, Task
+from vlmcore.train.tasks.common import build_vision, move
 
 from vlmcore.blip import (
     BLIP,
@@ -38,11 +42,6 @@ from vlmcore.blip import (
     is_salesforce_checkpoint,
     load_blip,
 )
-
-from ..blip_text import BlipText
-from ..data import IGNORE_INDEX, BadSample, decode_image, eval_batches, pair_fields
-from .base import EvalContext, Task
-from .common import build_vision, move
 
 
 @dataclass

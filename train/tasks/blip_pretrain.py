@@ -7,7 +7,7 @@ behaviour is in ``blip_common.py``."""
 
 from __future__ import annotations
 
-from .blip_common import BlipTaskBase
+from vlmcore.train.tasks.blip_common import BlipTaskBase
 
 
 class BlipPretrainTask(BlipTaskBase):

@@ -5,7 +5,7 @@ image id (BLIP's ``blip_retrieval.py``). Eval: Recall@k with ITM re-ranking of t
 
 from __future__ import annotations
 
-from .blip_common import BlipTaskBase
+from vlmcore.train.tasks.blip_common import BlipTaskBase
 
 
 class BlipRetrievalTask(BlipTaskBase):

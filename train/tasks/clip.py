@@ -27,15 +27,22 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 from torch import nn
+from vlmcore.train.data.pipeline import eval_batches, pair_fields
+from vlmcore.train.data.tokenizer import Tokenizer
+from vlmcore.train.runtime.distributed import all_reduce_sum
+from vlmcore.train.tasks.base import EvalContext, Task
+from vlmcore.train.tasks.common import (
+    ImageDecoder,
+    build_vision,
+    checkpoint_blocks,
+    image_decoder,
+    in_step,
+    lock_tower,
+    move,
+)
+from vlmcore.train.validate import first_local_shard
 
 import vlmcore
-
-from ..data import eval_batches, pair_fields
-from ..distributed import all_reduce_sum
-from ..tokenizer import Tokenizer
-from ..validate import first_local_shard
-from .base import EvalContext, Task
-from .common import ImageDecoder, build_vision, checkpoint_blocks, image_decoder, in_step, lock_tower, move
 
 
 @dataclass

@@ -18,16 +18,15 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
-
-from ..data import IGNORE_INDEX, decode_image, eval_batches, sample_rng
-from ..distributed import DistInfo, all_reduce_sum
-from ..preprocess import ImageTransform, build_transforms
-from ..towers import build_tower, freeze_vision, vision_preprocess
+from vlmcore.train.data.pipeline import IGNORE_INDEX, decode_image, eval_batches, sample_rng
+from vlmcore.train.data.preprocess import ImageTransform, build_transforms
+from vlmcore.train.runtime.distributed import DistInfo, all_reduce_sum
+from vlmcore.train.tasks.towers import build_tower, freeze_vision, vision_preprocess
 
 if TYPE_CHECKING:
-    from ..config import TrainConfig
-    from ..tokenizer import Tokenizer
-    from .base import EvalContext
+    from vlmcore.train.config import TrainConfig
+    from vlmcore.train.data.tokenizer import Tokenizer
+    from vlmcore.train.tasks.base import EvalContext
 
 
 def build_language_model(cfg: TrainConfig, tok: Tokenizer, dtype: torch.dtype = torch.float32) -> nn.Module:

@@ -12,13 +12,10 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-
-import vlmcore
-
-from ..data import IGNORE_INDEX, doc_fields, lm_text, pair_fields
-from ..tokenizer import EOC, MEDIA, Tokenizer
-from .base import EvalContext, Task
-from .common import (
+from vlmcore.train.data.pipeline import IGNORE_INDEX, doc_fields, lm_text, pair_fields
+from vlmcore.train.data.tokenizer import EOC, MEDIA, Tokenizer
+from vlmcore.train.tasks.base import EvalContext, Task
+from vlmcore.train.tasks.common import (
     ImageDecoder,
     build_language_model,
     build_vision,
@@ -27,6 +24,8 @@ from .common import (
     move,
     needs_language_model,
 )
+
+import vlmcore
 
 
 @dataclass

@@ -10,13 +10,10 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-
-import vlmcore
-
-from ..data import lm_text, pair_fields
-from ..tokenizer import Tokenizer
-from .base import EvalContext, Task
-from .common import (
+from vlmcore.train.data.pipeline import lm_text, pair_fields
+from vlmcore.train.data.tokenizer import Tokenizer
+from vlmcore.train.tasks.base import EvalContext, Task
+from vlmcore.train.tasks.common import (
     ImageDecoder,
     build_language_model,
     build_vision,
@@ -25,6 +22,8 @@ from .common import (
     move,
     needs_language_model,
 )
+
+import vlmcore
 
 
 @dataclass

@@ -21,11 +21,10 @@ from typing import Literal
 
 import torch
 from torch import nn
+from vlmcore.train.tasks.clip import ClipTask, TextConfig
+from vlmcore.train.tasks.common import build_vision, move
 
 import vlmcore
-
-from .clip import ClipTask, TextConfig
-from .common import build_vision, move
 
 
 @dataclass

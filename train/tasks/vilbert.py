@@ -1,7 +1,7 @@
 """ViLBERT pre-training (:class:`vlmcore.ViLBERT`) on region-feature pairs.
 
 Data: ``kind: pairs`` shards whose samples are ``KEY.npz`` (detector region features, see
-:mod:`vlmcore.train.regions`) + ``KEY.txt``; ``vlmcore-make-shapes --regions`` writes such shards.
+:mod:`vlmcore.train.data.regions`) + ``KEY.txt``; ``vlmcore-make-shapes --regions`` writes such shards.
 Text: ``[CLS] caption [SEP]`` padded to ``tokenizer.context_length``.
 
 Loss (every step, on the device, with the global torch RNG so that resume is exact): half of the
@@ -24,6 +24,12 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from vlmcore.train.data.pipeline import BadSample, eval_batches
+from vlmcore.train.data.regions import NUM_REGION_CLASSES, decode_regions, pad_regions
+from vlmcore.train.data.tokenizer import EOC, EOS, Tokenizer
+from vlmcore.train.runtime.distributed import all_reduce_sum
+from vlmcore.train.tasks.base import EvalContext, Task
+from vlmcore.train.tasks.common import in_step, move
 
 import vlmcore
 from vlmcore.vilbert import (
@@ -33,13 +39,6 @@ from vlmcore.vilbert import (
     mismatch_captions,
     vilbert_pretraining_loss,
 )
-
-from ..data import BadSample, eval_batches
-from ..distributed import all_reduce_sum
-from ..regions import NUM_REGION_CLASSES, decode_regions, pad_regions
-from ..tokenizer import EOC, EOS, Tokenizer
-from .base import EvalContext, Task
-from .common import in_step, move
 
 LOG_HALF = math.log(0.5)
 

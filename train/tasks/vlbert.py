@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from vlmcore.train.data.pipeline import eval_batches
+from vlmcore.train.runtime.distributed import all_reduce_sum
+from vlmcore.train.tasks.base import EvalContext
+from vlmcore.train.tasks.common import in_step, move
+from vlmcore.train.tasks.vilbert import RegionBertConfig, RegionTask
 
 import vlmcore
 from vlmcore.vilbert import IGNORE_INDEX, mask_regions, mask_tokens, masked_region_classification, mlm_loss
-
-from ..data import eval_batches
-from ..distributed import all_reduce_sum
-from .base import EvalContext
-from .common import in_step, move
-from .vilbert import RegionBertConfig, RegionTask
 
 EVAL_SEED = 1234
 

@@ -30,8 +30,7 @@ import shutil
 
 import numpy as np
 import torch
-
-from . import distributed
+from vlmcore.train.runtime import distributed
 
 TAG_RE = re.compile(r"^step_(\d{8})$")
 COMPLETE = "complete"  # marker written by rank 0 once every rank has saved

@@ -22,7 +22,7 @@ Output directory (``vlmcore-make-shapes --out DIR --n N``)::
     shapes.json            the generation parameters, written last (marks a complete dataset)
 
 ``--regions`` writes the region-feature variant instead (``regions-{train,eval}-*.tar`` with
-``KEY.npz`` detector-style features, for ViLBERT / VL-BERT): see :mod:`vlmcore.train.regions`.
+``KEY.npz`` detector-style features, for ViLBERT / VL-BERT): see :mod:`vlmcore.train.data.regions`.
 """
 
 from __future__ import annotations
@@ -253,7 +253,7 @@ def console_main(argv: list[str] | None = None) -> None:
     parser.add_argument("--feature-dim", type=int, default=2048, help="--regions: region feature width")
     args = parser.parse_args(argv)
     if args.regions:
-        from .regions import make_region_shapes  # regions builds on this module
+        from vlmcore.train.data.regions import make_region_shapes  # regions builds on this module
 
         summary = make_region_shapes(args.out, args.n, args.n_eval, args.image_size, args.feature_dim,
                                      shard_size=args.shard_size, seed=args.seed)

@@ -6,7 +6,7 @@ Two layouts, chosen by the tokenizer:
   ``bert-base-uncased``): BLIP's own, so salesforce / HF BLIP checkpoints line up id for id:
   ``[CLS]`` and ``[SEP]`` are BERT's, ``[DEC] = V`` (BLIP's BOS), ``[ENC] = V + 1``, vocabulary
   ``V + 2`` (30,524 for bert-base-uncased);
-- any other :class:`~vlmcore.train.tokenizer.Tokenizer` (``<pad>`` and ``<eos>`` but no ``[CLS]``):
+- any other :class:`~vlmcore.train.data.tokenizer.Tokenizer` (``<pad>`` and ``<eos>`` but no ``[CLS]``):
   three extra ids after the vocabulary, ``[CLS] = V``, ``[DEC] = V + 1``, ``[ENC] = V + 2``;
   ``<eos>`` plays ``[SEP]``.
 
@@ -17,10 +17,9 @@ first id for ``[ENC]`` (ITM) or ``[DEC]`` (LM) itself.
 from __future__ import annotations
 
 import torch
+from vlmcore.train.data.tokenizer import Tokenizer
 
 from vlmcore.blip import MEDConfig
-
-from .tokenizer import Tokenizer
 
 
 class BlipText:

@@ -1,4 +1,4 @@
-"""The BLIP demo (``python -m vlmcore.train.demo --family blip``): noisy captions -> BLIP -> CapFilt
+"""The BLIP demo (``python -m vlmcore.train.tools.demo --family blip``): noisy captions -> BLIP -> CapFilt
 -> BLIP again.
 
 1. generate a small shapes dataset and its tokenizer; the first training shard plays the clean
@@ -36,14 +36,13 @@ import time
 from importlib import resources
 
 import torch
+from vlmcore.train.cli import main as train_main
+from vlmcore.train.data.blip_text import BlipText
+from vlmcore.train.data.pipeline import decode_image, read_tar
+from vlmcore.train.data.tokenizer import Tokenizer, train_word_tokenizer
+from vlmcore.train.tools import capfilt, shapes
 
 from vlmcore.blip import blip_retrieval_metrics, load_blip
-
-from . import capfilt, shapes
-from .blip_text import BlipText
-from .cli import main as train_main
-from .data import decode_image, read_tar
-from .tokenizer import Tokenizer, train_word_tokenizer
 
 CONFIGS = resources.files("vlmcore.train") / "configs"
 

@@ -21,14 +21,14 @@ import time
 
 import numpy as np
 import torch
-
-from . import checkpoint, distributed, shapes
-from .config import TrainConfig, deepspeed_dict, to_dict
-from .data import SKIP_REASONS, DataStream, ShardStream, expand_shards
-from .metrics import MetricsLogger, utc_now
-from .tasks import Task, get_task
-from .tokenizer import Tokenizer, train_word_tokenizer
-from .validate import validate_inputs
+from vlmcore.train.config import TrainConfig, deepspeed_dict, to_dict
+from vlmcore.train.data.pipeline import SKIP_REASONS, DataStream, ShardStream, expand_shards
+from vlmcore.train.data.tokenizer import Tokenizer, train_word_tokenizer
+from vlmcore.train.runtime import checkpoint, distributed
+from vlmcore.train.runtime.metrics import MetricsLogger, utc_now
+from vlmcore.train.tasks import Task, get_task
+from vlmcore.train.tools import shapes
+from vlmcore.train.validate import validate_inputs
 
 
 class NonFiniteLossError(RuntimeError):

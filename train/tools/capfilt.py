@@ -41,12 +41,11 @@ import tarfile
 from dataclasses import dataclass, field
 
 import torch
+from vlmcore.train.data.blip_text import BlipText
+from vlmcore.train.data.pipeline import IMAGE_EXTS, BadSample, decode_image, expand_shards, pair_fields, read_tar
+from vlmcore.train.data.tokenizer import Tokenizer
 
 from vlmcore.blip import BLIP, blip_from_salesforce, is_salesforce_checkpoint, load_blip
-
-from .blip_text import BlipText
-from .data import IMAGE_EXTS, BadSample, decode_image, expand_shards, pair_fields, read_tar
-from .tokenizer import Tokenizer
 
 REPORT_NAME = "capfilt_report.json"
 STATS_SUFFIX = ".capfilt.json"

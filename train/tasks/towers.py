@@ -28,13 +28,12 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+from vlmcore.train.data.preprocess import tower_preprocess
 
 import vlmcore
 
-from .preprocess import tower_preprocess
-
 if TYPE_CHECKING:
-    from .config import VisionConfig
+    from vlmcore.train.config import VisionConfig
 
 _HF_CLASSES = {"clip": "CLIPVisionModel", "clip_vision_model": "CLIPVisionModel",
                "siglip": "SiglipVisionModel", "siglip_vision_model": "SiglipVisionModel"}

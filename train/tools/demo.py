@@ -1,4 +1,4 @@
-"""The embedded demo (``make demo`` = ``python -m vlmcore.train.demo``): shapes -> CLIP -> Flamingo.
+"""The embedded demo (``make demo`` = ``python -m vlmcore.train.tools.demo``): shapes -> CLIP -> Flamingo.
 
 Steps (each skipped when its output already exists, so a second run only re-evaluates):
 
@@ -36,9 +36,8 @@ import time
 from importlib import resources
 
 import torch
-
-from . import shapes
-from .tokenizer import EOC, MEDIA, Tokenizer, train_word_tokenizer
+from vlmcore.train.data.tokenizer import EOC, MEDIA, Tokenizer, train_word_tokenizer
+from vlmcore.train.tools import shapes
 
 CONFIGS = resources.files("vlmcore.train") / "configs"
 VILBERT_STEPS = 600
@@ -120,7 +119,7 @@ def pretrain_lm(text_file: str, tok: Tokenizer, lm_config: dict, out_dir: str, s
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m vlmcore.train.demo", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m vlmcore.train.tools.demo", description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="runs/demo", help="run directory")
     parser.add_argument("--data", default="data/shapes", help="shapes dataset directory")
     parser.add_argument("--clip-steps", type=int, default=1000)
@@ -140,7 +139,7 @@ def main(argv: list[str] | None = None) -> dict:
                         help="--family blip: seed of the data, the corruption, the trainings and CapFilt")
     args = parser.parse_args(argv)
     if args.family == "blip":
-        from .demo_blip import run_blip_demo
+        from vlmcore.train.tools.demo_blip import run_blip_demo
 
         return run_blip_demo(args.out, steps=args.blip_steps, seed=args.blip_seed)
     start = time.time()
@@ -229,7 +228,7 @@ def _vilbert(args, ranks: int, env: dict, start: float) -> dict:
     """``--family vilbert``: region features of the shapes set (stand-in detector), then ViLBERT
     pre-training (MLM + masked regions + alignment) under deepspeed; reports held-out alignment
     accuracy (chance 0.5) and in-batch retrieval R@1 (chance 1/24) in ``final_metrics_vilbert.json``."""
-    from .regions import make_region_shapes, regions_complete
+    from vlmcore.train.data.regions import make_region_shapes, regions_complete
 
     with open(CONFIGS / "vilbert_tiny.yaml", encoding="utf-8") as f:
         import yaml

@@ -47,10 +47,9 @@ from collections.abc import Callable, Iterator
 
 import torch
 from PIL import Image
-
-from .preprocess import ImageTransform
-from .shards import expand_shard_spec, open_shard
-from .tokenizer import EOC, MEDIA, Tokenizer
+from vlmcore.train.data.preprocess import ImageTransform
+from vlmcore.train.data.shards import expand_shard_spec, open_shard
+from vlmcore.train.data.tokenizer import EOC, MEDIA, Tokenizer
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 IGNORE_INDEX = -100

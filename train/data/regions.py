@@ -35,10 +35,9 @@ import time
 import numpy as np
 import torch
 from PIL import Image
-
-from .data import BadSample
-from .shapes import _CAPTIONS, CLASSNAMES, COLOURS, SHAPES, ShardWriter, draw_shape
-from .tokenizer import train_word_tokenizer
+from vlmcore.train.data.pipeline import BadSample
+from vlmcore.train.data.tokenizer import train_word_tokenizer
+from vlmcore.train.tools.shapes import _CAPTIONS, CLASSNAMES, COLOURS, SHAPES, ShardWriter, draw_shape
 
 NUM_REGION_CLASSES = len(CLASSNAMES) + 1  # the shapes classes + background
 BACKGROUND_CLASS = len(CLASSNAMES)
@@ -157,7 +156,7 @@ def _region_boxes(rng: random.Random, obj: np.ndarray, side: int, extra: int) ->
 def make_region_shapes(out_dir: str, n_train: int, n_eval: int = 240, image_size: int = 64, feature_dim: int = 2048,
                        regions_per_image: tuple[int, int] = (4, 9), shard_size: int = 1000, seed: int = 0) -> dict:
     """Write ``regions-train-*.tar`` / ``regions-eval-*.tar`` (``KEY.npz``, ``KEY.txt``, ``KEY.json``)
-    into ``out_dir``: the shapes images (train / held-out variations, see :mod:`vlmcore.train.shapes`)
+    into ``out_dir``: the shapes images (train / held-out variations, see :mod:`vlmcore.train.tools.shapes`)
     as detector-style region features, plus ``captions.txt`` and a word-level ``tokenizer.json``
     trained on it. Returns the summary also written to ``regions.json`` (last,
     so its presence marks a complete set)."""

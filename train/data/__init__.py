@@ -1,0 +1,1 @@
+"""The data pipeline: shard reading and writing, decoding, preprocessing, tokenizers."""

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 import vlmcore.kernels as K
 
-from tests.utils import assert_close
+from utils import assert_close
 from vlmcore.vilbert import (
     VLBERT,
     CoAttentionLayer,

@@ -137,7 +137,7 @@ def run_huge(ctx: RunContext) -> None:
 # ----------------------------------------------------------------------------------------------
 
 PLAN_SHAPES = [{"n": n, "d": DIM, "dtype": "bf16"} for n in (*GPU_SIZES, HUGE_N)]
-# Written by ``tests/contrastive_compile_check.py --write-evidence`` (sm_90a compile, no GPU).
+# Written by ``tests/helpers/compile_checks/contrastive_compile_check.py --write-evidence`` (sm_90a compile, no GPU).
 EVIDENCE = Path(__file__).resolve().parent / "evidence" / "contrastive_sm90.json"
 _EVIDENCE_FIELDS = ("registers", "spill_bytes", "ctas_per_sm", "shared", "wgmma")
 

@@ -164,9 +164,9 @@ else
 fi
 
 # --------------------------------------------------------------------------- 3. tests
-KERNEL_TESTS=$(ls tests/test_contrastive*.py tests/test_masked_cross_attention*.py tests/test_resampler_attention*.py \
-    tests/test_cross_attention_modules.py tests/test_resampler_modules.py tests/test_flamingo.py tests/test_clip.py \
-    tests/test_sigmoid_contrastive.py tests/test_siglip_module.py \
+KERNEL_TESTS=$(ls tests/kernels/test_contrastive*.py tests/kernels/test_masked_cross_attention*.py tests/kernels/test_resampler_attention*.py \
+    tests/models/test_cross_attention_modules.py tests/models/test_resampler_modules.py tests/models/test_flamingo.py tests/models/test_clip.py \
+    tests/kernels/test_sigmoid_contrastive.py tests/models/test_siglip_module.py \
     2>/dev/null | tr '\n' ' ')
 if [ "$DRY_RUN" = 1 ]; then
     skip tests_gpu "dry run"

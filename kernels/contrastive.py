@@ -446,7 +446,7 @@ def _pow2(x: int) -> int:
 # Autotune spaces, preferred config first, one per product precision: "tf32" = 16-bit inputs on
 # tensor cores (wgmma), "ieee" = fp32 inputs with IEEE fp32 products (no tensor cores; far more
 # registers per tile, so smaller tiles). Every config here is spill-free on sm_90a in the modes it is
-# kept for (tests/contrastive_compile_check.py, bench/evidence/contrastive_sm90.json).
+# kept for (tests/helpers/compile_checks/contrastive_compile_check.py, bench/evidence/contrastive_sm90.json).
 # Forward, 16-bit: 128 x 64 tiles with 4 warps use <= 255 registers and 72 KB of shared memory, so
 # TWO CTAs reside per SM and one CTA's exp2 / column-statistics epilogue overlaps the other's MMA.
 # The 8-warp configs fit one CTA per SM; the autotuner may still measure them faster.

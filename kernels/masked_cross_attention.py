@@ -420,7 +420,7 @@ def _configs(name: str) -> list[triton.Config]:
 
 _SHARED_MEMORY_BYTES = 220 * 1024  # H100 / H200: 227 KB per block
 # fp32 values live per thread above which the sm_90a compiles of these kernels spill registers
-# (ptxas over the whole config space, bf16, Dh 64 and 128: ``tests/masked_compile_check.py all``,
+# (ptxas over the whole config space, bf16, Dh 64 and 128: ``tests/helpers/compile_checks/masked_compile_check.py all``,
 # 2026-12-01). kv kernel, counting its pipelined operand tiles: the three configs that spilled
 # (8-112 B) scored 160-176, the heaviest spill-free one 152.
 _MAX_LIVE_PER_THREAD = 128

@@ -76,7 +76,7 @@ def _prune(configs, named_args, **kwargs):
 def _prune_backward(configs, named_args, **kwargs):
     """:func:`_prune`, and with ids at e > 128 no ``[64, 64]`` tile: with the id comparison that tile
     spilled 192-292 bytes at 255 registers (bf16, e = 256, 2-3 stages; without ids 32-36 bytes;
-    tests/momentum_contrastive_compile_check.py)."""
+    tests/helpers/compile_checks/momentum_contrastive_compile_check.py)."""
     kept = _prune(configs, named_args, **kwargs)
     if kwargs.get("HAS_IDS") and kwargs["BLOCK_E"] > 128:
         kept = [c for c in kept if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] < 64 * 64] or kept[:1]

@@ -69,7 +69,7 @@ def _seed():
 
 # open-clip-torch and timm are installed with --no-deps in the CPU test environment (their
 # torchvision requirement would replace the CPU torch); they import torchvision at module level.
-# Give them a stand-in that raises on any use, only here in the tests (tests/torchvision_standin.py).
-import torchvision_standin  # noqa: E402
+# Give them a stand-in that raises on any use, only here in the tests (tests/helpers/torchvision_standin.py).
+from helpers import torchvision_standin  # noqa: E402
 
 torchvision_standin.install()

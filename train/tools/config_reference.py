@@ -3,8 +3,9 @@ task's section), so that the README's table cannot drift from the code.
 
 ``python -m vlmcore.train.tools.config_reference`` prints the markdown table;
 ``python -m vlmcore.train.tools.config_reference README.md`` rewrites it between the markers in
-the README (``tests/train/test_train_reference.py`` checks that the README holds exactly this output). The help text of a key is the trailing ``# comment`` of
-its field in the dataclass source (a nested section without one: its class docstring's first line).
+the README (``tests/train/test_train_reference.py`` checks that the README holds exactly this output).
+The help text of a key is the trailing ``# comment`` of its field in the dataclass source (a nested
+section without one: its class docstring's first line).
 """
 
 from __future__ import annotations

@@ -44,7 +44,8 @@ else:
     # Before any @triton.jit below is decorated: without CUDA, kernels only run in the interpreter.
     enable_interpreter_without_cuda()
 
-    from .contrastive import all_gather_with_grad, contrastive_loss
+    from ._distributed import all_gather_with_grad
+    from .contrastive import contrastive_loss
     from .masked_cross_attention import masked_cross_attention, media_index_from_locations
     from .momentum_contrastive import momentum_contrastive_loss
     from .resampler_attention import resampler_attention

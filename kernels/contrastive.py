@@ -61,6 +61,7 @@ import triton.language as tl
 
 from ._backend import interpreter_enabled, use_triton
 from ._checks import check_float_tensor, check_same
+from ._distributed import all_gather_no_grad, all_gather_with_grad
 from ._plan import KernelLaunch, OpPlan
 from .reference import (
     contrastive_accuracy_reference,
@@ -1305,45 +1306,9 @@ def _check_every_row_has_a_positive(image_ids: torch.Tensor, text_ids: torch.Ten
                 raise ValueError(f"every id in {name} needs at least one equal id on the other side (a positive)")
 
 
-def _all_gather_ids(ids: torch.Tensor, group) -> torch.Tensor:
-    parts = [torch.empty_like(ids) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, ids.contiguous(), group=group)
-    return torch.cat(parts)
-
-
 # ----------------------------------------------------------------------------------------------
 # public op (validation, distributed gather, dispatch)
 # ----------------------------------------------------------------------------------------------
-
-
-class _AllGatherWithGrad(torch.autograd.Function):
-    """All-gather ``[n, d]`` rows from every rank into ``[world * n, d]``, differentiable.
-
-    Backward sums the incoming gradient over ranks (all-reduce) and returns this rank's slice:
-    the same gradient as OpenCLIP's ``gather_with_grad=True`` (``torch.distributed.nn.all_gather``),
-    but built on all-reduce so it also runs on gloo, which has no reduce-scatter.
-    """
-
-    @staticmethod
-    def forward(ctx, local: torch.Tensor, group) -> torch.Tensor:
-        ctx.group = group
-        ctx.rank = dist.get_rank(group)
-        ctx.rows = local.shape[0]
-        parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(parts, local.contiguous(), group=group)
-        return torch.cat(parts, dim=0)
-
-    @staticmethod
-    def backward(ctx, grad_gathered: torch.Tensor):
-        grad = grad_gathered.contiguous()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
-        start = ctx.rank * ctx.rows
-        return grad[start : start + ctx.rows], None
-
-
-def all_gather_with_grad(local: torch.Tensor, group) -> torch.Tensor:
-    """Differentiable all-gather of equal-sized ``[n, d]`` blocks over ``group`` (rank order)."""
-    return _AllGatherWithGrad.apply(local, group)
 
 
 def _validate(image_features, text_features, logit_scale, label_smoothing) -> None:
@@ -1438,7 +1403,7 @@ def contrastive_loss(
             _check_process_group(group)
             image_features = all_gather_with_grad(image_features, group)
             text_features = all_gather_with_grad(text_features, group)
-            image_ids, text_ids = _all_gather_ids(image_ids, group), _all_gather_ids(text_ids, group)
+            image_ids, text_ids = all_gather_no_grad(image_ids, group), all_gather_no_grad(text_ids, group)
         _check_every_row_has_a_positive(image_ids, text_ids)
         return _multi_positive_loss(image_features, text_features, logit_scale, image_ids, text_ids,
                                     float(label_smoothing))

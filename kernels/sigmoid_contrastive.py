@@ -46,8 +46,8 @@ import triton.language as tl
 
 from ._backend import interpreter_enabled, use_triton
 from ._checks import check_float_tensor, check_same
+from ._distributed import all_gather_no_grad, all_gather_with_grad
 from ._plan import KernelLaunch, OpPlan
-from .contrastive import all_gather_with_grad
 from .reference import sigmoid_contrastive_loss_reference
 
 # Rows and columns of one G' window (a multiple of every tile below). 8192 x 8192 = 128 MiB in bf16.
@@ -537,12 +537,6 @@ class _SigmoidRing(torch.autograd.Function):
                 (d_bias * grad).reshape(bias_shape).to(bias_dtype), None, None, None, None, None, None, None)
 
 
-def _all_gather_ids(ids: torch.Tensor, group) -> torch.Tensor:
-    parts = [torch.empty_like(ids) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, ids.contiguous(), group=group)
-    return torch.cat(parts)
-
-
 # ----------------------------------------------------------------------------------------------
 # public op (validation, distributed strategies, dispatch)
 # ----------------------------------------------------------------------------------------------
@@ -682,7 +676,7 @@ def sigmoid_contrastive_loss(
         if image_ids is None:
             positive_offset = dist.get_rank(group) * n
         else:
-            text_ids = _all_gather_ids(text_ids, group)
+            text_ids = all_gather_no_grad(text_ids, group)
         text_features = all_gather_with_grad(text_features, group)
         with_text = grad_on and text_features.requires_grad
     if negatives_only:

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlmcore._checks import check_positive_int, check_token_ids
+from vlmcore.distributed import all_gather_no_grad, all_gather_with_grad
 from vlmcore.kernels import momentum_contrastive_loss, resampler_attention
 from vlmcore.vision import HFVisionAdapter, vision_width
 
@@ -513,9 +514,9 @@ class BLIP(nn.Module):
             image_ids = torch.full((image_features_m.shape[0],), -100, dtype=torch.long,
                                    device=image_features_m.device)
         if group is not None:
-            image_features_m = _all_gather_no_grad(image_features_m, group)
-            text_features_m = _all_gather_no_grad(text_features_m, group)
-            image_ids = _all_gather_no_grad(image_ids, group)
+            image_features_m = all_gather_no_grad(image_features_m, group)
+            text_features_m = all_gather_no_grad(text_features_m, group)
+            image_ids = all_gather_no_grad(image_ids, group)
         n = image_features_m.shape[0]
         if n > queue_size:
             raise ValueError(f"queue_size ({queue_size}) must be >= the global batch ({n}) that is enqueued per step")
@@ -558,17 +559,16 @@ class BLIP(nn.Module):
         if negatives_group is not None:
             import torch.distributed as dist
 
-            from vlmcore.kernels import all_gather_with_grad
 
             offset = dist.get_rank(negatives_group) * b
             all_embeds = all_gather_with_grad(image_embeds.reshape(b, -1), negatives_group).view(
                 -1, *image_embeds.shape[1:])
-            all_ids = _all_gather_no_grad(input_ids, negatives_group)
-            all_mask = _all_gather_no_grad(attention_mask, negatives_group)
-            all_image_feat = _all_gather_no_grad(image_features.detach(), negatives_group)
-            all_text_feat = _all_gather_no_grad(text_features.detach(), negatives_group)
+            all_ids = all_gather_no_grad(input_ids, negatives_group)
+            all_mask = all_gather_no_grad(attention_mask, negatives_group)
+            all_image_feat = all_gather_no_grad(image_features.detach(), negatives_group)
+            all_text_feat = all_gather_no_grad(text_features.detach(), negatives_group)
             if image_ids is not None:
-                all_image_ids = _all_gather_no_grad(image_ids, negatives_group)
+                all_image_ids = all_gather_no_grad(image_ids, negatives_group)
         with torch.no_grad():
             temp = self.temp.float()
             sim_i2t = (image_features @ all_text_feat.T).float() / temp  # [b, world b]
@@ -1103,15 +1103,6 @@ def sample_hard_negatives(similarity: torch.Tensor, positive_mask: torch.Tensor,
     index = (log_w + gumbel).argmax(dim=1)
     valid = (~positive_mask).any(dim=1)
     return index, valid
-
-
-def _all_gather_no_grad(local: torch.Tensor, group) -> torch.Tensor:
-    """``[world * n, ...]`` concatenation of every rank's ``local`` (rank order), no gradient."""
-    import torch.distributed as dist
-
-    parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, local.contiguous(), group=group)
-    return torch.cat(parts)
 
 
 def _frozen_copy(module: nn.Module) -> nn.Module:

@@ -34,37 +34,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlmcore._checks import check_lm_extras, check_positive_int, check_token_ids
+from vlmcore.distributed import gather_rows, rank_and_world
 from vlmcore.flamingo import Flamingo, input_embedding_shape
-from vlmcore.kernels import all_gather_with_grad
 from vlmcore.qformer import QFormer, hf_head_key, hf_qformer_key, load_mapped
 
 # ---------------------------------------------------------------------------------------------------
 # distributed helpers
 # ---------------------------------------------------------------------------------------------------
-
-
-def _world(group) -> tuple[int, int]:
-    """``(rank, world size)`` of ``group``, ``(0, 1)`` without one."""
-    if group is None or not dist.is_available() or not dist.is_initialized():
-        return 0, 1
-    return dist.get_rank(group), dist.get_world_size(group)
-
-
-def gather_rows(local: torch.Tensor, group, *, with_grad: bool) -> torch.Tensor:
-    """``[world * b, ...]``: every rank's ``local`` ``[b, ...]`` in rank order.
-
-    ``with_grad``: differentiable (:func:`all_gather_with_grad`); else the result is detached
-    (LAVIS ``concat_all_gather``), also with one process.
-    """
-    rank, world = _world(group)
-    if world == 1:
-        return local if with_grad else local.detach()
-    if with_grad:
-        flat = all_gather_with_grad(local.reshape(local.shape[0], -1), group)
-        return flat.view(world * local.shape[0], *local.shape[1:])
-    parts = [torch.empty_like(local) for _ in range(world)]
-    dist.all_gather(parts, local.detach().contiguous(), group=group)
-    return torch.cat(parts, dim=0)
 
 
 def fetch_rows(local: torch.Tensor, index: torch.Tensor, group) -> torch.Tensor:
@@ -76,7 +52,7 @@ def fetch_rows(local: torch.Tensor, index: torch.Tensor, group) -> torch.Tensor:
     split sizes are host integers, so this path reads a ``[world]`` count vector on the host (one
     small sync, which NCCL's all-to-all requires). Every rank's ``local`` must have the same shape.
     """
-    rank, world = _world(group)
+    rank, world = rank_and_world(group)
     local = local.detach()
     if world == 1:
         return local.index_select(0, index)
@@ -268,7 +244,7 @@ class Blip2Stage1(nn.Module):
             raise ValueError(f"image_ids must be a [b] = [{batch}] tensor, got "
                              f"{tuple(image_ids.shape) if isinstance(image_ids, torch.Tensor) else image_ids!r}")
         group = self.group if group is None else group
-        rank, world = _world(group)
+        rank, world = rank_and_world(group)
         device = text_ids.device
         with torch.no_grad():
             self.temp.clamp_(0.001, 0.5)

@@ -27,7 +27,7 @@ from vlmcore.kernels.reference import (
     resampler_attention_reference,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 OPS = {"contrastive": contrastive, "masked_xattn": masked_xattn, "resampler": resampler}
 MODES = ("fwd", "bwd", "fwd_bwd")
 

@@ -12,7 +12,7 @@ from vlmcore.kernels import _backend
 import vlmcore
 from vlmcore import kernels
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_default_is_auto_and_cpu_runs_reference(monkeypatch):

@@ -1,5 +1,6 @@
 """The backend switch: env var, context manager, auto resolution, and the package layout."""
 
+import importlib.metadata
 import os
 import subprocess
 import sys
@@ -130,7 +131,10 @@ def test_repo_root_on_sys_path_leaves_pypi_kernels_to_transformers():
         "assert torch.allclose(out, vk.reference.resampler_attention_reference(q, q, q, q, q), atol=1e-5)\n"
         "print('ok')\n"
     )
-    pytest.importorskip("kernels", reason="the PyPI 'kernels' package is not installed here")
+    try:  # by its distribution: tests/kernels/ (on sys.path via tests/) would satisfy a plain import probe
+        importlib.metadata.version("kernels")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("the PyPI 'kernels' package is not installed here (transformers < 5.25 does not need it)")
     out = _run_from_repo_root(code)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "ok" in out.stdout

@@ -1,10 +1,12 @@
 """vlmcore.kernels: fused Triton ops with autograd, each beside its plain-PyTorch reference.
 
-Ops (one file each): :func:`contrastive_loss` (+ :func:`all_gather_with_grad`),
-:func:`sigmoid_contrastive_loss`, :func:`momentum_contrastive_loss`,
-:func:`masked_cross_attention` (+ :func:`media_index_from_locations`), :func:`resampler_attention`.
-References: :mod:`vlmcore.kernels.reference`. Backend switch: :func:`backend`,
-:func:`get_backend`, ``$VLMCORE_BACKEND`` (see :mod:`vlmcore.kernels._backend`).
+Ops (one file each): :func:`contrastive_loss`, :func:`sigmoid_contrastive_loss`,
+:func:`momentum_contrastive_loss`, :func:`masked_cross_attention` (+
+:func:`media_index_from_locations`), :func:`resampler_attention`. The differentiable all-gather
+they share: :func:`all_gather_with_grad` (:mod:`vlmcore.kernels._distributed`, the one home of the
+all-gathers). References: :mod:`vlmcore.kernels.reference`. Backend switch: :func:`backend`,
+:func:`get_backend`, :data:`BACKENDS`, ``$VLMCORE_BACKEND`` (see :mod:`vlmcore.kernels._backend`).
+One page per op in the repository's ``docs/ops/``.
 
 This package imports nothing else of vlmcore.
 """

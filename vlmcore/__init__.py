@@ -4,13 +4,20 @@ Modules (``nn.Module``) built on the ops of :mod:`vlmcore.kernels`; the trainer 
 :mod:`vlmcore.train`, the benchmarks in :mod:`vlmcore.bench`.
 
 - Building blocks: :class:`MaskedCrossAttention`, :class:`GatedCrossAttentionBlock`,
-  :class:`PerceiverAttention`, :class:`PerceiverResampler`, :class:`ContrastiveLoss`.
+  :class:`PerceiverAttention`, :class:`PerceiverResampler`, :class:`ContrastiveLoss`,
+  :class:`SigLIPLoss`.
 - Vision: :class:`VisionTransformer` and adapters (:class:`OpenCLIPVisionAdapter`,
-  :class:`TimmViTAdapter`, :class:`HFVisionAdapter`).
+  :class:`TimmViTAdapter`, :class:`HFVisionAdapter`), :func:`pooled_features`.
+- CLIP / SigLIP: :class:`CLIP` (text tower :class:`TextTransformer`; + :func:`zero_shot_classifier`,
+  :func:`zero_shot_predict`, :func:`retrieval_metrics`).
+- Flamingo: :class:`Flamingo` (+ :func:`find_decoder_layers`); Frozen: :class:`FrozenPrefix`.
+- BLIP: :class:`BLIP` (text model config :class:`MEDConfig`, :func:`blip_vision_encoder`,
+  :func:`blip_from_salesforce`; more in :mod:`vlmcore.blip`).
 - BLIP-2: :class:`QFormer`, :class:`Blip2Stage1` (ITC / ITM / ITG), :class:`Blip2LM` (stage 2).
-- Models: :class:`Flamingo`, :class:`CLIP` (+ :func:`zero_shot_classifier`,
-  :func:`zero_shot_predict`, :func:`retrieval_metrics`), :class:`FrozenPrefix`,
-  :class:`ViLBERT` and :class:`VLBERT` (region features, :mod:`vlmcore.vilbert`).
+- Region features: :class:`ViLBERT` and :class:`VLBERT` (:class:`ViLBERTConfig`,
+  :class:`CoAttentionLayer`).
+
+One page per model family in the repository's ``docs/models/``.
 """
 
 from vlmcore import kernels

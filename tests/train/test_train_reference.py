@@ -1,19 +1,20 @@
-"""The README's config reference is the generator's output (so it cannot drift from the schema)."""
+"""The config reference in docs/training/config.md is the generator's output (so it cannot drift from the schema)."""
 
 import os
 
 from vlmcore.train.tasks import task_names
 from vlmcore.train.tools.config_reference import REFERENCE_BEGIN, REFERENCE_END, reference_markdown
 
-README = os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, "README.md")
+REFERENCE_PAGE = os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, "docs", "training", "config.md")
 
 
 def test_readme_reference_equals_the_generated_table():
-    with open(README, encoding="utf-8") as f:
+    with open(REFERENCE_PAGE, encoding="utf-8") as f:
         text = f.read()
     begin, end = text.index(REFERENCE_BEGIN) + len(REFERENCE_BEGIN), text.index(REFERENCE_END)
     assert text[begin:end] == "\n" + reference_markdown(), (
-        "README.md's config reference is stale: run `python -m vlmcore.train.tools.config_reference README.md`")
+        "docs/training/config.md's config reference is stale: run "
+        "`python -m vlmcore.train.tools.config_reference docs/training/config.md`")
 
 
 def test_reference_covers_every_key_with_help():

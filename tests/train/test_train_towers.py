@@ -109,8 +109,10 @@ def test_freeze_and_lit_unlocked_layers(hf_dir):
         "timm": VisionConfig(type="timm", name="vit_base_patch16_224", model_kwargs=TIMM_KWARGS),
         "hf": VisionConfig(type="hf", path=hf_dir),
     }
-    last_block = {"builtin": "blocks.1.", "open_clip": "visual.transformer.resblocks.1.", "timm": "model.blocks.1.",
-                  "hf": "model.encoder.layers.1."}
+    # transformers 5 drops CLIPVisionModel's ``vision_model`` level; 4.x keeps it: either name is that block.
+    last_block = {"builtin": ("blocks.1.",), "open_clip": ("visual.transformer.resblocks.1.",),
+                  "timm": ("model.blocks.1.",),
+                  "hf": ("model.encoder.layers.1.", "model.vision_model.encoder.layers.1.")}
     for kind, v in cfgs.items():
         v.freeze = True
         tower = build_tower(v)
@@ -121,7 +123,7 @@ def test_freeze_and_lit_unlocked_layers(hf_dir):
         freeze_vision(tower, v)
         trainable = _trainable(tower)
         assert trainable and any(n.startswith(last_block[kind]) for n in trainable), kind
-        first_block = last_block[kind].replace(".1.", ".0.")
+        first_block = tuple(prefix.replace(".1.", ".0.") for prefix in last_block[kind])
         assert not any(n.startswith(first_block) for n in trainable), kind
         assert len(trainable) < len(list(tower.parameters())), kind
 

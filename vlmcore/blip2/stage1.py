@@ -1,14 +1,11 @@
-"""BLIP-2 (Li et al. 2023): stage-1 representation learning of the Q-Former (ITC, ITM, ITG) and the
-stage-2 bridge from the Q-Former to any frozen Hugging Face LM.
+"""BLIP-2 (Li et al. 2023) stage 1: representation learning of the Q-Former (ITC, ITM, ITG).
 
-Semantics of LAVIS ``blip2_models/blip2_qformer.py`` (stage 1) and ``blip2_opt.py`` /
-``blip2_t5.py`` / HF ``Blip2ForConditionalGeneration`` (stage 2), with these differences, all
-on purpose:
+Semantics of LAVIS ``blip2_models/blip2_qformer.py``, with these differences, all on purpose:
 
-- ITM hard negatives are drawn on the device with the Gumbel-max trick (one ``argmax`` over
-  ``logits + Gumbel noise`` with the positives at ``-inf``): exactly one draw from the softmax of
-  the ITC similarities over the non-positive candidates, with no host sync (LAVIS loops over rows
-  with ``torch.multinomial(...).item()``). A positive can never be drawn; a row whose candidates
+- ITM hard negatives are drawn on the device with the Gumbel-max trick
+  (:mod:`vlmcore.hard_negatives`): exactly one draw from the softmax of the ITC similarities over
+  the non-positive candidates, with no host sync (LAVIS loops over rows with
+  ``torch.multinomial(...).item()``). A positive can never be drawn; a row whose candidates
   are all positives (possible with ``image_ids``) gets weight 0 in the ITM loss instead.
 - Across ranks only the chosen negatives move (:func:`fetch_rows`: the ``[world, b]`` indices are
   all-gathered, then one ``all_to_all`` of exactly the requested rows), never an all-gather of every
@@ -33,10 +30,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from vlmcore._checks import check_lm_extras, check_positive_int, check_token_ids
+import vlmcore.blip2.convert as convert
+import vlmcore.hard_negatives as hard_negatives
+from vlmcore._checks import check_positive_int, check_token_ids
+from vlmcore.blip2.qformer import QFormer
 from vlmcore.distributed import gather_rows, rank_and_world
-from vlmcore.flamingo import Flamingo, input_embedding_shape
-from vlmcore.qformer import QFormer, hf_head_key, hf_qformer_key, load_mapped
 
 # ---------------------------------------------------------------------------------------------------
 # distributed helpers
@@ -76,21 +74,11 @@ def fetch_rows(local: torch.Tensor, index: torch.Tensor, group) -> torch.Tensor:
 
 def sample_hard_negatives(logits: torch.Tensor, positive: torch.Tensor, noise: torch.Tensor
                           ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One candidate per row drawn from ``softmax(logits)`` over the non-positive columns (Gumbel-max).
-
-    Args:
-        logits: ``[b, N]`` similarities (already divided by the temperature).
-        positive: ``[b, N]`` bool, True = a positive pair (never drawn).
-        noise: ``[b, N]`` uniform(0, 1) draws.
-
-    Returns:
-        ``(index [b] int64, valid [b] bool)``; ``valid`` is False for a row with no non-positive
-        candidate (its index is then meaningless). Tensor ops only: no host sync.
-    """
-    tiny = torch.finfo(torch.float32).tiny
-    gumbel = -torch.log(-torch.log(noise.float().clamp(min=tiny, max=1.0 - 1e-7)))
-    scores = logits.detach().float().masked_fill(positive, float("-inf")) + gumbel
-    return scores.argmax(dim=1), (~positive).any(dim=1)
+    """BLIP-2's ITM negatives (LAVIS: ``softmax(sim)``, no floor): one candidate per row of ``logits``
+    ``[b, N]`` (already divided by the temperature) over the columns where ``positive`` ``[b, N]`` is
+    False, by :func:`vlmcore.hard_negatives.sample_hard_negatives` with the uniform draws ``noise``
+    ``[b, N]``. Returns ``(index [b] int64, valid [b] bool)``; no host sync."""
+    return hard_negatives.sample_hard_negatives(logits, positive, noise=noise, weight_floor=0.0)
 
 
 def soft_target_cross_entropy(logits: torch.Tensor, positive: torch.Tensor, label_smoothing: float) -> torch.Tensor:
@@ -350,266 +338,8 @@ class Blip2Stage1(nn.Module):
     # ----------------------------------------------------------------------------- weights
 
     def load_hf_state_dict(self, state_dict: dict[str, torch.Tensor], strict: bool = True) -> list[str]:
-        """Load HF ``Blip2ForImageTextRetrieval`` weights (``qformer.*``, ``query_tokens``, ``embeddings.*``,
-        ``vision_projection``, ``text_projection``, ``itm_head``) by name; ``ValueError`` on shape
-        mismatches (and, with ``strict``, on missing ones; HF has no ITG head nor temperature, so
-        those are never required). Returns the unused keys (e.g. ``vision_model.*``)."""
-        mapped, unused = {}, []
-        for key, value in state_dict.items():
-            name = hf_qformer_key(key)
-            name = f"qformer.{name}" if name is not None else hf_head_key(key)
-            if name is None or name.startswith("language_projection"):
-                unused.append(key)
-            else:
-                mapped[name] = (key, value)
-        expected = [n for n, _ in self.named_parameters()
-                    if n.startswith(("qformer.", "vision_proj.", "text_proj.", "itm_head."))]
-        load_mapped(self, mapped, strict=strict, source="HF BLIP-2", expected=expected)
-        return unused
-
-
-def recall_at_k(scores_i2t: torch.Tensor, scores_t2i: torch.Tensor, text_to_image: torch.Tensor | None = None,
-                ks: tuple[int, ...] = (1, 5, 10), *, positive: torch.Tensor | None = None) -> dict[str, float]:
-    """Image->text and text->image Recall@k from score matrices (the rules of :func:`vlmcore.retrieval_metrics`:
-    a query counts at k if any of its positives ranks in the top k; ties rank pessimistically).
-
-    Args:
-        scores_i2t: ``[N_img, N_txt]``; scores_t2i: ``[N_txt, N_img]`` (e.g. ``scores_i2t.T``, or
-            the ITM-reranked matrices of :meth:`Blip2Stage1.retrieval_scores`).
-        text_to_image: ``[N_txt]`` image index of each caption (default ``arange``).
-        positive: instead of ``text_to_image``, a bool ``[N_img, N_txt]`` of the correct pairs (e.g.
-            also the other images whose caption is identical).
-    """
-    n_img, n_txt = scores_i2t.shape
-    if tuple(scores_t2i.shape) != (n_txt, n_img):
-        raise ValueError(f"scores_t2i must be [N_txt, N_img] = {(n_txt, n_img)}, got {tuple(scores_t2i.shape)}")
-    if positive is None:
-        if text_to_image is None:
-            if n_img != n_txt:
-                raise ValueError(f"text_to_image is required when N_img ({n_img}) != N_txt ({n_txt})")
-            text_to_image = torch.arange(n_txt)
-        text_to_image = text_to_image.to(scores_i2t.device, torch.int64)
-        positive = text_to_image[None, :] == torch.arange(n_img, device=scores_i2t.device)[:, None]
-    elif tuple(positive.shape) != (n_img, n_txt) or positive.dtype != torch.bool:
-        raise ValueError(f"positive must be a bool [N_img, N_txt] = {(n_img, n_txt)} tensor")
-
-    def ranks(scores: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        best = scores.masked_fill(~pos, float("-inf")).amax(dim=1, keepdim=True)
-        return ((scores >= best) & ~pos).sum(dim=1)
-
-    i2t_rank = ranks(scores_i2t, positive)
-    t2i_rank = ranks(scores_t2i, positive.T)
-    metrics = {f"i2t_R@{k}": float((i2t_rank < k).float().mean()) for k in ks}
-    metrics.update({f"t2i_R@{k}": float((t2i_rank < k).float().mean()) for k in ks})
-    return metrics
-
-
-# ---------------------------------------------------------------------------------------------------
-# stage 2
-# ---------------------------------------------------------------------------------------------------
-
-# Q-Former parts a stage-2 model does not use (no text input): frozen there, so no optimizer state.
-_TEXT_ONLY = ("word_embeddings.", "position_embeddings.")
-
-
-class Blip2LM(nn.Module):
-    """BLIP-2 stage 2: projected Q-Former outputs condition a frozen HF LM (decoder-only or encoder-decoder).
-
-    Args:
-        qformer: the :class:`QFormer` (from a stage-1 checkpoint: :meth:`load_qformer_state_dict`).
-        lang_model: a transformers causal LM (OPT, Llama, GPT-2, Qwen2, ...) or a seq2seq LM (T5 /
-            FLAN-T5; ``config.is_encoder_decoder``). Frozen.
-        vision_encoder: optional frozen module ``images -> [B, S, vision_width]`` (eval, no grad).
-        image_token_id: optional LM token id of ``<image>`` placeholders: when ``input_ids`` holds
-            exactly ``num_query_tokens`` of them per row, the projected queries fill them (HF
-            ``Blip2ForConditionalGeneration``); otherwise (or without an id) they are prepended.
-
-    Trainable: the Q-Former's query path (query tokens, embedding LayerNorm, every layer's
-    attention, cross-attention and query FFN) and ``language_projection`` (``Linear(hidden, d_lm)``,
-    created with the LM embedding's dtype and device). The Q-Former's text embeddings and text FFNs
-    are frozen (unused without text).
-    """
-
-    def __init__(self, qformer: QFormer, lang_model: nn.Module, vision_encoder: nn.Module | None = None, *,
-                 image_token_id: int | None = None):
-        super().__init__()
-        if not isinstance(qformer, QFormer):
-            raise TypeError(f"qformer must be a vlmcore.QFormer, got {type(qformer).__name__}")
-        if not hasattr(lang_model, "get_input_embeddings"):
-            raise TypeError("lang_model must be a transformers LM (it has no get_input_embeddings)")
-        embedding = lang_model.get_input_embeddings()
-        vocab, lm_dim = input_embedding_shape(embedding)
-        if image_token_id is not None and not 0 <= int(image_token_id) < vocab:
-            raise ValueError(f"image_token_id must be a token id in [0, {vocab}), got {image_token_id!r}")
-        self.qformer = qformer
-        for name, p in qformer.named_parameters():
-            if name.startswith(_TEXT_ONLY) or ".ffn." in f".{name}":
-                p.requires_grad_(False)
-        self.lang_model = lang_model.requires_grad_(False)
-        self.vision_encoder = None if vision_encoder is None else vision_encoder.requires_grad_(False).eval()
-        self.language_projection = nn.Linear(qformer.hidden_size, lm_dim).to(
-            device=embedding.weight.device, dtype=embedding.weight.dtype)
-        self.image_token_id = None if image_token_id is None else int(image_token_id)
-        config = getattr(lang_model, "config", None)
-        self.is_encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
-        self.max_positions = None
-        for attr in ("max_position_embeddings", "n_positions"):
-            value = getattr(config, attr, None)
-            if isinstance(value, int) and not self.is_encoder_decoder:
-                self.max_positions = value
-                break
-
-    def train(self, mode: bool = True):
-        """Set the mode; the frozen vision encoder always stays in eval mode."""
-        super().train(mode)
-        if self.vision_encoder is not None:
-            self.vision_encoder.eval()
-        return self
-
-    # ----------------------------------------------------------------------------- inputs
-
-    def query_embeddings(self, images: torch.Tensor | None = None, image_embeds: torch.Tensor | None = None,
-                         image_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """``language_projection(Q-Former(queries, image))`` ``[B, Q, d_lm]`` in the LM's dtype."""
-        if (images is None) == (image_embeds is None):
-            raise ValueError("pass exactly one of images and image_embeds")
-        if images is not None:
-            if self.vision_encoder is None:
-                raise ValueError("images were given but this model has no vision_encoder; pass image_embeds")
-            with torch.no_grad():
-                image_embeds = self.vision_encoder(images)
-        query_out = self.qformer.encode_image(image_embeds.to(self.qformer.query_tokens.dtype), image_mask)
-        return self.language_projection(query_out.to(self.language_projection.weight.dtype))
-
-    def _build(self, queries: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-               labels: torch.Tensor | None):
-        """``(inputs_embeds, attention_mask, labels)`` with the queries filled in or prepended."""
-        batch, length = input_ids.shape
-        num_queries = queries.shape[1]
-        if queries.shape[0] != batch:
-            raise ValueError(f"the images have batch {queries.shape[0]} but input_ids has batch {batch}")
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        embeds = self.lang_model.get_input_embeddings()(input_ids)
-        placeholders = None if self.image_token_id is None else input_ids == self.image_token_id
-        # A host-side shape decision: placeholders are used only when present (one small read).
-        if placeholders is not None and placeholders.any():
-            counts = placeholders.sum(dim=1)
-            if not bool((counts == num_queries).all()):
-                raise ValueError(f"input_ids must hold exactly num_query_tokens={num_queries} <image> tokens "
-                                 f"(id {self.image_token_id}) per row, got {counts.tolist()}")
-            embeds = embeds.masked_scatter(placeholders[..., None], queries.to(embeds.dtype))
-            if labels is not None:
-                labels = labels.masked_fill(placeholders, -100)
-            return embeds, attention_mask, labels
-        if self.max_positions is not None and num_queries + length > self.max_positions:
-            raise ValueError(f"input_ids has length {length}; with the {num_queries} query embeddings that exceeds "
-                             f"the LM's position table ({self.max_positions})")
-        embeds = torch.cat([queries.to(embeds.dtype), embeds], dim=1)
-        attention_mask = torch.cat([torch.ones(batch, num_queries, dtype=attention_mask.dtype,
-                                               device=attention_mask.device), attention_mask], dim=1)
-        if labels is not None:
-            labels = torch.cat([torch.full((batch, num_queries), -100, dtype=labels.dtype, device=labels.device),
-                                labels], dim=1)
-        return embeds, attention_mask, labels
-
-    @staticmethod
-    def caption_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_lengths: torch.Tensor
-                       ) -> torch.Tensor:
-        """Labels ``[B, L]`` for a decoder-only LM: ``input_ids`` with -100 on each row's first
-        ``prompt_lengths[b]`` tokens (the prompt) and on padding (``attention_mask == 0``)."""
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-        ignore = (positions[None, :] < prompt_lengths[:, None]) | (attention_mask == 0)
-        return input_ids.masked_fill(ignore, -100)
-
-    def _check_text(self, input_ids, attention_mask, labels, images, image_embeds) -> None:
-        check_token_ids("input_ids", input_ids)
-        check_lm_extras(input_ids, attention_mask, None if self.is_encoder_decoder else labels,
-                        has_past=False, ids_name="input_ids")
-        source = images if images is not None else image_embeds
-        if isinstance(source, torch.Tensor) and source.dim() > 0 and source.shape[0] != input_ids.shape[0]:
-            name = "images" if images is not None else "image_embeds"
-            raise ValueError(f"{name} has batch {source.shape[0]} but input_ids has batch {input_ids.shape[0]}")
-
-    # ----------------------------------------------------------------------------- forward & generate
-
-    def forward(self, images: torch.Tensor | None = None, input_ids: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None, *,
-                image_embeds: torch.Tensor | None = None, image_mask: torch.Tensor | None = None,
-                decoder_attention_mask: torch.Tensor | None = None, **kwargs):
-        """LM output conditioned on the images (``.logits``, ``.loss`` when ``labels``).
-
-        Decoder-only: ``input_ids`` ``[B, L]`` = prompt + caption, ``labels`` ``[B, L]`` with -100 on
-        the prompt and padding (:meth:`caption_labels`); the queries' positions get -100 too. The
-        logits cover ``[queries; input_ids]`` (or ``input_ids`` with filled placeholders).
-        Encoder-decoder: ``input_ids`` = the prefix text (encoder, after the queries), ``labels`` =
-        the decoder target ``[B, T]`` (-100 on padding), ``decoder_attention_mask`` optional.
-        """
-        if input_ids is None:
-            raise ValueError("input_ids is required")
-        self._check_text(input_ids, attention_mask, labels, images, image_embeds)
-        queries = self.query_embeddings(images, image_embeds, image_mask)
-        if self.is_encoder_decoder:
-            embeds, mask, _ = self._build(queries, input_ids, attention_mask, None)
-            return self.lang_model(inputs_embeds=embeds, attention_mask=mask, labels=labels,
-                                   decoder_attention_mask=decoder_attention_mask, **kwargs)
-        embeds, mask, labels = self._build(queries, input_ids, attention_mask, labels)
-        return self.lang_model(inputs_embeds=embeds, attention_mask=mask, labels=labels, **kwargs)
-
-    @torch.no_grad()
-    def generate(self, images: torch.Tensor | None = None, prompt_ids: torch.Tensor | None = None,
-                 attention_mask: torch.Tensor | None = None, *, image_embeds: torch.Tensor | None = None,
-                 image_mask: torch.Tensor | None = None, **generate_kwargs) -> torch.Tensor:
-        """The LM's own ``generate`` (greedy, ``num_beams``, ``do_sample``/``top_p``, ...) from
-        ``inputs_embeds`` = queries + prompt. Returns the generated token ids only (no prompt), as
-        transformers does for ``inputs_embeds`` input. ``prompt_ids`` ``[B, L]`` (``L >= 1``; a BOS token
-        for plain captioning)."""
-        if prompt_ids is None:
-            raise ValueError("prompt_ids is required (e.g. the LM's BOS token per row)")
-        self._check_text(prompt_ids, attention_mask, None, images, image_embeds)
-        queries = self.query_embeddings(images, image_embeds, image_mask)
-        embeds, mask, _ = self._build(queries, prompt_ids, attention_mask, None)
-        generate_kwargs.setdefault("use_cache", True)
-        return self.lang_model.generate(inputs_embeds=embeds, attention_mask=mask, **generate_kwargs)
-
-    # ----------------------------------------------------------------------------- weights
-
-    def load_qformer_state_dict(self, state_dict: dict[str, torch.Tensor], strict: bool = True) -> None:
-        """Start from a stage-1 checkpoint: the ``qformer.*`` keys of :class:`Blip2Stage1` that stage 2
-        uses (the query path; the text embeddings and text FFNs are ignored, so the stage-1 text
-        vocabulary may differ). ``strict``: every query-path parameter must be there."""
-        used = {f"qformer.{k}": k for k, p in self.qformer.named_parameters() if p.requires_grad}
-        mapped = {used[k]: (k, v) for k, v in state_dict.items() if k in used}
-        load_mapped(self.qformer, mapped, strict=strict, source="stage-1 checkpoint", expected=list(used.values()))
-
-    def load_hf_state_dict(self, state_dict: dict[str, torch.Tensor], strict: bool = True) -> list[str]:
-        """Load HF ``Blip2ForConditionalGeneration`` bridge weights (``qformer.*``, ``query_tokens``,
-        ``language_projection``) by name; ``strict``: every query-path parameter must be there.
-        Returns the unused keys (``vision_model.*``, ``language_model.*``)."""
-        mapped, unused = {}, []
-        for key, value in state_dict.items():
-            name = hf_qformer_key(key)
-            name = f"qformer.{name}" if name is not None else hf_head_key(key)
-            if name is None or not name.startswith(("qformer.", "language_projection.")):
-                unused.append(key)
-            else:
-                mapped[name] = (key, value)
-        expected = [n for n, p in self.named_parameters() if p.requires_grad]
-        load_mapped(self, mapped, strict=strict, source="HF BLIP-2", expected=expected)
-        return unused
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        """The parameters that train (query path of the Q-Former, ``language_projection``)."""
-        return [p for p in self.parameters() if p.requires_grad]
-
-    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """The trainable parameters by name (``qformer.*``, ``language_projection.*``)."""
-        return {name: p.detach() for name, p in self.named_parameters() if p.requires_grad}
-
-    # Same checked copy / safetensors files as Flamingo (they only use trainable_state_dict).
-    load_trainable_state_dict = Flamingo.load_trainable_state_dict
-    save_trainable = Flamingo.save_trainable
-    load_trainable = Flamingo.load_trainable
+        """:func:`vlmcore.blip2.convert.load_hf_stage1_state_dict` (``Blip2ForImageTextRetrieval`` weights)."""
+        return convert.load_hf_stage1_state_dict(self, state_dict, strict=strict)
 
 
 def stage1_qformer_state(stage1: Blip2Stage1) -> dict[str, torch.Tensor]:
@@ -617,5 +347,4 @@ def stage1_qformer_state(stage1: Blip2Stage1) -> dict[str, torch.Tensor]:
     return {f"qformer.{k}": v.detach() for k, v in stage1.qformer.named_parameters()}
 
 
-__all__ = ["Blip2LM", "Blip2Stage1", "fetch_rows", "gather_rows", "recall_at_k", "sample_hard_negatives",
-           "soft_target_cross_entropy", "stage1_qformer_state"]
+__all__ = ["Blip2Stage1", "fetch_rows", "sample_hard_negatives", "soft_target_cross_entropy", "stage1_qformer_state"]

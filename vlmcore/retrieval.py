@@ -43,6 +43,7 @@ def with_mean_recall(metrics: dict[str, float]) -> dict[str, float]:
 
 
 def _check_ks(ks: Sequence[int]) -> None:
+    """Raise ``ValueError`` unless ``ks`` is a non-empty sequence of positive ints."""
     if isinstance(ks, int) or len(ks) == 0:
         raise ValueError(f"ks must be a non-empty sequence of positive ints, got {ks!r}")
     for k in ks:
@@ -97,6 +98,7 @@ def recall_at_k(scores_i2t: torch.Tensor, scores_t2i: torch.Tensor, text_to_imag
 
 
 def _check_features(image_features: torch.Tensor, text_features: torch.Tensor) -> None:
+    """Raise ``ValueError`` unless both are non-empty ``[N, d]`` tensors of one width ``d``."""
     for name, value in (("image_features", image_features), ("text_features", text_features)):
         if not isinstance(value, torch.Tensor) or value.dim() != 2 or value.shape[0] == 0:
             got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__

@@ -343,10 +343,12 @@ _SALESFORCE_VIT_TOP = {"patch_embed.proj.weight": "embeddings.patch_embedding.we
 
 
 def _is_salesforce_momentum(key: str) -> bool:
+    """Whether salesforce ``key`` is momentum state (a ``*_m`` encoder or a queue)."""
     return key.startswith(_SALESFORCE_MOMENTUM) or key in _SALESFORCE_QUEUES
 
 
 def _salesforce_vit_name(rest: str) -> str | None:
+    """The ``BlipVisionModel`` name of a timm-0.4 ViT name (``rest`` after ``visual_encoder.``), or None."""
     if rest in _SALESFORCE_VIT_TOP:
         return _SALESFORCE_VIT_TOP[rest]
     match = re.fullmatch(r"blocks\.(\d+)\.(.+)", rest)

@@ -21,7 +21,7 @@ import vlmcore.blip.convert as convert
 import vlmcore.hard_negatives as hard_negatives
 from vlmcore._checks import check_positive_int, check_token_ids
 from vlmcore.blip.text import LMHead, MEDConfig, MEDTextModel
-from vlmcore.distributed import all_gather_no_grad, all_gather_with_grad
+from vlmcore.distributed import all_gather_no_grad, all_gather_with_grad, rank_and_world
 from vlmcore.kernels import momentum_contrastive_loss
 from vlmcore.retrieval import recall_at_k, with_mean_recall
 from vlmcore.vision import HFVisionAdapter, vision_width
@@ -169,10 +169,12 @@ class BLIP(nn.Module):
     # -- momentum encoders, queues, pre-training losses -------------------------------------
 
     def _momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        """``(online, momentum)`` module pairs, in one fixed order."""
         return [(self.visual_encoder, self.visual_encoder_m), (self.vision_proj, self.vision_proj_m),
                 (self.text_encoder, self.text_encoder_m), (self.text_proj, self.text_proj_m)]
 
     def _require_momentum(self, what: str) -> None:
+        """Raise ``ValueError`` naming ``what`` when this BLIP was built without momentum encoders."""
         if self.momentum is None:
             raise ValueError(f"{what} needs the momentum encoders: build BLIP with momentum=<float> (not None)")
 
@@ -262,10 +264,7 @@ class BLIP(nn.Module):
         all_embeds, all_ids, all_mask = image_embeds, input_ids, attention_mask
         all_image_feat, all_text_feat, all_image_ids = image_features, text_features, image_ids
         if negatives_group is not None:
-            import torch.distributed as dist
-
-
-            offset = dist.get_rank(negatives_group) * b
+            offset = rank_and_world(negatives_group)[0] * b
             all_embeds = all_gather_with_grad(image_embeds.reshape(b, -1), negatives_group).view(
                 -1, *image_embeds.shape[1:])
             all_ids = all_gather_no_grad(input_ids, negatives_group)

@@ -58,6 +58,7 @@ def self_attention_mask(num_queries: int, attention_mask: torch.Tensor, mode: st
     return allowed[None, None] & key_valid[:, None, None, :]
 
 
+# Adapted from LAVIS Qformer.py's BertAttention (transformers' BertSelfAttention + BertSelfOutput in one).
 class QFormerSelfAttention(nn.Module):
     """BERT self-attention + output block: ``LayerNorm(x + dense(attn(x)))``.
 
@@ -96,6 +97,7 @@ class QFormerSelfAttention(nn.Module):
         return (out, own_kv) if return_kv else out
 
 
+# Adapted from LAVIS Qformer.py's BertAttention(is_cross_attention=True); attention by the fused op.
 class QFormerCrossAttention(nn.Module):
     """Queries attend to the image tokens (fused :func:`resampler_attention`, no latents):
     ``LayerNorm(x + dense(attn(x, image)))``. No attention-probability dropout (the fused op has
@@ -122,6 +124,7 @@ class QFormerCrossAttention(nn.Module):
         return self.norm(x + self.dropout(self.dense(attn.reshape(x.shape))))
 
 
+# Adapted from transformers' modeling_bert.BertIntermediate + BertOutput (LAVIS: also *_query copies).
 class QFormerFeedForward(nn.Module):
     """BERT intermediate + output: ``LayerNorm(x + fc2(act(fc1(x))))``."""
 
@@ -136,6 +139,7 @@ class QFormerFeedForward(nn.Module):
         return self.norm(x + self.dropout(self.fc2(F.gelu(self.fc1(x)))))
 
 
+# Adapted from LAVIS Qformer.py's BertLayer (queries: cross-attention and their own feed-forward).
 class QFormerLayer(nn.Module):
     """Shared self-attention; cross-attention (query slice, if this layer has one); split FFNs."""
 
@@ -216,6 +220,8 @@ class QFormer(nn.Module):
     # ----------------------------------------------------------------------------- checks
 
     def _check_image(self, image_embeds: torch.Tensor, image_mask: torch.Tensor | None, batch: int | None) -> None:
+        """Raise ``ValueError`` unless ``image_embeds`` is ``[B, S, vision_width]`` (``B = batch`` when given)
+        and ``image_mask`` None or bool ``[B, S]``."""
         if not isinstance(image_embeds, torch.Tensor) or image_embeds.dim() != 3:
             got = tuple(image_embeds.shape) if isinstance(image_embeds, torch.Tensor) else type(image_embeds).__name__
             raise ValueError(f"image_embeds must be [B, S, vision_width={self.vision_width}], got {got}")
@@ -230,6 +236,7 @@ class QFormer(nn.Module):
                 raise ValueError(f"image_mask must be [B, S] = {tuple(image_embeds.shape[:2])}, got {got}")
 
     def _check_text(self, text_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """Check ``text_ids`` ``[B, L]`` and ``attention_mask``; return the mask as bool (all True when None)."""
         check_token_ids("text_ids", text_ids)
         if text_ids.shape[1] > self.max_position_embeddings:
             raise ValueError(f"text_ids has length {text_ids.shape[1]}, longer than the position table "

@@ -194,6 +194,8 @@ class Blip2Stage1(nn.Module):
     # ----------------------------------------------------------------------------- forward
 
     def _noise(self, rows: int, total: int, rank: int, device: torch.device, generator) -> torch.Tensor:
+        """Uniform draws ``[rows, total]`` for this rank's rows; with ``generator`` the ``[total, total]``
+        draws of every rank are made and this rank keeps its slice (1 and N ranks draw the same)."""
         if generator is None:
             return torch.rand(rows, total, device=device)
         full = torch.rand(total, total, generator=generator, device=generator.device)
@@ -223,16 +225,11 @@ class Blip2Stage1(nn.Module):
         check_token_ids("text_ids", text_ids)
         image_embeds = self.image_embeddings(images, image_embeds)
         batch = text_ids.shape[0]
-        if image_embeds.dim() != 3 or image_embeds.shape[0] != batch:
-            raise ValueError(f"image_embeds must be [b, S, W] with text_ids' batch {batch}, got "
-                             f"{tuple(image_embeds.shape)}")
+        _check_batch(image_embeds, image_ids, batch)
         if attention_mask is None:
             attention_mask = torch.ones_like(text_ids)
-        if image_ids is not None and (not isinstance(image_ids, torch.Tensor) or tuple(image_ids.shape) != (batch,)):
-            raise ValueError(f"image_ids must be a [b] = [{batch}] tensor, got "
-                             f"{tuple(image_ids.shape) if isinstance(image_ids, torch.Tensor) else image_ids!r}")
         group = self.group if group is None else group
-        rank, world = rank_and_world(group)
+        rank, _ = rank_and_world(group)
         device = text_ids.device
         with torch.no_grad():
             self.temp.clamp_(0.001, 0.5)
@@ -257,7 +254,23 @@ class Blip2Stage1(nn.Module):
         i2t_acc = positive.gather(1, sim_i2t.argmax(dim=1, keepdim=True)).float().mean()
         t2i_acc = positive.gather(1, sim_t2i.argmax(dim=1, keepdim=True)).float().mean()
 
-        # ITM: for each text a hard negative image, for each image a hard negative text.
+        loss_itm, itm_acc = self._itm_loss(image_embeds, image_mask, text_ids, attention_mask, sim_i2t, sim_t2i,
+                                           positive, group, generator)
+        loss_itg = self._itg_loss(text_ids, attention_mask, query_kv)
+        return {
+            "loss": loss_itc + loss_itm + loss_itg, "loss_itc": loss_itc, "loss_itm": loss_itm,
+            "loss_itg": loss_itg, "itc_i2t_acc": i2t_acc.detach(), "itc_t2i_acc": t2i_acc.detach(),
+            "itm_acc": itm_acc.detach(),
+        }
+
+    def _itm_loss(self, image_embeds, image_mask, text_ids, attention_mask, sim_i2t, sim_t2i, positive, group,
+                  generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """ITM on ``3b`` pairs: the ``b`` positives, for each text a hard negative image, for each image a
+        hard negative text (drawn from ``sim_t2i`` / ``sim_i2t`` ``[b, N]``, never where ``positive``).
+        Returns ``(loss, accuracy)``; rows without a negative weigh 0."""
+        batch, device = text_ids.shape[0], text_ids.device
+        rank, _ = rank_and_world(group)
+        total = sim_i2t.shape[1]
         noise_t2i = self._noise(batch, total, rank, device, generator)
         noise_i2t = self._noise(batch, total, rank, device, generator)
         neg_image, valid_t2i = sample_hard_negatives(sim_t2i, positive, noise_t2i)
@@ -279,18 +292,16 @@ class Blip2Stage1(nn.Module):
         per_pair = F.cross_entropy(itm_logits.float(), itm_labels, reduction="none")
         loss_itm = (per_pair * weight).sum() / weight.sum()
         itm_acc = ((itm_logits.argmax(dim=1) == itm_labels).float() * weight).sum() / weight.sum()
+        return loss_itm, itm_acc
 
-        # ITG: causal text over the ITC pass's query keys/values.
+    def _itg_loss(self, text_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  query_kv: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """ITG: causal text ``[b, L]`` over the ITC pass's query keys/values; label-smoothed next-token
+        cross-entropy over the non-padding targets."""
         itg_logits = self.itg_logits(text_ids, attention_mask, query_kv)  # [b, L, V]
         labels = text_ids.masked_fill(attention_mask == 0, -100)
-        loss_itg = F.cross_entropy(itg_logits[:, :-1].reshape(-1, itg_logits.shape[-1]).float(),
-                                   labels[:, 1:].reshape(-1), ignore_index=-100,
-                                   label_smoothing=self.label_smoothing)
-        return {
-            "loss": loss_itc + loss_itm + loss_itg, "loss_itc": loss_itc, "loss_itm": loss_itm,
-            "loss_itg": loss_itg, "itc_i2t_acc": i2t_acc.detach(), "itc_t2i_acc": t2i_acc.detach(),
-            "itm_acc": itm_acc.detach(),
-        }
+        return F.cross_entropy(itg_logits[:, :-1].reshape(-1, itg_logits.shape[-1]).float(),
+                               labels[:, 1:].reshape(-1), ignore_index=-100, label_smoothing=self.label_smoothing)
 
     # ----------------------------------------------------------------------------- retrieval
 
@@ -340,6 +351,16 @@ class Blip2Stage1(nn.Module):
     def load_hf_state_dict(self, state_dict: dict[str, torch.Tensor], strict: bool = True) -> list[str]:
         """:func:`vlmcore.blip2.convert.load_hf_stage1_state_dict` (``Blip2ForImageTextRetrieval`` weights)."""
         return convert.load_hf_stage1_state_dict(self, state_dict, strict=strict)
+
+
+def _check_batch(image_embeds: torch.Tensor, image_ids: torch.Tensor | None, batch: int) -> None:
+    """Raise ``ValueError`` unless ``image_embeds`` is ``[batch, S, W]`` and ``image_ids`` None or ``[batch]``."""
+    if image_embeds.dim() != 3 or image_embeds.shape[0] != batch:
+        raise ValueError(f"image_embeds must be [b, S, W] with text_ids' batch {batch}, got "
+                         f"{tuple(image_embeds.shape)}")
+    if image_ids is not None and (not isinstance(image_ids, torch.Tensor) or tuple(image_ids.shape) != (batch,)):
+        raise ValueError(f"image_ids must be a [b] = [{batch}] tensor, got "
+                         f"{tuple(image_ids.shape) if isinstance(image_ids, torch.Tensor) else image_ids!r}")
 
 
 def stage1_qformer_state(stage1: Blip2Stage1) -> dict[str, torch.Tensor]:

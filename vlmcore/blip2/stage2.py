@@ -131,6 +131,7 @@ class Blip2LM(nn.Module):
         return input_ids.masked_fill(ignore, -100)
 
     def _check_text(self, input_ids, attention_mask, labels, images, image_embeds) -> None:
+        """Raise unless ``input_ids`` ``[B, L]``, its mask / labels and the images agree (one batch ``B``)."""
         check_token_ids("input_ids", input_ids)
         check_lm_extras(input_ids, attention_mask, None if self.is_encoder_decoder else labels,
                         has_past=False, ids_name="input_ids")

@@ -16,13 +16,12 @@ Modules (``nn.Module``) built on the ops of :mod:`vlmcore.kernels`; the trainer 
 from vlmcore import kernels
 from vlmcore.blip import BLIP, MEDConfig, blip_from_salesforce, blip_vision_encoder
 from vlmcore.blip2 import Blip2LM, Blip2Stage1, QFormer
-from vlmcore.clip import CLIP, TextTransformer, zero_shot_classifier, zero_shot_predict
+from vlmcore.clip import CLIP, TextTransformer, retrieval_metrics, zero_shot_classifier, zero_shot_predict
 from vlmcore.cross_attention import GatedCrossAttentionBlock, MaskedCrossAttention
 from vlmcore.flamingo import Flamingo, find_decoder_layers
 from vlmcore.frozen import FrozenPrefix
 from vlmcore.losses import ContrastiveLoss, SigLIPLoss
 from vlmcore.resampler import PerceiverAttention, PerceiverResampler
-from vlmcore.retrieval import retrieval_metrics
 from vlmcore.vilbert import VLBERT, CoAttentionLayer, ViLBERT, ViLBERTConfig
 from vlmcore.vision import (
     HFVisionAdapter,

@@ -26,8 +26,7 @@ import math
 
 import torch
 
-from vlmcore.blip2 import Blip2LM
-from vlmcore.qformer import QFormer
+from vlmcore.blip2 import Blip2LM, QFormer
 
 from .harness import Case, Provider, RunContext, Unavailable, run_op
 

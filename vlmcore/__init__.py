@@ -22,13 +22,12 @@ One page per model family in the repository's ``docs/models/``.
 
 from vlmcore import kernels
 from vlmcore.blip import BLIP, MEDConfig, blip_from_salesforce, blip_vision_encoder
-from vlmcore.blip2 import Blip2LM, Blip2Stage1
+from vlmcore.blip2 import Blip2LM, Blip2Stage1, QFormer
 from vlmcore.clip import CLIP, TextTransformer, retrieval_metrics, zero_shot_classifier, zero_shot_predict
 from vlmcore.cross_attention import GatedCrossAttentionBlock, MaskedCrossAttention
 from vlmcore.flamingo import Flamingo, find_decoder_layers
 from vlmcore.frozen import FrozenPrefix
 from vlmcore.losses import ContrastiveLoss, SigLIPLoss
-from vlmcore.qformer import QFormer
 from vlmcore.resampler import PerceiverAttention, PerceiverResampler
 from vlmcore.vilbert import VLBERT, CoAttentionLayer, ViLBERT, ViLBERTConfig
 from vlmcore.vision import (

@@ -1,7 +1,8 @@
-"""CLIP dual encoder (Radford et al. 2021), zero-shot classification and retrieval metrics.
+"""CLIP dual encoder (Radford et al. 2021) and zero-shot classification.
 
 Training loss: the fused op :func:`vlmcore.kernels.contrastive_loss` through the model's
-:class:`vlmcore.ContrastiveLoss` criterion, which holds the learnable temperature.
+:class:`vlmcore.ContrastiveLoss` criterion, which holds the learnable temperature. Retrieval
+Recall@k lives in :mod:`vlmcore.retrieval` (``vlmcore.clip.retrieval_metrics`` names it too).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from torch import nn
 from vlmcore._checks import check_positive_int
 from vlmcore.kernels import contrastive_loss
 from vlmcore.losses import ContrastiveLoss, SigLIPLoss
+from vlmcore.retrieval import retrieval_metrics
 from vlmcore.vision import TransformerBlock, VisionTransformer, pooled_features
 from vlmcore.vision import vision_width as declared_width
 
@@ -257,72 +259,4 @@ def zero_shot_predict(model: CLIP, images: torch.Tensor, classifier: torch.Tenso
     return logits, logits.argmax(dim=1)
 
 
-@torch.no_grad()
-def retrieval_metrics(image_features: torch.Tensor, text_features: torch.Tensor,
-                      text_to_image: torch.Tensor | None = None, ks: Sequence[int] = (1, 5, 10),
-                      chunk_size: int = 1024) -> dict[str, float]:
-    """Image->text and text->image Recall@k, as in the CLIP and BLIP evaluations (fractions in [0, 1]).
-
-    Args:
-        image_features: ``[N_img, d]``; text_features: ``[N_txt, d]`` (normalized; similarity = dot;
-            a SigLIP model's scores ``sigmoid(s dot + b)`` rank exactly the same, so one function serves both).
-        text_to_image: int ``[N_txt]``, the image each caption describes (several captions per
-            image, as in COCO/Flickr30k); default ``arange`` (one caption per image, N_txt = N_img).
-        ks: the k of Recall@k.
-        chunk_size: rows of the similarity matrix computed at a time.
-
-    Returns:
-        ``{"i2t_R@k": ..., "t2i_R@k": ...}`` for every k, plus ``"mean_recall"`` (their mean).
-        i2t: an image counts at k if ANY of its captions ranks in the top k; t2i: a caption counts
-        if its image ranks in the top k. Ties rank pessimistically (an equal score counts as better).
-    """
-    for name, value in (("image_features", image_features), ("text_features", text_features)):
-        if not isinstance(value, torch.Tensor) or value.dim() != 2 or value.shape[0] == 0:
-            got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-            raise ValueError(f"{name} must be a non-empty 2-D [N, d] tensor, got {got}")
-    if image_features.shape[1] != text_features.shape[1]:
-        raise ValueError(f"image_features and text_features must have the same width d, got "
-                         f"{image_features.shape[1]} and {text_features.shape[1]}")
-    if isinstance(ks, int) or len(ks) == 0:
-        raise ValueError(f"ks must be a non-empty sequence of positive ints, got {ks!r}")
-    for k in ks:
-        check_positive_int("ks entries", k)
-    check_positive_int("chunk_size", chunk_size)
-    n_img, n_txt = image_features.shape[0], text_features.shape[0]
-    if text_to_image is not None and (not isinstance(text_to_image, torch.Tensor)
-                                      or text_to_image.dtype.is_floating_point or text_to_image.dtype == torch.bool):
-        got = text_to_image.dtype if isinstance(text_to_image, torch.Tensor) else type(text_to_image).__name__
-        raise TypeError(f"text_to_image must be an integer tensor [N_txt], got {got}")
-    if text_to_image is None:
-        if n_img != n_txt:
-            raise ValueError(f"text_to_image is required when N_img ({n_img}) != N_txt ({n_txt})")
-        text_to_image = torch.arange(n_txt)
-    text_to_image = text_to_image.to(device=image_features.device, dtype=torch.int64)
-    if tuple(text_to_image.shape) != (n_txt,):
-        raise ValueError(f"text_to_image must be [N_txt={n_txt}] image indices, got shape {tuple(text_to_image.shape)}")
-    if int(text_to_image.min()) < 0 or int(text_to_image.max()) >= n_img:
-        raise ValueError(f"text_to_image must be [N_txt={n_txt}] image indices in [0, {n_img})")
-    img = image_features.float()
-    txt = text_features.float().to(img.device)
-    # i2t: per image, rank of its best caption = number of captions scoring strictly higher than it,
-    # counting ties pessimistically (>=) minus itself.
-    i2t_rank = torch.empty(n_img, dtype=torch.int64, device=img.device)
-    for start in range(0, n_img, chunk_size):
-        sims = img[start:start + chunk_size] @ txt.T  # [c, N_txt]
-        rows = torch.arange(start, start + sims.shape[0], device=img.device)
-        is_gt = text_to_image[None, :] == rows[:, None]  # [c, N_txt]
-        best_gt = sims.masked_fill(~is_gt, float("-inf")).amax(dim=1, keepdim=True)  # [c, 1]
-        i2t_rank[start:start + sims.shape[0]] = ((sims >= best_gt) & ~is_gt).sum(dim=1)
-    t2i_rank = torch.empty(n_txt, dtype=torch.int64, device=img.device)
-    for start in range(0, n_txt, chunk_size):
-        sims = txt[start:start + chunk_size] @ img.T  # [c, N_img]
-        gt = text_to_image[start:start + sims.shape[0]]
-        gt_score = sims.gather(1, gt[:, None])  # [c, 1]
-        t2i_rank[start:start + sims.shape[0]] = (sims >= gt_score).sum(dim=1) - 1
-    metrics = {}
-    for k in ks:
-        metrics[f"i2t_R@{k}"] = float((i2t_rank < k).float().mean())
-    for k in ks:
-        metrics[f"t2i_R@{k}"] = float((t2i_rank < k).float().mean())
-    metrics["mean_recall"] = sum(metrics.values()) / len(metrics)
-    return metrics
+__all__ = ["CLIP", "TextTransformer", "retrieval_metrics", "zero_shot_classifier", "zero_shot_predict"]

@@ -1,4 +1,4 @@
-"""BLIP (vlmcore/blip.py) against Hugging Face transformers' BLIP built from tiny configs at random
+"""BLIP (vlmcore/blip/) against Hugging Face transformers' BLIP built from tiny configs at random
 init with the same weights: ITM logits, ITC similarities, decoder logits, the LM loss and its
 gradients, generation; on the reference path and on the Triton path (interpreter)."""
 

@@ -93,7 +93,7 @@ def test_stage1_losses_equal_a_direct_computation():
 def test_itm_pairs_use_negatives_that_are_never_positives():
     model, image, text, mask, image_ids = _tiny()
     fetched = []
-    import vlmcore.blip2 as blip2
+    import vlmcore.blip2.stage1 as blip2
 
     def spy(local, index, group):
         fetched.append(index.clone())

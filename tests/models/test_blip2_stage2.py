@@ -21,8 +21,7 @@ from transformers import Blip2Config, T5Config, T5ForConditionalGeneration
 from transformers.models.blip_2.modeling_blip_2 import Blip2ForConditionalGeneration
 from transformers.utils import logging as hf_logging
 
-from vlmcore.blip2 import Blip2LM
-from vlmcore.qformer import QFormer
+from vlmcore.blip2 import Blip2LM, QFormer
 
 hf_logging.set_verbosity_error()
 

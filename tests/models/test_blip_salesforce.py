@@ -1,4 +1,4 @@
-"""BLIP.load_salesforce_state_dict (vlmcore/blip.py): the original salesforce/BLIP ``.pth`` names.
+"""BLIP.load_salesforce_state_dict (vlmcore/blip/convert.py): the original salesforce/BLIP ``.pth`` names.
 
 The salesforce state dicts here are random tensors under the names and shapes that salesforce's
 own modules produce (``models/vit.py``: timm-0.4 ViT; ``models/med.py``: BERT with

@@ -12,7 +12,7 @@ from transformers import Blip2QFormerConfig
 from transformers.models.blip_2.modeling_blip_2 import Blip2QFormerModel, Blip2TextEmbeddings
 from vlmcore.kernels import backend
 
-from vlmcore.qformer import QFormer, hf_qformer_key, self_attention_mask
+from vlmcore.blip2 import QFormer, hf_qformer_key, self_attention_mask
 
 WIDTH, HIDDEN, HEADS, LAYERS, QUERIES, VOCAB, MAX_POS = 24, 32, 2, 3, 8, 50, 16
 

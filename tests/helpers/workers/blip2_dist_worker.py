@@ -22,8 +22,7 @@ CASES = [("lavis", False, False), ("with_grad", True, False), ("image_ids", Fals
 
 def build(world: int, gather_with_grad: bool, group=None):
     """``(model, image_embeds [N, S, W], text_ids [N, L], image_ids [N])``, identical on every rank."""
-    from vlmcore.blip2 import Blip2Stage1
-    from vlmcore.qformer import QFormer
+    from vlmcore.blip2 import Blip2Stage1, QFormer
 
     torch.manual_seed(0)
     qformer = QFormer(WIDTH, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=48, num_query_tokens=4,
@@ -42,7 +41,7 @@ def run(model, image, text, image_ids, use_ids: bool) -> dict:
     model.zero_grad(set_to_none=True)
     gen = torch.Generator().manual_seed(NEG_SEED)
     captured = {}
-    import vlmcore.blip2 as blip2
+    import vlmcore.blip2.stage1 as blip2
 
     real_fetch = blip2.fetch_rows
 

@@ -13,7 +13,7 @@ import torch.distributed as dist
 # Run as a script: make the tests folder importable (for helpers.*).
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-import vlmcore.blip as blip  # noqa: E402
+import vlmcore.blip.model as blip  # noqa: E402
 from helpers.tiny_blip import tiny_batch, tiny_blip  # noqa: E402
 
 B = 4

@@ -12,20 +12,17 @@ Q-Former form (no latent keys), with the image padding mask. Self-attention is
 ``torch.nn.functional.scaled_dot_product_attention`` with one of the three BLIP-2 masks
 (:func:`self_attention_mask`).
 
-Hugging Face weights load by name with :meth:`QFormer.load_hf_state_dict` (see
-:func:`hf_qformer_key`); the head names of the BLIP-2 models (``vision_projection``,
-``text_projection``, ``itm_head``, ``language_projection``) are mapped by
-:func:`hf_head_key` for :mod:`vlmcore.blip2`.
+Hugging Face weights load by name with :meth:`QFormer.load_hf_state_dict`; the key map is
+:func:`vlmcore.blip2.convert.hf_qformer_key`.
 """
 
 from __future__ import annotations
-
-import re
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+import vlmcore.blip2.convert as convert
 from vlmcore._checks import check_positive_int, check_token_ids
 from vlmcore.kernels import resampler_attention
 
@@ -61,6 +58,7 @@ def self_attention_mask(num_queries: int, attention_mask: torch.Tensor, mode: st
     return allowed[None, None] & key_valid[:, None, None, :]
 
 
+# Adapted from LAVIS Qformer.py's BertAttention (transformers' BertSelfAttention + BertSelfOutput in one).
 class QFormerSelfAttention(nn.Module):
     """BERT self-attention + output block: ``LayerNorm(x + dense(attn(x)))``.
 
@@ -99,6 +97,7 @@ class QFormerSelfAttention(nn.Module):
         return (out, own_kv) if return_kv else out
 
 
+# Adapted from LAVIS Qformer.py's BertAttention(is_cross_attention=True); attention by the fused op.
 class QFormerCrossAttention(nn.Module):
     """Queries attend to the image tokens (fused :func:`resampler_attention`, no latents):
     ``LayerNorm(x + dense(attn(x, image)))``. No attention-probability dropout (the fused op has
@@ -125,6 +124,7 @@ class QFormerCrossAttention(nn.Module):
         return self.norm(x + self.dropout(self.dense(attn.reshape(x.shape))))
 
 
+# Adapted from transformers' modeling_bert.BertIntermediate + BertOutput (LAVIS: also *_query copies).
 class QFormerFeedForward(nn.Module):
     """BERT intermediate + output: ``LayerNorm(x + fc2(act(fc1(x))))``."""
 
@@ -139,6 +139,7 @@ class QFormerFeedForward(nn.Module):
         return self.norm(x + self.dropout(self.fc2(F.gelu(self.fc1(x)))))
 
 
+# Adapted from LAVIS Qformer.py's BertLayer (queries: cross-attention and their own feed-forward).
 class QFormerLayer(nn.Module):
     """Shared self-attention; cross-attention (query slice, if this layer has one); split FFNs."""
 
@@ -219,6 +220,8 @@ class QFormer(nn.Module):
     # ----------------------------------------------------------------------------- checks
 
     def _check_image(self, image_embeds: torch.Tensor, image_mask: torch.Tensor | None, batch: int | None) -> None:
+        """Raise ``ValueError`` unless ``image_embeds`` is ``[B, S, vision_width]`` (``B = batch`` when given)
+        and ``image_mask`` None or bool ``[B, S]``."""
         if not isinstance(image_embeds, torch.Tensor) or image_embeds.dim() != 3:
             got = tuple(image_embeds.shape) if isinstance(image_embeds, torch.Tensor) else type(image_embeds).__name__
             raise ValueError(f"image_embeds must be [B, S, vision_width={self.vision_width}], got {got}")
@@ -233,6 +236,7 @@ class QFormer(nn.Module):
                 raise ValueError(f"image_mask must be [B, S] = {tuple(image_embeds.shape[:2])}, got {got}")
 
     def _check_text(self, text_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """Check ``text_ids`` ``[B, L]`` and ``attention_mask``; return the mask as bool (all True when None)."""
         check_token_ids("text_ids", text_ids)
         if text_ids.shape[1] > self.max_position_embeddings:
             raise ValueError(f"text_ids has length {text_ids.shape[1]}, longer than the position table "
@@ -347,104 +351,5 @@ class QFormer(nn.Module):
     # ----------------------------------------------------------------------------- HF weights
 
     def load_hf_state_dict(self, state_dict: dict[str, torch.Tensor], strict: bool = True) -> list[str]:
-        """Load a Hugging Face ``Blip2QFormerModel`` state dict (bare, or with the ``qformer.`` prefix of the
-        BLIP-2 models) plus ``query_tokens`` and ``embeddings.*`` (``Blip2ForImageTextRetrieval``).
-
-        Names map by :func:`hf_qformer_key`; a shape mismatch raises ``ValueError`` naming both keys;
-        with ``strict``, so does any Q-Former parameter the dict does not provide (a stage-2 HF model
-        has no text embeddings or text FFN: load it with ``strict=False``). Returns the keys not used.
-        """
-        mapped, unused = {}, []
-        for key, value in state_dict.items():
-            name = hf_qformer_key(key)
-            if name is None:
-                unused.append(key)
-            elif name in mapped:
-                raise ValueError(f"state_dict holds two keys for {name}: {mapped[name][0]} and {key}")
-            else:
-                mapped[name] = (key, value)
-        load_mapped(self, mapped, strict=strict, source="HF Q-Former")
-        return unused
-
-
-_HF_LAYER_PARTS = {
-    "attention.attention.query": "self_attn.query",
-    "attention.attention.key": "self_attn.key",
-    "attention.attention.value": "self_attn.value",
-    "attention.output.dense": "self_attn.dense",
-    "attention.output.LayerNorm": "self_attn.norm",
-    "crossattention.attention.query": "cross_attn.query",
-    "crossattention.attention.key": "cross_attn.key",
-    "crossattention.attention.value": "cross_attn.value",
-    "crossattention.output.dense": "cross_attn.dense",
-    "crossattention.output.LayerNorm": "cross_attn.norm",
-    "intermediate.dense": "ffn.fc1",
-    "output.dense": "ffn.fc2",
-    "output.LayerNorm": "ffn.norm",
-    "intermediate_query.dense": "ffn_query.fc1",
-    "output_query.dense": "ffn_query.fc2",
-    "output_query.LayerNorm": "ffn_query.norm",
-}
-
-
-def hf_qformer_key(key: str) -> str | None:
-    """Our :class:`QFormer` parameter name for a Hugging Face BLIP-2 key, or None if it is not a Q-Former key.
-
-    ``[qformer.]layernorm.*`` -> ``embed_norm.*``; ``[qformer.]encoder.layer.{i}.<part>.{weight,bias}``
-    -> ``layers.{i}.<ours>`` (:data:`_HF_LAYER_PARTS`); ``query_tokens``; ``embeddings.word_embeddings``
-    / ``embeddings.position_embeddings`` -> ``word_embeddings`` / ``position_embeddings``.
-    """
-    if key == "query_tokens":
-        return key
-    embed = re.match(r"^embeddings\.(word_embeddings|position_embeddings)\.weight$", key)
-    if embed:
-        return f"{embed.group(1)}.weight"
-    key = key.removeprefix("qformer.")
-    norm = re.match(r"^layernorm\.(weight|bias)$", key)
-    if norm:
-        return f"embed_norm.{norm.group(1)}"
-    layer = re.match(r"^encoder\.layer\.(\d+)\.(.+)\.(weight|bias)$", key)
-    if layer and layer.group(2) in _HF_LAYER_PARTS:
-        return f"layers.{layer.group(1)}.{_HF_LAYER_PARTS[layer.group(2)]}.{layer.group(3)}"
-    return None
-
-
-_HF_HEADS = {
-    "vision_projection": "vision_proj", "vision_proj": "vision_proj",
-    "text_projection": "text_proj", "text_proj": "text_proj",
-    "itm_head": "itm_head", "language_projection": "language_projection",
-}
-
-
-def hf_head_key(key: str) -> str | None:
-    """``vision_projection``/``text_projection``/``itm_head``/``language_projection`` ``.{weight,bias}``
-    (HF; LAVIS ``vision_proj``/``text_proj``) -> our head name, else None."""
-    head = re.match(r"^([a-z_]+)\.(weight|bias)$", key)
-    if head and head.group(1) in _HF_HEADS:
-        return f"{_HF_HEADS[head.group(1)]}.{head.group(2)}"
-    return None
-
-
-def load_mapped(module: nn.Module, mapped: dict[str, tuple[str, torch.Tensor]], *, strict: bool,
-                source: str, expected: list[str] | None = None) -> None:
-    """Copy ``{our name: (source key, tensor)}`` into ``module``'s parameters.
-
-    Raises ``ValueError`` naming the keys when a name is not a parameter of ``module``, on any shape
-    mismatch, and (``strict``) when a parameter in ``expected`` (default: all of them) gets no
-    value.
-    """
-    own = dict(module.named_parameters())
-    unknown = sorted(f"{key} -> {name}" for name, (key, _) in mapped.items() if name not in own)
-    if unknown:
-        raise ValueError(f"{source} keys map to no parameter of {type(module).__name__}: {unknown[:6]}")
-    mismatched = [f"{key} {tuple(value.shape)} vs {name} {tuple(own[name].shape)}"
-                  for name, (key, value) in mapped.items() if tuple(value.shape) != tuple(own[name].shape)]
-    if mismatched:
-        raise ValueError(f"{source} weights have mismatched shapes (different config?): {mismatched[:6]}")
-    missing = sorted(n for n in (own if expected is None else expected) if n not in mapped)
-    if strict and missing:
-        raise ValueError(f"{source} state dict lacks {len(missing)} parameters of {type(module).__name__}, "
-                         f"e.g. {missing[:6]} (pass strict=False to keep their current values)")
-    with torch.no_grad():
-        for name, (_, value) in mapped.items():
-            own[name].copy_(value.to(device=own[name].device, dtype=own[name].dtype))
+        """:func:`vlmcore.blip2.convert.load_hf_qformer_state_dict` (``Blip2QFormerModel`` weights by name)."""
+        return convert.load_hf_qformer_state_dict(self, state_dict, strict=strict)

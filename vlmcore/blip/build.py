@@ -1,0 +1,172 @@
+"""Whole BLIP models from a plain spec: build, save, load, and from a salesforce/BLIP checkpoint.
+
+A spec is a JSON-able dict (vision tower, :class:`~vlmcore.blip.text.MEDConfig` fields, ITC width,
+momentum, queue size); :func:`save_blip` writes it beside the online weights and :func:`load_blip`
+reads both back. :func:`salesforce_blip_spec` reads a spec off a salesforce/BLIP state dict's shapes,
+and :func:`blip_from_salesforce` builds and loads that model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import torch
+
+from vlmcore.blip.convert import MOMENTUM_STATE, TIED_LM_WEIGHT, read_salesforce_checkpoint
+from vlmcore.blip.model import BLIP, blip_vision_encoder
+from vlmcore.blip.text import MEDConfig
+from vlmcore.vision import VisionTransformer
+
+
+def build_blip(spec: dict) -> BLIP:
+    """A BLIP from a JSON-able spec (what :func:`save_blip` stores)::
+
+        {"vision": {"kind": "vit", "image_size": 224, "patch_size": 16, "width": 768, "depth": 12, "heads": 12}
+                   # or {"kind": "hf_blip", <BlipVisionConfig fields>},
+         "text": {<MEDConfig fields>}, "embed_dim": 256, "momentum": 0.995 or null, "queue_size": 57600}
+
+    The spec is kept on the model as ``model.spec``.
+    """
+    if not isinstance(spec, dict) or "vision" not in spec or "text" not in spec:
+        raise ValueError("spec must be a dict with 'vision' and 'text' entries")
+    vision = dict(spec["vision"])
+    kind = vision.pop("kind", "vit")
+    if kind == "vit":
+        encoder = VisionTransformer(**vision)
+    elif kind == "hf_blip":
+        encoder = blip_vision_encoder(**vision)
+    else:
+        raise ValueError(f"spec['vision']['kind'] must be 'vit' or 'hf_blip', got {kind!r}")
+    model = BLIP(encoder, MEDConfig(**spec["text"]), embed_dim=int(spec.get("embed_dim", 256)),
+                 momentum=spec.get("momentum", 0.995), queue_size=int(spec.get("queue_size", 57600)),
+                 temperature=float(spec.get("temperature", 0.07)))
+    model.spec = dict(spec)
+    return model
+
+
+def save_blip(model: BLIP, directory: str) -> str:
+    """Write ``blip.json`` (the spec) and ``model.safetensors`` (online weights; no momentum copies or
+    queues) into ``directory``, atomically per file. The model must come from :func:`build_blip`."""
+    from safetensors.torch import save_file
+
+    spec = getattr(model, "spec", None)
+    if spec is None:
+        raise ValueError("model has no spec: build it with build_blip(spec) to save it with save_blip")
+    os.makedirs(directory, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()
+             if not k.startswith(MOMENTUM_STATE) and k != TIED_LM_WEIGHT}
+    tmp = os.path.join(directory, "model.safetensors.tmp")
+    save_file(state, tmp)
+    os.replace(tmp, os.path.join(directory, "model.safetensors"))
+    tmp = os.path.join(directory, "blip.json.tmp")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        json.dump(spec, handle, indent=1, sort_keys=True)
+    os.replace(tmp, os.path.join(directory, "blip.json"))
+    return directory
+
+
+def load_blip(directory: str, **overrides) -> BLIP:
+    """The BLIP saved by :func:`save_blip` in ``directory`` (spec entries can be overridden, e.g.
+    ``momentum=None`` for inference); every saved weight must match by name and shape."""
+    from safetensors.torch import load_file
+
+    spec_path = os.path.join(directory, "blip.json")
+    if not os.path.isfile(spec_path):
+        raise ValueError(f"{directory!r} is not a BLIP checkpoint (no blip.json)")
+    with open(spec_path, encoding="utf-8") as handle:
+        spec = json.load(handle)
+    spec.update(overrides)
+    model = build_blip(spec)
+    state = load_file(os.path.join(directory, "model.safetensors"))
+    own = model.state_dict()
+    for key, value in state.items():  # the trainer stores 0-dim parameters (temp) as [1]
+        if key in own and value.shape != own[key].shape and value.numel() == own[key].numel() == 1:
+            state[key] = value.reshape(own[key].shape)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith(MOMENTUM_STATE) and k != TIED_LM_WEIGHT]
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {directory!r} does not match its spec: missing {missing[:10]}, "
+                         f"unexpected {unexpected[:10]}")
+    if model.momentum is not None:
+        model.copy_params_to_momentum()
+    return model
+
+
+def salesforce_blip_spec(state_dict: dict[str, torch.Tensor], *, image_size: int | None = None,
+                         vision_heads: int | None = None, momentum: float | None | str = "auto",
+                         text_overrides: dict | None = None) -> dict:
+    """A :func:`build_blip` spec for the model a salesforce/BLIP state dict loads into, sizes read from
+    the weights' shapes: ViT width / depth / MLP / patch / checkpoint resolution, BERT width / depth /
+    vocabulary / positions / cross-attention width, ``embed_dim`` (``vision_proj``), ``queue_size``
+    (``image_queue``).
+
+    Head counts are not in the weights: ``width // 64`` (BLIP's ViT-B 12, ViT-L 16, BERT-base 12
+    heads) unless ``vision_heads`` / ``text_overrides["num_attention_heads"]`` say otherwise.
+    ``image_size`` defaults to the checkpoint's (``pos_embed``); another one needs
+    ``load_salesforce_state_dict(..., interpolate_pos_embed=True)``. ``momentum="auto"``: 0.995 when the
+    checkpoint has momentum encoders, else ``None``. The text config keeps :class:`MEDConfig`'s
+    special tokens (BLIP's ``bert-base-uncased`` + ``[DEC]`` 30522 + ``[ENC]`` 30523); ``text_overrides``
+    replaces any :class:`MEDConfig` field.
+    """
+    def shape(key: str) -> tuple[int, ...]:
+        if key not in state_dict:
+            raise ValueError(f"not a salesforce BLIP state dict: {key!r} is missing")
+        return tuple(state_dict[key].shape)
+
+    def layers(prefix: str) -> int:
+        found = {int(m[1]) for k in state_dict if (m := re.match(re.escape(prefix) + r"(\d+)\.", k))}
+        if not found:
+            raise ValueError(f"not a salesforce BLIP state dict: no {prefix}N.* weights")
+        return max(found) + 1
+
+    def heads(width: int, given: int | None, what: str) -> int:
+        if given is not None:
+            return int(given)
+        if width % 64:
+            raise ValueError(f"{what} width {width} is not a multiple of 64: give its number of attention heads")
+        return width // 64
+
+    width = shape("visual_encoder.cls_token")[-1]
+    patch = shape("visual_encoder.patch_embed.proj.weight")[-1]
+    grid = round((shape("visual_encoder.pos_embed")[1] - 1) ** 0.5)
+    vision = {"kind": "hf_blip", "hidden_size": width, "num_hidden_layers": layers("visual_encoder.blocks."),
+              "num_attention_heads": heads(width, vision_heads, "ViT"),
+              "intermediate_size": shape("visual_encoder.blocks.0.mlp.fc1.weight")[0],
+              "image_size": int(image_size) if image_size is not None else grid * patch, "patch_size": patch,
+              "layer_norm_eps": 1e-6}
+    bert = "text_encoder." if "text_encoder.embeddings.word_embeddings.weight" in state_dict else "text_decoder.bert."
+    vocab, hidden = shape(bert + "embeddings.word_embeddings.weight")
+    text = {"vocab_size": vocab, "hidden_size": hidden, "num_hidden_layers": layers(bert + "encoder.layer."),
+            "intermediate_size": shape(bert + "encoder.layer.0.intermediate.dense.weight")[0],
+            "max_position_embeddings": shape(bert + "embeddings.position_embeddings.weight")[0],
+            "encoder_width": shape(bert + "encoder.layer.0.crossattention.self.key.weight")[1]}
+    text.update(text_overrides or {})
+    if "num_attention_heads" not in text:
+        text["num_attention_heads"] = heads(hidden, None, "text")
+    has_momentum = "visual_encoder_m.cls_token" in state_dict
+    if momentum == "auto":
+        momentum = 0.995 if has_momentum else None
+    queue = shape("image_queue")[1] if "image_queue" in state_dict else 57600  # BLIP's default
+    return {"vision": vision, "text": text, "momentum": momentum, "queue_size": queue,
+            "embed_dim": shape("vision_proj.weight")[0] if "vision_proj.weight" in state_dict else 256}
+
+
+def blip_from_salesforce(checkpoint: str | dict[str, torch.Tensor], **spec_kwargs) -> BLIP:
+    """A BLIP built by :func:`salesforce_blip_spec` and loaded from a salesforce/BLIP checkpoint (a path
+    read by :func:`read_salesforce_checkpoint`, or its state dict), in eval mode. Momentum copies and
+    queues load when the model has momentum encoders; ``pos_embed`` is interpolated when
+    ``image_size`` differs from the checkpoint's (as salesforce's ``load_checkpoint``)."""
+    state_dict = read_salesforce_checkpoint(checkpoint) if isinstance(checkpoint, str) else checkpoint
+    spec = salesforce_blip_spec(state_dict, **spec_kwargs)
+    model = build_blip(spec)
+    model.load_salesforce_state_dict(state_dict, load_momentum=model.momentum is not None,
+                                     interpolate_pos_embed=True)
+    return model.eval()
+
+
+def is_salesforce_checkpoint(path: str) -> bool:
+    """Whether ``path`` is a salesforce/BLIP checkpoint file (``model_base.pth``, ...), as opposed to
+    a :func:`save_blip` folder."""
+    return os.path.isfile(path) and path.endswith((".pth", ".pt"))

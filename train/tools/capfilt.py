@@ -32,17 +32,16 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import io
 import json
 import os
 import re
 import sys
-import tarfile
 from dataclasses import dataclass, field
 
 import torch
 from vlmcore.train.data.blip_text import BlipText
 from vlmcore.train.data.pipeline import IMAGE_EXTS, BadSample, decode_image, expand_shards, pair_fields, read_tar
+from vlmcore.train.data.tar_writer import TarWriter
 from vlmcore.train.data.tokenizer import Tokenizer
 
 from vlmcore.blip import BLIP, blip_from_salesforce, is_salesforce_checkpoint, load_blip
@@ -114,17 +113,6 @@ def _shard_seed(seed: int, shard: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{os.path.basename(shard)}".encode()).digest()[:8], "little") >> 1
 
 
-def _tar_add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    """Add a member with fixed metadata (mtime 0, uid 0, mode 0644): identical runs give identical bytes."""
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mtime = 0
-    info.mode = 0o644
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    tar.addfile(info, io.BytesIO(data))
-
-
 def _image_ext(sample: dict) -> str:
     return next(e for e in IMAGE_EXTS if e in sample)
 
@@ -183,7 +171,7 @@ class CapFilt:
             at += len(group)
         return out
 
-    def _flush(self, batch: list[tuple[dict, torch.Tensor, str]], tar: tarfile.TarFile, stats: ShardStats) -> None:
+    def _flush(self, batch: list[tuple[dict, torch.Tensor, str]], tar: TarWriter, stats: ShardStats) -> None:
         images = torch.stack([image for _, image, _ in batch]).to(self.device)
         synthetic = self._captions(images)
         candidates = [[web, *syn] for (_, _, web), syn in zip(batch, synthetic)]
@@ -213,17 +201,15 @@ class CapFilt:
             if isinstance(original, dict) and "image_id" in original:
                 meta["image_id"] = original["image_id"]  # the trainer's BLIP tasks read it at the top level
             ext = _image_ext(sample)
-            _tar_add(tar, f"{key}.{ext}", sample[ext])
-            _tar_add(tar, f"{key}.txt", "\n".join(kept_texts).encode("utf-8"))
-            _tar_add(tar, f"{key}.json", json.dumps(meta, sort_keys=True).encode("utf-8"))
+            tar.write_sample(key, {ext: sample[ext], "txt": "\n".join(kept_texts).encode("utf-8"),
+                                   "json": json.dumps(meta, sort_keys=True).encode("utf-8")})
 
     def process_shard(self, shard: str, out_path: str, progress=None) -> ShardStats:
         """Bootstrap one shard into ``out_path`` (written as ``out_path + ".tmp"``, then renamed)."""
         torch.manual_seed(_shard_seed(self.settings.seed, shard))
         stats = ShardStats()
-        tmp = out_path + ".tmp"
         batch: list[tuple[dict, torch.Tensor, str]] = []
-        with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+        with TarWriter(out_path) as tar:
             for sample in read_tar(shard):
                 try:
                     image_bytes, caption = pair_fields(sample)
@@ -244,7 +230,6 @@ class CapFilt:
                 self._flush(batch, tar, stats)
                 if progress is not None:
                     progress.update(len(batch))
-        os.replace(tmp, out_path)
         return stats
 
 

@@ -73,6 +73,7 @@ class RegionBertConfig:
     mismatch_probability: float = 0.5  # share of captions swapped (ViLBERT alignment)
 
     def check(self, where: str) -> list[str]:
+        """One message per bad value (corruption rates, inconsistent sizes), each starting with ``where``."""
         out = []
         for name in ("mlm_probability", "region_mask_probability", "mismatch_probability"):
             if not 0 < getattr(self, name) < 1:

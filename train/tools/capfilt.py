@@ -89,6 +89,7 @@ class CapFiltSettings:
 
 @dataclass
 class ShardStats:
+    """Counts of one shard (summed into ``capfilt_report.json``)."""
     images: int = 0
     web_kept: int = 0
     web_dropped: int = 0
@@ -110,10 +111,12 @@ def _checkpoint_id(path: str) -> dict:
 
 
 def _shard_seed(seed: int, shard: str) -> int:
+    """The sampling seed of one shard: from ``--seed`` and the shard's file name only (resume-safe)."""
     return int.from_bytes(hashlib.sha256(f"{seed}:{os.path.basename(shard)}".encode()).digest()[:8], "little") >> 1
 
 
 def _image_ext(sample: dict) -> str:
+    """The sample's image member (the first of ``IMAGE_EXTS`` it has)."""
     return next(e for e in IMAGE_EXTS if e in sample)
 
 
@@ -149,6 +152,7 @@ class CapFilt:
 
     @torch.no_grad()
     def _captions(self, images: torch.Tensor) -> list[list[str]]:
+        """``num_captions`` synthetic captions per image of ``images [B, 3, S, S]``."""
         s = self.settings
         kwargs = dict(do_sample=True, top_p=s.top_p) if s.sampling == "nucleus" else dict(num_beams=s.num_beams)
         ids = self.captioner.generate(images, prompt_ids=self.prompt_ids, max_length=s.max_length,
@@ -172,6 +176,8 @@ class CapFilt:
         return out
 
     def _flush(self, batch: list[tuple[dict, torch.Tensor, str]], tar: TarWriter, stats: ShardStats) -> None:
+        """Caption and filter one batch of ``(sample, image [3, S, S], web caption)``; write the images
+        that keep a caption."""
         images = torch.stack([image for _, image, _ in batch]).to(self.device)
         synthetic = self._captions(images)
         candidates = [[web, *syn] for (_, _, web), syn in zip(batch, synthetic)]
@@ -234,6 +240,7 @@ class CapFilt:
 
 
 def _write_json(path: str, payload: dict) -> None:
+    """Write ``payload`` to ``path`` atomically (``.tmp`` then rename)."""
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as handle:
         json.dump(payload, handle, indent=1, sort_keys=True)
@@ -246,6 +253,7 @@ def _dist_info() -> tuple[int, int]:
 
 
 def _check_paths(shards: list[str], output: str) -> None:
+    """ValueError when ``output`` is an input's folder or two inputs share a file name."""
     out = os.path.realpath(output)
     for shard in shards:
         if os.path.dirname(os.path.realpath(shard)) == out:
@@ -325,6 +333,7 @@ def _shard_done(shard: str, output: str) -> bool:
 
 
 def parse_args(argv: list[str] | None = None) -> CapFiltSettings:
+    """``vlmcore-capfilt``'s flags -> :class:`CapFiltSettings`."""
     p = argparse.ArgumentParser(prog="vlmcore-capfilt", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--input", nargs="+", required=True, help="input shards: paths, brace patterns or globs")
@@ -363,6 +372,7 @@ def main(argv: list[str] | None = None) -> dict | None:
 
 
 def console_main() -> None:
+    """``vlmcore-capfilt``: run, then print the report's totals on the rank that writes it."""
     report = main()
     if report is not None:
         print(json.dumps(report["total"], indent=1))

@@ -46,6 +46,7 @@ BLIP2_ECHO_WORDS = 8  # captions of the pairs (2-7 words), not the long document
 
 
 def _launcher_command(num_ranks: int) -> list[str]:
+    """``deepspeed --num_gpus N --master_port P vlmcore-train`` from this environment's bin folder."""
     bindir = os.path.dirname(sys.executable)
     launcher = os.path.join(bindir, "deepspeed")
     script = os.path.join(bindir, "vlmcore-train")
@@ -56,6 +57,7 @@ def _launcher_command(num_ranks: int) -> list[str]:
 
 
 def _free_port() -> int:
+    """A TCP port free on this machine now (for the launcher's master)."""
     import socket
 
     with socket.socket() as s:
@@ -64,6 +66,7 @@ def _free_port() -> int:
 
 
 def _run(cmd: list[str], env: dict, log_path: str) -> None:
+    """Run ``cmd`` with its output in ``log_path``; RuntimeError with the log's tail when it fails."""
     print("$ " + " ".join(cmd), flush=True)
     with open(log_path, "w", encoding="utf-8") as log:
         proc = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)

@@ -65,7 +65,7 @@ setup(
     entry_points={
         "console_scripts": [
             "vlmcore-train=vlmcore.train.__main__:console_main",
-            "vlmcore-make-shapes=vlmcore.train.tools.shapes:console_main",
+            "vlmcore-make-shapes=vlmcore.train.tools.make_shapes:console_main",
             "vlmcore-bench=vlmcore.bench.__main__:console_main",
             "vlmcore-capfilt=vlmcore.train.tools.capfilt:console_main",
         ]

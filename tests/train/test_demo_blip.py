@@ -15,6 +15,7 @@ from vlmcore.train.data.blip_text import BlipText
 from vlmcore.train.data.pipeline import decode_image, read_tar
 from vlmcore.train.data.tokenizer import Tokenizer, train_word_tokenizer
 from vlmcore.train.tools import demo_blip, shapes
+from vlmcore.train.tools.shape_drawing import CLASSNAMES, COLOURS, SHAPES
 
 from vlmcore.blip import blip_retrieval_metrics, build_blip, load_blip, save_blip
 
@@ -53,14 +54,14 @@ def test_corruption_swaps_one_word_and_ids_are_the_image_class(data, tmp_path):
             meta = json.loads(sample["json"])
             before = originals[sample["__key__"]]
             assert sample["png"] == before["png"]
-            assert meta["image_id"] == meta["label"] == shapes.CLASSNAMES.index(f"{meta['colour']} {meta['shape']}")
+            assert meta["image_id"] == meta["label"] == CLASSNAMES.index(f"{meta['colour']} {meta['shape']}")
             old, new = before["txt"].decode().split(), sample["txt"].decode().split()
             changed = [(a, b) for a, b in zip(old, new) if a != b]
             assert len(old) == len(new) and len(changed) == (1 if meta["corrupted"] else 0)
             if changed:  # the image's own colour or shape became another one
                 wrong_from, wrong_to = changed[0]
                 assert wrong_from in (meta["colour"], meta["shape"]) and wrong_to != wrong_from
-                assert wrong_to in shapes.COLOURS or wrong_to in shapes.SHAPES
+                assert wrong_to in COLOURS or wrong_to in SHAPES
             seen += 1
     assert seen == 120
     clean = demo_blip.corrupt_shards(shards[:1], str(tmp_path / "clean"), noise=0.0)

@@ -18,13 +18,13 @@ from vlmcore.train import main
 from vlmcore.train.data.blip_text import BlipText
 from vlmcore.train.data.pipeline import read_tar
 from vlmcore.train.data.tokenizer import Tokenizer
-from vlmcore.train.tools import capfilt, shapes
+from vlmcore.train.tools import capfilt, shape_drawing, shapes
 
 from vlmcore.blip import load_blip
 
 transformers = pytest.importorskip("transformers")
 
-WORDS = ["a", "picture", "of", "on", "background", "that", "is", *shapes.COLOURS, *shapes.SHAPES]
+WORDS = ["a", "picture", "of", "on", "background", "that", "is", *shape_drawing.COLOURS, *shape_drawing.SHAPES]
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 VOCAB = 40  # BERT vocabulary V = 38, + [DEC] + [ENC]
 CONFIGS = resources.files("vlmcore.train") / "configs"

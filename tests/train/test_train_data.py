@@ -18,7 +18,7 @@ from vlmcore.train.data.tokenizer import EOC, MEDIA, Tokenizer, train_word_token
 from vlmcore.train.tasks.clip import ClipEncoder
 from vlmcore.train.tasks.common import ImageDecoder
 from vlmcore.train.tasks.flamingo import FlamingoEncoder
-from vlmcore.train.tools import shapes
+from vlmcore.train.tools import shape_drawing, shapes
 
 
 @pytest.fixture(scope="module")
@@ -41,15 +41,15 @@ def _members(path):
 
 def test_shapes_dataset_layout(shapes_dir):
     assert shapes.is_complete(str(shapes_dir))
-    assert len(shapes.CLASSNAMES) >= 20
+    assert len(shape_drawing.CLASSNAMES) >= 20
     assert len(expand_shards(str(shapes_dir / "train-{000000..000003}.tar"))) == 4
     classes = json.loads((shapes_dir / "classes.json").read_text())
-    assert classes["classnames"] == shapes.CLASSNAMES and classes["templates"]
+    assert classes["classnames"] == shape_drawing.CLASSNAMES and classes["templates"]
     samples = list(read_tar(str(shapes_dir / "eval-000000.tar")))
     assert len(samples) == 24 and {"png", "txt", "json"} <= set(samples[0])
     meta = json.loads(samples[0]["json"])
     assert samples[0]["txt"].decode() == f"a {meta['colour']} {meta['shape']}"
-    assert shapes.CLASSNAMES[meta["label"]] == f"{meta['colour']} {meta['shape']}"
+    assert shape_drawing.CLASSNAMES[meta["label"]] == f"{meta['colour']} {meta['shape']}"
     doc = next(read_tar(str(shapes_dir / "docs-000000.tar")))
     info = json.loads(doc["json"])
     assert len(info["image_info"]) >= 1 and all(i["image_name"] in doc for i in info["image_info"])
@@ -58,8 +58,8 @@ def test_shapes_dataset_layout(shapes_dir):
 def test_held_out_split_differs_in_size_and_background():
     import random
 
-    train = [shapes._split_params(random.Random(i), "train") for i in range(200)]
-    held = [shapes._split_params(random.Random(i), "eval") for i in range(200)]
+    train = [shape_drawing.split_params(random.Random(i), "train") for i in range(200)]
+    held = [shape_drawing.split_params(random.Random(i), "eval") for i in range(200)]
     train_sizes, held_sizes = {round(p["half"], 3) for p in train}, {p["half"] for p in held}
     assert all(not (0.235 < h < 0.275) for h in train_sizes) and all(0.235 < h < 0.275 for h in held_sizes)
     assert not {p["bg"] for p in train} & {p["bg"] for p in held}

@@ -10,16 +10,16 @@ import numpy as np
 import pytest
 import torch
 from vlmcore.train.data.pipeline import BadSample, read_tar
-from vlmcore.train.data.regions import (
+from vlmcore.train.data.regions import decode_regions, pad_regions
+from vlmcore.train.tools.make_shapes import console_main
+from vlmcore.train.tools.region_shapes import (
     BACKGROUND_CLASS,
     NUM_REGION_CLASSES,
-    decode_regions,
     make_region_shapes,
     npz_bytes,
-    pad_regions,
     regions_complete,
 )
-from vlmcore.train.tools.shapes import CLASSNAMES, console_main
+from vlmcore.train.tools.shape_drawing import CLASSNAMES
 
 
 def _npz(regions=3, dim=6, classes=4, **override):

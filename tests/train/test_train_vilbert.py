@@ -15,9 +15,9 @@ import yaml
 from vlmcore.train import main, tasks
 from vlmcore.train.config import ConfigError, load_config
 from vlmcore.train.data.pipeline import BadSample, read_tar
-from vlmcore.train.data.regions import make_region_shapes
 from vlmcore.train.data.tokenizer import Tokenizer
 from vlmcore.train.tasks.vilbert import RegionPairEncoder, bert_special_ids
+from vlmcore.train.tools.region_shapes import make_region_shapes
 
 CONFIGS = resources.files("vlmcore.train") / "configs"
 

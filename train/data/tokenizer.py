@@ -98,59 +98,72 @@ class Tokenizer:
         self.start_token_id: int | None = None
         self._tok = self._hf = self._open_clip = None
         wanted = [MEDIA, EOC] if media_tokens else []
-        ids: dict[str, int | None] = {MEDIA: None, EOC: None}
         if kind == "open_clip":
-            if path:
-                raise ValueError("tokenizer kind 'open_clip' uses open_clip's bundled vocabulary: leave path empty")
-            if media_tokens:
-                raise ValueError("tokenizer kind 'open_clip' has no <image> / <|endofchunk|> tokens; the "
-                                 "flamingo and frozen tasks need the language model's own tokenizer (path)")
-            from open_clip.tokenizer import SimpleTokenizer
-
-            self._open_clip = SimpleTokenizer(context_length=context_length)
-            self.vocab_size = int(self._open_clip.vocab_size)
-            self.start_token_id = int(self._open_clip.sot_token_id)
-            self.eos_token_id = int(self._open_clip.eot_token_id)
-            self.pad_token_id = 0
+            media_ids = self._load_open_clip(path, media_tokens)
         elif os.path.isfile(path):
-            from tokenizers import Tokenizer as HFTokenizer
-
-            self._tok = HFTokenizer.from_file(path)
-            missing = [t for t in [PAD, EOS, UNK, *wanted] if self._tok.token_to_id(t) is None]
-            if missing:
-                self._tok.add_special_tokens(missing)
-            self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
-            ids.update({t: self._tok.token_to_id(t) for t in wanted})
-            self.pad_token_id, self.eos_token_id = self._tok.token_to_id(PAD), self._tok.token_to_id(EOS)
+            media_ids = self._load_json(path, wanted)
         elif os.path.isdir(path):
-            from transformers import AutoTokenizer
-
-            self._hf = AutoTokenizer.from_pretrained(path, local_files_only=True)
-            is_clip = self._hf.bos_token == CLIP_START and self._hf.eos_token == CLIP_END
-            extra = [t for t in wanted if t not in self._hf.get_vocab()]
-            if extra:
-                self._hf.add_special_tokens({"additional_special_tokens": extra})
-            if is_clip:
-                # OpenCLIP's convention, not the HF tokenizer's own padding with <|endoftext|>.
-                self.start_token_id, self.eos_token_id, self.pad_token_id = (
-                    self._hf.bos_token_id, self._hf.eos_token_id, 0)
-            elif self._hf.eos_token is None and self._hf.sep_token is not None:
-                # BERT vocabularies end a sequence with [SEP]: it plays <eos> (no token is added, so
-                # the vocabulary stays the one BLIP / ViLBERT checkpoints were trained with)
-                if self._hf.pad_token is None:
-                    self._hf.add_special_tokens({"pad_token": PAD})
-                self.pad_token_id, self.eos_token_id = self._hf.pad_token_id, self._hf.sep_token_id
-            else:
-                if self._hf.eos_token is None:
-                    self._hf.add_special_tokens({"eos_token": EOS})
-                if self._hf.pad_token is None:
-                    self._hf.add_special_tokens({"pad_token": PAD})
-                self.pad_token_id, self.eos_token_id = self._hf.pad_token_id, self._hf.eos_token_id
-            self.vocab_size = len(self._hf)
-            ids.update({t: self._hf.convert_tokens_to_ids(t) for t in wanted})
+            media_ids = self._load_hf_directory(path, wanted)
         else:
             raise ValueError(f"tokenizer path {path!r} is neither a tokenizers JSON file nor a directory")
-        self.media_token_id, self.eoc_token_id = ids[MEDIA], ids[EOC]
+        self.media_token_id, self.eoc_token_id = media_ids.get(MEDIA), media_ids.get(EOC)
+
+    def _load_open_clip(self, path: str, media_tokens: bool) -> dict[str, int]:
+        """open_clip's bundled ``SimpleTokenizer``: it has no media tokens (returns none)."""
+        if path:
+            raise ValueError("tokenizer kind 'open_clip' uses open_clip's bundled vocabulary: leave path empty")
+        if media_tokens:
+            raise ValueError("tokenizer kind 'open_clip' has no <image> / <|endofchunk|> tokens; the "
+                             "flamingo and frozen tasks need the language model's own tokenizer (path)")
+        from open_clip.tokenizer import SimpleTokenizer
+
+        self._open_clip = SimpleTokenizer(context_length=self.context_length)
+        self.vocab_size = int(self._open_clip.vocab_size)
+        self.start_token_id = int(self._open_clip.sot_token_id)
+        self.eos_token_id = int(self._open_clip.eot_token_id)
+        self.pad_token_id = 0
+        return {}
+
+    def _load_json(self, path: str, wanted: list[str]) -> dict[str, int]:
+        """A ``tokenizers`` JSON file, with the missing special tokens added; returns the ids of ``wanted``."""
+        from tokenizers import Tokenizer as HFTokenizer
+
+        self._tok = HFTokenizer.from_file(path)
+        missing = [t for t in [PAD, EOS, UNK, *wanted] if self._tok.token_to_id(t) is None]
+        if missing:
+            self._tok.add_special_tokens(missing)
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        self.pad_token_id, self.eos_token_id = self._tok.token_to_id(PAD), self._tok.token_to_id(EOS)
+        return {t: self._tok.token_to_id(t) for t in wanted}
+
+    def _load_hf_directory(self, path: str, wanted: list[str]) -> dict[str, int]:
+        """A local Hugging Face tokenizer directory (CLIP, BERT or any other vocabulary, see the class
+        docstring), with the missing special tokens added; returns the ids of ``wanted``."""
+        from transformers import AutoTokenizer
+
+        self._hf = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        is_clip = self._hf.bos_token == CLIP_START and self._hf.eos_token == CLIP_END
+        extra = [t for t in wanted if t not in self._hf.get_vocab()]
+        if extra:
+            self._hf.add_special_tokens({"additional_special_tokens": extra})
+        if is_clip:
+            # OpenCLIP's convention, not the HF tokenizer's own padding with <|endoftext|>.
+            self.start_token_id, self.eos_token_id, self.pad_token_id = (
+                self._hf.bos_token_id, self._hf.eos_token_id, 0)
+        elif self._hf.eos_token is None and self._hf.sep_token is not None:
+            # BERT vocabularies end a sequence with [SEP]: it plays <eos> (no token is added, so
+            # the vocabulary stays the one BLIP / ViLBERT checkpoints were trained with)
+            if self._hf.pad_token is None:
+                self._hf.add_special_tokens({"pad_token": PAD})
+            self.pad_token_id, self.eos_token_id = self._hf.pad_token_id, self._hf.sep_token_id
+        else:
+            if self._hf.eos_token is None:
+                self._hf.add_special_tokens({"eos_token": EOS})
+            if self._hf.pad_token is None:
+                self._hf.add_special_tokens({"pad_token": PAD})
+            self.pad_token_id, self.eos_token_id = self._hf.pad_token_id, self._hf.eos_token_id
+        self.vocab_size = len(self._hf)
+        return {t: self._hf.convert_tokens_to_ids(t) for t in wanted}
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text`` (special tokens written in the text are recognized; no start/eos added)."""

@@ -14,18 +14,22 @@ sample's), and image->text / text->image R@1 by alignment score among the candid
 batch (a hit when the top caption's text equals the true caption, so duplicate captions count).
 
 Config section ``model.vilbert``: the model sizes (:class:`vlmcore.ViLBERTConfig` fields that a
-tiny run changes) and the corruption rates.
+tiny run changes) and the corruption rates. The detector's class count ``v_target_size`` (the
+width of ``class_probs``) is read from the first training sample unless the section sets it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import functools
 import math
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from vlmcore.train.data.pipeline import BadSample, eval_batches
-from vlmcore.train.data.regions import NUM_REGION_CLASSES, decode_regions, pad_regions
+from vlmcore.train.data.pipeline import BadSample, eval_batches, expand_shards, read_tar
+from vlmcore.train.data.regions import class_count, decode_regions, pad_regions
 from vlmcore.train.data.tokenizer import EOC, EOS, Tokenizer
 from vlmcore.train.runtime.distributed import all_reduce_sum
 from vlmcore.train.tasks.base import EvalContext, Task
@@ -60,7 +64,7 @@ class RegionBertConfig:
     bi_num_attention_heads: int = 4  # co-attention heads
     v_biattention_id: list = field(default_factory=lambda: [0, 1])  # visual layers before each co-attention block
     t_biattention_id: list = field(default_factory=lambda: [1, 2])  # text layers before each co-attention block
-    v_target_size: int = NUM_REGION_CLASSES  # detector classes C of class_probs
+    v_target_size: int | None = None  # detector classes C of class_probs (null: read from the first training sample)
     max_regions: int = 16  # regions per sample, global region 0 included (more are cut)
     hidden_dropout_prob: float = 0.1  # hidden-state dropout
     pooler_activation: str = "relu"  # relu (vilbert-multi-task) or tanh (BERT)
@@ -69,18 +73,22 @@ class RegionBertConfig:
     mismatch_probability: float = 0.5  # share of captions swapped (ViLBERT alignment)
 
     def check(self, where: str) -> list[str]:
+        """One message per bad value (corruption rates, inconsistent sizes), each starting with ``where``."""
         out = []
         for name in ("mlm_probability", "region_mask_probability", "mismatch_probability"):
             if not 0 < getattr(self, name) < 1:
                 out.append(f"{where}.{name}: must be in (0, 1), got {getattr(self, name)}")
+        # Left to the data (null), the class count is unknown here: any count checks the other sizes.
+        sized = self if self.v_target_size is not None else dataclasses.replace(self, v_target_size=1)
         try:
-            self.model_config(vocab_size=8, max_positions=8)
+            sized.model_config(vocab_size=8, max_positions=8)
         except ValueError as error:
             out.append(f"{where}: {error}")
         return out
 
     def model_config(self, vocab_size: int, max_positions: int, pad_token_id: int = 0) -> vlmcore.ViLBERTConfig:
-        """The :class:`vlmcore.ViLBERTConfig` of this section (raises ValueError on inconsistent sizes)."""
+        """The :class:`vlmcore.ViLBERTConfig` of this section (raises ValueError on inconsistent sizes or
+        an unset ``v_target_size``: :attr:`RegionTask.region_config` sets it from the data)."""
         sizes = {k: getattr(self, k) for k in (
             "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "v_feature_size",
             "v_hidden_size", "v_num_hidden_layers", "v_num_attention_heads", "v_intermediate_size",
@@ -109,6 +117,26 @@ def bert_special_ids(tok: Tokenizer) -> tuple[int, int, int]:
         raise ValueError(f"tokenizer {tok.path!r} has no [CLS]/[SEP]/[MASK] tokens and no single-token "
                          f"{EOS!r} / {EOC!r} to stand in for them")
     return eos, eos, mask[0]
+
+
+class UnknownRegionClasses(ValueError):
+    """``v_target_size`` is not set and the training data does not give it."""
+
+
+def classes_in_first_sample(shards) -> int:
+    """C of the first training sample whose ``KEY.npz`` has a readable ``class_probs [R, C]`` (in the
+    first shard of ``shards``); raises :class:`UnknownRegionClasses` when there is none."""
+    try:
+        shard = expand_shards(shards)[0]
+    except ValueError as error:
+        raise UnknownRegionClasses(f"the training shards cannot give the class count: {error}") from None
+    with contextlib.closing(read_tar(shard)) as samples:  # a pipe: shard's command ends with the reading
+        for sample in samples:
+            if "npz" in sample:
+                with contextlib.suppress(BadSample):
+                    return class_count(sample["npz"], sample["__key__"])
+    raise UnknownRegionClasses(f"no sample of the first training shard {shard} has a readable class_probs to "
+                               "read the class count from: set it")
 
 
 class RegionPairEncoder:
@@ -153,12 +181,29 @@ class RegionTask(Task):
         super().__init__(cfg, tokenizer)
         self.cls_id, self.sep_id, self.mask_id = bert_special_ids(tokenizer)
 
+    @functools.cached_property
+    def region_config(self) -> RegionBertConfig:
+        """The task's section with ``v_target_size`` set: as configured, else the width of
+        ``class_probs`` in the first training sample (read once; the model's region head and the
+        encoder's check of every sample use it)."""
+        if self.config.v_target_size is not None:
+            return self.config
+        return dataclasses.replace(self.config, v_target_size=classes_in_first_sample(self.cfg.data.train[0].shards))
+
+    def check_eval_sample(self, sample: dict) -> list[str]:
+        """The default check with the resolved class count (an eval set whose ``class_probs`` width
+        differs from the training data's is reported), or why the count cannot be read."""
+        try:
+            return super().check_eval_sample(sample)
+        except UnknownRegionClasses as error:
+            return [f"model.{self.name}.v_target_size: {error}"]
+
     def encoder(self, kind: str, max_images: int) -> RegionPairEncoder:
-        return RegionPairEncoder(self.tok, self.config)
+        return RegionPairEncoder(self.tok, self.region_config)
 
     def model_config(self) -> vlmcore.ViLBERTConfig:
-        return self.config.model_config(self.tok.vocab_size, self.cfg.tokenizer.context_length + 1,
-                                        self.tok.pad_token_id)
+        return self.region_config.model_config(self.tok.vocab_size, self.cfg.tokenizer.context_length + 1,
+                                               self.tok.pad_token_id)
 
     def special_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         """bool ``[B, T]``: positions BERT masking never picks (padding, [CLS], [SEP])."""

@@ -33,6 +33,8 @@ class VlbertTask(RegionTask):
         return vlmcore.VLBERT(self.model_config(), image_token_id=self.tok.media_token_id)
 
     def _corrupt(self, b: dict, generator: torch.Generator | None):
+        """BERT-masked ``input_ids [B, T]`` and their MLM labels, masked ``region_features [B, R, F]`` and the
+        region labels ``[B, R]`` (1 = masked); ``generator`` None draws from the global RNG."""
         c = self.config
         ids, mlm_labels = mask_tokens(b["input_ids"], mask_token_id=self.mask_id, vocab_size=self.tok.vocab_size,
                                       special_tokens=self.special_tokens(b["input_ids"]), generator=generator,

@@ -32,17 +32,16 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import io
 import json
 import os
 import re
 import sys
-import tarfile
 from dataclasses import dataclass, field
 
 import torch
 from vlmcore.train.data.blip_text import BlipText
 from vlmcore.train.data.pipeline import IMAGE_EXTS, BadSample, decode_image, expand_shards, pair_fields, read_tar
+from vlmcore.train.data.tar_writer import TarWriter
 from vlmcore.train.data.tokenizer import Tokenizer
 
 from vlmcore.blip import BLIP, blip_from_salesforce, is_salesforce_checkpoint, load_blip
@@ -90,6 +89,7 @@ class CapFiltSettings:
 
 @dataclass
 class ShardStats:
+    """Counts of one shard (summed into ``capfilt_report.json``)."""
     images: int = 0
     web_kept: int = 0
     web_dropped: int = 0
@@ -111,21 +111,12 @@ def _checkpoint_id(path: str) -> dict:
 
 
 def _shard_seed(seed: int, shard: str) -> int:
+    """The sampling seed of one shard: from ``--seed`` and the shard's file name only (resume-safe)."""
     return int.from_bytes(hashlib.sha256(f"{seed}:{os.path.basename(shard)}".encode()).digest()[:8], "little") >> 1
 
 
-def _tar_add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    """Add a member with fixed metadata (mtime 0, uid 0, mode 0644): identical runs give identical bytes."""
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mtime = 0
-    info.mode = 0o644
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    tar.addfile(info, io.BytesIO(data))
-
-
 def _image_ext(sample: dict) -> str:
+    """The sample's image member (the first of ``IMAGE_EXTS`` it has)."""
     return next(e for e in IMAGE_EXTS if e in sample)
 
 
@@ -161,6 +152,7 @@ class CapFilt:
 
     @torch.no_grad()
     def _captions(self, images: torch.Tensor) -> list[list[str]]:
+        """``num_captions`` synthetic captions per image of ``images [B, 3, S, S]``."""
         s = self.settings
         kwargs = dict(do_sample=True, top_p=s.top_p) if s.sampling == "nucleus" else dict(num_beams=s.num_beams)
         ids = self.captioner.generate(images, prompt_ids=self.prompt_ids, max_length=s.max_length,
@@ -183,7 +175,9 @@ class CapFilt:
             at += len(group)
         return out
 
-    def _flush(self, batch: list[tuple[dict, torch.Tensor, str]], tar: tarfile.TarFile, stats: ShardStats) -> None:
+    def _flush(self, batch: list[tuple[dict, torch.Tensor, str]], tar: TarWriter, stats: ShardStats) -> None:
+        """Caption and filter one batch of ``(sample, image [3, S, S], web caption)``; write the images
+        that keep a caption."""
         images = torch.stack([image for _, image, _ in batch]).to(self.device)
         synthetic = self._captions(images)
         candidates = [[web, *syn] for (_, _, web), syn in zip(batch, synthetic)]
@@ -213,17 +207,15 @@ class CapFilt:
             if isinstance(original, dict) and "image_id" in original:
                 meta["image_id"] = original["image_id"]  # the trainer's BLIP tasks read it at the top level
             ext = _image_ext(sample)
-            _tar_add(tar, f"{key}.{ext}", sample[ext])
-            _tar_add(tar, f"{key}.txt", "\n".join(kept_texts).encode("utf-8"))
-            _tar_add(tar, f"{key}.json", json.dumps(meta, sort_keys=True).encode("utf-8"))
+            tar.write_sample(key, {ext: sample[ext], "txt": "\n".join(kept_texts).encode("utf-8"),
+                                   "json": json.dumps(meta, sort_keys=True).encode("utf-8")})
 
     def process_shard(self, shard: str, out_path: str, progress=None) -> ShardStats:
         """Bootstrap one shard into ``out_path`` (written as ``out_path + ".tmp"``, then renamed)."""
         torch.manual_seed(_shard_seed(self.settings.seed, shard))
         stats = ShardStats()
-        tmp = out_path + ".tmp"
         batch: list[tuple[dict, torch.Tensor, str]] = []
-        with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+        with TarWriter(out_path) as tar:
             for sample in read_tar(shard):
                 try:
                     image_bytes, caption = pair_fields(sample)
@@ -244,11 +236,11 @@ class CapFilt:
                 self._flush(batch, tar, stats)
                 if progress is not None:
                     progress.update(len(batch))
-        os.replace(tmp, out_path)
         return stats
 
 
 def _write_json(path: str, payload: dict) -> None:
+    """Write ``payload`` to ``path`` atomically (``.tmp`` then rename)."""
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as handle:
         json.dump(payload, handle, indent=1, sort_keys=True)
@@ -261,6 +253,7 @@ def _dist_info() -> tuple[int, int]:
 
 
 def _check_paths(shards: list[str], output: str) -> None:
+    """ValueError when ``output`` is an input's folder or two inputs share a file name."""
     out = os.path.realpath(output)
     for shard in shards:
         if os.path.dirname(os.path.realpath(shard)) == out:
@@ -340,6 +333,7 @@ def _shard_done(shard: str, output: str) -> bool:
 
 
 def parse_args(argv: list[str] | None = None) -> CapFiltSettings:
+    """``vlmcore-capfilt``'s flags -> :class:`CapFiltSettings`."""
     p = argparse.ArgumentParser(prog="vlmcore-capfilt", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--input", nargs="+", required=True, help="input shards: paths, brace patterns or globs")
@@ -378,6 +372,7 @@ def main(argv: list[str] | None = None) -> dict | None:
 
 
 def console_main() -> None:
+    """``vlmcore-capfilt``: run, then print the report's totals on the rank that writes it."""
     report = main()
     if report is not None:
         print(json.dumps(report["total"], indent=1))

@@ -38,6 +38,7 @@ from importlib import resources
 import torch
 from vlmcore.train.data.tokenizer import EOC, MEDIA, Tokenizer, train_word_tokenizer
 from vlmcore.train.tools import shapes
+from vlmcore.train.tools.region_shapes import make_region_shapes, regions_complete
 
 CONFIGS = resources.files("vlmcore.train") / "configs"
 VILBERT_STEPS = 600
@@ -45,6 +46,7 @@ BLIP2_ECHO_WORDS = 8  # captions of the pairs (2-7 words), not the long document
 
 
 def _launcher_command(num_ranks: int) -> list[str]:
+    """``deepspeed --num_gpus N --master_port P vlmcore-train`` from this environment's bin folder."""
     bindir = os.path.dirname(sys.executable)
     launcher = os.path.join(bindir, "deepspeed")
     script = os.path.join(bindir, "vlmcore-train")
@@ -55,6 +57,7 @@ def _launcher_command(num_ranks: int) -> list[str]:
 
 
 def _free_port() -> int:
+    """A TCP port free on this machine now (for the launcher's master)."""
     import socket
 
     with socket.socket() as s:
@@ -63,6 +66,7 @@ def _free_port() -> int:
 
 
 def _run(cmd: list[str], env: dict, log_path: str) -> None:
+    """Run ``cmd`` with its output in ``log_path``; RuntimeError with the log's tail when it fails."""
     print("$ " + " ".join(cmd), flush=True)
     with open(log_path, "w", encoding="utf-8") as log:
         proc = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -118,7 +122,8 @@ def pretrain_lm(text_file: str, tok: Tokenizer, lm_config: dict, out_dir: str, s
     return float(loss.detach())
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The demo's flags (``--help``)."""
     parser = argparse.ArgumentParser(prog="python -m vlmcore.train.tools.demo", description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="runs/demo", help="run directory")
     parser.add_argument("--data", default="data/shapes", help="shapes dataset directory")
@@ -128,7 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--family", choices=("flamingo", "blip2", "vilbert", "blip"), default="flamingo",
                         help="flamingo (default) or blip2: what trains on the frozen CLIP tower and LM; "
                              "vilbert: ViLBERT on region features instead; blip: noisy captions -> BLIP -> "
-                             "CapFilt -> BLIP (train/demo_blip.py; uses --out, --blip-steps, --blip-seed)")
+                             "CapFilt -> BLIP (train/tools/demo_blip.py; uses --out, --blip-steps, --blip-seed)")
     parser.add_argument("--blip2-stage1-steps", type=int, default=300)
     parser.add_argument("--blip2-stage2-steps", type=int, default=300)
     parser.add_argument("--ranks", type=int, default=0, help="processes (default: 2 on CPU, every GPU on CUDA)")
@@ -137,7 +142,106 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--blip-steps", type=int, default=1000, help="--family blip: steps of each pre-training")
     parser.add_argument("--blip-seed", type=int, default=0,
                         help="--family blip: seed of the data, the corruption, the trainings and CapFilt")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def _load_yaml(name: str) -> dict:
+    """``configs/<name>`` as a dict."""
+    import yaml
+
+    with open(CONFIGS / name, encoding="utf-8") as f:
+        return yaml.safe_load(f)
+
+
+def _device_name() -> str:
+    """What the metrics files record as ``device``: the GPU's name, or ``cpu``."""
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+def _prepare_shapes(data_dir: str, shapes_section: dict) -> list[str]:
+    """Step 1: the shapes set as the tiny CLIP config's ``data.shapes`` describes it, and its tokenizer;
+    returns the overrides that point a tiny config at them."""
+    s = shapes_section
+    if not shapes.is_complete(data_dir):
+        print(f"[demo] generating the shapes dataset in {data_dir} ...", flush=True)
+        summary = shapes.make_shapes(data_dir, s["n_train"], s["n_eval"], s["n_docs"], s["image_size"],
+                                     s["shard_size"])
+        print(f"[demo] {summary}", flush=True)
+    tok_path = os.path.join(data_dir, "tokenizer.json")
+    if not os.path.exists(tok_path):
+        train_word_tokenizer(os.path.join(data_dir, "captions.txt"), tok_path)
+    return [f"data.shapes.dir={data_dir}", f"tokenizer.path={tok_path}", f"data.eval.shards={data_dir}/eval-*.tar"]
+
+
+def _train_clip(args, ranks: int, env: dict, clip_dir: str, data_overrides: list[str]) -> None:
+    """Step 2: the tiny CLIP under deepspeed (skipped when ``clip_dir`` holds its evaluation)."""
+    if os.path.isfile(os.path.join(clip_dir, "eval.json")):
+        return
+    print(f"[demo] training CLIP ({args.clip_steps} steps, {ranks} ranks) -> {clip_dir}", flush=True)
+    _run(_launcher_command(ranks) + [
+        "--config", str(CONFIGS / "clip_tiny.yaml"), f"out_dir={clip_dir}", f"max_steps={args.clip_steps}",
+        f"data.train.0.shards={args.data}/train-*.tar", "progress_bar=false", *data_overrides,
+    ], env, os.path.join(args.out, "clip.log"))
+
+
+def _pretrain_demo_lm(args, flamingo_yaml: dict) -> str:
+    """Step 3: the tiny LM pre-trained on the caption text (skipped when saved); returns its folder.
+
+    BLIP-2's frozen LM must read its context (the projected queries are only a soft prompt): its
+    tiny LM is pre-trained with echoed captions too (pretrain_lm's echo_words); Flamingo's reads
+    the images through its own trainable cross-attention and keeps the plain caption LM."""
+    echo_words = BLIP2_ECHO_WORDS if args.family == "blip2" else 0
+    lm_dir = os.path.join(args.out, "lm_in_context" if echo_words else "lm")
+    if os.path.isfile(os.path.join(lm_dir, "config.json")):
+        return lm_dir
+    print(f"[demo] pre-training the tiny LM on the caption text ({args.lm_steps} steps) -> {lm_dir}", flush=True)
+    tok = Tokenizer(os.path.join(args.data, "tokenizer.json"), flamingo_yaml["tokenizer"]["context_length"])
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    loss = pretrain_lm(os.path.join(args.data, "captions.txt"), tok, flamingo_yaml["model"]["lm"]["config"],
+                       lm_dir, args.lm_steps, batch_size=64, echo_words=echo_words)
+    print(f"[demo] LM loss {loss:.3f}", flush=True)
+    return lm_dir
+
+
+def _train_flamingo(args, ranks: int, env: dict, flamingo_dir: str, clip_dir: str, lm_dir: str,
+                    data_overrides: list[str]) -> None:
+    """Step 4: the tiny Flamingo over the CLIP's frozen tower and the frozen LM (skipped when evaluated)."""
+    if os.path.isfile(os.path.join(flamingo_dir, "eval.json")):
+        return
+    print(f"[demo] training Flamingo ({args.flamingo_steps} steps, {ranks} ranks) -> {flamingo_dir}", flush=True)
+    _run(_launcher_command(ranks) + [
+        "--config", str(CONFIGS / "flamingo_tiny.yaml"), f"out_dir={flamingo_dir}",
+        f"max_steps={args.flamingo_steps}", f"model.vision.init={clip_dir}/vision.safetensors",
+        f"model.lm={{path: {lm_dir}}}", f"data.train.0.shards={args.data}/docs-*.tar",
+        f"data.train.1.shards={args.data}/train-*.tar", "progress_bar=false", *data_overrides,
+    ], env, os.path.join(args.out, "flamingo.log"))
+
+
+def _flamingo_metrics(args, ranks: int, start: float, clip_dir: str, flamingo_dir: str) -> dict:
+    """Step 5: ``final_metrics.json`` from the two evaluations (written, printed and returned)."""
+    with open(os.path.join(clip_dir, "eval.json"), encoding="utf-8") as f:
+        clip_eval = json.load(f)
+    with open(os.path.join(flamingo_dir, "eval.json"), encoding="utf-8") as f:
+        flamingo_eval = json.load(f)
+    final = {
+        "clip_zero_shot_top1": clip_eval["zero_shot_top1"],
+        "flamingo_caption_token_acc": flamingo_eval["caption_token_acc"],
+        "flamingo_blind_token_acc": flamingo_eval["blind_token_acc"],
+        "clip_steps": clip_eval["step"],
+        "flamingo_steps": flamingo_eval["step"],
+        "ranks": ranks,
+        "device": _device_name(),
+        "seconds": round(time.time() - start, 1),
+    }
+    with open(os.path.join(args.out, "final_metrics.json"), "w", encoding="utf-8") as f:
+        json.dump(final, f, indent=1)
+    print(json.dumps(final, indent=1))
+    return final
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run the demo of ``--family`` (module docstring); returns its final metrics."""
+    args = parse_args(argv)
     if args.family == "blip":
         from vlmcore.train.tools.demo_blip import run_blip_demo
 
@@ -152,88 +256,23 @@ def main(argv: list[str] | None = None) -> dict:
     if args.family == "vilbert":
         return _vilbert(args, ranks, env, start)
 
-    with open(CONFIGS / "clip_tiny.yaml", encoding="utf-8") as f:
-        import yaml
-
-        clip_yaml = yaml.safe_load(f)
-    with open(CONFIGS / "flamingo_tiny.yaml", encoding="utf-8") as f:
-        flamingo_yaml = yaml.safe_load(f)
-    s = clip_yaml["data"]["shapes"]
-    if not shapes.is_complete(args.data):
-        print(f"[demo] generating the shapes dataset in {args.data} ...", flush=True)
-        summary = shapes.make_shapes(args.data, s["n_train"], s["n_eval"], s["n_docs"], s["image_size"],
-                                     s["shard_size"])
-        print(f"[demo] {summary}", flush=True)
-    tok_path = os.path.join(args.data, "tokenizer.json")
-    if not os.path.exists(tok_path):
-        train_word_tokenizer(os.path.join(args.data, "captions.txt"), tok_path)
-    data_overrides = [f"data.shapes.dir={args.data}", f"tokenizer.path={tok_path}",
-                      f"data.eval.shards={args.data}/eval-*.tar"]
-
+    clip_yaml, flamingo_yaml = _load_yaml("clip_tiny.yaml"), _load_yaml("flamingo_tiny.yaml")
+    data_overrides = _prepare_shapes(args.data, clip_yaml["data"]["shapes"])
     clip_dir = os.path.join(args.out, clip_yaml["task"])
-    if not os.path.isfile(os.path.join(clip_dir, "eval.json")):
-        print(f"[demo] training CLIP ({args.clip_steps} steps, {ranks} ranks) -> {clip_dir}", flush=True)
-        _run(_launcher_command(ranks) + [
-            "--config", str(CONFIGS / "clip_tiny.yaml"), f"out_dir={clip_dir}", f"max_steps={args.clip_steps}",
-            f"data.train.0.shards={args.data}/train-*.tar", "progress_bar=false", *data_overrides,
-        ], env, os.path.join(args.out, "clip.log"))
-
-    # BLIP-2's frozen LM must read its context (the projected queries are only a soft prompt): its
-    # tiny LM is pre-trained with echoed captions too (pretrain_lm's echo_words); Flamingo's reads
-    # the images through its own trainable cross-attention and keeps the plain caption LM.
-    echo_words = BLIP2_ECHO_WORDS if args.family == "blip2" else 0
-    lm_dir = os.path.join(args.out, "lm_in_context" if echo_words else "lm")
-    if not os.path.isfile(os.path.join(lm_dir, "config.json")):
-        print(f"[demo] pre-training the tiny LM on the caption text ({args.lm_steps} steps) -> {lm_dir}", flush=True)
-        tok = Tokenizer(tok_path, flamingo_yaml["tokenizer"]["context_length"])
-        torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-        loss = pretrain_lm(os.path.join(args.data, "captions.txt"), tok, flamingo_yaml["model"]["lm"]["config"],
-                           lm_dir, args.lm_steps, batch_size=64, echo_words=echo_words)
-        print(f"[demo] LM loss {loss:.3f}", flush=True)
-
+    _train_clip(args, ranks, env, clip_dir, data_overrides)
+    lm_dir = _pretrain_demo_lm(args, flamingo_yaml)
     if args.family == "blip2":
         return _blip2(args, ranks, env, start, clip_dir, lm_dir, data_overrides)
-
     flamingo_dir = os.path.join(args.out, flamingo_yaml["task"])
-    if not os.path.isfile(os.path.join(flamingo_dir, "eval.json")):
-        print(f"[demo] training Flamingo ({args.flamingo_steps} steps, {ranks} ranks) -> {flamingo_dir}", flush=True)
-        _run(_launcher_command(ranks) + [
-            "--config", str(CONFIGS / "flamingo_tiny.yaml"), f"out_dir={flamingo_dir}",
-            f"max_steps={args.flamingo_steps}", f"model.vision.init={clip_dir}/vision.safetensors",
-            f"model.lm={{path: {lm_dir}}}", f"data.train.0.shards={args.data}/docs-*.tar",
-            f"data.train.1.shards={args.data}/train-*.tar", "progress_bar=false", *data_overrides,
-        ], env, os.path.join(args.out, "flamingo.log"))
-
-    with open(os.path.join(clip_dir, "eval.json"), encoding="utf-8") as f:
-        clip_eval = json.load(f)
-    with open(os.path.join(flamingo_dir, "eval.json"), encoding="utf-8") as f:
-        flamingo_eval = json.load(f)
-    final = {
-        "clip_zero_shot_top1": clip_eval["zero_shot_top1"],
-        "flamingo_caption_token_acc": flamingo_eval["caption_token_acc"],
-        "flamingo_blind_token_acc": flamingo_eval["blind_token_acc"],
-        "clip_steps": clip_eval["step"],
-        "flamingo_steps": flamingo_eval["step"],
-        "ranks": ranks,
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-        "seconds": round(time.time() - start, 1),
-    }
-    with open(os.path.join(args.out, "final_metrics.json"), "w", encoding="utf-8") as f:
-        json.dump(final, f, indent=1)
-    print(json.dumps(final, indent=1))
-    return final
+    _train_flamingo(args, ranks, env, flamingo_dir, clip_dir, lm_dir, data_overrides)
+    return _flamingo_metrics(args, ranks, start, clip_dir, flamingo_dir)
 
 
 def _vilbert(args, ranks: int, env: dict, start: float) -> dict:
     """``--family vilbert``: region features of the shapes set (stand-in detector), then ViLBERT
     pre-training (MLM + masked regions + alignment) under deepspeed; reports held-out alignment
     accuracy (chance 0.5) and in-batch retrieval R@1 (chance 1/24) in ``final_metrics_vilbert.json``."""
-    from vlmcore.train.data.regions import make_region_shapes, regions_complete
-
-    with open(CONFIGS / "vilbert_tiny.yaml", encoding="utf-8") as f:
-        import yaml
-
-        feature_dim = yaml.safe_load(f)["model"]["vilbert"]["v_feature_size"]
+    feature_dim = _load_yaml("vilbert_tiny.yaml")["model"]["vilbert"]["v_feature_size"]
     if not regions_complete(args.regions):
         print(f"[demo] generating the region-feature shapes set in {args.regions} ...", flush=True)
         print(f"[demo] {make_region_shapes(args.regions, 4000, 240, feature_dim=feature_dim)}", flush=True)
@@ -251,7 +290,7 @@ def _vilbert(args, ranks: int, env: dict, start: float) -> dict:
     final = {"vilbert_alignment_acc": result["alignment_acc"], "vilbert_i2t_R@1": result["i2t_r1"],
              "vilbert_t2i_R@1": result["t2i_r1"], "vilbert_eval_pairs": result["eval_samples"],
              "vilbert_steps": result["step"], "ranks": ranks,
-             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+             "device": _device_name(),
              "seconds": round(time.time() - start, 1)}
     with open(os.path.join(args.out, "final_metrics_vilbert.json"), "w", encoding="utf-8") as f:
         json.dump(final, f, indent=1)
@@ -294,7 +333,7 @@ def _blip2(args, ranks: int, env: dict, start: float, clip_dir: str, lm_dir: str
         "blip2_stage1_steps": evals["stage1"]["step"],
         "blip2_stage2_steps": evals["stage2"]["step"],
         "ranks": ranks,
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "device": _device_name(),
         "seconds": round(time.time() - start, 1),
     })
     with open(os.path.join(args.out, "final_metrics_blip2.json"), "w", encoding="utf-8") as f:

@@ -27,11 +27,9 @@ comes from the image's true class, never from the caption, so a corrupted captio
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import random
-import tarfile
 import time
 from importlib import resources
 
@@ -39,12 +37,23 @@ import torch
 from vlmcore.train.cli import main as train_main
 from vlmcore.train.data.blip_text import BlipText
 from vlmcore.train.data.pipeline import decode_image, read_tar
+from vlmcore.train.data.tar_writer import TarWriter
 from vlmcore.train.data.tokenizer import Tokenizer, train_word_tokenizer
 from vlmcore.train.tools import capfilt, shapes
+from vlmcore.train.tools.shape_drawing import CLASSNAMES, COLOURS, SHAPES
 
 from vlmcore.blip import blip_retrieval_metrics, load_blip
 
 CONFIGS = resources.files("vlmcore.train") / "configs"
+
+
+def _corrupt_caption(rng: random.Random, caption: str, meta: dict) -> str:
+    """``caption`` with its colour (half the time) or its shape swapped for another at random."""
+    if rng.random() < 0.5:
+        wrong = rng.choice([c for c in COLOURS if c != meta["colour"]])
+        return caption.replace(meta["colour"], wrong, 1)
+    wrong = rng.choice([s for s in SHAPES if s != meta["shape"]])
+    return caption.replace(meta["shape"], wrong, 1)
 
 
 def corrupt_shards(train_shards: list[str], out_dir: str, noise: float, seed: int = 0) -> dict:
@@ -52,33 +61,22 @@ def corrupt_shards(train_shards: list[str], out_dir: str, noise: float, seed: in
     (colour or shape swapped) and the image's class index as ``image_id`` (module docstring);
     returns ``{"samples", "corrupted"}``."""
     rng = random.Random(seed)
-    colours, kinds = list(shapes.COLOURS), list(shapes.SHAPES)
     os.makedirs(out_dir, exist_ok=True)
     counts = {"samples": 0, "corrupted": 0}
     for shard in train_shards:
-        path = os.path.join(out_dir, os.path.basename(shard))
-        with tarfile.open(path + ".tmp", "w") as tar:
+        with TarWriter(os.path.join(out_dir, os.path.basename(shard))) as tar:
             for sample in read_tar(shard):
                 meta = json.loads(sample["json"])
                 caption = sample["txt"].decode()
                 corrupted = rng.random() < noise
                 if corrupted:
-                    if rng.random() < 0.5:
-                        wrong = rng.choice([c for c in colours if c != meta["colour"]])
-                        caption = caption.replace(meta["colour"], wrong, 1)
-                    else:
-                        wrong = rng.choice([s for s in kinds if s != meta["shape"]])
-                        caption = caption.replace(meta["shape"], wrong, 1)
+                    caption = _corrupt_caption(rng, caption, meta)
                 meta["corrupted"] = corrupted
                 meta["image_id"] = meta["label"]
                 counts["samples"] += 1
                 counts["corrupted"] += int(corrupted)
-                for ext, data in (("png", sample["png"]), ("txt", caption.encode()),
-                                  ("json", json.dumps(meta).encode())):
-                    info = tarfile.TarInfo(f"{sample['__key__']}.{ext}")
-                    info.size = len(data)
-                    tar.addfile(info, io.BytesIO(data))
-        os.replace(path + ".tmp", path)
+                tar.write_sample(sample["__key__"], {"png": sample["png"], "txt": caption.encode(),
+                                                     "json": json.dumps(meta).encode()})
     return counts
 
 
@@ -141,7 +139,7 @@ def grouped_retrieval(run_dir: str, eval_shard: str, tokenizer_path: str, groups
     one image per class with its caption), averaged over the groups."""
     model, text, image_size = _open_for_eval(run_dir, tokenizer_path, context_length)
     samples = list(read_tar(eval_shard))
-    group_size = len(shapes.CLASSNAMES)
+    group_size = len(CLASSNAMES)
     if len(samples) < groups * group_size:
         raise ValueError(f"{eval_shard} has {len(samples)} samples, fewer than {groups} groups of {group_size}")
     totals: dict[str, float] = {}
@@ -169,23 +167,22 @@ def _train(task: str, out_dir: str, shards: str, data_dir: str, steps: int, batc
         f"max_steps={steps}", "save_every=0", f"eval_every={steps}", "progress_bar=false", f"seed={seed}", *extra])
 
 
-def run_blip_demo(out: str, steps: int = 1000, n_train: int = 3000, noise: float = 0.3, batch_size: int = 32,
-                  seed: int = 0, eval_groups: int = 10, filter_steps: int | None = None) -> dict:
-    """Steps 1-6 of the module docstring under ``<out>/blip``; returns the final metrics. A rerun
-    skips every stage whose output exists (delete ``<out>/blip`` to start over)."""
-    start = time.time()
-    root = os.path.join(out, "blip")
-    data_dir = os.path.join(root, "shapes")
-    n_eval = eval_groups * len(shapes.CLASSNAMES)
+def _make_data(data_dir: str, n_train: int, n_eval: int, seed: int) -> str:
+    """Step 1a: the shapes set (32-pixel images, one document) and its word-level tokenizer; returns
+    the tokenizer's path."""
     if not shapes.is_complete(data_dir):
         print(f"[demo blip] generating {n_train} + {n_eval} shapes images in {data_dir}", flush=True)
         shapes.make_shapes(data_dir, n_train, n_eval=n_eval, n_docs=1, image_size=32, shard_size=1000, seed=seed)
-    if not os.path.exists(os.path.join(data_dir, "tokenizer.json")):
-        train_word_tokenizer(os.path.join(data_dir, "captions.txt"), os.path.join(data_dir, "tokenizer.json"))
     tokenizer_path = os.path.join(data_dir, "tokenizer.json")
-    eval_shard = os.path.join(data_dir, "eval-000000.tar")
+    if not os.path.exists(tokenizer_path):
+        train_word_tokenizer(os.path.join(data_dir, "captions.txt"), tokenizer_path)
+    return tokenizer_path
+
+
+def _split_clean_and_web(root: str, data_dir: str, noise: float, seed: int) -> tuple[str, str, list[str], dict]:
+    """Step 1b: the first training shard plays the human-annotated set (clean), the others the web
+    data (noisy); returns ``(clean shard, noisy folder, noisy shards, corruption counts)``."""
     train_shards = sorted(os.path.join(data_dir, f) for f in os.listdir(data_dir) if f.startswith("train-"))
-    # the first shard plays the human-annotated set (clean), the others the web data (noisy)
     clean_dir, noisy_dir = os.path.join(root, "clean"), os.path.join(root, "noisy")
     corrupt_shards(train_shards[:1], clean_dir, 0.0)  # clean: only the class image ids are added
     clean_shard = os.path.join(clean_dir, os.path.basename(train_shards[0]))
@@ -193,13 +190,18 @@ def run_blip_demo(out: str, steps: int = 1000, n_train: int = 3000, noise: float
     noisy_shards = [os.path.join(noisy_dir, os.path.basename(s)) for s in train_shards[1:]]
     print(f"[demo blip] {counts['corrupted']} of {counts['samples']} web captions corrupted; "
           f"{clean_shard} stays clean", flush=True)
+    return clean_shard, noisy_dir, noisy_shards, counts
 
+
+def _train_noisy_filter_captioner(root: str, data_dir: str, clean_shard: str, noisy_dir: str, steps: int,
+                                  filter_steps: int, batch_size: int, seed: int) -> tuple[str, str, str]:
+    """Steps 2-3: pre-train on clean + noisy web, fine-tune the filter and the captioner from it on the
+    clean shard; returns their run folders ``(pre-training, filter, captioner)``."""
     noisy_run = os.path.join(root, "pretrain_noisy")
     print(f"[demo blip] pre-training on clean + noisy web ({steps} steps) -> {noisy_run}", flush=True)
     _train("blip_pretrain", noisy_run, f"[{clean_shard}, '{noisy_dir}/train-*.tar']", data_dir, steps,
            batch_size, seed, "model.blip_pretrain.k_test=8")
     finetune_steps = max(1, steps // 3)
-    filter_steps = filter_steps or steps
     filter_run, captioner_run = os.path.join(root, "filter"), os.path.join(root, "captioner")
     print(f"[demo blip] fine-tuning the filter (ITC + ITM, {filter_steps} steps) and the captioner (LM, "
           f"{finetune_steps} steps) on the clean shard", flush=True)
@@ -207,8 +209,13 @@ def run_blip_demo(out: str, steps: int = 1000, n_train: int = 3000, noise: float
            f"model.blip_retrieval.init={noisy_run}", "model.blip_retrieval.k_test=8")
     _train("blip_caption", captioner_run, clean_shard, data_dir, finetune_steps, batch_size, seed,
            f"model.blip_caption.init={noisy_run}")
+    return noisy_run, filter_run, captioner_run
 
-    capfilt_dir = os.path.join(root, "capfilt")
+
+def _run_capfilt(capfilt_dir: str, noisy_dir: str, captioner_run: str, filter_run: str, tokenizer_path: str,
+                 seed: int) -> dict:
+    """Step 4: CapFilt over the web shards into ``capfilt_dir``; returns its report (RuntimeError when
+    it kept no caption at all)."""
     print(f"[demo blip] CapFilt on the web shards -> {capfilt_dir}", flush=True)
     report = capfilt.main(["--input", f"{noisy_dir}/train-*.tar", "--output", capfilt_dir, "--captioner",
                            captioner_run, "--filter", filter_run, "--tokenizer", tokenizer_path,
@@ -217,6 +224,22 @@ def run_blip_demo(out: str, steps: int = 1000, n_train: int = 3000, noise: float
     if report["total"]["web_kept"] + report["total"]["synthetic_kept"] == 0:
         raise RuntimeError(f"CapFilt kept no caption ({capfilt_dir}/{capfilt.REPORT_NAME}): the filter rejects "
                            "everything; pre-train longer (--blip-steps)")
+    return report
+
+
+def run_blip_demo(out: str, steps: int = 1000, n_train: int = 3000, noise: float = 0.3, batch_size: int = 32,
+                  seed: int = 0, eval_groups: int = 10, filter_steps: int | None = None) -> dict:
+    """Steps 1-6 of the module docstring under ``<out>/blip``; returns the final metrics. A rerun
+    skips every stage whose output exists (delete ``<out>/blip`` to start over)."""
+    start = time.time()
+    root = os.path.join(out, "blip")
+    data_dir = os.path.join(root, "shapes")
+    tokenizer_path = _make_data(data_dir, n_train, eval_groups * len(CLASSNAMES), seed)
+    clean_shard, noisy_dir, noisy_shards, counts = _split_clean_and_web(root, data_dir, noise, seed)
+    noisy_run, filter_run, captioner_run = _train_noisy_filter_captioner(
+        root, data_dir, clean_shard, noisy_dir, steps, filter_steps or steps, batch_size, seed)
+    capfilt_dir = os.path.join(root, "capfilt")
+    report = _run_capfilt(capfilt_dir, noisy_dir, captioner_run, filter_run, tokenizer_path, seed)
     quality = filter_quality(noisy_shards, capfilt_dir, filter_run, tokenizer_path)
 
     boot_run = os.path.join(root, "pretrain_bootstrapped")
@@ -224,7 +247,8 @@ def run_blip_demo(out: str, steps: int = 1000, n_train: int = 3000, noise: float
     _train("blip_pretrain", boot_run, f"[{clean_shard}, '{capfilt_dir}/train-*.tar']", data_dir, steps,
            batch_size, seed, "model.blip_pretrain.k_test=8")
 
-    print(f"[demo blip] retrieval on {eval_groups} held-out groups of {len(shapes.CLASSNAMES)} images", flush=True)
+    eval_shard = os.path.join(data_dir, "eval-000000.tar")
+    print(f"[demo blip] retrieval on {eval_groups} held-out groups of {len(CLASSNAMES)} images", flush=True)
     noisy_eval = grouped_retrieval(noisy_run, eval_shard, tokenizer_path, eval_groups)
     boot_eval = grouped_retrieval(boot_run, eval_shard, tokenizer_path, eval_groups)
     metrics = {"noise": noise, "seed": seed, "web_images": counts["samples"],

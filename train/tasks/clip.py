@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from vlmcore.train.data.pipeline import eval_batches, pair_fields
+from vlmcore.train.data.shards import first_local_shard
 from vlmcore.train.data.tokenizer import Tokenizer
 from vlmcore.train.runtime.distributed import all_reduce_sum
 from vlmcore.train.tasks.base import EvalContext, Task
@@ -40,7 +41,6 @@ from vlmcore.train.tasks.common import (
     lock_tower,
     move,
 )
-from vlmcore.train.validate import first_local_shard
 
 import vlmcore
 

@@ -89,6 +89,7 @@ PositiveFloat = Annotated[float, Bounds(gt=0)]
 NonNegativeFloat = Annotated[float, Bounds(ge=0)]
 Unit = Annotated[float, Bounds(ge=0, le=1)]  # a number in the unit interval [0, 1]
 Fraction = Annotated[float, Bounds(gt=0, le=1)]  # a non-zero fraction, in (0, 1]
+Rate = Annotated[float, Bounds(ge=0, lt=1)]  # a rate below one, in [0, 1): dropout, label smoothing, EMA decay
 
 
 def _declared_bounds(tp) -> list[Bounds]:

@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Annotated
 
 import torch
 from torch import nn
+from vlmcore.train.config import Bounds
 from vlmcore.train.data.pipeline import BadSample, eval_batches
 from vlmcore.train.data.regions import NUM_REGION_CLASSES, decode_regions, pad_regions
 from vlmcore.train.data.tokenizer import EOC, EOS, Tokenizer
@@ -41,6 +43,9 @@ from vlmcore.vilbert import (
 )
 
 LOG_HALF = math.log(0.5)
+
+#: A share of tokens / regions / captions corrupted: some, never all, in (0, 1).
+Share = Annotated[float, Bounds(gt=0, lt=1)]
 
 
 @dataclass
@@ -64,20 +69,17 @@ class RegionBertConfig:
     max_regions: int = 16  # regions per sample, global region 0 included (more are cut)
     hidden_dropout_prob: float = 0.1  # hidden-state dropout
     pooler_activation: str = "relu"  # relu (vilbert-multi-task) or tanh (BERT)
-    mlm_probability: float = 0.15  # share of text tokens masked
-    region_mask_probability: float = 0.15  # share of regions masked
-    mismatch_probability: float = 0.5  # share of captions swapped (ViLBERT alignment)
+    mlm_probability: Share = 0.15  # share of text tokens masked
+    region_mask_probability: Share = 0.15  # share of regions masked
+    mismatch_probability: Share = 0.5  # share of captions swapped (ViLBERT alignment)
 
     def check(self, where: str) -> list[str]:
-        out = []
-        for name in ("mlm_probability", "region_mask_probability", "mismatch_probability"):
-            if not 0 < getattr(self, name) < 1:
-                out.append(f"{where}.{name}: must be in (0, 1), got {getattr(self, name)}")
+        """The sizes fit together (what :class:`vlmcore.ViLBERTConfig` refuses)."""
         try:
             self.model_config(vocab_size=8, max_positions=8)
         except ValueError as error:
-            out.append(f"{where}: {error}")
-        return out
+            return [f"{where}: {error}"]
+        return []
 
     def model_config(self, vocab_size: int, max_positions: int, pad_token_id: int = 0) -> vlmcore.ViLBERTConfig:
         """The :class:`vlmcore.ViLBERTConfig` of this section (raises ValueError on inconsistent sizes)."""

@@ -179,7 +179,7 @@ def _numbers(value, n: int) -> bool:
 
 @dataclass
 class PreprocessConfig:
-    """``data.preprocess``: image transforms (``train/data/preprocess.py``). Null values: the vision tower's
+    """``data.preprocess``: image transforms (``train/preprocess.py``). Null values: the vision tower's
     own (open_clip ``preprocess_cfg``, timm ``pretrained_cfg``, HF ``preprocessor_config.json``;
     built-in ViT: OpenAI mean / std, bicubic, shortest side + center crop)."""
 
@@ -539,7 +539,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 
 KIND_NAMES = {"pairs": "image-text pairs", "interleaved": "interleaved documents"}
 
-
+# ------------------------------------------------------------- what the rest of the trainer hands in
 
 #: ``task:`` name -> the task's class (``vlmcore.train.tasks.get_task``): it has ``name``, ``Config``
 #: (the dataclass of ``model.<name>``), ``data_kinds`` and ``check_config(cfg)``; raises UnknownTaskError.

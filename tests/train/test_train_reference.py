@@ -3,9 +3,9 @@
 import os
 
 from vlmcore.train.tasks import task_names
-from vlmcore.train.tools.config_reference import REFERENCE_BEGIN, REFERENCE_END, reference_markdown
+from vlmcore.train.tools.config_reference import REFERENCE_BEGIN, REFERENCE_END, REFERENCE_FILE, reference_markdown
 
-README = os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, "README.md")
+README = os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, REFERENCE_FILE)
 
 
 def test_readme_reference_equals_the_generated_table():

@@ -6,26 +6,30 @@ overrides ``dotted.key=value`` (the value is parsed as YAML: ``max_steps=20``,
 
 :func:`load_config` validates everything before any work starts: unknown keys, wrong types and
 impossible values are all collected and raised together as one :class:`ConfigError`. The schema is
-plain dataclasses (no pydantic: the GPU image lacks it). The ``deepspeed`` section is DeepSpeed's
-own config (a mapping, or the path of a JSON file); the trainer fills in the batch sizes and the
-precision and checks the few keys it depends on.
+plain dataclasses (no pydantic: the GPU image lacks it). A numeric field declares its range on its
+type (``batch_size: PositiveInt``, ``Annotated[float, Bounds(ge=0, le=1)]``) and one walker reports
+every value out of range with the same message; a section's ``check(where)`` method holds only the
+rules that involve several fields.
 
 The schema is the common part below plus the section ``model.<task>`` of the task named by
-``task:``: its ``Config`` dataclass, found through the task registry (``train/tasks/``); this
-module names no task.
+``task:``: its ``Config`` dataclass. This module is a leaf of the import graph: it imports nothing
+of ``vlmcore.train``. What it needs from the rest of the trainer is handed in (see
+:func:`parse_config`): the task lookup (``vlmcore.train.tasks.get_task``) and the checks of sections
+owned elsewhere (the ``deepspeed`` section: ``vlmcore.train.deepspeed_config``), which install
+themselves as the defaults when imported (``import vlmcore.train`` imports both).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import functools
-import json
+import math
 import os
 import types
 import typing
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 import yaml
 
@@ -39,6 +43,83 @@ class ConfigError(ValueError):
         super().__init__(f"invalid {source} ({len(self.problems)} problem(s)):\n{lines}")
 
 
+class UnknownTaskError(ValueError):
+    """A ``task:`` name that the task registry does not hold (raised by a :data:`TaskLookup`)."""
+
+
+# ----------------------------------------------------------------------------------------- bounds
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """The allowed range of a numeric field, declared on its type: ``Annotated[int, Bounds(ge=1)]``.
+
+    ``ge`` / ``gt``: lower bound, inclusive / exclusive; ``le`` / ``lt``: upper bound; ``finite``:
+    infinities and NaN refused. NaN is outside every range. :func:`bound_problems` checks the
+    declared bounds of a whole config tree and writes the standard message for each value outside.
+    """
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+    finite: bool = False
+
+    def holds(self, value: float) -> bool:
+        """Whether ``value`` is inside the range (written positively, so that NaN never is)."""
+        return ((self.ge is None or value >= self.ge) and (self.gt is None or value > self.gt)
+                and (self.le is None or value <= self.le) and (self.lt is None or value < self.lt)
+                and (not self.finite or math.isfinite(value)))
+
+    def describe(self) -> str:
+        """The range in words: ``>= 1``, ``in [0, 1)``, ``a finite number > 0``, ``finite``."""
+        low = f">= {self.ge}" if self.ge is not None else f"> {self.gt}" if self.gt is not None else ""
+        high = f"<= {self.le}" if self.le is not None else f"< {self.lt}" if self.lt is not None else ""
+        if low and high:
+            opening, closing = "[" if self.ge is not None else "(", "]" if self.le is not None else ")"
+            return f"in {opening}{low.split()[1]}, {high.split()[1]}{closing}"
+        if self.finite:
+            return f"a finite number {low or high}".rstrip() if low or high else "finite"
+        return low or high
+
+
+PositiveInt = Annotated[int, Bounds(ge=1)]
+NonNegativeInt = Annotated[int, Bounds(ge=0)]
+PositiveFloat = Annotated[float, Bounds(gt=0)]
+NonNegativeFloat = Annotated[float, Bounds(ge=0)]
+Unit = Annotated[float, Bounds(ge=0, le=1)]  # a number in the unit interval [0, 1]
+Fraction = Annotated[float, Bounds(gt=0, le=1)]  # a non-zero fraction, in (0, 1]
+Rate = Annotated[float, Bounds(ge=0, lt=1)]  # a rate below one, in [0, 1): dropout, label smoothing, EMA decay
+
+
+def _declared_bounds(tp) -> list[Bounds]:
+    """The :class:`Bounds` in an annotation (looked for inside ``X | None`` too)."""
+    if typing.get_origin(tp) is Annotated:
+        return [m for m in tp.__metadata__ if isinstance(m, Bounds)]
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        return [b for option in typing.get_args(tp) for b in _declared_bounds(option)]
+    return []
+
+
+def bound_problems(obj, where: str) -> list[str]:
+    """``"<key>: must be <range>, got <value>"`` for each field of the dataclass ``obj`` outside its
+    declared :class:`Bounds` (fields only; nested sections are walked by :func:`_walk_checks`).
+
+    A value of the wrong type is skipped: the loader has reported it already.
+    """
+    out = []
+    hints = typing.get_type_hints(type(obj), include_extras=True)
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        for bounds in _declared_bounds(hints[f.name]):
+            if not bounds.holds(value):
+                key = f"{where}.{f.name}" if where else f.name
+                out.append(f"{key}: must be {bounds.describe()}, got {value}")
+    return out
+
+
 # ----------------------------------------------------------------------------------------- schema
 
 
@@ -49,31 +130,21 @@ class DatasetConfig:
     shards: Union[str, list]  # brace pattern "dir/train-{000..007}.tar" or a list of paths/patterns
     name: str = ""  # for logging; defaults to "kind<index>"
     kind: Literal["pairs", "interleaved"] = "pairs"  # pairs: image + caption; interleaved: MMC4-like documents
-    weight: float = 1.0  # loss weight in the mixture (Flamingo: M3W 1.0, ALIGN 0.2, LTIP 0.2, VTP 0.03)
-    batch_size: int = 8  # per rank
-    max_images: int = 3  # interleaved: images kept per document (the rest are dropped)
-    shuffle_buffer: int = 256  # samples in the shuffle buffer (0 = shard order)
+    weight: PositiveFloat = 1.0  # loss weight in the mixture (Flamingo: M3W 1.0, ALIGN 0.2, LTIP 0.2, VTP 0.03)
+    batch_size: PositiveInt = 8  # per rank
+    max_images: PositiveInt = 3  # interleaved: images kept per document (the rest are dropped)
+    shuffle_buffer: NonNegativeInt = 256  # samples in the shuffle buffer (0 = shard order)
     resampled: bool = True  # shards drawn with replacement per rank/worker (webdataset "resampled")
-    min_image_similarity: float = 0.0  # interleaved (MMC4): drop images with matched_sim below it (OpenFlamingo: 0.24)
+    min_image_similarity: Unit = 0.0  # interleaved (MMC4): drop images with matched_sim below it (OpenFlamingo: 0.24)
 
     def check(self, where: str) -> list[str]:
         out = []
-        if not 0 <= self.min_image_similarity <= 1:
-            out.append(f"{where}.min_image_similarity: must be in [0, 1], got {self.min_image_similarity}")
         if self.min_image_similarity > 0 and self.kind != "interleaved":
             out.append(f"{where}.min_image_similarity: only for kind: interleaved (MMC4 documents)")
         if isinstance(self.shards, list) and (not self.shards or not all(isinstance(s, str) for s in self.shards)):
             out.append(f"{where}.shards: must be a pattern string or a non-empty list of strings")
         if isinstance(self.shards, str) and not self.shards:
             out.append(f"{where}.shards: must not be empty")
-        if not self.weight > 0:
-            out.append(f"{where}.weight: must be > 0, got {self.weight}")
-        if self.batch_size < 1:
-            out.append(f"{where}.batch_size: must be >= 1, got {self.batch_size}")
-        if self.max_images < 1:
-            out.append(f"{where}.max_images: must be >= 1, got {self.max_images}")
-        if self.shuffle_buffer < 0:
-            out.append(f"{where}.shuffle_buffer: must be >= 0, got {self.shuffle_buffer}")
         return out
 
 
@@ -82,17 +153,9 @@ class EvalConfig:
     """Held-out image-text pairs used for evaluation every ``eval_every`` steps and at the end."""
 
     shards: Union[str, list]  # brace pattern / glob / list, like data.train[].shards
-    batch_size: int = 64  # per rank
-    max_batches: int = 0  # 0 = the whole split
+    batch_size: PositiveInt = 64  # per rank
+    max_batches: NonNegativeInt = 0  # 0 = the whole split
     classes: str = ""  # JSON file with {"classnames": [...], "templates": [...]} (CLIP zero-shot)
-
-    def check(self, where: str) -> list[str]:
-        out = []
-        if self.batch_size < 1:
-            out.append(f"{where}.batch_size: must be >= 1, got {self.batch_size}")
-        if self.max_batches < 0:
-            out.append(f"{where}.max_batches: must be >= 0, got {self.max_batches}")
-        return out
 
 
 @dataclass
@@ -100,20 +163,18 @@ class ShapesConfig:
     """Generate the embedded shapes dataset into ``dir`` when its shards are missing."""
 
     dir: str  # output directory (shards, captions.txt, classes.json)
-    n_train: int = 4000  # training pairs
-    n_eval: int = 480  # held-out pairs
-    n_docs: int = 1000  # interleaved documents
-    image_size: int = 64  # pixels (square)
-    shard_size: int = 1000  # samples per tar shard
+    n_train: PositiveInt = 4000  # training pairs
+    n_eval: PositiveInt = 480  # held-out pairs
+    n_docs: PositiveInt = 1000  # interleaved documents
+    image_size: Annotated[int, Bounds(ge=16)] = 64  # pixels (square)
+    shard_size: PositiveInt = 1000  # samples per tar shard
     seed: int = 0  # generator seed
-    def check(self, where: str) -> list[str]:
-        out = []
-        for name in ("n_train", "n_eval", "n_docs", "shard_size"):
-            if getattr(self, name) < 1:
-                out.append(f"{where}.{name}: must be >= 1, got {getattr(self, name)}")
-        if self.image_size < 16:
-            out.append(f"{where}.image_size: must be >= 16, got {self.image_size}")
-        return out
+
+
+def _numbers(value, n: int) -> bool:
+    """Whether ``value`` is a list of ``n`` numbers."""
+    return (isinstance(value, list) and len(value) == n
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value))
 
 
 @dataclass
@@ -126,7 +187,7 @@ class PreprocessConfig:
     scale: list = field(default_factory=lambda: [0.9, 1.0])  # RandomResizedCrop area fraction (OpenCLIP)
     ratio: list = field(default_factory=lambda: [3 / 4, 4 / 3])  # RandomResizedCrop aspect ratio range
     resize_mode: Union[Literal["shortest", "squash"], None] = None  # eval / resize: shortest side + crop, or squash
-    crop_pct: Union[float, None] = None  # eval: resize the short side to size / crop_pct, center crop size
+    crop_pct: Union[Fraction, None] = None  # eval: resize the short side to size / crop_pct, center crop size
     interpolation: Union[Literal["bicubic", "bilinear", "nearest", "lanczos"], None] = None  # resampling filter
     mean: Union[list, None] = None  # per-channel mean (null: the tower's)
     std: Union[list, None] = None  # per-channel std (null: the tower's)
@@ -136,33 +197,34 @@ class PreprocessConfig:
                                               "mean", "std")}
 
     def check(self, where: str) -> list[str]:
-        from vlmcore.train.data.preprocess import ImageTransform
-
-        options = {k: (tuple(v) if isinstance(v, list) else v) for k, v in self.options().items() if v is not None}
-        try:
-            ImageTransform(size=1, **options)
-        except (ValueError, TypeError) as e:
-            return [f"{where}: {e}"]
-        return []
+        """The rules of the data pipeline's ``ImageTransform`` on the lists given (messages in its words)."""
+        out = []
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            if isinstance(value, list) and not _numbers(value, 3):
+                out.append(f"{where}: {name} must be 3 numbers (R, G, B), got {tuple(value)!r}")
+        if _numbers(self.std, 3) and not all(v > 0 for v in self.std):
+            out.append(f"{where}: std must be positive, got {tuple(self.std)!r}")
+        if isinstance(self.scale, list) and not (_numbers(self.scale, 2) and 0 < self.scale[0] <= self.scale[1] <= 1):
+            out.append(f"{where}: scale must be (low, high) with 0 < low <= high <= 1, got {tuple(self.scale)!r}")
+        if isinstance(self.ratio, list) and not (_numbers(self.ratio, 2) and 0 < self.ratio[0] <= self.ratio[1]):
+            out.append(f"{where}: ratio must be (low, high) with 0 < low <= high, got {tuple(self.ratio)!r}")
+        return out
 
 
 @dataclass
 class DataConfig:
     train: list[DatasetConfig]  # the training datasets (a mixture: one batch of each per step)
     eval: Union[EvalConfig, None] = None  # held-out data (null = no evaluation)
-    num_workers: int = 0  # DataLoader workers per dataset and rank
+    num_workers: NonNegativeInt = 0  # DataLoader workers per dataset and rank
     shapes: Union[ShapesConfig, None] = None  # generate the embedded shapes dataset (null = off)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
-    max_consecutive_bad_samples: int = 5000  # unusable samples in a row that stop the run with the reasons
+    max_consecutive_bad_samples: PositiveInt = 5000  # unusable samples in a row that stop the run with the reasons
 
     def check(self, where: str) -> list[str]:
         out = []
         if not self.train:
             out.append(f"{where}.train: needs at least one dataset")
-        if self.num_workers < 0:
-            out.append(f"{where}.num_workers: must be >= 0, got {self.num_workers}")
-        if self.max_consecutive_bad_samples < 1:
-            out.append(f"{where}.max_consecutive_bad_samples: must be >= 1, got {self.max_consecutive_bad_samples}")
         names = [d.name for d in self.train if d.name]
         if len(names) != len(set(names)):
             out.append(f"{where}.train: dataset names must be unique, got {names}")
@@ -176,11 +238,11 @@ class TokenizerConfig:
 
     path: str = ""  # tokenizers JSON file or local HF tokenizer directory (type auto; none for open_clip)
     type: Literal["auto", "open_clip"] = "auto"  # open_clip: open_clip's own tokenizer (SOT/EOT, zero padding)
-    context_length: int = 32  # T: text tokens per sample (truncated / padded)
+    context_length: Annotated[int, Bounds(ge=4)] = 32  # T: text tokens per sample (truncated / padded)
     train_from_shapes: bool = False  # train a small word-level tokenizer on the shapes captions if missing
 
     def check(self, where: str) -> list[str]:
-        out = [] if self.context_length >= 4 else [f"{where}.context_length: must be >= 4, got {self.context_length}"]
+        out = []
         if self.type == "auto" and not self.path:
             out.append(f"{where}.path: required (a tokenizers JSON file or a local HF tokenizer directory) "
                        "unless type is open_clip")
@@ -191,15 +253,15 @@ class TokenizerConfig:
 
 @dataclass
 class VisionConfig:
-    """``model.vision``: the vision tower (see ``train/towers.py``)."""
+    """``model.vision``: the vision tower (see ``train/tasks/towers.py``)."""
 
     type: Literal["builtin", "open_clip", "timm", "hf"] = "builtin"  # builtin = vlmcore.VisionTransformer
-    image_size: int = 32  # builtin: input pixels (square)
-    patch_size: int = 8  # builtin: ViT patch size
-    width: int = 64  # builtin: ViT width
-    depth: int = 2  # builtin: ViT blocks
-    heads: int = 4  # builtin: attention heads
-    mlp_ratio: float = 4.0  # builtin: MLP hidden = mlp_ratio * width
+    image_size: PositiveInt = 32  # builtin: input pixels (square)
+    patch_size: PositiveInt = 8  # builtin: ViT patch size
+    width: PositiveInt = 64  # builtin: ViT width
+    depth: PositiveInt = 2  # builtin: ViT blocks
+    heads: PositiveInt = 4  # builtin: attention heads
+    mlp_ratio: PositiveFloat = 4.0  # builtin: MLP hidden = mlp_ratio * width
     act: Literal["gelu", "quick_gelu"] = "gelu"  # builtin: quick_gelu for OpenAI CLIP weights
     init: str = ""  # builtin: safetensors file with VisionTransformer weights (e.g. a CLIP run's vision.safetensors)
     name: str = ""  # open_clip / timm: the model name (e.g. ViT-B-32, vit_base_patch16_224)
@@ -208,34 +270,26 @@ class VisionConfig:
     path: str = ""  # hf: a local CLIPVisionModel / SiglipVisionModel (or full CLIP / SigLIP) directory
     prefix_tokens: Union[Literal["drop", "keep"], None] = None  # CLS token policy (null: builtin keeps, adapters drop)
     freeze: bool = False  # the vision encoder is frozen (as in the Flamingo / Frozen papers, LiT) when True
-    unlocked_layers: int = 0  # with freeze: the last N blocks (+ final norm / pooling) still train (LiT)
+    unlocked_layers: NonNegativeInt = 0  # with freeze: the last N blocks (+ final norm / pooling) still train (LiT)
 
     def check(self, where: str) -> list[str]:
         out = []
-        if self.unlocked_layers < 0:
-            out.append(f"{where}.unlocked_layers: must be >= 0, got {self.unlocked_layers}")
-        elif self.type == "builtin" and self.unlocked_layers > max(self.depth, 0):
+        if self.type == "builtin" and self.unlocked_layers > max(self.depth, 0):
             out.append(f"{where}.unlocked_layers: must be in [0, depth={self.depth}], got {self.unlocked_layers}")
         if self.unlocked_layers and not self.freeze:
             out.append(f"{where}.unlocked_layers: only meaningful with {where}.freeze: true")
         if self.type != "builtin":
             return out + self._check_external(where)
-        for name in ("image_size", "patch_size", "width", "depth", "heads"):
-            if getattr(self, name) < 1:
-                out.append(f"{where}.{name}: must be >= 1, got {getattr(self, name)}")
         if self.patch_size >= 1 and self.image_size % self.patch_size:
             out.append(f"{where}.image_size: {self.image_size} is not a multiple of patch_size {self.patch_size}")
         if self.heads >= 1 and self.width % self.heads:
             out.append(f"{where}.width: {self.width} is not divisible by heads {self.heads}")
-        if not self.mlp_ratio > 0:
-            out.append(f"{where}.mlp_ratio: must be > 0, got {self.mlp_ratio}")
         for name in ("name", "checkpoint", "path"):
             if getattr(self, name):
                 out.append(f"{where}.{name}: not used by type builtin (weights: init)")
         if self.model_kwargs:
             out.append(f"{where}.model_kwargs: not used by type builtin")
         return out
-
     def _check_external(self, where: str) -> list[str]:
         out = []
         if self.init:
@@ -281,48 +335,30 @@ class ModelConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)  # the vision tower
     lm: Union[LMConfig, None] = None  # the frozen language model of the tasks that use one
     gradient_checkpointing: bool = False  # activation checkpointing (all tasks; CLIP: every tower block)
+
 @dataclass
 class OptimConfig:
-    lr: float = 1e-3  # peak learning rate (AdamW)
-    weight_decay: float = 0.1  # AdamW decay (not on 1-D parameters)
+    lr: PositiveFloat = 1e-3  # peak learning rate (AdamW)
+    weight_decay: NonNegativeFloat = 0.1  # AdamW decay (not on 1-D parameters)
     betas: list = field(default_factory=lambda: [0.9, 0.98])  # AdamW betas
-    eps: float = 1e-6  # AdamW epsilon
-    warmup_steps: int = 0  # linear warmup from lr / warmup_steps to lr
+    eps: PositiveFloat = 1e-6  # AdamW epsilon
+    warmup_steps: NonNegativeInt = 0  # linear warmup from lr / warmup_steps to lr
     schedule: Literal["cosine", "constant", "linear", "warmup_constant_cooldown"] = "cosine"  # after the warmup
-    min_lr_ratio: float = 0.0  # cosine / linear / cooldown end at lr * min_lr_ratio at the last step
-    cooldown_fraction: float = 0.1  # warmup_constant_cooldown: the last fraction of the steps decays linearly
-    accumulation_steps: int = 1  # micro-batches per optimizer step (DeepSpeed gradient_accumulation_steps)
+    min_lr_ratio: Unit = 0.0  # cosine / linear / cooldown end at lr * min_lr_ratio at the last step
+    cooldown_fraction: Fraction = 0.1  # warmup_constant_cooldown: the last fraction of the steps decays linearly
+    accumulation_steps: PositiveInt = 1  # micro-batches per optimizer step (DeepSpeed gradient_accumulation_steps)
 
     def check(self, where: str) -> list[str]:
-        out = []
-        if not self.lr > 0:
-            out.append(f"{where}.lr: must be > 0, got {self.lr}")
-        if self.weight_decay < 0:
-            out.append(f"{where}.weight_decay: must be >= 0, got {self.weight_decay}")
         if len(self.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.betas):
-            out.append(f"{where}.betas: must be two numbers in [0, 1), got {self.betas}")
-        if not self.eps > 0:
-            out.append(f"{where}.eps: must be > 0, got {self.eps}")
-        if self.warmup_steps < 0:
-            out.append(f"{where}.warmup_steps: must be >= 0, got {self.warmup_steps}")
-        if not 0 <= self.min_lr_ratio <= 1:
-            out.append(f"{where}.min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
-        if not 0 < self.cooldown_fraction <= 1:
-            out.append(f"{where}.cooldown_fraction: must be in (0, 1], got {self.cooldown_fraction}")
-        if self.accumulation_steps < 1:
-            out.append(f"{where}.accumulation_steps: must be >= 1, got {self.accumulation_steps}")
-        return out
+            return [f"{where}.betas: must be two numbers in [0, 1), got {self.betas}"]
+        return []
 
 
 @dataclass
 class TestingConfig:
     """Fault injection used by the test suite."""
 
-    sigkill_at_step: int = 0  # rank 0 kills itself with SIGKILL right after this step (0 = never)
-
-    def check(self, where: str) -> list[str]:
-        n = self.sigkill_at_step
-        return [] if n >= 0 else [f"{where}.sigkill_at_step: must be >= 0, got {n}"]
+    sigkill_at_step: NonNegativeInt = 0  # rank 0 kills itself with SIGKILL right after this step (0 = never)
 
 
 @dataclass
@@ -337,20 +373,21 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)  # the model sections (common + model.<task>)
     optim: OptimConfig = field(default_factory=OptimConfig)  # AdamW and the lr schedule
     deepspeed: Union[dict, str] = field(default_factory=dict)  # DeepSpeed's own keys, or a JSON path
-    save_every: int = 0  # 0 = only at the end
-    keep_last: int = 2  # checkpoints kept
-    eval_every: int = 0  # 0 = only at the end (when data.eval is set)
-    log_every: int = 1  # steps between metrics lines
+    save_every: NonNegativeInt = 0  # 0 = only at the end
+    keep_last: PositiveInt = 2  # checkpoints kept
+    eval_every: NonNegativeInt = 0  # 0 = only at the end (when data.eval is set)
+    log_every: PositiveInt = 1  # steps between metrics lines
     seed: int = 0  # base seed (rank r uses seed + r)
     resume: Union[str, None] = None  # "latest" or a checkpoint tag ("step_00000040")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU; fp16: CUDA only
-    max_nonfinite_steps: int = 5  # this many non-finite losses in a row abort the run
+    max_nonfinite_steps: PositiveInt = 5  # this many non-finite losses in a row abort the run
     progress_bar: bool = True  # tqdm bar on rank 0
     testing: TestingConfig = field(default_factory=TestingConfig)  # fault injection for the test suite
+
     def check(self, where: str) -> list[str]:
+        """The length of the run: ``max_steps``, or ``epochs`` with ``train_num_samples``; a non-empty out_dir."""
         out = []
-        by_epochs = self.epochs != 0 or self.train_num_samples != 0
-        if by_epochs:
+        if self.epochs != 0 or self.train_num_samples != 0:
             if self.max_steps:
                 out.append("max_steps: give either max_steps or epochs + train_num_samples, not both")
             for name in ("epochs", "train_num_samples"):
@@ -359,106 +396,9 @@ class TrainConfig:
                                f"set, got {getattr(self, name)}")
         elif self.max_steps < 1:
             out.append(f"max_steps: must be >= 1 (or set epochs and train_num_samples), got {self.max_steps}")
-        for name in ("save_every", "eval_every"):
-            if getattr(self, name) < 0:
-                out.append(f"{name}: must be >= 0, got {getattr(self, name)}")
-        for name in ("keep_last", "log_every", "max_nonfinite_steps"):
-            if getattr(self, name) < 1:
-                out.append(f"{name}: must be >= 1, got {getattr(self, name)}")
         if not self.out_dir:
             out.append("out_dir: must not be empty")
-        out += _check_deepspeed(self.deepspeed, self.precision)
         return out
-
-
-@functools.lru_cache(maxsize=1)
-def deepspeed_keys() -> tuple[frozenset, frozenset]:
-    """(top-level keys, ``zero_optimization`` keys) that the installed DeepSpeed reads.
-
-    Top level: the keys ``DeepSpeedConfig._initialize_params`` looks up, recorded by running it on
-    an empty mapping that logs every lookup (DeepSpeed has no single list of them), plus the
-    ``autotuning`` section read by its launcher (its constant). Keys DeepSpeed has removed are in
-    neither set (:func:`removed_deepspeed_keys` explains them). ZeRO: the fields and aliases of
-    DeepSpeed's pydantic ``DeepSpeedZeroConfig``.
-    """
-    from deepspeed.autotuning.constants import AUTOTUNING
-    from deepspeed.runtime.config import DeepSpeedConfig
-    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
-
-    seen: set = set()
-
-    class Recording(dict):  # starts empty; DeepSpeed may insert defaults into it while parsing
-        def get(self, key, default=None):
-            seen.add(key)
-            return super().get(key, default)
-
-        def __contains__(self, key):
-            seen.add(key)
-            return super().__contains__(key)
-
-        def __getitem__(self, key):
-            seen.add(key)
-            return super().__getitem__(key)
-
-        def keys(self):  # ``KEY in param_dict.keys()`` is recorded too
-            return self
-
-    probe = object.__new__(DeepSpeedConfig)
-    probe.global_rank, probe.world_size, probe.mpu = 0, 1, None
-    probe._param_dict = Recording()
-    probe._initialize_params(probe._param_dict)
-    top = ({k for k in seen if isinstance(k, str)} | {AUTOTUNING}) - set(removed_deepspeed_keys()[0])
-    zero = set(DeepSpeedZeroConfig.model_fields)
-    zero |= {f.alias for f in DeepSpeedZeroConfig.model_fields.values() if f.alias}
-    return frozenset(top), frozenset(zero)
-
-
-def removed_deepspeed_keys() -> tuple[dict, dict]:
-    """DeepSpeed's own messages for the (top-level, ZeRO) keys it has removed (empty if it has none)."""
-    import deepspeed.runtime.config as ds_config
-
-    return (getattr(ds_config, "_REMOVED_TOP_LEVEL_CONFIG_KEYS", {}),
-            getattr(ds_config, "_REMOVED_ZERO_CONFIG_KEYS", {}))
-
-
-def _unknown_keys(section: dict, known: frozenset, where: str, removed: dict) -> list[str]:
-    out = []
-    for key in sorted(k for k in section if k not in known):
-        if key in removed:
-            out.append(f"{where}.{key}: removed from DeepSpeed: {removed[key].strip()}")
-            continue
-        close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.75)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        out.append(f"{where}.{key}: not a DeepSpeed config key{hint}")
-    return out
-
-
-def _check_deepspeed(ds, precision: str = "auto") -> list[str]:
-    if isinstance(ds, str):
-        if not os.path.isfile(ds):
-            return [f"deepspeed: JSON file {ds!r} does not exist"]
-        return []
-    top, zero_keys = deepspeed_keys()
-    removed_top, removed_zero = removed_deepspeed_keys()
-    out = _unknown_keys(ds, top, "deepspeed", removed_top)
-    zero = ds.get("zero_optimization", {})
-    if not isinstance(zero, dict):
-        out.append("deepspeed.zero_optimization: must be a mapping")
-    else:
-        out += _unknown_keys(zero, zero_keys, "deepspeed.zero_optimization", removed_zero)
-        if zero.get("stage", 0) not in (0, 1, 2, 3):
-            out.append(f"deepspeed.zero_optimization.stage: must be 0, 1, 2 or 3, got {zero.get('stage')!r}")
-    fp16 = ds.get("fp16", {})
-    if isinstance(fp16, dict) and fp16.get("enabled", False) and precision != "fp16":
-        out.append("deepspeed.fp16.enabled: the trainer's precision decides; set precision: fp16 instead")
-    for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
-        if key in ds:
-            source = "optim.accumulation_steps" if key == "gradient_accumulation_steps" else "data.train[*].batch_size"
-            out.append(f"deepspeed.{key}: set by the trainer from {source}; remove it")
-    if "gradient_clipping" in ds and not (isinstance(ds["gradient_clipping"], (int, float))
-                                           and ds["gradient_clipping"] >= 0):
-        out.append(f"deepspeed.gradient_clipping: must be a number >= 0, got {ds['gradient_clipping']!r}")
-    return out
 
 
 # ------------------------------------------------------------------------------- generic loader
@@ -546,10 +486,12 @@ def _build(cls, raw, where: str, errors: list[str]):
     return obj
 
 
+
 def _walk_checks(obj, where: str) -> list[str]:
-    """Run ``check(where)`` on every dataclass in the tree (value constraints)."""
+    """The declared bounds, then ``check(where)``, of every dataclass in the tree (value constraints)."""
     out = []
     if dataclasses.is_dataclass(obj):
+        out += bound_problems(obj, where)
         if hasattr(obj, "check"):
             try:
                 out += obj.check(where)
@@ -561,6 +503,7 @@ def _walk_checks(obj, where: str) -> list[str]:
         for i, item in enumerate(obj):
             out += _walk_checks(item, f"{where}.{i}")
     return out
+
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
@@ -596,6 +539,28 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 
 KIND_NAMES = {"pairs": "image-text pairs", "interleaved": "interleaved documents"}
 
+# ------------------------------------------------------------- what the rest of the trainer hands in
+
+#: ``task:`` name -> the task's class (``vlmcore.train.tasks.get_task``): it has ``name``, ``Config``
+#: (the dataclass of ``model.<name>``), ``data_kinds`` and ``check_config(cfg)``; raises UnknownTaskError.
+TaskLookup = Callable[[str], type]
+#: A check of the whole parsed config (one message per problem), for sections this module types but
+#: another owns (``deepspeed``: DeepSpeed's own keys).
+ConfigCheck = Callable[["TrainConfig"], list[str]]
+
+_default_tasks: list[TaskLookup] = []
+_default_checks: dict[str, ConfigCheck] = {}
+
+
+def install_task_lookup(lookup: TaskLookup) -> None:
+    """Make ``lookup`` the task lookup of callers that pass none (the registry does it on import)."""
+    _default_tasks[:] = [lookup]
+
+
+def install_check(name: str, check: ConfigCheck) -> None:
+    """Run ``check`` in every :func:`parse_config` whose caller passes no ``checks`` (once per ``name``)."""
+    _default_checks[name] = check
+
 
 def _schema_for(task_cls) -> type:
     """:class:`TrainConfig` with ``model.<task name>`` = the task's ``Config`` section (cached)."""
@@ -630,30 +595,36 @@ def _check_task(task_cls, cfg: TrainConfig) -> list[str]:
     return out + task_cls.check_config(cfg)
 
 
-def parse_config(raw: dict, source: str = "config") -> TrainConfig:
+def parse_config(raw: dict, source: str = "config", tasks: TaskLookup | None = None,
+                 checks: Iterable[ConfigCheck] | None = None) -> TrainConfig:
     """Build and validate a :class:`TrainConfig` from a plain mapping; raises :class:`ConfigError`.
 
-    The schema is the common part plus the section ``model.<task>`` of the task named by ``task``
-    (looked up in the task registry): an unknown task, or an unknown key inside the section, is
-    reported like any other problem.
+    The schema is the common part plus the section ``model.<task>`` of the task named by ``task``,
+    found with ``tasks`` (default: the installed registry, ``vlmcore.train.tasks.get_task``): an unknown
+    task, or an unknown key inside the section, is reported like any other problem. ``checks`` (default:
+    the installed ones, DeepSpeed's keys) run on the built config with the task's own checks.
     """
-    from vlmcore.train.tasks import UnknownTaskError, get_task
-
+    if tasks is None and not _default_tasks:
+        raise TypeError("parse_config: no task registry installed; pass tasks=vlmcore.train.tasks.get_task")
+    lookup = tasks or _default_tasks[0]
     errors: list[str] = []
     schema, task_cls = TrainConfig, None
     name = raw.get("task") if isinstance(raw, dict) else None
     if isinstance(name, str):
         try:
-            task_cls = get_task(name)
+            task_cls = lookup(name)
             schema = _schema_for(task_cls)
         except UnknownTaskError as e:
             errors.append(f"task: {e}")
     cfg = _build(schema, raw, "", errors)
     if cfg is not None:
         errors += _walk_checks(cfg, "")
+        whole = list(_default_checks.values() if checks is None else checks)
         if task_cls is not None:
+            whole.append(functools.partial(_check_task, task_cls))
+        for check in whole:
             try:
-                errors += _check_task(task_cls, cfg)
+                errors += check(cfg)
             except (TypeError, AttributeError):  # a field of the wrong type: already reported
                 pass
     if errors:
@@ -661,8 +632,10 @@ def parse_config(raw: dict, source: str = "config") -> TrainConfig:
     return cfg
 
 
-def load_config(path: str | None, overrides: list[str] = ()) -> TrainConfig:
-    """Read a YAML file (or start from ``{}``), apply overrides, validate. Raises :class:`ConfigError`."""
+def load_config(path: str | None, overrides: list[str] = (), tasks: TaskLookup | None = None,
+                checks: Iterable[ConfigCheck] | None = None) -> TrainConfig:
+    """Read a YAML file (or start from ``{}``), apply overrides, validate (``tasks`` / ``checks``: see
+    :func:`parse_config`). Raises :class:`ConfigError`."""
     raw: Any = {}
     if path is not None:
         if not os.path.isfile(path):
@@ -673,22 +646,9 @@ def load_config(path: str | None, overrides: list[str] = ()) -> TrainConfig:
             except yaml.YAMLError as e:
                 raise ConfigError([f"{path}: not valid YAML: {e}"]) from None
     raw = apply_overrides(raw, list(overrides))
-    return parse_config(raw, source=path or "config")
-
-
-def deepspeed_dict(cfg: TrainConfig) -> dict:
-    """The DeepSpeed config as a mapping (a copy; JSON file read if a path was given)."""
-    if isinstance(cfg.deepspeed, str):
-        with open(cfg.deepspeed, encoding="utf-8") as f:
-            ds = json.load(f)
-        problems = _check_deepspeed(ds, cfg.precision)
-        if problems:
-            raise ConfigError(problems, cfg.deepspeed)
-        return ds
-    return json.loads(json.dumps(cfg.deepspeed))
+    return parse_config(raw, source=path or "config", tasks=tasks, checks=checks)
 
 
 def to_dict(cfg: TrainConfig) -> dict:
     """The resolved configuration as plain data (written to ``<out_dir>/config.yaml``)."""
     return dataclasses.asdict(cfg)
-

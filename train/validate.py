@@ -1,7 +1,7 @@
 """Checks of everything a run reads, done before DeepSpeed starts (one :class:`ConfigError` for all).
 
-:func:`config.load_config` checks the configuration itself (keys, types, values, DeepSpeed's
-keys). This module checks what the configuration points at, once the shapes data and the
+:func:`config.load_config` checks the configuration itself (keys, types, values, and DeepSpeed's
+keys through ``deepspeed_config``). This module checks what the configuration points at, once the shapes data and the
 tokenizer that the run may generate exist (``loop.prepare_inputs``):
 
 - every training and eval shard that is a local path exists (a ``pipe:`` command or a URL is
@@ -22,28 +22,17 @@ from typing import TYPE_CHECKING
 
 from braceexpand import braceexpand
 from vlmcore.train.config import ConfigError
+from vlmcore.train.data.shards import first_local_shard, is_remote, spec_patterns
+from vlmcore.train.tasks import get_task
 
 if TYPE_CHECKING:
     from vlmcore.train.config import TrainConfig
     from vlmcore.train.data.tokenizer import Tokenizer
 
-#: Prefixes of shard specs that are not local files (WebDataset's ``pipe:`` and URLs).
-REMOTE_PREFIXES = ("pipe:", "http://", "https://", "s3://", "gs://", "hf://")
-
-
-def is_remote(path: str) -> bool:
-    return path.startswith(REMOTE_PREFIXES)
-
-
-def _patterns(spec) -> list[str]:
-    """The patterns of a shard spec: a string or a list, each possibly an OpenCLIP ``a::b`` list."""
-    return [part.strip() for pattern in ([spec] if isinstance(spec, str) else list(spec))
-            for part in str(pattern).split("::") if part.strip()]
-
 
 def shard_problems(spec, where: str) -> list[str]:
     """Missing local shards of ``spec`` (brace patterns / globs / ``a::b`` lists, or a list of them)."""
-    patterns = _patterns(spec)
+    patterns = spec_patterns(spec)
     missing, count = [], 0
     for pattern in patterns:
         if is_remote(pattern):
@@ -65,18 +54,6 @@ def shard_problems(spec, where: str) -> list[str]:
     if count == 0:
         return [f"{where}: {spec!r} names no shard"]
     return []
-
-
-def first_local_shard(spec) -> str | None:
-    """The first existing local shard of ``spec`` (None when there is none)."""
-    for pattern in _patterns(spec):
-        if is_remote(pattern):
-            continue
-        for path in braceexpand(pattern):
-            paths = sorted(glob.glob(path)) if any(c in path for c in "*?[") else [path]
-            if paths and os.path.isfile(paths[0]):
-                return paths[0]
-    return None
 
 
 def tokenizer_problems(cfg: TrainConfig) -> list[str]:
@@ -144,8 +121,6 @@ def validate_inputs(cfg: TrainConfig, load_tokenizer) -> Tokenizer:
     becomes a problem line). The eval data is checked on its first sample by the task
     (``Task.check_eval_sample``) once the tokenizer is there.
     """
-    from vlmcore.train.tasks import get_task
-
     problems = input_problems(cfg)
     tok = None
     if not any(p.startswith("tokenizer.") for p in problems):

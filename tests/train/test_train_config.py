@@ -95,7 +95,7 @@ def test_overrides():
 
 
 def test_deepspeed_section_from_a_json_file(tmp_path):
-    from vlmcore.train.config import deepspeed_dict
+    from vlmcore.train.deepspeed_config import deepspeed_dict
 
     good = tmp_path / "ds.json"
     good.write_text('{"zero_optimization": {"stage": 3}, "gradient_clipping": 1.0}')

@@ -3,9 +3,9 @@
 import os
 
 from vlmcore.train.tasks import task_names
-from vlmcore.train.tools.config_reference import REFERENCE_BEGIN, REFERENCE_END, reference_markdown
+from vlmcore.train.tools.config_reference import REFERENCE_BEGIN, REFERENCE_END, REFERENCE_FILE, reference_markdown
 
-REFERENCE_PAGE = os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, "docs", "training", "config.md")
+REFERENCE_PAGE = os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, REFERENCE_FILE)
 
 
 def test_readme_reference_equals_the_generated_table():
@@ -13,8 +13,8 @@ def test_readme_reference_equals_the_generated_table():
         text = f.read()
     begin, end = text.index(REFERENCE_BEGIN) + len(REFERENCE_BEGIN), text.index(REFERENCE_END)
     assert text[begin:end] == "\n" + reference_markdown(), (
-        "docs/training/config.md's config reference is stale: run "
-        "`python -m vlmcore.train.tools.config_reference docs/training/config.md`")
+        f"{REFERENCE_FILE}'s config reference is stale: run "
+        f"`python -m vlmcore.train.tools.config_reference {REFERENCE_FILE}`")
 
 
 def test_reference_covers_every_key_with_help():

@@ -9,8 +9,9 @@ from importlib import resources
 
 import pytest
 from vlmcore.train import ConfigError, main
-from vlmcore.train.config import deepspeed_keys, load_config, parse_config
+from vlmcore.train.config import load_config, parse_config
 from vlmcore.train.data.tokenizer import Tokenizer, train_word_tokenizer
+from vlmcore.train.deepspeed_config import deepspeed_keys
 from vlmcore.train.tools import shapes
 from vlmcore.train.validate import shard_problems, validate_inputs
 
@@ -162,7 +163,7 @@ def test_deepspeed_keys_come_from_deepspeed_with_a_hint():
 def test_deepspeed_typo_in_a_json_file_is_caught_too(data, tmp_path):
     (tmp_path / "ds.json").write_text(json.dumps({"zero_optimisation": {"stage": 3}}))
     cfg = _cfg(data, f"deepspeed={tmp_path}/ds.json")
-    from vlmcore.train.config import deepspeed_dict
+    from vlmcore.train.deepspeed_config import deepspeed_dict
 
     with pytest.raises(ConfigError, match="did you mean 'zero_optimization'"):
         deepspeed_dict(cfg)

@@ -128,3 +128,29 @@ def open_shard(url: str) -> Iterator[BinaryIO]:
             stderr.seek(0)
             tail = stderr.read()[-300:].decode("utf-8", "replace").strip()
             raise ShardStreamError(f"{url}: command exited with status {status}" + (f": {tail}" if tail else ""))
+
+
+#: Prefixes of shard specs that are not local files (WebDataset's ``pipe:`` and URLs).
+REMOTE_PREFIXES = ("pipe:", "http://", "https://", "s3://", "gs://", "hf://")
+
+
+def is_remote(path: str) -> bool:
+    return path.startswith(REMOTE_PREFIXES)
+
+
+def spec_patterns(spec) -> list[str]:
+    """The patterns of a shard spec: a string or a list, each possibly an OpenCLIP ``a::b`` list."""
+    return [part.strip() for pattern in ([spec] if isinstance(spec, str) else list(spec))
+            for part in str(pattern).split("::") if part.strip()]
+
+
+def first_local_shard(spec) -> str | None:
+    """The first existing local shard of ``spec`` (None when there is none)."""
+    for pattern in spec_patterns(spec):
+        if is_remote(pattern):
+            continue
+        for path in braceexpand(pattern):
+            paths = sorted(glob.glob(path)) if any(c in path for c in "*?[") else [path]
+            if paths and os.path.isfile(paths[0]):
+                return paths[0]
+    return None

@@ -21,9 +21,10 @@ import time
 
 import numpy as np
 import torch
-from vlmcore.train.config import TrainConfig, deepspeed_dict, to_dict
+from vlmcore.train.config import TrainConfig, to_dict
 from vlmcore.train.data.pipeline import SKIP_REASONS, DataStream, ShardStream, expand_shards
 from vlmcore.train.data.tokenizer import Tokenizer, train_word_tokenizer
+from vlmcore.train.deepspeed_config import deepspeed_dict
 from vlmcore.train.runtime import checkpoint, distributed
 from vlmcore.train.runtime.metrics import MetricsLogger, utc_now
 from vlmcore.train.tasks import Task, get_task

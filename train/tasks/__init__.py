@@ -2,12 +2,15 @@
 
 Adding a task = one new file ``train/tasks/<name>.py`` with a :class:`Task` subclass (the protocol
 is documented in ``base.py``) plus one line below. Modules are imported on first use only.
+Importing this package installs :func:`get_task` as the task lookup of ``config.parse_config``
+(which does not import the tasks: config.py is a leaf of the import graph).
 """
 
 from __future__ import annotations
 
 import importlib
 
+from vlmcore.train.config import UnknownTaskError, install_task_lookup
 from vlmcore.train.tasks.base import EvalContext, SampleEncoder, Task
 
 # name -> "module:Class" (relative to this package, imported lazily); tests may also map a name
@@ -27,10 +30,6 @@ REGISTRY: dict[str, str | type[Task]] = {
 }
 
 
-class UnknownTaskError(ValueError):
-    """A ``task:`` name that is not in :data:`REGISTRY`."""
-
-
 def task_names() -> list[str]:
     """The registered task names, sorted."""
     return sorted(REGISTRY)
@@ -48,5 +47,7 @@ def get_task(name: str) -> type[Task]:
         raise TypeError(f"REGISTRY[{name!r}] must be a Task subclass whose name is {name!r}, got {target!r}")
     return target
 
+
+install_task_lookup(get_task)
 
 __all__ = ["REGISTRY", "EvalContext", "SampleEncoder", "Task", "UnknownTaskError", "get_task", "task_names"]

@@ -23,6 +23,7 @@ Life of a run, as the loop sees it::
 from __future__ import annotations
 
 import abc
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
@@ -30,7 +31,6 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 from torch import nn
 from vlmcore.train.data.pipeline import BadSample, batch_tokens, expand_shards
-from vlmcore.train.tasks.common import gathered, model_dtype
 
 if TYPE_CHECKING:
     from vlmcore.train.config import EvalConfig, TrainConfig
@@ -65,6 +65,20 @@ class EvalContext:
     eval: EvalConfig
     encoder: SampleEncoder
     dtype: torch.dtype
+
+
+def gathered(module: nn.Module, zero_stage: int):
+    """All parameters materialized on every rank under ZeRO-3 (for evaluation); a no-op otherwise."""
+    if zero_stage != 3:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
+
+
+def model_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype of the module's first floating-point parameter."""
+    return next(p.dtype for p in module.parameters() if p.dtype.is_floating_point)
 
 
 class Task(abc.ABC):

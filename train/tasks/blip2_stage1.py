@@ -13,9 +13,11 @@ held-out set (it is small; the result is identical on all ranks). Config section
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Annotated
 
 import torch
 from torch import nn
+from vlmcore.train.config import Bounds, PositiveInt, Rate
 from vlmcore.train.data.pipeline import decode_image, eval_batches, pair_fields
 from vlmcore.train.data.tokenizer import Tokenizer
 from vlmcore.train.tasks.base import EvalContext, Task
@@ -24,30 +26,28 @@ from vlmcore.train.tasks.common import build_vision, move
 import vlmcore
 from vlmcore.blip2 import recall_at_k
 
+#: The range of the learnable ITC temperature's initial value (it is clamped to [0.001, 0.5]).
+Temperature = Annotated[float, Bounds(gt=0, le=0.5)]
+
 
 @dataclass
 class QFormerSection:
     """The Q-Former's size (BLIP-2: 768 x 12 layers x 12 heads, 3072, 32 queries, cross-attention every 2nd)."""
 
-    hidden_size: int = 64  # BERT width (BLIP-2: 768)
-    num_layers: int = 2  # BLIP-2: 12
-    num_heads: int = 4  # BLIP-2: 12
-    intermediate_size: int = 128  # feed-forward width (BLIP-2: 3072)
-    num_query_tokens: int = 8  # learned queries (BLIP-2: 32)
-    cross_attention_freq: int = 2  # cross-attention to the image every n-th layer
-    max_position_embeddings: int = 512  # text positions
-    dropout: float = 0.1  # hidden-state dropout
-    attention_dropout: float = 0.1  # dropout on the self-attention probabilities
+    hidden_size: PositiveInt = 64  # BERT width (BLIP-2: 768)
+    num_layers: PositiveInt = 2  # BLIP-2: 12
+    num_heads: PositiveInt = 4  # BLIP-2: 12
+    intermediate_size: PositiveInt = 128  # feed-forward width (BLIP-2: 3072)
+    num_query_tokens: PositiveInt = 8  # learned queries (BLIP-2: 32)
+    cross_attention_freq: PositiveInt = 2  # cross-attention to the image every n-th layer
+    max_position_embeddings: PositiveInt = 512  # text positions
+    dropout: Rate = 0.1  # hidden-state dropout
+    attention_dropout: Rate = 0.1  # dropout on the self-attention probabilities
 
     def check(self, where: str) -> list[str]:
-        out = [f"{where}.{n}: must be >= 1, got {getattr(self, n)}"
-               for n in ("hidden_size", "num_layers", "num_heads", "intermediate_size", "num_query_tokens",
-                         "cross_attention_freq", "max_position_embeddings") if getattr(self, n) < 1]
         if self.num_heads >= 1 and self.hidden_size % self.num_heads:
-            out.append(f"{where}.hidden_size: {self.hidden_size} is not divisible by num_heads {self.num_heads}")
-        out += [f"{where}.{n}: must be in [0, 1), got {getattr(self, n)}" for n in ("dropout", "attention_dropout")
-                if not 0 <= getattr(self, n) < 1]
-        return out
+            return [f"{where}.hidden_size: {self.hidden_size} is not divisible by num_heads {self.num_heads}"]
+        return []
 
 
 def build_qformer(section: QFormerSection, vision_width: int, vocab_size: int) -> vlmcore.QFormer:
@@ -71,23 +71,11 @@ class Blip2Stage1Config:
     """``model.blip2_stage1``: the Q-Former, the ITC projection / temperature, the distributed gather, eval."""
 
     qformer: QFormerSection = field(default_factory=QFormerSection)
-    embed_dim: int = 32  # ITC projection width (BLIP-2: 256)
-    init_temperature: float = 0.07  # ITC temperature at start (learnable, clamped to [0.001, 0.5])
-    label_smoothing: float = 0.1  # ITC and ITG label smoothing
+    embed_dim: PositiveInt = 32  # ITC projection width (BLIP-2: 256)
+    init_temperature: Temperature = 0.07  # ITC temperature at start (learnable, clamped to [0.001, 0.5])
+    label_smoothing: Rate = 0.1  # ITC and ITG label smoothing
     gather_with_grad: bool = False  # False: LAVIS (the gathered ITC columns carry no gradient)
-    eval_k: int = 16  # ITM re-ranks each query's top eval_k ITC candidates
-
-    def check(self, where: str) -> list[str]:
-        out = []
-        if self.embed_dim < 1:
-            out.append(f"{where}.embed_dim: must be >= 1, got {self.embed_dim}")
-        if not 0 < self.init_temperature <= 0.5:
-            out.append(f"{where}.init_temperature: must be in (0, 0.5], got {self.init_temperature}")
-        if not 0 <= self.label_smoothing < 1:
-            out.append(f"{where}.label_smoothing: must be in [0, 1), got {self.label_smoothing}")
-        if self.eval_k < 1:
-            out.append(f"{where}.eval_k: must be >= 1, got {self.eval_k}")
-        return out
+    eval_k: PositiveInt = 16  # ITM re-ranks each query's top eval_k ITC candidates
 
 
 class Blip2TextEncoder:

@@ -26,9 +26,11 @@ import json
 import os
 import random
 from dataclasses import asdict, dataclass, field
+from typing import Annotated
 
 import torch
 from torch import nn
+from vlmcore.train.config import Bounds, NonNegativeInt, PositiveInt, Rate, Unit
 from vlmcore.train.data.blip_text import BlipText
 from vlmcore.train.data.pipeline import IGNORE_INDEX, BadSample, decode_image, eval_batches, pair_fields
 from vlmcore.train.tasks.base import EvalContext, Task
@@ -43,61 +45,48 @@ from vlmcore.blip import (
     load_blip,
 )
 
+#: The initial ITC temperature's range (the learnable temperature is clamped to it).
+Temperature = Annotated[float, Bounds(ge=0.001, le=0.5)]
+
 
 @dataclass
 class BlipTextSection:
     """The MED text transformer (BERT-base in BLIP: 768 / 12 / 12 / 3072)."""
 
-    hidden_size: int = 64  # BLIP: 768
-    num_hidden_layers: int = 2  # BLIP: 12
-    num_attention_heads: int = 4  # BLIP: 12
-    intermediate_size: int = 128  # feed-forward width (BLIP: 3072)
+    hidden_size: PositiveInt = 64  # BLIP: 768
+    num_hidden_layers: PositiveInt = 2  # BLIP: 12
+    num_attention_heads: PositiveInt = 4  # BLIP: 12
+    intermediate_size: PositiveInt = 128  # feed-forward width (BLIP: 3072)
 
     def check(self, where: str) -> list[str]:
-        names = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
-        out = [f"{where}.{n}: must be >= 1, got {getattr(self, n)}" for n in names if getattr(self, n) < 1]
         if self.num_attention_heads >= 1 and self.hidden_size % self.num_attention_heads:
-            out.append(f"{where}.hidden_size: {self.hidden_size} is not divisible by num_attention_heads "
-                       f"{self.num_attention_heads}")
-        return out
+            return [f"{where}.hidden_size: {self.hidden_size} is not divisible by num_attention_heads "
+                    f"{self.num_attention_heads}"]
+        return []
 
 
 @dataclass
 class BlipConfig:
     """``model.blip_pretrain`` / ``model.blip_retrieval`` / ``model.blip_caption``."""
 
-    embed_dim: int = 256  # ITC projection width
+    embed_dim: PositiveInt = 256  # ITC projection width
     text: BlipTextSection = field(default_factory=BlipTextSection)
-    momentum: float = 0.995  # EMA factor of the momentum encoders
-    queue_size: int = 57600  # momentum features kept per modality (all ranks enqueue)
-    alpha: float = 0.4  # weight of the momentum-distilled soft targets
-    alpha_ramp_steps: int = 0  # 0: alpha from the first step
-    temperature: float = 0.07  # initial ITC temperature (learnable, clamped to [0.001, 0.5])
+    momentum: Rate = 0.995  # EMA factor of the momentum encoders
+    queue_size: NonNegativeInt = 57600  # momentum features kept per modality (all ranks enqueue)
+    alpha: Unit = 0.4  # weight of the momentum-distilled soft targets
+    alpha_ramp_steps: NonNegativeInt = 0  # 0: alpha from the first step
+    temperature: Temperature = 0.07  # initial ITC temperature (learnable, clamped to [0.001, 0.5])
     prompt: str = "a picture of "  # blip_caption: prefixed to every caption, excluded from the loss
-    k_test: int = 256  # retrieval eval: ITC candidates re-ranked by ITM per query
+    k_test: PositiveInt = 256  # retrieval eval: ITC candidates re-ranked by ITM per query
     init: str = ""  # start from: a save_blip folder (e.g. a blip_pretrain out_dir) or a salesforce/BLIP .pth
 
     def check(self, where: str) -> list[str]:
-        out = []
-        if self.embed_dim < 1:
-            out.append(f"{where}.embed_dim: must be >= 1, got {self.embed_dim}")
-        if not 0.0 <= self.momentum < 1.0:
-            out.append(f"{where}.momentum: must be in [0, 1), got {self.momentum}")
-        if self.queue_size < 0:
-            out.append(f"{where}.queue_size: must be >= 0, got {self.queue_size}")
-        if not 0.0 <= self.alpha <= 1.0:
-            out.append(f"{where}.alpha: must be in [0, 1], got {self.alpha}")
-        if self.alpha_ramp_steps < 0:
-            out.append(f"{where}.alpha_ramp_steps: must be >= 0, got {self.alpha_ramp_steps}")
-        if not 0.001 <= self.temperature <= 0.5:
-            out.append(f"{where}.temperature: must be in [0.001, 0.5], got {self.temperature}")
-        if self.k_test < 1:
-            out.append(f"{where}.k_test: must be >= 1, got {self.k_test}")
+        """``init`` is a checkpoint (the ``text`` section is checked on its own, by the config walker)."""
         is_folder = os.path.isfile(os.path.join(self.init, "blip.json"))
         if self.init and not (is_folder or is_salesforce_checkpoint(self.init)):
-            out.append(f"{where}.init: {self.init!r} is neither a BLIP checkpoint folder (no blip.json) nor a "
-                       "salesforce/BLIP .pth file")
-        return out + self.text.check(f"{where}.text")
+            return [f"{where}.init: {self.init!r} is neither a BLIP checkpoint folder (no blip.json) nor a "
+                    "salesforce/BLIP .pth file"]
+        return []
 
 
 def _image_id(sample: dict, image: bytes) -> int:

@@ -27,7 +27,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 from torch import nn
+from vlmcore.train.config import PositiveFloat, PositiveInt
 from vlmcore.train.data.pipeline import eval_batches, pair_fields
+from vlmcore.train.data.shards import first_local_shard
 from vlmcore.train.data.tokenizer import Tokenizer
 from vlmcore.train.runtime.distributed import all_reduce_sum
 from vlmcore.train.tasks.base import EvalContext, Task
@@ -40,7 +42,6 @@ from vlmcore.train.tasks.common import (
     lock_tower,
     move,
 )
-from vlmcore.train.validate import first_local_shard
 
 import vlmcore
 
@@ -49,15 +50,14 @@ import vlmcore
 class TextConfig:
     """CLIP's text tower (its context length is ``tokenizer.context_length``)."""
 
-    width: int = 64  # text transformer width
-    depth: int = 2  # text transformer blocks
-    heads: int = 4  # attention heads
+    width: PositiveInt = 64  # text transformer width
+    depth: PositiveInt = 2  # text transformer blocks
+    heads: PositiveInt = 4  # attention heads
     lock: bool = False  # freeze the text tower and its projection (OpenCLIP --lock-text)
     unlocked_layers: int = 0  # with lock: the last N blocks, ln_final and the projection stay trainable
 
     def check(self, where: str) -> list[str]:
-        out = [f"{where}.{n}: must be >= 1, got {getattr(self, n)}" for n in ("width", "depth", "heads")
-               if getattr(self, n) < 1]
+        out = []
         if not 0 <= self.unlocked_layers <= max(self.depth, 0):
             out.append(f"{where}.unlocked_layers: must be in [0, depth={self.depth}], got {self.unlocked_layers}")
         if self.unlocked_layers and not self.lock:
@@ -71,21 +71,11 @@ class TextConfig:
 class ClipConfig:
     """``model.clip``: the text tower, the joint embedding and the temperature."""
 
-    embed_dim: int = 64  # joint embedding width
+    embed_dim: PositiveInt = 64  # joint embedding width
     text: TextConfig = field(default_factory=TextConfig)  # the text tower
-    init_temperature: float = 0.07  # initial softmax temperature (logit scale = 1 / temperature)
-    max_logit_scale: float = 100.0  # clamp of the logit scale
+    init_temperature: PositiveFloat = 0.07  # initial softmax temperature (logit scale = 1 / temperature)
+    max_logit_scale: PositiveFloat = 100.0  # clamp of the logit scale
     retrieval_eval: bool = True  # image<->text Recall@1/5/10 on data.eval (besides zero-shot when labelled)
-
-    def check(self, where: str) -> list[str]:
-        out = []
-        if self.embed_dim < 1:
-            out.append(f"{where}.embed_dim: must be >= 1, got {self.embed_dim}")
-        if not self.init_temperature > 0:
-            out.append(f"{where}.init_temperature: must be > 0, got {self.init_temperature}")
-        if not self.max_logit_scale > 0:
-            out.append(f"{where}.max_logit_scale: must be > 0, got {self.max_logit_scale}")
-        return out
 
 
 class ClipEncoder:

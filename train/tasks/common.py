@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from typing import TYPE_CHECKING
 
 import torch
@@ -128,20 +127,6 @@ def needs_language_model(cfg: TrainConfig) -> list[str]:
     if cfg.model.lm is None:
         return [f"model.lm: task {cfg.task!r} needs a language model (model.lm.path or model.lm.config)"]
     return []
-
-
-def gathered(module: nn.Module, zero_stage: int):
-    """All parameters materialized on every rank under ZeRO-3 (for evaluation); a no-op otherwise."""
-    if zero_stage != 3:
-        return contextlib.nullcontext()
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
-
-
-def model_dtype(module: nn.Module) -> torch.dtype:
-    """The dtype of the module's first floating-point parameter."""
-    return next(p.dtype for p in module.parameters() if p.dtype.is_floating_point)
 
 
 def in_step(batches, info: DistInfo, zero_stage: int, shards: list[str], encoder):

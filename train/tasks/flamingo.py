@@ -7,11 +7,11 @@ Config section ``model.flamingo`` (plus the common ``model.vision`` / ``model.lm
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+from vlmcore.train.config import PositiveInt
 from vlmcore.train.data.pipeline import IGNORE_INDEX, doc_fields, lm_text, pair_fields
 from vlmcore.train.data.tokenizer import EOC, MEDIA, Tokenizer
 from vlmcore.train.tasks.base import EvalContext, Task
@@ -32,19 +32,15 @@ import vlmcore
 class FlamingoConfig:
     """``model.flamingo``: the perceiver resampler and the gated cross-attention layers."""
 
-    cross_attn_every_n_layers: int = 1  # a gated cross-attention layer every N LM layers
-    num_latents: int = 8  # perceiver resampler latents per image
-    resampler_depth: int = 1  # perceiver resampler layers
-    dim_head: int = 16  # cross-attention head width
-    heads: int = 4  # cross-attention heads
-    ff_mult: int = 2  # feed-forward hidden = ff_mult * LM width
+    cross_attn_every_n_layers: PositiveInt = 1  # a gated cross-attention layer every N LM layers
+    num_latents: PositiveInt = 8  # perceiver resampler latents per image
+    resampler_depth: PositiveInt = 1  # perceiver resampler layers
+    dim_head: PositiveInt = 16  # cross-attention head width
+    heads: PositiveInt = 4  # cross-attention heads
+    ff_mult: PositiveInt = 2  # feed-forward hidden = ff_mult * LM width
     only_attend_immediate_media: bool = True  # text attends only to the last preceding image (OpenFlamingo default)
     train_new_token_embeddings: bool = False  # train the <image> / <|endofchunk|> embeddings (else frozen)
     mask_text_before_first_image: bool = False  # OpenFlamingo's MMC4 masking: no loss before the first <image>
-
-    def check(self, where: str) -> list[str]:
-        return [f"{where}.{f.name}: must be >= 1, got {getattr(self, f.name)}"
-                for f in dataclasses.fields(self) if f.type == "int" and getattr(self, f.name) < 1]
 
 
 class FlamingoEncoder:

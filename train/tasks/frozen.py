@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from vlmcore.train.config import PositiveInt
 from vlmcore.train.data.pipeline import lm_text, pair_fields
 from vlmcore.train.data.tokenizer import Tokenizer
 from vlmcore.train.tasks.base import EvalContext, Task
@@ -30,10 +31,7 @@ import vlmcore
 class FrozenConfig:
     """``model.frozen``: how many LM token positions the image prefix takes."""
 
-    num_prefix_tokens: int = 2  # LM positions of the visual prefix
-    def check(self, where: str) -> list[str]:
-        n = self.num_prefix_tokens
-        return [] if n >= 1 else [f"{where}.num_prefix_tokens: must be >= 1, got {n}"]
+    num_prefix_tokens: PositiveInt = 2  # LM positions of the visual prefix
 
 
 class FrozenEncoder:

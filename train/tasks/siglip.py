@@ -15,38 +15,31 @@ the one-process loss of the global batch. Logged: the logit scale and bias.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 from torch import nn
+from vlmcore.train.config import Bounds, PositiveInt
 from vlmcore.train.tasks.clip import ClipTask, TextConfig
 from vlmcore.train.tasks.common import build_vision, move
 
 import vlmcore
+
+PositiveFinite = Annotated[float, Bounds(gt=0, finite=True)]
+Finite = Annotated[float, Bounds(finite=True)]
 
 
 @dataclass
 class SiglipConfig:
     """``model.siglip``: text tower, joint embedding, the loss's initial scale / bias, the exchange."""
 
-    embed_dim: int = 64  # joint embedding width
+    embed_dim: PositiveInt = 64  # joint embedding width
     text: TextConfig = field(default_factory=TextConfig)
-    init_scale: float = 10.0  # initial logit scale s (the learnable log-scale starts at ln of it)
-    init_bias: float = -10.0  # initial logit bias b
+    init_scale: PositiveFinite = 10.0  # initial logit scale s (the learnable log-scale starts at ln of it)
+    init_bias: Finite = -10.0  # initial logit bias b
     dist_impl: Literal["local", "ring", "gather"] = "ring"  # how text blocks meet across ranks (local: no exchange)
     retrieval_eval: bool = True  # image<->text Recall@1/5/10 on data.eval (besides zero-shot when labelled)
-
-    def check(self, where: str) -> list[str]:
-        out = []
-        if self.embed_dim < 1:
-            out.append(f"{where}.embed_dim: must be >= 1, got {self.embed_dim}")
-        if not 0 < self.init_scale < math.inf:
-            out.append(f"{where}.init_scale: must be a finite number > 0, got {self.init_scale}")
-        if not math.isfinite(self.init_bias):
-            out.append(f"{where}.init_bias: must be finite, got {self.init_bias}")
-        return out
 
 
 class SiglipTask(ClipTask):

@@ -25,9 +25,11 @@ import dataclasses
 import functools
 import math
 from dataclasses import dataclass, field
+from typing import Annotated
 
 import torch
 from torch import nn
+from vlmcore.train.config import Bounds
 from vlmcore.train.data.pipeline import BadSample, eval_batches, expand_shards, read_tar
 from vlmcore.train.data.regions import class_count, decode_regions, pad_regions
 from vlmcore.train.data.tokenizer import EOC, EOS, Tokenizer
@@ -45,6 +47,9 @@ from vlmcore.vilbert import (
 )
 
 LOG_HALF = math.log(0.5)
+
+#: A share of tokens / regions / captions corrupted: some, never all, in (0, 1).
+Share = Annotated[float, Bounds(gt=0, lt=1)]
 
 
 @dataclass
@@ -68,23 +73,20 @@ class RegionBertConfig:
     max_regions: int = 16  # regions per sample, global region 0 included (more are cut)
     hidden_dropout_prob: float = 0.1  # hidden-state dropout
     pooler_activation: str = "relu"  # relu (vilbert-multi-task) or tanh (BERT)
-    mlm_probability: float = 0.15  # share of text tokens masked
-    region_mask_probability: float = 0.15  # share of regions masked
-    mismatch_probability: float = 0.5  # share of captions swapped (ViLBERT alignment)
+    mlm_probability: Share = 0.15  # share of text tokens masked
+    region_mask_probability: Share = 0.15  # share of regions masked
+    mismatch_probability: Share = 0.5  # share of captions swapped (ViLBERT alignment)
 
     def check(self, where: str) -> list[str]:
-        """One message per bad value (corruption rates, inconsistent sizes), each starting with ``where``."""
-        out = []
-        for name in ("mlm_probability", "region_mask_probability", "mismatch_probability"):
-            if not 0 < getattr(self, name) < 1:
-                out.append(f"{where}.{name}: must be in (0, 1), got {getattr(self, name)}")
+        """The sizes fit together (what :class:`vlmcore.ViLBERTConfig` refuses); the rates' ranges are
+        declared on their fields."""
         # Left to the data (null), the class count is unknown here: any count checks the other sizes.
         sized = self if self.v_target_size is not None else dataclasses.replace(self, v_target_size=1)
         try:
             sized.model_config(vocab_size=8, max_positions=8)
         except ValueError as error:
-            out.append(f"{where}: {error}")
-        return out
+            return [f"{where}: {error}"]
+        return []
 
     def model_config(self, vocab_size: int, max_positions: int, pad_token_id: int = 0) -> vlmcore.ViLBERTConfig:
         """The :class:`vlmcore.ViLBERTConfig` of this section (raises ValueError on inconsistent sizes or

@@ -12,7 +12,7 @@
 # --call 2  speed, full autotuning: environment, wheels, install, the benchmark (time-budgeted, every
 #           vlmcore row gated against its reference, vlmcore rows before peers), the plots.
 # --call all (default) both, one after the other, each on its own clock.
-# Each call stops itself after GPU_CHECK_SECONDS (default 280 s): every step runs under `timeout` with
+# Each call stops itself after GPU_CHECK_SECONDS (default 280 s; 420 s dry): every step runs under `timeout` with
 # what is left of its call. A failing step is recorded and the next one still runs; the exit code is
 # non-zero when any step failed or timed out (a tests step fails only when a GPU test failed).
 #
@@ -55,7 +55,8 @@ mkdir -p "$LOGS" || { echo "gpu_check.sh: cannot create $LOGS" >&2; exit 2; }
 LOGS=$(cd "$LOGS" && pwd)
 PY=${PYTHON:-python3}
 case "$PY" in */*) PY="$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")" ;; esac  # steps cd elsewhere
-TOTAL=${GPU_CHECK_SECONDS:-280}
+# 280 s per device call; a dry run gets 420 s per call (the Triton interpreter on a shared CPU)
+TOTAL=${GPU_CHECK_SECONDS:-$( [ "$DRY_RUN" = 1 ] && echo 420 || echo 280 )}
 BENCH_COMMAND=${BENCH_COMMAND:-all}
 RUN_START=$(date +%s)
 START=$RUN_START
@@ -220,12 +221,12 @@ call2() {
     local args=(--out "$OUT/bench.csv")
     if [ "$DRY_RUN" = 1 ]; then args+=(--quick); else args+=(--rep-ms 50); fi
     # The bench stops measuring at its own budget (rows left are written as 'skipped'); the timeout
-    # above it only catches a hang. 40 s stay for the plots and the summary.
-    local budget=$(( $(left) - 70 ))
+    # above it only catches a hang. 55 s stay for the plots and the summary.
+    local budget=$(( $(left) - 85 ))
     [ "$budget" -lt 20 ] && budget=20
-    step bench $(( budget + 30 )) 40 "$PY" -m vlmcore.bench "$BENCH_COMMAND" "${args[@]}" --time-budget "$budget"
+    step bench $(( budget + 30 )) 55 "$PY" -m vlmcore.bench "$BENCH_COMMAND" "${args[@]}" --time-budget "$budget"
     if [ -s "$OUT/bench.csv" ]; then
-        step plot 25 10 "$PY" -m vlmcore.bench plot --results "$OUT/bench.csv" --out "$LOGS"
+        step plot 45 10 "$PY" -m vlmcore.bench plot --results "$OUT/bench.csv" --out "$LOGS"
     else
         skip plot "no bench.csv"
         FAILED=1

@@ -204,7 +204,7 @@ def gpu_test_files(repo: Path = REPO) -> list[str]:
 # (step, timeout s) of each call before its long step; the long step gets what is left of the call.
 CALL1_SETUP = (("env", 15), ("wheels", 30), ("install", 30), ("smoke", 60))
 CALL2_SETUP = (("env", 15), ("wheels", 30), ("install", 30))
-CALL2_AFTER = (("plot", 25), ("summary", 15))
+CALL2_AFTER = (("plot", 45), ("summary", 15))
 
 
 def plan(call_seconds: int = CALL_SECONDS) -> dict:

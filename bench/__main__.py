@@ -7,6 +7,8 @@
     python -m vlmcore.bench summary [--results DIR_or_CSV]
     python -m vlmcore.bench plan [--op NAME] [--json]
     python -m vlmcore.bench host-overhead [--op masked_xattn|resampler] [--inner N] [--repeats N]
+    python -m vlmcore.bench smoke [--out FILE.jsonl] [--kernel NAME] | smoke --summarize FILE.jsonl
+    python -m vlmcore.bench gpu-plan [--json] [--test-files]
 
 Every benchmark measures the card's ceilings first (matmul, device copy), then appends one CSV row
 per (op, provider, shape, mode) to ``--out`` (see :mod:`vlmcore.bench.results` for the columns).
@@ -25,7 +27,7 @@ from pathlib import Path
 import torch
 
 from . import blip, blip2, contrastive, e2e, masked_xattn, resampler, sigmoid, vilbert
-from .harness import MODES, RunContext, measure_ceilings
+from .harness import BUDGET_SHARES, MODES, RunContext, measure_ceilings
 from .results import CsvWriter, read_rows, summary_table
 
 OPS = {
@@ -38,9 +40,6 @@ OPS = {
     "blip2": blip2.run,
     "blip": blip.run,
 }
-# Share of the time budget each op of ``all`` gets (what an op leaves unused rolls over to the next).
-SHARES = {"contrastive": 0.25, "masked_xattn": 0.3, "resampler": 0.15, "e2e": 0.3, "sigmoid": 0.15, "vilbert": 0.05,
-          "blip2": 0.1, "blip": 0.1}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DEFAULT_RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -118,6 +117,19 @@ def build_parser() -> argparse.ArgumentParser:
     host.add_argument("--op", choices=("masked_xattn", "resampler"), help="default: both")
     host.add_argument("--inner", type=int, default=10, help="calls per timed round (default 10)")
     host.add_argument("--repeats", type=int, default=50, help="rounds; the minimum is reported (default 50)")
+    smoke = commands.add_parser("smoke", help="every kernel once: bf16 anchor + fp32 small shape vs fp32 reference",
+                                description="One JSON line per kernel op: forward + backward at its bf16 ANCHORS shape "
+                                            "(CUDA only) and an fp32 small shape, NaN-poisoned outputs, max relative "
+                                            "error against the fp32 reference. Exit code 1 on any failure.")
+    smoke.add_argument("--out", metavar="FILE", help="JSON lines file to append to, line by line")
+    smoke.add_argument("--kernel", metavar="NAME", help="one kernel op (default: all)")
+    smoke.add_argument("--summarize", metavar="FILE", help="print the table of a smoke JSON lines file instead")
+    gpu = commands.add_parser("gpu-plan", help="the two device calls of bench/gpu_check.sh (no GPU needed)",
+                              description="Steps and timeouts, GPU test files, benchmark rows with their budgets, "
+                                          "and the kernel variants each call compiles, counted from the autotune "
+                                          "spaces (full autotuning and VLMCORE_AUTOTUNE=preferred).")
+    gpu.add_argument("--json", action="store_true", help="the plan as one JSON object")
+    gpu.add_argument("--test-files", action="store_true", help="only the GPU test files, in run order")
     return parser
 
 
@@ -150,9 +162,9 @@ def run_benchmarks(command: str, ctx: RunContext) -> None:
     names = list(OPS) if command == "all" else ([] if command == "ceilings" else [command])
     final_deadline = ctx.deadline
     for position, name in enumerate(names):
-        left = [SHARES[n] for n in names[position:]]
+        share = BUDGET_SHARES[name] / sum(BUDGET_SHARES[n] for n in names[position:])
         remaining = final_deadline - time.monotonic()
-        ctx.deadline = time.monotonic() + remaining * SHARES[name] / sum(left) if math.isfinite(remaining) else math.inf
+        ctx.deadline = time.monotonic() + remaining * share if math.isfinite(remaining) else math.inf
         OPS[name](ctx)
     ctx.deadline = final_deadline
 
@@ -184,6 +196,19 @@ def main(argv: list[str] | None = None) -> int:
         if args.inner < 1 or args.repeats < 1:
             parser.error("host-overhead: --inner and --repeats must be >= 1")
         host_overhead_main(args.op, args.inner, args.repeats)
+        return 0
+    if args.command == "smoke":
+        from .smoke import main as smoke_main
+        from .smoke import summarize
+
+        try:
+            return summarize(args.summarize) if args.summarize else smoke_main(args.out, args.kernel)
+        except ValueError as error:
+            parser.error(f"smoke: {error}")
+    if args.command == "gpu-plan":
+        from .gpu_plan import main as gpu_plan_main
+
+        gpu_plan_main(as_json=args.json, test_files=args.test_files)
         return 0
     if args.command == "summary":
         try:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from vlmcore.kernels import momentum_contrastive_loss
 from vlmcore.kernels.reference import momentum_contrastive_loss_reference
 
-from .harness import Case, Provider, RunContext, run_op
+from .harness import Case, Gate, Provider, RunContext, run_op
 
 OP = "blip_itc"
 OP_IDS = "blip_itc_ids"
@@ -88,5 +88,5 @@ def cases(ctx: RunContext, with_ids: bool = False) -> list[Case]:
 
 
 def run(ctx: RunContext) -> None:
-    run_op(OP, cases(ctx), PROVIDERS, ctx)
-    run_op(OP_IDS, cases(ctx, with_ids=True), PROVIDERS, ctx)
+    run_op(OP, cases(ctx), PROVIDERS, ctx, gate=Gate(PROVIDERS[1]))
+    run_op(OP_IDS, cases(ctx, with_ids=True), PROVIDERS, ctx, gate=Gate(PROVIDERS[1]))

@@ -28,7 +28,7 @@ import torch
 
 from vlmcore.blip2 import Blip2LM, QFormer
 
-from .harness import Case, Provider, RunContext, Unavailable, run_op
+from .harness import Case, Gate, Provider, RunContext, Unavailable, run_op
 
 OP_QFORMER, OP_STAGE2 = "blip2_qformer", "blip2_stage2"
 QFORMER_GPU = dict(batch=100, tokens=257, width=1408, queries=32, hidden=768, layers=12, heads=12,
@@ -216,5 +216,9 @@ STAGE2_PROVIDERS = [
 
 
 def run(ctx: RunContext) -> None:
-    run_op(OP_QFORMER, [qformer_case(QFORMER_QUICK if ctx.quick else QFORMER_GPU, ctx)], QFORMER_PROVIDERS, ctx)
-    run_op(OP_STAGE2, [stage2_case(STAGE2_QUICK if ctx.quick else STAGE2_GPU, ctx)], STAGE2_PROVIDERS, ctx)
+    """Gated in the run's dtype: the Q-Former against the reference backend, stage 2 against HF's
+    model with the same weights."""
+    run_op(OP_QFORMER, [qformer_case(QFORMER_QUICK if ctx.quick else QFORMER_GPU, ctx)], QFORMER_PROVIDERS, ctx,
+           gate=Gate(QFORMER_PROVIDERS[1], upcast=False))
+    run_op(OP_STAGE2, [stage2_case(STAGE2_QUICK if ctx.quick else STAGE2_GPU, ctx)], STAGE2_PROVIDERS, ctx,
+           gate=Gate(STAGE2_PROVIDERS[1], upcast=False))

@@ -1,7 +1,12 @@
 """Benchmark of the symmetric contrastive (CLIP InfoNCE) loss.
 
 Providers: ``vlmcore`` (the fused tiled kernel), ``reference`` (OpenCLIP ``ClipLoss`` math, n x n
-logits materialized in fp32), ``inf_cl`` (Inf-CL's ``cal_inf_loss``, both directions averaged).
+logits materialized in fp32), ``inf_cl`` (Inf-CL's ``cal_inf_loss``, both directions averaged),
+``memeff`` (PyPI ``memeff`` 0.3.1 ``MemoryEfficientCLIPLoss``: its temperature is a Python float,
+so the logit scale gets no gradient there; CUDA only).
+
+Correctness gate: vlmcore against the fp32 reference at n <= ``GATE_MAX_N``; larger n are gated at
+``GATE_MAX_N`` (the fp32 logits of n = 65536 and their gradient would take 34 GiB).
 
 Floors (ANCHORS.md section 1): forward 2 n^2 d FLOPs (one logits pass), backward 6 n^2 d
 (recomputed logits + two gradient products), forward + backward 8 n^2 d. Bytes: the features read
@@ -23,7 +28,7 @@ from vlmcore.kernels.contrastive import contrastive_plan
 from vlmcore.kernels.reference import contrastive_loss_reference
 
 from . import providers as peers
-from .harness import Case, Provider, RunContext, Unsupported, run_op
+from .harness import Case, Gate, Provider, RunContext, Unsupported, run_op
 
 OP = "contrastive"
 GPU_SIZES = (8192, 32768, 65536, 131072)
@@ -31,6 +36,7 @@ QUICK_SIZES = (64, 128)
 HUGE_N = 1_048_576  # the "fits on one 80 GB GPU" row of ANCHORS.md, vlmcore only
 DIM = 768
 QUICK_DIM = 32
+GATE_MAX_N = 32768
 
 
 def floors(n: int, d: int, element_size: int) -> tuple[dict[str, float], dict[str, float]]:
@@ -53,7 +59,8 @@ def make_case(n: int, d: int, ctx: RunContext) -> Case:
         }
 
     flops, nbytes = floors(n, d, torch.tensor([], dtype=ctx.dtype).element_size())
-    return Case(shape=f"n={n} d={d}", x=n, make_inputs=make_inputs, flops=flops, bytes=nbytes)
+    meta = {"gate_case": make_case(GATE_MAX_N, d, ctx)} if n > GATE_MAX_N else {}
+    return Case(shape=f"n={n} d={d}", x=n, make_inputs=make_inputs, flops=flops, bytes=nbytes, meta=meta)
 
 
 def _vlmcore(case, inputs):
@@ -78,11 +85,18 @@ def _inf_cl(case, inputs):
                     + cal_inf_loss(scale * text, image, head_dim=head_dim)) / 2
 
 
+def _memeff(case, inputs):
+    loss = peers.load_memeff()(temperature=1.0 / float(inputs["scale"]), normalized_inputs=True, stable=False)
+    return lambda: loss(inputs["image"], inputs["text"])
+
+
 PROVIDERS = [
     Provider("vlmcore", _vlmcore, backend="triton"),
     Provider("reference", _reference, backend="reference"),
     Provider("inf_cl", _inf_cl, check=peers.check_inf_cl),
+    Provider("memeff", _memeff, check=peers.check_memeff),
 ]
+GATE = Gate(PROVIDERS[1])
 
 
 def cases(ctx: RunContext) -> list[Case]:
@@ -98,7 +112,7 @@ def run(ctx: RunContext) -> None:
     that are written as ``skipped``.
     """
     op_cases = cases(ctx)
-    run_op(OP, op_cases, PROVIDERS[:1], ctx)
+    run_op(OP, op_cases, PROVIDERS[:1], ctx, gate=GATE)
     if ctx.cuda and not ctx.quick:
         run_huge(ctx)
     run_op(OP, op_cases, PROVIDERS[1:], ctx)
@@ -127,7 +141,7 @@ def run_huge(ctx: RunContext) -> None:
     saved_modes = ctx.modes
     ctx.modes = ("fwd_bwd",)
     try:
-        run_op(OP, [make_case(HUGE_N, DIM, ctx)], PROVIDERS[:1], ctx)
+        run_op(OP, [make_case(HUGE_N, DIM, ctx)], PROVIDERS[:1], ctx, gate=GATE)
     finally:
         ctx.modes = saved_modes
 

@@ -1,45 +1,43 @@
 #!/usr/bin/env bash
-# The one-call GPU check: every GPU result of vlmcore is produced by this script.
+# The GPU check: every GPU result of vlmcore comes from this script, in two device calls of at most
+# ~5 minutes each (bench/NOTES.md says how to issue them; `--dry-run` prints the whole plan).
 #
-#   bench/gpu_check.sh [--dry-run] OUTDIR
+#   bench/gpu_check.sh [--dry-run] [--call 1|2|all] OUTDIR
 #
-# On a GPU machine (image of ../shared/ENVIRONMENT.md: Python 3.12, torch cu130, triton 3.6, no
-# registry access), from any directory:
-#   1. installs the wheels of ./.whl/ offline if present (../shared/tools/gpu_wheels.sh builds them)
-#      into /tmp/site, and sets TORCH_CUDA_ARCH_LIST=9.0 (DeepSpeed's op builder rejects "9.0a");
-#   2. makes vlmcore importable without touching its dependencies (already importable, else
-#      `pip install --no-deps --no-build-isolation -e .`, else a symlink tree mirroring setup.py's
-#      package_dir on PYTHONPATH);
-#   3. runs the GPU-marked tests (`pytest -m gpu tests`: bf16 at the ANCHORS shapes, large n,
-#      memory), then every other kernel and module test on CUDA: the same tests CI runs in the
-#      Triton interpreter put their tensors on the `device` fixture, so here they run the compiled
-#      kernels, with bf16 added to their dtypes (interpreter-only checks skip themselves);
-#   4. runs the whole benchmark (`python -m vlmcore.bench all`, time-budgeted) and the plots;
-#   5. prints a short summary table last.
-# Everything goes to OUTDIR: one log per step, bench.csv, PNGs, steps.tsv, summary.txt. The whole
-# run is bounded to GPU_CHECK_SECONDS (default 480 s): each step runs under `timeout` with what is
-# left. A failing step is recorded and the next one still runs; the exit code is non-zero when any
-# step failed or timed out.
+# --call 1  correctness, VLMCORE_AUTOTUNE=preferred (one config per autotune key): environment,
+#           offline wheels (./.whl, optional), vlmcore importable, the smoke check of every kernel
+#           (`python -m vlmcore.bench smoke`: bf16 anchor + fp32 small shape vs the fp32 reference,
+#           NaN-poisoned outputs, one JSON line per kernel), then the GPU-marked tests FILE BY FILE
+#           (named explicitly, kernels no GPU has verified first; -v, per-test timeouts, long tracebacks).
+# --call 2  speed, full autotuning: environment, wheels, install, the benchmark (time-budgeted, every
+#           vlmcore row gated against its reference, vlmcore rows before peers), the plots.
+# --call all (default) both, one after the other, each on its own clock.
+# Each call stops itself after GPU_CHECK_SECONDS (default 280 s; 420 s dry): every step runs under `timeout` with
+# what is left of its call. A failing step is recorded and the next one still runs; the exit code is
+# non-zero when any step failed or timed out (a tests step fails only when a GPU test failed).
 #
-# --dry-run (no GPU needed): no installs, no tests; the benchmark runs with --quick (tiny shapes,
-# CPU if there is no CUDA), then the plots and the summary. BENCH_COMMAND (default "all") picks the
-# benchmark (e.g. "contrastive"), in both modes.
+# OUTDIR receives at most 8 files, written as results arrive (a call killed outright keeps them):
+#   steps.tsv, smoke.jsonl, tests.tsv, bench.csv, summary.txt, plan.txt, gpu_check.tgz
+# The logs of every step and the PNGs go to LOGS (GPU_CHECK_LOGS, default OUTDIR.logs); an EXIT /
+# TERM / INT trap packs them into OUTDIR/gpu_check.tgz and prints the summary table, last.
 #
-# On a lent device machine only a few files come back from $OUT: pack them, e.g.
-#   bench/gpu_check.sh /tmp/gc; tar -czf "$OUT/gpu_check.tgz" -C /tmp/gc .
-# To publish: copy OUTDIR/bench.csv to bench/results/<gpu>-<date>.csv and the PNGs to
-# bench/results/plots/, then commit.
+# --dry-run (CPU, no GPU needed): prints the plan (steps, test files, benchmark rows with their
+# budgets, the kernel variants each step compiles), then runs what a CPU can: the smoke check's fp32
+# shapes in the Triton interpreter, the benchmark with --quick, the plots and the summary.
+# BENCH_COMMAND (default "all") picks the benchmark, in both modes.
 set -uo pipefail
 
 usage() {
-    echo "usage: bench/gpu_check.sh [--dry-run] OUTDIR" >&2
+    echo "usage: bench/gpu_check.sh [--dry-run] [--call 1|2|all] OUTDIR" >&2
     exit 2
 }
 
 DRY_RUN=0
+CALL=all
 while [ $# -gt 0 ]; do
     case "$1" in
         --dry-run) DRY_RUN=1; shift ;;
+        --call) [ $# -ge 2 ] || usage; CALL=$2; shift 2 ;;
         -h|--help) usage ;;
         --) shift; break ;;
         -*) echo "gpu_check.sh: unknown option $1" >&2; usage ;;
@@ -47,19 +45,28 @@ while [ $# -gt 0 ]; do
     esac
 done
 [ $# -eq 1 ] || usage
+case "$CALL" in 1|2|all) ;; *) echo "gpu_check.sh: --call must be 1, 2 or all, got $CALL" >&2; usage ;; esac
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 mkdir -p "$1" || { echo "gpu_check.sh: cannot create $1" >&2; exit 2; }
 OUT=$(cd "$1" && pwd)
+LOGS=${GPU_CHECK_LOGS:-$OUT.logs}
+mkdir -p "$LOGS" || { echo "gpu_check.sh: cannot create $LOGS" >&2; exit 2; }
+LOGS=$(cd "$LOGS" && pwd)
 PY=${PYTHON:-python3}
 case "$PY" in */*) PY="$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")" ;; esac  # steps cd elsewhere
-TOTAL=${GPU_CHECK_SECONDS:-480}
+# 280 s per device call; a dry run gets 420 s per call (the Triton interpreter on a shared CPU)
+TOTAL=${GPU_CHECK_SECONDS:-$( [ "$DRY_RUN" = 1 ] && echo 420 || echo 280 )}
 BENCH_COMMAND=${BENCH_COMMAND:-all}
-START=$(date +%s)
+RUN_START=$(date +%s)
+START=$RUN_START
 STEPS="$OUT/steps.tsv"
 FAILED=0
+STEP_PID=""
+FINISHED=0
 : > "$STEPS"
 cd "$REPO" || exit 2
+export PYTHONSAFEPATH=1  # never the repository root on sys.path (kernels/ would shadow PyPI's `kernels`)
 
 left() { echo $(( TOTAL - ($(date +%s) - START) )); }
 
@@ -67,63 +74,65 @@ record() {  # NAME STATUS SECONDS NOTE
     printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" >> "$STEPS"
 }
 
-# step NAME CAP RESERVE CMD...: run CMD under `timeout min(CAP, time left - RESERVE)`, output in
-# OUTDIR/NAME.log; RESERVE keeps time for the steps after this one.
+skip() {  # NAME REASON
+    echo "== $1: skipped ($2)"
+    record "$1" skipped 0 "$2"
+}
+
+# step NAME CAP RESERVE CMD...: CMD under `timeout min(CAP, time left - RESERVE)`, output in
+# LOGS/NAME.log. Runs in the background so that a TERM reaches the trap at once.
 step() {
     local name=$1 cap=$2 reserve=$3
     shift 3
     local budget=$(( $(left) - reserve ))
     [ "$budget" -gt "$cap" ] && budget=$cap
     if [ "$budget" -lt 5 ]; then
-        echo "== $name: skipped (no time left)"
-        record "$name" skipped 0 "no time left in the ${TOTAL}s budget"
+        skip "$name" "no time left in the call's ${TOTAL}s"
         FAILED=1
         return 1
     fi
-    local shown="$*"
+    local shown="$*" log="$LOGS/${name//\//_}.log" t0 rc status
     echo "== $name (timeout ${budget}s): ${shown:0:160}"
-    local t0 rc status
     t0=$(date +%s)
-    timeout --kill-after=10 "$budget" "$@" > "$OUT/$name.log" 2>&1
+    timeout --kill-after=10 "$budget" "$@" > "$log" 2>&1 &
+    STEP_PID=$!
+    wait "$STEP_PID"
     rc=$?
-    if [ $rc -eq 0 ]; then
-        status=ok
-    elif [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
-        status=timeout
-        FAILED=1
-    else
-        status="failed(rc=$rc)"
-        FAILED=1
-    fi
-    tail -n 3 "$OUT/$name.log" | sed 's/^/   /'
-    record "$name" "$status" $(( $(date +%s) - t0 )) "$(grep -v '^[[:space:]]*$' "$OUT/$name.log" | tail -n 1 | cut -c1-110)"
+    STEP_PID=""
+    case $rc in
+        0) status=ok ;;
+        5) if [ "${NO_TESTS_OK:-0}" = 1 ]; then status=ok; rc=0; else status="failed(rc=5)"; FAILED=1; fi ;;
+        124|137) status=timeout; FAILED=1 ;;
+        *) status="failed(rc=$rc)"; FAILED=1 ;;
+    esac
+    tail -n 3 "$log" | sed 's/^/   /'
+    record "$name" "$status" $(( $(date +%s) - t0 )) "$(grep -v '^[[:space:]]*$' "$log" | tail -n 1 | cut -c1-110)"
     return $rc
 }
 
-skip() {  # NAME REASON
-    echo "== $1: skipped ($2)"
-    record "$1" skipped 0 "$2"
-}
-
-# --------------------------------------------------------------------------- 1. environment
-step env 30 0 bash -c "command -v nvidia-smi >/dev/null && nvidia-smi -L; $PY - <<'EOF'
+# ------------------------------------------------------------------ setup (both calls)
+setup() {
+    START=$(date +%s)
+    step env 15 0 bash -c "command -v nvidia-smi >/dev/null && nvidia-smi -L; $PY - <<'EOF'
 import sys, numpy, torch, triton
 print('python', sys.version.split()[0], '| torch', torch.__version__, '| triton', triton.__version__, '| numpy', numpy.__version__)
 print('cuda', torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else '(none)')
 EOF"
-
-export TORCH_CUDA_ARCH_LIST=9.0
-if [ "$DRY_RUN" = 1 ]; then
-    skip wheels "dry run"
-elif compgen -G "$REPO/.whl/*.whl" > /dev/null; then
-    if step wheels 120 300 "$PY" -m pip install -q --no-index --no-deps --target /tmp/site "$REPO"/.whl/*.whl; then
-        export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}" PATH="/tmp/site/bin:$PATH"
+    export TORCH_CUDA_ARCH_LIST=9.0  # DeepSpeed's op builder rejects the image's "9.0a"
+    if [ "$DRY_RUN" = 1 ]; then
+        skip wheels "dry run"
+    elif [ -f /tmp/site/.vlmcore-wheels ]; then
+        skip wheels "already installed in /tmp/site (warm machine)"
+    elif compgen -G "$REPO/.whl/*.whl" > /dev/null; then
+        step wheels 30 200 bash -c "'$PY' -m pip install -q --no-index --no-deps --target /tmp/site '$REPO'/.whl/*.whl \
+            && touch /tmp/site/.vlmcore-wheels"
+    else
+        skip wheels "no .whl/ (gitignored: build it with ../shared/tools/gpu_wheels.sh and bench/gpu_wheels_extra.sh, carry it); peers needing wheels are reported unavailable"
     fi
-else
-    skip wheels "no .whl/*.whl (run ../shared/tools/gpu_wheels.sh on a machine with a registry)"
-fi
+    [ -d /tmp/site ] && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}" PATH="/tmp/site/bin:$PATH"
+    install_step
+}
 
-# --------------------------------------------------------------------------- 2. vlmcore importable
 importable() {  # from another directory AND from the repository root, resolving to this checkout
     local probe="import vlmcore, vlmcore.kernels, vlmcore.bench, pathlib; assert pathlib.Path(vlmcore.kernels.__file__).resolve().is_relative_to(pathlib.Path('$REPO').resolve())"
     (cd /tmp && "$PY" -c "$probe") >/dev/null 2>&1 && (cd "$REPO" && "$PY" -c "$probe") >/dev/null 2>&1
@@ -147,75 +156,121 @@ install_vlmcore() {
     ln -s "$REPO/kernels" "$shim/vlmcore/kernels"
     ln -s "$REPO/train" "$shim/vlmcore/train"
     ln -s "$REPO/bench" "$shim/vlmcore/bench"
-    echo "export PYTHONPATH=$shim\${PYTHONPATH:+:\$PYTHONPATH} PYTHONSAFEPATH=1" > /tmp/vlmcore_env.sh
-    return 0
+    echo "export PYTHONPATH=$shim\${PYTHONPATH:+:\$PYTHONPATH}" > /tmp/vlmcore_env.sh
 }
 
-rm -f /tmp/vlmcore_env.sh
-if [ "$DRY_RUN" = 1 ]; then
-    step install 60 200 bash -c "$(declare -f importable); REPO='$REPO'; PY='$PY'; importable && echo 'vlmcore importable from this checkout'"
-else
-    step install 120 200 bash -c "$(declare -f importable install_vlmcore); REPO='$REPO'; PY='$PY'; install_vlmcore"
+install_step() {
+    if [ "$DRY_RUN" = 1 ]; then
+        step install 30 60 bash -c "$(declare -f importable); REPO='$REPO'; PY='$PY'; importable && echo 'vlmcore importable from this checkout'"
+        return
+    fi
+    rm -f /tmp/vlmcore_env.sh
+    step install 30 60 bash -c "$(declare -f importable install_vlmcore); REPO='$REPO'; PY='$PY'; install_vlmcore"
     if [ -f /tmp/vlmcore_env.sh ]; then
         # shellcheck disable=SC1091
-        . /tmp/vlmcore_env.sh  # the symlink tree first on the path; PYTHONSAFEPATH keeps ./vlmcore out
+        . /tmp/vlmcore_env.sh  # the symlink tree first on the path
         importable || echo "   warning: vlmcore still not importable from this checkout"
     fi
-fi
+}
 
-# --------------------------------------------------------------------------- 3. tests
-KERNEL_TESTS=$(ls tests/kernels/test_contrastive*.py tests/kernels/test_masked_cross_attention*.py tests/kernels/test_resampler_attention*.py \
-    tests/models/test_cross_attention_modules.py tests/models/test_resampler_modules.py tests/models/test_flamingo.py tests/models/test_clip.py \
-    tests/kernels/test_sigmoid_contrastive.py tests/models/test_siglip_module.py \
-    2>/dev/null | tr '\n' ' ')
-if [ "$DRY_RUN" = 1 ]; then
-    skip tests_gpu "dry run"
-    skip tests_kernels_cuda "dry run"
-else
-    # --continue-on-collection-errors: a test module importing a package this image lacks
-    # (deepspeed without the wheels) must not stop the GPU tests of the others.
-    step tests_gpu 150 260 "$PY" -m pytest -m gpu tests -q --continue-on-collection-errors
-    if [ -z "$KERNEL_TESTS" ]; then
-        skip tests_kernels_cuda "no kernel test files found"
+# ------------------------------------------------------------------ call 1: correctness
+# tests_file FILE: one GPU test file; its line in tests.tsv (status, seconds, pytest's counts).
+tests_file() {
+    local file=$1 name t0 rc status timeout_flag=()
+    name="tests_gpu/$(basename "$file" .py)"
+    "$PY" -c "import pytest_timeout" 2>/dev/null && timeout_flag=(--timeout "$PER_TEST")
+    t0=$(date +%s)
+    # pytest exits 5 when the file has no GPU-marked test yet: not a failure
+    NO_TESTS_OK=1 step "$name" "$PER_FILE" 10 "$PY" -m pytest -m gpu -v --tb=long "${timeout_flag[@]}" "$file"
+    rc=$?
+    case $rc in
+        0) status=passed ;;
+        1) status="GPU TEST FAILED" ;;
+        124|137) status=timeout ;;
+        *) status="error(rc=$rc)" ;;
+    esac
+    printf '%s\t%s\t%s\t%s\n' "$file" "$status" $(( $(date +%s) - t0 )) \
+        "$(grep -E '^=+ .*(passed|failed|error|skipped|no tests ran).* =+$' "$LOGS/${name//\//_}.log" | tail -n 1 | tr -d '=' | xargs)" \
+        >> "$OUT/tests.tsv"
+}
+
+call1() {
+    echo "-- call 1: correctness (VLMCORE_AUTOTUNE=preferred)"
+    setup
+    export VLMCORE_AUTOTUNE=preferred
+    local smoke_cap=60
+    [ "$DRY_RUN" = 1 ] && smoke_cap=150  # the Triton interpreter on a shared CPU: ~45 s seen
+    step smoke "$smoke_cap" 10 "$PY" -m vlmcore.bench smoke --out "$OUT/smoke.jsonl"
+    if [ "$DRY_RUN" = 1 ]; then
+        skip tests_gpu "dry run: the GPU-marked tests need CUDA"
     else
-        # The slow and multi-process cases stay in CPU CI; autotuning compiles dominate here.
-        # shellcheck disable=SC2086
-        step tests_kernels_cuda 120 230 "$PY" -m pytest -m "not gpu and not slow and not distributed" $KERNEL_TESTS -q
+        PER_TEST=$("$PY" -c "from vlmcore.bench.gpu_plan import PER_TEST_TIMEOUT_S as t; print(t)")
+        PER_FILE=$("$PY" -c "from vlmcore.bench.gpu_plan import PER_FILE_TIMEOUT_S as t; print(t)")
+        local file
+        for file in $("$PY" -m vlmcore.bench gpu-plan --test-files); do
+            tests_file "$file"
+        done
     fi
-fi
+    unset VLMCORE_AUTOTUNE
+}
 
-# --------------------------------------------------------------------------- 4. benchmark + plots
-BENCH_ARGS=(--out "$OUT/bench.csv")
-if [ "$DRY_RUN" = 1 ]; then
-    BENCH_ARGS+=(--quick)
-else
-    BENCH_ARGS+=(--rep-ms 50)
-fi
-# The bench stops measuring at its own budget (rows left are written as 'skipped'); the timeout
-# above it only catches a hang. 45 s stay for plots and the summary.
-BUDGET=$(( $(left) - 75 ))
-[ "$BUDGET" -lt 20 ] && BUDGET=20
-step bench $(( BUDGET + 30 )) 45 "$PY" -m vlmcore.bench "$BENCH_COMMAND" "${BENCH_ARGS[@]}" --time-budget "$BUDGET"
-if [ -s "$OUT/bench.csv" ]; then
-    step plot 30 15 "$PY" -m vlmcore.bench plot --results "$OUT/bench.csv" --out "$OUT"
-else
-    skip plot "no bench.csv"
-    FAILED=1
-fi
-
-# --------------------------------------------------------------------------- 5. summary (last)
-{
-    echo
-    echo "==================== vlmcore GPU check: $(date -u +%Y-%m-%dT%H:%M:%SZ), $(( $(date +%s) - START )) s$( [ "$DRY_RUN" = 1 ] && echo ' (DRY RUN)')"
-    printf '%-28s %-14s %6s  %s\n' step status seconds "last line of its log"
-    while IFS=$'\t' read -r name status seconds note; do
-        printf '%-28s %-14s %6s  %s\n' "$name" "$status" "$seconds" "$note"
-    done < "$STEPS"
-    echo
+# ------------------------------------------------------------------ call 2: speed
+call2() {
+    echo "-- call 2: speed (full autotuning)"
+    setup
+    local args=(--out "$OUT/bench.csv")
+    if [ "$DRY_RUN" = 1 ]; then args+=(--quick); else args+=(--rep-ms 50); fi
+    # The bench stops measuring at its own budget (rows left are written as 'skipped'); the timeout
+    # above it only catches a hang. 55 s stay for the plots and the summary.
+    local budget=$(( $(left) - 85 ))
+    [ "$budget" -lt 20 ] && budget=20
+    step bench $(( budget + 30 )) 55 "$PY" -m vlmcore.bench "$BENCH_COMMAND" "${args[@]}" --time-budget "$budget"
     if [ -s "$OUT/bench.csv" ]; then
-        timeout 15 "$PY" -m vlmcore.bench summary --results "$OUT/bench.csv" || echo "(summary failed)"
+        step plot 45 10 "$PY" -m vlmcore.bench plot --results "$OUT/bench.csv" --out "$LOGS"
+    else
+        skip plot "no bench.csv"
+        FAILED=1
     fi
-    echo
-    echo "logs, bench.csv, PNGs: $OUT"
-} | tee "$OUT/summary.txt"
+}
+
+# ------------------------------------------------------------------ summary (last) and packing
+finish() {
+    [ "$FINISHED" = 1 ] && return
+    FINISHED=1
+    [ -n "$STEP_PID" ] && kill -- "$STEP_PID" 2>/dev/null
+    tar -czf "$OUT/gpu_check.tgz" -C "$(dirname "$LOGS")" "$(basename "$LOGS")" 2>/dev/null
+    {
+        echo
+        echo "==================== vlmcore GPU check: $(date -u +%Y-%m-%dT%H:%M:%SZ), $(( $(date +%s) - RUN_START )) s$( [ "$DRY_RUN" = 1 ] && echo ' (DRY RUN)'), call $CALL"
+        printf '%-36s %-16s %6s  %s\n' step status seconds "last line of its log"
+        while IFS=$'\t' read -r name status seconds note; do
+            printf '%-36s %-16s %6s  %s\n' "$name" "$status" "$seconds" "$note"
+        done < "$STEPS"
+        if [ -s "$OUT/smoke.jsonl" ]; then
+            echo
+            timeout 15 "$PY" -m vlmcore.bench smoke --summarize "$OUT/smoke.jsonl" || echo "(smoke summary failed)"
+        fi
+        if [ -s "$OUT/tests.tsv" ]; then
+            echo
+            printf '%-52s %-16s %6s  %s\n' "GPU test file" status seconds "pytest"
+            while IFS=$'\t' read -r file status seconds counts; do
+                printf '%-52s %-16s %6s  %s\n' "$file" "$status" "$seconds" "$counts"
+            done < "$OUT/tests.tsv"
+        fi
+        if [ -s "$OUT/bench.csv" ]; then
+            echo
+            timeout 15 "$PY" -m vlmcore.bench summary --results "$OUT/bench.csv" || echo "(summary failed)"
+        fi
+        echo
+        echo "logs, bench.csv, PNGs: $OUT"
+    } | tee "$OUT/summary.txt"
+}
+
+trap finish EXIT
+trap 'FAILED=1; exit 143' TERM INT
+
+"$PY" -m vlmcore.bench gpu-plan > "$OUT/plan.txt" 2>&1 || echo "(gpu-plan failed: see $OUT/plan.txt)"
+[ "$DRY_RUN" = 1 ] && cat "$OUT/plan.txt"
+[ "$CALL" = 1 ] || [ "$CALL" = all ] && call1
+[ "$CALL" = 2 ] || [ "$CALL" = all ] && call2
 exit $FAILED

@@ -12,6 +12,13 @@
   output made beforehand, graph retained), ``fwd_bwd`` (both).
 - A :class:`MemoryError`-like failure (CUDA OOM) is a result row with status ``oom``; any other
   exception becomes an ``error`` row. Neither stops the run.
+- Order: every case of the first provider (vlmcore), then the next provider's: when the time
+  budget runs out, it is the peers' rows that are written as ``skipped``. The warm-up call
+  (compilation, autotuning) counts against the budget: a row whose warm-up ends past the deadline
+  is ``skipped`` with the warm-up time in its notes.
+- Correctness gate (:mod:`vlmcore.bench.gate`): before vlmcore's rows of a case are timed, one
+  forward + backward is compared with the op's reference; every row of that case carries the
+  error, the finite check and ``pass`` / ``fail``.
 """
 
 from __future__ import annotations
@@ -27,10 +34,15 @@ from dataclasses import dataclass, field
 import torch
 from vlmcore.kernels import backend
 
+from .gate import GateResult, compare, forward_backward, nan_poisoned_empty, upcast
 from .results import CsvWriter, dtype_name, make_row
 
 MODES = ("fwd", "bwd", "fwd_bwd")
 QUANTILES = (0.5, 0.2, 0.8)
+# Share of a run's time budget each op of ``all`` gets, in run order (what an op leaves unused
+# rolls over to the next).
+BUDGET_SHARES = {"contrastive": 0.25, "masked_xattn": 0.3, "resampler": 0.15, "e2e": 0.3, "sigmoid": 0.15,
+                 "vilbert": 0.05, "blip2": 0.1, "blip": 0.1}
 
 
 class Unavailable(Exception):
@@ -39,6 +51,10 @@ class Unavailable(Exception):
 
 class Unsupported(Exception):
     """A provider cannot express this case (e.g. a mode its API has no form for)."""
+
+
+class BudgetSpent(Exception):
+    """The run's deadline passed during a row's warm-up: the row is written as ``skipped``."""
 
 
 @dataclass
@@ -75,12 +91,26 @@ class Provider:
         check: ``check(device) -> None``; raises :class:`Unavailable` with the reason when the
             provider cannot run on this machine (called once per run).
         backend: the vlmcore backend in force while it runs (``triton`` for vlmcore itself).
+        anchor_only: measured on the first case only, and on the others only while more than half
+            of the op's time budget is left (FlexAttention compiles once per shape: 5-30 s each).
     """
 
     name: str
     build: Callable
     check: Callable[[torch.device], None] = lambda device: None
     backend: str = "auto"
+    anchor_only: bool = False
+
+
+@dataclass(frozen=True)
+class Gate:
+    """How vlmcore's rows of an op are checked: against ``reference`` (a provider of the same op),
+    on fp32 copies of the inputs when ``upcast`` (pure ops), else on the same inputs (modules whose
+    weights live in the run's dtype). A case's ``meta["gate_case"]`` (a smaller :class:`Case` of
+    the same op and width) replaces it where the fp32 reference would not fit."""
+
+    reference: Provider
+    upcast: bool = True
 
 
 @dataclass
@@ -233,16 +263,25 @@ def make_call(fn: Callable[[], torch.Tensor], mode: str, leaves: list[torch.Tens
 
 
 def measure(fn: Callable[[], torch.Tensor], inputs: dict, mode: str, ctx: RunContext) -> dict:
-    """Warm up, then time and take the peak memory of ``fn`` in ``mode``; returns result fields."""
+    """Warm up, then time and take the peak memory of ``fn`` in ``mode``; returns result fields.
+
+    Raises:
+        BudgetSpent: the warm-up (compilation, autotuning) ended past the run's deadline.
+    """
     leaves = _leaves(inputs)
     call, keep = make_call(fn, mode, leaves)
+    start = time.monotonic()
     call()  # warm-up: compilation, autotuning, caches
     synchronize(ctx.device)
+    warmup_s = time.monotonic() - start
+    if ctx.out_of_time():
+        raise BudgetSpent(f"time budget of this run spent during the warm-up ({warmup_s:.1f} s)")
     _clear_grads(leaves)
     memory, probe = probe_call(call, leaves, ctx.device)
     (p50, p20, p80), how = time_call(call, leaves, ctx, probe)
     del keep
-    return {"ms_p50": p50, "ms_p20": p20, "ms_p80": p80, "peak_mib": memory, "notes": how}
+    return {"ms_p50": p50, "ms_p20": p20, "ms_p80": p80, "peak_mib": memory,
+            "notes": f"{how}; warm-up {warmup_s:.2f} s"}
 
 
 def useful_rates(case: Case, mode: str, ms: float, ctx: RunContext) -> dict:
@@ -258,24 +297,69 @@ def useful_rates(case: Case, mode: str, ms: float, ctx: RunContext) -> dict:
     }
 
 
-def run_op(op: str, cases: list[Case], providers: list[Provider], ctx: RunContext) -> None:
-    """Every (case, provider, mode) of one op, one CSV row each; never raises for a provider's failure."""
-    reasons: dict[str, str | None] = {}
+def run_op(op: str, cases: list[Case], providers: list[Provider], ctx: RunContext, gate: Gate | None = None) -> None:
+    """Every (provider, case, mode) of one op, one CSV row each; never raises for a provider's failure.
+
+    Providers in the given order (vlmcore first), each over every case. With ``gate``, the
+    provider named ``vlmcore`` is checked against ``gate.reference`` once per case.
+    """
+    reasons = {provider.name: _unavailable_reason(provider, ctx.device) for provider in providers}
+    op_start, op_deadline = time.monotonic(), ctx.deadline
     for provider in providers:
-        try:
-            provider.check(ctx.device)
-            reasons[provider.name] = None
-        except Unavailable as error:
-            reasons[provider.name] = str(error)
-        except Exception as error:  # a broken install is a reason too, not a crash
-            reasons[provider.name] = f"{type(error).__name__}: {error}"
-    for case in cases:
-        for provider in providers:
+        for position, case in enumerate(cases):
             if reasons[provider.name] is not None:
                 for mode in ctx.modes:
                     ctx.emit(op, provider.name, case.shape, mode, "unavailable", x=case.x, notes=reasons[provider.name])
                 continue
-            _run_provider(op, case, provider, ctx)
+            if provider.anchor_only and position > 0 and not _half_budget_left(op_start, op_deadline):
+                for mode in ctx.modes:
+                    ctx.emit(op, provider.name, case.shape, mode, "skipped", x=case.x,
+                             notes=f"{provider.name} runs on the anchor shape only unless half of the op's time "
+                                   f"budget is left (it compiles once per shape)")
+                continue
+            run_gate = gate if gate is not None and provider.name == "vlmcore" else None
+            _run_provider(op, case, provider, ctx, run_gate)
+
+
+def _unavailable_reason(provider: Provider, device: torch.device) -> str | None:
+    try:
+        provider.check(device)
+        return None
+    except Unavailable as error:
+        return str(error)
+    except Exception as error:  # a broken install is a reason too, not a crash
+        return f"{type(error).__name__}: {error}"
+
+
+def _half_budget_left(start: float, deadline: float) -> bool:
+    if not math.isfinite(deadline):
+        return True
+    return deadline - time.monotonic() > (deadline - start) / 2
+
+
+def gate_case(case: Case, provider: Provider, gate: Gate, dtype: torch.dtype) -> GateResult:
+    """One forward + backward of ``provider`` (NaN-poisoned buffers) against ``gate.reference``,
+    at ``case`` or at its ``meta["gate_case"]``."""
+    checked = case.meta.get("gate_case", case)
+    inputs = checked.make_inputs()
+    with backend(provider.backend):
+        fn = provider.build(checked, inputs)
+        with nan_poisoned_empty():
+            got = forward_backward(fn, inputs)
+    reference_inputs = upcast(inputs) if gate.upcast else inputs
+    with backend(gate.reference.backend):
+        expected = forward_backward(gate.reference.build(checked, reference_inputs), reference_inputs)
+    return compare(got, expected, dtype, checked.shape)
+
+
+def _gate_fields(op: str, case: Case, provider: Provider, gate: Gate, ctx: RunContext) -> tuple[dict, str]:
+    """The gate's CSV fields and note for every row of ``case``; a gate that cannot run fails."""
+    try:
+        return gate_case(case, provider, gate, ctx.dtype).fields(case.shape)
+    except Exception as error:
+        return {"finite": "", "gate": "fail"}, f"GATE FAIL: the gate could not run: {first_line(error)}"
+    finally:
+        free_memory(ctx.device)
 
 
 def first_line(error: BaseException, limit: int = 300) -> str:
@@ -287,8 +371,11 @@ def first_line(error: BaseException, limit: int = 300) -> str:
     return f"{type(error).__name__}: {text[0] if text else ''}"[:limit]
 
 
-def _run_provider(op: str, case: Case, provider: Provider, ctx: RunContext) -> None:
+def _run_provider(op: str, case: Case, provider: Provider, ctx: RunContext, gate: Gate | None = None) -> None:
     inputs = fn = None
+    gate_fields, gate_note = {}, ""
+    if gate is not None and not ctx.out_of_time():
+        gate_fields, gate_note = _gate_fields(op, case, provider, gate, ctx)
     for mode in ctx.modes:
         if ctx.out_of_time():
             ctx.emit(op, provider.name, case.shape, mode, "skipped", x=case.x, notes="time budget of this run spent")
@@ -305,12 +392,16 @@ def _run_provider(op: str, case: Case, provider: Provider, ctx: RunContext) -> N
             status, fields = "unavailable", {"notes": str(error)}
         except Unsupported as error:
             status, fields = "unsupported", {"notes": str(error)}
+        except BudgetSpent as error:
+            status, fields = "skipped", {"notes": str(error)}
         except Exception as error:
             status = "oom" if is_oom(error) else "error"
             fields = {"notes": first_line(error)}
         if status != "ok":
             inputs = fn = None  # rebuilt for the next mode: a failure may leave graphs behind
             free_memory(ctx.device)
+        if gate_fields:
+            fields = {**fields, **gate_fields, "notes": "; ".join(n for n in (gate_note, fields.get("notes")) if n)}
         ctx.emit(op, provider.name, case.shape, mode, status, x=case.x, **fields)
     del inputs, fn
     free_memory(ctx.device)

@@ -1,7 +1,8 @@
 """PNG plots of benchmark CSVs (matplotlib, Agg backend: no display needed).
 
 - ``speedup_<op>_<device>.png``: for each shape (x axis) and mode (one panel each), the speed-up of
-  vlmcore over each provider (provider ms / vlmcore ms; > 1 means vlmcore is faster). Rows a
+  vlmcore over each provider (provider ms / vlmcore ms; > 1 means vlmcore is faster); vlmcore
+  rows whose correctness gate failed are not drawn. Rows a
   provider could not produce (OOM, unavailable, ...) are listed under the panel instead of drawn.
 - ``memory_contrastive_<device>.png``: peak extra memory against n for every contrastive-loss
   provider (log-log), forward + backward; drawn when the CSV has memory (CUDA runs).
@@ -68,7 +69,9 @@ def plot_results(results: str | Path, out_dir: str | Path | None = None) -> list
 def _speedup(rows: list[dict], op: str, device: str, out: Path) -> Path | None:
     op_rows = [r for r in rows if r["op"] == op]
     modes = [m for m in ("fwd", "bwd", "fwd_bwd") if any(r["mode"] == m for r in op_rows)]
-    ours = {(r["shape"], r["mode"]): r for r in op_rows if r["provider"] == "vlmcore" and r["status"] == "ok"}
+    # a vlmcore row whose correctness gate failed has no speed-up to draw
+    ours = {(r["shape"], r["mode"]): r for r in op_rows
+            if r["provider"] == "vlmcore" and r["status"] == "ok" and r.get("gate") != "fail"}
     if not ours:
         return None
     shapes = list(dict.fromkeys(r["shape"] for r in op_rows))

@@ -106,6 +106,20 @@ def check_inf_cl(device: torch.device) -> None:
     _needs_cuda(device, "Inf-CL (Triton kernels asserting CUDA tensors)")
 
 
+def load_memeff():
+    """memeff's ``MemoryEfficientCLIPLoss`` (PyPI ``memeff``: Triton, FlashAttention-shaped backward)."""
+    try:
+        from memeff import MemoryEfficientCLIPLoss
+    except Exception as error:
+        raise Unavailable(f"memeff not importable (PyPI memeff 0.3.1): {type(error).__name__}: {error}") from error
+    return MemoryEfficientCLIPLoss
+
+
+def check_memeff(device: torch.device) -> None:
+    load_memeff()
+    _needs_cuda(device, "memeff (Triton kernels on CUDA tensors)")
+
+
 def _version(module: str) -> str:
     try:
         return __import__(module).__version__

@@ -18,7 +18,7 @@ from vlmcore.kernels import resampler_attention
 from vlmcore.kernels.reference import resampler_attention_reference
 
 from . import providers as peers
-from .harness import Case, Provider, RunContext, run_op
+from .harness import Case, Gate, Provider, RunContext, run_op
 
 OP = "resampler"
 # (B = samples x images, S media tokens, R latents, H, Dh, latents in the keys)
@@ -45,7 +45,11 @@ def floors(batch, media_tokens, latents, heads, head_dim, with_latents, element_
     return flops, nbytes
 
 
-def make_case(batch, media_tokens, latents, heads, head_dim, with_latents, ctx: RunContext) -> Case:
+def make_case(batch, media_tokens, latents, heads, head_dim, with_latents, ctx: RunContext,
+              with_mask: bool = False) -> Case:
+    """One shape; ``with_mask``: every other sample has its last quarter of media tokens padded
+    (the GPU tests' masked form; the benchmark rows run unmasked, as SDPA's flash backend must)."""
+
     def make_inputs():
         generator = torch.Generator(device=ctx.device).manual_seed(batch * media_tokens + latents)
 
@@ -58,12 +62,17 @@ def make_case(batch, media_tokens, latents, heads, head_dim, with_latents, ctx: 
         if with_latents:
             inputs["k_latents"] = rand(batch, latents, heads, head_dim)
             inputs["v_latents"] = rand(batch, latents, heads, head_dim)
+        if with_mask:
+            mask = torch.ones(batch, media_tokens, dtype=torch.bool, device=ctx.device)
+            mask[::2, media_tokens - media_tokens // 4:] = False
+            inputs["media_mask"] = mask
         return inputs
 
     flops, nbytes = floors(batch, media_tokens, latents, heads, head_dim, with_latents,
                            torch.tensor([], dtype=ctx.dtype).element_size())
     form = "perceiver" if with_latents else "qformer"
     shape = f"B={batch} S={media_tokens} R={latents} H={heads} Dh={head_dim} form={form}"
+    shape += " masked" if with_mask else ""
     return Case(shape=shape, x=media_tokens, make_inputs=make_inputs, flops=flops, bytes=nbytes)
 
 
@@ -73,12 +82,12 @@ def _args(inputs):
 
 def _vlmcore(case, inputs):
     args = _args(inputs)
-    return lambda: resampler_attention(*args)
+    return lambda: resampler_attention(*args, media_mask=inputs.get("media_mask"))
 
 
 def _reference(case, inputs):
     args = _args(inputs)
-    return lambda: resampler_attention_reference(*args)
+    return lambda: resampler_attention_reference(*args, media_mask=inputs.get("media_mask"))
 
 
 def _sdpa(case, inputs):
@@ -108,4 +117,4 @@ def cases(ctx: RunContext) -> list[Case]:
 
 
 def run(ctx: RunContext) -> None:
-    run_op(OP, cases(ctx), PROVIDERS, ctx)
+    run_op(OP, cases(ctx), PROVIDERS, ctx, gate=Gate(PROVIDERS[1]))

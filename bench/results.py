@@ -23,6 +23,11 @@ tflops, gbps    useful work per second against the floors of ANCHORS.md (minimum
 frac_matmul     tflops / the measured matmul ceiling of this run (ceiling rows carry 1.0)
 frac_copy       gbps / the measured device-copy ceiling of this run
 throughput      e2e only: items per second, unit in ``unit`` (``tokens/s``, ``samples/s``)
+max_rel_err     vlmcore rows: the correctness gate's largest normwise relative error of the output
+                and every input gradient against the op's reference (see :mod:`vlmcore.bench.gate`)
+finite          vlmcore rows: ``true`` when every value the gated call produced is finite
+gate            vlmcore rows: ``pass`` or ``fail`` (a failed row is never reported as a speed-up);
+                empty for peers, ceilings and end-to-end steps (their ops are gated in their rows)
 device ...      GPU name (or ``cpu``), torch and triton versions, git commit, UTC date
 notes           free text: why unavailable / what OOMed / how the time was taken
 ==============  =================================================================================
@@ -44,11 +49,11 @@ import torch
 COLUMNS = (
     "op", "provider", "shape", "mode", "dtype", "x", "status",
     "ms_p50", "ms_p20", "ms_p80", "peak_mib", "tflops", "gbps", "frac_matmul", "frac_copy",
-    "throughput", "unit", "device", "torch", "triton", "commit", "date", "notes",
+    "throughput", "unit", "max_rel_err", "finite", "gate", "device", "torch", "triton", "commit", "date", "notes",
 )
 STATUSES = ("ok", "oom", "unavailable", "unsupported", "skipped", "error")
 _FLOAT_COLUMNS = ("x", "ms_p50", "ms_p20", "ms_p80", "peak_mib", "tflops", "gbps", "frac_matmul",
-                  "frac_copy", "throughput")
+                  "frac_copy", "throughput", "max_rel_err")
 
 
 @functools.lru_cache(maxsize=1)
@@ -210,7 +215,10 @@ def summary_table(rows: Iterable[dict]) -> str:
         ours = next((r for r in group if r["provider"] == "vlmcore"), None)
         if ours is None:
             continue
-        if ours["status"] != "ok":
+        gate_failed = ours.get("gate") == "fail"
+        if gate_failed:
+            ours_ms, ours_mib = "GATE-FAIL", _fmt(ours["peak_mib"], 4)
+        elif ours["status"] != "ok":
             ours_ms, ours_mib = ours["status"], "-"
         elif mode == "max_batch":
             ours_ms, ours_mib = f"B={_fmt(ours['x'], 6)}", _fmt(ours["peak_mib"], 4)
@@ -224,6 +232,8 @@ def summary_table(rows: Iterable[dict]) -> str:
                 continue
             if row["status"] == "ok" and mode == "max_batch":
                 peers.append(f"{row['provider']} B={_fmt(row['x'], 6)}")
+            elif gate_failed and row["status"] == "ok":  # a wrong result has no speed-up
+                peers.append(f"{row['provider']} {_fmt(row['ms_p50'], 4)} ms")
             elif row["status"] == "ok" and ours["status"] == "ok" and row["ms_p50"] > 0 and ours["ms_p50"] > 0:
                 peers.append(f"{row['provider']} {row['ms_p50'] / ours['ms_p50']:.3g}x")
             else:

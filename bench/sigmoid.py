@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from vlmcore.kernels import sigmoid_contrastive_loss
 from vlmcore.kernels.reference import sigmoid_contrastive_loss_reference
 
-from .harness import Case, Provider, RunContext, Unavailable, run_op
+from .harness import Case, Gate, Provider, RunContext, Unavailable, run_op
 
 OP = "sigmoid"
 GPU_SIZES = (8192, 32768, 65536, 131072)
@@ -38,6 +38,7 @@ HUGE_N = 1_048_576  # "runs on one GPU" (issue 12), vlmcore only
 DIM = 768
 QUICK_DIM = 32
 CHUNK = 8192
+GATE_MAX_N = 32768  # larger n are gated here: the fp32 reference's logits grow as n^2
 QUICK_CHUNK = 32
 
 
@@ -62,9 +63,10 @@ def make_case(n: int, d: int, ctx: RunContext) -> Case:
         }
 
     flops, nbytes = floors(n, d, torch.tensor([], dtype=ctx.dtype).element_size())
-    chunk = QUICK_CHUNK if ctx.quick else CHUNK
-    return Case(shape=f"n={n} d={d}", x=n, make_inputs=make_inputs, flops=flops, bytes=nbytes,
-                meta={"chunk": chunk})
+    meta = {"chunk": QUICK_CHUNK if ctx.quick else CHUNK}
+    if n > GATE_MAX_N:
+        meta["gate_case"] = make_case(GATE_MAX_N, d, ctx)
+    return Case(shape=f"n={n} d={d}", x=n, make_inputs=make_inputs, flops=flops, bytes=nbytes, meta=meta)
 
 
 def _vlmcore(case, inputs):
@@ -120,6 +122,7 @@ PROVIDERS = [
     Provider("openclip_chunked", _openclip_chunked, backend="reference"),
     Provider("siglip_kernel", _siglip_kernel, check=check_siglip_kernel),
 ]
+GATE = Gate(PROVIDERS[1])
 
 
 def cases(ctx: RunContext) -> list[Case]:
@@ -132,7 +135,7 @@ def run(ctx: RunContext) -> None:
     """vlmcore over every n first (then n = 1,048,576 on a GPU, as the contrastive benchmark does),
     then the peers (their largest shapes are the ones a spent time budget writes as ``skipped``)."""
     op_cases = cases(ctx)
-    run_op(OP, op_cases, PROVIDERS[:1], ctx)
+    run_op(OP, op_cases, PROVIDERS[:1], ctx, gate=GATE)
     if ctx.cuda and not ctx.quick:
         _run_huge(ctx)
     run_op(OP, op_cases, PROVIDERS[1:], ctx)
@@ -157,6 +160,6 @@ def _run_huge(ctx: RunContext) -> None:
     saved_modes = ctx.modes
     ctx.modes = ("fwd_bwd",)
     try:
-        run_op(OP, [make_case(HUGE_N, DIM, ctx)], PROVIDERS[:1], ctx)
+        run_op(OP, [make_case(HUGE_N, DIM, ctx)], PROVIDERS[:1], ctx, gate=GATE)
     finally:
         ctx.modes = saved_modes

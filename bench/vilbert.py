@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from vlmcore.vilbert import CoAttentionLayer
 
 from . import providers as peers
-from .harness import Case, Provider, RunContext, run_op
+from .harness import Case, Gate, Provider, RunContext, run_op
 
 OP = "vilbert_coattn"
 # (B, regions, text tokens, visual width, text width, co-attention width, heads, v / t FFN widths)
@@ -105,4 +105,5 @@ def cases(ctx: RunContext) -> list[Case]:
 
 
 def run(ctx: RunContext) -> None:
-    run_op(OP, cases(ctx), PROVIDERS, ctx)
+    """Gated against the reference op on the same layer (its weights are in the run's dtype)."""
+    run_op(OP, cases(ctx), PROVIDERS, ctx, gate=Gate(PROVIDERS[1], upcast=False))

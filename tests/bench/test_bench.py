@@ -5,10 +5,12 @@ kernels in the Triton interpreter); the other tests read its CSV or call pieces 
 """
 
 import csv
+import json
 import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -18,7 +20,7 @@ from helpers.numerics import assert_close
 from vlmcore.bench import contrastive, e2e, masked_xattn, resampler
 from vlmcore.bench import providers as peers
 from vlmcore.bench.__main__ import main
-from vlmcore.bench.harness import Case, Provider, RunContext, Unavailable, run_op
+from vlmcore.bench.harness import Case, Gate, Provider, RunContext, Unavailable, run_op
 from vlmcore.bench.plot import plot_results
 from vlmcore.bench.results import COLUMNS, CsvWriter, make_row, read_rows, summary_table
 from vlmcore.kernels.reference import (
@@ -46,7 +48,7 @@ def quick_run(tmp_path_factory):
     env = dict(_env(), PYTHON=sys.executable)
     env.pop("BENCH_COMMAND", None)
     proc = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh"), "--dry-run", str(out)],
-                          cwd=out, env=env, capture_output=True, text=True, timeout=400)
+                          cwd=out, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert " -m vlmcore.bench all --out " + str(out / "bench.csv") + " --quick" in proc.stdout
     return out / "bench.csv", proc.stdout
@@ -112,9 +114,14 @@ def test_quick_run_ceilings_and_e2e(rows, quick_run):
     assert "vs peers" in quick_run[1]  # the summary table closes the run
 
 
+def _logs(out: Path) -> Path:
+    """Where gpu_check.sh keeps the logs and PNGs it packs into OUTDIR/gpu_check.tgz."""
+    return out.parent / (out.name + ".logs")
+
+
 def test_plots_of_the_quick_run(quick_run):
     """The script's plot step (``python -m vlmcore.bench plot``) drew one speed-up PNG per op and the e2e one."""
-    out = quick_run[0].parent
+    out = _logs(quick_run[0].parent)
     pngs = {p.name for p in out.glob("*.png")}
     assert {"speedup_contrastive_cpu.png", "speedup_masked_xattn_cpu.png", "speedup_resampler_cpu.png",
             "e2e_cpu.png"} <= pngs
@@ -401,7 +408,9 @@ def test_gpu_check_script_parses_and_rejects_bad_usage(tmp_path):
 def test_gpu_check_dry_run_outputs(quick_run):
     """Logs, CSV, PNGs and the summary land in OUTDIR; the summary table is printed last."""
     out = quick_run[0].parent
-    for name in ("bench.log", "env.log", "install.log", "plot.log", "steps.tsv", "summary.txt"):
+    for name in ("bench.log", "env.log", "install.log", "plot.log"):
+        assert (_logs(out) / name).exists(), name
+    for name in ("steps.tsv", "summary.txt"):
         assert (out / name).exists(), name
     steps = dict(line.split("\t")[:2] for line in (out / "steps.tsv").read_text().splitlines())
     assert steps["bench"] == "ok" and steps["plot"] == "ok" and steps["install"] == "ok"
@@ -410,3 +419,120 @@ def test_gpu_check_dry_run_outputs(quick_run):
     assert stdout.endswith(f"logs, bench.csv, PNGs: {out}")
     assert stdout.index("DRY RUN") < stdout.index("vs peers") < stdout.index("e2e_clip", stdout.index("vs peers"))
     assert (out / "summary.txt").read_text().strip() == stdout[stdout.index("=" * 20):].strip()
+
+
+def test_gpu_check_dry_run_prints_the_plan_and_keeps_outdir_small(quick_run):
+    """The plan (steps, test files, rows, variants) comes first; OUTDIR holds at most 8 files, the
+    logs and PNGs travel in one archive."""
+    import tarfile
+
+    out, stdout = quick_run[0].parent, quick_run[1]
+    assert stdout.index("call 1 compiles") < stdout.index("call 2: speed") < stdout.index("=" * 20)
+    assert "tests/kernels/test_masked_cross_attention.py" in stdout and "budget" in stdout
+    files = sorted(p.name for p in out.iterdir())
+    assert len(files) <= 8 and {"gpu_check.tgz", "plan.txt", "smoke.jsonl", "bench.csv"} <= set(files), files
+    with tarfile.open(out / "gpu_check.tgz") as archive:
+        names = {Path(name).name for name in archive.getnames()}
+    assert {"bench.log", "smoke.log", "speedup_contrastive_cpu.png"} <= names
+
+
+def test_gpu_check_dry_run_smoke_checks_every_kernel_in_fp32(quick_run):
+    from vlmcore.bench.smoke import SMOKE
+
+    lines = [json.loads(line) for line in (quick_run[0].parent / "smoke.jsonl").read_text().splitlines()]
+    assert [line["kernel"] for line in lines] == [kernel.name for kernel in SMOKE]
+    for line in lines:
+        checks = {check["check"]: check for check in line["checks"]}
+        assert checks["bf16-anchor"]["status"] == "skipped" and "interpreter" in checks["bf16-anchor"]["note"]
+        assert checks["fp32-small"]["status"] == "pass" and checks["fp32-small"]["finite"], line
+        assert checks["fp32-small"]["max_rel_err"] <= checks["fp32-small"]["tolerance"]
+    assert "smoke kernel" in quick_run[1]  # the smoke table is part of the summary
+
+
+# ----------------------------------------------------------------------------- the correctness gate
+
+GATED_OPS = ("contrastive", "masked_xattn", "resampler", "sigmoid", "vilbert_coattn", "blip2_qformer",
+             "blip2_stage2", "blip_itc", "blip_itc_ids")
+
+
+def test_quick_run_gates_every_vlmcore_row(rows):
+    """Every vlmcore row of an op benchmark carries its error, the finite check and a passing gate."""
+    ours = [r for r in rows if r["provider"] == "vlmcore" and r["op"] in GATED_OPS]
+    assert {r["op"] for r in ours} == set(GATED_OPS)
+    for row in ours:
+        assert row["gate"] == "pass" and row["finite"] == "true", row
+        assert 0 <= row["max_rel_err"] <= 1e-3 and "gate pass" in row["notes"], row
+    assert all(r["gate"] == "" for r in rows if r["provider"] != "vlmcore")
+
+
+def test_a_failing_gate_is_marked_and_never_a_speedup():
+    """A vlmcore result 10% off its reference (or non-finite) is written with gate = fail; the
+    summary shows GATE-FAIL and the peers' times, no speed-up."""
+    def wrong(case, inputs):
+        return lambda: inputs["x"].exp() * 1.1
+
+    def nan(case, inputs):
+        return lambda: inputs["x"].exp() * float("nan")
+
+    reference = Provider("reference", lambda case, inputs: lambda: inputs["x"].exp(), backend="reference")
+    for build, finite, error in ((wrong, "true", 0.1), (nan, "false", math.inf)):
+        ctx = _ctx()
+        run_op("toy", [_tiny_case()], [Provider("vlmcore", build), reference], ctx, gate=Gate(reference))
+        ours = [r for r in ctx.rows if r["provider"] == "vlmcore"]
+        assert len(ours) == 3 and all(r["gate"] == "fail" and r["finite"] == finite for r in ours), ours
+        assert all("GATE FAIL" in r["notes"] and math.isclose(float(r["max_rel_err"]), error, rel_tol=1e-3)
+                   for r in ours)
+        table = summary_table(ctx.rows)
+        assert "GATE-FAIL" in table and "x," not in table and "reference" in table and " ms" in table
+
+
+def test_gate_runs_at_the_reduced_shape_of_huge_cases():
+    ctx = RunContext(device=torch.device("cpu"), dtype=torch.float32, modes=MODES, writer=CsvWriter(None))
+    case = contrastive.make_case(2 * contrastive.GATE_MAX_N, 32, ctx)
+    assert case.meta["gate_case"].shape == f"n={contrastive.GATE_MAX_N} d=32"
+    assert "gate_case" not in contrastive.make_case(64, 32, ctx).meta
+
+
+def test_vlmcore_rows_come_before_peers_and_warmup_counts_against_the_deadline(monkeypatch):
+    ctx = _ctx()
+    cases = [_tiny_case(), _tiny_case()]
+    providers = [Provider("vlmcore", lambda case, inputs: lambda: inputs["x"].exp()),
+                 Provider("peer", lambda case, inputs: lambda: inputs["x"].exp())]
+    run_op("toy", cases, providers, ctx)
+    assert [r["provider"] for r in ctx.rows] == ["vlmcore"] * 6 + ["peer"] * 6
+    assert all("warm-up" in r["notes"] for r in ctx.rows)
+
+    def slow_warmup(case, inputs):
+        def fn():
+            ctx.deadline = 0.0  # the deadline passes while the first call (the warm-up) runs
+            return inputs["x"].exp()
+        return fn
+
+    ctx = _ctx()
+    run_op("toy", [_tiny_case()], [Provider("slow", slow_warmup)], ctx)
+    assert ctx.rows[0]["status"] == "skipped" and "warm-up" in ctx.rows[0]["notes"]
+
+
+def test_anchor_only_provider_skips_other_shapes_when_half_the_budget_is_gone(monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
+    ctx = _ctx(deadline=1000.0)
+    calls = []
+
+    def build(case, inputs):
+        calls.append(case.shape)
+        clock[0] += 600.0  # the anchor shape's compile took most of the op's budget
+        return lambda: inputs["x"].exp()
+
+    second = _tiny_case()
+    second.shape = "n=9"
+    run_op("toy", [_tiny_case(), second], [Provider("flex", build, anchor_only=True)], ctx)
+    rows = {(r["shape"], r["mode"]): r for r in ctx.rows}
+    assert calls == ["n=8"] and rows[("n=9", "fwd")]["status"] == "skipped"
+    assert "anchor shape only" in rows[("n=9", "fwd")]["notes"]
+
+
+def test_memeff_is_a_contrastive_peer_reported_unavailable_without_cuda(rows):
+    memeff = [r for r in rows if r["op"] == "contrastive" and r["provider"] == "memeff"]
+    assert memeff and all(r["status"] == "unavailable" for r in memeff)
+    assert all("memeff" in r["notes"] for r in memeff)

@@ -10,6 +10,9 @@ Per op or model: :mod:`~vlmcore.bench.contrastive`, :mod:`~vlmcore.bench.sigmoid
 :mod:`~vlmcore.bench.masked_xattn`, :mod:`~vlmcore.bench.resampler`, :mod:`~vlmcore.bench.blip`
 (momentum ITC), :mod:`~vlmcore.bench.blip2`, :mod:`~vlmcore.bench.vilbert`, :mod:`~vlmcore.bench.e2e`
 (end-to-end training steps).
+The GPU plan: :mod:`~vlmcore.bench.gpu_plan` (the two device calls, dry-run), :mod:`~vlmcore.bench.smoke`
+(every kernel once against the fp32 reference), :mod:`~vlmcore.bench.gate` (the correctness gate of every
+vlmcore row), :mod:`~vlmcore.bench.variants` (compiled-variant counts from the autotune spaces).
 The one-call GPU check is ``bench/gpu_check.sh OUTDIR`` in the repository; ``docs/benchmarks.md``.
 """
 

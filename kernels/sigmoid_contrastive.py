@@ -37,7 +37,6 @@ forward to backward (they are the input gradients).
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import torch
 import torch.distributed as dist
@@ -45,7 +44,7 @@ import triton
 import triton.language as tl
 
 from ._backend import interpreter_enabled, use_triton
-from ._checks import check_float_tensor, check_same
+from ._checks import check_float_tensor, check_same, check_scalar
 from ._distributed import all_gather_no_grad, all_gather_with_grad
 from ._plan import KernelLaunch, OpPlan
 from .reference import sigmoid_contrastive_loss_reference
@@ -542,21 +541,6 @@ class _SigmoidRing(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------
 
 
-def _check_scalar(name: str, value: object, features: torch.Tensor) -> None:
-    if not isinstance(value, torch.Tensor):
-        raise TypeError(f"{name} must be a 0-dim torch.Tensor, got {type(value).__name__}")
-    if value.numel() != 1 or value.dim() > 1:
-        raise ValueError(f"{name} must be a 0-dim tensor, got shape {tuple(value.shape)}")
-    if not value.dtype.is_floating_point:
-        raise TypeError(f"{name} must be a floating tensor, got {value.dtype}")
-    if value.device != features.device:
-        raise ValueError(f"{name} is on {value.device} but image_features is on {features.device}")
-    # One scalar device->host read per call in eager mode; skipped while torch.compile traces (it would
-    # break the graph), where a non-finite value shows up as a non-finite loss instead.
-    if not torch.compiler.is_compiling() and not math.isfinite(float(value.detach())):
-        raise ValueError(f"{name} must be finite, got {float(value.detach())}")
-
-
 def _check_ids(name: str, ids: object, rows: int, features: torch.Tensor) -> torch.Tensor:
     if not isinstance(ids, torch.Tensor):
         raise TypeError(f"{name} must be an integer torch.Tensor, got {type(ids).__name__}")
@@ -579,8 +563,8 @@ def _validate(image, text, logit_scale, logit_bias, image_ids, text_ids, group, 
     if image.shape[0] == 0 or text.shape[0] == 0 or image.shape[1] == 0:
         raise ValueError(f"image_features {tuple(image.shape)} and text_features {tuple(text.shape)} must be "
                          "non-empty [n, d] batches")
-    _check_scalar("logit_scale", logit_scale, image)
-    _check_scalar("logit_bias", logit_bias, image)
+    check_scalar("logit_scale", logit_scale, image)
+    check_scalar("logit_bias", logit_bias, image)
     if (image_ids is None) != (text_ids is None):
         raise ValueError("image_group_ids and text_group_ids must be given together (pairs with equal ids "
                          "are the positives)")

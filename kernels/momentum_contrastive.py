@@ -26,10 +26,12 @@ Triton path, one op direction at a time (the symmetric loss is two calls):
   per pass; counting inside the main walk spilled the fp32 variant on sm_90). Stores per row: the
   loss, ``lse(z)``, ``lse(zm)`` and, with ids, ``k_i`` (fp32).
 - backward ``_momentum_distill_bwd_kernel``: one program per block of rows recomputes both score
-  tiles, forms ``(softmax(z) - t) * g`` (with ids, ``t``'s hard part is ``(1 - alpha) / k_i`` on
-  the positives, from the stored counts) and accumulates ``d rows`` in fp32 registers, plus the
-  per-row ``sum_j (p - t)_ij (r_i . c_j)`` for the temperature gradient (summed on the host in a
-  fixed order).
+  tiles, forms ``softmax(z) - t`` (with ids, ``t``'s hard part is ``(1 - alpha) / k_i`` on the
+  positives, from the stored counts) and accumulates ``d rows`` in fp32 registers, plus the per-row
+  ``sum_j (p - t)_ij (r_i . c_j)`` for the temperature gradient (summed on the host in a fixed
+  order). Like the other ops, it casts ``p - t`` to the input dtype for the product BEFORE any
+  scaling: the incoming gradient g_i multiplies the fp32 sums at the end (scaled first, fp16 lost
+  the negatives' gradients at BLIP's queue length).
 
 Every output element is written by exactly one program and no atomics are used: bit-identical
 runs. Extra memory O(b). Embedding width ``e <= 256`` on the Triton path (BLIP / ALBEF use 256).
@@ -202,10 +204,13 @@ def _momentum_distill_bwd_kernel(
         else:
             b_t = alpha * tl.exp(b_zm - b_lse_m[:, None]) + tl.where(o_n[None, :] == label[:, None], 1.0 - alpha,
                                                                      0.0)
-        b_coef = tl.where(m_n[None, :] & m_m[:, None], (b_p - b_t) * b_g[:, None], 0.0)  # dL/dz [BLOCK_M, BLOCK_N]
-        b_ds += tl.sum(b_coef * b_dot, 1)
-        b_dr += tl.dot(b_coef.to(b_c.dtype), b_c, input_precision=PRECISION)
-    b_dr = b_dr * scale
+        b_delta = tl.where(m_n[None, :] & m_m[:, None], b_p - b_t, 0.0)  # dL/dz / g_i [BLOCK_M, BLOCK_N]
+        b_ds += tl.sum(b_delta * b_dot, 1)
+        b_dr += tl.dot(b_delta.to(b_c.dtype), b_c, input_precision=PRECISION)
+    # The incoming gradient (~1 / (2 b)) scales the fp32 results, never the 16-bit dot operand: at
+    # BLIP's 57,856 columns p * g is ~3e-8, below half of fp16's smallest subnormal (it would round to 0).
+    b_dr = b_dr * (scale * b_g)[:, None]
+    b_ds = b_ds * b_g
     tl.store(p_drows + o_m[:, None] * stride_dr + o_e[None, :], b_dr.to(p_drows.dtype.element_ty), mask=m_re)
     tl.store(p_dscale_rows + o_m, b_ds, mask=m_m)
 

@@ -88,6 +88,40 @@ def test_matches_reference_300x96_capped_groups(monkeypatch, device, nan_poisone
     _check_against_reference(image, text, torch.tensor(50.0, device=device), label_smoothing=0.2, output_dict=True)
 
 
+def test_window_backward_keeps_one_window_alive(monkeypatch, device):
+    """The window backward's documented bound: ONE dL/dS window alive at a time. Windows are tracked
+    by weak reference as the products receive them; whenever a new window-shaped buffer is
+    allocated, no earlier window may still be alive (4 windows here: 128 / 72 rows x 128 / 72 columns)."""
+    import weakref
+
+    import vlmcore.kernels.contrastive as module
+
+    dtype = torch.float32
+    monkeypatch.setattr(module, "REGISTER_BACKWARD_MAX_D", 0)
+    monkeypatch.setattr(module, "WINDOW_MAX_COLS", 128)
+    monkeypatch.setattr(module, "WINDOW_BYTES", 128 * 128 * dtype.itemsize)
+    windows, alive_at_allocation = [], []
+    real_product, real_empty = module._window_product, torch.empty
+
+    def tracking_product(g, *args, **kwargs):
+        if not any(ref() is g for ref in windows):
+            windows.append(weakref.ref(g))
+        return real_product(g, *args, **kwargs)
+
+    def tracking_empty(*args, **kwargs):
+        shape = args[0] if args and isinstance(args[0], tuple) else args
+        if kwargs.get("dtype") == dtype and len(shape) == 2 and windows:  # a window-shaped buffer
+            alive_at_allocation.append(sum(ref() is not None for ref in windows))
+        return real_empty(*args, **kwargs)
+
+    monkeypatch.setattr(module, "_window_product", tracking_product)
+    monkeypatch.setattr(torch, "empty", tracking_empty)
+    image, text = _features(200, 32, dtype, device)
+    _check_against_reference(image, text, torch.tensor(20.0, device=device))
+    assert len(windows) == 4
+    assert alive_at_allocation and max(alive_at_allocation) == 0, alive_at_allocation
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_window_backward_with_several_windows(dtype, monkeypatch, device, nan_poisoned_empty):
     """The window backward forced at d = 96 with windows of at most 300 x 128 elements: at n = 300,
@@ -293,7 +327,8 @@ def test_cuda_launch_settings():
         for d in (16, 96, 768, 4096):
             for precision in ("tf32", "ieee"):
                 for accuracy in (False, True):
-                    named = {"d": d, "rows_per_group": rows, "ACCURACY": accuracy, "PRECISION": precision}
+                    named = {"d": d, "row_tile": module._row_tile(rows), "ACCURACY": accuracy,
+                             "PRECISION": precision}
                     kept = module._prune(spaces["fwd"], named)
                     assert kept and all(rows % c.kwargs["BLOCK_M"] == 0 for c in kept)
                     assert all(module._allowed(c, precision, accuracy) for c in kept)

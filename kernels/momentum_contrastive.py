@@ -43,8 +43,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ._autotune import autotune
 from ._backend import interpreter_enabled, use_triton
-from ._checks import check_float_tensor, check_same
+from ._checks import check_float_tensor, check_same, dot_precision
 from .reference import momentum_contrastive_loss_reference
 
 MAX_EMBED_DIM = 256
@@ -52,10 +53,14 @@ MAX_EMBED_DIM = 256
 M_FLOOR = tl.constexpr(-1.0e30)
 
 
-def _configs() -> list[triton.Config]:
-    """Row x column tiles on CUDA (pruned by the embedding tile); one small config in the interpreter."""
-    if interpreter_enabled():
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
+_INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4, num_stages=1)
+# The preferred config (``VLMCORE_AUTOTUNE=preferred``): the first one both pruners keep at e = 256,
+# compiled for sm_90a in every dtype by the compile check; kept at every BLOCK_E, with or without ids.
+PREFERRED_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=8, num_stages=2)
+
+
+def _cuda_configs() -> list[triton.Config]:
+    """Row x column tiles of the CUDA autotune space (pruned per launch by the embedding tile)."""
     return [
         triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
         for block_m in (32, 64)
@@ -63,6 +68,15 @@ def _configs() -> list[triton.Config]:
         for warps in (4, 8)
         for stages in (2, 3)
     ]
+
+
+def _configs() -> list[triton.Config]:
+    """The CUDA space on CUDA; one small config in the interpreter."""
+    return [_INTERPRETER_CONFIG] if interpreter_enabled() else _cuda_configs()
+
+
+def _preferred() -> triton.Config:
+    return _INTERPRETER_CONFIG if interpreter_enabled() else PREFERRED_CONFIG
 
 
 def _prune(configs, named_args, **kwargs):
@@ -98,7 +112,7 @@ def _score_tiles(b_r, b_rm, p_cols, stride_c, o_n, m_n, o_e, m_e, scale, PRECISI
     return b_c, b_dot, b_z, b_zm
 
 
-@triton.autotune(configs=_configs(), key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune})
+@autotune(_configs(), _preferred(), _AUTOTUNE_KEY, _prune)
 @triton.jit
 def _momentum_distill_fwd_kernel(
     p_rows, p_rows_m, p_cols, p_scale, p_loss, p_lse, p_lse_m, p_row_ids, p_col_ids, p_count,
@@ -166,7 +180,7 @@ def _momentum_distill_fwd_kernel(
         tl.store(p_count + o_m, b_count, mask=m_m)
 
 
-@triton.autotune(configs=_configs(), key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune_backward})
+@autotune(_configs(), _preferred(), _AUTOTUNE_KEY, _prune_backward)
 @triton.jit
 def _momentum_distill_bwd_kernel(
     p_rows, p_rows_m, p_cols, p_scale, p_lse, p_lse_m, p_grad, p_drows, p_dscale_rows, p_row_ids, p_col_ids,
@@ -220,16 +234,11 @@ def _momentum_distill_bwd_kernel(
 # ----------------------------------------------------------------------------------------------
 
 
-def _precision(dtype: torch.dtype) -> str:
-    """fp32 inputs keep full fp32 products (the reference's math); 16-bit inputs use tensor cores."""
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
 def _meta(rows: torch.Tensor, cols: torch.Tensor, row_ids: torch.Tensor | None) -> dict:
     """Autotune key and compile-time sizes: column-count bucket, padded embedding tile, dot precision,
     whether the targets come from image ids."""
     return dict(size_bucket=triton.next_power_of_2(cols.shape[0]),
-                BLOCK_E=max(16, triton.next_power_of_2(rows.shape[1])), PRECISION=_precision(rows.dtype),
+                BLOCK_E=max(16, triton.next_power_of_2(rows.shape[1])), PRECISION=dot_precision(rows.dtype),
                 HAS_IDS=row_ids is not None)
 
 

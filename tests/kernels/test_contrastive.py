@@ -514,7 +514,7 @@ def _chunked_reference(image, text, scale, chunk=4096):
     """fp32 loss and gradients of the symmetric loss without the whole n x n matrix (large n)."""
     img, txt, s = image.float(), text.float(), float(scale)
     n = img.shape[0]
-    col_lse = torch.logsumexp(torch.cat([s * txt[i:i + chunk] @ img.T for i in range(0, n, chunk)]), dim=1)
+    col_lse = torch.cat([torch.logsumexp(s * txt[i:i + chunk] @ img.T, dim=1) for i in range(0, n, chunk)])
     row_lse = torch.cat([torch.logsumexp(s * img[i:i + chunk] @ txt.T, dim=1) for i in range(0, n, chunk)])
     diag = s * (img * txt).sum(1)
     loss = 0.5 * (row_lse.mean() + col_lse.mean()) - diag.mean()
@@ -541,6 +541,35 @@ def test_gpu_matches_reference(dtype):
 @pytest.mark.parametrize("n", [8192, 65536])
 def test_gpu_large_n_bf16(n):
     image, text = _features(n, 768, torch.bfloat16, "cuda", noise=1.0)
+    s = torch.tensor(100.0, device="cuda")
+    got = _run(image, text, s, "triton")
+    ref = _chunked_reference(image, text, s)
+    assert_close(got[0], ref[0], dtype=torch.bfloat16, name="loss")
+    _assert_grads_close(got[1:], ref[1:], torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_capped_groups_merge_partials_across_row_blocks(dtype, monkeypatch):
+    """Two row groups of 2048 rows: each program walks 16+ row blocks and merges its own column
+    partials (LSE and argmax) across them, at a size where a reference fits."""
+    import vlmcore.kernels.contrastive as module
+
+    monkeypatch.setattr(module, "MAX_ROW_GROUPS", 2)
+    assert module._rows_per_group(4096) == 2048
+    image, text = _features(4096, 256, dtype, "cuda")
+    _check_against_reference(image, text, torch.tensor(50.0, device="cuda"), label_smoothing=0.1, output_dict=True)
+
+
+@pytest.mark.gpu
+def test_gpu_n_131072_merges_partials_across_row_blocks():
+    """n = 131072 (rows_per_group 256 > every BLOCK_M: the natural multi-row-block path; the same
+    tuning as n = 65536, whose autotune key it shares), bf16 against the chunked fp32 reference."""
+    import vlmcore.kernels.contrastive as module
+
+    n = 131072
+    assert module._rows_per_group(n) == 256 and module._size_bucket(n, n) == module._size_bucket(65536, 65536)
+    image, text = _features(n, 128, torch.bfloat16, "cuda", noise=1.0)
     s = torch.tensor(100.0, device="cuda")
     got = _run(image, text, s, "triton")
     ref = _chunked_reference(image, text, s)

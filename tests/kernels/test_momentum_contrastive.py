@@ -302,6 +302,22 @@ def test_torch_compile_with_and_without_ids():
                 assert_close(a, r, atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("with_ids", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_blip_shape(dtype, with_ids):
+    """BLIP's ITC shape (b = 256, 57,600 queued columns, e = 256, temperature 0.07, alpha 0.4) in 16-bit
+    against the fp32 reference: here dL/dz per element is ~3e-8, below fp16's subnormals unless the
+    kernel casts before scaling by the incoming gradient."""
+    b, e, q = 256, 256, 57600
+    inputs = _inputs(b, e, q, dtype, "cuda")
+    ids, queue_ids = _ids(b, q, "cuda") if with_ids else (None, None)
+    temperature = torch.tensor(0.07, device="cuda")
+    got = _run(inputs, temperature, 0.4, "triton", ids, queue_ids)
+    expected = _run(_fp32(inputs), temperature, 0.4, "reference", ids, queue_ids)
+    _assert_matches(got, expected, dtype)
+
+
 @pytest.mark.slow
 def test_kernels_compile_for_h100():
     """Both kernels, with and without ids, compile to sm_90a cubins (Triton's GPU passes + bundled ptxas,

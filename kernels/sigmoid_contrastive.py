@@ -44,7 +44,7 @@ import triton
 import triton.language as tl
 
 from ._backend import interpreter_enabled, use_triton
-from ._checks import check_float_tensor, check_same, check_scalar
+from ._checks import check_float_tensor, check_same, check_scalar, dot_precision
 from ._distributed import all_gather_no_grad, all_gather_with_grad
 from ._plan import KernelLaunch, OpPlan
 from .reference import sigmoid_contrastive_loss_reference
@@ -289,11 +289,6 @@ def sigmoid_contrastive_plan(n: int, d: int, dtype: str = "bf16", n_cols: int | 
 # ----------------------------------------------------------------------------------------------
 
 
-def _precision(dtype: torch.dtype) -> str:
-    """fp32 inputs keep IEEE fp32 products (the reference's math); 16-bit inputs use tensor cores."""
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
 def _launch(kernel, grid: tuple[int, ...], args: tuple, config: dict, **constexprs) -> None:
     meta = {k: v for k, v in config.items() if k.startswith("BLOCK_")}
     if interpreter_enabled():
@@ -319,7 +314,7 @@ def _block_forward(x: torch.Tensor, y: torch.Tensor, scale_bias: torch.Tensor, x
     key = _config_key(dtype, device)
     scores_cfg, mm_cfg = _SCORES_CONFIG[key], _MATMUL_CONFIG[key]
     with_grad = with_x or with_y or with_params
-    precision = _precision(x.dtype)
+    precision = dot_precision(x.dtype)
     f32 = {"device": x.device, "dtype": torch.float32}
     alpha = (scale_bias[:1] / norm).contiguous()  # s / n: dx = alpha G' y, dy = alpha G'^T x
     dx = torch.empty_like(x) if with_x else None

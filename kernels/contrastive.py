@@ -51,7 +51,6 @@ row, and per column through the same group partials; ties go to the lowest index
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import dataclass, replace
 
 import torch
@@ -59,8 +58,9 @@ import torch.distributed as dist
 import triton
 import triton.language as tl
 
+from ._autotune import autotune
 from ._backend import interpreter_enabled, use_triton
-from ._checks import check_float_tensor, check_same
+from ._checks import check_float_tensor, check_same, check_scalar, dot_precision
 from ._distributed import all_gather_no_grad, all_gather_with_grad
 from ._plan import KernelLaunch, OpPlan
 from .reference import (
@@ -141,7 +141,7 @@ def _contrastive_fwd_kernel(
     p_a, p_b, p_scale,
     p_row_lse, p_row_tgt, p_row_arg,
     p_part_lse, p_part_max, p_part_arg,
-    n_rows, n_cols, d, size_bucket, stride_a, stride_b, label_offset, rows_per_group,
+    n_rows, n_cols, d, size_bucket, stride_a, stride_b, label_offset, rows_per_group, row_tile,
     COL_STATS: tl.constexpr, ACCURACY: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -152,7 +152,8 @@ def _contrastive_fwd_kernel(
     row_arg int32 ``[n_rows]`` (ACCURACY). COL_STATS: program g owns rows
     ``[g * rows_per_group, (g + 1) * rows_per_group)`` and row g of part_lse fp32 ``[G, n_cols]``
     (log2 units), part_max fp32 / part_arg int32 ``[G, n_cols]`` (ACCURACY: column max of X and its
-    row). Without COL_STATS a program owns one row block.
+    row). Without COL_STATS a program owns one row block. ``size_bucket`` and ``row_tile`` are read
+    by the autotuner only (its key).
     """
     i_g = tl.program_id(0)
     if COL_STATS:
@@ -425,10 +426,12 @@ def _contrastive_window_matmul_kernel(
 
 # Kernels take ``size_bucket`` only as an autotune key: the next power of two of max(m, N), capped,
 # so a config tuned at n = 65536 serves 131072 and 2^20 too (tuning at 2^20 would run each config
-# several times at seconds per run). Every argument the pruning reads and every mode flag that
-# changes the work is in the key, so a pruned space is chosen (and tuned) per key, and
-# ``cache_results`` keeps the winners on disk for the next process.
-_FWD_KEY = ["size_bucket", "d", "rows_per_group", "COL_STATS", "ACCURACY", "PRECISION"]
+# several times at seconds per run). The forward's groups enter the key only as their row-tile
+# class (``row_tile``: 64 or 128, see :func:`_row_tile`), not as ``rows_per_group`` itself, which
+# grows with n past 65536. Every argument the pruning reads and every mode flag that changes the
+# work is in the key, so a pruned space is chosen (and tuned) per key; the winners are cached on
+# disk (kernels/_autotune.py).
+_FWD_KEY = ["size_bucket", "d", "row_tile", "COL_STATS", "ACCURACY", "PRECISION"]
 _BWD_KEY = ["size_bucket", "d", "SYMMETRIC", "PRECISION"]
 _WINDOW_KEY = ["size_bucket", "d", "SYMMETRIC", "PRECISION"]
 _MATMUL_KEY = ["M", "N", "K", "FIRST", "LAST", "TRANS_X", "WRITE_DS", "PRECISION"]
@@ -473,16 +476,16 @@ _MATMUL_BLOCK_N = {"tf32": 128, "ieee": 64}
 _PRECISIONS = ("tf32", "ieee")
 
 
-def _fwd_configs() -> list[triton.Config]:
-    """CUDA autotune space of the forward, both precisions (pruned per launch by ``PRECISION``)."""
+def _fwd_configs(precision: str | None = None) -> list[triton.Config]:
+    """CUDA autotune space of the forward for ``precision`` (None: both, pruned per launch by ``PRECISION``)."""
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": bd}, num_warps=w, num_stages=s)
-            for precision in _PRECISIONS for bm, bn, bd, w, s, _ in _FWD_SPACE[precision]]
+            for p in _PRECISIONS if precision in (None, p) for bm, bn, bd, w, s, _ in _FWD_SPACE[p]]
 
 
-def _bwd_configs() -> list[triton.Config]:
-    """CUDA autotune space of both register-backward kernels, both precisions."""
+def _bwd_configs(precision: str | None = None) -> list[triton.Config]:
+    """CUDA autotune space of both register-backward kernels for ``precision`` (None: both)."""
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": bd, "BLOCK_DO": bdo}, num_warps=w, num_stages=s)
-            for precision in _PRECISIONS for bm, bn, bd, bdo, w, s in _BWD_SPACE[precision]]
+            for p in _PRECISIONS if precision in (None, p) for bm, bn, bd, bdo, w, s in _BWD_SPACE[p]]
 
 
 def _config_key(config: triton.Config) -> tuple:
@@ -506,16 +509,15 @@ def _allowed(config: triton.Config, precision: str, accuracy: bool) -> bool:
 
 def _prune(configs, named_args, **kwargs):
     """Keep the configs of the launch's precision that do not spill in its mode, whose d tiles do
-    not exceed the padded feature width, and (forward) whose BLOCK_M divides the rows of a group
-    (correct either way, masked, but wasted work). The first config of each space always qualifies
-    (its BLOCK_M divides every group size, and it is spill-free in every mode), so the result is
-    never empty."""
+    not exceed the padded feature width, and (forward) whose BLOCK_M divides the row tile of the
+    groups (correct either way, masked, but wasted work). Each space has a config that qualifies
+    everywhere (:func:`_kept_everywhere`), so the result is never empty."""
     width = max(64, _pow2(named_args["d"]))
-    group_rows = named_args.get("rows_per_group", 0)
+    row_tile = named_args.get("row_tile", 0)
     accuracy = bool(named_args.get("ACCURACY", False))
     precision = named_args.get("PRECISION", "tf32")
     return [c for c in configs if _allowed(c, precision, accuracy) and c.kwargs["BLOCK_D"] <= width
-            and c.kwargs.get("BLOCK_DO", 0) <= width and group_rows % c.kwargs.get("BLOCK_M", 1) == 0]
+            and c.kwargs.get("BLOCK_DO", 0) <= width and row_tile % c.kwargs.get("BLOCK_M", 1) == 0]
 
 
 def _rows_per_group(m: int) -> int:
@@ -524,16 +526,23 @@ def _rows_per_group(m: int) -> int:
     return quantum * triton.cdiv(triton.cdiv(m, MAX_ROW_GROUPS), quantum)
 
 
+def _row_tile(rows_per_group: int) -> int:
+    """The forward's row-tile class: the largest row tile (128 or 64) that divides the group rows;
+    128 without groups (``rows_per_group`` 0: a program owns one row block of any height). Every n
+    >= 32768 is in class 128, so one tuning of a size bucket serves all of them."""
+    return _LARGE_GROUP_ROWS if rows_per_group % _LARGE_GROUP_ROWS == 0 else _SMALL_GROUP_ROWS
+
+
 def _window_configs() -> list[triton.Config]:
     """CUDA autotune space of the window kernel (its tiles are fixed: see :func:`_window_block`)."""
     space = ((64, 8, 3), (64, 8, 4), (128, 8, 2))  # 4 warps spill a 128 x 128 fp32 tile
     return [triton.Config({"BLOCK_D": bd}, num_warps=w, num_stages=s) for bd, w, s in space]
 
 
-def _matmul_configs() -> list[triton.Config]:
-    """CUDA autotune space of the window products, both precisions."""
+def _matmul_configs(precision: str | None = None) -> list[triton.Config]:
+    """CUDA autotune space of the window products for ``precision`` (None: both)."""
     return [triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-            for precision in _PRECISIONS for bm, bk, w, s in _MATMUL_SPACE[precision]]
+            for p in _PRECISIONS if precision in (None, p) for bm, bk, w, s in _MATMUL_SPACE[p]]
 
 
 def _prune_matmul(configs, named_args, **kwargs):
@@ -550,7 +559,7 @@ def _window_block(dtype: torch.dtype, interpreter: bool) -> int:
 
 
 def _matmul_block_n(interpreter: bool, dtype: torch.dtype) -> int:
-    return 64 if interpreter else _MATMUL_BLOCK_N[_precision(dtype)]
+    return 64 if interpreter else _MATMUL_BLOCK_N[dot_precision(dtype)]
 
 
 def _interpreter_meta(d: int, backward: bool) -> dict:
@@ -564,33 +573,45 @@ def _interpreter_meta(d: int, backward: bool) -> dict:
 _INTERPRETER_MATMUL_META = {"BLOCK_M": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 1}
 
 
-def _tuned(kernel, configs: list[triton.Config], key: list[str], prune=_prune, restore=None):
-    """``kernel`` autotuned over ``configs`` (CUDA only; the interpreter launches the plain kernel)."""
-    return triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": prune},
-                           restore_value=restore, cache_results=True)(kernel)
+def _kept_everywhere(configs: list[triton.Config], prune, cases: list[dict]) -> triton.Config:
+    """The first of ``configs`` that ``prune`` keeps in every one of ``cases`` (named arguments): the
+    kernel's preferred config under ``VLMCORE_AUTOTUNE=preferred``, valid at every key."""
+    return next(c for c in configs if all(prune([c], named) == [c] for named in cases))
 
 
-_fwd_tuned = _tuned(_contrastive_fwd_kernel, _fwd_configs(), _FWD_KEY)
-_bwd_rows_tuned = _tuned(_contrastive_bwd_rows_kernel, _bwd_configs(), _BWD_KEY)
-_bwd_cols_tuned = _tuned(_contrastive_bwd_cols_kernel, _bwd_configs(), _BWD_KEY)
-_window_tuned = _tuned(_contrastive_grad_window_kernel, _window_configs(), _WINDOW_KEY)
+def _tuned(kernel, configs_of, key: list[str], cases_of, prune=_prune, restore=None) -> dict:
+    """``{precision: kernel autotuned over configs_of(precision)}`` (CUDA only; the interpreter launches
+    the plain kernel). One autotuner per precision, because the precisions' spaces are disjoint: in
+    ``preferred`` mode each then holds its one config (kernels/_autotune.py)."""
+    return {precision: autotune(configs_of(precision), _kept_everywhere(configs_of(precision), prune,
+                                                                        cases_of(precision)),
+                                key, prune, restore)(kernel)
+            for precision in _PRECISIONS}
+
+
+# d = 16 pads to the narrowest width the pruners allow (64): a config kept there is kept at every d.
+_fwd_tuned = _tuned(_contrastive_fwd_kernel, _fwd_configs, _FWD_KEY, lambda precision: [
+    {"d": 16, "row_tile": row_tile, "ACCURACY": accuracy, "PRECISION": precision}
+    for row_tile in (_SMALL_GROUP_ROWS, _LARGE_GROUP_ROWS) for accuracy in (False, True)])
+_bwd_rows_tuned = _tuned(_contrastive_bwd_rows_kernel, _bwd_configs, _BWD_KEY,
+                         lambda precision: [{"d": 16, "PRECISION": precision}])
+_bwd_cols_tuned = _tuned(_contrastive_bwd_cols_kernel, _bwd_configs, _BWD_KEY,
+                         lambda precision: [{"d": 16, "PRECISION": precision}])
+_window_tuned = _tuned(_contrastive_grad_window_kernel, lambda precision: _window_configs(), _WINDOW_KEY,
+                       lambda precision: [{"d": 16, "PRECISION": precision}])
 # Tuning runs a middle window's product several times: p_acc is restored between runs.
-_matmul_tuned = _tuned(_contrastive_window_matmul_kernel, _matmul_configs(), _MATMUL_KEY,
-                       prune=_prune_matmul, restore=["p_acc"])
+_matmul_tuned = _tuned(_contrastive_window_matmul_kernel, _matmul_configs, _MATMUL_KEY,
+                       lambda precision: [{"K": 16, "PRECISION": precision}], prune=_prune_matmul, restore=["p_acc"])
 
 
-def _launch(kernel, tuned, grid, args: tuple, d: int, backward: bool) -> None:
-    """Autotuned launch on CUDA; the fixed interpreter config on CPU. ``grid(meta)`` -> grid tuple."""
+def _launch(kernel, tuned: dict, grid, args: tuple, d: int, backward: bool) -> None:
+    """Autotuned launch on CUDA (``tuned[PRECISION]``, the last argument); the fixed interpreter config
+    on CPU. ``grid(meta)`` -> grid tuple."""
     if interpreter_enabled():
         meta = _interpreter_meta(d, backward)
         kernel[grid(meta)](*args, **meta)
     else:
-        tuned[grid](*args)
-
-
-def _precision(dtype: torch.dtype) -> str:
-    """fp32 inputs keep full IEEE fp32 products (the reference's math); 16-bit inputs use tensor cores."""
-    return "ieee" if dtype == torch.float32 else "tf32"
+        tuned[args[-1]][grid](*args)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -677,20 +698,21 @@ def _fwd_meta(c: _Choice) -> dict:
     if c.interpreter:
         meta = _interpreter_meta(c.d, backward=False)
     else:
-        named = {"d": c.d, "rows_per_group": c.rows_per_group, "ACCURACY": c.accuracy,
-                 "PRECISION": _precision(c.dtype)}
-        config = _prune(_fwd_configs(), named)[0]
+        precision = dot_precision(c.dtype)
+        named = {"d": c.d, "row_tile": _row_tile(c.rows_per_group), "ACCURACY": c.accuracy, "PRECISION": precision}
+        config = _prune(_fwd_tuned[precision].configs, named)[0]
         meta = {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
-    return {"COL_STATS": c.symmetric, "ACCURACY": c.accuracy, "PRECISION": _precision(c.dtype), **meta}
+    return {"COL_STATS": c.symmetric, "ACCURACY": c.accuracy, "PRECISION": dot_precision(c.dtype), **meta}
 
 
 def _bwd_meta(c: _Choice) -> dict:
     if c.interpreter:
         meta = _interpreter_meta(c.d, backward=True)
     else:
-        config = _prune(_bwd_configs(), {"d": c.d, "PRECISION": _precision(c.dtype)})[0]
+        precision = dot_precision(c.dtype)
+        config = _prune(_bwd_rows_tuned[precision].configs, {"d": c.d, "PRECISION": precision})[0]
         meta = {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
-    return {"SYMMETRIC": c.symmetric, "PRECISION": _precision(c.dtype), **meta}
+    return {"SYMMETRIC": c.symmetric, "PRECISION": dot_precision(c.dtype), **meta}
 
 
 def _window_meta(c: _Choice) -> dict:
@@ -698,18 +720,19 @@ def _window_meta(c: _Choice) -> dict:
     if c.interpreter:
         meta = {"BLOCK_D": min(128, _pow2(c.d)), "num_warps": 4, "num_stages": 1}
     else:
-        config = _prune(_window_configs(), {"d": c.d})[0]
+        config = _prune(_window_tuned[dot_precision(c.dtype)].configs, {"d": c.d})[0]
         meta = {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
-    return {"SYMMETRIC": c.symmetric, "PRECISION": _precision(c.dtype), **block, **meta}
+    return {"SYMMETRIC": c.symmetric, "PRECISION": dot_precision(c.dtype), **block, **meta}
 
 
 def _matmul_meta(c: _Choice, k: int) -> dict:
     if c.interpreter:
         meta = dict(_INTERPRETER_MATMUL_META)
     else:
-        config = _prune_matmul(_matmul_configs(), {"K": k, "PRECISION": _precision(c.dtype)})[0]
+        precision = dot_precision(c.dtype)
+        config = _prune_matmul(_matmul_tuned[precision].configs, {"K": k, "PRECISION": precision})[0]
         meta = {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
-    return {"PRECISION": _precision(c.dtype), "BLOCK_N": _matmul_block_n(c.interpreter, c.dtype), **meta}
+    return {"PRECISION": dot_precision(c.dtype), "BLOCK_N": _matmul_block_n(c.interpreter, c.dtype), **meta}
 
 
 def _waves(programs: int, c: _Choice) -> int:
@@ -913,7 +936,7 @@ def _forward(rows: torch.Tensor, cols: torch.Tensor, scale: torch.Tensor, label_
         grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),)  # noqa: E731
     args = (rows, cols, scale, row_lse, row_tgt, row_arg, part_lse, part_max, part_arg,
             m, n_cols, d, _size_bucket(m, n_cols), rows.stride(0), cols.stride(0), label_offset,
-            plan.rows_per_group, symmetric, accuracy, _precision(rows.dtype))
+            plan.rows_per_group, _row_tile(plan.rows_per_group), symmetric, accuracy, dot_precision(rows.dtype))
     _launch(_contrastive_fwd_kernel, _fwd_tuned, grid, args, d, backward=False)
     if not symmetric:
         return row_lse, row_tgt, row_arg if accuracy else None, None, None
@@ -945,7 +968,7 @@ def _backward(rows: torch.Tensor, cols: torch.Tensor, scale: torch.Tensor, coef:
     d_cols = torch.empty_like(cols) if with_cols else cols.new_empty(0)
     ds_rows = torch.empty(m, device=rows.device, dtype=torch.float32)
     tail = (m, n_cols, d, _size_bucket(m, n_cols), rows.stride(0), cols.stride(0))
-    rest = (label_offset, smoothing, symmetric, _precision(rows.dtype))
+    rest = (label_offset, smoothing, symmetric, dot_precision(rows.dtype))
     _launch(_contrastive_bwd_rows_kernel, _bwd_rows_tuned,
             lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(d, meta["BLOCK_DO"])),
             (rows, cols, scale, coef, row_lse, col_lse, d_rows, ds_rows, *tail, d_rows.stride(0), *rest),
@@ -969,14 +992,13 @@ def _window_product(x: torch.Tensor, y: torch.Tensor, acc: torch.Tensor, out: to
     d = y.shape[1]
     block_n = _matmul_block_n(interpreter, x.dtype)
     args = (x, y, acc, out, coef, rows, ds, m_out, d, k, stride_xm, stride_xk, y.stride(0), rows.stride(0),
-            ds.stride(0) if ds.dim() == 2 else 0, first, last, trans_x, write_ds, _precision(x.dtype))
+            ds.stride(0) if ds.dim() == 2 else 0, first, last, trans_x, write_ds, dot_precision(x.dtype))
+    grid = lambda meta: (triton.cdiv(m_out, meta["BLOCK_M"]), triton.cdiv(d, block_n))  # noqa: E731
     if interpreter:
         meta = _INTERPRETER_MATMUL_META
-        _contrastive_window_matmul_kernel[(triton.cdiv(m_out, meta["BLOCK_M"]), triton.cdiv(d, block_n))](
-            *args, BLOCK_N=block_n, **meta)
+        _contrastive_window_matmul_kernel[grid(meta)](*args, BLOCK_N=block_n, **meta)
     else:
-        _matmul_tuned[lambda meta: (triton.cdiv(m_out, meta["BLOCK_M"]), triton.cdiv(d, block_n))](
-            *args, BLOCK_N=block_n)
+        _matmul_tuned[dot_precision(x.dtype)][grid](*args, BLOCK_N=block_n)
 
 
 def _backward_windows(plan: _Choice, rows: torch.Tensor, cols: torch.Tensor, scale: torch.Tensor,
@@ -997,8 +1019,6 @@ def _backward_windows(plan: _Choice, rows: torch.Tensor, cols: torch.Tensor, sca
     symmetric = col_lse is not None
     col_lse = col_lse if symmetric else row_lse
     interpreter = plan.interpreter
-    meta = _window_meta(plan) if interpreter else {}
-    block = plan.window_block
     row_windows = range(0, m, plan.window_rows)
     chunks = range(0, n_cols, plan.window_cols)
     f32 = {"device": rows.device, "dtype": torch.float32}
@@ -1012,17 +1032,8 @@ def _backward_windows(plan: _Choice, rows: torch.Tensor, cols: torch.Tensor, sca
         row1 = min(row0 + plan.window_rows, m)
         for j, col0 in enumerate(chunks):
             col1 = min(col0 + plan.window_cols, n_cols)
-            g = torch.empty((row1 - row0, col1 - col0), device=rows.device, dtype=rows.dtype)
-            args = (rows, cols, scale, row_lse, col_lse, g, row0, col0, row1 - row0, col1 - col0,
-                    m, n_cols, d, _size_bucket(m, n_cols), rows.stride(0), cols.stride(0), label_offset,
-                    smoothing, symmetric, _precision(rows.dtype))
-            grid = (triton.cdiv(row1 - row0, block), triton.cdiv(col1 - col0, block))
-            if interpreter:
-                _contrastive_grad_window_kernel[grid](*args, **{k: meta[k] for k in
-                                                                ("BLOCK_M", "BLOCK_N", "BLOCK_D", "num_warps",
-                                                                 "num_stages")})
-            else:
-                _window_tuned[grid](*args, BLOCK_M=block, BLOCK_N=block)
+            g = _grad_window(plan, rows, cols, scale, row_lse, col_lse, (row0, row1), (col0, col1),
+                             label_offset, smoothing)
             _window_product(g, cols[col0:col1], row_acc, d_rows[row0:row1], coef, rows[row0:row1],
                             ds_part[:, row0:row1], trans_x=False, first=j == 0, last=j == len(chunks) - 1,
                             write_ds=True, interpreter=interpreter)
@@ -1030,8 +1041,32 @@ def _backward_windows(plan: _Choice, rows: torch.Tensor, cols: torch.Tensor, sca
                 _window_product(g, rows[row0:row1], col_acc[col0:col1] if col_acc.dim() == 2 else col_acc,
                                 d_cols[col0:col1], coef, rows, ds_part, trans_x=True, first=i == 0,
                                 last=i == len(row_windows) - 1, write_ds=False, interpreter=interpreter)
-            del g  # the next window is allocated only after this one is released
+            del g  # the last reference: the next window is allocated only after this one is freed
     return d_rows, d_cols, ds_part.sum(0)
+
+
+def _grad_window(plan: _Choice, rows: torch.Tensor, cols: torch.Tensor, scale: torch.Tensor,
+                 row_lse: torch.Tensor, col_lse: torch.Tensor, row_range: tuple[int, int],
+                 col_range: tuple[int, int], label_offset: int, smoothing: float) -> torch.Tensor:
+    """G' of rows ``[r0, r1)`` x columns ``[c0, c1)``: a new ``[r1 - r0, c1 - c0]`` window in the input
+    dtype. Its launch arguments live only in this frame, so once the caller drops the window nothing
+    else holds it (a launch tuple kept in the caller's loop kept the previous window alive while the
+    next was allocated: two windows, not one)."""
+    (row0, row1), (col0, col1) = row_range, col_range
+    g = torch.empty((row1 - row0, col1 - col0), device=rows.device, dtype=rows.dtype)
+    args = (rows, cols, scale, row_lse, col_lse, g, row0, col0, row1 - row0, col1 - col0,
+            rows.shape[0], cols.shape[0], rows.shape[1], _size_bucket(rows.shape[0], cols.shape[0]),
+            rows.stride(0), cols.stride(0), label_offset, smoothing, plan.symmetric,
+            dot_precision(rows.dtype))
+    block = plan.window_block
+    grid = (triton.cdiv(row1 - row0, block), triton.cdiv(col1 - col0, block))
+    if plan.interpreter:
+        meta = _window_meta(plan)
+        _contrastive_grad_window_kernel[grid](*args, **{k: meta[k] for k in
+                                                        ("BLOCK_M", "BLOCK_N", "BLOCK_D", "num_warps", "num_stages")})
+    else:
+        _window_tuned[dot_precision(rows.dtype)][grid](*args, BLOCK_M=block, BLOCK_N=block)
+    return g
 
 
 def _scale_vector(logit_scale: torch.Tensor) -> torch.Tensor:
@@ -1322,20 +1357,7 @@ def _validate(image_features, text_features, logit_scale, label_smoothing) -> No
         )
     if image_features.shape[0] == 0 or image_features.shape[1] == 0:
         raise ValueError(f"image_features must be a non-empty [n, d] batch, got {tuple(image_features.shape)}")
-    if not isinstance(logit_scale, torch.Tensor):
-        raise TypeError(f"logit_scale must be a 0-dim torch.Tensor, got {type(logit_scale).__name__}")
-    if logit_scale.numel() != 1 or logit_scale.dim() > 1:
-        raise ValueError(f"logit_scale must be a 0-dim tensor, got shape {tuple(logit_scale.shape)}")
-    if not logit_scale.dtype.is_floating_point:
-        raise TypeError(f"logit_scale must be a floating tensor, got {logit_scale.dtype}")
-    if logit_scale.device != image_features.device:
-        raise ValueError(f"logit_scale is on {logit_scale.device} but image_features is on {image_features.device}")
-    # Checked only where reading the value costs no device-to-host sync (a CPU scale, outside
-    # torch.compile tracing): on a GPU a non-finite scale shows up as a non-finite loss instead, so
-    # the eager call never stalls the stream and stays capturable in a CUDA graph.
-    if (logit_scale.device.type == "cpu" and not torch.compiler.is_compiling()
-            and not math.isfinite(float(logit_scale.detach()))):
-        raise ValueError(f"logit_scale must be finite, got {float(logit_scale.detach())}")
+    check_scalar("logit_scale", logit_scale, image_features)
     if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)):
         raise TypeError(f"label_smoothing must be a float in [0, 1], got {type(label_smoothing).__name__}")
     if not (0.0 <= float(label_smoothing) <= 1.0):

@@ -49,6 +49,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._autotune import autotune
 from ._backend import interpreter_enabled, use_triton
 from ._checks import check_float_tensor, check_same, check_softmax_scale
 from ._host import cdiv, next_power_of_2
@@ -465,30 +466,37 @@ def _pruner(streamed: str, resident_tiles: int, accumulators: int, score_tiles: 
     return prune
 
 
-# Forward and dQ: BLOCK_M text rows resident (q; dq also do, o), BLOCK_N key rows (k, v) streamed.
-_fwd_kernel = triton.autotune(
-    configs=_configs("fwd"), key=_AUTOTUNE_KEY,
-    prune_configs_by={"early_config_prune": _pruner("BLOCK_N", 1, accumulators=1, score_tiles=2)},
-)(_mxa_fwd_kernel)
-_dq_kernel = triton.autotune(
-    configs=_configs("dq"), key=_AUTOTUNE_KEY,
-    prune_configs_by={"early_config_prune": _pruner("BLOCK_N", 2, accumulators=1, score_tiles=3)},
-)(_mxa_bwd_dq_kernel)
-# dK/dV (and the one-pass dQ): BLOCK_N key rows resident (k, v), BLOCK_M text rows (q, do; o) streamed.
-_kv_kernel = triton.autotune(
-    configs=_configs("kv"), key=_KV_AUTOTUNE_KEY,
-    prune_configs_by={"early_config_prune": _pruner("BLOCK_M", 2, accumulators=2, score_tiles=3,
-                                                    one_pass_kernel=True)},
-)(_mxa_bwd_kv_kernel)
-_spans_kernel = _mxa_spans_kernel  # no tiles to tune: a few loads per text position
-
 # The configs the plan (and the sm_90a compile check) assume the autotuner picks on an H100 for
-# bf16; the autotuner measures and may choose another surviving one.
+# bf16; the autotuner measures and may choose another surviving one. Under
+# ``VLMCORE_AUTOTUNE=preferred`` they are each kernel's one config: every pruner rule keeps them at
+# Dh <= 128 in fp32 and 16-bit (checked in tests), and the one-pass backward is chosen only when the
+# kv config holds a whole image (:func:`_one_pass` reads the kernel's configs).
 PREFERRED_CONFIGS = {
     "fwd": {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2},
     "dq": {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2},
     "kv": {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2},
 }
+
+
+def _autotuned(name: str, key: list[str], prune):
+    """Autotune decorator of kernel ``name`` over :func:`_configs` (kernels/_autotune.py)."""
+    configs = _configs(name)
+    if interpreter_enabled():
+        preferred = configs[0]
+    else:
+        tiles = {k: v for k, v in PREFERRED_CONFIGS[name].items() if k.startswith("BLOCK_")}
+        preferred = triton.Config(tiles, num_warps=PREFERRED_CONFIGS[name]["num_warps"],
+                                  num_stages=PREFERRED_CONFIGS[name]["num_stages"])
+    return autotune(configs, preferred, key, prune)
+
+
+# Forward and dQ: BLOCK_M text rows resident (q; dq also do, o), BLOCK_N key rows (k, v) streamed.
+_fwd_kernel = _autotuned("fwd", _AUTOTUNE_KEY, _pruner("BLOCK_N", 1, accumulators=1, score_tiles=2))(_mxa_fwd_kernel)
+_dq_kernel = _autotuned("dq", _AUTOTUNE_KEY, _pruner("BLOCK_N", 2, accumulators=1, score_tiles=3))(_mxa_bwd_dq_kernel)
+# dK/dV (and the one-pass dQ): BLOCK_N key rows resident (k, v), BLOCK_M text rows (q, do; o) streamed.
+_kv_kernel = _autotuned("kv", _KV_AUTOTUNE_KEY, _pruner("BLOCK_M", 2, accumulators=2, score_tiles=3,
+                                                       one_pass_kernel=True))(_mxa_bwd_kv_kernel)
+_spans_kernel = _mxa_spans_kernel  # no tiles to tune: a few loads per text position
 
 
 def _block_d(head_dim: int) -> int:

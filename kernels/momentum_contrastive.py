@@ -26,10 +26,12 @@ Triton path, one op direction at a time (the symmetric loss is two calls):
   per pass; counting inside the main walk spilled the fp32 variant on sm_90). Stores per row: the
   loss, ``lse(z)``, ``lse(zm)`` and, with ids, ``k_i`` (fp32).
 - backward ``_momentum_distill_bwd_kernel``: one program per block of rows recomputes both score
-  tiles, forms ``(softmax(z) - t) * g`` (with ids, ``t``'s hard part is ``(1 - alpha) / k_i`` on
-  the positives, from the stored counts) and accumulates ``d rows`` in fp32 registers, plus the
-  per-row ``sum_j (p - t)_ij (r_i . c_j)`` for the temperature gradient (summed on the host in a
-  fixed order).
+  tiles, forms ``softmax(z) - t`` (with ids, ``t``'s hard part is ``(1 - alpha) / k_i`` on the
+  positives, from the stored counts) and accumulates ``d rows`` in fp32 registers, plus the per-row
+  ``sum_j (p - t)_ij (r_i . c_j)`` for the temperature gradient (summed on the host in a fixed
+  order). Like the other ops, it casts ``p - t`` to the input dtype for the product BEFORE any
+  scaling: the incoming gradient g_i multiplies the fp32 sums at the end (scaled first, fp16 lost
+  the negatives' gradients at BLIP's queue length).
 
 Every output element is written by exactly one program and no atomics are used: bit-identical
 runs. Extra memory O(b). Embedding width ``e <= 256`` on the Triton path (BLIP / ALBEF use 256).
@@ -41,8 +43,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ._autotune import autotune
 from ._backend import interpreter_enabled, use_triton
-from ._checks import check_float_tensor, check_same
+from ._checks import check_float_tensor, check_same, dot_precision
 from .reference import momentum_contrastive_loss_reference
 
 MAX_EMBED_DIM = 256
@@ -50,10 +53,14 @@ MAX_EMBED_DIM = 256
 M_FLOOR = tl.constexpr(-1.0e30)
 
 
-def _configs() -> list[triton.Config]:
-    """Row x column tiles on CUDA (pruned by the embedding tile); one small config in the interpreter."""
-    if interpreter_enabled():
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
+_INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4, num_stages=1)
+# The preferred config (``VLMCORE_AUTOTUNE=preferred``): the first one both pruners keep at e = 256,
+# compiled for sm_90a in every dtype by the compile check; kept at every BLOCK_E, with or without ids.
+PREFERRED_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=8, num_stages=2)
+
+
+def _cuda_configs() -> list[triton.Config]:
+    """Row x column tiles of the CUDA autotune space (pruned per launch by the embedding tile)."""
     return [
         triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
         for block_m in (32, 64)
@@ -61,6 +68,15 @@ def _configs() -> list[triton.Config]:
         for warps in (4, 8)
         for stages in (2, 3)
     ]
+
+
+def _configs() -> list[triton.Config]:
+    """The CUDA space on CUDA; one small config in the interpreter."""
+    return [_INTERPRETER_CONFIG] if interpreter_enabled() else _cuda_configs()
+
+
+def _preferred() -> triton.Config:
+    return _INTERPRETER_CONFIG if interpreter_enabled() else PREFERRED_CONFIG
 
 
 def _prune(configs, named_args, **kwargs):
@@ -96,7 +112,7 @@ def _score_tiles(b_r, b_rm, p_cols, stride_c, o_n, m_n, o_e, m_e, scale, PRECISI
     return b_c, b_dot, b_z, b_zm
 
 
-@triton.autotune(configs=_configs(), key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune})
+@autotune(_configs(), _preferred(), _AUTOTUNE_KEY, _prune)
 @triton.jit
 def _momentum_distill_fwd_kernel(
     p_rows, p_rows_m, p_cols, p_scale, p_loss, p_lse, p_lse_m, p_row_ids, p_col_ids, p_count,
@@ -164,7 +180,7 @@ def _momentum_distill_fwd_kernel(
         tl.store(p_count + o_m, b_count, mask=m_m)
 
 
-@triton.autotune(configs=_configs(), key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune_backward})
+@autotune(_configs(), _preferred(), _AUTOTUNE_KEY, _prune_backward)
 @triton.jit
 def _momentum_distill_bwd_kernel(
     p_rows, p_rows_m, p_cols, p_scale, p_lse, p_lse_m, p_grad, p_drows, p_dscale_rows, p_row_ids, p_col_ids,
@@ -202,10 +218,13 @@ def _momentum_distill_bwd_kernel(
         else:
             b_t = alpha * tl.exp(b_zm - b_lse_m[:, None]) + tl.where(o_n[None, :] == label[:, None], 1.0 - alpha,
                                                                      0.0)
-        b_coef = tl.where(m_n[None, :] & m_m[:, None], (b_p - b_t) * b_g[:, None], 0.0)  # dL/dz [BLOCK_M, BLOCK_N]
-        b_ds += tl.sum(b_coef * b_dot, 1)
-        b_dr += tl.dot(b_coef.to(b_c.dtype), b_c, input_precision=PRECISION)
-    b_dr = b_dr * scale
+        b_delta = tl.where(m_n[None, :] & m_m[:, None], b_p - b_t, 0.0)  # dL/dz / g_i [BLOCK_M, BLOCK_N]
+        b_ds += tl.sum(b_delta * b_dot, 1)
+        b_dr += tl.dot(b_delta.to(b_c.dtype), b_c, input_precision=PRECISION)
+    # The incoming gradient (~1 / (2 b)) scales the fp32 results, never the 16-bit dot operand: at
+    # BLIP's 57,856 columns p * g is ~3e-8, below half of fp16's smallest subnormal (it would round to 0).
+    b_dr = b_dr * (scale * b_g)[:, None]
+    b_ds = b_ds * b_g
     tl.store(p_drows + o_m[:, None] * stride_dr + o_e[None, :], b_dr.to(p_drows.dtype.element_ty), mask=m_re)
     tl.store(p_dscale_rows + o_m, b_ds, mask=m_m)
 
@@ -215,16 +234,11 @@ def _momentum_distill_bwd_kernel(
 # ----------------------------------------------------------------------------------------------
 
 
-def _precision(dtype: torch.dtype) -> str:
-    """fp32 inputs keep full fp32 products (the reference's math); 16-bit inputs use tensor cores."""
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
 def _meta(rows: torch.Tensor, cols: torch.Tensor, row_ids: torch.Tensor | None) -> dict:
     """Autotune key and compile-time sizes: column-count bucket, padded embedding tile, dot precision,
     whether the targets come from image ids."""
     return dict(size_bucket=triton.next_power_of_2(cols.shape[0]),
-                BLOCK_E=max(16, triton.next_power_of_2(rows.shape[1])), PRECISION=_precision(rows.dtype),
+                BLOCK_E=max(16, triton.next_power_of_2(rows.shape[1])), PRECISION=dot_precision(rows.dtype),
                 HAS_IDS=row_ids is not None)
 
 

@@ -29,8 +29,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ._autotune import autotune
 from ._backend import interpreter_enabled, use_triton
-from ._checks import check_float_tensor, check_same, check_softmax_scale
+from ._checks import check_float_tensor, check_same, check_softmax_scale, dot_precision
 from ._host import cdiv, next_power_of_2
 from ._plan import KernelLaunch, OpPlan
 from .reference import resampler_attention_reference
@@ -53,11 +54,28 @@ def _cuda_key_block_configs() -> list[triton.Config]:
     ]
 
 
+_INTERPRETER_CONFIG = triton.Config({"BLOCK_N": 32}, num_warps=4, num_stages=1)
+# ``VLMCORE_AUTOTUNE=preferred``: each kernel's one config, its :func:`planned_config` at Dh 128 (the
+# compile check builds it), which its pruner also keeps at every narrower head (checked in tests).
+PREFERRED_MODE_CONFIGS = {
+    "fwd": triton.Config({"BLOCK_N": 32}, num_warps=8, num_stages=2),
+    "dq": triton.Config({"BLOCK_N": 32}, num_warps=8, num_stages=2),
+    "dkdv": triton.Config({"BLOCK_N": 64}, num_warps=8, num_stages=2),
+    "fused": triton.Config({"BLOCK_N": 32}, num_warps=8, num_stages=2),
+}
+
+
 def _key_block_configs() -> list[triton.Config]:
     """The CUDA space on CUDA; one small fixed config in the interpreter."""
     if interpreter_enabled():
-        return [triton.Config({"BLOCK_N": 32}, num_warps=4, num_stages=1)]
+        return [_INTERPRETER_CONFIG]
     return _cuda_key_block_configs()
+
+
+def _autotuned(name: str, prune: dict):
+    """Autotune decorator of kernel ``name`` over :func:`_key_block_configs` (kernels/_autotune.py)."""
+    preferred = _INTERPRETER_CONFIG if interpreter_enabled() else PREFERRED_MODE_CONFIGS[name]
+    return autotune(_key_block_configs(), preferred, _AUTOTUNE_KEY, prune["early_config_prune"])
 
 
 def _tile_limit_pruner(max_tile: int, max_tile_4_warps: int | None = None, min_tile_128_head: int = 0):
@@ -153,7 +171,7 @@ def _fwd_source(
     return b_acc, b_l, b_m
 
 
-@triton.autotune(configs=_key_block_configs(), key=_AUTOTUNE_KEY, prune_configs_by=_PRUNE)
+@_autotuned("fwd", _PRUNE)
 @triton.jit
 def _resampler_fwd_kernel(
     q, k_media, v_media, k_latents, v_latents, media_mask, out, lse,
@@ -249,7 +267,7 @@ def _dq_source(
     return b_dq
 
 
-@triton.autotune(configs=_key_block_configs(), key=_AUTOTUNE_KEY, prune_configs_by=_PRUNE)
+@_autotuned("dq", _PRUNE)
 @triton.jit
 def _resampler_bwd_dq_kernel(
     q, k_media, v_media, k_latents, v_latents, media_mask, out, do, lse, delta, dq,
@@ -350,7 +368,7 @@ def _dkdv_tile(
     tl.store(p_dv + o_n[:, None] * stride_dvn + o_d[None, :] * stride_dvd, b_dv.to(p_dv.dtype.element_ty), mask=m_kv)
 
 
-@triton.autotune(configs=_key_block_configs(), key=_AUTOTUNE_KEY, prune_configs_by=_PRUNE_DKDV)
+@_autotuned("dkdv", _PRUNE_DKDV)
 @triton.jit
 def _resampler_bwd_dkdv_kernel(
     q, k_media, v_media, k_latents, v_latents, media_mask, do, lse, delta,
@@ -439,7 +457,7 @@ def _fused_bwd_source(
     return b_dq
 
 
-@triton.autotune(configs=_key_block_configs(), key=_AUTOTUNE_KEY, prune_configs_by=_PRUNE_FUSED)
+@_autotuned("fused", _PRUNE_FUSED)
 @triton.jit
 def _resampler_bwd_fused_kernel(
     q, k_media, v_media, k_latents, v_latents, media_mask, out, do, lse,
@@ -513,11 +531,6 @@ def _resampler_bwd_fused_kernel(
 # ----------------------------------------------------------------------------------------------
 
 
-def _precision(dtype: torch.dtype) -> str:
-    """fp32 inputs keep full fp32 products (the reference's math); 16-bit inputs use tensor cores anyway."""
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
 def _mask_arg(media_mask: torch.Tensor | None, q: torch.Tensor) -> tuple[torch.Tensor, int, int]:
     """(pointer tensor, batch stride, token stride) of the mask; a dummy when there is none."""
     if media_mask is None:
@@ -565,7 +578,7 @@ def resampler_attention_forward(
         stride_maskb, stride_maskn, *out.stride(),
         heads, num_queries, num_media, next_power_of_2(num_media), softmax_scale * _LOG2E,
         HAS_LATENTS=k_latents is not None, HAS_MASK=media_mask is not None, HEAD_DIM=head_dim,
-        PRECISION=_precision(q.dtype), BLOCK_M=block_m, BLOCK_D=max(16, next_power_of_2(head_dim)),
+        PRECISION=dot_precision(q.dtype), BLOCK_M=block_m, BLOCK_D=max(16, next_power_of_2(head_dim)),
     )
     return out, lse
 
@@ -725,7 +738,7 @@ def resampler_attention_backward(
     mask, stride_maskb, stride_maskn = _mask_arg(media_mask, q)
     constants = dict(
         HAS_LATENTS=has_latents, HAS_MASK=media_mask is not None, HEAD_DIM=head_dim,
-        PRECISION=_precision(q.dtype), BLOCK_M=_query_block(num_queries),
+        PRECISION=dot_precision(q.dtype), BLOCK_M=_query_block(num_queries),
         BLOCK_D=max(16, next_power_of_2(head_dim)),
     )
     qk_scale = softmax_scale * _LOG2E

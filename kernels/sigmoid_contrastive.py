@@ -37,7 +37,6 @@ forward to backward (they are the input gradients).
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import torch
 import torch.distributed as dist
@@ -45,7 +44,7 @@ import triton
 import triton.language as tl
 
 from ._backend import interpreter_enabled, use_triton
-from ._checks import check_float_tensor, check_same
+from ._checks import check_float_tensor, check_same, check_scalar, dot_precision
 from ._distributed import all_gather_no_grad, all_gather_with_grad
 from ._plan import KernelLaunch, OpPlan
 from .reference import sigmoid_contrastive_loss_reference
@@ -290,11 +289,6 @@ def sigmoid_contrastive_plan(n: int, d: int, dtype: str = "bf16", n_cols: int | 
 # ----------------------------------------------------------------------------------------------
 
 
-def _precision(dtype: torch.dtype) -> str:
-    """fp32 inputs keep IEEE fp32 products (the reference's math); 16-bit inputs use tensor cores."""
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
 def _launch(kernel, grid: tuple[int, ...], args: tuple, config: dict, **constexprs) -> None:
     meta = {k: v for k, v in config.items() if k.startswith("BLOCK_")}
     if interpreter_enabled():
@@ -320,7 +314,7 @@ def _block_forward(x: torch.Tensor, y: torch.Tensor, scale_bias: torch.Tensor, x
     key = _config_key(dtype, device)
     scores_cfg, mm_cfg = _SCORES_CONFIG[key], _MATMUL_CONFIG[key]
     with_grad = with_x or with_y or with_params
-    precision = _precision(x.dtype)
+    precision = dot_precision(x.dtype)
     f32 = {"device": x.device, "dtype": torch.float32}
     alpha = (scale_bias[:1] / norm).contiguous()  # s / n: dx = alpha G' y, dy = alpha G'^T x
     dx = torch.empty_like(x) if with_x else None
@@ -542,21 +536,6 @@ class _SigmoidRing(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------
 
 
-def _check_scalar(name: str, value: object, features: torch.Tensor) -> None:
-    if not isinstance(value, torch.Tensor):
-        raise TypeError(f"{name} must be a 0-dim torch.Tensor, got {type(value).__name__}")
-    if value.numel() != 1 or value.dim() > 1:
-        raise ValueError(f"{name} must be a 0-dim tensor, got shape {tuple(value.shape)}")
-    if not value.dtype.is_floating_point:
-        raise TypeError(f"{name} must be a floating tensor, got {value.dtype}")
-    if value.device != features.device:
-        raise ValueError(f"{name} is on {value.device} but image_features is on {features.device}")
-    # One scalar device->host read per call in eager mode; skipped while torch.compile traces (it would
-    # break the graph), where a non-finite value shows up as a non-finite loss instead.
-    if not torch.compiler.is_compiling() and not math.isfinite(float(value.detach())):
-        raise ValueError(f"{name} must be finite, got {float(value.detach())}")
-
-
 def _check_ids(name: str, ids: object, rows: int, features: torch.Tensor) -> torch.Tensor:
     if not isinstance(ids, torch.Tensor):
         raise TypeError(f"{name} must be an integer torch.Tensor, got {type(ids).__name__}")
@@ -579,8 +558,8 @@ def _validate(image, text, logit_scale, logit_bias, image_ids, text_ids, group, 
     if image.shape[0] == 0 or text.shape[0] == 0 or image.shape[1] == 0:
         raise ValueError(f"image_features {tuple(image.shape)} and text_features {tuple(text.shape)} must be "
                          "non-empty [n, d] batches")
-    _check_scalar("logit_scale", logit_scale, image)
-    _check_scalar("logit_bias", logit_bias, image)
+    check_scalar("logit_scale", logit_scale, image)
+    check_scalar("logit_bias", logit_bias, image)
     if (image_ids is None) != (text_ids is None):
         raise ValueError("image_group_ids and text_group_ids must be given together (pairs with equal ids "
                          "are the positives)")

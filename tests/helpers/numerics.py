@@ -78,7 +78,10 @@ def run_sm90_compile_check(script_name: str, timeout: int) -> list[dict]:
     if not ptxas.exists():
         pytest.skip("this triton build ships no NVIDIA ptxas")
     script = Path(__file__).parent / "compile_checks" / script_name
-    proc = subprocess.run([sys.executable, str(script)], env=dict(os.environ, TRITON_INTERPRET="0"),
+    # The script imports its sibling sm90_compile, so its own folder must lead sys.path: PYTHONSAFEPATH
+    # (set by the Makefile) would drop it. The repository root never gets on sys.path this way.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONSAFEPATH"}
+    proc = subprocess.run([sys.executable, str(script)], env=dict(env, TRITON_INTERPRET="0"),
                           capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return [json.loads(line) for line in proc.stdout.splitlines()]

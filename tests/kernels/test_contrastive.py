@@ -88,6 +88,40 @@ def test_matches_reference_300x96_capped_groups(monkeypatch, device, nan_poisone
     _check_against_reference(image, text, torch.tensor(50.0, device=device), label_smoothing=0.2, output_dict=True)
 
 
+def test_window_backward_keeps_one_window_alive(monkeypatch, device):
+    """The window backward's documented bound: ONE dL/dS window alive at a time. Windows are tracked
+    by weak reference as the products receive them; whenever a new window-shaped buffer is
+    allocated, no earlier window may still be alive (4 windows here: 128 / 72 rows x 128 / 72 columns)."""
+    import weakref
+
+    import vlmcore.kernels.contrastive as module
+
+    dtype = torch.float32
+    monkeypatch.setattr(module, "REGISTER_BACKWARD_MAX_D", 0)
+    monkeypatch.setattr(module, "WINDOW_MAX_COLS", 128)
+    monkeypatch.setattr(module, "WINDOW_BYTES", 128 * 128 * dtype.itemsize)
+    windows, alive_at_allocation = [], []
+    real_product, real_empty = module._window_product, torch.empty
+
+    def tracking_product(g, *args, **kwargs):
+        if not any(ref() is g for ref in windows):
+            windows.append(weakref.ref(g))
+        return real_product(g, *args, **kwargs)
+
+    def tracking_empty(*args, **kwargs):
+        shape = args[0] if args and isinstance(args[0], tuple) else args
+        if kwargs.get("dtype") == dtype and len(shape) == 2 and windows:  # a window-shaped buffer
+            alive_at_allocation.append(sum(ref() is not None for ref in windows))
+        return real_empty(*args, **kwargs)
+
+    monkeypatch.setattr(module, "_window_product", tracking_product)
+    monkeypatch.setattr(torch, "empty", tracking_empty)
+    image, text = _features(200, 32, dtype, device)
+    _check_against_reference(image, text, torch.tensor(20.0, device=device))
+    assert len(windows) == 4
+    assert alive_at_allocation and max(alive_at_allocation) == 0, alive_at_allocation
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_window_backward_with_several_windows(dtype, monkeypatch, device, nan_poisoned_empty):
     """The window backward forced at d = 96 with windows of at most 300 x 128 elements: at n = 300,
@@ -293,7 +327,8 @@ def test_cuda_launch_settings():
         for d in (16, 96, 768, 4096):
             for precision in ("tf32", "ieee"):
                 for accuracy in (False, True):
-                    named = {"d": d, "rows_per_group": rows, "ACCURACY": accuracy, "PRECISION": precision}
+                    named = {"d": d, "row_tile": module._row_tile(rows), "ACCURACY": accuracy,
+                             "PRECISION": precision}
                     kept = module._prune(spaces["fwd"], named)
                     assert kept and all(rows % c.kwargs["BLOCK_M"] == 0 for c in kept)
                     assert all(module._allowed(c, precision, accuracy) for c in kept)
@@ -479,7 +514,7 @@ def _chunked_reference(image, text, scale, chunk=4096):
     """fp32 loss and gradients of the symmetric loss without the whole n x n matrix (large n)."""
     img, txt, s = image.float(), text.float(), float(scale)
     n = img.shape[0]
-    col_lse = torch.logsumexp(torch.cat([s * txt[i:i + chunk] @ img.T for i in range(0, n, chunk)]), dim=1)
+    col_lse = torch.cat([torch.logsumexp(s * txt[i:i + chunk] @ img.T, dim=1) for i in range(0, n, chunk)])
     row_lse = torch.cat([torch.logsumexp(s * img[i:i + chunk] @ txt.T, dim=1) for i in range(0, n, chunk)])
     diag = s * (img * txt).sum(1)
     loss = 0.5 * (row_lse.mean() + col_lse.mean()) - diag.mean()
@@ -506,6 +541,35 @@ def test_gpu_matches_reference(dtype):
 @pytest.mark.parametrize("n", [8192, 65536])
 def test_gpu_large_n_bf16(n):
     image, text = _features(n, 768, torch.bfloat16, "cuda", noise=1.0)
+    s = torch.tensor(100.0, device="cuda")
+    got = _run(image, text, s, "triton")
+    ref = _chunked_reference(image, text, s)
+    assert_close(got[0], ref[0], dtype=torch.bfloat16, name="loss")
+    _assert_grads_close(got[1:], ref[1:], torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_capped_groups_merge_partials_across_row_blocks(dtype, monkeypatch):
+    """Two row groups of 2048 rows: each program walks 16+ row blocks and merges its own column
+    partials (LSE and argmax) across them, at a size where a reference fits."""
+    import vlmcore.kernels.contrastive as module
+
+    monkeypatch.setattr(module, "MAX_ROW_GROUPS", 2)
+    assert module._rows_per_group(4096) == 2048
+    image, text = _features(4096, 256, dtype, "cuda")
+    _check_against_reference(image, text, torch.tensor(50.0, device="cuda"), label_smoothing=0.1, output_dict=True)
+
+
+@pytest.mark.gpu
+def test_gpu_n_131072_merges_partials_across_row_blocks():
+    """n = 131072 (rows_per_group 256 > every BLOCK_M: the natural multi-row-block path; the same
+    tuning as n = 65536, whose autotune key it shares), bf16 against the chunked fp32 reference."""
+    import vlmcore.kernels.contrastive as module
+
+    n = 131072
+    assert module._rows_per_group(n) == 256 and module._size_bucket(n, n) == module._size_bucket(65536, 65536)
+    image, text = _features(n, 128, torch.bfloat16, "cuda", noise=1.0)
     s = torch.tensor(100.0, device="cuda")
     got = _run(image, text, s, "triton")
     ref = _chunked_reference(image, text, s)

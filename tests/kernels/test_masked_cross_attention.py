@@ -480,6 +480,18 @@ def test_gpu_bf16_anchor_shapes(shape, mode, device):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_gpu_fp32_anchor_shape(head_dim, mode, device):
+    """fp32 (IEEE products unless TF32 is allowed) at the OpenFlamingo anchor shape, both media
+    modes (``all_previous``: every earlier image, the two-pass backward), heads up to 128 wide."""
+    batch, length, num_media, r, heads, _ = ANCHOR_SHAPES["openflamingo9b"]
+    media_index = make_media_index(length, [num_media] * batch, [length // 10] + [0] * (batch - 1), device)
+    q, k, v = make_qkv(batch, length, heads, head_dim, num_media, r, torch.float32, device)
+    check_gpu_against_reference(q, k, v, media_index, r, mode)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("head_dim", [32, 96])
 def test_gpu_odd_shapes(head_dim, dtype, mode, device):

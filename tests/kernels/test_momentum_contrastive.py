@@ -50,7 +50,8 @@ def _ids(b, q, device):
     return ids.to(device), (queue_ids.to(device) if q else None)
 
 
-def _run(inputs, temperature, alpha, backend_name, ids=None, queue_ids=None):
+def _run(inputs, temperature, alpha, backend_name, ids=None, queue_ids=None, upstream=1.0):
+    """``(loss, d_image, d_text, d_temperature)``; ``upstream``: the gradient the loss receives."""
     image, text, image_m, text_m, image_queue, text_queue = inputs
     image = image.detach().clone().requires_grad_()
     text = text.detach().clone().requires_grad_()
@@ -58,7 +59,7 @@ def _run(inputs, temperature, alpha, backend_name, ids=None, queue_ids=None):
     with backend(backend_name):
         loss = momentum_contrastive_loss(image, text, image_m, text_m, temp, alpha, image_queue=image_queue,
                                          text_queue=text_queue, ids=ids, queue_ids=queue_ids)
-    loss.backward()
+    loss.backward(torch.tensor(upstream, device=loss.device))
     return loss, image.grad, text.grad, temp.grad
 
 
@@ -104,6 +105,41 @@ def test_triton_matches_reference_with_ids(b, e, q, dtype, device, nan_poisoned_
     without_ids = _run(_fp32(inputs), temperature, 0.4, "reference")
     if b > 1 or q:
         assert not torch.allclose(without_ids[0], expected[0], rtol=1e-4, atol=0)
+
+
+def _blip_magnitude_inputs(b, e, q, dtype, device):
+    """Inputs whose per-element ``dL/dz = (p - t) g`` has BLIP's size (~3e-8) at a reduced shape.
+
+    BLIP: p ~ 1 / 57,856 columns, g = 1 / (2 b) = 1 / 512 from the two directions' means. Here
+    p ~ 1 / (b + q), so the loss receives the upstream gradient that makes ``p g`` equal. Columns
+    share a direction (embeddings are anisotropic), so the negatives' sum ``sum_j p_ij c_j`` pulls as
+    hard as the positive; online rows of norm 0.02 with temperature 0.01 keep the logits O(1) and
+    the row gradients (~3e-4) in fp16's normal range. Returns ``(inputs, temperature, upstream)``.
+    """
+    shared = F.normalize(torch.randn(1, e, device=device), dim=1)
+
+    def columns(n):
+        return F.normalize(shared + 0.6 * F.normalize(torch.randn(n, e, device=device), dim=1), dim=1)
+
+    image_m, text_m = columns(b), columns(b)
+    image = 0.02 * F.normalize(image_m + 0.1 * torch.randn(b, e, device=device), dim=1)
+    text = 0.02 * F.normalize(text_m + 0.1 * torch.randn(b, e, device=device), dim=1)
+    inputs = [t.to(dtype) for t in (image, text, image_m, text_m, columns(q), columns(q))]
+    upstream = (2 * b * (b + q)) / (2 * 256 * (256 + 57600))
+    return inputs, torch.tensor(0.01, device=device), upstream
+
+
+@pytest.mark.parametrize("with_ids", [False, True])
+def test_fp16_negatives_keep_their_gradients_at_blip_magnitudes(with_ids, device, nan_poisoned_empty):
+    """fp16 gradients within fp16 tolerance of the fp32 reference when each ``dL/dz`` is as small as
+    at BLIP's shape: the kernel casts ``p - t`` to fp16 before the incoming gradient scales it (scaled
+    first, the negatives' terms rounded to 0 and the row gradients were off by ~85%)."""
+    b, e, q = 16, 32, 496
+    inputs, temperature, upstream = _blip_magnitude_inputs(b, e, q, torch.float16, device)
+    ids, queue_ids = _ids(b, q, device) if with_ids else (None, None)
+    got = _run(inputs, temperature, 0.4, "triton", ids, queue_ids, upstream=upstream)
+    expected = _run(_fp32(inputs), temperature, 0.4, "reference", ids, queue_ids, upstream=upstream)
+    _assert_matches(got, expected, torch.float16)
 
 
 def test_unique_ids_are_the_one_hot_targets(device):
@@ -264,6 +300,22 @@ def test_torch_compile_with_and_without_ids():
         for id_args in (ids, ()):
             for a, r in zip(loss_and_grads(compiled, *id_args), loss_and_grads(loss_fn, *id_args)):
                 assert_close(a, r, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("with_ids", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_blip_shape(dtype, with_ids):
+    """BLIP's ITC shape (b = 256, 57,600 queued columns, e = 256, temperature 0.07, alpha 0.4) in 16-bit
+    against the fp32 reference: here dL/dz per element is ~3e-8, below fp16's subnormals unless the
+    kernel casts before scaling by the incoming gradient."""
+    b, e, q = 256, 256, 57600
+    inputs = _inputs(b, e, q, dtype, "cuda")
+    ids, queue_ids = _ids(b, q, "cuda") if with_ids else (None, None)
+    temperature = torch.tensor(0.07, device="cuda")
+    got = _run(inputs, temperature, 0.4, "triton", ids, queue_ids)
+    expected = _run(_fp32(inputs), temperature, 0.4, "reference", ids, queue_ids)
+    _assert_matches(got, expected, dtype)
 
 
 @pytest.mark.slow

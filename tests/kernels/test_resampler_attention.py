@@ -488,6 +488,20 @@ def test_gpu_odd_shapes(dtype, head_dim, backward_plan):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize(("batch", "media", "queries", "heads", "head_dim", "latents", "dtype"), [
+    (640, 257, 64, 8, 64, True, torch.bfloat16),  # OpenFlamingo, ViT-L/14 (fused by default)
+    (64, 257, 32, 12, 64, False, torch.bfloat16),  # BLIP-2 Q-Former cross-attention
+    (16, 257, 64, 8, 128, True, torch.float32),  # fp32 products, 128-wide heads
+], ids=["openflamingo", "qformer", "fp32-dh128"])
+def test_gpu_split_backward_at_anchor_shapes(batch, media, queries, heads, head_dim, latents, dtype, monkeypatch):
+    """The split backward (dq kernel, then dk/dv over both key sources) where the plan would pick the
+    fused one: the anchor shapes otherwise never run it on a GPU."""
+    monkeypatch.setattr(OP_MODULE, "_backward_plan", lambda *args: "split")
+    inputs = make_inputs(batch, media, queries, heads, head_dim, dtype=dtype, latents=latents, device="cuda")
+    check_against_reference(inputs, media_mask=padding_mask(batch, media, empty_rows=(1,), device="cuda"))
+
+
+@pytest.mark.gpu
 def test_gpu_deterministic():
     inputs = make_inputs(64, 257, 64, 8, 64, dtype=torch.bfloat16, device="cuda")
     grad_out = torch.randn_like(inputs["q"])

@@ -23,7 +23,7 @@ import triton  # noqa: E402
 import vlmcore.kernels.contrastive as module  # noqa: E402
 from sm90_compile import compile_sm90  # noqa: E402
 
-DIVISIBLE = {"d", "stride_a", "stride_b", "stride_da", "stride_db", "n_rows", "n_cols", "rows_per_group",
+DIVISIBLE = {"d", "stride_a", "stride_b", "stride_da", "stride_db", "n_rows", "n_cols", "rows_per_group", "row_tile",
              "win_rows", "win_cols", "row0", "col0", "size_bucket", "M", "N", "K", "stride_xm", "stride_xk",
              "stride_y", "stride_rows", "stride_ds"}
 INTS = DIVISIBLE | {"label_offset", "n_groups"}
@@ -82,7 +82,8 @@ def _fwd_kernel_variants(dtype: str, precision: str, every_config: bool):
     """The forward's pruned space per mode (key d = 768, 128-row groups: every n >= 32768; 64-row
     groups keep a subset of it)."""
     for col_stats, accuracy in ((True, False), (True, True), (False, True), (False, False)):
-        named = {"d": 768, "rows_per_group": 128 if col_stats else 0, "ACCURACY": accuracy, "PRECISION": precision}
+        named = {"d": 768, "row_tile": module._row_tile(128 if col_stats else 0), "ACCURACY": accuracy,
+                 "PRECISION": precision}
         kept = module._prune(module._fwd_configs(), named)
         for config in kept if every_config else kept[:1]:
             yield (module._contrastive_fwd_kernel, dtype,

@@ -60,8 +60,9 @@ def compile_variant(fn, dtype: str, constexprs: dict, num_warps: int, num_stages
 
 def variants():
     """bf16 at e = 256 over every autotune config the pruner keeps; fp16 / fp32 (e = 256) and bf16 at
-    e = 64 for the first kept config; each with and without ids."""
-    configs = module._configs()
+    e = 64 for the preferred config (``PREFERRED_CONFIG``, the one config under
+    ``VLMCORE_AUTOTUNE=preferred``); each with and without ids."""
+    configs = module._cuda_configs()
     kernels = ((module._momentum_distill_fwd_kernel, module._prune),
                (module._momentum_distill_bwd_kernel, module._prune_backward))
     for dtype, block_e, every in (("bf16", 256, True), ("fp16", 256, False), ("fp32", 256, False),
@@ -70,7 +71,7 @@ def variants():
         for has_ids in (False, True):
             for kernel, prune in kernels:
                 kept = prune(configs, {}, BLOCK_E=block_e, HAS_IDS=has_ids)  # what the autotuner keeps
-                for config in kept if every else kept[:1]:
+                for config in kept if every else [module.PREFERRED_CONFIG]:
                     yield (kernel, dtype, dict(BLOCK_E=block_e, PRECISION=precision, HAS_IDS=has_ids,
                                                **config.kwargs), config.num_warps, config.num_stages)
 

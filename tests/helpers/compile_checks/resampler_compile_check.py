@@ -151,11 +151,15 @@ def variants(everything: bool):
 
 def preferred_variants():
     """Each kernel's preferred config at Dh 64 and 128: Perceiver form (R = 64 latents, masked) and
-    Q-Former form (no latents, 32 queries: a 32-row query tile, below one warpgroup's 64)."""
+    Q-Former form (no latents, 32 queries: a 32-row query tile, below one warpgroup's 64); and its one
+    config under ``VLMCORE_AUTOTUNE=preferred`` (``PREFERRED_MODE_CONFIGS``) at Dh 64 where that differs."""
     for name in KERNELS:
         for head_dim in (64, 128):
             yield name, preferred_config(name, head_dim, True, 64), head_dim, True, True, 64
             yield name, preferred_config(name, head_dim, False, 32), head_dim, False, False, 32
+        one_config = module.PREFERRED_MODE_CONFIGS[name]
+        if one_config != preferred_config(name, 64, True, 64):
+            yield name, one_config, 64, True, True, 64
 
 
 if __name__ == "__main__":

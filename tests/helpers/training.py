@@ -1,4 +1,4 @@
-"""In-process training helpers: the tiny shapes data, the trainer argv, metrics.jsonl readers."""
+"""In-process training helpers: the tiny shapes data (and views of it), the trainer argv, metrics.jsonl readers."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import datetime
 import io
 import json
 import os
+import pathlib
 import tarfile
 from importlib import resources
 
@@ -15,13 +16,19 @@ from vlmcore.train.tools import shapes
 CONFIGS = resources.files("vlmcore.train") / "configs"
 
 
-def make_train_data(out) -> None:
-    """The shapes set of the in-process trainings (+ its tokenizer and a shard of broken samples) in ``out``."""
-    shapes.make_shapes(str(out), n_train=192, n_eval=48, n_docs=64, image_size=32, shard_size=48, seed=2)
+# The shapes set of the in-process trainings, shared by every test that needs no other sizes: the
+# trainings of test_train_loop / test_train_siglip assert that their losses fall on exactly this set.
+TRAIN_SHAPES = {"n_train": 192, "n_eval": 48, "n_docs": 64, "image_size": 32, "shard_size": 48, "seed": 2}
+TINY_VISION = "model.vision={image_size: 16, patch_size: 8, width: 32, depth: 1, heads: 2}"
+
+
+def make_train_data(out, shapes_params: dict) -> None:
+    """A shapes set (``make_shapes`` with ``shapes_params``) in ``out``, with its word tokenizer
+    (tokenizer.json) and a shard of broken samples (bad-000000.tar, read by no ``train-*`` pattern)."""
+    shapes.make_shapes(str(out), **shapes_params)
     train_word_tokenizer(str(out / "captions.txt"), str(out / "tokenizer.json"))
-    # A shard of broken samples, mixed into the training shards of the CLIP run.
-    good = tarfile.open(out / "train-000000.tar")
-    png = good.extractfile(good.getmembers()[0]).read()
+    with tarfile.open(out / "train-000000.tar") as good:
+        png = good.extractfile(good.getmembers()[0]).read()
     with tarfile.open(out / "bad-000000.tar", "w") as tar:
         for key, ext, payload in [("b0", "png", png[:50]), ("b0", "txt", b"a red circle"), ("b1", "png", png),
                                   ("b2", "txt", b"\xff\xfe")]:
@@ -30,11 +37,48 @@ def make_train_data(out) -> None:
             tar.addfile(info, io.BytesIO(payload))
 
 
-def train_argv(task, data, out_dir, *extra):
-    return ["--config", str(CONFIGS / f"{task}_tiny.yaml"), f"out_dir={out_dir}", "data.shapes=null",
-            f"tokenizer.path={data}/tokenizer.json", "tokenizer.train_from_shapes=false",
-            f"data.eval.shards={data}/eval-000000.tar", "data.eval.batch_size=48", "progress_bar=false",
-            "model.vision={image_size: 16, patch_size: 8, width: 32, depth: 1, heads: 2}", *extra]
+def file_states(directory) -> dict[str, tuple[int, int]]:
+    """Every file under ``directory``: relative path -> (size, modification time in ns)."""
+    root = pathlib.Path(directory)
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def dataset_view(dataset, out):
+    """``out`` holding a link to every entry of the shared set ``dataset``: a test adds its own files
+    (a derived shard) there and never into the shared set. The links must only be read."""
+    out = pathlib.Path(out)
+    out.mkdir(parents=True)
+    for entry in pathlib.Path(dataset).iterdir():
+        (out / entry.name).symlink_to(entry)
+    return out
+
+
+def train_argv(task, data, out_dir, *extra, tokenizer=None, eval_shards=None, eval_batch_size=48,
+               train_batch_size=None, context_length=None, vision=TINY_VISION):
+    """vlmcore-train arguments: ``configs/<task>_tiny.yaml`` writing to ``out_dir``, on the shapes set ``data``
+    (never built by the trainer), then the ``extra`` overrides (they win).
+
+    tokenizer: the tokenizer path; default ``data``'s word tokenizer.
+    eval_shards / eval_batch_size: the evaluation; default ``data``'s first eval shard; a batch size of
+        None means no evaluation at all (``data.eval=null``, ``eval_every=0``).
+    train_batch_size: when given, ``data.train.0`` reads ``data``'s train shards in batches of that size.
+    context_length: when given, ``tokenizer.context_length``.
+    vision: the ``model.vision`` override; None keeps the config's tower.
+    """
+    argv = ["--config", str(CONFIGS / f"{task}_tiny.yaml"), f"out_dir={out_dir}", "data.shapes=null",
+            f"tokenizer.path={tokenizer or f'{data}/tokenizer.json'}", "tokenizer.train_from_shapes=false",
+            "progress_bar=false"]
+    if eval_batch_size is None:
+        argv += ["data.eval=null", "eval_every=0"]
+    else:
+        argv += [f"data.eval.shards={eval_shards or f'{data}/eval-000000.tar'}",
+                 f"data.eval.batch_size={eval_batch_size}"]
+    if train_batch_size is not None:
+        argv += [f"data.train.0.shards={data}/train-*.tar", f"data.train.0.batch_size={train_batch_size}"]
+    if context_length is not None:
+        argv.append(f"tokenizer.context_length={context_length}")
+    return argv + ([vision] if vision else []) + list(extra)
 
 
 def reject_constant(constant):

@@ -13,19 +13,17 @@ import pytest
 import torch
 from vlmcore.train.data.blip_text import BlipText
 from vlmcore.train.data.pipeline import decode_image, read_tar
-from vlmcore.train.data.tokenizer import Tokenizer, train_word_tokenizer
-from vlmcore.train.tools import demo_blip, shapes
+from vlmcore.train.data.tokenizer import Tokenizer
+from vlmcore.train.tools import demo_blip
 from vlmcore.train.tools.shape_drawing import CLASSNAMES, COLOURS, SHAPES
 
 from vlmcore.blip import blip_retrieval_metrics, build_blip, load_blip, save_blip
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    out = tmp_path_factory.mktemp("shapes_demo_blip")
-    shapes.make_shapes(str(out), n_train=120, n_eval=48, n_docs=1, image_size=16, shard_size=60, seed=5)
-    train_word_tokenizer(str(out / "captions.txt"), str(out / "tokenizer.json"))
-    return out
+def data(shapes_dataset):
+    # Not the shared set: the corruption counts are checked against its 120 training pairs (2 shards of 60).
+    return shapes_dataset(n_train=120, n_eval=48, n_docs=1, image_size=16, shard_size=60, seed=5)
 
 
 @pytest.fixture(scope="module")

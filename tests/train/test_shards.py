@@ -13,7 +13,6 @@ import pytest
 from vlmcore.train import main
 from vlmcore.train.data.pipeline import read_tar
 from vlmcore.train.data.shards import ShardStreamError, expand_shard_spec, open_shard
-from vlmcore.train.data.tokenizer import train_word_tokenizer
 
 CONFIGS = resources.files("vlmcore.train") / "configs"
 
@@ -100,13 +99,9 @@ def test_abandoned_stream_is_killed_not_waited_for(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def pair_shards(tmp_path_factory):
-    from vlmcore.train.tools import shapes
-
-    out = tmp_path_factory.mktemp("shapes_urls")
-    shapes.make_shapes(str(out), n_train=96, n_eval=16, n_docs=8, image_size=16, shard_size=32, seed=3)
-    train_word_tokenizer(str(out / "captions.txt"), str(out / "tokenizer.json"))
-    return out
+def pair_shards(shapes_dataset):
+    # Not the shared set: 96 pairs in 3 shards of 32, so that 8 steps of 16 reach the failing pipe.
+    return shapes_dataset(n_train=96, n_eval=16, n_docs=8, image_size=16, shard_size=32, seed=3)
 
 
 def test_clip_trains_from_pipe_and_double_colon_specs(pair_shards, tmp_path):

@@ -11,8 +11,7 @@ import yaml
 from safetensors.torch import load_file
 from vlmcore.train import main, tasks
 from vlmcore.train.config import ConfigError, load_config
-from vlmcore.train.data.tokenizer import Tokenizer, train_word_tokenizer
-from vlmcore.train.tools import shapes
+from vlmcore.train.data.tokenizer import Tokenizer
 
 CONFIGS = resources.files("vlmcore.train") / "configs"
 SHIPPED = ["blip2_stage1_tiny.yaml", "blip2_stage2_tiny.yaml", "blip2_stage1_eva_vitg.yaml",
@@ -54,11 +53,9 @@ def test_bad_blip2_sections_fail_by_name():
 
 
 @pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    data = tmp_path_factory.mktemp("shapes")
-    shapes.make_shapes(str(data), n_train=32, n_eval=12, n_docs=4, image_size=16, shard_size=32, seed=0)
-    train_word_tokenizer(str(data / "captions.txt"), str(data / "tokenizer.json"))
-    return data
+def tiny_data(shapes_dataset):
+    # Not the shared set: stage 1's evaluation must count its 12 held-out pairs.
+    return shapes_dataset(n_train=32, n_eval=12, n_docs=4, image_size=16, shard_size=32, seed=0)
 
 
 def _config(tmp_path, data, name, out, **model):

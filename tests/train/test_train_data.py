@@ -14,7 +14,7 @@ from vlmcore.train.data.pipeline import (
     raw_stream,
     read_tar,
 )
-from vlmcore.train.data.tokenizer import EOC, MEDIA, Tokenizer, train_word_tokenizer
+from vlmcore.train.data.tokenizer import EOC, MEDIA, Tokenizer
 from vlmcore.train.tasks.clip import ClipEncoder
 from vlmcore.train.tasks.common import ImageDecoder
 from vlmcore.train.tasks.flamingo import FlamingoEncoder
@@ -22,11 +22,9 @@ from vlmcore.train.tools import shape_drawing, shapes
 
 
 @pytest.fixture(scope="module")
-def shapes_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("shapes")
-    shapes.make_shapes(str(out), n_train=96, n_eval=48, n_docs=24, image_size=32, shard_size=24, seed=1)
-    train_word_tokenizer(str(out / "captions.txt"), str(out / "tokenizer.json"))
-    return out
+def shapes_dir(shapes_dataset):
+    # Not the shared set: the checks count its shards of 24 samples and the positions inside them.
+    return shapes_dataset(n_train=96, n_eval=48, n_docs=24, image_size=32, shard_size=24, seed=1)
 
 
 @pytest.fixture(scope="module")

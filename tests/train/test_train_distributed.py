@@ -10,22 +10,18 @@ import os
 import subprocess
 import sys
 import tarfile
-from importlib import resources
 
 import pytest
-from vlmcore.train.data.tokenizer import train_word_tokenizer
-from vlmcore.train.tools import shapes
+from helpers.training import dataset_view, train_argv
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
-CONFIGS = resources.files("vlmcore.train") / "configs"
 DRIVER = """
 import json, sys
 from vlmcore.train import main
 for argv in json.load(open(sys.argv[-1])):  # the launcher puts --local_rank=N first
     main(argv)
 """
-TINY_VISION = "model.vision={image_size: 16, patch_size: 8, width: 32, depth: 1, heads: 2}"
 TINY_LM = ("model.lm={config: {model_type: llama, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, "
            "num_attention_heads: 2, num_key_value_heads: 2, max_position_embeddings: 64}}")
 ZERO3 = "deepspeed={zero_optimization: {stage: 3, stage3_param_persistence_threshold: 0}, gradient_clipping: 1.0}"
@@ -58,10 +54,11 @@ def _evals(out_dir):
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    out = tmp_path_factory.mktemp("shapes")
-    shapes.make_shapes(str(out), n_train=256, n_eval=48, n_docs=64, image_size=32, shard_size=32, seed=3)
-    train_word_tokenizer(str(out / "captions.txt"), str(out / "tokenizer.json"))
+def data(shapes_dataset, tmp_path_factory):
+    # Not the shared set: the losses of the two-rank trainings must fall on this one (8 shards of 32, 4 a rank).
+    # A view, to add the odd eval shard beside it.
+    out = dataset_view(shapes_dataset(n_train=256, n_eval=48, n_docs=64, image_size=32, shard_size=32, seed=3),
+                       tmp_path_factory.mktemp("distributed") / "shapes")
     # 25 held-out pairs: with batches of 12 over 2 ranks, rank 0 runs 2 eval batches and rank 1 only 1.
     with tarfile.open(out / "eval-000000.tar") as src, tarfile.open(out / "odd-000000.tar", "w") as dst:
         for member in src.getmembers():
@@ -70,14 +67,8 @@ def data(tmp_path_factory):
     return out
 
 
-def _common(task, data, out_dir):
-    return ["--config", str(CONFIGS / f"{task}_tiny.yaml"), f"out_dir={out_dir}", "data.shapes=null",
-            f"tokenizer.path={data}/tokenizer.json", "tokenizer.train_from_shapes=false", "progress_bar=false",
-            f"data.eval.shards={data}/eval-000000.tar", "data.eval.batch_size=24", TINY_VISION]
-
-
 def _clip(data, out_dir, *extra):
-    return _common("clip", data, out_dir) + [
+    return train_argv("clip", data, out_dir, eval_batch_size=24) + [
         f"data.train.0.shards={data}/train-*.tar", "data.train.0.batch_size=8", "data.train.0.resampled=false",
         "data.train.0.shuffle_buffer=32", "model.clip.text={width: 32, depth: 1, heads: 2}", "model.clip.embed_dim=32",
         "tokenizer.context_length=12", "max_steps=8", "save_every=2", "keep_last=2", "eval_every=0",
@@ -86,7 +77,7 @@ def _clip(data, out_dir, *extra):
 
 def _accumulation(data, out_dir, *extra):
     """Frozen on the fixed-length eval captions, no shuffling: the same samples whatever the batch size."""
-    return _common("frozen", data, out_dir) + [
+    return train_argv("frozen", data, out_dir, eval_batch_size=24) + [
         TINY_LM, f"data.train.0.shards={data}/eval-000000.tar", "data.train.0.resampled=false",
         "data.train.0.shuffle_buffer=0", "tokenizer.context_length=16", "max_steps=3", "save_every=0",
         "data.eval=null", "optim.lr=1e-3", "deepspeed.zero_optimization.stage=2", *extra]
@@ -103,13 +94,13 @@ def test_two_ranks_zero2_zero3_and_exact_resume(data, tmp_path):
     acc1, acc2 = tmp_path / "batch8", tmp_path / "accumulated4x2"
     proc = _launch(tmp_path, "first", [
         _clip(data, full),
-        _common("flamingo", data, fl3) + [
+        train_argv("flamingo", data, fl3, eval_batch_size=24) + [
             ZERO3, TINY_LM, f"data.train.0.shards={data}/docs-*.tar", f"data.train.1.shards={data}/train-*.tar",
             "data.train.0.batch_size=4", "data.train.1.batch_size=8", "data.train.1.weight=0.2",
             "tokenizer.context_length=32", "model.flamingo.num_latents=4", "max_steps=12", "save_every=6",
             "model.gradient_checkpointing=true",
             "eval_every=0", "optim.lr=3e-3", *(a.format(data=data) for a in ODD_EVAL)],
-        _common("frozen", data, fr3) + [
+        train_argv("frozen", data, fr3, eval_batch_size=24) + [
             ZERO3, TINY_LM, f"data.train.0.shards={data}/train-*.tar", "data.train.0.batch_size=8",
             "tokenizer.context_length=16", "max_steps=12", "save_every=0", "eval_every=0", "optim.lr=3e-3"],
         _clip(data, clip3, ZERO3, "max_steps=6", "save_every=0", *(a.format(data=data) for a in ODD_EVAL)),

@@ -10,39 +10,26 @@ from importlib import resources
 
 import pytest
 import torch
+from helpers.training import train_argv
 from vlmcore.train import ConfigError, main
 from vlmcore.train.config import load_config
 from vlmcore.train.data.pipeline import IGNORE_INDEX
-from vlmcore.train.data.tokenizer import MEDIA, Tokenizer, train_word_tokenizer
+from vlmcore.train.data.tokenizer import MEDIA, Tokenizer
 from vlmcore.train.runtime import distributed, loop
 from vlmcore.train.tasks import get_task
-from vlmcore.train.tools import shapes
 
 CONFIGS = resources.files("vlmcore.train") / "configs"
 VISION = "model.vision={image_size: 16, patch_size: 8, width: 32, depth: 2, heads: 2}"
+RUN = {"eval_batch_size": None, "vision": VISION}  # the trainings here: no evaluation, a 2-block tower
 TEXT = ["model.clip.text={width: 32, depth: 2, heads: 2}", "model.clip.embed_dim=32", "tokenizer.context_length=12"]
 TINY_LM = ("model.lm={config: {model_type: llama, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, "
            "num_attention_heads: 2, num_key_value_heads: 2, max_position_embeddings: 64}}")
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    out = tmp_path_factory.mktemp("shapes")
-    shapes.make_shapes(str(out), n_train=96, n_eval=48, n_docs=16, image_size=16, shard_size=48, seed=5)
-    train_word_tokenizer(str(out / "captions.txt"), str(out / "tokenizer.json"))
-    return out
 
 
 def _cfg(data, task="clip", *extra):
     return load_config(str(CONFIGS / f"{task}_tiny.yaml"), [
         "out_dir=x", "data.shapes=null", "tokenizer.train_from_shapes=false", f"tokenizer.path={data}/tokenizer.json",
         f"data.eval.shards={data}/eval-000000.tar", VISION, *extra])
-
-
-def _argv(data, task, out, *extra):
-    return ["--config", str(CONFIGS / f"{task}_tiny.yaml"), f"out_dir={out}", "data.shapes=null",
-            "tokenizer.train_from_shapes=false", f"tokenizer.path={data}/tokenizer.json", "data.eval=null",
-            "progress_bar=false", "save_every=0", VISION, *extra]
 
 
 def _steps(out):
@@ -165,9 +152,9 @@ def test_flamingo_loss_masking_before_the_first_image(data):
 
 def test_clip_trains_on_a_weighted_mixture(data, tmp_path):
     out = tmp_path / "mix"
-    main(_argv(data, "clip", out, *TEXT, "max_steps=3",
-               f"data.train=[{{name: a, shards: '{data}/train-*.tar', batch_size: 8}}, "
-               f"{{name: b, shards: '{data}/eval-*.tar', batch_size: 4, weight: 0.5}}]"))
+    main(train_argv("clip", data, out, "save_every=0", *TEXT, "max_steps=3",
+                    f"data.train=[{{name: a, shards: '{data}/train-*.tar', batch_size: 8}}, "
+                    f"{{name: b, shards: '{data}/eval-*.tar', batch_size: 4, weight: 0.5}}]", **RUN))
     steps = _steps(out)
     assert len(steps) == 3
     for s in steps:  # one contrastive loss per dataset, summed with the weights
@@ -181,8 +168,9 @@ def test_accumulation_equals_one_big_batch_for_the_lm_loss(data, tmp_path):
     common = [f"data.train.0.shards={data}/eval-000000.tar", "data.train.0.resampled=false",
               "data.train.0.shuffle_buffer=0", TINY_LM, "tokenizer.context_length=16", "max_steps=3",
               "deepspeed.zero_optimization.stage=0", "optim.lr=1e-3", "seed=3"]
-    main(_argv(data, "frozen", tmp_path / "big", *common, "data.train.0.batch_size=8"))
-    main(_argv(data, "frozen", tmp_path / "acc", *common, "data.train.0.batch_size=4", "optim.accumulation_steps=2"))
+    main(train_argv("frozen", data, tmp_path / "big", "save_every=0", *common, "data.train.0.batch_size=8", **RUN))
+    main(train_argv("frozen", data, tmp_path / "acc", "save_every=0", *common, "data.train.0.batch_size=4",
+                    "optim.accumulation_steps=2", **RUN))
     big, acc = _steps(tmp_path / "big"), _steps(tmp_path / "acc")
     for b, a in zip(big, acc):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6)

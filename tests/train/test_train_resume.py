@@ -4,36 +4,21 @@ in-process trainings (one rank, DeepSpeed on gloo) on tiny shapes data."""
 import json
 import os
 import shutil
-from importlib import resources
 
 import pytest
 import torch
+from helpers.training import train_argv
 from vlmcore.train import main
 from vlmcore.train.data.pipeline import NoUsableSamplesError
-from vlmcore.train.data.tokenizer import train_word_tokenizer
 from vlmcore.train.runtime import checkpoint
-from vlmcore.train.tools import shapes
 
-CONFIGS = resources.files("vlmcore.train") / "configs"
 # An LM much larger than the trainable parts (so that a checkpoint holding it could not be smaller than it).
 WIDE_LM = ("model.lm={config: {model_type: llama, hidden_size: 32, intermediate_size: 1024, num_hidden_layers: 2, "
            "num_attention_heads: 2, num_key_value_heads: 2, max_position_embeddings: 64}}")
+# train_argv options of these trainings: no evaluation, a frozen 16-wide tower
+RUN = {"eval_batch_size": None,
+       "vision": "model.vision={image_size: 16, patch_size: 8, width: 16, depth: 1, heads: 2, freeze: true}"}
 SMALL_FLAMINGO = "model.flamingo={cross_attn_every_n_layers: 2, num_latents: 2, dim_head: 8, heads: 2, ff_mult: 1}"
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    out = tmp_path_factory.mktemp("shapes")
-    shapes.make_shapes(str(out), n_train=96, n_eval=24, n_docs=48, image_size=32, shard_size=24, seed=4)
-    train_word_tokenizer(str(out / "captions.txt"), str(out / "tokenizer.json"))
-    return out
-
-
-def _argv(task, data, out_dir, *extra):
-    return ["--config", str(CONFIGS / f"{task}_tiny.yaml"), f"out_dir={out_dir}", "data.shapes=null",
-            f"tokenizer.path={data}/tokenizer.json", "tokenizer.train_from_shapes=false", "data.eval=null",
-            "progress_bar=false", "model.vision={image_size: 16, patch_size: 8, width: 16, depth: 1, heads: 2, "
-            "freeze: true}", "eval_every=0", *extra]
 
 
 def _losses(out_dir):
@@ -78,7 +63,7 @@ def test_checkpoint_holds_no_frozen_tensor_and_resumes_exactly(data, tmp_path, t
     common = [WIDE_LM, *train, "max_steps=4", "save_every=2", f"deepspeed.zero_optimization.stage={zero}",
               "optim.lr=3e-3", "data.train.0.shuffle_buffer=8"]
     full = tmp_path / "full"
-    argv = _argv(task, data, full, *common)
+    argv = train_argv(task, data, full, *common, **RUN)
     main(argv)
     reference = _losses(full)
 
@@ -92,7 +77,7 @@ def test_checkpoint_holds_no_frozen_tensor_and_resumes_exactly(data, tmp_path, t
 
     resumed = tmp_path / "resumed"
     _resume_from(full, resumed, "step_00000002")
-    main(_argv(task, data, resumed, *common, "resume=latest"))
+    main(train_argv(task, data, resumed, *common, "resume=latest", **RUN))
     assert _losses(resumed) == {3: reference[3], 4: reference[4]}  # bitwise: fp32, same data order
 
     # Another frozen LM (same shapes, other weights): refused before any step, saying what differs.
@@ -100,7 +85,7 @@ def test_checkpoint_holds_no_frozen_tensor_and_resumes_exactly(data, tmp_path, t
     _resume_from(full, changed, "step_00000002")
     other_lm = WIDE_LM.replace("max_position_embeddings: 64", "max_position_embeddings: 64, initializer_range: 0.5")
     with pytest.raises(checkpoint.FrozenModelMismatchError, match=r"last frozen tensor '[^']*lm_head.weight': sha256"):
-        main(_argv(task, data, changed, *common, "resume=latest", other_lm))
+        main(train_argv(task, data, changed, *common, "resume=latest", other_lm, **RUN))
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -110,10 +95,10 @@ def test_training_on_a_shard_with_no_usable_sample_stops_with_the_reason(data, t
     # DeepSpeed's first start in a process can wait minutes for its op build; the stream-level test times it.)
     out = tmp_path / "mismatch"
     with pytest.raises(NoUsableSamplesError) as err:
-        main(_argv("clip", data, out, "max_steps=3", "save_every=0", f"data.train.0.shards={data}/docs-*.tar",
-                   "data.train.0.name=web", "data.train.0.batch_size=4", f"data.num_workers={workers}",
-                   "data.max_consecutive_bad_samples=1000", "model.clip.text={width: 16, depth: 1, heads: 2}",
-                   "model.clip.embed_dim=16", "tokenizer.context_length=12", "model.vision.freeze=false"))
+        main(train_argv("clip", data, out, "max_steps=3", "save_every=0", f"data.train.0.shards={data}/docs-*.tar",
+                        "data.train.0.name=web", "data.train.0.batch_size=4", f"data.num_workers={workers}",
+                        "data.max_consecutive_bad_samples=1000", "model.clip.text={width: 16, depth: 1, heads: 2}",
+                        "model.clip.embed_dim=16", "tokenizer.context_length=12", "model.vision.freeze=false", **RUN))
     message = str(err.value)
     assert message.startswith("dataset 'web': 0 of 1000 samples usable in a row")
     assert "1000 kind_mismatch" in message and "set kind: interleaved" in message and "docs-0000" in message

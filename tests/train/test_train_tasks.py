@@ -12,9 +12,7 @@ from torch import nn
 from vlmcore.train import main, tasks
 from vlmcore.train.config import ConfigError, load_config, parse_config
 from vlmcore.train.data.pipeline import decode_image, eval_batches, pair_fields
-from vlmcore.train.data.tokenizer import train_word_tokenizer
 from vlmcore.train.runtime.distributed import all_reduce_sum
-from vlmcore.train.tools import shapes
 
 CONFIGS = resources.files("vlmcore.train") / "configs"
 
@@ -105,11 +103,8 @@ class ToyTask(tasks.Task):
         return {"toy_eval_loss": total / max(n, 1)}
 
 
-def test_a_new_task_is_one_class_plus_one_registry_line(tmp_path, monkeypatch):
+def test_a_new_task_is_one_class_plus_one_registry_line(data, tmp_path, monkeypatch):
     monkeypatch.setitem(tasks.REGISTRY, "toy", ToyTask)
-    data = tmp_path / "shapes"
-    shapes.make_shapes(str(data), n_train=24, n_eval=8, n_docs=4, image_size=16, shard_size=24, seed=0)
-    train_word_tokenizer(str(data / "captions.txt"), str(data / "tokenizer.json"))
     config = {
         "task": "toy", "out_dir": str(tmp_path / "run"), "max_steps": 2, "progress_bar": False,
         "data": {"train": [{"shards": f"{data}/train-000000.tar", "batch_size": 4, "shuffle_buffer": 0}],

@@ -10,12 +10,11 @@ from importlib import resources
 
 import pytest
 import torch
+from helpers.training import train_argv
 from vlmcore.train import main
 from vlmcore.train.config import ConfigError, VisionConfig, load_config
-from vlmcore.train.data.tokenizer import train_word_tokenizer
 from vlmcore.train.tasks.common import build_vision
 from vlmcore.train.tasks.towers import build_tower, freeze_vision, vision_preprocess
-from vlmcore.train.tools import shapes
 
 import vlmcore
 
@@ -154,19 +153,15 @@ def test_vision_config_errors(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    out = tmp_path_factory.mktemp("shapes_towers")
-    shapes.make_shapes(str(out), n_train=64, n_eval=16, n_docs=16, image_size=32, shard_size=32, seed=4)
-    train_word_tokenizer(str(out / "captions.txt"), str(out / "tokenizer.json"))
-    return out
+def data(shapes_dataset):
+    # Not the shared set: the OpenCLIP tower's evaluation must count its 16 held-out pairs.
+    return shapes_dataset(n_train=64, n_eval=16, n_docs=16, image_size=32, shard_size=32, seed=4)
 
 
 def _train(task, data, out, vision, *extra):
-    argv = ["--config", str(CONFIGS / f"{task}_tiny.yaml"), f"out_dir={out}", "data.shapes=null",
-            f"tokenizer.path={data}/tokenizer.json", "tokenizer.train_from_shapes=false", "tokenizer.context_length=12",
-            "progress_bar=false", "max_steps=2", "save_every=0", "eval_every=0", "data.eval=null",
-            f"model.vision={flow(vision)}", "data.train.0.batch_size=4", "data.train.0.shuffle_buffer=0",
-            f"data.train.0.shards={data}/train-*.tar", *extra]
+    argv = train_argv(task, data, out, "max_steps=2", "save_every=0", "data.train.0.shuffle_buffer=0", *extra,
+                      eval_batch_size=None, train_batch_size=4, context_length=12,
+                      vision=f"model.vision={flow(vision)}")
     if task == "flamingo":
         pairs = {"kind": "pairs", "shards": f"{data}/train-*.tar", "batch_size": 4, "shuffle_buffer": 0}
         argv += [f"data.train=[{flow(pairs)}]",

@@ -8,24 +8,25 @@ import tarfile
 from importlib import resources
 
 import pytest
+from helpers.training import dataset_view, train_argv
 from vlmcore.train import ConfigError, main
 from vlmcore.train.config import load_config, parse_config
-from vlmcore.train.data.tokenizer import Tokenizer, train_word_tokenizer
+from vlmcore.train.data.tokenizer import Tokenizer
 from vlmcore.train.deepspeed_config import deepspeed_keys
-from vlmcore.train.tools import shapes
 from vlmcore.train.validate import shard_problems, validate_inputs
 
 CONFIGS = resources.files("vlmcore.train") / "configs"
+RUN = {"eval_batch_size": 16, "train_batch_size": 8}  # train_argv options of the trainings here
 TINY = ["model.vision={image_size: 16, patch_size: 8, width: 32, depth: 1, heads: 2}",
         "model.clip.text={width: 32, depth: 1, heads: 2}", "model.clip.embed_dim=32", "tokenizer.context_length=12",
         "progress_bar=false", "data.shapes=null", "tokenizer.train_from_shapes=false"]
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    out = tmp_path_factory.mktemp("shapes")
-    shapes.make_shapes(str(out), n_train=64, n_eval=40, n_docs=16, image_size=16, shard_size=64, seed=4)
-    train_word_tokenizer(str(out / "captions.txt"), str(out / "tokenizer.json"))
+def data(shapes_dataset, tmp_path_factory):
+    # Not the shared set: the evaluations must count its 40 held-out pairs. A view, to add plain/ beside it.
+    out = dataset_view(shapes_dataset(n_train=64, n_eval=40, n_docs=16, image_size=16, shard_size=64, seed=4),
+                       tmp_path_factory.mktemp("validate") / "shapes")
     # img2dataset-style eval shard: KEY.png + KEY.txt, no KEY.json (hence no label), no classes.json beside it
     os.makedirs(out / "plain")
     with tarfile.open(out / "eval-000000.tar") as src, tarfile.open(out / "plain" / "eval-000000.tar", "w") as dst:
@@ -125,21 +126,16 @@ def test_missing_classes_file_fails_before_training_starts(data, tmp_path, monke
     assert not os.path.exists(out / "metrics.jsonl")
 
 
-def _run_argv(data, out, eval_shards, *extra):
-    return ["--config", str(CONFIGS / "clip_tiny.yaml"), f"out_dir={out}", f"tokenizer.path={data}/tokenizer.json",
-            f"data.train.0.shards={data}/train-*.tar", f"data.eval.shards={eval_shards}", "data.eval.batch_size=16",
-            "data.train.0.batch_size=8", "save_every=0", *TINY, *extra]
-
-
 def test_clip_eval_without_labels_reports_retrieval_metrics(data, tmp_path):
     out = tmp_path / "run"
-    result = main(_run_argv(data, out, f"{data}/plain/eval-000000.tar", "max_steps=2"))
+    result = main(train_argv("clip", data, out, "save_every=0", *TINY, "max_steps=2",
+                             eval_shards=f"{data}/plain/eval-000000.tar", **RUN))
     assert "zero_shot_top1" not in result and result["eval_samples"] == 40
     for key in ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10"):
         assert 0 <= result[key] <= 1, key
     assert result["i2t_R@1"] <= result["i2t_R@5"] <= result["i2t_R@10"]
     # With labels and classes.json beside the shard: both zero-shot and retrieval.
-    result = main(_run_argv(data, f"{out}2", f"{data}/eval-000000.tar", "max_steps=1"))
+    result = main(train_argv("clip", data, f"{out}2", "save_every=0", *TINY, "max_steps=1", **RUN))
     assert result["zero_shot_samples"] == 40 and 0 <= result["zero_shot_top1"] <= 1 and "t2i_R@1" in result
 
 

@@ -17,16 +17,8 @@ from vlmcore.train.config import ConfigError, load_config
 from vlmcore.train.data.pipeline import BadSample, read_tar
 from vlmcore.train.data.tokenizer import Tokenizer
 from vlmcore.train.tasks.vilbert import RegionPairEncoder, bert_special_ids
-from vlmcore.train.tools.region_shapes import make_region_shapes
 
 CONFIGS = resources.files("vlmcore.train") / "configs"
-
-
-@pytest.fixture(scope="module")
-def regions(tmp_path_factory):
-    out = tmp_path_factory.mktemp("regions")
-    make_region_shapes(str(out), n_train=96, n_eval=24, image_size=32, feature_dim=32, shard_size=96, seed=0)
-    return out
 
 
 def _config(tmp_path, regions, task: str, **extra) -> str:

@@ -154,6 +154,7 @@ class DataConfig:
     shapes: Union[ShapesConfig, None] = None  # generate the embedded shapes dataset (null = off)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     max_consecutive_bad_samples: int = 5000  # unusable samples in a row that stop the run with the reasons
+    max_image_pixels: int = 50_000_000  # larger images are skipped undecoded (image_too_large), not decoded for seconds
 
     def check(self, where: str) -> list[str]:
         out = []
@@ -163,6 +164,8 @@ class DataConfig:
             out.append(f"{where}.num_workers: must be >= 0, got {self.num_workers}")
         if self.max_consecutive_bad_samples < 1:
             out.append(f"{where}.max_consecutive_bad_samples: must be >= 1, got {self.max_consecutive_bad_samples}")
+        if self.max_image_pixels < 1:
+            out.append(f"{where}.max_image_pixels: must be >= 1, got {self.max_image_pixels}")
         names = [d.name for d in self.train if d.name]
         if len(names) != len(set(names)):
             out.append(f"{where}.train: dataset names must be unique, got {names}")
@@ -319,10 +322,11 @@ class TestingConfig:
     """Fault injection used by the test suite."""
 
     sigkill_at_step: int = 0  # rank 0 kills itself with SIGKILL right after this step (0 = never)
+    stall_at_step: int = 0  # the last rank sleeps for an hour right after this step (0 = never)
 
     def check(self, where: str) -> list[str]:
-        n = self.sigkill_at_step
-        return [] if n >= 0 else [f"{where}.sigkill_at_step: must be >= 0, got {n}"]
+        return [f"{where}.{name}: must be >= 0, got {getattr(self, name)}"
+                for name in ("sigkill_at_step", "stall_at_step") if getattr(self, name) < 0]
 
 
 @dataclass
@@ -343,6 +347,8 @@ class TrainConfig:
     log_every: int = 1  # steps between metrics lines
     seed: int = 0  # base seed (rank r uses seed + r)
     resume: Union[str, None] = None  # "latest" or a checkpoint tag ("step_00000040")
+    resume_fallback: bool = False  # resume: latest with a damaged newest checkpoint: load the previous complete one
+    collective_timeout_s: int = 600  # a rank waiting this long in a collective for a stalled rank stops the run
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU; fp16: CUDA only
     max_nonfinite_steps: int = 5  # this many non-finite losses in a row abort the run
     progress_bar: bool = True  # tqdm bar on rank 0
@@ -362,7 +368,7 @@ class TrainConfig:
         for name in ("save_every", "eval_every"):
             if getattr(self, name) < 0:
                 out.append(f"{name}: must be >= 0, got {getattr(self, name)}")
-        for name in ("keep_last", "log_every", "max_nonfinite_steps"):
+        for name in ("keep_last", "log_every", "max_nonfinite_steps", "collective_timeout_s"):
             if getattr(self, name) < 1:
                 out.append(f"{name}: must be >= 1, got {getattr(self, name)}")
         if not self.out_dir:

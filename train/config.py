@@ -172,6 +172,10 @@ class DataConfig:
         return out
 
 
+#: The largest ``tokenizer.context_length`` accepted (the LM's own maximum is checked against the model).
+MAX_CONTEXT_LENGTH = 65536
+
+
 @dataclass
 class TokenizerConfig:
     """A ``tokenizers`` JSON file or a local Hugging Face tokenizer directory (``type: auto``), or
@@ -184,6 +188,8 @@ class TokenizerConfig:
 
     def check(self, where: str) -> list[str]:
         out = [] if self.context_length >= 4 else [f"{where}.context_length: must be >= 4, got {self.context_length}"]
+        if self.context_length > MAX_CONTEXT_LENGTH:  # attention costs T^2: a run this long makes no step for minutes
+            out.append(f"{where}.context_length: must be <= {MAX_CONTEXT_LENGTH}, got {self.context_length}")
         if self.type == "auto" and not self.path:
             out.append(f"{where}.path: required (a tokenizers JSON file or a local HF tokenizer directory) "
                        "unless type is open_clip")

@@ -145,3 +145,92 @@ def test_resume_without_latest_and_with_a_torn_line_keeps_the_whole_history(data
     logged = capsys.readouterr().out
     assert "latest is missing: resuming from the newest complete checkpoint step_00000004" in logged
     assert "torn last line" in logged
+
+
+def _write_shard(path, samples, truncated: bool = False):
+    """A tar of ``(key, ext, bytes)`` members; ``truncated``: cut inside its last member's data."""
+    import io
+    import tarfile
+
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for key, ext, payload in samples:
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+        end = tar.getmembers()[-1].offset_data + 100 if truncated else None
+    path.write_bytes(buffer.getvalue()[:end])
+
+
+def _eval_pairs(data, n):
+    import tarfile
+
+    with tarfile.open(data / "eval-000000.tar") as tar:
+        members = [m for m in tar.getmembers() if m.isfile()]
+        return [(m.name.split(".", 1)[0], m.name.split(".", 1)[1], tar.extractfile(m).read()) for m in members][:n]
+
+
+def _clip_task(data, eval_shard, *extra):
+    import torch
+    from vlmcore.train.config import load_config
+    from vlmcore.train.data.tokenizer import Tokenizer
+    from vlmcore.train.runtime.distributed import DistInfo
+    from vlmcore.train.tasks import get_task
+
+    argv = train_argv("clip", data, "unused", f"data.eval.shards={eval_shard}", *extra)
+    cfg = load_config(argv[1], argv[2:])
+    task = get_task("clip")(cfg, Tokenizer(cfg.tokenizer.path, cfg.tokenizer.context_length, media_tokens=False))
+    return cfg, task, task.build_model(torch.float32), DistInfo(0, 1, 0, torch.device("cpu"))
+
+
+def test_evaluation_counts_what_it_drops_and_refuses_zero_usable_samples(data, tmp_path, capsys):
+    good = _eval_pairs(data, 24)  # 8 usable pairs (png, txt, json)
+    no_caption = [(f"nc{i}", "png", good[0][2]) for i in range(3)]
+    _write_shard(tmp_path / "mixed.tar", good + no_caption)
+    _write_shard(tmp_path / "cut.tar", [("cut", "png", good[0][2] * 4)], truncated=True)
+    _, task, model, info = _clip_task(data, f"[{tmp_path}/mixed.tar, {tmp_path}/cut.tar]")
+    results = task.run_evaluation(model, info, zero_stage=0)
+    assert results["eval_skipped/missing_caption"] == 3 and results["eval_skipped/unreadable_shard"] == 1
+    assert results["eval_usable_samples"] == 8 and results["eval_skipped_samples"] == 4
+
+    log = MetricsLogger(str(tmp_path / "out"), True, total_steps=1, progress_bar=False)
+    log.log_eval(1, results)
+    log.close()
+    assert "warning: evaluation at step 1 skipped" in capsys.readouterr().out
+    _, evals = read_metrics(tmp_path / "out")
+    assert evals[0]["eval"]["eval_skipped/missing_caption"] == 3
+
+    from vlmcore.train.data.eval_counts import EvalDataError
+
+    empty = tmp_path / "empty.tar"
+    _write_shard(empty, [])
+    _, task, model, info = _clip_task(data, empty)
+    with pytest.raises(EvalDataError, match="0 usable samples.*hold no sample"):
+        task.run_evaluation(model, info, zero_stage=0)
+
+
+def test_validation_samples_more_than_the_first_eval_record(data, tmp_path):
+    from vlmcore.train.config import ConfigError
+    from vlmcore.train.runtime.distributed import DistInfo
+    from vlmcore.train.runtime.loop import prepare_inputs
+
+    good = _eval_pairs(data, 3)
+    shard = tmp_path / "one-good.tar"
+    _write_shard(shard, good + [(f"nc{i}", "png", good[0][2]) for i in range(15)])
+    cfg, *_ = _clip_task(data, shard)
+    import torch
+
+    with pytest.raises(ConfigError, match=r"15 of the first 16 eval samples are not usable.*15 missing_caption"):
+        prepare_inputs(cfg, DistInfo(0, 1, 0, torch.device("cpu")))
+
+
+def test_a_context_length_that_would_hang_the_run_fails_before_training(data, tmp_path):
+    from vlmcore.train.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"tokenizer.context_length: must be <= 65536, got 100000"):
+        main(train_argv("clip", data, tmp_path / "out", "tokenizer.context_length=100000"))
+    lm = ("model.lm={config: {model_type: llama, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1, "
+          "num_attention_heads: 2, num_key_value_heads: 2, max_position_embeddings: 64}}")
+    with pytest.raises(ConfigError, match=r"context_length: 100 is above the language model's max_position_embeddings"):
+        main(train_argv("frozen", data, tmp_path / "out", lm, "tokenizer.context_length=100"))
+    assert not (tmp_path / "out" / "checkpoints").exists()

@@ -74,6 +74,21 @@ def keep_history(path: str, resume_step: int) -> str | None:
     return f"warning: {path}: " + "; ".join(notes) if notes else None
 
 
+#: Above this fraction of skipped eval samples, the evaluation is logged with a warning.
+EVAL_SKIPPED_WARNING = 0.01
+
+
+def skipped_eval_warning(step: int, results: dict) -> str | None:
+    """A warning when more than :data:`EVAL_SKIPPED_WARNING` of the eval samples were skipped."""
+    skipped, usable = results.get("eval_skipped_samples", 0), results.get("eval_usable_samples", 0)
+    if not skipped or skipped <= EVAL_SKIPPED_WARNING * (skipped + usable):
+        return None
+    reasons = ", ".join(f"{n} {key.removeprefix('eval_skipped/')}" for key, n in results.items()
+                        if key.startswith("eval_skipped/"))
+    return (f"warning: evaluation at step {step} skipped {skipped} of {skipped + usable} eval samples ({reasons}); "
+            f"its metrics are over the {usable} usable ones")
+
+
 class MetricsLogger:
     """Writes metrics on the main rank only; a no-op object on the others.
 
@@ -132,6 +147,9 @@ class MetricsLogger:
         if not self.enabled:
             return
         self._write({"step": step, "time": utc_now(), "eval": results})
+        warning = skipped_eval_warning(step, results)
+        if warning:
+            self.message(warning)
         if self._bar is not None:
             self._bar.write(f"[eval step {step}] " + ", ".join(f"{k}={v:.4f}" for k, v in results.items()
                                                                   if isinstance(v, float)))

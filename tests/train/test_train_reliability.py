@@ -234,3 +234,33 @@ def test_a_context_length_that_would_hang_the_run_fails_before_training(data, tm
     with pytest.raises(ConfigError, match=r"context_length: 100 is above the language model's max_position_embeddings"):
         main(train_argv("frozen", data, tmp_path / "out", lm, "tokenizer.context_length=100"))
     assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_a_stalled_rank_stops_the_run_within_the_collective_timeout(data, tmp_path):
+    """Two gloo ranks under the deepspeed launcher; rank 1 sleeps (alive) after step 1: rank 0 stops
+    with a message naming it, in far less than the backend's 30 minutes or the hour rank 1 sleeps."""
+    import subprocess
+    import sys
+    import time
+
+    from vlmcore.train.runtime.distributed import _free_port
+
+    argv = train_argv("clip", data, tmp_path / "out", f"data.train.0.shards={data}/train-*.tar", "data.eval=null",
+                      "max_steps=4", "collective_timeout_s=10", "testing.stall_at_step=1")
+    driver = tmp_path / "driver.py"
+    driver.write_text(f"from vlmcore.train import main\nmain({argv!r})\n")
+    launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        env.pop(name, None)
+    started = time.monotonic()
+    proc = subprocess.run([launcher, "--num_gpus", "2", "--master_port", str(_free_port()), str(driver)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    elapsed = time.monotonic() - started
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0, output[-3000:]
+    assert "CollectiveTimeoutError" in output and "collective_timeout_s=10 s" in output, output[-3000:]
+    assert "rank 1 (last at step 1) did not arrive" in output, output[-3000:]
+    assert elapsed < 400, elapsed  # start-up (~15-60 s on 2 shared cores) + the 10 s bound, not 30 min

@@ -220,6 +220,7 @@ class DataConfig:
     shapes: Union[ShapesConfig, None] = None  # generate the embedded shapes dataset (null = off)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     max_consecutive_bad_samples: PositiveInt = 5000  # unusable samples in a row that stop the run with the reasons
+    max_image_pixels: PositiveInt = 50_000_000  # larger images are skipped undecoded (image_too_large)
 
     def check(self, where: str) -> list[str]:
         out = []
@@ -231,6 +232,12 @@ class DataConfig:
         return out
 
 
+#: The largest ``tokenizer.context_length`` accepted (the LM's own maximum is checked against the model).
+MAX_CONTEXT_LENGTH = 65536
+#: Bounded above: attention costs T^2, a context far past any LM's would make no step for minutes.
+ContextLength = Annotated[int, Bounds(ge=4, le=MAX_CONTEXT_LENGTH)]
+
+
 @dataclass
 class TokenizerConfig:
     """A ``tokenizers`` JSON file or a local Hugging Face tokenizer directory (``type: auto``), or
@@ -238,7 +245,7 @@ class TokenizerConfig:
 
     path: str = ""  # tokenizers JSON file or local HF tokenizer directory (type auto; none for open_clip)
     type: Literal["auto", "open_clip"] = "auto"  # open_clip: open_clip's own tokenizer (SOT/EOT, zero padding)
-    context_length: Annotated[int, Bounds(ge=4)] = 32  # T: text tokens per sample (truncated / padded)
+    context_length: ContextLength = 32  # T: text tokens per sample (truncated / padded)
     train_from_shapes: bool = False  # train a small word-level tokenizer on the shapes captions if missing
 
     def check(self, where: str) -> list[str]:
@@ -359,6 +366,7 @@ class TestingConfig:
     """Fault injection used by the test suite."""
 
     sigkill_at_step: NonNegativeInt = 0  # rank 0 kills itself with SIGKILL right after this step (0 = never)
+    stall_at_step: NonNegativeInt = 0  # the last rank sleeps for an hour right after this step (0 = never)
 
 
 @dataclass
@@ -379,6 +387,8 @@ class TrainConfig:
     log_every: PositiveInt = 1  # steps between metrics lines
     seed: int = 0  # base seed (rank r uses seed + r)
     resume: Union[str, None] = None  # "latest" or a checkpoint tag ("step_00000040")
+    resume_fallback: bool = False  # resume: latest with a damaged newest checkpoint: load the previous complete one
+    collective_timeout_s: PositiveInt = 600  # a rank waiting this long in a collective for a stalled rank stops the run
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU; fp16: CUDA only
     max_nonfinite_steps: PositiveInt = 5  # this many non-finite losses in a row abort the run
     progress_bar: bool = True  # tqdm bar on rank 0

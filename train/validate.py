@@ -11,7 +11,8 @@ tokenizer that the run may generate exist (``loop.prepare_inputs``):
   missing directory as "Repo id must be in the form ...");
 - ``model.vision.init`` and ``data.eval.classes`` exist;
 - the first eval sample is usable by the task (``Task.check_eval_sample``: e.g. CLIP zero-shot
-  needs ``label`` in the sample's json and a classes file).
+  needs ``label`` in the sample's json and a classes file), and most of the next few are
+  (``eval_counts.eval_sample_problems``).
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from typing import TYPE_CHECKING
 
 from braceexpand import braceexpand
 from vlmcore.train.config import ConfigError
-from vlmcore.train.data.shards import first_local_shard, is_remote, spec_patterns
+from vlmcore.train.data.eval_counts import eval_sample_problems
+from vlmcore.train.data.shards import expand_shard_spec, is_remote, spec_patterns
 from vlmcore.train.tasks import get_task
 
 if TYPE_CHECKING:
@@ -104,14 +106,29 @@ def input_problems(cfg: TrainConfig) -> list[str]:
     return out + tokenizer_problems(cfg) + model_path_problems(cfg)
 
 
-def first_eval_sample(cfg: TrainConfig) -> dict | None:
-    """The first raw sample of the first local eval shard (None without one)."""
-    from vlmcore.train.data.pipeline import read_tar
+#: The keys of a transformers config that hold the longest sequence its position embeddings cover.
+POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
 
-    shard = first_local_shard(cfg.data.eval.shards)
-    if shard is None:
-        return None
-    return next(iter(read_tar(shard)), None)
+
+def context_length_problems(cfg: TrainConfig, tok: Tokenizer) -> list[str]:
+    """``tokenizer.context_length`` above the LM's position limit (``model.lm``) or the tokenizer's
+    ``model_max_length``: a run that would fail, or crawl, at its first long text."""
+    import json
+
+    limits = []
+    lm = cfg.model.lm
+    lm_config = dict(lm.config) if lm is not None else {}
+    if lm is not None and lm.path and os.path.isfile(os.path.join(lm.path, "config.json")):
+        with open(os.path.join(lm.path, "config.json"), encoding="utf-8") as f:
+            lm_config = json.load(f)
+    key = next((k for k in POSITION_KEYS if isinstance(lm_config.get(k), int)), None)
+    if key is not None:
+        limits.append((lm_config[key], f"the language model's {key}"))
+    model_max = getattr(getattr(tok, "_hf", None), "model_max_length", None)
+    if isinstance(model_max, int) and model_max < 10**6:  # transformers' "no limit" is 1e30
+        limits.append((model_max, "the tokenizer's model_max_length"))
+    T = cfg.tokenizer.context_length
+    return [f"tokenizer.context_length: {T} is above {what} ({limit})" for limit, what in limits if T > limit]
 
 
 def validate_inputs(cfg: TrainConfig, load_tokenizer) -> Tokenizer:
@@ -128,11 +145,11 @@ def validate_inputs(cfg: TrainConfig, load_tokenizer) -> Tokenizer:
             tok = load_tokenizer()
         except (ValueError, OSError) as e:
             problems.append(f"tokenizer.path: {cfg.tokenizer.path!r} does not load: {e}")
+    if tok is not None:
+        problems += context_length_problems(cfg, tok)
     if tok is not None and cfg.data.eval is not None and not any(p.startswith("data.eval") for p in problems):
-        sample = first_eval_sample(cfg)
-        if sample is not None:
-            task = get_task(cfg.task)(cfg, tok)
-            problems += task.check_eval_sample(sample)
+        local = [s for s in expand_shard_spec(cfg.data.eval.shards) if not is_remote(s)]
+        problems += eval_sample_problems(get_task(cfg.task)(cfg, tok), local)  # the first sample and a few more
     if problems:
         raise ConfigError(problems, "inputs")
     return tok

@@ -6,7 +6,7 @@ import os
 
 import pytest
 import torch
-from vlmcore.train.runtime import checkpoint
+from vlmcore.train.runtime import checkpoint, state_file
 
 
 class FakeEngine:
@@ -31,7 +31,7 @@ def test_latest_is_written_last_and_old_checkpoints_are_pruned(tmp_path):
         checkpoint.save(FakeEngine(), ckpt, step, {"step": step, "rng": checkpoint.rng_state()}, keep_last=2, rank=0)
     assert checkpoint.read_latest(ckpt) == "step_00000006"
     assert sorted(os.listdir(ckpt)) == ["latest", "step_00000004", "step_00000006"]
-    state = torch.load(os.path.join(ckpt, "step_00000006", "trainer_rank00000.pt"), weights_only=False)
+    state = state_file.read(os.path.join(ckpt, "step_00000006", "trainer_rank00000.safetensors"))
     assert state["step"] == 6
 
     with pytest.raises(RuntimeError, match="disk full"):

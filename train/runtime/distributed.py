@@ -9,6 +9,8 @@ CUDA, gloo on CPU.
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import os
 import socket
 from dataclasses import dataclass
@@ -35,15 +37,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init(local_rank: int | None = None) -> DistInfo:
-    """Join (or start) the process group; returns this process's rank, world size and device."""
+class CollectiveTimeoutError(RuntimeError):
+    """A collective waited longer than ``collective_timeout_s`` for a rank that did not arrive."""
+
+
+def init(local_rank: int | None = None, timeout_s: float | None = None) -> DistInfo:
+    """Join (or start) the process group; returns this process's rank, world size and device.
+
+    ``timeout_s`` bounds every collective (the backend's default is 30 minutes); it applies when this
+    call creates the group."""
     import deepspeed
 
     if not dist.is_initialized():
         if "RANK" not in os.environ and "OMPI_COMM_WORLD_RANK" not in os.environ:
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                               MASTER_PORT=str(_free_port()))
-        deepspeed.init_distributed(verbose=False)
+        timeout = {} if timeout_s is None else {"timeout": datetime.timedelta(seconds=timeout_s)}
+        deepspeed.init_distributed(verbose=False, **timeout)
     if local_rank is None or local_rank < 0:
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
@@ -121,3 +131,61 @@ def broadcast_object(obj):
         dist.broadcast_object_list(box, src=0)
         return box[0]
     return obj
+
+
+STEP_KEY = "vlmcore/step/{rank}"
+
+
+def _store():
+    """The process group's key-value store (None without a group of several ranks)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return None
+    return dist.distributed_c10d._get_default_store()
+
+
+def report_step(step: int) -> None:
+    """Publish the step this rank has reached (one store write), for :func:`lagging_ranks`."""
+    store = _store()
+    if store is not None:
+        store.set(STEP_KEY.format(rank=dist.get_rank()), str(step))
+
+
+def lagging_ranks() -> dict[int, int]:
+    """``{rank: its last reported step}`` of the ranks behind the furthest one ({} when unknown).
+
+    The store is served by a thread of rank 0's process, so it answers even while a rank is stalled."""
+    store, steps = _store(), {}
+    if store is None:
+        return {}
+    try:
+        for rank in range(dist.get_world_size()):
+            key = STEP_KEY.format(rank=rank)
+            steps[rank] = int(store.get(key)) if store.check([key]) else 0
+    except (RuntimeError, ValueError):  # the store's host (rank 0) is gone
+        return {}
+    furthest = max(steps.values(), default=0)
+    return {rank: step for rank, step in steps.items() if step < furthest}
+
+
+def _is_timeout(error: BaseException) -> bool:
+    text = str(error).lower()
+    return isinstance(error, (RuntimeError, dist.DistBackendError)) and ("timed out" in text or "timeout" in text)
+
+
+@contextlib.contextmanager
+def timeouts_explained(timeout_s: float):
+    """Turn a backend's collective timeout into a :class:`CollectiveTimeoutError` that says what
+    happened and names the ranks that did not arrive (those whose last :func:`report_step` is behind).
+    NCCL's watchdog aborts the process instead: its own log names the collective."""
+    try:
+        yield
+    except Exception as e:
+        if not _is_timeout(e) or not dist.is_initialized():
+            raise
+        behind = lagging_ranks()
+        who = (", ".join(f"rank {r} (last at step {s})" for r, s in sorted(behind.items())) + " did not arrive"
+               if behind else "the rank that did not arrive is unknown")
+        raise CollectiveTimeoutError(
+            f"rank {dist.get_rank()}: a collective waited more than collective_timeout_s={timeout_s:g} s for the "
+            f"other ranks; {who}. A rank is stalled (a hung data read, a deadlock, a slow disk) or far slower than "
+            f"the others; raise collective_timeout_s if that is expected. Backend: {e}") from e

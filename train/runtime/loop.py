@@ -12,7 +12,6 @@ save a checkpoint and abort with a :class:`NonFiniteLossError`.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import random
@@ -205,10 +204,16 @@ def _streams(cfg: TrainConfig, task: Task, info: distributed.DistInfo) -> list[D
 
 
 def train(cfg: TrainConfig, local_rank: int | None = None) -> dict:
-    """Run (or resume) a training described by ``cfg``; returns the last evaluation (empty if none)."""
+    """Run (or resume) a training described by ``cfg``; returns the last evaluation (empty if none).
+    A collective that waits more than ``cfg.collective_timeout_s`` stops it with a message."""
+    with distributed.timeouts_explained(cfg.collective_timeout_s):
+        return _train(cfg, local_rank)
+
+
+def _train(cfg: TrainConfig, local_rank: int | None = None) -> dict:
     import deepspeed
 
-    info = distributed.init(local_rank)
+    info = distributed.init(local_rank, cfg.collective_timeout_s)
     threads, why = distributed.configure_threads()
     precision = resolve_precision(cfg, info.device)
     cfg = dataclasses.replace(cfg, max_steps=resolve_max_steps(cfg, info.world_size))
@@ -240,21 +245,23 @@ def train(cfg: TrainConfig, local_rank: int | None = None) -> dict:
 
     ckpt_dir = os.path.join(cfg.out_dir, "checkpoints")
     start_step, nonfinite_total = 0, 0
-    resume_tag = checkpoint.resolve_tag(ckpt_dir, cfg.resume) if cfg.resume else None
+    # Resolve, verify and load the checkpoint to resume from (None: a fresh start); its notes are logged below.
+    resume_tag, state, resume_notes = checkpoint.resume(engine, ckpt_dir, cfg.resume, info.rank, fingerprint,
+                                                        cfg.resume_fallback)
     restored_rng = None
     if resume_tag is not None:
-        state = checkpoint.load(engine, ckpt_dir, resume_tag, info.rank, fingerprint)
         start_step, nonfinite_total = state["step"], state["nonfinite_steps"]
         for stream in streams:
             stream.load_state_dict(state["data"][stream.name])
         restored_rng = state["rng"]
     if info.is_main:
         os.makedirs(cfg.out_dir, exist_ok=True)
-        with open(os.path.join(cfg.out_dir, "config.json"), "w", encoding="utf-8") as f:
-            json.dump(to_dict(cfg), f, indent=1)
+        checkpoint.write_json_atomic(os.path.join(cfg.out_dir, "config.json"), to_dict(cfg))  # never half-written
     log = MetricsLogger(cfg.out_dir, info.is_main, cfg.max_steps, start_step, cfg.progress_bar and info.is_main,
                         resume_step=start_step if resume_tag is not None else None)
     log.message(f"intra-op threads per rank: {threads} ({why})")
+    for note in resume_notes:  # a missing 'latest', a fallback to the previous checkpoint
+        log.message(note)
     if resume_tag is not None:
         log.message(f"resumed from {resume_tag} (step {start_step})")
     if restored_rng is not None:
@@ -279,6 +286,7 @@ def train(cfg: TrainConfig, local_rank: int | None = None) -> dict:
     accumulation = cfg.optim.accumulation_steps
     while step < cfg.max_steps:
         step += 1
+        distributed.report_step(step)  # lets a rank that times out name the ranks behind it
         started = time.perf_counter()
         # One optimizer step = ``accumulation`` micro-batches of every dataset. DeepSpeed scales each
         # backward by 1 / accumulation and updates at the last one (its gradient_accumulation_steps).
@@ -366,12 +374,13 @@ def train(cfg: TrainConfig, local_rank: int | None = None) -> dict:
             save(step)
         if cfg.testing.sigkill_at_step and step == cfg.testing.sigkill_at_step and info.is_main:
             os.kill(os.getpid(), signal.SIGKILL)
+        if cfg.testing.stall_at_step == step and info.rank == info.world_size - 1:
+            time.sleep(3600)  # fault injection: a stalled (alive, silent) rank
     if cfg.data.eval is not None:
         last_eval = run_eval(step)
     for filename, (names, prefix) in task.export(module).items():
         checkpoint.export_safetensors(module, names, os.path.join(cfg.out_dir, filename), zero_stage, prefix)
     if info.is_main and last_eval:
-        with open(os.path.join(cfg.out_dir, "eval.json"), "w", encoding="utf-8") as f:
-            json.dump({"step": step, **last_eval}, f, indent=1)
+        checkpoint.write_json_atomic(os.path.join(cfg.out_dir, "eval.json"), {"step": step, **last_eval})
     log.close()
     return last_eval

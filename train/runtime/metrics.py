@@ -37,6 +37,58 @@ def utc_now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")
 
 
+def _step_of(line: str) -> int | None:
+    """The ``step`` of a metrics line; None when the line is not a JSON object."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record.get("step", 0) if isinstance(record, dict) else None
+
+
+def keep_history(path: str, resume_step: int) -> str | None:
+    """Rewrite ``path`` (atomically) for a run resumed at ``resume_step``; returns a warning or None.
+
+    Lines of steps after ``resume_step`` (logged after the checkpoint by the interrupted run, logged
+    again by the resumed one) are dropped, every earlier line is kept. A torn last line (a kill or a
+    full disk during a write: no newline, not JSON) is dropped with a warning; another line that is
+    not JSON is kept as it is (its step is unknown), with a warning.
+    """
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = [line for line in f if line.strip()]
+    torn = bool(lines) and not lines[-1].endswith("\n") and _step_of(lines[-1]) is None
+    if torn:
+        lines.pop()
+    unreadable = [i + 1 for i, line in enumerate(lines) if _step_of(line) is None]
+    kept = [line for line in lines if (_step_of(line) or 0) <= resume_step]
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.writelines(kept)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+    notes = []
+    if torn:
+        notes.append("its torn last line (an interrupted write) was dropped")
+    if unreadable:
+        notes.append(f"line(s) {unreadable[:5]} are not JSON and were kept as they are")
+    return f"warning: {path}: " + "; ".join(notes) if notes else None
+
+
+#: Above this fraction of skipped eval samples, the evaluation is logged with a warning.
+EVAL_SKIPPED_WARNING = 0.01
+
+
+def skipped_eval_warning(step: int, results: dict) -> str | None:
+    """A warning when more than :data:`EVAL_SKIPPED_WARNING` of the eval samples were skipped."""
+    skipped, usable = results.get("eval_skipped_samples", 0), results.get("eval_usable_samples", 0)
+    if not skipped or skipped <= EVAL_SKIPPED_WARNING * (skipped + usable):
+        return None
+    reasons = ", ".join(f"{n} {key.removeprefix('eval_skipped/')}" for key, n in results.items()
+                        if key.startswith("eval_skipped/"))
+    return (f"warning: evaluation at step {step} skipped {skipped} of {skipped + usable} eval samples ({reasons}); "
+            f"its metrics are over the {usable} usable ones")
+
+
 class MetricsLogger:
     """Writes metrics on the main rank only; a no-op object on the others.
 
@@ -52,12 +104,9 @@ class MetricsLogger:
         if not enabled:
             return
         os.makedirs(out_dir, exist_ok=True)
+        warning = None
         if resume_step is not None and os.path.exists(self.path):
-            with open(self.path, encoding="utf-8") as f:
-                kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            with open(self.path + ".tmp", "w", encoding="utf-8") as f:
-                f.writelines(kept)
-            os.replace(self.path + ".tmp", self.path)
+            warning = keep_history(self.path, resume_step)
         elif resume_step is None and os.path.exists(self.path):
             os.remove(self.path)
         if progress_bar:
@@ -70,6 +119,8 @@ class MetricsLogger:
             self._tb = SummaryWriter(os.path.join(out_dir, "tensorboard"))
         except ImportError:  # tensorboard is optional
             self._tb = None
+        if warning:
+            self.message(warning)
 
     def _write(self, record: dict) -> None:
         record, bad = strict_json(record)
@@ -96,6 +147,9 @@ class MetricsLogger:
         if not self.enabled:
             return
         self._write({"step": step, "time": utc_now(), "eval": results})
+        warning = skipped_eval_warning(step, results)
+        if warning:
+            self.message(warning)
         if self._bar is not None:
             self._bar.write(f"[eval step {step}] " + ", ".join(f"{k}={v:.4f}" for k, v in results.items()
                                                                   if isinstance(v, float)))

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import nn
+from vlmcore.train.data.eval_counts import EvalTally
 from vlmcore.train.data.pipeline import BadSample, batch_tokens, expand_shards
 
 if TYPE_CHECKING:
@@ -232,15 +233,19 @@ class Task(abc.ABC):
 
     @torch.no_grad()
     def run_evaluation(self, module: nn.Module, info: DistInfo, zero_stage: int) -> dict:
-        """Called by the loop: eval mode, parameters gathered under ZeRO-3, then :meth:`evaluate`."""
+        """Called by the loop: eval mode, parameters gathered under ZeRO-3, then :meth:`evaluate`; the
+        results get the counts of usable and skipped eval samples (``eval_counts.EvalTally``), and no
+        usable sample at all is an ``EvalDataError``."""
+        tally = EvalTally()  # counts every sample the encoder sees, whatever the task's split over ranks
         ctx = EvalContext(info=info, zero_stage=zero_stage, shards=expand_shards(self.cfg.data.eval.shards),
-                          eval=self.cfg.data.eval, encoder=self.eval_encoder(), dtype=model_dtype(module))
+                          eval=self.cfg.data.eval, encoder=tally.wrap(self.eval_encoder()), dtype=model_dtype(module))
         was_training = module.training
         module.eval()
         try:
             with gathered(module, zero_stage):
-                return self.evaluate(module, ctx)
+                results = self.evaluate(module, ctx)
         finally:
             module.train(was_training)
+        return {**results, **tally.summary(ctx.shards)}
 
 

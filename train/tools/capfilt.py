@@ -23,7 +23,9 @@ no caption left, corrupt samples skipped, per shard and in total (BLIP's noise r
 
 Runs under ``torchrun`` / ``deepspeed`` (shards split by rank: ``shards[rank::world]``), batches on
 the GPU when there is one, writes each shard to a temporary file renamed when complete, and on
-restart skips every shard whose output and per-shard statistics exist. Sampling is seeded per
+restart skips every shard whose output and per-shard statistics exist; the statistics record the
+settings and the checkpoints' SHA-256 (:func:`provenance`), and a finished shard made with other
+ones is refused (``--redo-mismatched``: redone), never summed into one report. Sampling is seeded per
 shard (``--seed`` and the shard's name), so a resumed run writes the same bytes as an
 uninterrupted one.
 """
@@ -73,6 +75,7 @@ class CapFiltSettings:
     context_length: int = 32
     seed: int = 0
     progress: bool = True
+    redo_mismatched: bool = False  # redo finished shards made with other settings (else: refuse them)
 
     def __post_init__(self):
         if self.sampling not in ("nucleus", "beam"):
@@ -295,7 +298,11 @@ def run_capfilt(settings: CapFiltSettings, *, device: torch.device | None = None
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if torch.cuda.is_available() \
             else torch.device("cpu")
     mine = shards[rank::world]
-    todo = [s for s in mine if not _shard_done(s, settings.output)]
+    recorded = provenance(settings)
+    if not settings.redo_mismatched:  # every rank refuses a mixed output folder, not only its own shards
+        for shard in shards:
+            _shard_done(shard, settings.output, recorded, redo=False)
+    todo = [s for s in mine if not _shard_done(s, settings.output, recorded, settings.redo_mismatched)]
     if todo:
         worker = CapFilt(settings, device)
         progress = None
@@ -307,7 +314,8 @@ def run_capfilt(settings: CapFiltSettings, *, device: torch.device | None = None
             name = os.path.basename(shard)
             out_path = os.path.join(settings.output, name)
             stats = worker.process_shard(shard, out_path, progress)
-            _write_json(out_path + STATS_SUFFIX, {"shard": os.path.abspath(shard), "stats": stats.__dict__})
+            _write_json(out_path + STATS_SUFFIX, {"shard": os.path.abspath(shard), "stats": stats.__dict__,
+                                                  "settings": recorded})
         if progress is not None:
             progress.close()
     if world > 1:
@@ -326,10 +334,59 @@ def _barrier(device: torch.device) -> None:
     dist.barrier()
 
 
-def _shard_done(shard: str, output: str) -> bool:
-    """Finished shards have their output tar and their statistics (written after the tar's rename)."""
+#: Settings that change no byte of the output (where it goes, how progress is shown, what to redo).
+NEUTRAL_SETTINGS = ("input", "output", "progress", "redo_mismatched")
+
+
+def _sha256(path: str) -> str:
+    """SHA-256 of a file, or of a folder's files (relative names and bytes, in sorted order)."""
+    digest = hashlib.sha256()
+    files = [path] if os.path.isfile(path) else sorted(
+        os.path.join(folder, name) for folder, _, names in os.walk(path) for name in names)
+    for file in files:
+        digest.update(os.path.relpath(file, path).encode("utf-8"))
+        with open(file, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def provenance(settings: CapFiltSettings) -> dict:
+    """What a shard's output is made with: every setting that changes it, the captioner's, filter's and
+    tokenizer's SHA-256 instead of their paths (recorded per shard, compared on a rerun)."""
+    recorded = {k: v for k, v in settings.__dict__.items() if k not in NEUTRAL_SETTINGS}
+    for name in ("captioner", "filter", "tokenizer"):
+        recorded[name] = {"path": recorded[name], "sha256": _sha256(recorded[name])}
+    return recorded
+
+
+def _differences(saved: dict | None, now: dict) -> list[str]:
+    if saved is None:
+        return ["it recorded no settings (an older CapFilt)"]
+    out = []
+    for key in sorted(set(saved) | set(now)):
+        a, b = saved.get(key), now.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):  # a checkpoint: its bytes decide, not its path
+            a, b = a.get("sha256"), b.get("sha256")
+        if a != b:
+            out.append(f"{key}: {a!r} then, {b!r} now")
+    return out
+
+
+def _shard_done(shard: str, output: str, recorded: dict, redo: bool) -> bool:
+    """Finished shards have their output tar and their statistics (written after the tar's rename).
+    A finished shard made with other settings is refused (:class:`ValueError`) or, with ``redo``, redone."""
     name = os.path.basename(shard)
-    return os.path.isfile(os.path.join(output, name)) and os.path.isfile(os.path.join(output, name + STATS_SUFFIX))
+    stats_path = os.path.join(output, name + STATS_SUFFIX)
+    if not (os.path.isfile(os.path.join(output, name)) and os.path.isfile(stats_path)):
+        return False
+    with open(stats_path, encoding="utf-8") as handle:
+        differences = _differences(json.load(handle).get("settings"), recorded)
+    if not differences or redo:
+        return not differences
+    raise ValueError(f"{os.path.join(output, name)} was made with other settings ({'; '.join(differences)}): "
+                     "its statistics would be summed with this run's into one report. Rerun with the same settings, "
+                     "choose another --output, or pass --redo-mismatched to redo such shards")
 
 
 def parse_args(argv: list[str] | None = None) -> CapFiltSettings:
@@ -357,13 +414,16 @@ def parse_args(argv: list[str] | None = None) -> CapFiltSettings:
     p.add_argument("--context-length", type=int, default=32, help="text tokens per caption for the filter")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (per shard: seed + shard name)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--redo-mismatched", action="store_true", help="redo the finished shards of --output made with "
+                   "other settings or checkpoints (without it they are refused)")
     args = p.parse_args(argv)
     return CapFiltSettings(
         input=args.input, output=args.output, captioner=args.captioner, filter=args.filter, tokenizer=args.tokenizer,
         num_captions=args.num_captions, sampling=args.sampling, top_p=args.top_p, num_beams=args.num_beams,
         max_length=args.max_length, min_length=args.min_length, repetition_penalty=args.repetition_penalty,
         prompt=args.prompt, threshold=args.threshold, batch_size=args.batch_size, image_size=args.image_size,
-        context_length=args.context_length, seed=args.seed, progress=not args.no_progress)
+        context_length=args.context_length, seed=args.seed, progress=not args.no_progress,
+        redo_mismatched=args.redo_mismatched)
 
 
 def main(argv: list[str] | None = None) -> dict | None:

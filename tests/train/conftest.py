@@ -12,7 +12,7 @@ Shared sets are read-only: a test that derives files from one writes them into a
 
 import pytest
 from helpers.training import TRAIN_SHAPES, file_states, make_train_data
-from vlmcore.train.data.regions import make_region_shapes
+from vlmcore.train.tools.region_shapes import make_region_shapes
 
 
 class SharedDirs:

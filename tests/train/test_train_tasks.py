@@ -122,7 +122,9 @@ def test_a_new_task_is_one_class_plus_one_registry_line(data, tmp_path, monkeypa
         parse_config({**config, "data": {"train": [{"shards": "x.tar", "kind": "interleaved"}]}})
 
     result = main(["--config", str(path)])
-    assert set(result) == {"toy_eval_loss"} and result["toy_eval_loss"] > 0
+    # Every evaluation also reports what it used and what it skipped (issue 26: drops are counted).
+    assert set(result) - {"eval_usable_samples", "eval_skipped_samples"} == {"toy_eval_loss"}
+    assert result["toy_eval_loss"] > 0 and result["eval_skipped_samples"] == 0 and result["eval_usable_samples"] > 0
     with open(tmp_path / "run" / "metrics.jsonl", encoding="utf-8") as f:
         steps = [line for line in map(json.loads, f) if "loss" in line]
     assert [s["step"] for s in steps] == [1, 2] and all(s["toy_metric"] == 1.5 for s in steps)

@@ -52,7 +52,9 @@ def test_registry_has_the_region_tasks():
 
 def test_vilbert_trains_and_evaluates(tmp_path, regions):
     result = main(["--config", _config(tmp_path, regions, "vilbert")])
-    assert set(result) == {"alignment_acc", "i2t_r1", "t2i_r1", "eval_samples"}
+    counts = {"eval_usable_samples", "eval_skipped_samples"}  # every evaluation counts what it used / skipped
+    assert set(result) - counts == {"alignment_acc", "i2t_r1", "t2i_r1", "eval_samples"}
+    assert result["eval_skipped_samples"] == 0
     assert result["eval_samples"] == 24 and 0 <= result["alignment_acc"] <= 1
     steps = _steps(tmp_path / "vilbert")
     assert [s["step"] for s in steps] == [1, 2, 3]
@@ -63,7 +65,9 @@ def test_vilbert_trains_and_evaluates(tmp_path, regions):
 
 def test_vlbert_trains_and_evaluates(tmp_path, regions):
     result = main(["--config", _config(tmp_path, regions, "vlbert")])
-    assert set(result) == {"mlm_acc", "masked_region_acc", "eval_masked_tokens", "eval_masked_regions"}
+    counts = {"eval_usable_samples", "eval_skipped_samples"}  # every evaluation counts what it used / skipped
+    assert set(result) - counts == {"mlm_acc", "masked_region_acc", "eval_masked_tokens", "eval_masked_regions"}
+    assert result["eval_skipped_samples"] == 0
     assert result["eval_masked_tokens"] > 0 and result["eval_masked_regions"] > 0
     assert all({"mlm_loss", "region_loss"} <= set(s) for s in _steps(tmp_path / "vlbert"))
 

@@ -95,13 +95,14 @@ def score_captions(predictions: list[dict], references: dict, *, spice: bool = F
 
     by_image = _references_by_image(references)
     predicted = _predictions_by_image(predictions, by_image)
+    spice_scorer = _spice_scorer() if spice else None  # refuse before the slow Java steps
     image_ids = [i for i in by_image if i in predicted]  # COCOEvalCap's order: that of the references' images
     tokenizer = PTBTokenizer()
     gts = tokenizer.tokenize({i: [{"caption": c} for c in by_image[i]] for i in image_ids})
     res = tokenizer.tokenize({i: [{"caption": predicted[i]}] for i in image_ids})
     scorers = [(Bleu(4), CAPTION_METRICS[:4]), (Meteor(), ("METEOR",)), (Rouge(), ("ROUGE_L",)), (Cider(), ("CIDEr",))]
-    if spice:
-        scorers.append((_spice_scorer(), ("SPICE",)))
+    if spice_scorer is not None:
+        scorers.append((spice_scorer, ("SPICE",)))
     results: dict = {}
     for scorer, names in scorers:
         score, _ = scorer.compute_score(gts, res)

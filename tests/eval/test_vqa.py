@@ -6,6 +6,7 @@ import json
 import os
 
 import pytest
+
 from vlmcore.eval.cli import main
 from vlmcore.eval.vqa import normalize_answer, question_accuracy, stem_tagged_words, vqa_accuracy
 

@@ -162,3 +162,19 @@ def test_okvqa_stemming_without_nltk_fails_clearly(write_json, capsys):
     assert main(["score-vqa", "--okvqa-stemming", "--predictions", p, "--questions", q, "--annotations", a]) == 2
     err = capsys.readouterr().err
     assert "OK-VQA stemming needs nltk and inflection" in err
+
+
+@pytest.mark.slow  # two fresh interpreters importing torch
+def test_the_console_command_prints_one_json_line_last(write_json, tmp_path):
+    """Through ``python -m vlmcore.eval`` as scripts run it: exit 0, the result on stdout's last line."""
+    import subprocess
+    import sys
+
+    (p, q, a), _ = _vqa_files(write_json)
+    done = subprocess.run([sys.executable, "-m", "vlmcore.eval", "score-vqa", "--predictions", p, "--questions", q,
+                           "--annotations", a], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert set(json.loads(done.stdout.strip().splitlines()[-1])) >= {"accuracy", "perAnswerType", "questions"}
+    bad = subprocess.run([sys.executable, "-m", "vlmcore.eval", "score-vqa", "--predictions", q, "--questions", q,
+                          "--annotations", a], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert bad.returncode == 2 and bad.stdout == "" and bad.stderr.startswith(f"vlmcore-eval: error: {q}: ")

@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Union
 
 import torch
 import torch.distributed as dist
@@ -50,7 +50,7 @@ import vlmcore
 from vlmcore.eval.zero_shot import zero_shot_classes
 
 #: ``model.clip.zero_shot`` / ``model.siglip.zero_shot``: a class set bundled in :mod:`vlmcore.eval.zero_shot`.
-ZeroShotSet = Literal["", "imagenet", "imagenet_simple"]
+ZeroShotSet = Literal["imagenet", "imagenet_simple"]
 
 
 @dataclass
@@ -83,7 +83,7 @@ class ClipConfig:
     init_temperature: PositiveFloat = 0.07  # initial softmax temperature (logit scale = 1 / temperature)
     max_logit_scale: PositiveFloat = 100.0  # clamp of the logit scale
     retrieval_eval: bool = True  # image<->text Recall@1/5/10 on data.eval (besides zero-shot when labelled)
-    zero_shot: ZeroShotSet = ""  # bundled classes for zero-shot ("" = data.eval.classes / classes.json)
+    zero_shot: Union[ZeroShotSet, None] = None  # bundled classes for zero-shot (null: data.eval.classes / classes.json)
 
 
 class ClipEncoder:

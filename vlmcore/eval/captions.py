@@ -12,17 +12,17 @@ from __future__ import annotations
 
 import os
 
-from vlmcore.eval.inputs import EvalInputError, require_keys, require_list
+from vlmcore.eval.inputs import EvalInputError, MissingToolError, require_keys, require_list
 
 CAPTION_METRICS = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr")
 
 
 def _pycocoevalcap():
-    """The ``pycocoevalcap`` package, or an ImportError telling how to install it."""
+    """The ``pycocoevalcap`` package, or a MissingToolError telling how to install it."""
     try:
         import pycocoevalcap
     except ImportError as e:
-        raise ImportError("caption scoring needs pycocoevalcap (and Java): pip install 'vlmcore[eval]'") from e
+        raise MissingToolError("caption scoring needs pycocoevalcap (and Java): pip install 'vlmcore[eval]'") from e
     return pycocoevalcap
 
 
@@ -60,11 +60,11 @@ def _predictions_by_image(predictions: list[dict], references: dict[int, list[st
 
 
 def _spice_scorer():
-    """pycocoevalcap's SPICE scorer when its Stanford CoreNLP jars are installed, else a RuntimeError."""
+    """pycocoevalcap's SPICE scorer when its Stanford CoreNLP jars are installed, else a MissingToolError."""
     spice_dir = os.path.join(os.path.dirname(_pycocoevalcap().__file__), "spice")
     jar = os.path.join(spice_dir, "lib", "stanford-corenlp-3.6.0.jar")
     if not os.path.isfile(jar):
-        raise RuntimeError(
+        raise MissingToolError(
             f"SPICE needs Stanford CoreNLP 3.6.0 ({jar} and stanford-corenlp-3.6.0-models.jar beside it), which "
             "pycocoevalcap downloads on first use; vlmcore never downloads: put the two jars there "
             "(python -m pycocoevalcap.spice.get_stanford_models on a machine with network access) or drop --spice")

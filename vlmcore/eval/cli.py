@@ -21,7 +21,7 @@ import sys
 
 from vlmcore.eval import prepare
 from vlmcore.eval.captions import score_captions
-from vlmcore.eval.inputs import EvalInputError, read_json
+from vlmcore.eval.inputs import EvalInputError, MissingToolError, read_json
 from vlmcore.eval.vqa import vqa_accuracy
 
 
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         source = getattr(args, e.role, None)
         print(f"vlmcore-eval: error: {source or e.role}: {e}", file=sys.stderr)
         return 2
-    except (RuntimeError, ImportError) as e:  # a missing optional tool (SPICE's jars, NLTK's data, Java)
+    except MissingToolError as e:  # an optional tool the request needs (SPICE's jars, NLTK's data)
         print(f"vlmcore-eval: error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(result))

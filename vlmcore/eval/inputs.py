@@ -3,7 +3,8 @@
 A bad file must end in one message that names the file and the entry (``predictions.json: entry 3
 (image_id 42): no 'caption'``). The scorers do not know file names: they raise
 :class:`EvalInputError` naming the *role* of the input (``"predictions"``, ``"references"``, ...)
-and the command line puts the path of that role in front.
+and the command line puts the path of that role in front. :class:`MissingToolError`: an optional tool
+a request needs (SPICE's jars, NLTK's data) is absent; the command line also exits 2 on it.
 """
 
 from __future__ import annotations
@@ -17,6 +18,10 @@ class EvalInputError(ValueError):
     def __init__(self, role: str, message: str):
         super().__init__(message)
         self.role = role
+
+
+class MissingToolError(RuntimeError):
+    """An optional tool a request needs is not installed (SPICE's jars, NLTK's data, pycocoevalcap)."""
 
 
 def read_json(path: str, role: str):

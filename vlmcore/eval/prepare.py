@@ -39,19 +39,21 @@ def write_shards(samples: Iterable[Sample], out_dir: str, prefix: str, shard_siz
     """Samples ``(key, {ext: bytes})`` -> ``out_dir/<prefix>-000000.tar``, ...; returns (paths, count)."""
     os.makedirs(out_dir, exist_ok=True)
     paths, count, tar = [], 0, None
-    for key, members in samples:
-        if count % shard_size == 0:
-            if tar is not None:
-                tar.close()
-            paths.append(os.path.join(out_dir, f"{prefix}-{len(paths):06d}.tar"))
-            tar = tarfile.open(paths[-1], "w", format=tarfile.USTAR_FORMAT)
-        for ext, data in members.items():
-            info = tarfile.TarInfo(f"{key}.{ext}")
-            info.size, info.mode = len(data), 0o644  # mtime, owner: 0 (TarInfo's defaults)
-            tar.addfile(info, io.BytesIO(data))
-        count += 1
-    if tar is not None:
-        tar.close()
+    try:
+        for key, members in samples:
+            if count % shard_size == 0:
+                if tar is not None:
+                    tar.close()
+                paths.append(os.path.join(out_dir, f"{prefix}-{len(paths):06d}.tar"))
+                tar = tarfile.open(paths[-1], "w", format=tarfile.USTAR_FORMAT)
+            for ext, data in members.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size, info.mode = len(data), 0o644  # mtime, owner: 0 (TarInfo's defaults)
+                tar.addfile(info, io.BytesIO(data))
+            count += 1
+    finally:
+        if tar is not None:
+            tar.close()
     if not count:
         raise EvalInputError("source", "no samples to write")
     return paths, count
@@ -114,7 +116,9 @@ def prepare_karpathy(karpathy_json: str, image_root: str, out_dir: str, split: s
         for image in images:
             image_id = _karpathy_id(image)
             name = os.path.join(image.get("filepath", ""), image["filename"])
-            captions = [s["raw"] for s in image["sentences"]]
+            captions = [s["raw"] for s in image["sentences"] if isinstance(s, dict) and "raw" in s]
+            if not captions:
+                raise EvalInputError("source", f"image {image['filename']!r}: no sentence with a 'raw' caption")
             references["images"].append({"id": image_id, "file_name": name})
             references["annotations"] += [{"image_id": image_id, "id": len(references["annotations"]) + j,
                                            "caption": c} for j, c in enumerate(captions)]

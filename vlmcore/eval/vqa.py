@@ -21,7 +21,7 @@ import re
 from collections import defaultdict
 from collections.abc import Callable
 
-from vlmcore.eval.inputs import EvalInputError, require_keys, require_list
+from vlmcore.eval.inputs import EvalInputError, MissingToolError, require_keys, require_list
 from vlmcore.eval.vqa_tables import ARTICLES, CONTRACTIONS, NUMBER_WORDS, OKVQA_MANUAL_STEMS, PUNCTUATION
 
 # The official patterns, verbatim: "(?!<=\d)" is a look-ahead (not a look-behind) in the original too.
@@ -84,13 +84,13 @@ def stem_tagged_words(tagged: list[tuple[str, str]], lemmatize_verb: Callable[[s
 
 
 def okvqa_stemmer() -> Callable[[str], str]:
-    """``text -> stemmed text`` with NLTK + inflection; a RuntimeError says what is missing."""
+    """``text -> stemmed text`` with NLTK + inflection; a MissingToolError says what is missing."""
     try:
         import inflection
         import nltk
         from nltk.corpus.reader import VERB
     except ImportError as e:
-        raise RuntimeError(f"OK-VQA stemming needs nltk and inflection (pip install nltk inflection): {e}") from e
+        raise MissingToolError(f"OK-VQA stemming needs nltk and inflection (pip install nltk inflection): {e}") from e
     lemmatizer = nltk.stem.WordNetLemmatizer()
 
     def stem(text: str) -> str:
@@ -98,7 +98,7 @@ def okvqa_stemmer() -> Callable[[str], str]:
             tagged = nltk.pos_tag(nltk.tokenize.word_tokenize(text))
             return stem_tagged_words(tagged, lambda w: lemmatizer.lemmatize(w, VERB), inflection.singularize)
         except LookupError as e:  # NLTK's data (punkt, the tagger, WordNet) is a separate download
-            raise RuntimeError("OK-VQA stemming needs NLTK's data (python -m nltk.downloader punkt_tab "
+            raise MissingToolError("OK-VQA stemming needs NLTK's data (python -m nltk.downloader punkt_tab "
                                f"averaged_perceptron_tagger_eng wordnet), not found here: {e}") from e
 
     return stem

@@ -19,10 +19,11 @@ setup: $(STAMP)
 $(STAMP): setup.py constraints-cpu.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints-cpu.txt -e '.[dev,train,bench]'
+	$(PY) -m pip install -q -c constraints-cpu.txt -e '.[dev,train,bench,eval]'
 	# open_clip / timm for the tower tests, WITHOUT their dependencies: they require torchvision, whose
 	# registry wheels are CUDA builds that replace the CPU torch (tests give them a stand-in instead).
-	$(PY) -m pip install -q --no-deps -c constraints-cpu.txt open-clip-torch timm ftfy wcwidth
+	# open-flamingo likewise: tests/eval compares the VQA metric with its eval/vqa_metric.py.
+	$(PY) -m pip install -q --no-deps -c constraints-cpu.txt open-clip-torch timm ftfy wcwidth open-flamingo==2.0.1
 	touch $(STAMP)
 
 ## Whole test suite (CPU: kernels run in the Triton interpreter; GPU-marked tests skip).

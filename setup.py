@@ -40,7 +40,7 @@ setup(
     python_requires=">=3.10",
     packages=list(PACKAGE_DIRS),
     package_dir=PACKAGE_DIRS,
-    package_data={"vlmcore.train": ["configs/*.yaml", "configs/*.json"]},
+    package_data={"vlmcore.train": ["configs/*.yaml", "configs/*.json"], "vlmcore.eval": ["imagenet.json"]},
     # Loose on purpose: GPU users keep the torch/triton build that matches their CUDA.
     # The CPU test environment pins exact versions in constraints-cpu.txt.
     install_requires=["torch>=2.5", "triton>=3.4", "numpy"],
@@ -61,6 +61,8 @@ setup(
         # model.vision types open_clip / timm and tokenizer type open_clip (they bring torchvision;
         # the CPU test environment installs them --no-deps instead, see the Makefile).
         "towers": ["open-clip-torch", "timm", "ftfy"],
+        # vlmcore-eval: COCOEvalCap's scorers (they also need `java` on PATH) and the linear probe.
+        "eval": ["pycocoevalcap", "pycocotools", "scikit-learn"],
     },
     entry_points={
         "console_scripts": [
@@ -68,6 +70,7 @@ setup(
             "vlmcore-make-shapes=vlmcore.train.tools.make_shapes:console_main",
             "vlmcore-bench=vlmcore.bench.__main__:console_main",
             "vlmcore-capfilt=vlmcore.train.tools.capfilt:console_main",
+            "vlmcore-eval=vlmcore.eval.cli:console_main",
         ]
     },
 )

@@ -16,6 +16,8 @@ Modules (``nn.Module``) built on the ops of :mod:`vlmcore.kernels`; the trainer 
 - BLIP-2: :class:`QFormer`, :class:`Blip2Stage1` (ITC / ITM / ITG), :class:`Blip2LM` (stage 2).
 - Region features: :class:`ViLBERT` and :class:`VLBERT` (:class:`ViLBERTConfig`,
   :class:`CoAttentionLayer`).
+- Evaluation in the field's units (caption metrics, VQA accuracy, zero-shot metadata, linear
+  probe, benchmark converters; the ``vlmcore-eval`` command): :mod:`vlmcore.eval`.
 
 One page per model family in the repository's ``docs/models/``.
 """

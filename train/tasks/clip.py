@@ -7,7 +7,9 @@ contrastive problem (negatives from the same dataset), and the loop sums ``weigh
 
 Eval on the held-out pairs: image<->text retrieval Recall@1/5/10 over the whole eval set
 (``model.clip.retrieval_eval``; features gathered from every rank), and zero-shot top-1 when the
-data allows it: each sample's ``KEY.json`` holds an integer ``label`` and a classes file exists
+data allows it: each sample's ``KEY.json`` holds an integer ``label`` and a class set is known:
+``model.clip.zero_shot: imagenet`` (the bundled ImageNet-1k names with OpenAI's 80 templates,
+``imagenet_simple`` with the 7 short ones; :mod:`vlmcore.eval.zero_shot`) or a classes file
 (``data.eval.classes``, default ``classes.json`` next to the first eval shard, ``{"classnames":
 [...], "templates": ["a photo of a {}.", ...]}``). Eval shards without labels (plain img2dataset
 output) get the retrieval metrics only. Export: the trainable weights and ``vision.safetensors``
@@ -23,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
+from typing import Literal, Union
 
 import torch
 import torch.distributed as dist
@@ -44,6 +47,10 @@ from vlmcore.train.tasks.common import (
 )
 
 import vlmcore
+from vlmcore.eval.zero_shot import zero_shot_classes
+
+#: ``model.clip.zero_shot`` / ``model.siglip.zero_shot``: a class set bundled in :mod:`vlmcore.eval.zero_shot`.
+ZeroShotSet = Literal["imagenet", "imagenet_simple"]
 
 
 @dataclass
@@ -76,6 +83,7 @@ class ClipConfig:
     init_temperature: PositiveFloat = 0.07  # initial softmax temperature (logit scale = 1 / temperature)
     max_logit_scale: PositiveFloat = 100.0  # clamp of the logit scale
     retrieval_eval: bool = True  # image<->text Recall@1/5/10 on data.eval (besides zero-shot when labelled)
+    zero_shot: Union[ZeroShotSet, None] = None  # bundled classes for zero-shot (null: data.eval.classes / classes.json)
 
 
 class ClipEncoder:
@@ -141,6 +149,17 @@ class ClipTask(Task):
         shard = first_local_shard(ev.shards)
         return os.path.join(os.path.dirname(shard), "classes.json") if shard else ""
 
+    def zero_shot_classes(self) -> dict | None:
+        """``{"classnames", "templates"}``: the bundled set ``zero_shot`` names, else the classes file
+        (:meth:`classes_path`); None without either."""
+        if self.config.zero_shot:
+            return zero_shot_classes(self.config.zero_shot)
+        path = self.classes_path()
+        if not (path and os.path.isfile(path)):
+            return None
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+
     def check_eval_sample(self, sample: dict) -> list[str]:
         out = super().check_eval_sample(sample)
         if out:
@@ -155,10 +174,14 @@ class ClipTask(Task):
             out.append(f"data.eval.classes: zero-shot needs an integer 'label' in each eval sample's json; the "
                        f"first sample ({sample['__key__']}) has none (remove data.eval.classes for retrieval "
                        "metrics only)")
+        if self.config.zero_shot and not has_label:
+            out.append(f"model.{self.name}.zero_shot: zero-shot needs an integer 'label' in each eval sample's json; "
+                       f"the first sample ({sample['__key__']}) has none (ImageNet shards: vlmcore-eval prepare "
+                       "imagenet)")
         if not has_label and not self.config.retrieval_eval:
             out.append("model.clip.retrieval_eval: false and the eval samples have no 'label' (zero-shot "
                        "impossible): there would be no eval metric")
-        if has_label and path and os.path.isfile(path):
+        if has_label and not self.config.zero_shot and path and os.path.isfile(path):
             try:
                 with open(path, encoding="utf-8") as f:
                     classes = json.load(f)
@@ -171,11 +194,9 @@ class ClipTask(Task):
 
     def evaluate(self, module: nn.Module, ctx: EvalContext) -> dict:
         info, ev = ctx.info, ctx.eval
-        path = self.classes_path()
+        classes = self.zero_shot_classes()
         classifier = None
-        if path and os.path.isfile(path):
-            with open(path, encoding="utf-8") as f:
-                classes = json.load(f)
+        if classes is not None:
             classifier = vlmcore.zero_shot_classifier(module, self.tok, classes["classnames"], classes["templates"])
         correct = labelled = total = 0
         image_features, text_features, captions = [], [], []

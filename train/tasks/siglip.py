@@ -16,12 +16,12 @@ the one-process loss of the global batch. Logged: the logit scale and bias.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Annotated, Literal
+from typing import Annotated, Literal, Union
 
 import torch
 from torch import nn
 from vlmcore.train.config import Bounds, PositiveInt
-from vlmcore.train.tasks.clip import ClipTask, TextConfig
+from vlmcore.train.tasks.clip import ClipTask, TextConfig, ZeroShotSet
 from vlmcore.train.tasks.common import build_vision, move
 
 import vlmcore
@@ -40,6 +40,7 @@ class SiglipConfig:
     init_bias: Finite = -10.0  # initial logit bias b
     dist_impl: Literal["local", "ring", "gather"] = "ring"  # how text blocks meet across ranks (local: no exchange)
     retrieval_eval: bool = True  # image<->text Recall@1/5/10 on data.eval (besides zero-shot when labelled)
+    zero_shot: Union[ZeroShotSet, None] = None  # bundled classes for zero-shot (null: data.eval.classes / classes.json)
 
 
 class SiglipTask(ClipTask):

@@ -8,7 +8,7 @@
     python -m vlmcore.bench plan [--op NAME] [--json]
     python -m vlmcore.bench host-overhead [--op masked_xattn|resampler] [--inner N] [--repeats N]
     python -m vlmcore.bench smoke [--out FILE.jsonl] [--kernel NAME] | smoke --summarize FILE.jsonl
-    python -m vlmcore.bench gpu-plan [--json] [--test-files]
+    python -m vlmcore.bench gpu-plan [--json] [--test-files | --deferred-tests]
 
 Every benchmark measures the card's ceilings first (matmul, device copy), then appends one CSV row
 per (op, provider, shape, mode) to ``--out`` (see :mod:`vlmcore.bench.results` for the columns).
@@ -130,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
                                           "spaces (full autotuning and VLMCORE_AUTOTUNE=preferred).")
     gpu.add_argument("--json", action="store_true", help="the plan as one JSON object")
     gpu.add_argument("--test-files", action="store_true", help="only the GPU test files, in run order")
+    gpu.add_argument("--deferred-tests", action="store_true",
+                     help="only the GPU tests call 1 runs last, while time is left: 'file<TAB>-k expression' lines")
     return parser
 
 
@@ -208,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "gpu-plan":
         from .gpu_plan import main as gpu_plan_main
 
-        gpu_plan_main(as_json=args.json, test_files=args.test_files)
+        gpu_plan_main(as_json=args.json, test_files=args.test_files, deferred_tests=args.deferred_tests)
         return 0
     if args.command == "summary":
         try:

@@ -8,7 +8,8 @@
 #           offline wheels (./.whl, optional), vlmcore importable, the smoke check of every kernel
 #           (`python -m vlmcore.bench smoke`: bf16 anchor + fp32 small shape vs the fp32 reference,
 #           NaN-poisoned outputs, one JSON line per kernel), then the GPU-marked tests FILE BY FILE
-#           (named explicitly, kernels no GPU has verified first; -v, per-test timeouts, long tracebacks).
+#           (named explicitly, kernels no GPU has verified first; -v, per-test timeouts, long tracebacks),
+#           then the tests the plan defers (`gpu-plan --deferred-tests`) while time is left.
 # --call 2  speed, full autotuning: environment, wheels, install, the benchmark (time-budgeted, every
 #           vlmcore row gated against its reference, vlmcore rows before peers), the plots.
 # --call all (default) both, one after the other, each on its own clock.
@@ -174,14 +175,17 @@ install_step() {
 }
 
 # ------------------------------------------------------------------ call 1: correctness
-# tests_file FILE: one GPU test file; its line in tests.tsv (status, seconds, pytest's counts).
+# tests_file FILE [KEXPR [STEP_PREFIX]]: one GPU test file (only the tests `-k KEXPR` selects); its
+# line in tests.tsv (file and selection, status, seconds, pytest's counts).
 tests_file() {
-    local file=$1 name t0 rc status timeout_flag=()
-    name="tests_gpu/$(basename "$file" .py)"
+    local file=$1 select=${2:-} name t0 rc status timeout_flag=() select_flag=()
+    name="${3:-tests_gpu}/$(basename "$file" .py)"
     "$PY" -c "import pytest_timeout" 2>/dev/null && timeout_flag=(--timeout "$PER_TEST")
+    [ -n "$select" ] && select_flag=(-k "$select")
     t0=$(date +%s)
     # pytest exits 5 when the file has no GPU-marked test yet: not a failure
-    NO_TESTS_OK=1 step "$name" "$PER_FILE" 10 "$PY" -m pytest -m gpu -v --tb=long "${timeout_flag[@]}" "$file"
+    NO_TESTS_OK=1 step "$name" "$PER_FILE" 10 "$PY" -m pytest -m gpu -v --tb=long "${timeout_flag[@]}" \
+        "${select_flag[@]}" "$file"
     rc=$?
     case $rc in
         0) status=passed ;;
@@ -189,9 +193,23 @@ tests_file() {
         124|137) status=timeout ;;
         *) status="error(rc=$rc)" ;;
     esac
-    printf '%s\t%s\t%s\t%s\n' "$file" "$status" $(( $(date +%s) - t0 )) \
+    printf '%s\t%s\t%s\t%s\n' "$file${select:+ -k '$select'}" "$status" $(( $(date +%s) - t0 )) \
         "$(grep -E '^=+ .*(passed|failed|error|skipped|no tests ran).* =+$' "$LOGS/${name//\//_}.log" | tail -n 1 | tr -d '=' | xargs)" \
         >> "$OUT/tests.tsv"
+}
+
+# The deferred GPU tests (gpu-plan --deferred-tests) run after every file's first pass, while at least
+# 30 s are left; the rest are recorded as not run (deferred by the plan, not failed).
+deferred_tests() {
+    local file select
+    while IFS=$'\t' read -r file select; do
+        if [ "$(left)" -lt 30 ]; then
+            skip "tests_gpu_deferred/$(basename "$file" .py)" "deferred, no time left in call 1"
+            printf '%s\t%s\t%s\t%s\n' "$file -k '$select'" "deferred, not run" 0 "no time left in call 1" >> "$OUT/tests.tsv"
+        else
+            tests_file "$file" "$select" tests_gpu_deferred
+        fi
+    done < <("$PY" -m vlmcore.bench gpu-plan --deferred-tests)
 }
 
 call1() {
@@ -206,10 +224,15 @@ call1() {
     else
         PER_TEST=$("$PY" -c "from vlmcore.bench.gpu_plan import PER_TEST_TIMEOUT_S as t; print(t)")
         PER_FILE=$("$PY" -c "from vlmcore.bench.gpu_plan import PER_FILE_TIMEOUT_S as t; print(t)")
-        local file
+        local file select
+        declare -A later=()  # file -> the -k expression of its deferred tests
+        while IFS=$'\t' read -r file select; do
+            later[$file]=$select
+        done < <("$PY" -m vlmcore.bench gpu-plan --deferred-tests)
         for file in $("$PY" -m vlmcore.bench gpu-plan --test-files); do
-            tests_file "$file"
+            tests_file "$file" "${later[$file]:+not (${later[$file]})}"
         done
+        deferred_tests
     fi
     unset VLMCORE_AUTOTUNE
 }

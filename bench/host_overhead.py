@@ -39,13 +39,25 @@ class _NoLaunch:
         return launch
 
 
+def _stubbed(value):
+    """``value`` with its kernel objects replaced by :class:`_NoLaunch`: a kernel, or a dict holding
+    kernels (the contrastive loss keeps one autotuner per dot precision); None for anything else."""
+    if isinstance(value, KernelInterface):
+        return _NoLaunch(value)
+    if isinstance(value, dict) and value and all(isinstance(item, KernelInterface) for item in value.values()):
+        return {key: _NoLaunch(item) for key, item in value.items()}
+    return None
+
+
 @contextlib.contextmanager
 def no_launches(module) -> Iterator[None]:
-    """Within the block, every kernel object defined at ``module``'s top level launches nothing."""
-    saved = {name: value for name, value in vars(module).items() if isinstance(value, KernelInterface)}
+    """Within the block, every kernel object at ``module``'s top level, or in a dict there, launches
+    nothing (the launchers read them from the module at call time)."""
+    stubs = {name: stub for name, value in vars(module).items() if (stub := _stubbed(value)) is not None}
+    saved = {name: getattr(module, name) for name in stubs}
     try:
-        for name, value in saved.items():
-            setattr(module, name, _NoLaunch(value))
+        for name, stub in stubs.items():
+            setattr(module, name, stub)
         yield
     finally:
         for name, value in saved.items():

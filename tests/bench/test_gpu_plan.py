@@ -2,14 +2,18 @@
 ~150 compiled variants in preferred mode while covering every kernel and every GPU-marked test file,
 call 2's rows each with a budget; and the variant counts read from the autotune spaces."""
 
+import importlib
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import torch
 from vlmcore.bench import gpu_plan
 from vlmcore.bench.__main__ import main
 from vlmcore.bench.smoke import SMOKE
-from vlmcore.bench.variants import KernelCall, count_variants
+from vlmcore.bench.variants import KernelCall, config_id, count_variants, masked_keys, preferred_configs
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -74,3 +78,45 @@ def test_smoke_calls_cover_every_smoke_kernel_and_the_plan_prints(capsys):
     assert "call 1 compiles" in out and "not covered: none" in out and "budget" in out
     assert main(["gpu-plan", "--test-files"]) == 0
     assert capsys.readouterr().out.split() == gpu_plan.gpu_test_files()
+
+
+def test_call1_defers_tests_within_their_files_and_counts_them_apart(plan):
+    one = plan["call1"]
+    files = [entry["file"] for entry in one["test_files"]]
+    deferred = [entry["file"] for entry in one["deferred_tests"]]
+    assert deferred == [name for name in files if name in gpu_plan.DEFERRED_TESTS]
+    for name, (_select, calls) in gpu_plan.DEFERRED_TESTS.items():
+        assert set(calls) <= set(gpu_plan.GPU_TEST_CALLS[name])  # a deferred call is one of the file's
+    with_deferred = one["variants"]["preferred"] + sum(entry["new_preferred"] for entry in one["deferred_tests"])
+    assert one["variants_with_deferred"]["preferred"] == with_deferred
+
+
+def test_deferred_selections_pick_only_odd_shape_tests():
+    """The ``-k`` expressions of the deferred tests select GPU tests of their files, odd shapes only."""
+    for name, (select, _calls) in gpu_plan.DEFERRED_TESTS.items():
+        proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", "gpu", "-k", select,
+                               "-p", "no:cacheprovider", name], cwd=REPO, capture_output=True, text=True, timeout=300)
+        ids = [line for line in proc.stdout.splitlines() if "::" in line]
+        assert ids and all("::test_gpu_odd_shapes[" in line for line in ids), proc.stdout[-2000:]
+
+
+def test_preferred_configs_are_what_each_autotuner_holds_in_preferred_mode():
+    table = preferred_configs()
+    contrastive = {name for name, precision in table if precision is not None}
+    assert {precision for _name, precision in table} == {None, "tf32", "ieee"} and len(contrastive) == 5
+    assert len(table) == 2 * 5 + 2 + 3 + 4  # contrastive per precision, momentum, masked, resampler
+    momentum, masked, resampler = (importlib.import_module(f"vlmcore.kernels.{name}") for name in (
+        "momentum_contrastive", "masked_cross_attention", "resampler_attention"))
+    assert config_id(table["_momentum_distill_bwd_kernel", None]) == config_id(momentum.PREFERRED_CONFIG)
+    assert config_id(table["_mxa_bwd_kv_kernel", None]) == config_id(masked.PREFERRED_CONFIGS["kv"])
+    assert config_id(table["_resampler_bwd_dkdv_kernel", None]) == config_id(resampler.PREFERRED_MODE_CONFIGS["dkdv"])
+
+
+def test_preferred_mode_compiles_the_preferred_config_and_its_one_pass_flag():
+    """Between 64 and 128 tokens per image the full kv space holds a whole image (one-pass backward)
+    but the preferred kv config (64 keys) does not: preferred mode compiles the two-pass kernels."""
+    variants = masked_keys(torch.bfloat16, batch=2, length=256, num_media=2, tokens=100, heads=2, head_dim=64)
+    kv = next(v for v in variants if v.kernel == "_mxa_bwd_kv_kernel")
+    assert all(dict(flags)["ONE_PASS"] for flags, _config in kv.full)
+    flags, config = kv.preferred
+    assert not dict(flags)["ONE_PASS"] and config == config_id(preferred_configs()["_mxa_bwd_kv_kernel", None])

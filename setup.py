@@ -68,6 +68,8 @@ setup(
             "vlmcore-make-shapes=vlmcore.train.tools.make_shapes:console_main",
             "vlmcore-bench=vlmcore.bench.__main__:console_main",
             "vlmcore-capfilt=vlmcore.train.tools.capfilt:console_main",
-        ]
+        ],
+        # How vlmcore.eval (which imports nothing of the trainer) rebuilds a run directory's model.
+        "vlmcore.run_loaders": ["trainer=vlmcore.train.tasks.run_loader:load"],
     },
 )

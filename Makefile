@@ -23,6 +23,8 @@ $(STAMP): setup.py constraints-cpu.txt
 	# open_clip / timm for the tower tests, WITHOUT their dependencies: they require torchvision, whose
 	# registry wheels are CUDA builds that replace the CPU torch (tests give them a stand-in instead).
 	$(PY) -m pip install -q --no-deps -c constraints-cpu.txt open-clip-torch timm ftfy wcwidth
+	# open-flamingo: the reference of the few-shot prompt tests (tests/eval), its eval scripts only.
+	$(PY) -m pip install -q --no-deps open-flamingo==2.0.1
 	touch $(STAMP)
 
 ## Whole test suite (CPU: kernels run in the Triton interpreter; GPU-marked tests skip).

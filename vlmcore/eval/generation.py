@@ -22,6 +22,7 @@ Decoding stops at ``<|endofchunk|>`` or the end-of-text token (OpenFlamingo stop
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 
 import torch
@@ -107,8 +108,8 @@ class FlamingoEval(EvalModel):
                        normalize_length: bool = True) -> torch.Tensor:
         """Log-likelihood ``[B, num_classes]`` of each class name right after each prompt.
 
-        The prompt (media included) runs once with the KV cache; each class name then runs on that
-        cache (cropped back after it). A name's score is the mean (``normalize_length``) or sum of
+        The prompt (media included) runs once with the KV cache; each class name then runs on a
+        copy of that cache. A name's score is the mean (``normalize_length``) or sum of
         its tokens' log-probabilities, as OpenFlamingo's ``get_rank_classifications``; unlike it,
         the name's tokens keep the prompt's padding mask.
         """
@@ -120,9 +121,9 @@ class FlamingoEval(EvalModel):
             scores = []
             for name in class_names:
                 name_ids = torch.tensor(self.tok.encode(name), device=self.device).expand(ids.shape[0], -1)
+                # a copy per name: transformers' caches grow in place (and their crop API differs by version)
                 out = self.model(None, name_ids, attention_mask=torch.cat([mask, torch.ones_like(name_ids)], 1),
-                                 past_key_values=cache, use_cache=True)
-                cache.crop(ids.shape[1])
+                                 past_key_values=copy.deepcopy(cache), use_cache=True)
                 logits = torch.cat([last_logits, out.logits[:, :-1]], dim=1).float()  # predicts each name token
                 token_logprobs = logits.log_softmax(-1).gather(2, name_ids[..., None]).squeeze(-1)  # [B, n]
                 scores.append(token_logprobs.mean(1) if normalize_length else token_logprobs.sum(1))

@@ -1,0 +1,83 @@
+"""A run with ``data.eval.eval: generate`` logs caption metrics to metrics.jsonl; its exported model is
+rebuilt from the run directory and evaluated again by ``vlmcore-eval run`` (in-process). The
+scoring module is the evaluation-scoring branch's: a stand-in here (see ``scorer``)."""
+
+import argparse
+import json
+import sys
+import types
+
+import pytest
+from helpers.training import make_train_data, read_metrics, train_argv
+from vlmcore.train import main
+from vlmcore.train.config import ConfigError
+
+from vlmcore.eval import run
+
+TINY_LM = ("model.lm={config: {model_type: llama, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, "
+           "num_attention_heads: 2, num_key_value_heads: 2, max_position_embeddings: 64}}")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("shapes")
+    make_train_data(out)
+    return out
+
+
+@pytest.fixture
+def scorer(monkeypatch):
+    """Stand-in ``vlmcore.eval.captions.score_captions``: the fraction of exact matches, as "CIDEr"."""
+    seen = []
+
+    def score_captions(predictions, references, *, spice=False):
+        seen.append(predictions)
+        truth = {}
+        for a in references["annotations"]:
+            truth.setdefault(a["image_id"], []).append(a["caption"])
+        hits = sum(p["caption"] in truth[p["image_id"]] for p in predictions)
+        return {"CIDEr": hits / len(predictions), "Bleu_4": 0.0}
+
+    monkeypatch.setitem(sys.modules, "vlmcore.eval.captions", types.SimpleNamespace(score_captions=score_captions))
+    return seen
+
+
+@pytest.mark.slow
+def test_generate_during_training_then_evaluate_the_exported_run(data, tmp_path, scorer, capsys):
+    out = tmp_path / "flamingo"
+    main(train_argv("flamingo", data, out, "max_steps=6", "save_every=6", "eval_every=3", TINY_LM,
+                    f"data.train.0.shards={data}/docs-*.tar", f"data.train.1.shards={data}/train-*.tar",
+                    "data.train.0.batch_size=4", "data.train.1.batch_size=8", "tokenizer.context_length=32",
+                    "data.eval.eval=generate", "data.eval.batch_size=8", "data.eval.max_batches=2",
+                    "data.eval.generation={max_new_tokens: 4, num_beams: 2}"))
+    _, evals = read_metrics(out)
+    assert [e["step"] for e in evals] == [3, 6]
+    for e in evals:
+        assert {"CIDEr", "Bleu_4", "caption_token_acc"} <= set(e["eval"])
+    assert len(scorer[-1]) == 16  # max_batches x batch_size held-out pairs decoded
+    logged = evals[-1]["eval"]["CIDEr"]
+
+    parser = argparse.ArgumentParser()
+    run.register(parser.add_subparsers())
+    args = parser.parse_args(["run", "--checkpoint", str(out), "--data", f"{data}/eval-000000.tar",
+                              "--metric", "cider", "--num-samples", "16", "--max-new-tokens", "4",
+                              "--num-beams", "2", "--device", "cpu"])
+    assert args.func(args) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(printed) == {"0"} and 0.0 <= printed["0"]["CIDEr"] <= 1.0
+    assert (out / "eval" / "eval_cider.json").is_file() and (out / "eval" / "caption_0shot_seed42.json").is_file()
+    # The OpenFlamingo prompt and a random 16 of 48 samples differ from the training-time decode, so the
+    # numbers need not be equal; both are fractions of exact matches.
+    assert 0.0 <= logged <= 1.0
+
+
+def test_generate_is_refused_for_a_task_that_does_not_generate(data, tmp_path):
+    with pytest.raises(ConfigError, match="data.eval.eval: task 'clip' does not generate text"):
+        main(train_argv("clip", data, tmp_path / "clip", "max_steps=1", "data.eval.eval=generate"))
+
+
+def test_run_needs_a_run_directory(tmp_path):
+    with pytest.raises(FileNotFoundError, match="has no config.json"):
+        run.load_run(str(tmp_path))
+    with pytest.raises(ValueError, match="shots > 0 need demonstrations"):
+        run.run_from_checkpoint(str(tmp_path), "x.tar", "cider", shots=(4,))

@@ -11,6 +11,7 @@ import pytest
 from helpers.training import make_train_data, read_metrics, train_argv
 from vlmcore.train import main
 from vlmcore.train.config import ConfigError
+from vlmcore.train.tools import demo_eval
 
 from vlmcore.eval import run
 
@@ -38,12 +39,17 @@ def scorer(monkeypatch):
         hits = sum(p["caption"] in truth[p["image_id"]] for p in predictions)
         return {"CIDEr": hits / len(predictions), "Bleu_4": 0.0}
 
+    def vqa_accuracy(predictions, questions, annotations, *, okvqa_stemming=False):
+        truth = {a["question_id"]: a["answers"][0]["answer"] for a in annotations["annotations"]}
+        return {"accuracy": 100.0 * sum(p["answer"] == truth[p["question_id"]] for p in predictions) / len(predictions)}
+
     monkeypatch.setitem(sys.modules, "vlmcore.eval.captions", types.SimpleNamespace(score_captions=score_captions))
+    monkeypatch.setitem(sys.modules, "vlmcore.eval.vqa", types.SimpleNamespace(vqa_accuracy=vqa_accuracy))
     return seen
 
 
 @pytest.mark.slow
-def test_generate_during_training_then_evaluate_the_exported_run(data, tmp_path, scorer, capsys):
+def test_generate_during_training_then_evaluate_the_exported_run(data, tmp_path, scorer, capsys, monkeypatch):
     out = tmp_path / "flamingo"
     main(train_argv("flamingo", data, out, "max_steps=6", "save_every=6", "eval_every=3", TINY_LM,
                     f"data.train.0.shards={data}/docs-*.tar", f"data.train.1.shards={data}/train-*.tar",
@@ -69,6 +75,13 @@ def test_generate_during_training_then_evaluate_the_exported_run(data, tmp_path,
     # The OpenFlamingo prompt and a random 16 of 48 samples differ from the training-time decode, so the
     # numbers need not be equal; both are fractions of exact matches.
     assert 0.0 <= logged <= 1.0
+
+    # the demo's step on this run: 0 / 4 shots, captions and colour questions, with and without the images
+    monkeypatch.setattr(demo_eval, "NUM_SAMPLES", 8)
+    report = demo_eval.generation_report(str(tmp_path), str(data), str(out))
+    assert set(report) == {f"flamingo_{b}{m}_{k}shot" for b in ("", "blind_") for m in ("cider", "vqa_acc")
+                           for k in (0, 4)}
+    assert json.loads((tmp_path / "generation_metrics.json").read_text()) == report
 
 
 def test_generate_is_refused_for_a_task_that_does_not_generate(data, tmp_path):

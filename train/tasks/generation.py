@@ -2,7 +2,8 @@
 
 - :func:`read_samples`: shards -> the sample dicts of :mod:`vlmcore.eval` (captioning: every line
   of ``KEY.txt`` is a reference; VQA: ``KEY.json`` ``question`` / ``answers``; classification:
-  ``KEY.json`` ``label``), images through the task's evaluation transform.
+  ``KEY.json`` ``label``; ``meta``: the whole ``KEY.json``), images through the task's evaluation
+  transform.
 - :func:`generation_metrics`: every ``eval_every`` steps, decode captions of the held-out pairs
   0-shot with the task's model (:meth:`Task.eval_model`) and score them (CIDEr, BLEU-4, METEOR,
   ROUGE-L), each rank decoding its share; predictions written to ``<out_dir>/predictions/``.
@@ -38,7 +39,7 @@ def _sample(kind: str, raw: dict, index: int, images: Callable[[bytes, dict], to
     """One :mod:`vlmcore.eval` sample of a raw shard sample (``BadSample`` when it lacks a field)."""
     image, text = pair_fields(raw)
     meta = json.loads(raw["json"]) if "json" in raw else {}
-    sample = {"id": index, "key": raw["__key__"], "image": images(image, raw)}
+    sample = {"id": index, "key": raw["__key__"], "image": images(image, raw), "meta": meta}
     if kind == "caption":
         sample["captions"] = [line.strip() for line in text.split("\n") if line.strip()]
     elif kind == "vqa":

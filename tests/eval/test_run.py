@@ -92,5 +92,5 @@ def test_generate_is_refused_for_a_task_that_does_not_generate(data, tmp_path):
 def test_run_needs_a_run_directory(tmp_path):
     with pytest.raises(FileNotFoundError, match="has no config.json"):
         run.load_run(str(tmp_path))
-    with pytest.raises(ValueError, match="shots > 0 need demonstrations"):
+    with pytest.raises(ValueError, match="shots > 0 and RICES need demonstrations"):
         run.run_from_checkpoint(str(tmp_path), "x.tar", "cider", shots=(4,))

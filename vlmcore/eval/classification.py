@@ -46,8 +46,10 @@ def classify(model, train: Sequence[dict], eval_set: Sequence[dict], class_names
     the ensembled class log-likelihoods)."""
     plan = plan_trial(len(eval_set), len(train), seed=seed, num_samples=num_samples, query_set_size=query_set_size,
                       rank=rank, world_size=world_size)
-    k = effective_num_shots(num_shots)
-    orders = min(ensembles, math.factorial(k))
+    if num_shots > 0 and not train:
+        raise ValueError(f"{num_shots}-shot classification needs a demonstration set")
+    k = effective_num_shots(num_shots) if train else 0  # no demonstration set: the bare query prompt
+    orders = max(1, min(ensembles, math.factorial(k)))
     out = []
     for start in range(0, len(plan.eval_indices), batch_size):
         batch = [eval_set[i] for i in plan.eval_indices[start:start + batch_size]]

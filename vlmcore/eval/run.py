@@ -83,8 +83,8 @@ def run_from_checkpoint(run_dir: str, data: str, metric: str, *, demo_data: str 
     if metric not in METRIC_KINDS:
         raise ValueError(f"metric must be one of {sorted(METRIC_KINDS)}, got {metric!r}")
     kind = METRIC_KINDS[metric]
-    if any(s > 0 for s in shots) and not demo_data:
-        raise ValueError("shots > 0 need demonstrations: pass demo_data (--demo-data shards)")
+    if (any(s > 0 for s in shots) or use_rices) and not demo_data:
+        raise ValueError("shots > 0 and RICES need demonstrations: pass demo_data (--demo-data shards)")
     out_dir = out_dir or os.path.join(run_dir, "eval")
     run = load_run(run_dir, device)
     eval_set = run.read(data, kind)

@@ -149,6 +149,15 @@ class DatasetConfig:
 
 
 @dataclass
+class GenerationConfig:
+    """``data.eval.generation``: how ``eval: generate`` decodes (OpenFlamingo's captioning defaults)."""
+
+    max_new_tokens: PositiveInt = 20  # tokens decoded per caption
+    num_beams: PositiveInt = 3  # beam search width (1 = greedy)
+    prompt_style: Literal["openflamingo", "trainer"] = "trainer"  # trainer: "<image>" as pairs are trained
+
+
+@dataclass
 class EvalConfig:
     """Held-out image-text pairs used for evaluation every ``eval_every`` steps and at the end."""
 
@@ -156,6 +165,8 @@ class EvalConfig:
     batch_size: PositiveInt = 64  # per rank
     max_batches: NonNegativeInt = 0  # 0 = the whole split
     classes: str = ""  # JSON file with {"classnames": [...], "templates": [...]} (CLIP zero-shot)
+    eval: Literal["default", "generate"] = "default"  # generate: also decode captions, log CIDEr / BLEU-4 / ...
+    generation: GenerationConfig = field(default_factory=GenerationConfig)  # decoding of eval: generate
 
 
 @dataclass
@@ -552,7 +563,8 @@ KIND_NAMES = {"pairs": "image-text pairs", "interleaved": "interleaved documents
 # ------------------------------------------------------------- what the rest of the trainer hands in
 
 #: ``task:`` name -> the task's class (``vlmcore.train.tasks.get_task``): it has ``name``, ``Config``
-#: (the dataclass of ``model.<name>``), ``data_kinds`` and ``check_config(cfg)``; raises UnknownTaskError.
+#: (the dataclass of ``model.<name>``), ``data_kinds``, ``generates`` and ``check_config(cfg)``; raises
+#: UnknownTaskError.
 TaskLookup = Callable[[str], type]
 #: A check of the whole parsed config (one message per problem), for sections this module types but
 #: another owns (``deepspeed``: DeepSpeed's own keys).
@@ -602,6 +614,9 @@ def _check_task(task_cls, cfg: TrainConfig) -> list[str]:
     if any(d.kind not in kinds for d in cfg.data.train):
         accepted = " and ".join(KIND_NAMES.get(k, k) for k in kinds)
         out.append(f"data.train: task {task_cls.name!r} trains on {accepted} only (kind: {' | '.join(kinds)})")
+    if cfg.data.eval is not None and cfg.data.eval.eval == "generate" and not getattr(task_cls, "generates", False):
+        out.append(f"data.eval.eval: task {task_cls.name!r} does not generate text; 'generate' is for the "
+                   "captioning tasks (flamingo, frozen, blip2_stage2, blip_caption)")
     return out + task_cls.check_config(cfg)
 
 

@@ -17,6 +17,7 @@ Life of a run, as the loop sees it::
     tokens = task.batch_tokens(batch)                 # for tokens_per_s
     problems = task.check_eval_sample(sample)         # before DeepSpeed starts (train/validate.py)
     results = task.run_evaluation(module, info, zero_stage)    # calls task.evaluate(module, ctx)
+                                                      # (+ generation metrics under data.eval.eval: generate)
     files = task.export(module)                       # written at the end of the run
 """
 
@@ -32,6 +33,7 @@ import torch
 from torch import nn
 from vlmcore.train.data.eval_counts import EvalTally
 from vlmcore.train.data.pipeline import BadSample, batch_tokens, expand_shards
+from vlmcore.train.tasks.generation import generation_metrics
 
 if TYPE_CHECKING:
     from vlmcore.train.config import EvalConfig, TrainConfig
@@ -98,6 +100,9 @@ class Task(abc.ABC):
             ``"interleaved"``); others are a ConfigError.
         media_tokens: whether the tokenizer must hold ``<image>`` / ``<|endofchunk|>`` (added when
             missing; default True). A task that never writes images into its text sets False.
+        generates: whether the model decodes text (default False). A task that sets True implements
+            :meth:`eval_model` and :meth:`eval_images`, and so supports ``data.eval.eval: generate``
+            and ``vlmcore-eval run`` (``train/tasks/generation.py``).
 
     The common sections stay where they are: ``model.vision`` (the vision tower, see
     ``common.build_vision``), ``model.lm`` (a frozen causal LM, ``common.build_language_model``),
@@ -108,6 +113,7 @@ class Task(abc.ABC):
     Config: ClassVar[type]
     data_kinds: ClassVar[tuple[str, ...]] = ("pairs",)
     media_tokens: ClassVar[bool] = True
+    generates: ClassVar[bool] = False
 
     @classmethod
     def check_config(cls, cfg: TrainConfig) -> list[str]:
@@ -222,6 +228,15 @@ class Task(abc.ABC):
                     f"usable by task {self.name!r}: {e}"]
         return []
 
+    def eval_model(self, module: nn.Module):
+        """The :mod:`vlmcore.eval.generation` model that decodes text with ``module`` (``generates`` tasks)."""
+        raise NotImplementedError(f"task {self.name!r} does not generate text")
+
+    def eval_images(self) -> Callable[[bytes, dict], torch.Tensor]:
+        """Image bytes (and the raw sample) -> the model's input ``[C, H, W]`` for evaluation
+        (``generates`` tasks): the task's held-out image transform."""
+        raise NotImplementedError(f"task {self.name!r} does not generate text")
+
     def export(self, module: nn.Module) -> dict[str, tuple[list[str], str]]:
         """Files written into ``out_dir`` at the end of the run.
 
@@ -244,6 +259,8 @@ class Task(abc.ABC):
         try:
             with gathered(module, zero_stage):
                 results = self.evaluate(module, ctx)
+                if ctx.eval.eval == "generate":
+                    results.update(generation_metrics(self, module, ctx))
         finally:
             module.train(was_training)
         return {**results, **tally.summary(ctx.shards)}

@@ -20,8 +20,10 @@ from vlmcore.train.data.tokenizer import Tokenizer
 from vlmcore.train.tasks.base import EvalContext, Task
 from vlmcore.train.tasks.blip2_stage1 import QFormerSection, build_qformer, frozen_vision_check
 from vlmcore.train.tasks.common import build_language_model, build_vision, caption_accuracy, move, needs_language_model
+from vlmcore.train.tasks.generation import SquashDecoder
 
 import vlmcore
+from vlmcore.eval.generation import Blip2Eval
 
 
 @dataclass
@@ -54,6 +56,7 @@ class Blip2Stage2Task(Task):
     name = "blip2_stage2"
     Config = Blip2Stage2Config
     data_kinds = ("pairs",)
+    generates = True
 
     @classmethod
     def check_config(cls, cfg) -> list[str]:
@@ -98,3 +101,9 @@ class Blip2Stage2Task(Task):
 
     def evaluate(self, module: nn.Module, ctx: EvalContext) -> dict:
         return caption_accuracy(module, ctx, "images")
+
+    def eval_model(self, module: nn.Module) -> Blip2Eval:
+        return Blip2Eval(module, self.tok)
+
+    def eval_images(self):
+        return SquashDecoder(self.cfg.model.vision.image_size)

@@ -6,7 +6,11 @@ without the images. The exported ``out_dir`` is a CapFilt captioner. Config sect
 
 from __future__ import annotations
 
+from torch import nn
 from vlmcore.train.tasks.blip_common import BlipTaskBase
+from vlmcore.train.tasks.generation import SquashDecoder
+
+from vlmcore.eval.generation import BlipEval
 
 
 class BlipCaptionTask(BlipTaskBase):
@@ -16,3 +20,10 @@ class BlipCaptionTask(BlipTaskBase):
     use_prompt = True
     with_momentum = False
     eval_kinds = ("caption",)
+    generates = True
+
+    def eval_model(self, module: nn.Module) -> BlipEval:
+        return BlipEval(module, self.text.prompt_ids(self.prompt), self.text.decode)
+
+    def eval_images(self) -> SquashDecoder:
+        return SquashDecoder(self.cfg.model.vision.image_size)

@@ -26,6 +26,7 @@ from vlmcore.train.tasks.common import (
 )
 
 import vlmcore
+from vlmcore.eval.generation import FlamingoEval
 
 
 @dataclass
@@ -75,6 +76,7 @@ class FlamingoTask(Task):
     name = "flamingo"
     Config = FlamingoConfig
     data_kinds = ("pairs", "interleaved")
+    generates = True
 
     @classmethod
     def check_config(cls, cfg) -> list[str]:
@@ -107,3 +109,9 @@ class FlamingoTask(Task):
 
     def evaluate(self, module: nn.Module, ctx: EvalContext) -> dict:
         return caption_accuracy(module, ctx, "vision_x")
+
+    def eval_model(self, module: nn.Module) -> FlamingoEval:
+        return FlamingoEval(module, self.tok)
+
+    def eval_images(self) -> ImageDecoder:
+        return image_decoder(self.cfg, train=False)

@@ -25,6 +25,7 @@ from vlmcore.train.tasks.common import (
 )
 
 import vlmcore
+from vlmcore.eval.generation import FrozenEval
 
 
 @dataclass
@@ -51,6 +52,7 @@ class FrozenTask(Task):
     name = "frozen"
     Config = FrozenConfig
     data_kinds = ("pairs",)
+    generates = True
 
     @classmethod
     def check_config(cls, cfg) -> list[str]:
@@ -79,3 +81,9 @@ class FrozenTask(Task):
 
     def evaluate(self, module: nn.Module, ctx: EvalContext) -> dict:
         return caption_accuracy(module, ctx, "images")
+
+    def eval_model(self, module: nn.Module) -> FrozenEval:
+        return FrozenEval(module, self.tok)
+
+    def eval_images(self) -> ImageDecoder:
+        return image_decoder(self.cfg, train=False)

@@ -38,6 +38,7 @@ from importlib import resources
 import torch
 from vlmcore.train.data.tokenizer import EOC, MEDIA, Tokenizer, train_word_tokenizer
 from vlmcore.train.tools import shapes
+from vlmcore.train.tools.demo_eval import generation_report
 from vlmcore.train.tools.region_shapes import make_region_shapes, regions_complete
 
 CONFIGS = resources.files("vlmcore.train") / "configs"
@@ -265,7 +266,8 @@ def main(argv: list[str] | None = None) -> dict:
         return _blip2(args, ranks, env, start, clip_dir, lm_dir, data_overrides)
     flamingo_dir = os.path.join(args.out, flamingo_yaml["task"])
     _train_flamingo(args, ranks, env, flamingo_dir, clip_dir, lm_dir, data_overrides)
-    return _flamingo_metrics(args, ranks, start, clip_dir, flamingo_dir)
+    final = _flamingo_metrics(args, ranks, start, clip_dir, flamingo_dir)
+    return final | generation_report(args.out, args.data, flamingo_dir)
 
 
 def _vilbert(args, ranks: int, env: dict, start: float) -> dict:

@@ -12,6 +12,16 @@
 - :mod:`vlmcore.eval.prepare`: benchmark converters to WebDataset shards + ground-truth files.
 - :mod:`vlmcore.eval.inputs`: JSON reading and :class:`~vlmcore.eval.inputs.EvalInputError`.
 
+Generation, few-shot in-context learning and classification by log-likelihood:
+
+- :mod:`vlmcore.eval.prompts`: OpenFlamingo's few-shot prompts and post-processing.
+- :mod:`vlmcore.eval.demos`: the evaluated samples and random demonstrations of a trial.
+- :mod:`vlmcore.eval.rices`: RICES, demonstrations by image similarity (features cached).
+- :mod:`vlmcore.eval.generation`: one decoding interface over Flamingo, Frozen, BLIP-2 and BLIP.
+- :mod:`vlmcore.eval.fewshot`: captioning / VQA evaluation over shots and trials, scored.
+- :mod:`vlmcore.eval.classification`: class names ranked by log-likelihood; top-1, ROC AUC.
+- :mod:`vlmcore.eval.run`: ``vlmcore-eval run``, evaluate-only from a run directory.
+
 Optional dependencies (``pip install 'vlmcore[eval]'``): pycocoevalcap (+ Java) for captions,
 scikit-learn for the probe; each is imported where it is used. This package never imports the
 trainer (it sits in the models' layer). The reference is the repository's ``docs/evaluation.md``.

@@ -19,7 +19,7 @@ import contextlib
 import json
 import sys
 
-from vlmcore.eval import prepare
+from vlmcore.eval import prepare, run
 from vlmcore.eval.captions import score_captions
 from vlmcore.eval.inputs import EvalInputError, MissingToolError, read_json
 from vlmcore.eval.vqa import vqa_accuracy
@@ -98,7 +98,7 @@ def add_prepare(subparsers) -> None:
 
 
 #: Every subcommand's parser builder, in ``--help`` order.
-SUBCOMMANDS = [add_score_captions, add_score_vqa, add_prepare]
+SUBCOMMANDS = [add_score_captions, add_score_vqa, add_prepare, run.register]
 
 
 def build_parser() -> argparse.ArgumentParser:

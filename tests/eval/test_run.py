@@ -5,7 +5,7 @@ COCOEvalCap's own scorers (pycocoevalcap + Java)."""
 import json
 
 import pytest
-from helpers.training import make_train_data, read_metrics, train_argv
+from helpers.training import read_metrics, train_argv
 from vlmcore.train import main
 from vlmcore.train.config import ConfigError
 from vlmcore.train.tools import demo_eval
@@ -14,13 +14,6 @@ from vlmcore.eval import cli, run
 
 TINY_LM = ("model.lm={config: {model_type: llama, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, "
            "num_attention_heads: 2, num_key_value_heads: 2, max_position_embeddings: 64}}")
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    out = tmp_path_factory.mktemp("shapes")
-    make_train_data(out)
-    return out
 
 
 @pytest.fixture

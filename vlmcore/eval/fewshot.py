@@ -172,7 +172,8 @@ def evaluate(model, kind: str, train: Sequence[dict], eval_set: Sequence[dict], 
                     json.dump(preds, f, indent=1)
             trials.append(score(kind, preds, eval_set))
         summary = {"trials": trials}
-        for metric in trials[0]:
+        # The numbers are averaged over trials; breakdowns (VQA's per answer type) stay in ``trials``.
+        for metric in [m for m, v in trials[0].items() if isinstance(v, (int, float))]:
             values = [t[metric] for t in trials]
             summary[metric] = statistics.fmean(values)
             summary[f"{metric}_std"] = statistics.pstdev(values)

@@ -315,17 +315,6 @@ class OptimConfig:
 
 
 @dataclass
-class TestingConfig:
-    """Fault injection used by the test suite."""
-
-    sigkill_at_step: int = 0  # rank 0 kills itself with SIGKILL right after this step (0 = never)
-
-    def check(self, where: str) -> list[str]:
-        n = self.sigkill_at_step
-        return [] if n >= 0 else [f"{where}.sigkill_at_step: must be >= 0, got {n}"]
-
-
-@dataclass
 class TrainConfig:
     task: str  # a name of the task registry (train/tasks/__init__.py)
     out_dir: str  # metrics.jsonl, checkpoints/, exported weights
@@ -346,7 +335,6 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU; fp16: CUDA only
     max_nonfinite_steps: int = 5  # this many non-finite losses in a row abort the run
     progress_bar: bool = True  # tqdm bar on rank 0
-    testing: TestingConfig = field(default_factory=TestingConfig)  # fault injection for the test suite
     def check(self, where: str) -> list[str]:
         out = []
         by_epochs = self.epochs != 0 or self.train_num_samples != 0

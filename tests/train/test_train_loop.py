@@ -10,7 +10,8 @@ from helpers.training import loss_falls, read_metrics, reject_constant, train_ar
 from vlmcore.train import NonFiniteLossError, main
 from vlmcore.train.config import parse_config
 from vlmcore.train.data.tokenizer import Tokenizer
-from vlmcore.train.runtime import loop
+from vlmcore.train.runtime.engine import build_ds_config
+from vlmcore.train.runtime.trainer import mixture_loss
 from vlmcore.train.tasks import get_task
 
 import vlmcore
@@ -97,9 +98,9 @@ def test_mixture_gradient_is_the_weighted_sum(data):
         return [p.grad.clone() for p in model.parameters()]
 
     task = get_task("clip")(parse_config(_TINY_RAW), tok)
-    total, parts, _ = loop.mixture_loss(task, model, batches, weights, torch.device("cpu"))
+    total, parts, _ = mixture_loss(task, model, batches, weights, torch.device("cpu"))
     combined = grads(total)
-    separate = [grads(loop.mixture_loss(task, model, [b], [1.0], torch.device("cpu"))[0]) for b in batches]
+    separate = [grads(mixture_loss(task, model, [b], [1.0], torch.device("cpu"))[0]) for b in batches]
     for g, g0, g1 in zip(combined, *separate):
         torch.testing.assert_close(g, weights[0] * g0 + weights[1] * g1, rtol=1e-5, atol=1e-6)
     expected = weights[0] * float(parts[0].detach()) + weights[1] * float(parts[1].detach())
@@ -139,9 +140,9 @@ def test_precision_decides_the_deepspeed_bf16_section():
 
     raw = {**_TINY_RAW, "deepspeed": {"zero_optimization": {"stage": 2}, "bfloat16": {"enabled": True}}}
     cfg = parse_config(raw)
-    fp32 = loop.build_ds_config(cfg, "fp32")  # precision auto on CPU: a bf16 section must not win
+    fp32 = build_ds_config(cfg, "fp32")  # precision auto on CPU: a bf16 section must not win
     assert DeepSpeedConfig(fp32).bfloat16_config.enabled is False
-    bf16 = loop.build_ds_config(cfg, "bf16")  # auto on CUDA: a valid DeepSpeed 0.19.8 bf16 config
+    bf16 = build_ds_config(cfg, "bf16")  # auto on CUDA: a valid DeepSpeed 0.19.8 bf16 config
     assert bf16["bf16"] == {"enabled": True}
     parsed = DeepSpeedConfig(bf16)
     assert parsed.bfloat16_config.enabled is True and parsed.zero_optimization_stage == 2

@@ -135,6 +135,40 @@ def test_nonfinite_losses_are_skipped_then_abort_zero0(data, tmp_path, monkeypat
     assert open(out / "checkpoints" / "latest").read() == "step_00000008"
 
 
+def _trainable_copy(trainer):
+    """This rank's copy of every trainable parameter (its ZeRO-3 partition, where partitioned)."""
+    return {n: getattr(p, "ds_tensor", p).detach().clone() for n, p in trainer.module.named_parameters()
+            if p.requires_grad}
+
+
+@pytest.mark.parametrize("zero", [2, 3])
+def test_a_skipped_step_leaves_no_gradient_behind(data, tmp_path, monkeypatch, zero):
+    # Backward runs before the step knows its loss is non-finite: the skip must drop those gradients
+    # (ZeRO keeps its own reduced copies) so that the next step starts clean.
+    frozen = get_task("frozen")
+    real = frozen.loss
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        loss, metrics = real(*args, **kwargs)
+        return (loss * float("nan") if calls["n"] == 3 else loss), metrics
+
+    monkeypatch.setattr(frozen, "loss", poisoned)
+    params = {}
+    out = tmp_path / f"skip{zero}"
+    main(train_argv("frozen", data, out, "max_steps=5", "save_every=0", "eval_every=0", "data.eval=null", TINY_LM,
+                    f"data.train.0.shards={data}/train-*.tar", "data.train.0.batch_size=4",
+                    "tokenizer.context_length=16", f"deepspeed.zero_optimization.stage={zero}"),
+         on_step_end=[lambda trainer, step: params.setdefault(step, _trainable_copy(trainer))])
+    steps, _ = read_metrics(out)
+    assert [s["nonfinite_steps"] for s in steps] == [0, 0, 1, 1, 1]
+    assert steps[2]["grad_norm"] is None and all(s["loss"] is not None for s in steps[3:])
+    assert all(torch.equal(params[3][n], params[2][n]) for n in params[2])  # nothing applied at step 3
+    assert all(torch.isfinite(p).all() for p in params[5].values())
+    assert any(not torch.equal(params[4][n], params[3][n]) for n in params[3])  # step 4 trained
+
+
 def test_precision_decides_the_deepspeed_bf16_section():
     from deepspeed.runtime.config import DeepSpeedConfig
 

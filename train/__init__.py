@@ -16,6 +16,6 @@ every rank calls it); ``vlmcore-train`` / ``python -m vlmcore.train`` is the sam
 
 from vlmcore.train.cli import main
 from vlmcore.train.config import ConfigError, TrainConfig, load_config
-from vlmcore.train.runtime.loop import NonFiniteLossError, train
+from vlmcore.train.runtime.trainer import NonFiniteLossError, Trainer, train
 
-__all__ = ["ConfigError", "NonFiniteLossError", "TrainConfig", "load_config", "main", "train"]
+__all__ = ["ConfigError", "NonFiniteLossError", "TrainConfig", "Trainer", "load_config", "main", "train"]

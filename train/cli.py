@@ -9,8 +9,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from vlmcore.train.config import ConfigError, load_config
+
+if TYPE_CHECKING:
+    from vlmcore.train.runtime.trainer import StepEndHook
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -22,13 +27,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    """Validate the config, then train in this process; returns the final evaluation metrics."""
+def main(argv: list[str] | None = None, *, on_step_end: Sequence[StepEndHook] = ()) -> dict:
+    """Validate the config, then train in this process; returns the final evaluation metrics.
+
+    The demo's inputs (``data.shapes``, ``tokenizer.train_from_shapes``) are made by a setup hook of the
+    Trainer; ``on_step_end`` callables ``(trainer, step)`` run after every step (tests inject faults there).
+    """
     args = parse_args(sys.argv[1:] if argv is None else argv)
     cfg = load_config(args.config, args.overrides)
-    from vlmcore.train.runtime.loop import train
+    from vlmcore.train.runtime.trainer import train
+    from vlmcore.train.tools.demo_inputs import prepare_demo_inputs
 
-    return train(cfg, args.local_rank)
+    return train(cfg, args.local_rank, on_setup=[prepare_demo_inputs], on_step_end=on_step_end)
 
 
 def console_main() -> None:

@@ -373,14 +373,6 @@ class OptimConfig:
 
 
 @dataclass
-class TestingConfig:
-    """Fault injection used by the test suite."""
-
-    sigkill_at_step: NonNegativeInt = 0  # rank 0 kills itself with SIGKILL right after this step (0 = never)
-    stall_at_step: NonNegativeInt = 0  # the last rank sleeps for an hour right after this step (0 = never)
-
-
-@dataclass
 class TrainConfig:
     task: str  # a name of the task registry (train/tasks/__init__.py)
     out_dir: str  # metrics.jsonl, checkpoints/, exported weights
@@ -403,7 +395,6 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU; fp16: CUDA only
     max_nonfinite_steps: PositiveInt = 5  # this many non-finite losses in a row abort the run
     progress_bar: bool = True  # tqdm bar on rank 0
-    testing: TestingConfig = field(default_factory=TestingConfig)  # fault injection for the test suite
 
     def check(self, where: str) -> list[str]:
         """The length of the run: ``max_steps``, or ``epochs`` with ``train_num_samples``; a non-empty out_dir."""

@@ -1,8 +1,9 @@
 """Checks of everything a run reads, done before DeepSpeed starts (one :class:`ConfigError` for all).
 
 :func:`config.load_config` checks the configuration itself (keys, types, values, and DeepSpeed's
-keys through ``deepspeed_config``). This module checks what the configuration points at, once the shapes data and the
-tokenizer that the run may generate exist (``loop.prepare_inputs``):
+keys through ``deepspeed_config``). This module checks what the configuration points at, once the
+shapes data and the tokenizer that the run may generate exist (the Trainer's setup, after its setup
+hooks such as ``tools/demo_inputs.py``):
 
 - every training and eval shard that is a local path exists (a ``pipe:`` command or a URL is
   accepted unchecked: only reading it can tell);

@@ -17,10 +17,19 @@ from helpers.training import dataset_view, train_argv
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 DRIVER = """
-import json, sys
+import json, os, signal, sys
 from vlmcore.train import main
-for argv in json.load(open(sys.argv[-1])):  # the launcher puts --local_rank=N first
-    main(argv)
+
+def sigkill_rank0_after(kill_step):
+    def hook(trainer, step):  # after the step's checkpoint, as a crash would come
+        if step == kill_step and trainer.info.is_main:
+            os.kill(os.getpid(), signal.SIGKILL)
+    return hook
+
+spec = json.load(open(sys.argv[-1]))  # the launcher puts --local_rank=N first
+hooks = [sigkill_rank0_after(spec["sigkill_after_step"])] if spec["sigkill_after_step"] else []
+for argv in spec["runs"]:
+    main(argv, on_step_end=hooks)
 """
 TINY_LM = ("model.lm={config: {model_type: llama, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, "
            "num_attention_heads: 2, num_key_value_heads: 2, max_position_embeddings: 64}}")
@@ -28,11 +37,13 @@ ZERO3 = "deepspeed={zero_optimization: {stage: 3, stage3_param_persistence_thres
 ODD_EVAL = ["data.eval.shards={data}/odd-000000.tar", "data.eval.batch_size=12"]  # uneven eval batches per rank
 
 
-def _launch(tmp_path, name, runs, timeout=400):
+def _launch(tmp_path, name, runs, timeout=400, sigkill_after_step=0):
+    """The trainings ``runs`` (argv lists) in turn on two ranks; with ``sigkill_after_step``, rank 0 kills
+    itself with SIGKILL right after that step (a hook the driver installs)."""
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
     spec = tmp_path / f"{name}.json"
-    spec.write_text(json.dumps(runs))
+    spec.write_text(json.dumps({"runs": runs, "sigkill_after_step": sigkill_after_step}))
     launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     env.pop("RANK", None), env.pop("WORLD_SIZE", None), env.pop("LOCAL_RANK", None)
@@ -134,7 +145,7 @@ def test_two_ranks_zero2_zero3_and_exact_resume(data, tmp_path):
         assert a["samples/pairs"] == b["samples/pairs"] == 16  # 8 per rank
 
     # Killed with SIGKILL right after step 5 (last checkpoint: step 4), then resumed.
-    proc = _launch(tmp_path, "killed", [_clip(data, killed, "testing.sigkill_at_step=5")])
+    proc = _launch(tmp_path, "killed", [_clip(data, killed)], sigkill_after_step=5)
     assert proc.returncode != 0
     assert (killed / "checkpoints" / "latest").read_text() == "step_00000004"
     proc = _launch(tmp_path, "resumed", [_clip(data, killed, "resume=latest")])

@@ -15,7 +15,9 @@ from vlmcore.train import ConfigError, main
 from vlmcore.train.config import load_config
 from vlmcore.train.data.pipeline import IGNORE_INDEX
 from vlmcore.train.data.tokenizer import MEDIA, Tokenizer
-from vlmcore.train.runtime import distributed, loop
+from vlmcore.train.runtime import distributed
+from vlmcore.train.runtime.engine import build_ds_config, resolve_precision
+from vlmcore.train.runtime.schedule import lr_lambda, resolve_max_steps, samples_per_step
 from vlmcore.train.tasks import get_task
 
 CONFIGS = resources.files("vlmcore.train") / "configs"
@@ -41,7 +43,7 @@ def test_schedules(data):
     def factors(schedule, **optim):
         extra = [f"optim.{k}={v}" for k, v in optim.items()]
         cfg = _cfg(data, "clip", "max_steps=100", f"optim.schedule={schedule}", "optim.warmup_steps=10", *extra)
-        f = loop.lr_lambda(cfg)
+        f = lr_lambda(cfg)
         return [f(s) for s in range(100)]
 
     for schedule in ("cosine", "linear", "constant", "warmup_constant_cooldown"):
@@ -67,8 +69,8 @@ def test_epochs_and_train_num_samples_give_the_steps(data):
                "optim.accumulation_steps=2")
     # OpenCLIP: ceil(1000 / (8 per rank x 2 ranks)) = 63 batches per epoch, // accum 2 ... here the global batch
     # of one optimizer step is 8 x 2 ranks x 2 micro-batches = 32: ceil(1000 / 32) = 32 steps per epoch.
-    assert loop.samples_per_step(cfg, 2) == 32 and loop.resolve_max_steps(cfg, 2) == 3 * 32
-    assert loop.resolve_max_steps(cfg, 1) == 3 * math.ceil(1000 / 16)
+    assert samples_per_step(cfg, 2) == 32 and resolve_max_steps(cfg, 2) == 3 * 32
+    assert resolve_max_steps(cfg, 1) == 3 * math.ceil(1000 / 16)
     with pytest.raises(ConfigError, match="give either max_steps or epochs"):
         _cfg(data, "clip", "max_steps=5", "epochs=1", "train_num_samples=10")
     with pytest.raises(ConfigError, match="train_num_samples: must be >= 1 with epochs set"):
@@ -80,13 +82,13 @@ def test_fp16_is_cuda_only_with_dynamic_loss_scaling(data):
 
     cfg = _cfg(data, "clip", "precision=fp16", "deepspeed.fp16={loss_scale_window: 200}")
     with pytest.raises(ValueError, match="precision: fp16 needs a CUDA device"):
-        loop.resolve_precision(cfg, torch.device("cpu"))
-    assert loop.resolve_precision(cfg, torch.device("cuda")) == "fp16"
-    ds = loop.build_ds_config(cfg, "fp16")
+        resolve_precision(cfg, torch.device("cpu"))
+    assert resolve_precision(cfg, torch.device("cuda")) == "fp16"
+    ds = build_ds_config(cfg, "fp16")
     assert ds["fp16"] == {"loss_scale": 0, "loss_scale_window": 200, "enabled": True} and not ds["bf16"]["enabled"]
     fp16 = DeepSpeedConfig(ds).float16_config  # DeepSpeed's reading: dynamic scaling (loss_scale 0)
     assert fp16.enabled and fp16.loss_scale == 0 and fp16.loss_scale_window == 200
-    assert loop.build_ds_config(_cfg(data, "clip"), "fp32")["fp16"] == {"enabled": False}
+    assert build_ds_config(_cfg(data, "clip"), "fp32")["fp16"] == {"enabled": False}
     with pytest.raises(ConfigError, match="deepspeed.fp16.enabled: the trainer's precision decides"):
         _cfg(data, "clip", "deepspeed.fp16={enabled: true}")
 

@@ -10,7 +10,8 @@ from helpers.training import loss_falls, read_metrics, reject_constant, train_ar
 from vlmcore.train import NonFiniteLossError, main
 from vlmcore.train.config import parse_config
 from vlmcore.train.data.tokenizer import Tokenizer
-from vlmcore.train.runtime import loop
+from vlmcore.train.runtime.engine import build_ds_config
+from vlmcore.train.runtime.trainer import mixture_loss
 from vlmcore.train.tasks import get_task
 
 import vlmcore
@@ -97,9 +98,9 @@ def test_mixture_gradient_is_the_weighted_sum(data):
         return [p.grad.clone() for p in model.parameters()]
 
     task = get_task("clip")(parse_config(_TINY_RAW), tok)
-    total, parts, _ = loop.mixture_loss(task, model, batches, weights, torch.device("cpu"))
+    total, parts, _ = mixture_loss(task, model, batches, weights, torch.device("cpu"))
     combined = grads(total)
-    separate = [grads(loop.mixture_loss(task, model, [b], [1.0], torch.device("cpu"))[0]) for b in batches]
+    separate = [grads(mixture_loss(task, model, [b], [1.0], torch.device("cpu"))[0]) for b in batches]
     for g, g0, g1 in zip(combined, *separate):
         torch.testing.assert_close(g, weights[0] * g0 + weights[1] * g1, rtol=1e-5, atol=1e-6)
     expected = weights[0] * float(parts[0].detach()) + weights[1] * float(parts[1].detach())
@@ -134,14 +135,48 @@ def test_nonfinite_losses_are_skipped_then_abort_zero0(data, tmp_path, monkeypat
     assert open(out / "checkpoints" / "latest").read() == "step_00000008"
 
 
+def _trainable_copy(trainer):
+    """This rank's copy of every trainable parameter (its ZeRO-3 partition, where partitioned)."""
+    return {n: getattr(p, "ds_tensor", p).detach().clone() for n, p in trainer.module.named_parameters()
+            if p.requires_grad}
+
+
+@pytest.mark.parametrize("zero", [2, 3])
+def test_a_skipped_step_leaves_no_gradient_behind(data, tmp_path, monkeypatch, zero):
+    # Backward runs before the step knows its loss is non-finite: the skip must drop those gradients
+    # (ZeRO keeps its own reduced copies) so that the next step starts clean.
+    frozen = get_task("frozen")
+    real = frozen.loss
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        loss, metrics = real(*args, **kwargs)
+        return (loss * float("nan") if calls["n"] == 3 else loss), metrics
+
+    monkeypatch.setattr(frozen, "loss", poisoned)
+    params = {}
+    out = tmp_path / f"skip{zero}"
+    main(train_argv("frozen", data, out, "max_steps=5", "save_every=0", "eval_every=0", "data.eval=null", TINY_LM,
+                    f"data.train.0.shards={data}/train-*.tar", "data.train.0.batch_size=4",
+                    "tokenizer.context_length=16", f"deepspeed.zero_optimization.stage={zero}"),
+         on_step_end=[lambda trainer, step: params.setdefault(step, _trainable_copy(trainer))])
+    steps, _ = read_metrics(out)
+    assert [s["nonfinite_steps"] for s in steps] == [0, 0, 1, 1, 1]
+    assert steps[2]["grad_norm"] is None and all(s["loss"] is not None for s in steps[3:])
+    assert all(torch.equal(params[3][n], params[2][n]) for n in params[2])  # nothing applied at step 3
+    assert all(torch.isfinite(p).all() for p in params[5].values())
+    assert any(not torch.equal(params[4][n], params[3][n]) for n in params[3])  # step 4 trained
+
+
 def test_precision_decides_the_deepspeed_bf16_section():
     from deepspeed.runtime.config import DeepSpeedConfig
 
     raw = {**_TINY_RAW, "deepspeed": {"zero_optimization": {"stage": 2}, "bfloat16": {"enabled": True}}}
     cfg = parse_config(raw)
-    fp32 = loop.build_ds_config(cfg, "fp32")  # precision auto on CPU: a bf16 section must not win
+    fp32 = build_ds_config(cfg, "fp32")  # precision auto on CPU: a bf16 section must not win
     assert DeepSpeedConfig(fp32).bfloat16_config.enabled is False
-    bf16 = loop.build_ds_config(cfg, "bf16")  # auto on CUDA: a valid DeepSpeed 0.19.8 bf16 config
+    bf16 = build_ds_config(cfg, "bf16")  # auto on CUDA: a valid DeepSpeed 0.19.8 bf16 config
     assert bf16["bf16"] == {"enabled": True}
     parsed = DeepSpeedConfig(bf16)
     assert parsed.bfloat16_config.enabled is True and parsed.zero_optimization_stage == 2

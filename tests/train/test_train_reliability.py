@@ -211,17 +211,15 @@ def test_evaluation_counts_what_it_drops_and_refuses_zero_usable_samples(data, t
 
 def test_validation_samples_more_than_the_first_eval_record(data, tmp_path):
     from vlmcore.train.config import ConfigError
-    from vlmcore.train.runtime.distributed import DistInfo
-    from vlmcore.train.runtime.loop import prepare_inputs
+    from vlmcore.train.data.tokenizer import Tokenizer
+    from vlmcore.train.validate import validate_inputs
 
     good = _eval_pairs(data, 3)
     shard = tmp_path / "one-good.tar"
     _write_shard(shard, good + [(f"nc{i}", "png", good[0][2]) for i in range(15)])
     cfg, *_ = _clip_task(data, shard)
-    import torch
-
     with pytest.raises(ConfigError, match=r"15 of the first 16 eval samples are not usable.*15 missing_caption"):
-        prepare_inputs(cfg, DistInfo(0, 1, 0, torch.device("cpu")))
+        validate_inputs(cfg, lambda: Tokenizer(cfg.tokenizer.path, cfg.tokenizer.context_length))
 
 
 def test_a_context_length_that_would_hang_the_run_fails_before_training(data, tmp_path):
@@ -248,9 +246,15 @@ def test_a_stalled_rank_stops_the_run_within_the_collective_timeout(data, tmp_pa
     from vlmcore.train.runtime.distributed import _free_port
 
     argv = train_argv("clip", data, tmp_path / "out", f"data.train.0.shards={data}/train-*.tar", "data.eval=null",
-                      "max_steps=4", "collective_timeout_s=10", "testing.stall_at_step=1")
+                      "max_steps=4", "collective_timeout_s=10")
+    # The fault is a hook the driver installs: the last rank sleeps (alive, silent) after step 1.
     driver = tmp_path / "driver.py"
-    driver.write_text(f"from vlmcore.train import main\nmain({argv!r})\n")
+    driver.write_text(
+        "import time\nfrom vlmcore.train import main\n\n\n"
+        "def stall_last_rank(trainer, step):\n"
+        "    if step == 1 and trainer.info.rank == trainer.info.world_size - 1:\n"
+        "        time.sleep(3600)\n\n\n"
+        f"main({argv!r}, on_step_end=[stall_last_rank])\n")
     launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):

@@ -117,6 +117,13 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
+def all_reduce_sum_(values: torch.Tensor) -> torch.Tensor:
+    """Sum ``values`` over all ranks in place, on its device (nothing is read back); returns it."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values
+
+
 def data_parallel_group():
     """The group the contrastive loss gathers over (None in a single process)."""
     if dist.is_initialized() and dist.get_world_size() > 1:

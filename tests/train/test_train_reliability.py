@@ -147,8 +147,8 @@ def test_resume_without_latest_and_with_a_torn_line_keeps_the_whole_history(data
     assert "torn last line" in logged
 
 
-def _write_shard(path, samples, truncated: bool = False):
-    """A tar of ``(key, ext, bytes)`` members; ``truncated``: cut inside its last member's data."""
+def _tar_bytes(samples) -> bytes:
+    """A tar of ``(key, ext, bytes)`` members, in memory."""
     import io
     import tarfile
 
@@ -158,8 +158,23 @@ def _write_shard(path, samples, truncated: bool = False):
             info = tarfile.TarInfo(f"{key}.{ext}")
             info.size = len(payload)
             tar.addfile(info, io.BytesIO(payload))
-        end = tar.getmembers()[-1].offset_data + 100 if truncated else None
-    path.write_bytes(buffer.getvalue()[:end])
+    return buffer.getvalue()
+
+
+def _member_offsets(tar_bytes: bytes) -> list[tuple[int, int]]:
+    """(header offset, data offset) of every member; only a reader knows them (a writer leaves them 0)."""
+    import io
+    import tarfile
+
+    with tarfile.open(fileobj=io.BytesIO(tar_bytes)) as tar:
+        return [(m.offset, m.offset_data) for m in tar.getmembers()]
+
+
+def _write_shard(path, samples, truncated: bool = False):
+    """A tar of ``(key, ext, bytes)`` members; ``truncated``: cut 100 bytes into its last member's data."""
+    data = _tar_bytes(samples)
+    end = _member_offsets(data)[-1][1] + 100 if truncated else None
+    path.write_bytes(data[:end])
 
 
 def _eval_pairs(data, n):

@@ -90,15 +90,34 @@ def expand_shards(spec) -> list[str]:
     return expand_shard_spec(spec)
 
 
+class _EndMarkerTarInfo(tarfile.TarInfo):
+    """A TarInfo that marks its TarFile (``reached_end_marker``) when it reads the end-of-archive block.
+
+    tarfile ends its iteration silently both there and where a header should follow but the file is
+    cut short (an empty or partial block) or holds garbage; only the marker says the shard is whole.
+    """
+
+    @classmethod
+    def fromtarfile(cls, tar):
+        try:
+            return super().fromtarfile(tar)
+        except tarfile.EOFHeaderError:
+            tar.reached_end_marker = True
+            raise
+
+
 def read_tar(path: str, skip: int = 0, select: set[int] | None = None) -> Iterator[dict]:
     """Samples of one shard: ``{"__key__", "__url__", "__offset__", ext: bytes, ...}`` in file order.
 
     ``__offset__`` is the sample's index in the shard. Samples with an offset below ``skip`` or
     not in ``select`` (if given) are passed over reading their tar headers only: their data is
-    neither read (on a seekable file, tarfile seeks past it) nor yielded. A shard that cannot be
-    read (truncated / not a tar) ends early; the damage is reported as one sample
-    ``{"__key__": ..., "__error__": message, "__reason__": "unreadable_shard"}`` so that it is
-    counted as skipped. Returns (``StopIteration.value``) the number of samples in the shard.
+    neither read (on a seekable file, tarfile seeks past it) nor yielded. A sample is yielded once
+    the next sample's header (or the end-of-archive marker) shows it whole. A shard that cannot be
+    read to its end (truncated, not a tar, a failed stream) ends there: the sample being read at the
+    cut (it may lack members) is replaced by one damage record ``{"__key__": ..., "__error__":
+    message, "__reason__": "unreadable_shard"}`` at its offset, so that it is counted as skipped for
+    what it is; the samples before it are yielded. Returns (``StopIteration.value``) the number of
+    samples in the shard (the damage record counted as one).
     """
 
     def wanted(offset: int) -> bool:
@@ -106,8 +125,10 @@ def read_tar(path: str, skip: int = 0, select: set[int] | None = None) -> Iterat
 
     current: dict | None = None
     offset, key = -1, None
+    damage = None
     try:
-        with open_shard(path) as f, tarfile.open(fileobj=f, mode="r:" if f.seekable() else "r|") as tar:
+        with open_shard(path) as f, tarfile.open(fileobj=f, mode="r:" if f.seekable() else "r|",
+                                                 tarinfo=_EndMarkerTarInfo) as tar:
             for member in tar:
                 if not member.isfile():
                     continue
@@ -125,16 +146,18 @@ def read_tar(path: str, skip: int = 0, select: set[int] | None = None) -> Iterat
                         current = {"__key__": key, "__url__": path, "__offset__": offset}
                 if current is not None:
                     current[ext.lower()] = tar.extractfile(member).read()
+            if not getattr(tar, "reached_end_marker", False):
+                damage = f"it ends without the tar end-of-archive marker at byte {tar.offset} (cut short?)"
     except (tarfile.TarError, OSError, EOFError) as e:
+        damage = str(e)
+    if damage is None:
         if current is not None:
             yield current
-            current = None
-        offset += 1
-        if wanted(offset):
-            yield {"__key__": f"{path}#error", "__url__": path, "__offset__": offset,
-                   "__error__": f"unreadable shard {path}: {e}", "__reason__": "unreadable_shard"}
-    if current is not None:
-        yield current
+        return offset + 1
+    offset = max(offset, 0)  # a cut before the first header damages sample 0
+    if wanted(offset):
+        yield {"__key__": f"{path}#error", "__url__": path, "__offset__": offset,
+               "__error__": f"unreadable shard {path}: {damage}", "__reason__": "unreadable_shard"}
     return offset + 1
 
 

@@ -43,6 +43,7 @@ import json
 import os
 import random
 import tarfile
+import warnings
 from collections.abc import Callable, Iterator
 
 import torch
@@ -53,6 +54,9 @@ from vlmcore.train.data.tokenizer import EOC, MEDIA, Tokenizer
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 IGNORE_INDEX = -100
+# Images with more pixels are skipped undecoded (a 13000 x 13000 PNG of 0.5 MB decodes to 0.5 GB);
+# the default of data.max_image_pixels and of vlmcore-capfilt --max-image-pixels.
+DEFAULT_MAX_IMAGE_PIXELS = 50_000_000
 
 # Why a sample was skipped (the keys of the skip counts; ``skipped/<dataset>/<reason>`` in the metrics).
 SKIP_REASONS = (
@@ -68,6 +72,7 @@ SKIP_REASONS = (
     "missing_similarity",  # min_similarity is set but an image has no matched_sim / similarity_matrix
     "no_image",  # a document with no image left (none given, or all below min_similarity)
     "undecodable_image",  # PIL cannot decode the bytes (or image_base64 is not base64)
+    "image_too_large",  # more pixels than data.max_image_pixels (refused from its header, never decoded)
     "other",
 )
 
@@ -257,19 +262,52 @@ def shuffled(samples: Iterator[dict], buffer: int, seed: str, pool: list[dict] |
 
 
 def decode_image(data: bytes, image_size: int, transform: ImageTransform | None = None,
-                 rng: random.Random | None = None) -> torch.Tensor:
+                 rng: random.Random | None = None, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> torch.Tensor:
     """PIL-decode ``data`` into a normalized ``[3, image_size, image_size]`` float tensor.
 
     ``transform`` (:mod:`.preprocess`; ``rng`` for its random crop, see :func:`sample_rng`) defaults
-    to a squash resize with OpenAI CLIP's mean / std.
+    to a squash resize with OpenAI CLIP's mean / std. An image of more than ``max_pixels`` pixels
+    (``data.max_image_pixels``) raises :class:`BadSample` (``image_too_large``) before its pixels are
+    decoded (see :func:`_open_within`).
     """
     transform = transform or ImageTransform(size=image_size, resize_mode="squash")
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with _open_within(data, max_pixels) as img:
             img = img.convert("RGB")
+    except BadSample:
+        raise
+    except Image.DecompressionBombError as e:  # PIL's guard: above twice the cap, or a frame met while decoding
+        raise BadSample(f"image is {_cap_text(max_pixels)} (PIL: {e})", "image_too_large") from None
     except Exception as e:  # PIL raises many types on corrupt data
         raise BadSample(f"image does not decode: {type(e).__name__}: {e}", "undecodable_image") from None
     return transform(img, rng)
+
+
+def _cap_text(max_pixels: int) -> str:
+    return (f"above the cap of {max_pixels} pixels (data.max_image_pixels; vlmcore-capfilt --max-image-pixels), "
+            "skipped undecoded")
+
+
+def _open_within(data: bytes, max_pixels: int) -> Image.Image:
+    """``Image.open`` of ``data``: its header read, its pixels not decoded; :class:`BadSample`
+    (``image_too_large``) when its width x height is above ``max_pixels``.
+
+    PIL's own decompression-bomb guard (``Image.MAX_IMAGE_PIXELS``, process-wide) is set to the same
+    cap: at its default (89 M pixels) it would refuse images that a higher cap allows, and it also
+    checks sizes PIL meets only while decoding (GIF frames, ICO entries). It raises
+    ``DecompressionBombError`` above twice its limit and only warns between the limit and twice it;
+    that warning is silenced here because the check below refuses those images with their size.
+    """
+    Image.MAX_IMAGE_PIXELS = max_pixels
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        img = Image.open(io.BytesIO(data))
+    width, height = img.size
+    if width * height > max_pixels:
+        img.close()
+        raise BadSample(f"image of {width} x {height} = {width * height} pixels is {_cap_text(max_pixels)}",
+                        "image_too_large")
+    return img
 
 
 def sample_rng(seed: int, sample: dict) -> random.Random:

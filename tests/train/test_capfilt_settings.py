@@ -106,18 +106,21 @@ def test_unsafe_member_names_and_images_above_the_pixel_cap_are_corrupt_never_co
     assert stats["settings"]["max_image_pixels"] == 399
 
 
-def test_missing_inputs_are_a_usage_error_that_names_them(setup, tmp_path, capsys):
+def test_missing_inputs_are_a_usage_error_that_names_them(setup, tmp_path, capsys, monkeypatch):
     root, tok, ckpt = setup
     argv = _argv(root, tok, ckpt, tmp_path / "out")
     argv[1:2] = [str(root / "in" / "shard-00000.tar"), str(tmp_path / "gone.tar")]
+    monkeypatch.setattr("sys.argv", ["vlmcore-capfilt", *argv])
     with pytest.raises(SystemExit) as exit_:
-        capfilt.main(argv)
+        capfilt.console_main()
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and "Traceback" not in err
-    assert "--input: shards" in err and f"1 of 2 file(s) missing: {tmp_path}/gone.tar" in err
+    assert err.startswith("vlmcore-capfilt: error: --input: shards")
+    assert f"1 of 2 file(s) missing: {tmp_path}/gone.tar" in err
 
     argv[1:3] = [str(tmp_path / "none-*.tar")]
+    monkeypatch.setattr("sys.argv", ["vlmcore-capfilt", *argv])
     with pytest.raises(SystemExit) as exit_:
-        capfilt.main(argv)
+        capfilt.console_main()
     assert exit_.value.code == 2 and f"no file matches {tmp_path}/none-*.tar" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()

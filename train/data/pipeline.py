@@ -37,6 +37,7 @@ from __future__ import annotations
 import base64
 import binascii
 import collections
+import contextlib
 import copy
 import io
 import json
@@ -118,11 +119,12 @@ def read_tar(path: str, skip: int = 0, select: set[int] | None = None) -> Iterat
     not in ``select`` (if given) are passed over reading their tar headers only: their data is
     neither read (on a seekable file, tarfile seeks past it) nor yielded. A sample is yielded once
     the next sample's header (or the end-of-archive marker) shows it whole. A shard that cannot be
-    read to its end (truncated, not a tar, a failed stream) ends there: the sample being read at the
-    cut (it may lack members) is replaced by one damage record ``{"__key__": ..., "__error__":
-    message, "__reason__": "unreadable_shard"}`` at its offset, so that it is counted as skipped for
-    what it is; the samples before it are yielded. Returns (``StopIteration.value``) the number of
-    samples in the shard (the damage record counted as one).
+    read to its end (truncated, not a tar, a failed stream) ends there with one damage record
+    ``{"__key__": ..., "__error__": message, "__reason__": "unreadable_shard"}``, so that the damage
+    is counted as skipped for what it is: it replaces the sample being read at the cut (which may
+    lack members); after a whole tar (a stream whose command fails after the tar's end) it follows
+    the last sample. The samples before it are yielded. Returns (``StopIteration.value``) the number
+    of samples in the shard (the damage record counted as one).
     """
 
     def wanted(offset: int) -> bool:
@@ -130,6 +132,7 @@ def read_tar(path: str, skip: int = 0, select: set[int] | None = None) -> Iterat
 
     current: dict | None = None
     offset, key = -1, None
+    whole = False  # the end-of-archive marker was read: the last sample is complete
     damage = None
     try:
         with open_shard(path) as f, tarfile.open(fileobj=f, mode="r:" if f.seekable() else "r|",
@@ -151,15 +154,16 @@ def read_tar(path: str, skip: int = 0, select: set[int] | None = None) -> Iterat
                         current = {"__key__": key, "__url__": path, "__offset__": offset}
                 if current is not None:
                     current[ext.lower()] = tar.extractfile(member).read()
-            if not getattr(tar, "reached_end_marker", False):
+            whole = getattr(tar, "reached_end_marker", False)
+            if not whole:
                 damage = f"it ends without the tar end-of-archive marker at byte {tar.offset} (cut short?)"
     except (tarfile.TarError, OSError, EOFError) as e:
         damage = str(e)
+    if whole and current is not None:
+        yield current
     if damage is None:
-        if current is not None:
-            yield current
         return offset + 1
-    offset = max(offset, 0)  # a cut before the first header damages sample 0
+    offset = offset + 1 if whole else max(offset, 0)  # a cut before the first header damages sample 0
     if wanted(offset):
         yield {"__key__": f"{path}#error", "__url__": path, "__offset__": offset,
                "__error__": f"unreadable shard {path}: {damage}", "__reason__": "unreadable_shard"}
@@ -272,7 +276,7 @@ def decode_image(data: bytes, image_size: int, transform: ImageTransform | None 
     """
     transform = transform or ImageTransform(size=image_size, resize_mode="squash")
     try:
-        with _open_within(data, max_pixels) as img:
+        with _pil_pixel_limit(max_pixels), _open_within(data, max_pixels) as img:
             img = img.convert("RGB")
     except BadSample:
         raise
@@ -288,17 +292,27 @@ def _cap_text(max_pixels: int) -> str:
             "skipped undecoded")
 
 
+@contextlib.contextmanager
+def _pil_pixel_limit(max_pixels: int) -> Iterator[None]:
+    """PIL's own decompression-bomb guard (``Image.MAX_IMAGE_PIXELS``, process-wide) at ``max_pixels``
+    while one image is opened and decoded, then back to what it was.
+
+    At its default (89 M pixels) the guard would refuse images that a higher cap allows; at the cap it
+    also bounds the sizes PIL meets only while decoding (GIF frames, ICO entries). It raises
+    ``DecompressionBombError`` above twice its limit and only warns between the limit and twice it.
+    """
+    before = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = max_pixels
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = before
+
+
 def _open_within(data: bytes, max_pixels: int) -> Image.Image:
     """``Image.open`` of ``data``: its header read, its pixels not decoded; :class:`BadSample`
-    (``image_too_large``) when its width x height is above ``max_pixels``.
-
-    PIL's own decompression-bomb guard (``Image.MAX_IMAGE_PIXELS``, process-wide) is set to the same
-    cap: at its default (89 M pixels) it would refuse images that a higher cap allows, and it also
-    checks sizes PIL meets only while decoding (GIF frames, ICO entries). It raises
-    ``DecompressionBombError`` above twice its limit and only warns between the limit and twice it;
-    that warning is silenced here because the check below refuses those images with their size.
-    """
-    Image.MAX_IMAGE_PIXELS = max_pixels
+    (``image_too_large``) when its width x height is above ``max_pixels``. PIL's warning for sizes
+    between its limit and twice it is silenced: this check refuses those images with their size."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         img = Image.open(io.BytesIO(data))

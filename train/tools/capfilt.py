@@ -22,7 +22,8 @@ when it has one, and both checkpoints). Plus
 no caption left, corrupt samples skipped, per shard and in total (BLIP's noise ratios). Corrupt
 samples include images above ``--max-image-pixels`` (refused from their header, never decoded) and
 samples whose member names have a ``..`` component or a leading ``/`` (never copied: extracting the
-output would write outside the target folder). Missing inputs are a usage error (exit status 2).
+output would write outside the target folder). ``vlmcore-capfilt`` names missing inputs and exits
+with status 2, no traceback (:class:`InputError`).
 
 Runs under ``torchrun`` / ``deepspeed`` (shards split by rank: ``shards[rank::world]``), batches on
 the GPU when there is one, writes each shard to a temporary file renamed when complete, and on
@@ -61,6 +62,10 @@ from vlmcore.blip import BLIP, blip_from_salesforce, is_salesforce_checkpoint, l
 
 REPORT_NAME = "capfilt_report.json"
 STATS_SUFFIX = ".capfilt.json"
+
+
+class InputError(ValueError):
+    """The ``--input`` shards are missing (or the spec is malformed): a usage error, exit status 2."""
 
 
 @dataclass
@@ -316,7 +321,10 @@ def build_report(shards: list[str], output: str) -> dict:
 def run_capfilt(settings: CapFiltSettings, *, device: torch.device | None = None) -> dict | None:
     """Run CapFilt on this process's shards; returns the report on the process that writes it
     (rank 0, after every rank finished), else None."""
-    shards = expand_shards(settings.input)
+    try:
+        shards = expand_shards(settings.input)
+    except ValueError as e:
+        raise InputError(f"--input: {e}") from None
     _check_paths(shards, settings.output)
     os.makedirs(settings.output, exist_ok=True)
     rank, world = _dist_info()
@@ -445,10 +453,6 @@ def parse_args(argv: list[str] | None = None) -> CapFiltSettings:
     p.add_argument("--redo-mismatched", action="store_true", help="redo the finished shards of --output made with "
                    "other settings or checkpoints (without it they are refused)")
     args = p.parse_args(argv)
-    try:
-        expand_shards(args.input)
-    except ValueError as e:  # a usage error: say which inputs are missing, no traceback
-        p.error(f"--input: {e}")
     return CapFiltSettings(
         input=args.input, output=args.output, captioner=args.captioner, filter=args.filter, tokenizer=args.tokenizer,
         num_captions=args.num_captions, sampling=args.sampling, top_p=args.top_p, num_beams=args.num_beams,
@@ -465,8 +469,13 @@ def main(argv: list[str] | None = None) -> dict | None:
 
 
 def console_main() -> None:
-    """``vlmcore-capfilt``: run, then print the report's totals on the rank that writes it."""
-    report = main()
+    """``vlmcore-capfilt``: run, then print the report's totals on the rank that writes it. Missing inputs
+    are a usage error: the message and exit status 2, no traceback."""
+    try:
+        report = main()
+    except InputError as e:
+        print(f"vlmcore-capfilt: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     if report is not None:
         print(json.dumps(report["total"], indent=1))
 

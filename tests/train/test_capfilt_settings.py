@@ -62,3 +62,65 @@ def test_a_rerun_with_other_settings_is_refused_or_redone(setup, tmp_path):
     stats = json.loads((out / ("shard-00000.tar" + capfilt.STATS_SUFFIX)).read_text())
     assert stats["settings"]["threshold"] == 0.9 and report["total"]["images"] == 2  # redone, not summed
 
+
+
+def _shard(path, members):
+    """A tar of ``(name, bytes)`` members, the names written as given."""
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def _png(side: int, mode: str = "RGB") -> bytes:
+    image = io.BytesIO()
+    Image.new(mode, (side, side)).save(image, format="PNG")
+    return image.getvalue()
+
+
+def test_unsafe_member_names_and_images_above_the_pixel_cap_are_corrupt_never_copied(setup, tmp_path):
+    root, tok, ckpt = setup
+    shard = tmp_path / "in" / "unsafe-00000.tar"
+    shard.parent.mkdir()
+    caption = b"a red circle"
+    _shard(shard, [("k0.png", _png(20)), ("k0.txt", caption), ("../up.png", _png(20)), ("../up.txt", caption),
+                   ("/abs.png", _png(20)), ("/abs.txt", caption), ("sub/../esc.png", _png(20)),
+                   ("sub/../esc.txt", caption), ("huge.png", _png(13000, "1")), ("huge.txt", caption)])
+    argv = _argv(root, tok, ckpt, tmp_path / "out", "--threshold", "0")  # keeps every caption
+    argv[1] = str(shard)
+    report = capfilt.main(argv)
+    assert report["total"]["images"] == 1 and report["total"]["corrupt_skipped"] == 4
+    examples = " | ".join(report["shards"]["unsafe-00000.tar"]["corrupt_examples"])
+    assert "../up: a member name has a '..' component" in examples and "/abs: a member name starts with '/'" in examples
+    assert "sub/../esc: a member name has a '..' component" in examples
+    assert "huge: image is above the cap of 50000000 pixels" in examples
+    with tarfile.open(tmp_path / "out" / "unsafe-00000.tar") as out:
+        assert sorted(out.getnames()) == ["k0.json", "k0.png", "k0.txt"]
+
+    argv = _argv(root, tok, ckpt, tmp_path / "capped", "--threshold", "0", "--max-image-pixels", "399")
+    argv[1] = str(shard)
+    report = capfilt.main(argv)  # 20 x 20 = 400 pixels: above this cap too
+    assert report["total"]["images"] == 0 and report["total"]["corrupt_skipped"] == 5
+    stats = json.loads((tmp_path / "capped" / ("unsafe-00000.tar" + capfilt.STATS_SUFFIX)).read_text())
+    assert stats["settings"]["max_image_pixels"] == 399
+
+
+def test_missing_inputs_are_a_usage_error_that_names_them(setup, tmp_path, capsys, monkeypatch):
+    root, tok, ckpt = setup
+    argv = _argv(root, tok, ckpt, tmp_path / "out")
+    argv[1:2] = [str(root / "in" / "shard-00000.tar"), str(tmp_path / "gone.tar")]
+    monkeypatch.setattr("sys.argv", ["vlmcore-capfilt", *argv])
+    with pytest.raises(SystemExit) as exit_:
+        capfilt.console_main()
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "Traceback" not in err
+    assert err.startswith("vlmcore-capfilt: error: --input: shards")
+    assert f"1 of 2 file(s) missing: {tmp_path}/gone.tar" in err
+
+    argv[1:3] = [str(tmp_path / "none-*.tar")]
+    monkeypatch.setattr("sys.argv", ["vlmcore-capfilt", *argv])
+    with pytest.raises(SystemExit) as exit_:
+        capfilt.console_main()
+    assert exit_.value.code == 2 and f"no file matches {tmp_path}/none-*.tar" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -147,8 +147,8 @@ def test_resume_without_latest_and_with_a_torn_line_keeps_the_whole_history(data
     assert "torn last line" in logged
 
 
-def _write_shard(path, samples, truncated: bool = False):
-    """A tar of ``(key, ext, bytes)`` members; ``truncated``: cut inside its last member's data."""
+def _tar_bytes(samples) -> bytes:
+    """A tar of ``(key, ext, bytes)`` members, in memory."""
     import io
     import tarfile
 
@@ -158,8 +158,23 @@ def _write_shard(path, samples, truncated: bool = False):
             info = tarfile.TarInfo(f"{key}.{ext}")
             info.size = len(payload)
             tar.addfile(info, io.BytesIO(payload))
-        end = tar.getmembers()[-1].offset_data + 100 if truncated else None
-    path.write_bytes(buffer.getvalue()[:end])
+    return buffer.getvalue()
+
+
+def _member_offsets(tar_bytes: bytes) -> list[tuple[int, int]]:
+    """(header offset, data offset) of every member; only a reader knows them (a writer leaves them 0)."""
+    import io
+    import tarfile
+
+    with tarfile.open(fileobj=io.BytesIO(tar_bytes)) as tar:
+        return [(m.offset, m.offset_data) for m in tar.getmembers()]
+
+
+def _write_shard(path, samples, truncated: bool = False):
+    """A tar of ``(key, ext, bytes)`` members; ``truncated``: cut 100 bytes into its last member's data."""
+    data = _tar_bytes(samples)
+    end = _member_offsets(data)[-1][1] + 100 if truncated else None
+    path.write_bytes(data[:end])
 
 
 def _eval_pairs(data, n):
@@ -170,17 +185,22 @@ def _eval_pairs(data, n):
         return [(m.name.split(".", 1)[0], m.name.split(".", 1)[1], tar.extractfile(m).read()) for m in members][:n]
 
 
-def _clip_task(data, eval_shard, *extra):
+def _eval_task(name, data, eval_shard, *extra):
+    """(config, task, its model, one-rank DistInfo) of task ``name``'s tiny config evaluating ``eval_shard``."""
     import torch
     from vlmcore.train.config import load_config
     from vlmcore.train.data.tokenizer import Tokenizer
     from vlmcore.train.runtime.distributed import DistInfo
     from vlmcore.train.tasks import get_task
 
-    argv = train_argv("clip", data, "unused", f"data.eval.shards={eval_shard}", *extra)
+    argv = train_argv(name, data, "unused", f"data.eval.shards={eval_shard}", *extra)
     cfg = load_config(argv[1], argv[2:])
-    task = get_task("clip")(cfg, Tokenizer(cfg.tokenizer.path, cfg.tokenizer.context_length, media_tokens=False))
+    task = get_task(name)(cfg, Tokenizer(cfg.tokenizer.path, cfg.tokenizer.context_length, media_tokens=False))
     return cfg, task, task.build_model(torch.float32), DistInfo(0, 1, 0, torch.device("cpu"))
+
+
+def _clip_task(data, eval_shard, *extra):
+    return _eval_task("clip", data, eval_shard, *extra)
 
 
 def test_evaluation_counts_what_it_drops_and_refuses_zero_usable_samples(data, tmp_path, capsys):
@@ -220,6 +240,85 @@ def test_validation_samples_more_than_the_first_eval_record(data, tmp_path):
     cfg, *_ = _clip_task(data, shard)
     with pytest.raises(ConfigError, match=r"15 of the first 16 eval samples are not usable.*15 missing_caption"):
         validate_inputs(cfg, lambda: Tokenizer(cfg.tokenizer.path, cfg.tokenizer.context_length))
+
+
+def _huge_png() -> bytes:
+    """A 13000 x 13000 PNG of 20 KB (one colour compresses): decoded, 0.5 GB in RGB and seconds."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("1", (13000, 13000)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_an_image_above_the_pixel_cap_is_skipped_undecoded_and_the_cap_is_configurable(data, tmp_path):
+    import time
+
+    from vlmcore.train.data.eval_counts import EvalDataError
+    from vlmcore.train.data.pipeline import SKIP_REASONS, BadSample, decode_image
+
+    huge = _huge_png()
+    started = time.perf_counter()
+    with pytest.raises(BadSample, match="169000000 pixels") as refused:
+        decode_image(huge, 16)
+    assert refused.value.reason == "image_too_large" and "image_too_large" in SKIP_REASONS
+    assert time.perf_counter() - started < 1.0  # its header only: decoding it takes seconds
+    with pytest.raises(BadSample, match=r"image of 13000 x 13000 = 169000000 pixels is above the cap of 100000000"):
+        decode_image(huge, 16, max_pixels=100_000_000)  # PIL's own guard follows the cap: no DecompressionBomb
+
+    good = _eval_pairs(data, 24)  # 8 usable 32 x 32 pairs
+    shard = tmp_path / "huge.tar"
+    _write_shard(shard, good + [("huge", "png", huge), ("huge", "txt", b"a big square")])
+    _, task, model, info = _clip_task(data, shard)
+    results = task.run_evaluation(model, info, zero_stage=0)
+    assert results["eval_skipped/image_too_large"] == 1 and results["eval_usable_samples"] == 8
+    _, task, model, info = _clip_task(data, shard, "data.max_image_pixels=1000")  # 32 x 32 is above it too
+    with pytest.raises(EvalDataError, match="all 9 skipped: 9 image_too_large"):
+        task.run_evaluation(model, info, zero_stage=0)
+
+
+@pytest.mark.parametrize("cut", ["in b.png's data", "between b.png and b.txt", "in b.txt's header"])
+@pytest.mark.parametrize("streamed", [False, True])
+def test_a_truncated_shard_keeps_the_samples_before_the_cut_and_counts_the_cut_one(tmp_path, cut, streamed):
+    from vlmcore.train.data.pipeline import BadSample, pair_fields, read_tar
+
+    whole = _tar_bytes([("a", "png", b"x" * 600), ("a", "txt", b"a cap"), ("b", "png", b"y" * 3000),
+                        ("b", "txt", b"b cap")])
+    (_, _), (_, _), (_, png_data), (txt_header, _) = _member_offsets(whole)
+    end = {"in b.png's data": png_data + 100, "between b.png and b.txt": txt_header,
+           "in b.txt's header": txt_header + 100}[cut]
+    path = tmp_path / "cut.tar"
+    path.write_bytes(whole[:end])
+    url = f"pipe:cat {path}" if streamed else str(path)
+
+    samples = read_tar(url)
+    first, damage = next(samples), next(samples)
+    with pytest.raises(StopIteration) as end_of_shard:
+        next(samples)
+    assert (first["__key__"], first["png"], first["txt"]) == ("a", b"x" * 600, b"a cap")
+    assert damage["__offset__"] == 1 and damage["__reason__"] == "unreadable_shard"  # b, never yielded in part
+    assert end_of_shard.value.value == 2
+    with pytest.raises(BadSample) as skipped:
+        pair_fields(damage)
+    assert skipped.value.reason == "unreadable_shard" and str(path) in str(skipped.value)
+
+
+@pytest.mark.parametrize("name", ["blip_retrieval", "blip2_stage1", "blip2_stage2"])
+def test_blip_evaluation_of_no_usable_sample_is_the_clear_eval_error(data, tmp_path, name):
+    from vlmcore.train.data.eval_counts import EvalDataError
+
+    frozen = ["model.vision.freeze=true"] if name.startswith("blip2") else []  # BLIP-2 keeps its tower frozen
+    empty = tmp_path / "empty.tar"
+    _write_shard(empty, [])
+    _, task, model, info = _eval_task(name, data, empty, *frozen)
+    with pytest.raises(EvalDataError, match="0 usable samples.*hold no sample"):
+        task.run_evaluation(model, info, zero_stage=0)
+    # every eval image is above the cap: all unusable (the BLIP encoders honour data.max_image_pixels)
+    _, task, model, info = _eval_task(name, data, f"{data}/eval-000000.tar", "data.max_image_pixels=1000", *frozen)
+    with pytest.raises(EvalDataError, match=r"all \d+ skipped: \d+ image_too_large"):
+        task.run_evaluation(model, info, zero_stage=0)
 
 
 def test_a_context_length_that_would_hang_the_run_fails_before_training(data, tmp_path):

@@ -37,12 +37,14 @@ from __future__ import annotations
 import base64
 import binascii
 import collections
+import contextlib
 import copy
 import io
 import json
 import os
 import random
 import tarfile
+import warnings
 from collections.abc import Callable, Iterator
 
 import torch
@@ -53,6 +55,9 @@ from vlmcore.train.data.tokenizer import EOC, MEDIA, Tokenizer
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 IGNORE_INDEX = -100
+# Images with more pixels are skipped undecoded (a 13000 x 13000 PNG of 0.5 MB took 1.6 GB and 3.7 s to decode);
+# the default of data.max_image_pixels and of vlmcore-capfilt --max-image-pixels.
+DEFAULT_MAX_IMAGE_PIXELS = 50_000_000
 
 # Why a sample was skipped (the keys of the skip counts; ``skipped/<dataset>/<reason>`` in the metrics).
 SKIP_REASONS = (
@@ -68,6 +73,7 @@ SKIP_REASONS = (
     "missing_similarity",  # min_similarity is set but an image has no matched_sim / similarity_matrix
     "no_image",  # a document with no image left (none given, or all below min_similarity)
     "undecodable_image",  # PIL cannot decode the bytes (or image_base64 is not base64)
+    "image_too_large",  # more pixels than data.max_image_pixels (refused from its header, never decoded)
     "other",
 )
 
@@ -90,15 +96,35 @@ def expand_shards(spec) -> list[str]:
     return expand_shard_spec(spec)
 
 
+class _EndMarkerTarInfo(tarfile.TarInfo):
+    """A TarInfo that marks its TarFile (``reached_end_marker``) when it reads the end-of-archive block.
+
+    tarfile ends its iteration silently both there and where a header should follow but the file is
+    cut short (an empty or partial block) or holds garbage; only the marker says the shard is whole.
+    """
+
+    @classmethod
+    def fromtarfile(cls, tar):
+        try:
+            return super().fromtarfile(tar)
+        except tarfile.EOFHeaderError:
+            tar.reached_end_marker = True
+            raise
+
+
 def read_tar(path: str, skip: int = 0, select: set[int] | None = None) -> Iterator[dict]:
     """Samples of one shard: ``{"__key__", "__url__", "__offset__", ext: bytes, ...}`` in file order.
 
     ``__offset__`` is the sample's index in the shard. Samples with an offset below ``skip`` or
     not in ``select`` (if given) are passed over reading their tar headers only: their data is
-    neither read (on a seekable file, tarfile seeks past it) nor yielded. A shard that cannot be
-    read (truncated / not a tar) ends early; the damage is reported as one sample
-    ``{"__key__": ..., "__error__": message, "__reason__": "unreadable_shard"}`` so that it is
-    counted as skipped. Returns (``StopIteration.value``) the number of samples in the shard.
+    neither read (on a seekable file, tarfile seeks past it) nor yielded. A sample is yielded once
+    the next sample's header (or the end-of-archive marker) shows it whole. A shard that cannot be
+    read to its end (truncated, not a tar, a failed stream) ends there with one damage record
+    ``{"__key__": ..., "__error__": message, "__reason__": "unreadable_shard"}``, so that the damage
+    is counted as skipped for what it is: it replaces the sample being read at the cut (which may
+    lack members); after a whole tar (a stream whose command fails after the tar's end) it follows
+    the last sample. The samples before it are yielded. Returns (``StopIteration.value``) the number
+    of samples in the shard (the damage record counted as one).
     """
 
     def wanted(offset: int) -> bool:
@@ -106,8 +132,11 @@ def read_tar(path: str, skip: int = 0, select: set[int] | None = None) -> Iterat
 
     current: dict | None = None
     offset, key = -1, None
+    whole = False  # the end-of-archive marker was read: the last sample is complete
+    damage = None
     try:
-        with open_shard(path) as f, tarfile.open(fileobj=f, mode="r:" if f.seekable() else "r|") as tar:
+        with open_shard(path) as f, tarfile.open(fileobj=f, mode="r:" if f.seekable() else "r|",
+                                                 tarinfo=_EndMarkerTarInfo) as tar:
             for member in tar:
                 if not member.isfile():
                     continue
@@ -125,16 +154,19 @@ def read_tar(path: str, skip: int = 0, select: set[int] | None = None) -> Iterat
                         current = {"__key__": key, "__url__": path, "__offset__": offset}
                 if current is not None:
                     current[ext.lower()] = tar.extractfile(member).read()
+            whole = getattr(tar, "reached_end_marker", False)
+            if not whole:
+                damage = f"it ends without the tar end-of-archive marker at byte {tar.offset} (cut short?)"
     except (tarfile.TarError, OSError, EOFError) as e:
-        if current is not None:
-            yield current
-            current = None
-        offset += 1
-        if wanted(offset):
-            yield {"__key__": f"{path}#error", "__url__": path, "__offset__": offset,
-                   "__error__": f"unreadable shard {path}: {e}", "__reason__": "unreadable_shard"}
-    if current is not None:
+        damage = str(e)
+    if whole and current is not None:
         yield current
+    if damage is None:
+        return offset + 1
+    offset = offset + 1 if whole else max(offset, 0)  # a cut before the first header damages sample 0
+    if wanted(offset):
+        yield {"__key__": f"{path}#error", "__url__": path, "__offset__": offset,
+               "__error__": f"unreadable shard {path}: {damage}", "__reason__": "unreadable_shard"}
     return offset + 1
 
 
@@ -234,19 +266,62 @@ def shuffled(samples: Iterator[dict], buffer: int, seed: str, pool: list[dict] |
 
 
 def decode_image(data: bytes, image_size: int, transform: ImageTransform | None = None,
-                 rng: random.Random | None = None) -> torch.Tensor:
+                 rng: random.Random | None = None, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> torch.Tensor:
     """PIL-decode ``data`` into a normalized ``[3, image_size, image_size]`` float tensor.
 
     ``transform`` (:mod:`.preprocess`; ``rng`` for its random crop, see :func:`sample_rng`) defaults
-    to a squash resize with OpenAI CLIP's mean / std.
+    to a squash resize with OpenAI CLIP's mean / std. An image of more than ``max_pixels`` pixels
+    (``data.max_image_pixels``) raises :class:`BadSample` (``image_too_large``) before its pixels are
+    decoded (see :func:`_open_within`).
     """
     transform = transform or ImageTransform(size=image_size, resize_mode="squash")
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with _pil_pixel_limit(max_pixels), _open_within(data, max_pixels) as img:
             img = img.convert("RGB")
+    except BadSample:
+        raise
+    except Image.DecompressionBombError as e:  # PIL's guard: above twice the cap, or a frame met while decoding
+        raise BadSample(f"image is {_cap_text(max_pixels)} (PIL: {e})", "image_too_large") from None
     except Exception as e:  # PIL raises many types on corrupt data
         raise BadSample(f"image does not decode: {type(e).__name__}: {e}", "undecodable_image") from None
     return transform(img, rng)
+
+
+def _cap_text(max_pixels: int) -> str:
+    return (f"above the cap of {max_pixels} pixels (data.max_image_pixels; vlmcore-capfilt --max-image-pixels), "
+            "skipped undecoded")
+
+
+@contextlib.contextmanager
+def _pil_pixel_limit(max_pixels: int) -> Iterator[None]:
+    """PIL's own decompression-bomb guard (``Image.MAX_IMAGE_PIXELS``, process-wide) at ``max_pixels``
+    while one image is opened and decoded, then back to what it was.
+
+    At its default (89 M pixels) the guard would refuse images that a higher cap allows; at the cap it
+    also bounds the sizes PIL meets only while decoding (GIF frames, ICO entries). It raises
+    ``DecompressionBombError`` above twice its limit and only warns between the limit and twice it.
+    """
+    before = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = max_pixels
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = before
+
+
+def _open_within(data: bytes, max_pixels: int) -> Image.Image:
+    """``Image.open`` of ``data``: its header read, its pixels not decoded; :class:`BadSample`
+    (``image_too_large``) when its width x height is above ``max_pixels``. PIL's warning for sizes
+    between its limit and twice it is silenced: this check refuses those images with their size."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        img = Image.open(io.BytesIO(data))
+    width, height = img.size
+    if width * height > max_pixels:
+        img.close()
+        raise BadSample(f"image of {width} x {height} = {width * height} pixels is {_cap_text(max_pixels)}",
+                        "image_too_large")
+    return img
 
 
 def sample_rng(seed: int, sample: dict) -> random.Random:

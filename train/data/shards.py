@@ -78,7 +78,9 @@ def expand_shard_spec(spec) -> list[str]:
                     urls.append(url)
     local = [u for u in urls if not is_stream(u)]
     missing = [p for p in local if not os.path.isfile(p)]
-    if not urls or missing:
+    if not urls:
+        raise ValueError(f"shards {spec!r}: no file matches {', '.join(str(p) for p in patterns) or 'an empty spec'}")
+    if missing:
         shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
         raise ValueError(f"shards {spec!r}: {len(missing)} of {len(urls)} file(s) missing: {shown}")
     return urls

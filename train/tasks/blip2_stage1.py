@@ -18,7 +18,7 @@ from typing import Annotated
 import torch
 from torch import nn
 from vlmcore.train.config import Bounds, PositiveInt, Rate
-from vlmcore.train.data.pipeline import decode_image, eval_batches, pair_fields
+from vlmcore.train.data.pipeline import DEFAULT_MAX_IMAGE_PIXELS, decode_image, eval_batches, pair_fields
 from vlmcore.train.data.tokenizer import Tokenizer
 from vlmcore.train.tasks.base import EvalContext, Task
 from vlmcore.train.tasks.common import build_vision, move
@@ -79,18 +79,19 @@ class Blip2Stage1Config:
 
 
 class Blip2TextEncoder:
-    """Pair sample -> ``images [3, H, W]``, ``text_ids`` / ``attention_mask`` ``[T]`` (``[CLS] caption <eos>``)."""
+    """Pair sample -> ``images [3, H, W]``, ``text_ids`` / ``attention_mask`` ``[T]`` (``[CLS] caption <eos>``);
+    images above ``max_pixels`` are skipped undecoded."""
 
-    def __init__(self, tokenizer: Tokenizer, image_size: int):
-        self.tok, self.image_size = tokenizer, image_size
+    def __init__(self, tokenizer: Tokenizer, image_size: int, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS):
+        self.tok, self.image_size, self.max_pixels = tokenizer, image_size, max_pixels
         self.cls_token_id = tokenizer.vocab_size
 
     def __call__(self, sample: dict) -> dict:
         image, caption = pair_fields(sample)
         ids = [self.cls_token_id] + self.tok.encode(caption)[: self.tok.context_length - 2] + [self.tok.eos_token_id]
         ids, mask = self.tok.pad(ids)
-        return {"images": decode_image(image, self.image_size), "text_ids": torch.tensor(ids),
-                "attention_mask": torch.tensor(mask)}
+        return {"images": decode_image(image, self.image_size, max_pixels=self.max_pixels),
+                "text_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask)}
 
 
 class Blip2Stage1Task(Task):
@@ -127,7 +128,7 @@ class Blip2Stage1Task(Task):
             deepspeed.zero.register_external_parameter(model, model.qformer.word_embeddings.weight)
 
     def encoder(self, kind: str, max_images: int) -> Blip2TextEncoder:
-        return Blip2TextEncoder(self.tok, self.cfg.model.vision.image_size)
+        return Blip2TextEncoder(self.tok, self.cfg.model.vision.image_size, self.cfg.data.max_image_pixels)
 
     def loss(self, model, batch: dict, device: torch.device, group=None) -> tuple[torch.Tensor, dict]:
         batch = move(batch, device)
@@ -146,6 +147,8 @@ class Blip2Stage1Task(Task):
             images.append(module.vision_encoder(batch["images"].to(device, ctx.dtype)))
             text_ids.append(batch["text_ids"].to(device))
             masks.append(batch["attention_mask"].to(device))
+        if not images:  # no usable sample: run_evaluation's counts raise the EvalDataError that says why
+            return {"eval_samples": 0}
         text_ids = torch.cat(text_ids)
         scores = module.retrieval_scores(torch.cat(images), text_ids, torch.cat(masks),
                                          k=self.config.eval_k, batch_size=ev.batch_size)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from vlmcore.train.data.pipeline import decode_image, lm_text, pair_fields
+from vlmcore.train.data.pipeline import DEFAULT_MAX_IMAGE_PIXELS, decode_image, lm_text, pair_fields
 from vlmcore.train.data.tokenizer import Tokenizer
 from vlmcore.train.tasks.base import EvalContext, Task
 from vlmcore.train.tasks.blip2_stage1 import QFormerSection, build_qformer, frozen_vision_check
@@ -41,15 +41,18 @@ class Blip2Stage2Config:
 
 class Blip2CaptionEncoder:
     """Pair sample -> ``images [3, H, W]`` and ``input_ids`` / ``attention_mask`` / ``labels`` ``[T]``
-    (``num_query_tokens`` ``<image>`` placeholders, then the caption)."""
+    (``num_query_tokens`` ``<image>`` placeholders, then the caption); images above ``max_pixels`` are
+    skipped undecoded."""
 
-    def __init__(self, tokenizer: Tokenizer, image_size: int, num_query_tokens: int):
+    def __init__(self, tokenizer: Tokenizer, image_size: int, num_query_tokens: int,
+                 max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS):
         self.tok, self.image_size, self.num_query_tokens = tokenizer, image_size, num_query_tokens
+        self.max_pixels = max_pixels
 
     def __call__(self, sample: dict) -> dict:
         image, caption = pair_fields(sample)
         ids = [self.tok.media_token_id] * self.num_query_tokens + self.tok.encode(caption)
-        return {"images": decode_image(image, self.image_size), **lm_text(self.tok, ids)}
+        return {"images": decode_image(image, self.image_size, max_pixels=self.max_pixels), **lm_text(self.tok, ids)}
 
 
 class Blip2Stage2Task(Task):
@@ -91,7 +94,8 @@ class Blip2Stage2Task(Task):
             deepspeed.zero.register_external_parameter(model, model.qformer.query_tokens)
 
     def encoder(self, kind: str, max_images: int) -> Blip2CaptionEncoder:
-        return Blip2CaptionEncoder(self.tok, self.cfg.model.vision.image_size, self.config.qformer.num_query_tokens)
+        return Blip2CaptionEncoder(self.tok, self.cfg.model.vision.image_size, self.config.qformer.num_query_tokens,
+                                   self.cfg.data.max_image_pixels)
 
     def loss(self, model, batch: dict, device: torch.device, group=None) -> tuple[torch.Tensor, dict]:
         batch = move(batch, device)

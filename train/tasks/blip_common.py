@@ -32,7 +32,14 @@ import torch
 from torch import nn
 from vlmcore.train.config import Bounds, NonNegativeInt, PositiveInt, Rate, Unit
 from vlmcore.train.data.blip_text import BlipText
-from vlmcore.train.data.pipeline import IGNORE_INDEX, BadSample, decode_image, eval_batches, pair_fields
+from vlmcore.train.data.pipeline import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    IGNORE_INDEX,
+    BadSample,
+    decode_image,
+    eval_batches,
+    pair_fields,
+)
 from vlmcore.train.tasks.base import EvalContext, Task
 from vlmcore.train.tasks.common import build_vision, move
 
@@ -108,10 +115,11 @@ def _image_id(sample: dict, image: bytes) -> int:
 
 
 class BlipEncoder:
-    """Pair sample -> ``{"images" [3, H, W], "input_ids" [T], "attention_mask" [T], "image_ids" []}``."""
+    """Pair sample -> ``{"images" [3, H, W], "input_ids" [T], "attention_mask" [T], "image_ids" []}``;
+    images above ``max_pixels`` are skipped undecoded."""
 
-    def __init__(self, text: BlipText, image_size: int, prompt: str):
-        self.text, self.image_size, self.prompt = text, image_size, prompt
+    def __init__(self, text: BlipText, image_size: int, prompt: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS):
+        self.text, self.image_size, self.prompt, self.max_pixels = text, image_size, prompt, max_pixels
         self.visits: dict[str, int] = {}
 
     def __call__(self, sample: dict) -> dict:
@@ -124,8 +132,8 @@ class BlipEncoder:
         self.visits[key] = visit + 1
         line = lines[0] if len(lines) == 1 else random.Random(f"{key}:{visit}").choice(lines)
         ids, mask = self.text.encode([self.prompt + line])
-        return {"images": decode_image(image, self.image_size), "input_ids": ids[0], "attention_mask": mask[0],
-                "image_ids": torch.tensor(_image_id(sample, image), dtype=torch.long)}
+        return {"images": decode_image(image, self.image_size, max_pixels=self.max_pixels), "input_ids": ids[0],
+                "attention_mask": mask[0], "image_ids": torch.tensor(_image_id(sample, image), dtype=torch.long)}
 
 
 class BlipTaskBase(Task):
@@ -201,7 +209,7 @@ class BlipTaskBase(Task):
         return model
 
     def encoder(self, kind: str, max_images: int) -> BlipEncoder:
-        return BlipEncoder(self.text, self.cfg.model.vision.image_size, self.prompt)
+        return BlipEncoder(self.text, self.cfg.model.vision.image_size, self.prompt, self.cfg.data.max_image_pixels)
 
     def _alpha(self, module: BLIP) -> float:
         ramp = self.config.alpha_ramp_steps
@@ -236,6 +244,8 @@ class BlipTaskBase(Task):
             ids.append(batch["input_ids"])
             masks.append(batch["attention_mask"])
             image_ids.append(batch["image_ids"])
+        if not images:  # no usable sample: run_evaluation's counts raise the EvalDataError that says why
+            return {"eval_samples": 0}
         images = torch.cat(images).to(device, dtype)
         ids, masks, image_ids = (torch.cat(t).to(device) for t in (ids, masks, image_ids))
         results: dict = {"eval_samples": int(ids.shape[0])}

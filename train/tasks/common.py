@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
-from vlmcore.train.data.pipeline import IGNORE_INDEX, decode_image, eval_batches, sample_rng
+from vlmcore.train.data.pipeline import DEFAULT_MAX_IMAGE_PIXELS, IGNORE_INDEX, decode_image, eval_batches, sample_rng
 from vlmcore.train.data.preprocess import ImageTransform, build_transforms
 from vlmcore.train.runtime.distributed import DistInfo, all_reduce_sum
 from vlmcore.train.tasks.towers import build_tower, freeze_vision, vision_preprocess
@@ -65,15 +65,16 @@ class ImageDecoder:
     """Image bytes of a sample -> ``[3, size, size]`` (the tower's input), decoded on the data workers.
 
     ``transform``: an :class:`ImageTransform` (random crops when it is a training transform, drawn from
-    ``data.sample_rng(seed, sample)``: the same crops after a resume).
+    ``data.sample_rng(seed, sample)``: the same crops after a resume). ``max_pixels``: larger images
+    are skipped undecoded (``data.max_image_pixels``).
     """
 
-    def __init__(self, transform: ImageTransform, seed: int):
-        self.transform, self.seed = transform, seed
+    def __init__(self, transform: ImageTransform, seed: int, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS):
+        self.transform, self.seed, self.max_pixels = transform, seed, max_pixels
         self.size = transform.size
 
     def __call__(self, data: bytes, sample: dict) -> torch.Tensor:
-        return decode_image(data, self.size, self.transform, sample_rng(self.seed, sample))
+        return decode_image(data, self.size, self.transform, sample_rng(self.seed, sample), self.max_pixels)
 
     @classmethod
     def squash(cls, size: int) -> ImageDecoder:
@@ -85,7 +86,7 @@ def image_decoder(cfg: TrainConfig, train: bool = True) -> ImageDecoder:
     """The :class:`ImageDecoder` of training (``train``) or evaluation images for ``cfg``."""
     size, tower_values = vision_preprocess(cfg.model.vision)
     train_transform, eval_transform = build_transforms(size, tower_values, cfg.data.preprocess.options())
-    return ImageDecoder(train_transform if train else eval_transform, cfg.seed)
+    return ImageDecoder(train_transform if train else eval_transform, cfg.seed, cfg.data.max_image_pixels)
 
 
 def lock_tower(tower: nn.Module, blocks, unlocked_layers: int, after: list[nn.Module] = ()) -> None:

@@ -19,7 +19,11 @@ with none kept is not written), ``KEY.json`` (every caption with its source ``we
 ``synthetic``, ITM score and kept flag, the input's own JSON, its ``image_id`` at the top level
 when it has one, and both checkpoints). Plus
 ``capfilt_report.json``: images, web captions kept / dropped, synthetic kept / dropped, images with
-no caption left, corrupt samples skipped, per shard and in total (BLIP's noise ratios).
+no caption left, corrupt samples skipped, per shard and in total (BLIP's noise ratios). Corrupt
+samples include images above ``--max-image-pixels`` (refused from their header, never decoded) and
+samples whose member names have a ``..`` component or a leading ``/`` (never copied: extracting the
+output would write outside the target folder). ``vlmcore-capfilt`` names missing inputs and exits
+with status 2, no traceback (:class:`InputError`).
 
 Runs under ``torchrun`` / ``deepspeed`` (shards split by rank: ``shards[rank::world]``), batches on
 the GPU when there is one, writes each shard to a temporary file renamed when complete, and on
@@ -42,7 +46,15 @@ from dataclasses import dataclass, field
 
 import torch
 from vlmcore.train.data.blip_text import BlipText
-from vlmcore.train.data.pipeline import IMAGE_EXTS, BadSample, decode_image, expand_shards, pair_fields, read_tar
+from vlmcore.train.data.pipeline import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    IMAGE_EXTS,
+    BadSample,
+    decode_image,
+    expand_shards,
+    pair_fields,
+    read_tar,
+)
 from vlmcore.train.data.tar_writer import TarWriter
 from vlmcore.train.data.tokenizer import Tokenizer
 
@@ -50,6 +62,10 @@ from vlmcore.blip import BLIP, blip_from_salesforce, is_salesforce_checkpoint, l
 
 REPORT_NAME = "capfilt_report.json"
 STATS_SUFFIX = ".capfilt.json"
+
+
+class InputError(ValueError):
+    """The ``--input`` shards are missing (or the spec is malformed): a usage error, exit status 2."""
 
 
 @dataclass
@@ -74,13 +90,14 @@ class CapFiltSettings:
     image_size: int | None = None
     context_length: int = 32
     seed: int = 0
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS  # larger images are corrupt samples, skipped undecoded
     progress: bool = True
     redo_mismatched: bool = False  # redo finished shards made with other settings (else: refuse them)
 
     def __post_init__(self):
         if self.sampling not in ("nucleus", "beam"):
             raise ValueError(f"sampling must be 'nucleus' or 'beam', got {self.sampling!r}")
-        for name in ("num_captions", "batch_size", "max_length", "num_beams"):
+        for name in ("num_captions", "batch_size", "max_length", "num_beams", "max_image_pixels"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
@@ -116,6 +133,17 @@ def _checkpoint_id(path: str) -> dict:
 def _shard_seed(seed: int, shard: str) -> int:
     """The sampling seed of one shard: from ``--seed`` and the shard's file name only (resume-safe)."""
     return int.from_bytes(hashlib.sha256(f"{seed}:{os.path.basename(shard)}".encode()).digest()[:8], "little") >> 1
+
+
+def _unsafe_name(key: str) -> str | None:
+    """Why a sample's member names must not be copied into the output (None when they are safe): a
+    ``..`` component or a leading ``/`` makes Python's ``extractall`` (and old tar tools) write
+    outside the target folder."""
+    if key.startswith("/"):
+        return "a member name starts with '/'"
+    if ".." in key.split("/"):
+        return "a member name has a '..' component"
+    return None
 
 
 def _image_ext(sample: dict) -> str:
@@ -221,8 +249,11 @@ class CapFilt:
         with TarWriter(out_path) as tar:
             for sample in read_tar(shard):
                 try:
+                    unsafe = _unsafe_name(sample["__key__"])
+                    if unsafe:
+                        raise BadSample(f"{unsafe}: never copied into the output")
                     image_bytes, caption = pair_fields(sample)
-                    image = decode_image(image_bytes, self.image_size)
+                    image = decode_image(image_bytes, self.image_size, max_pixels=self.settings.max_image_pixels)
                 except BadSample as e:
                     stats.corrupt_skipped += 1
                     if len(stats.corrupt_examples) < 5:
@@ -290,7 +321,10 @@ def build_report(shards: list[str], output: str) -> dict:
 def run_capfilt(settings: CapFiltSettings, *, device: torch.device | None = None) -> dict | None:
     """Run CapFilt on this process's shards; returns the report on the process that writes it
     (rank 0, after every rank finished), else None."""
-    shards = expand_shards(settings.input)
+    try:
+        shards = expand_shards(settings.input)
+    except ValueError as e:
+        raise InputError(f"--input: {e}") from None
     _check_paths(shards, settings.output)
     os.makedirs(settings.output, exist_ok=True)
     rank, world = _dist_info()
@@ -413,6 +447,8 @@ def parse_args(argv: list[str] | None = None) -> CapFiltSettings:
     p.add_argument("--image-size", type=int, default=None, help="resize side (default: the filter's image size)")
     p.add_argument("--context-length", type=int, default=32, help="text tokens per caption for the filter")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (per shard: seed + shard name)")
+    p.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS, help="images with more pixels "
+                   "are counted as corrupt and skipped without decoding them (the trainer's data.max_image_pixels)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--redo-mismatched", action="store_true", help="redo the finished shards of --output made with "
                    "other settings or checkpoints (without it they are refused)")
@@ -422,7 +458,8 @@ def parse_args(argv: list[str] | None = None) -> CapFiltSettings:
         num_captions=args.num_captions, sampling=args.sampling, top_p=args.top_p, num_beams=args.num_beams,
         max_length=args.max_length, min_length=args.min_length, repetition_penalty=args.repetition_penalty,
         prompt=args.prompt, threshold=args.threshold, batch_size=args.batch_size, image_size=args.image_size,
-        context_length=args.context_length, seed=args.seed, progress=not args.no_progress,
+        context_length=args.context_length, seed=args.seed, max_image_pixels=args.max_image_pixels,
+        progress=not args.no_progress,
         redo_mismatched=args.redo_mismatched)
 
 
@@ -432,8 +469,13 @@ def main(argv: list[str] | None = None) -> dict | None:
 
 
 def console_main() -> None:
-    """``vlmcore-capfilt``: run, then print the report's totals on the rank that writes it."""
-    report = main()
+    """``vlmcore-capfilt``: run, then print the report's totals on the rank that writes it. Missing inputs
+    are a usage error: the message and exit status 2, no traceback."""
+    try:
+        report = main()
+    except InputError as e:
+        print(f"vlmcore-capfilt: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     if report is not None:
         print(json.dumps(report["total"], indent=1))
 

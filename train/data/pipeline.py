@@ -49,15 +49,13 @@ from collections.abc import Callable, Iterator
 
 import torch
 from PIL import Image
+from vlmcore.train.config import DEFAULT_MAX_IMAGE_PIXELS
 from vlmcore.train.data.preprocess import ImageTransform
 from vlmcore.train.data.shards import expand_shard_spec, open_shard
 from vlmcore.train.data.tokenizer import EOC, MEDIA, Tokenizer
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 IGNORE_INDEX = -100
-# Images with more pixels are skipped undecoded (a 13000 x 13000 PNG of 0.5 MB took 1.6 GB and 3.7 s to decode);
-# the default of data.max_image_pixels and of vlmcore-capfilt --max-image-pixels.
-DEFAULT_MAX_IMAGE_PIXELS = 50_000_000
 
 # Why a sample was skipped (the keys of the skip counts; ``skipped/<dataset>/<reason>`` in the metrics).
 SKIP_REASONS = (

@@ -246,6 +246,12 @@ class Task(abc.ABC):
         """
         return {"trainable.safetensors": ([n for n, p in module.named_parameters() if p.requires_grad], "")}
 
+    def load_exported(self, run_dir: str) -> nn.Module | None:
+        """The model rebuilt from the exported files of ``run_dir`` alone, for evaluate-only
+        (``train/tasks/run_loader.py``), when they hold all of it; default None: the loader builds the
+        model with :meth:`build_model` and fills the exported parameters in."""
+        return None
+
     @torch.no_grad()
     def run_evaluation(self, module: nn.Module, info: DistInfo, zero_stage: int) -> dict:
         """Called by the loop: eval mode, parameters gathered under ZeRO-3, then :meth:`evaluate`; the

@@ -291,3 +291,8 @@ class BlipTaskBase(Task):
             os.replace(path + ".tmp", path)
         momentum = ("visual_encoder_m.", "vision_proj_m.", "text_encoder_m.", "text_proj_m.")
         return {"model.safetensors": ([n for n, _ in module.named_parameters() if not n.startswith(momentum)], "")}
+
+    def load_exported(self, run_dir: str) -> BLIP:
+        """``run_dir`` is a BLIP checkpoint (:meth:`export`): its own spec and weights, without the
+        momentum encoders. ``init`` is not read again: it may be gone, and a salesforce one is large."""
+        return load_blip(run_dir, momentum=None)

@@ -20,9 +20,7 @@ from torch import nn
 from vlmcore.train.data.pipeline import BadSample, decode_image, expand_shards, pair_fields, read_tar
 
 from vlmcore.eval import fewshot
-from vlmcore.eval.prompts import OPENFLAMINGO, TRAINER
-
-STYLES = {"openflamingo": OPENFLAMINGO, "trainer": TRAINER}
+from vlmcore.eval.prompts import PROMPT_STYLES
 
 
 class SquashDecoder:
@@ -81,6 +79,6 @@ def generation_metrics(task, module: nn.Module, ctx) -> dict:
     settings = fewshot.FewShotSettings(
         shots=(0,), trial_seeds=(task.cfg.seed,), batch_size=ctx.eval.batch_size, max_new_tokens=g.max_new_tokens,
         num_beams=g.num_beams, rank=info.rank, world_size=info.world_size, progress=False,
-        out_dir=os.path.join(task.cfg.out_dir, "predictions"), style=STYLES[g.prompt_style])
+        out_dir=os.path.join(task.cfg.out_dir, "predictions"), style=PROMPT_STYLES[g.prompt_style])
     results = fewshot.evaluate(task.eval_model(module), "caption", [], samples, settings)
     return dict(results["0"]["trials"][0])

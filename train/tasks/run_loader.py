@@ -4,7 +4,9 @@ A run directory holds ``config.json`` (the resolved config) and the files of the
 :meth:`~vlmcore.train.tasks.base.Task.export` (its trainable parameters by name). The frozen parts
 are rebuilt from the config exactly as the run built them on rank 0: same seed, then the task's
 ``build_model`` (a random-init LM is then the same LM). When the run left a checkpoint, its frozen
-fingerprint is checked, so an LM directory changed since training is refused by name.
+fingerprint is checked, so an LM directory changed since training is refused by name. A task whose
+exported files hold its whole model rebuilds it from them alone (:meth:`Task.load_exported`: BLIP's
+run directory is a BLIP checkpoint), so neither its ``init`` nor its ``out_dir`` is read or written.
 """
 
 from __future__ import annotations
@@ -72,9 +74,11 @@ def load(run_dir: str, device: torch.device) -> LoadedRun:
     np.random.seed(cfg.seed % 2**32)
     torch.manual_seed(cfg.seed)
     task = task_cls(cfg, tok)
-    model = task.build_model(torch.float32)
-    _check_frozen(model, cfg, run_dir)
-    _load_exports(task, model, run_dir)
+    model = task.load_exported(run_dir)
+    if model is None:
+        model = task.build_model(torch.float32)
+        _check_frozen(model, cfg, run_dir)
+        _load_exports(task, model, run_dir)
     model = model.to(device).eval()
     images = task.eval_images()
     vision = getattr(model, "vision_encoder", None) or model.visual_encoder

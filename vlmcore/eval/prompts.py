@@ -81,6 +81,9 @@ OPENFLAMINGO = PromptStyle(caption_prompt, vqa_prompt, "\n")
 #: by spaces: for models trained here with a word-level tokenizer (the demo), which would otherwise
 #: read ``Output:a`` as one unknown word.
 TRAINER = PromptStyle(_trainer_caption, _trainer_vqa, " ")
+#: The styles by the names configs and the command line use (``data.eval.generation.prompt_style``,
+#: ``vlmcore-eval run --prompt-style``).
+PROMPT_STYLES = {"openflamingo": OPENFLAMINGO, "trainer": TRAINER}
 
 
 def _assemble(chunks: Sequence[str], query: str, num_shots: int, separator: str) -> str:

@@ -24,6 +24,7 @@ from importlib.metadata import entry_points
 import torch
 
 from vlmcore.eval import classification, fewshot
+from vlmcore.eval.prompts import PROMPT_STYLES
 from vlmcore.eval.rices import Rices, cached_features, image_features
 from vlmcore.vision import pooled_features
 
@@ -73,16 +74,20 @@ def run_from_checkpoint(run_dir: str, data: str, metric: str, *, demo_data: str 
                         trial_seeds: Sequence[int] = (42,), num_samples: int = 0, query_set_size: int = 2048,
                         batch_size: int = 8, max_new_tokens: int | None = None, num_beams: int = 3,
                         use_rices: bool = False, class_names: Sequence[str] = (), out_dir: str = "",
-                        device: str = "cpu", progress: bool = True) -> dict:
+                        device: str = "cpu", progress: bool = True, prompt_style: str = "openflamingo") -> dict:
     """Score the model of ``run_dir`` on ``data`` (shards) by ``metric``; writes predictions and
     ``eval_<metric>.json`` into ``out_dir`` (default ``<run_dir>/eval``) and returns the metrics.
 
     ``demo_data``: the shards demonstrations come from (needed for shots > 0; without it 0-shot
     prompts carry no text demonstrations). ``max_new_tokens``: default 20 for captions, 5 for VQA.
+    ``prompt_style``: a name of :data:`~vlmcore.eval.prompts.PROMPT_STYLES` (``trainer``: the layout
+    ``data.eval.generation.prompt_style: trainer`` decodes with during training).
     """
     if metric not in METRIC_KINDS:
         raise ValueError(f"metric must be one of {sorted(METRIC_KINDS)}, got {metric!r}")
     kind = METRIC_KINDS[metric]
+    if prompt_style not in PROMPT_STYLES:
+        raise ValueError(f"prompt_style must be one of {sorted(PROMPT_STYLES)}, got {prompt_style!r}")
     if (any(s > 0 for s in shots) or use_rices) and not demo_data:
         raise ValueError("shots > 0 and RICES need demonstrations: pass demo_data (--demo-data shards)")
     out_dir = out_dir or os.path.join(run_dir, "eval")
@@ -99,7 +104,7 @@ def run_from_checkpoint(run_dir: str, data: str, metric: str, *, demo_data: str 
         settings = fewshot.FewShotSettings(
             shots=shots, trial_seeds=trial_seeds, num_samples=num_samples, query_set_size=query_set_size,
             batch_size=batch_size, max_new_tokens=max_new_tokens or (20 if kind == "caption" else 5),
-            num_beams=num_beams, progress=progress, out_dir=out_dir)
+            num_beams=num_beams, progress=progress, out_dir=out_dir, style=PROMPT_STYLES[prompt_style])
         results = fewshot.evaluate(run.model, kind, train, eval_set, settings, rices, eval_features)
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, f"eval_{metric}.json"), "w", encoding="utf-8") as f:
@@ -132,7 +137,8 @@ def run_results(args: argparse.Namespace) -> dict:
         args.checkpoint, args.data, args.metric, demo_data=args.demo_data, shots=args.shots, trial_seeds=seeds,
         num_samples=args.num_samples, query_set_size=args.query_set_size, batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, use_rices=args.rices,
-        class_names=read_class_names(args.classes) if args.classes else (), out_dir=args.out, device=args.device)
+        class_names=read_class_names(args.classes) if args.classes else (), out_dir=args.out, device=args.device,
+        prompt_style=args.prompt_style)
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -151,6 +157,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=None, help="default 20 (captions) / 5 (VQA)")
     p.add_argument("--num-beams", type=int, default=3)
+    p.add_argument("--prompt-style", default="openflamingo", choices=sorted(PROMPT_STYLES),
+                   help="openflamingo: '<image>Output:'; trainer: '<image>' as the trainer writes pairs "
+                        "(data.eval.generation.prompt_style; for word-level tokenizers)")
     p.add_argument("--rices", action="store_true", help="demos = nearest training images (the run's own tower)")
     p.add_argument("--classes", default="", help="top1: JSON class names (a list or {'classnames': [...]})")
     p.add_argument("--out", default="", help="output folder (default RUN_DIR/eval)")

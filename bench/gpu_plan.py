@@ -46,6 +46,7 @@ TEST_ORDER = (
     "tests/models/test_flamingo.py",
     "tests/models/test_qformer.py",
     "tests/models/test_blip2_stage1.py",
+    "tests/train/test_train_sync.py",
 )
 # Always run in call 1 even before it holds a GPU-marked test: the momentum op's GPU tests (BLIP's
 # shape) are where its fp16 gradients are checked on a card.
@@ -114,6 +115,8 @@ GPU_TEST_CALLS = {
     "tests/models/test_qformer.py":
         _calls("resampler", ("bf16",),
                [dict(batch=4, media=257, latents=32, heads=2, head_dim=64, with_latents=False)]),
+    "tests/train/test_train_sync.py":  # a tiny two-dataset CLIP run in fp32 (batch 4 each, embed_dim 16)
+        _calls("contrastive", ("fp32",), [dict(n=4, d=16)]),
     "tests/models/test_blip2_stage1.py":
         _calls("contrastive", ("fp32",), [dict(n=6, d=32)])
         + _calls("resampler", ("fp32",), [dict(batch=6, media=17, latents=8, heads=2, head_dim=16, with_latents=False,

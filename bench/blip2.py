@@ -120,10 +120,21 @@ def _check_transformers(device: torch.device) -> None:
         raise Unavailable(f"transformers with BLIP-2 is not installed ({error})") from error
 
 
+def _check_transformers_sdpa(device: torch.device) -> None:
+    """transformers 4.x builds no SDPA Q-Former (it raises at construction): unavailable, not an error."""
+    _check_transformers(device)
+    from transformers.models.blip_2.modeling_blip_2 import Blip2QFormerModel
+
+    if not getattr(Blip2QFormerModel, "_supports_sdpa", False):
+        import transformers
+
+        raise Unavailable(f"transformers {transformers.__version__}'s Blip2QFormerModel has no SDPA attention")
+
+
 QFORMER_PROVIDERS = [
     Provider("vlmcore", _vlmcore_qformer, backend="triton"),
     Provider("reference", _vlmcore_qformer, backend="reference"),
-    Provider("hf_sdpa", _hf_qformer("sdpa"), check=_check_transformers),
+    Provider("hf_sdpa", _hf_qformer("sdpa"), check=_check_transformers_sdpa),
     Provider("hf_eager", _hf_qformer("eager"), check=_check_transformers),
 ]
 

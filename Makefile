@@ -19,7 +19,7 @@ setup: $(STAMP)
 $(STAMP): setup.py constraints-cpu.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints-cpu.txt -e '.[dev,train,bench,eval]'
+	$(PY) -m pip install -q -c constraints-cpu.txt -e '.[dev,train,bench,eval,video]'
 	# open_clip / timm for the tower tests, WITHOUT their dependencies: they require torchvision, whose
 	# registry wheels are CUDA builds that replace the CPU torch (tests give them a stand-in instead).
 	# open-flamingo likewise: tests/eval compares the VQA metric with its eval/vqa_metric.py.

@@ -63,6 +63,9 @@ setup(
         "towers": ["open-clip-torch", "timm", "ftfy"],
         # vlmcore-eval: COCOEvalCap's scorers (they also need `java` on PATH) and the linear probe.
         "eval": ["pycocoevalcap", "pycocotools", "scikit-learn"],
+        # The `video` data kind: PyAV decodes .mp4 / .webm members (its wheels bundle FFmpeg, CPU-only;
+        # torchcodec needs a system FFmpeg, which these machines lack).
+        "video": ["av"],
     },
     entry_points={
         "console_scripts": [

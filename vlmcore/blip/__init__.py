@@ -5,6 +5,9 @@
   retrieval, generation), :func:`blip_vision_encoder`, :func:`alpha_ramp`, :func:`sample_hard_negatives`,
   :func:`blip_retrieval_metrics`;
 - :mod:`~vlmcore.blip.convert`: Hugging Face and salesforce/BLIP weights by name;
+- :mod:`~vlmcore.blip.vqa`: :class:`BlipVQA` (question encoder -> answer decoder; rank / generate);
+- :mod:`~vlmcore.blip.nlvr`: :class:`BlipNLVR` (two images, one sentence, twin cross-attention);
+- :mod:`~vlmcore.blip.heads_convert`: their Hugging Face / salesforce weights by name;
 - :mod:`~vlmcore.blip.build`: specs, :func:`build_blip`, :func:`save_blip`, :func:`load_blip`,
   :func:`blip_from_salesforce`.
 
@@ -27,10 +30,14 @@ from vlmcore.blip.model import (
     blip_vision_encoder,
     sample_hard_negatives,
 )
+from vlmcore.blip.nlvr import BlipNLVR
 from vlmcore.blip.text import MODES, LMHead, MEDConfig, MEDLayer, MEDTextModel
+from vlmcore.blip.vqa import BlipVQA
 
 __all__ = [
     "BLIP",
+    "BlipNLVR",
+    "BlipVQA",
     "LMHead",
     "MEDConfig",
     "MEDLayer",

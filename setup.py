@@ -73,6 +73,7 @@ setup(
             "vlmcore-make-shapes=vlmcore.train.tools.make_shapes:console_main",
             "vlmcore-bench=vlmcore.bench.__main__:console_main",
             "vlmcore-capfilt=vlmcore.train.tools.capfilt:console_main",
+            "vlmcore-convert=vlmcore.train.tools.convert_vqa:console_main",
             "vlmcore-eval=vlmcore.eval.cli:console_main",
         ],
         # How vlmcore.eval (which imports nothing of the trainer) rebuilds a run directory's model.

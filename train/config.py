@@ -129,7 +129,8 @@ class DatasetConfig:
 
     shards: Union[str, list]  # brace pattern "dir/train-{000..007}.tar" or a list of paths/patterns
     name: str = ""  # for logging; defaults to "kind<index>"
-    kind: Literal["pairs", "interleaved"] = "pairs"  # pairs: image + caption; interleaved: MMC4-like documents
+    # pairs: image + caption; interleaved: MMC4-like documents; vqa / nlvr: train/data/vqa_nlvr.py
+    kind: Literal["pairs", "interleaved", "vqa", "nlvr"] = "pairs"
     weight: PositiveFloat = 1.0  # loss weight in the mixture (Flamingo: M3W 1.0, ALIGN 0.2, LTIP 0.2, VTP 0.03)
     batch_size: PositiveInt = 8  # per rank
     max_images: PositiveInt = 3  # interleaved: images kept per document (the rest are dropped)
@@ -554,7 +555,8 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
-KIND_NAMES = {"pairs": "image-text pairs", "interleaved": "interleaved documents"}
+KIND_NAMES = {"pairs": "image-text pairs", "interleaved": "interleaved documents", "vqa": "VQA questions",
+              "nlvr": "NLVR2 image pairs"}
 
 # ------------------------------------------------------------- what the rest of the trainer hands in
 

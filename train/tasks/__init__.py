@@ -27,6 +27,8 @@ REGISTRY: dict[str, str | type[Task]] = {
     "blip_pretrain": ".blip_pretrain:BlipPretrainTask",
     "blip_retrieval": ".blip_retrieval:BlipRetrievalTask",
     "blip_caption": ".blip_caption:BlipCaptionTask",
+    "blip_vqa": ".blip_vqa:BlipVqaTask",
+    "blip_nlvr": ".blip_nlvr:BlipNlvrTask",
 }
 
 

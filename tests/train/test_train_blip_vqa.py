@@ -146,5 +146,6 @@ def test_configs_are_refused_with_the_key(data, vqa_shards, tmp_path):
                         vision=None) + [f"data.train.0.shards={vqa_shards}/train-000000.tar",
                                         "model.blip_vqa.answer_list=''"])
     with pytest.raises(ConfigError, match="data.train: task 'blip_nlvr' trains on NLVR2 image pairs"):
-        main(train_argv("blip_nlvr", data, tmp_path / "run2", *SETTINGS, eval_batch_size=None, vision=None)
+        main(train_argv("blip_nlvr", data, tmp_path / "run2", *SETTINGS, eval_shards=f"{vqa_shards}/val-000000.tar",
+                        vision=None)
              + [f"data.train.0.shards={vqa_shards}/train-000000.tar", "data.train.0.kind=vqa"])

@@ -1,8 +1,8 @@
 """vlmcore.train: the DeepSpeed ZeRO trainer for every model family, WebDataset data, demos.
 
 Tasks (``task:`` in the config, one file each in :mod:`vlmcore.train.tasks`): ``clip``, ``siglip``,
-``flamingo``, ``frozen``, ``blip_pretrain``, ``blip_retrieval``, ``blip_caption``, ``blip2_stage1``,
-``blip2_stage2``, ``vilbert``, ``vlbert``.
+``flamingo``, ``frozen``, ``blip_pretrain``, ``blip_retrieval``, ``blip_caption``, ``blip_vqa``,
+``blip_nlvr``, ``blip2_stage1``, ``blip2_stage2``, ``vilbert``, ``vlbert``.
 
 Command line, config schema and its validation at the top; :mod:`vlmcore.train.runtime` (the loop,
 checkpoints, distributed helpers, metrics); :mod:`vlmcore.train.data` (shards, decoding,

@@ -129,8 +129,7 @@ class DatasetConfig:
 
     shards: Union[str, list]  # brace pattern "dir/train-{000..007}.tar" or a list of paths/patterns
     name: str = ""  # for logging; defaults to "kind<index>"
-    # pairs: image + caption; interleaved: MMC4-like documents; vqa / nlvr: train/data/vqa_nlvr.py
-    kind: Literal["pairs", "interleaved", "vqa", "nlvr"] = "pairs"
+    kind: Literal["pairs", "interleaved", "vqa", "nlvr"] = "pairs"  # pairs, interleaved (MMC4), vqa, nlvr
     weight: PositiveFloat = 1.0  # loss weight in the mixture (Flamingo: M3W 1.0, ALIGN 0.2, LTIP 0.2, VTP 0.03)
     batch_size: PositiveInt = 8  # per rank
     max_images: PositiveInt = 3  # interleaved: images kept per document (the rest are dropped)

@@ -6,9 +6,12 @@ open_clip's SigLIP models build their image tower with timm, which does not conv
 compared against transformers' ``SiglipModel``.
 """
 
+import json
+
 import pytest
 import torch
 from helpers.numerics import assert_close
+from helpers.training import train_argv
 from safetensors.torch import load_file, save_file
 
 import vlmcore
@@ -218,3 +221,80 @@ def test_real_sizes_vit_b_32_and_siglip_b_16():
     ours = clip_from_hf(siglip)
     x, tokens = images(2, 224), clip_tokens(2, 64, 32000)
     assert_same_clip(ours, *hf_outputs(siglip, x, tokens), x, tokens, "SigLIP B/16 real size")
+
+
+# --- model.clip.init / model.siglip.init: the whole model from the config (tiny peers written here)
+
+def word_tokenizer(data, context):
+    from vlmcore.train.data.tokenizer import Tokenizer
+
+    return Tokenizer(str(data / "tokenizer.json"), context, media_tokens=False)
+
+
+def write_open_clip_dir(out, tok, context):
+    """A tiny open_clip CLIP on the shapes word vocabulary (pooled at its <eos>), as open_clip's own files."""
+    from safetensors.torch import save_file
+
+    cfg = dict(embed_dim=24, vision_cfg=TINY_VISION,
+               text_cfg=dict(TINY_TEXT, context_length=context, vocab_size=tok.vocab_size, pool_type="eos",
+                             eos_id=tok.eos_token_id))
+    torch.manual_seed(0)
+    peer = open_clip.create_model("ViT-B-32", **cfg).eval()
+    out.mkdir()
+    (out / "open_clip_config.json").write_text(json.dumps({"model_cfg": dict(cfg, quick_gelu=False)}))
+    save_file({k: v.contiguous() for k, v in peer.state_dict().items()}, str(out / "open_clip_model.safetensors"))
+    return peer
+
+
+def write_hf_siglip_dir(out, tok, context):
+    torch.manual_seed(0)
+    config = transformers.SiglipConfig(
+        text_config=dict(vocab_size=tok.vocab_size, hidden_size=16, intermediate_size=48, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=context, projection_size=32,
+                         bos_token_id=None, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id),
+        vision_config=dict(hidden_size=32, intermediate_size=96, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=8))
+    peer = transformers.SiglipModel(config).eval()
+    peer.save_pretrained(str(out))
+    return peer
+
+
+def init_argv(task_name, data, out, init, context, *extra):
+    """vlmcore-train arguments of a run from ``model.<task>.init`` (the tower's size from the checkpoint)."""
+    return train_argv(task_name, data, out, f"model.{task_name}={{init: {init}}}", *extra, context_length=context,
+                      vision="model.vision={image_size: 32}")
+
+
+def eval_batch(task, data, n=6):
+    import tarfile
+
+    samples = {}
+    with tarfile.open(data / "eval-000000.tar") as tar:
+        for member in tar.getmembers():
+            key, ext = member.name.split(".", 1)
+            samples.setdefault(key, {"__key__": key, "__url__": "eval"})[ext] = tar.extractfile(member).read()
+    encoded = [task.eval_encoder()(s) for s in list(samples.values())[:n]]
+    return torch.stack([e["images"] for e in encoded]), torch.stack([e["tokens"] for e in encoded])
+
+
+@pytest.mark.parametrize("task_name", ["clip", "siglip"])
+def test_config_init_builds_the_peer_model(data, tmp_path, task_name):
+    """The task's model from ``model.<task>.init`` scores the eval pairs exactly as the peer does."""
+    from vlmcore.train.config import load_config
+    from vlmcore.train.tasks import get_task
+
+    context = 12
+    tok = word_tokenizer(data, context)
+    if task_name == "clip":
+        peer = write_open_clip_dir(tmp_path / "peer", tok, context)
+        init = f"{{format: open_clip, path: '{tmp_path / 'peer'}'}}"
+    else:
+        peer = write_hf_siglip_dir(tmp_path / "peer", tok, context)
+        init = f"{{format: hf, path: '{tmp_path / 'peer'}'}}"
+    argv = init_argv(task_name, data, tmp_path / "run", init, context)
+    cfg = load_config(argv[1], argv[2:])
+    task = get_task(task_name)(cfg, tok)
+    model = task.build_model(torch.float32).eval()
+    x, tokens = eval_batch(task, data)
+    peer_out = open_clip_outputs(peer, x, tokens) if task_name == "clip" else hf_outputs(peer, x, tokens)
+    assert_same_clip(model, *peer_out, x, tokens, f"{task_name} from config")

@@ -262,7 +262,7 @@ def write_hf_siglip_dir(out, tok, context):
 def init_argv(task_name, data, out, init, context, *extra):
     """vlmcore-train arguments of a run from ``model.<task>.init`` (the tower's size from the checkpoint)."""
     return train_argv(task_name, data, out, f"model.{task_name}={{init: {init}}}", *extra, context_length=context,
-                      vision="model.vision={image_size: 32}")
+                      vision="model.vision={image_size: 32}", train_batch_size=8)
 
 
 def eval_batch(task, data, n=6):
@@ -298,3 +298,54 @@ def test_config_init_builds_the_peer_model(data, tmp_path, task_name):
     x, tokens = eval_batch(task, data)
     peer_out = open_clip_outputs(peer, x, tokens) if task_name == "clip" else hf_outputs(peer, x, tokens)
     assert_same_clip(model, *peer_out, x, tokens, f"{task_name} from config")
+    # The task's exporters (what vlmcore-export calls) write the peer's files; SigLIP has no open_clip ViT form.
+    exporters = task.peer_exporters()
+    assert set(exporters) == {"open_clip", "hf"}
+    exporters["hf"](model, str(tmp_path / "hf"))
+    assert torch.equal(clip_from_hf(str(tmp_path / "hf")).encode_text(tokens), model.encode_text(tokens))
+    if task_name == "siglip":
+        with pytest.raises(ValueError, match="export to open_clip"):
+            exporters["open_clip"](model, str(tmp_path / "oc"))
+    else:
+        exporters["open_clip"](model, str(tmp_path / "oc"))
+        assert_same_clip(clip_from_open_clip(str(tmp_path / "oc")), *peer_out, x, tokens, "re-exported")
+
+
+@pytest.mark.slow
+def test_clip_run_from_open_clip_init_trains(data, tmp_path):
+    from vlmcore.train import main
+
+    context, peer_dir = 12, tmp_path / "peer"
+    write_open_clip_dir(peer_dir, word_tokenizer(data, context), context)
+    init = f"{{format: open_clip, path: '{peer_dir}'}}"
+    results = main(init_argv("clip", data, tmp_path / "run", init, context, "max_steps=3", "save_every=0",
+                             "eval_every=3"))
+    with open(tmp_path / "run" / "metrics.jsonl", encoding="utf-8") as f:
+        steps = [r for r in map(json.loads, f) if "loss" in r]
+    assert len(steps) == 3 and all(torch.isfinite(torch.tensor(s["loss"])) for s in steps)
+    assert results["eval_samples"] == 48 and "i2t_R@1" in results
+
+
+def test_config_init_reports_a_missing_key_and_conflicting_keys(data, tmp_path):
+    from vlmcore.train import ConfigError
+    from vlmcore.train.config import load_config
+    from vlmcore.train.tasks import get_task
+
+    context, peer_dir = 12, tmp_path / "peer"
+    tok = word_tokenizer(data, context)
+    write_open_clip_dir(peer_dir, tok, context)
+    init = f"{{format: open_clip, path: '{peer_dir}'}}"
+    state = load_file(str(peer_dir / "open_clip_model.safetensors"))
+    del state["visual.ln_post.bias"]
+    save_file(state, str(peer_dir / "open_clip_model.safetensors"))
+    argv = init_argv("clip", data, tmp_path / "broken", init, context)
+    task = get_task("clip")(load_config(argv[1], argv[2:]), tok)
+    with pytest.raises(CheckpointKeyError, match=r"missing keys \(1\): visual\.ln_post\.bias"):
+        task.build_model(torch.float32)
+    # Keys the checkpoint decides, set next to init: one ConfigError naming both.
+    argv = init_argv("clip", data, tmp_path / "clash", init, context, "model.clip.text.width=32",
+                     "model.vision.depth=3")
+    with pytest.raises(ConfigError) as info:
+        load_config(argv[1], argv[2:])
+    assert "model.clip.text.width: conflicts with model.clip.init" in str(info.value)
+    assert "model.vision.depth: conflicts with model.clip.init" in str(info.value)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal, Union
 
@@ -326,6 +327,14 @@ class ClipTask(Task):
             if images is not None:
                 results.update(_retrieval_over_distinct_captions(images, texts, _gather_rows(captions, info)))
         return results
+
+    def peer_exporters(self) -> dict[str, Callable[[nn.Module, str], None]]:
+        """``{format: function(module, out_dir)}`` writing the model as the peer's own files:
+        ``open_clip`` (``open_clip_config.json`` + state dict) and ``hf`` (``save_pretrained``); each raises
+        ValueError naming what the peer cannot express (e.g. an adapter tower, SigLIP's head in open_clip)."""
+        from vlmcore.clip import export_hf, export_open_clip
+
+        return {"open_clip": export_open_clip, "hf": export_hf}
 
     def export(self, module: nn.Module) -> dict[str, tuple[list[str], str]]:
         names = super().export(module)

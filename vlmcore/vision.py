@@ -59,7 +59,13 @@ class QuickGELU(nn.Module):
         return x * torch.sigmoid(1.702 * x)
 
 
-ACTIVATIONS = {"gelu": nn.GELU, "quick_gelu": QuickGELU}
+def _tanh_gelu() -> nn.Module:
+    return nn.GELU(approximate="tanh")
+
+
+#: MLP activations by name: exact GELU, OpenAI CLIP's QuickGELU, SigLIP's tanh-approximated GELU.
+ACTIVATIONS = {"gelu": nn.GELU, "quick_gelu": QuickGELU, "gelu_tanh": _tanh_gelu}
+VISION_POOLS = ("cls", "map")
 PREFIX_TOKEN_POLICIES = ("drop", "keep")
 
 
@@ -71,19 +77,22 @@ def _check_choice(name: str, value, choices) -> None:
 class TransformerBlock(nn.Module):
     """Pre-norm transformer block (CLIP's ``ResidualAttentionBlock``): attention then an MLP.
 
-    ``act``: the MLP activation, ``"gelu"`` (exact) or ``"quick_gelu"`` (OpenAI CLIP). It has no
-    parameters, so the state-dict names are the same for both.
+    ``act``: the MLP activation, ``"gelu"`` (exact), ``"quick_gelu"`` (OpenAI CLIP) or
+    ``"gelu_tanh"`` (SigLIP). It has no parameters, so the state-dict names are the same for all.
+    ``norm_eps``: the LayerNorms' epsilon (CLIP 1e-5, SigLIP 1e-6).
     ``forward(x [N, T, width]) -> [N, T, width]``.
     """
 
-    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0, *, causal: bool = False, act: str = "gelu"):
+    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0, *, causal: bool = False, act: str = "gelu",
+                 norm_eps: float = 1e-5):
         super().__init__()
         check_positive_number("mlp_ratio", mlp_ratio)
+        check_positive_number("norm_eps", norm_eps)
         _check_choice("act", act, tuple(ACTIVATIONS))
         hidden = int(width * mlp_ratio)
-        self.ln_1 = nn.LayerNorm(width)
+        self.ln_1 = nn.LayerNorm(width, eps=norm_eps)
         self.attn = Attention(width, heads, causal=causal)
-        self.ln_2 = nn.LayerNorm(width)
+        self.ln_2 = nn.LayerNorm(width, eps=norm_eps)
         self.mlp = nn.Sequential(nn.Linear(width, hidden), ACTIVATIONS[act](), nn.Linear(hidden, width))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -91,8 +100,42 @@ class TransformerBlock(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+class AttentionPool(nn.Module):
+    """Multi-head attention pooling (SigLIP's "MAP" head): one learned query attends over the tokens,
+    then a pre-norm residual MLP.
+
+    ``forward(tokens [N, T, width]) -> [N, width]``.
+    """
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0, *, act: str = "gelu", norm_eps: float = 1e-5):
+        super().__init__()
+        for name, value in (("width", width), ("heads", heads)):
+            check_positive_int(name, value)
+        if width % heads != 0:
+            raise ValueError(f"width ({width}) must be divisible by heads ({heads})")
+        _check_choice("act", act, tuple(ACTIVATIONS))
+        self.heads = heads
+        self.probe = nn.Parameter(torch.randn(1, 1, width) * width**-0.5)
+        self.qkv = nn.Linear(width, 3 * width)  # fused as in Attention (and SigLIP's checkpoints)
+        self.proj = nn.Linear(width, width)
+        self.norm = nn.LayerNorm(width, eps=norm_eps)
+        hidden = int(width * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(width, hidden), ACTIVATIONS[act](), nn.Linear(hidden, width))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        n, t, width = tokens.shape
+        dh = width // self.heads
+        weight, bias = self.qkv.weight, self.qkv.bias
+        q = F.linear(self.probe.to(tokens.dtype), weight[:width], bias[:width])  # the query: the probe only
+        q = q.view(1, self.heads, 1, dh).expand(n, -1, -1, -1)  # [N, H, 1, Dh]
+        kv = F.linear(tokens, weight[width:], bias[width:])  # [N, T, 2 * width]
+        k, v = kv.view(n, t, 2, self.heads, dh).permute(2, 0, 3, 1, 4)  # 2 x [N, H, T, Dh]
+        x = self.proj(F.scaled_dot_product_attention(q, k, v).reshape(n, width))  # [N, width]
+        return x + self.mlp(self.norm(x))
+
+
 class VisionTransformer(nn.Module):
-    """A small ViT (CLIP layout): patch embedding, CLS token, learned positions, pre-norm blocks.
+    """A ViT: patch embedding, learned positions, pre-norm blocks; CLIP's layout by default.
 
     Args:
         image_size: side of the square input images (pixels).
@@ -100,34 +143,49 @@ class VisionTransformer(nn.Module):
         width, depth, heads: transformer width, number of blocks, attention heads.
         mlp_ratio: MLP hidden width / width.
         channels: input channels.
-        act: MLP activation, ``"gelu"`` or ``"quick_gelu"`` (OpenAI CLIP weights need the latter).
+        act: MLP activation (see :class:`TransformerBlock`; OpenAI CLIP weights need ``"quick_gelu"``,
+            SigLIP ``"gelu_tanh"``).
+        class_token: prepend a learned CLS token (CLIP); SigLIP has none.
+        patch_bias: the patch embedding has a bias (SigLIP; CLIP's has none).
+        pre_norm: a LayerNorm ``ln_pre`` before the blocks (CLIP); SigLIP has none.
+        pool: what :meth:`pooled` returns: ``"cls"`` (the CLS token, needs ``class_token``) or ``"map"``
+            (an :class:`AttentionPool` head over all tokens, SigLIP).
+        norm_eps: the LayerNorms' epsilon.
 
-    ``forward(images [N, C, H, W]) -> [N, 1 + num_patches, width]`` (CLS first, after the final
-    LayerNorm); ``pooled(images) -> [N, width]`` (the CLS token). ``num_tokens = 1 + num_patches``.
+    ``forward(images [N, C, H, W]) -> [N, num_tokens, width]`` (CLS first when there is one, after
+    the final LayerNorm); ``pooled(images) -> [N, width]``. ``num_tokens = class_token + num_patches``.
     """
 
     def __init__(self, image_size: int, patch_size: int, width: int, depth: int, heads: int,
-                 mlp_ratio: float = 4.0, channels: int = 3, act: str = "gelu"):
+                 mlp_ratio: float = 4.0, channels: int = 3, act: str = "gelu", *, class_token: bool = True,
+                 patch_bias: bool = False, pre_norm: bool = True, pool: str = "cls", norm_eps: float = 1e-5):
         super().__init__()
         for name, value in (("image_size", image_size), ("patch_size", patch_size), ("width", width),
                             ("depth", depth), ("heads", heads), ("channels", channels)):
             check_positive_int(name, value)
         if image_size % patch_size != 0:
             raise ValueError(f"patch_size ({patch_size}) must divide image_size ({image_size})")
+        _check_choice("pool", pool, VISION_POOLS)
+        if pool == "cls" and not class_token:
+            raise ValueError("pool='cls' needs class_token=True (use pool='map' for a tower without a CLS token)")
         self.image_size = image_size
         self.patch_size = patch_size
         self.channels = channels
         self.width = width
         self.pooled_width = width
         self.num_patches = (image_size // patch_size) ** 2
-        self.num_tokens = 1 + self.num_patches
-        self.conv1 = nn.Conv2d(channels, width, kernel_size=patch_size, stride=patch_size, bias=False)
-        self.class_embedding = nn.Parameter(torch.randn(width) * width**-0.5)
+        self.num_tokens = int(class_token) + self.num_patches
+        self.conv1 = nn.Conv2d(channels, width, kernel_size=patch_size, stride=patch_size, bias=patch_bias)
+        self.class_embedding = nn.Parameter(torch.randn(width) * width**-0.5) if class_token else None
         self.positional_embedding = nn.Parameter(torch.randn(self.num_tokens, width) * width**-0.5)
-        self.ln_pre = nn.LayerNorm(width)
+        self.ln_pre = nn.LayerNorm(width, eps=norm_eps) if pre_norm else nn.Identity()
         self.act = act
-        self.blocks = nn.ModuleList(TransformerBlock(width, heads, mlp_ratio, act=act) for _ in range(depth))
-        self.ln_post = nn.LayerNorm(width)
+        self.blocks = nn.ModuleList(TransformerBlock(width, heads, mlp_ratio, act=act, norm_eps=norm_eps)
+                                    for _ in range(depth))
+        self.ln_post = nn.LayerNorm(width, eps=norm_eps)
+        self.norm_eps = norm_eps
+        self.pool = pool
+        self.head = AttentionPool(width, heads, mlp_ratio, act=act, norm_eps=norm_eps) if pool == "map" else None
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         expected = (self.channels, self.image_size, self.image_size)
@@ -135,16 +193,18 @@ class VisionTransformer(nn.Module):
             got = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
             raise ValueError(f"images must be [N, C, H, W] with (C, H, W) = {expected}, got {got}")
         x = self.conv1(images.to(self.conv1.weight.dtype)).flatten(2).transpose(1, 2)  # [N, P, width]
-        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
-        x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)  # [N, 1 + P, width]
-        x = self.ln_pre(x)
+        if self.class_embedding is not None:
+            cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+            x = torch.cat([cls, x], dim=1)  # [N, 1 + P, width]
+        x = self.ln_pre(x + self.positional_embedding.to(x.dtype))
         for block in self.blocks:
             x = block(x)
         return self.ln_post(x)
 
     def pooled(self, images: torch.Tensor) -> torch.Tensor:
-        """The CLS token of :meth:`forward`, ``[N, width]``."""
-        return self.forward(images)[:, 0]
+        """The CLS token of :meth:`forward` (``pool="cls"``) or its attention pool (``"map"``), ``[N, width]``."""
+        tokens = self.forward(images)
+        return self.head(tokens) if self.head is not None else tokens[:, 0]
 
 
 def _spatial_to_tokens(features: torch.Tensor, channels: int, where: str) -> torch.Tensor:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal, Union
 
@@ -45,6 +46,7 @@ from vlmcore.train.tasks.common import (
     lock_tower,
     move,
 )
+from vlmcore.train.tasks.towers import freeze_vision
 
 import vlmcore
 from vlmcore.eval.zero_shot import zero_shot_classes
@@ -75,6 +77,96 @@ class TextConfig:
 
 
 @dataclass
+class InitConfig:
+    """``model.clip.init`` / ``model.siglip.init``: start from a peer's whole CLIP / SigLIP (local files only).
+
+    The architecture (widths, depths, embedding, activations, pooling) comes from the checkpoint's own
+    config, so the architecture keys of the section and of ``model.vision`` stay unset; the tokenizer
+    must be the checkpoint's (same vocabulary size and end token).
+    """
+
+    format: Literal["open_clip", "hf"] = "open_clip"  # open_clip's ViT CLIP, or a transformers CLIPModel / SiglipModel
+    path: str = ""  # open_clip: checkpoint file (+ name) or dir with open_clip_config.json; hf: the model dir
+    name: str = ""  # open_clip with a checkpoint file: its model name (e.g. ViT-B-32-quickgelu)
+    allow_missing: list = field(default_factory=list)  # glob patterns of checkpoint keys that may be absent
+    allow_unexpected: list = field(default_factory=list)  # glob patterns of checkpoint keys to ignore
+
+    def check(self, where: str) -> list[str]:
+        out = []
+        is_dir = os.path.isdir(self.path)
+        if not self.path or not (is_dir or os.path.isfile(self.path)):
+            out.append(f"{where}.path: {self.path!r} is not a local file or directory")
+        elif self.format == "hf" and not os.path.isfile(os.path.join(self.path, "config.json")):
+            out.append(f"{where}.path: {self.path!r} has no config.json (a transformers model directory)")
+        elif self.format == "open_clip" and not is_dir and not self.name:
+            out.append(f"{where}.name: required with a checkpoint file (the open_clip model name, e.g. ViT-B-32)")
+        if self.name and (self.format == "hf" or is_dir):
+            out.append(f"{where}.name: only for format open_clip with a checkpoint file (the directory's config "
+                       "names the architecture)")
+        return out
+
+
+#: The keys whose value an ``init`` checkpoint brings: a non-default value conflicts with it.
+INIT_OWNED_VISION = ("type", "patch_size", "width", "depth", "heads", "mlp_ratio", "act", "init", "name",
+                     "checkpoint", "model_kwargs", "path")
+
+
+def init_conflicts(cfg, name: str, owned: tuple[str, ...]) -> list[str]:
+    """ConfigError lines for the keys set next to ``model.<name>.init`` that its checkpoint decides.
+
+    ``owned``: the keys of the task's section the checkpoint decides (``text`` means its widths)."""
+    section, init = getattr(cfg.model, name), f"model.{name}.init"
+    defaults, vision_defaults = type(section)(), type(cfg.model.vision)()
+    clashes = [f"model.vision.{k}" for k in INIT_OWNED_VISION
+               if getattr(cfg.model.vision, k) != getattr(vision_defaults, k)]
+    for key in owned:
+        if key == "text":
+            clashes += [f"model.{name}.text.{k}" for k in ("width", "depth", "heads")
+                        if getattr(section.text, k) != getattr(defaults.text, k)]
+        elif getattr(section, key) != getattr(defaults, key):
+            clashes.append(f"model.{name}.{key}")
+    return [f"{key}: conflicts with {init} (the checkpoint's config sets the architecture and its initial "
+            "values; remove the key)" for key in clashes]
+
+
+def load_init(task, loss: str) -> nn.Module:
+    """The whole model of ``model.<task>.init`` (vlmcore.clip.convert), checked against the config:
+    the task's loss, ``model.vision.image_size`` and the tokenizer (vocabulary size, end token, context)."""
+    from vlmcore.clip import clip_from_hf, clip_from_open_clip
+
+    init, where = task.config.init, f"model.{task.name}.init"
+    allow = dict(allow_missing=init.allow_missing, allow_unexpected=init.allow_unexpected)
+    if init.format == "hf":
+        model = clip_from_hf(init.path, **allow)
+    elif os.path.isdir(init.path):
+        model = clip_from_open_clip(init.path, **allow)
+    else:
+        model = clip_from_open_clip(init.name, pretrained=init.path, **allow)
+    text, tok, size = model.text, task.tok, task.cfg.model.vision.image_size
+    problems = []
+    if model.loss != loss:
+        problems.append(f"{where}: the checkpoint is a {model.loss} model (loss), not one for task {task.name!r}")
+    if size != model.visual.image_size:
+        wanted = model.visual.image_size
+        problems.append(f"model.vision.image_size: {size}, but the checkpoint of {where} takes {wanted}-pixel "
+                        f"images (set model.vision.image_size: {wanted})")
+    if tok.vocab_size != text.vocab_size:
+        problems.append(f"tokenizer: vocabulary size {tok.vocab_size} != {text.vocab_size} of {where}'s text tower "
+                        "(use the checkpoint's tokenizer)")
+    eot = text.vocab_size - 1 if text.eot_token_id is None else text.eot_token_id
+    if text.pool == "eot" and tok.eos_token_id != eot:
+        problems.append(f"tokenizer: end token {tok.eos_token_id} != {eot}, where {where}'s text tower pools")
+    length, limit = task.cfg.tokenizer.context_length, text.context_length
+    if length > limit or (text.pool == "last" and length != limit):
+        problems.append(f"tokenizer.context_length: {length}, but {where}'s text tower takes "
+                        f"{'exactly' if text.pool == 'last' else 'at most'} {limit} tokens")
+    if problems:
+        raise ValueError("; ".join(problems))
+    freeze_vision(model.visual, task.cfg.model.vision)
+    return model
+
+
+@dataclass
 class ClipConfig:
     """``model.clip``: the text tower, the joint embedding and the temperature."""
 
@@ -84,6 +176,7 @@ class ClipConfig:
     max_logit_scale: PositiveFloat = 100.0  # clamp of the logit scale
     retrieval_eval: bool = True  # image<->text Recall@1/5/10 on data.eval (besides zero-shot when labelled)
     zero_shot: Union[ZeroShotSet, None] = None  # bundled classes for zero-shot (null: data.eval.classes / classes.json)
+    init: Union[InitConfig, None] = None  # a whole open_clip / HF CLIP to start from (null: random init)
 
 
 class ClipEncoder:
@@ -105,15 +198,21 @@ class ClipTask(Task):
 
     @classmethod
     def check_config(cls, cfg) -> list[str]:
-        return []
+        if cfg.model.clip.init is None:
+            return []
+        return init_conflicts(cfg, "clip", ("embed_dim", "text", "init_temperature"))
 
     def build_model(self, dtype: torch.dtype) -> nn.Module:
         c, tok = self.config, self.tok
-        model = vlmcore.CLIP(
-            c.embed_dim, vision_encoder=build_vision(self.cfg), vocab_size=tok.vocab_size,
-            context_length=self.cfg.tokenizer.context_length, text_width=c.text.width, text_depth=c.text.depth,
-            text_heads=c.text.heads, pad_token_id=tok.pad_token_id, eot_token_id=tok.eos_token_id,
-            init_temperature=c.init_temperature, max_logit_scale=c.max_logit_scale)
+        if c.init is not None:
+            model = load_init(self, "clip")
+            model.criterion.max_scale = float(c.max_logit_scale)
+        else:
+            model = vlmcore.CLIP(
+                c.embed_dim, vision_encoder=build_vision(self.cfg), vocab_size=tok.vocab_size,
+                context_length=self.cfg.tokenizer.context_length, text_width=c.text.width, text_depth=c.text.depth,
+                text_heads=c.text.heads, pad_token_id=tok.pad_token_id, eot_token_id=tok.eos_token_id,
+                init_temperature=c.init_temperature, max_logit_scale=c.max_logit_scale)
         if c.text.lock:  # the final norm and projection follow the last block: frozen unless blocks are unlocked
             lock_tower(model.text, model.text.blocks, c.text.unlocked_layers,
                        after=[model.text.ln_final, model.text_projection])
@@ -228,6 +327,14 @@ class ClipTask(Task):
             if images is not None:
                 results.update(_retrieval_over_distinct_captions(images, texts, _gather_rows(captions, info)))
         return results
+
+    def peer_exporters(self) -> dict[str, Callable[[nn.Module, str], None]]:
+        """``{format: function(module, out_dir)}`` writing the model as the peer's own files:
+        ``open_clip`` (``open_clip_config.json`` + state dict) and ``hf`` (``save_pretrained``); each raises
+        ValueError naming what the peer cannot express (e.g. an adapter tower, SigLIP's head in open_clip)."""
+        from vlmcore.clip import export_hf, export_open_clip
+
+        return {"open_clip": export_open_clip, "hf": export_hf}
 
     def export(self, module: nn.Module) -> dict[str, tuple[list[str], str]]:
         names = super().export(module)

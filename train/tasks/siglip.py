@@ -21,7 +21,7 @@ from typing import Annotated, Literal, Union
 import torch
 from torch import nn
 from vlmcore.train.config import Bounds, PositiveInt
-from vlmcore.train.tasks.clip import ClipTask, TextConfig, ZeroShotSet
+from vlmcore.train.tasks.clip import ClipTask, InitConfig, TextConfig, ZeroShotSet, init_conflicts, load_init
 from vlmcore.train.tasks.common import build_vision, move
 
 import vlmcore
@@ -41,6 +41,7 @@ class SiglipConfig:
     dist_impl: Literal["local", "ring", "gather"] = "ring"  # how text blocks meet across ranks (local: no exchange)
     retrieval_eval: bool = True  # image<->text Recall@1/5/10 on data.eval (besides zero-shot when labelled)
     zero_shot: Union[ZeroShotSet, None] = None  # bundled classes for zero-shot (null: data.eval.classes / classes.json)
+    init: Union[InitConfig, None] = None  # a whole HF SigLIP (or open_clip sigmoid CLIP) to start from (null: random)
 
 
 class SiglipTask(ClipTask):
@@ -55,10 +56,16 @@ class SiglipTask(ClipTask):
             out.append("model.gradient_checkpointing: not available for task 'siglip' (flamingo and frozen only)")
         if len(cfg.data.train) != 1:
             out.append("data.train: task 'siglip' takes exactly one dataset")
+        if cfg.model.siglip.init is not None:
+            out += init_conflicts(cfg, "siglip", ("embed_dim", "text", "init_scale", "init_bias"))
         return out
 
     def build_model(self, dtype: torch.dtype) -> nn.Module:
         c, tok = self.config, self.tok
+        if c.init is not None:
+            model = load_init(self, "siglip")
+            model.criterion.dist_impl = "gather" if c.dist_impl == "gather" else "ring"
+            return model
         return vlmcore.CLIP(
             c.embed_dim, vision_encoder=build_vision(self.cfg), vocab_size=tok.vocab_size,
             context_length=self.cfg.tokenizer.context_length, text_width=c.text.width, text_depth=c.text.depth,

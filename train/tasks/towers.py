@@ -149,8 +149,8 @@ def build_tower(v: VisionConfig) -> nn.Module:
 
 def _last_blocks(tower: nn.Module, v: VisionConfig) -> tuple[list[nn.Module], list[nn.Module]]:
     """(the tower's sequence of blocks, the modules after them) for ``unlocked_layers``."""
-    if v.type == "builtin":
-        return list(tower.blocks), [tower.ln_post]
+    if v.type == "builtin":  # a SigLIP-style tower's attention-pool head follows its final norm
+        return list(tower.blocks), [tower.ln_post] + ([tower.head] if tower.head is not None else [])
     if v.type == "timm":
         model = tower.model
         blocks = getattr(model, "blocks", None) or getattr(model, "stages", None)

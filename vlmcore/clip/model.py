@@ -21,38 +21,57 @@ from vlmcore.retrieval import retrieval_metrics
 from vlmcore.vision import TransformerBlock, VisionTransformer, pooled_features
 from vlmcore.vision import vision_width as declared_width
 
+#: :class:`TextTransformer` pooling: at the end-of-text token (CLIP) or at the last position (SigLIP).
+TEXT_POOLS = ("eot", "last")
+
 
 class TextTransformer(nn.Module):
-    """CLIP's text tower: token + position embeddings, causal pre-norm blocks, final LayerNorm,
-    pooled at the end-of-text token.
+    """CLIP's text tower: token + position embeddings, pre-norm blocks (causal by default), final
+    LayerNorm, one pooled vector per row.
 
-    Pooling: the first position of ``eot_token_id`` in each row; with ``eot_token_id=None``, the
-    position of the largest token id (OpenAI CLIP, whose EOT has the largest id). A row without
-    the EOT token is pooled at its last non-``pad_token_id`` token.
+    Pooling (``pool``): ``"eot"`` (CLIP): the first position of ``eot_token_id`` in each row; with
+    ``eot_token_id=None``, the position of the largest token id (OpenAI CLIP, whose EOT has the
+    largest id); a row without the EOT token is pooled at its last non-``pad_token_id`` token.
+    ``"last"`` (SigLIP, whose text is padded to a fixed length): the last position of the row.
+
+    ``causal``: the attention masks future positions (CLIP); SigLIP's text attends both ways.
+    ``act``, ``mlp_ratio``, ``norm_eps``: the blocks' MLP and LayerNorms (see
+    :class:`vlmcore.vision.TransformerBlock`).
 
     ``forward(tokens [n, T] int64) -> [n, width]``.
     """
 
     def __init__(self, vocab_size: int, context_length: int, width: int, depth: int, heads: int,
-                 pad_token_id: int = 0, eot_token_id: int | None = None, mlp_ratio: float = 4.0):
+                 pad_token_id: int = 0, eot_token_id: int | None = None, mlp_ratio: float = 4.0, *,
+                 causal: bool = True, pool: str = "eot", act: str = "gelu", norm_eps: float = 1e-5):
         super().__init__()
         for name, value in (("vocab_size", vocab_size), ("context_length", context_length), ("width", width),
                             ("depth", depth), ("heads", heads)):
             check_positive_int(name, value)
         if eot_token_id is not None and not 0 <= eot_token_id < vocab_size:
             raise ValueError(f"eot_token_id must be None or a token id in [0, {vocab_size}), got {eot_token_id!r}")
+        if pool not in TEXT_POOLS:
+            raise ValueError(f"pool must be one of {', '.join(map(repr, TEXT_POOLS))}, got {pool!r}")
         self.context_length = context_length
         self.vocab_size = vocab_size
         self.width = width
         self.pad_token_id = pad_token_id
         self.eot_token_id = eot_token_id
+        self.causal = causal
+        self.pool = pool
+        self.act = act
+        self.norm_eps = norm_eps
         self.token_embedding = nn.Embedding(vocab_size, width)
         self.positional_embedding = nn.Parameter(torch.randn(context_length, width) * 0.01)
-        self.blocks = nn.ModuleList(TransformerBlock(width, heads, mlp_ratio, causal=True) for _ in range(depth))
-        self.ln_final = nn.LayerNorm(width)
+        self.blocks = nn.ModuleList(
+            TransformerBlock(width, heads, mlp_ratio, causal=causal, act=act, norm_eps=norm_eps)
+            for _ in range(depth))
+        self.ln_final = nn.LayerNorm(width, eps=norm_eps)
 
     def pool_positions(self, tokens: torch.Tensor) -> torch.Tensor:
         """``[n]`` index of the token each row is pooled at (see the class docstring)."""
+        if self.pool == "last":
+            return torch.full((tokens.shape[0],), tokens.shape[1] - 1, dtype=torch.long, device=tokens.device)
         positions = torch.arange(tokens.shape[1], device=tokens.device)
         last_real = torch.where(tokens != self.pad_token_id, positions, 0).amax(dim=1)
         if self.eot_token_id is None:
@@ -88,6 +107,11 @@ class CLIP(nn.Module):
             of width ``pooled_width``/``width`` is projected to ``embed_dim``.
         vocab_size, context_length, text_width, text_depth, text_heads: the text transformer.
         pad_token_id, eot_token_id: text pooling (see :class:`TextTransformer`).
+        text_encoder: None (build the :class:`TextTransformer` above), or a built one (the text
+            arguments above are then unused; its ``width`` is projected).
+        image_projection: project the pooled image vector to ``embed_dim`` (a bias-free linear, CLIP);
+            False: the pooled vector is the image feature (SigLIP's MAP head; its width must be ``embed_dim``).
+        text_projection_bias: the text projection has a bias (SigLIP's text head).
         init_temperature, max_logit_scale: the criterion's temperature (s = 1/tau <= max_logit_scale).
         loss: ``"clip"`` (softmax InfoNCE, :class:`vlmcore.ContrastiveLoss`) or ``"siglip"`` (pairwise
             sigmoid, :class:`vlmcore.SigLIPLoss`: s = exp(t') from ``siglip_init_scale``, bias from
@@ -117,6 +141,9 @@ class CLIP(nn.Module):
         text_heads: int = 8,
         pad_token_id: int = 0,
         eot_token_id: int | None = None,
+        text_encoder: nn.Module | None = None,
+        image_projection: bool = True,
+        text_projection_bias: bool = False,
         init_temperature: float = 0.07,
         max_logit_scale: float = 100.0,
         loss: str = "clip",
@@ -129,10 +156,19 @@ class CLIP(nn.Module):
         if vision_encoder is None:
             vision_encoder = VisionTransformer(image_size, patch_size, vision_width, vision_depth, vision_heads)
         self.visual = vision_encoder
-        self.text = TextTransformer(vocab_size, context_length, text_width, text_depth, text_heads,
-                                    pad_token_id=pad_token_id, eot_token_id=eot_token_id)
-        self.image_projection = nn.Linear(declared_width(vision_encoder, pooled=True), embed_dim, bias=False)
-        self.text_projection = nn.Linear(text_width, embed_dim, bias=False)
+        if text_encoder is None:
+            text_encoder = TextTransformer(vocab_size, context_length, text_width, text_depth, text_heads,
+                                           pad_token_id=pad_token_id, eot_token_id=eot_token_id)
+        self.text = text_encoder
+        pooled_width = declared_width(vision_encoder, pooled=True)
+        if image_projection:
+            self.image_projection = nn.Linear(pooled_width, embed_dim, bias=False)
+        elif pooled_width == embed_dim:
+            self.image_projection = nn.Identity()
+        else:
+            raise ValueError(f"image_projection=False needs the vision encoder's pooled width ({pooled_width}) "
+                             f"to equal embed_dim ({embed_dim})")
+        self.text_projection = nn.Linear(text_encoder.width, embed_dim, bias=text_projection_bias)
         if loss == "clip":
             self.criterion = ContrastiveLoss(init_temperature, max_logit_scale)
         elif loss == "siglip":

@@ -74,6 +74,7 @@ setup(
             "vlmcore-bench=vlmcore.bench.__main__:console_main",
             "vlmcore-capfilt=vlmcore.train.tools.capfilt:console_main",
             "vlmcore-eval=vlmcore.eval.cli:console_main",
+            "vlmcore-export=vlmcore.train.tools.export:console_main",
         ],
         # How vlmcore.eval (which imports nothing of the trainer) rebuilds a run directory's model.
         "vlmcore.run_loaders": ["trainer=vlmcore.train.tasks.run_loader:load"],

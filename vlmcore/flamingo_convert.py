@@ -138,7 +138,8 @@ def openflamingo_state_dict(model: Flamingo) -> dict[str, torch.Tensor]:
     """
     state = _vision_state(model)
     state.update({f"perceiver.{k}": v for k, v in model.perceiver.state_dict().items()})
-    lm_state = dict(model.lang_model.state_dict())
+    # Our FlamingoLayer wrappers add "decoder_layer." inside the LM's own state dict (Flamingo's hides it).
+    lm_state = {re.sub(r"\.decoder_layer\.", ".", k, count=1): v for k, v in model.lang_model.state_dict().items()}
     _lm_embeddings(model, lm_state)
     layers = _layers_path(model.lang_model)
     layer_key = re.compile(rf"^{re.escape(layers)}\.(\d+)\.(.+)$")

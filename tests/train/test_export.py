@@ -82,3 +82,37 @@ def test_unknown_format_and_used_output_directory_are_refused(flamingo_run, tmp_
         export.main(["--run", str(run_dir), "--to", "openflamingo", "--out", str(tmp_path / "b")])
     with pytest.raises(export.ExportError, match="--run.*no config.json"):
         export.main(["--run", str(tmp_path), "--to", "openflamingo", "--out", str(tmp_path / "c")])
+
+
+def _flamingo_task(data, tmp_path, *extra):
+    from vlmcore.train.config import load_config
+    from vlmcore.train.data.tokenizer import Tokenizer
+    from vlmcore.train.tasks import get_task
+
+    argv = train_argv("flamingo", data, tmp_path / "run", eval_batch_size=None, context_length=12,
+                      vision=None) + flamingo_overrides(data) + list(extra)
+    cfg = load_config(argv[1], argv[2:])
+    return get_task("flamingo")(cfg, Tokenizer(cfg.tokenizer.path, 12))
+
+
+def test_flamingo_writer_round_trips_a_task_built_model(data, tmp_path, monkeypatch):
+    # The writer alone (the CLI path is the slow test above), with trained new-token embeddings too.
+    task = _flamingo_task(data, tmp_path, "model.flamingo.train_new_token_embeddings=true")
+    ours = task.build_model(torch.float32).eval()
+    trained_looking(ours, [n for n, p in ours.named_parameters() if p.requires_grad], seed=3)
+    task.peer_exporters()["openflamingo"](ours, str(tmp_path))
+    peer = openflamingo_model(monkeypatch, ours.lang_model.config, media_token_id=task.tok.media_token_id,
+                              eoc_token_id=task.tok.eoc_token_id)
+    peer.load_state_dict(torch.load(tmp_path / "checkpoint.pt", weights_only=True)["model_state_dict"], strict=True)
+    lang_x = torch.randint(4, task.tok.vocab_size, (2, 9))
+    lang_x[:, [1, 6]] = task.tok.media_token_id
+    lang_x[0, 8] = task.tok.eoc_token_id
+    vision_x = torch.randn(2, 2, 1, 3, 16, 16)
+    with torch.no_grad():
+        assert_close(ours(vision_x, lang_x).logits, peer(vision_x, lang_x).logits, name="logits", atol=1e-5, rtol=1e-5)
+
+
+def test_flamingo_writer_refuses_sizes_openflamingo_cannot_build(data, tmp_path):
+    task = _flamingo_task(data, tmp_path, "model.flamingo.heads=4")
+    with pytest.raises(ValueError, match=r"model.flamingo: .*heads=4 \(OpenFlamingo: 8\)"):
+        task.peer_exporters()["openflamingo"](None, str(tmp_path))

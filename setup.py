@@ -75,6 +75,7 @@ setup(
             "vlmcore-capfilt=vlmcore.train.tools.capfilt:console_main",
             "vlmcore-convert=vlmcore.train.tools.convert_vqa:console_main",
             "vlmcore-eval=vlmcore.eval.cli:console_main",
+            "vlmcore-export=vlmcore.train.tools.export:console_main",
         ],
         # How vlmcore.eval (which imports nothing of the trainer) rebuilds a run directory's model.
         "vlmcore.run_loaders": ["trainer=vlmcore.train.tasks.run_loader:load"],

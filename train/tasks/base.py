@@ -19,6 +19,7 @@ Life of a run, as the loop sees it::
     results = task.run_evaluation(module, info, zero_stage)    # calls task.evaluate(module, ctx)
                                                       # (+ generation metrics under data.eval.eval: generate)
     files = task.export(module)                       # written at the end of the run
+    writers = task.peer_exporters()                   # vlmcore-export: format -> writer(module, out_dir)
 """
 
 from __future__ import annotations
@@ -245,6 +246,18 @@ class Task(abc.ABC):
             default: ``{"trainable.safetensors": (every parameter with requires_grad, "")}``.
         """
         return {"trainable.safetensors": ([n for n, p in module.named_parameters() if p.requires_grad], "")}
+
+    def peer_exporters(self) -> dict[str, Callable[[nn.Module, str], None]]:
+        """The peer formats ``vlmcore-export --to FORMAT`` writes the trained model in (``train/tools/export.py``).
+
+        Returns:
+            ``{format: writer}``; ``writer(module, out_dir)`` writes into the existing directory
+            ``out_dir`` the files the peer library loads (e.g. ``"hf"``: a ``save_pretrained``
+            directory; ``"openflamingo"``: a ``checkpoint.pt``), raising ``ValueError`` when this run's
+            model has no counterpart there (naming the config key that rules it out). Default ``{}``:
+            the task exports to no peer format (the CLI then says so, listing nothing).
+        """
+        return {}
 
     def load_exported(self, run_dir: str) -> nn.Module | None:
         """The model rebuilt from the exported files of ``run_dir`` alone, for evaluate-only

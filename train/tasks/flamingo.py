@@ -7,6 +7,7 @@ Config section ``model.flamingo`` (plus the common ``model.vision`` / ``model.lm
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +28,12 @@ from vlmcore.train.tasks.common import (
 
 import vlmcore
 from vlmcore.eval.generation import FlamingoEval
+from vlmcore.flamingo_convert import load_openflamingo_checkpoint, openflamingo_state_dict
+
+#: The sizes OpenFlamingo's ``Flamingo`` hard-codes (its ``PerceiverResampler(dim)`` and
+#: ``GatedCrossAttentionBlock(dim, dim_visual)`` defaults): an export needs ``model.flamingo`` to match.
+OPENFLAMINGO_SIZES = {"num_latents": 64, "resampler_depth": 6, "dim_head": 64, "heads": 8, "ff_mult": 4,
+                      "only_attend_immediate_media": True}
 
 
 @dataclass
@@ -42,6 +49,7 @@ class FlamingoConfig:
     only_attend_immediate_media: bool = True  # text attends only to the last preceding image (OpenFlamingo default)
     train_new_token_embeddings: bool = False  # train the <image> / <|endofchunk|> embeddings (else frozen)
     mask_text_before_first_image: bool = False  # OpenFlamingo's MMC4 masking: no loss before the first <image>
+    init: str = ""  # an OpenFlamingo checkpoint.pt to start the bridge from ("" = random init)
 
 
 class FlamingoEncoder:
@@ -87,12 +95,33 @@ class FlamingoTask(Task):
         vision = build_vision(self.cfg)
         lm = build_language_model(self.cfg, tok, dtype)
         new_tokens = [tok.media_token_id, tok.eoc_token_id] if f.train_new_token_embeddings else False
-        return vlmcore.Flamingo(
+        model = vlmcore.Flamingo(
             vision, lm, media_token_id=tok.media_token_id, vis_dim=vision.width,
             cross_attn_every_n_layers=f.cross_attn_every_n_layers, num_latents=f.num_latents,
             resampler_depth=f.resampler_depth, dim_head=f.dim_head, heads=f.heads,
             only_attend_immediate_media=f.only_attend_immediate_media, ff_mult=f.ff_mult,
             train_new_token_embeddings=new_tokens, gradient_checkpointing=self.cfg.model.gradient_checkpointing)
+        if f.init:
+            if not os.path.isfile(f.init):
+                raise ValueError(f"model.flamingo.init: {f.init!r} does not exist")
+            checkpoint = torch.load(f.init, map_location="cpu", weights_only=True)
+            state = checkpoint.get("model_state_dict", checkpoint)
+            load_openflamingo_checkpoint(model, state, f"model.flamingo.init {f.init}")
+        return model
+
+    def peer_exporters(self) -> dict:
+        return {"openflamingo": self._write_openflamingo}
+
+    def _write_openflamingo(self, module: nn.Module, out_dir: str) -> None:
+        """``checkpoint.pt`` (``{"model_state_dict": the full state}``) for OpenFlamingo's
+        ``create_model_and_transforms(..., cross_attn_every_n_layers=N)`` model."""
+        f = self.config
+        differ = [f"{k}={getattr(f, k)} (OpenFlamingo: {v})" for k, v in OPENFLAMINGO_SIZES.items()
+                  if getattr(f, k) != v]
+        if differ:
+            raise ValueError("model.flamingo: OpenFlamingo builds its resampler and cross-attention with fixed "
+                             f"sizes; this run differs: {', '.join(differ)}")
+        torch.save({"model_state_dict": openflamingo_state_dict(module)}, os.path.join(out_dir, "checkpoint.pt"))
 
     def encoder(self, kind: str, max_images: int, train: bool = True) -> FlamingoEncoder:
         return FlamingoEncoder(kind, self.tok, image_decoder(self.cfg, train), max_images,

@@ -60,13 +60,18 @@ def _check_frozen(model: torch.nn.Module, cfg, run_dir: str) -> None:
             + "; ".join(differences))
 
 
-def load(run_dir: str, device: torch.device) -> LoadedRun:
-    """The model of ``run_dir`` (fp32, eval mode, on ``device``) behind the :mod:`vlmcore.eval` interface."""
+def read_run_config(run_dir: str):
+    """The parsed ``config.json`` of ``run_dir`` (a ``TrainConfig``)."""
     with open(os.path.join(run_dir, "config.json"), encoding="utf-8") as f:
-        cfg = parse_config(json.load(f), source=os.path.join(run_dir, "config.json"))
+        return parse_config(json.load(f), source=os.path.join(run_dir, "config.json"))
+
+
+def build_run_model(run_dir: str, cfg=None):
+    """``(task, model)`` of ``run_dir``: the model rebuilt in fp32 (on CPU) with the run's trained
+    weights (frozen parts rebuilt as the run built them, then checked; see the module doc).
+    ``cfg``: the run's parsed config when the caller has read it already (:func:`read_run_config`)."""
+    cfg = read_run_config(run_dir) if cfg is None else cfg
     task_cls = get_task(cfg.task)
-    if not task_cls.generates:
-        raise ValueError(f"task {cfg.task!r} does not generate text; vlmcore-eval run scores the captioning tasks")
     tok = Tokenizer(cfg.tokenizer.path, cfg.tokenizer.context_length, kind=cfg.tokenizer.type,
                     media_tokens=task_cls.media_tokens)
     # The run seeded rank 0 with cfg.seed before building: a random-init frozen LM comes out the same.
@@ -79,6 +84,15 @@ def load(run_dir: str, device: torch.device) -> LoadedRun:
         model = task.build_model(torch.float32)
         _check_frozen(model, cfg, run_dir)
         _load_exports(task, model, run_dir)
+    return task, model
+
+
+def load(run_dir: str, device: torch.device) -> LoadedRun:
+    """The model of ``run_dir`` (fp32, eval mode, on ``device``) behind the :mod:`vlmcore.eval` interface."""
+    cfg = read_run_config(run_dir)
+    if not get_task(cfg.task).generates:
+        raise ValueError(f"task {cfg.task!r} does not generate text; vlmcore-eval run scores the captioning tasks")
+    task, model = build_run_model(run_dir, cfg)
     model = model.to(device).eval()
     images = task.eval_images()
     vision = getattr(model, "vision_encoder", None) or model.visual_encoder

@@ -1,0 +1,118 @@
+"""``vlmcore-export``: a tiny run (through vlmcore-train) or a task-built model with trained-looking
+weights -> the peer's format -> the peer's own model loads it with strict=True -> the same logits (fp32).
+
+Also: an unknown format names the task's formats; the output directory must be empty."""
+
+import pytest
+import torch
+from helpers.export_peers import (
+    flamingo_overrides,
+    openflamingo_model,
+    openflamingo_training_checkpoint,
+    trained_looking,
+)
+from helpers.numerics import assert_close
+from helpers.training import read_metrics, train_argv
+from vlmcore.train import main as train
+from vlmcore.train.tasks.run_loader import build_run_model
+from vlmcore.train.tools import export
+
+pytest.importorskip("open_clip")
+
+
+@pytest.fixture(scope="module")
+def data(shapes_dataset):
+    return shapes_dataset(n_train=64, n_eval=16, n_docs=16, image_size=32, shard_size=32, seed=4)
+
+
+@pytest.fixture(scope="module")
+def flamingo_run(data, tmp_path_factory):
+    """A 2-step Flamingo run (open_clip tower, OpenFlamingo's bridge sizes) started from an OpenFlamingo
+    checkpoint with trained-looking weights (``model.flamingo.init``)."""
+    tmp = tmp_path_factory.mktemp("flamingo_export")
+    argv = train_argv("flamingo", data, tmp / "run", "max_steps=2", "save_every=0", eval_batch_size=None,
+                      train_batch_size=4, context_length=12, vision=None) + flamingo_overrides(data)
+    from vlmcore.train.config import load_config
+    from vlmcore.train.data.tokenizer import Tokenizer
+    from vlmcore.train.tasks import get_task
+
+    cfg = load_config(argv[1], argv[2:])
+    torch.manual_seed(0)
+    source = get_task("flamingo")(cfg, Tokenizer(cfg.tokenizer.path, 12)).build_model(torch.float32)
+    trained_looking(source, [n for n, p in source.named_parameters() if p.requires_grad])
+    openflamingo_training_checkpoint(source, tmp / "init.pt")
+    train(argv + [f"model.flamingo.init={tmp}/init.pt"])
+    return tmp / "run", source
+
+
+@pytest.mark.slow  # the 2-step run: ~3 min on the shared 2-core machine (DeepSpeed's CPU op build included)
+def test_flamingo_run_exports_to_openflamingo(flamingo_run, tmp_path, monkeypatch):
+    run_dir, source = flamingo_run
+    steps, _ = read_metrics(run_dir)
+    assert [s["step"] for s in steps] == [1, 2]
+    files = export.main(["--run", str(run_dir), "--to", "openflamingo", "--out", str(tmp_path / "of")])
+    assert files == ["checkpoint.pt"]
+    task, ours = build_run_model(str(run_dir))
+    ours.eval()
+    # trained: the bridge moved away from the init checkpoint in the 2 steps
+    assert not torch.equal(ours.perceiver.latents, source.perceiver.latents)
+    peer = openflamingo_model(monkeypatch, ours.lang_model.config, media_token_id=task.tok.media_token_id,
+                              eoc_token_id=task.tok.eoc_token_id)
+    state = torch.load(tmp_path / "of" / "checkpoint.pt", weights_only=True)["model_state_dict"]
+    peer.load_state_dict(state, strict=True)
+    lang_x = torch.randint(4, task.tok.vocab_size, (2, 9))
+    lang_x[:, [0, 5]] = task.tok.media_token_id
+    lang_x[1, 0] = 5  # text before the first image: attends to nothing
+    vision_x, mask = torch.randn(2, 2, 1, 3, 16, 16), torch.ones_like(lang_x)
+    mask[1, -2:] = 0
+    with torch.no_grad():
+        expected = peer(vision_x, lang_x, attention_mask=mask).logits
+        got = ours(vision_x, lang_x, attention_mask=mask).logits
+    assert_close(got, expected, name="logits", atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_unknown_format_and_used_output_directory_are_refused(flamingo_run, tmp_path):
+    run_dir, _ = flamingo_run
+    with pytest.raises(export.ExportError, match=r"no export format 'hf' \(its formats: openflamingo\)"):
+        export.main(["--run", str(run_dir), "--to", "hf", "--out", str(tmp_path / "a")])
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "keep.txt").write_text("x")
+    with pytest.raises(export.ExportError, match="--out.*not empty"):
+        export.main(["--run", str(run_dir), "--to", "openflamingo", "--out", str(tmp_path / "b")])
+    with pytest.raises(export.ExportError, match="--run.*no config.json"):
+        export.main(["--run", str(tmp_path), "--to", "openflamingo", "--out", str(tmp_path / "c")])
+
+
+def _flamingo_task(data, tmp_path, *extra):
+    from vlmcore.train.config import load_config
+    from vlmcore.train.data.tokenizer import Tokenizer
+    from vlmcore.train.tasks import get_task
+
+    argv = train_argv("flamingo", data, tmp_path / "run", eval_batch_size=None, context_length=12,
+                      vision=None) + flamingo_overrides(data) + list(extra)
+    cfg = load_config(argv[1], argv[2:])
+    return get_task("flamingo")(cfg, Tokenizer(cfg.tokenizer.path, 12))
+
+
+def test_flamingo_writer_round_trips_a_task_built_model(data, tmp_path, monkeypatch):
+    # The writer alone (the CLI path is the slow test above), with trained new-token embeddings too.
+    task = _flamingo_task(data, tmp_path, "model.flamingo.train_new_token_embeddings=true")
+    ours = task.build_model(torch.float32).eval()
+    trained_looking(ours, [n for n, p in ours.named_parameters() if p.requires_grad], seed=3)
+    task.peer_exporters()["openflamingo"](ours, str(tmp_path))
+    peer = openflamingo_model(monkeypatch, ours.lang_model.config, media_token_id=task.tok.media_token_id,
+                              eoc_token_id=task.tok.eoc_token_id)
+    peer.load_state_dict(torch.load(tmp_path / "checkpoint.pt", weights_only=True)["model_state_dict"], strict=True)
+    lang_x = torch.randint(4, task.tok.vocab_size, (2, 9))
+    lang_x[:, [1, 6]] = task.tok.media_token_id
+    lang_x[0, 8] = task.tok.eoc_token_id
+    vision_x = torch.randn(2, 2, 1, 3, 16, 16)
+    with torch.no_grad():
+        assert_close(ours(vision_x, lang_x).logits, peer(vision_x, lang_x).logits, name="logits", atol=1e-5, rtol=1e-5)
+
+
+def test_flamingo_writer_refuses_sizes_openflamingo_cannot_build(data, tmp_path):
+    task = _flamingo_task(data, tmp_path, "model.flamingo.heads=4")
+    with pytest.raises(ValueError, match=r"model.flamingo: .*heads=4 \(OpenFlamingo: 8\)"):
+        task.peer_exporters()["openflamingo"](None, str(tmp_path))

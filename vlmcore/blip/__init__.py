@@ -6,7 +6,9 @@
   :func:`blip_retrieval_metrics`;
 - :mod:`~vlmcore.blip.convert`: Hugging Face and salesforce/BLIP weights by name;
 - :mod:`~vlmcore.blip.build`: specs, :func:`build_blip`, :func:`save_blip`, :func:`load_blip`,
-  :func:`blip_from_salesforce`.
+  :func:`blip_from_salesforce`;
+- :mod:`~vlmcore.blip.video`: zero-shot text <-> video retrieval by frame concatenation
+  (:func:`encode_video`, :func:`video_retrieval_scores`, :func:`video_retrieval_metrics`).
 
 Every public name is importable from ``vlmcore.blip``.
 """
@@ -28,6 +30,7 @@ from vlmcore.blip.model import (
     sample_hard_negatives,
 )
 from vlmcore.blip.text import MODES, LMHead, MEDConfig, MEDLayer, MEDTextModel
+from vlmcore.blip.video import VideoEncoding, encode_video, video_retrieval_metrics, video_retrieval_scores
 
 __all__ = [
     "BLIP",
@@ -37,15 +40,19 @@ __all__ = [
     "MEDTextModel",
     "MODES",
     "MOMENTUM_STATE",
+    "VideoEncoding",
     "alpha_ramp",
     "blip_from_salesforce",
     "blip_retrieval_metrics",
     "blip_vision_encoder",
     "build_blip",
+    "encode_video",
     "is_salesforce_checkpoint",
     "load_blip",
     "read_salesforce_checkpoint",
     "salesforce_blip_spec",
     "sample_hard_negatives",
     "save_blip",
+    "video_retrieval_metrics",
+    "video_retrieval_scores",
 ]

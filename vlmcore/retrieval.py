@@ -113,6 +113,33 @@ def recall_at_k(scores_i2t: torch.Tensor, scores_t2i: torch.Tensor, text_to_imag
     return recall_from_ranks(*retrieval_ranks(scores_i2t, scores_t2i, text_to_image, positive=positive), ks)
 
 
+def video_retrieval_metrics(score_v2t: torch.Tensor, score_t2v: torch.Tensor,
+                            text_to_video: torch.Tensor | None = None, ks: Sequence[int] = (1, 5, 10)
+                            ) -> dict[str, float]:
+    """Video->text and text->video Recall@k and ranks from score matrices (BLIP / BLIP-2 video retrieval).
+
+    Args:
+        score_v2t: ``[N_vid, N_txt]``; score_t2v: ``[N_txt, N_vid]``.
+        text_to_video: int ``[N_txt]``, the video each caption describes; default ``arange`` (MSRVTT's
+            1k-A test: one caption per video).
+        ks: the k of Recall@k.
+
+    Returns:
+        ``{"v2t_R@k", "t2v_R@k"}`` for every k (the rules of :func:`recall_at_k`),
+        ``"mean_recall"``, and the 1-based rank of the correct answer: ``"t2v_median_rank"`` (BLIP's
+        ``vid_mdR``), ``"t2v_mean_rank"``, ``"v2t_median_rank"``, ``"v2t_mean_rank"``.
+    """
+    v2t_rank, t2v_rank = retrieval_ranks(score_v2t, score_t2v, text_to_video)
+    recalls = {name.replace("i2t", "v2t").replace("t2i", "t2v"): value
+               for name, value in recall_from_ranks(v2t_rank, t2v_rank, ks).items()}
+    out = with_mean_recall(recalls)
+    for direction, rank in (("t2v", t2v_rank), ("v2t", v2t_rank)):
+        one_based = (rank + 1).float()
+        out[f"{direction}_median_rank"] = float(one_based.quantile(0.5))  # numpy's median, as BLIP's
+        out[f"{direction}_mean_rank"] = float(one_based.mean())
+    return out
+
+
 def _check_features(image_features: torch.Tensor, text_features: torch.Tensor) -> None:
     """Raise ``ValueError`` unless both are non-empty ``[N, d]`` tensors of one width ``d``."""
     for name, value in (("image_features", image_features), ("text_features", text_features)):
@@ -161,4 +188,4 @@ def retrieval_metrics(image_features: torch.Tensor, text_features: torch.Tensor,
 
 
 __all__ = ["best_positive_rank", "recall_at_k", "recall_from_ranks", "retrieval_metrics", "retrieval_ranks",
-           "with_mean_recall"]
+           "video_retrieval_metrics", "with_mean_recall"]

@@ -145,3 +145,72 @@ def test_bad_inputs_name_the_argument(model):
     _, ids, mask = tiny_batch(b=2)
     with pytest.raises(ValueError, match="k_test"):
         video_retrieval_scores(model, frames, ids, mask, k_test=0)
+
+
+# --------------------------------------------------------------------------- BLIP-2 (stage-1 Q-Former)
+
+@pytest.fixture(scope="module")
+def blip2():
+    from vlmcore import VisionTransformer
+    from vlmcore.blip2 import Blip2Stage1, QFormer
+
+    torch.manual_seed(0)
+    vision = VisionTransformer(image_size=16, patch_size=8, width=24, depth=1, heads=2)
+    qformer = QFormer(24, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=48, num_query_tokens=4,
+                      vocab_size=40, max_position_embeddings=16, dropout=0.0, attention_dropout=0.0)
+    return Blip2Stage1(qformer, vision, embed_dim=8, dec_token_id=39).eval()
+
+
+def blip2_reference_scores(model, videos: list[torch.Tensor], ids, mask, k: int):
+    """The recipe restated per video, unpadded: the frames' tokens concatenated ``[F_i * S, W]``, the
+    Q-Former's ITC (max over queries) and ITM + ITC on each query's top k (LAVIS compute_sim_matrix)."""
+    tokens = [model.vision_encoder(v).reshape(1, -1, 24) for v in videos]  # [1, F_i * S, W]
+    query_feats = torch.cat([model.image_features(t) for t in tokens])  # [N_vid, Q, D]
+    text_feats = model.text_features(ids, mask)
+    itc = torch.einsum("vqd,td->vtq", query_feats, text_feats).amax(-1)
+
+    def itm(video: int, text: int) -> torch.Tensor:
+        return model.itm_logits(tokens[video], ids[text:text + 1], mask[text:text + 1])[0, 1]
+
+    i2t = torch.full(itc.shape, -100.0)
+    for v in range(itc.shape[0]):
+        top_sim, top_idx = itc[v].topk(k)
+        i2t[v, top_idx] = torch.stack([itm(v, int(t)) for t in top_idx]) + top_sim
+    t2i = torch.full(itc.T.shape, -100.0)
+    for t in range(itc.shape[1]):
+        top_sim, top_idx = itc[:, t].topk(k)
+        t2i[t, top_idx] = torch.stack([itm(int(v), t) for v in top_idx]) + top_sim
+    return itc, i2t, t2i
+
+
+@torch.no_grad()
+def test_blip2_padded_video_scores_equal_the_unpadded_recipe(blip2):
+    from vlmcore.blip2.video import encode_video as blip2_encode_video
+    from vlmcore.blip2.video import video_retrieval_scores as blip2_video_scores
+
+    lengths = [2, 3, 1, 3]
+    real = [_videos(1, n, seed=20 + i)[0] for i, n in enumerate(lengths)]
+    garbage = _videos(4, 3, seed=98) * 5
+    frames = torch.stack([torch.cat([v, garbage[i, len(v):]]) for i, v in enumerate(real)])
+    frame_mask = torch.arange(3)[None, :] < torch.tensor(lengths)[:, None]
+    _, ids, mask = tiny_batch(b=5, seed=9)
+    itc, i2t, t2i = blip2_reference_scores(blip2, real, ids, mask, k=3)
+    got = blip2_video_scores(blip2, frames, ids, mask, frame_mask, k=3, batch_size=3)
+    assert_close(got["itc"], itc, atol=ATOL, rtol=RTOL, name="BLIP-2 video ITC")
+    assert_close(got["itm_i2t"], i2t, atol=ATOL, rtol=RTOL, name="BLIP-2 v2t")
+    assert_close(got["itm_t2i"], t2i, atol=ATOL, rtol=RTOL, name="BLIP-2 t2v")
+    tokens, token_mask = blip2_encode_video(blip2, frames, frame_mask)
+    assert tokens.shape == (4, 3 * 5, 24) and torch.equal(token_mask, frame_mask.repeat_interleave(5, dim=1))
+    metrics = video_retrieval_metrics(got["itm_i2t"], got["itm_t2i"], torch.tensor([0, 1, 2, 3, 0]))
+    assert all(0.0 <= metrics[k] <= 1.0 for k in metrics if "_R@" in k)
+
+
+@torch.no_grad()
+def test_blip2_one_frame_is_image_retrieval(blip2):
+    from vlmcore.blip2.video import video_retrieval_scores as blip2_video_scores
+
+    images, ids, mask = tiny_batch(b=4, seed=11)
+    expected = blip2.retrieval_scores(blip2.vision_encoder(images), ids, mask, k=2, batch_size=2)
+    got = blip2_video_scores(blip2, images[:, None], ids, mask, k=2, batch_size=2)
+    for name in ("itc", "itm_i2t", "itm_t2i"):
+        assert_close(got[name], expected[name], atol=1e-6, rtol=1e-6, name=name)

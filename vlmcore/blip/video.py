@@ -16,15 +16,14 @@ the ITC mean and their tokens out of the ITM keys, so a padded video scores as t
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from vlmcore._checks import check_positive_int
+from vlmcore._checks import check_frames, check_positive_int
 from vlmcore.blip.model import BLIP
-from vlmcore.retrieval import recall_from_ranks, retrieval_ranks, with_mean_recall
+from vlmcore.retrieval import video_retrieval_metrics
 
 
 class VideoEncoding(NamedTuple):
@@ -41,23 +40,6 @@ class VideoEncoding(NamedTuple):
     token_mask: torch.Tensor | None
 
 
-def _check_frames(frames: torch.Tensor, frame_mask: torch.Tensor | None) -> None:
-    """Raise ``ValueError`` unless ``frames`` is ``[B, F, C, H, W]`` and ``frame_mask`` None or a bool
-    ``[B, F]`` keeping at least one frame of every video."""
-    if not isinstance(frames, torch.Tensor) or frames.dim() != 5 or 0 in frames.shape[:2]:
-        got = tuple(frames.shape) if isinstance(frames, torch.Tensor) else type(frames).__name__
-        raise ValueError(f"frames must be a [B, F, C, H, W] tensor with B, F >= 1, got {got}")
-    if frame_mask is None:
-        return
-    if not isinstance(frame_mask, torch.Tensor) or frame_mask.dtype != torch.bool or \
-            tuple(frame_mask.shape) != tuple(frames.shape[:2]):
-        got = (frame_mask.dtype, tuple(frame_mask.shape)) if isinstance(frame_mask, torch.Tensor) else frame_mask
-        raise ValueError(f"frame_mask must be a bool [B, F] = {tuple(frames.shape[:2])} tensor (False = padded "
-                         f"frame), got {got}")
-    if not bool(frame_mask.any(dim=1).all()):
-        raise ValueError("frame_mask must keep at least one frame of every video")
-
-
 def encode_video(model: BLIP, frames: torch.Tensor, frame_mask: torch.Tensor | None = None) -> VideoEncoding:
     """BLIP's video encoding (module docstring): ITC features and the concatenated frame tokens.
 
@@ -69,7 +51,9 @@ def encode_video(model: BLIP, frames: torch.Tensor, frame_mask: torch.Tensor | N
     Returns:
         :class:`VideoEncoding` (``features [B, embed_dim]``, ``tokens [B, F * N, width]``, ``token_mask``).
     """
-    _check_frames(frames, frame_mask)
+    check_frames(frames, frame_mask)
+    if frame_mask is not None and not bool(frame_mask.any(dim=1).all()):  # eval-time check: one host read
+        raise ValueError("frame_mask must keep at least one frame of every video")
     b, f = frames.shape[:2]
     tokens = model.encode_image(frames.flatten(0, 1))  # [B * F, N, width]
     per_frame = model.vision_proj(tokens[:, 0]).view(b, f, -1)  # [B, F, embed_dim]
@@ -88,7 +72,8 @@ def video_retrieval_scores(model: BLIP, frames: torch.Tensor, input_ids: torch.T
                            attention_mask: torch.Tensor | None, frame_mask: torch.Tensor | None = None, *,
                            k_test: int = 128, batch_size: int = 16, tokens_on_cpu: bool = True
                            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """BLIP's text <-> video retrieval scores: ITC, each query's top ``k_test`` re-ranked by ITM.
+    """BLIP's text <-> video retrieval scores: ITC, each query's top ``k_test`` re-ranked by ITM
+    (Recall@k and ranks: :func:`vlmcore.retrieval.video_retrieval_metrics`).
 
     Args:
         frames: ``[N_vid, F, C, H, W]``; frame_mask: bool ``[N_vid, F]`` or None.
@@ -103,7 +88,7 @@ def video_retrieval_scores(model: BLIP, frames: torch.Tensor, input_ids: torch.T
         top ``k_test`` are -100.
     """
     check_positive_int("batch_size", batch_size)
-    _check_frames(frames, frame_mask)
+    check_frames(frames, frame_mask)
     encoded = []
     for i in range(0, len(frames), batch_size):
         chunk_mask = None if frame_mask is None else frame_mask[i:i + batch_size]
@@ -115,33 +100,6 @@ def video_retrieval_scores(model: BLIP, frames: torch.Tensor, input_ids: torch.T
     token_mask = None if frame_mask is None else torch.cat([e.token_mask for e in encoded])
     return model.rerank_scores(features, tokens, input_ids, attention_mask, image_mask=token_mask, k_test=k_test,
                                batch_size=batch_size)
-
-
-def video_retrieval_metrics(score_v2t: torch.Tensor, score_t2v: torch.Tensor,
-                            text_to_video: torch.Tensor | None = None, ks: Sequence[int] = (1, 5, 10)
-                            ) -> dict[str, float]:
-    """Video->text and text->video Recall@k and ranks of :func:`video_retrieval_scores`.
-
-    Args:
-        score_v2t: ``[N_vid, N_txt]``; score_t2v: ``[N_txt, N_vid]``.
-        text_to_video: int ``[N_txt]``, the video each caption describes; default ``arange`` (MSRVTT's
-            1k-A test: one caption per video).
-        ks: the k of Recall@k.
-
-    Returns:
-        ``{"v2t_R@k", "t2v_R@k"}`` for every k (the rules of :func:`vlmcore.retrieval.recall_at_k`),
-        ``"mean_recall"``, and the 1-based rank of the correct answer: ``"t2v_median_rank"`` (BLIP's
-        ``vid_mdR``), ``"t2v_mean_rank"``, ``"v2t_median_rank"``, ``"v2t_mean_rank"``.
-    """
-    v2t_rank, t2v_rank = retrieval_ranks(score_v2t, score_t2v, text_to_video)
-    recalls = {name.replace("i2t", "v2t").replace("t2i", "t2v"): value
-               for name, value in recall_from_ranks(v2t_rank, t2v_rank, ks).items()}
-    out = with_mean_recall(recalls)
-    for direction, rank in (("t2v", t2v_rank), ("v2t", v2t_rank)):
-        one_based = (rank + 1).float()
-        out[f"{direction}_median_rank"] = float(one_based.quantile(0.5))  # numpy's median, as BLIP's
-        out[f"{direction}_mean_rank"] = float(one_based.mean())
-    return out
 
 
 __all__ = ["VideoEncoding", "encode_video", "video_retrieval_metrics", "video_retrieval_scores"]

@@ -1,21 +1,20 @@
 """Zero-shot text <-> video retrieval evaluation (vlmcore.eval.video_retrieval) on video batches built
 here: captions grouped per video, the numbers equal the model functions', deterministic, BLIP and
-BLIP-2; the task's video encoder feeds it and unusable videos are counted as skipped (EvalTally).
+BLIP-2; mp4 clips written with PyAV go through the run's ``common.VideoDecoder`` and the task's
+video encoder into it, and a corrupt video is counted as skipped (EvalTally, ``bad_video``)."""
 
-The frames come from a stand-in decoder (``KEY.npy`` float frames): decoding mp4 with PyAV is the
-``video`` branch's ``common.VideoDecoder``, which the encoder takes as its ``video`` argument."""
+import random
 
-import io
-
-import numpy as np
 import pytest
 import torch
 from helpers.tiny_blip import tiny_batch, tiny_blip
 from vlmcore.train.data.blip_text import BlipText
 from vlmcore.train.data.eval_counts import EvalTally
 from vlmcore.train.data.pipeline import BadSample
+from vlmcore.train.data.preprocess import ImageTransform
 from vlmcore.train.data.tokenizer import Tokenizer
 from vlmcore.train.tasks.blip_retrieval import BlipVideoEncoder
+from vlmcore.train.tasks.common import ImageDecoder, VideoDecoder
 
 from vlmcore.blip import video_retrieval_scores
 from vlmcore.eval.video_retrieval import video_retrieval, videos_of_captions
@@ -84,46 +83,54 @@ def test_blip2_and_unknown_models():
         video_retrieval(model, [{k: v for k, v in batches[0].items() if k != "video_ids"}])
 
 
-def _npy_frames(sample: dict) -> tuple[torch.Tensor, torch.Tensor, str]:
-    """Stand-in for common.VideoDecoder: frames ``[F, 3, 16, 16]`` stored as ``KEY.npy``, zero-padded to F."""
-    try:
-        frames = torch.from_numpy(np.load(io.BytesIO(sample["npy"])))
-    except ValueError as e:
-        raise BadSample(f"{sample['__key__']}.npy: {e}", "undecodable_image") from None
-    out = torch.zeros(FRAMES, 3, 16, 16)
-    out[:len(frames)] = frames
-    return out, torch.arange(FRAMES) < len(frames), sample["txt"].decode("utf-8")
+def _mp4_samples() -> list[dict]:
+    """Five moving-shape clips written as mp4 with PyAV (2 to 4 frames), and one corrupt mp4 in the middle."""
+    from vlmcore.train.tools.shape_drawing import moving_shape
+    from vlmcore.train.tools.video_shapes import encode_video
 
-
-def _npy(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, array)
-    return buffer.getvalue()
+    rng = random.Random(3)
+    samples = []
+    for i, (shape, colour) in enumerate([("circle", "red"), ("square", "blue"), ("circle", "green"),
+                                         ("square", "red"), ("circle", "blue")]):
+        frames = moving_shape(rng, shape, colour, "right", "eval", 32, 2 + i % 3)
+        samples.append({"__key__": f"clip{i}", "__url__": "eval.tar", "mp4": encode_video(frames),
+                        "txt": f"a {colour} {shape}\nunused second line".encode()})
+    broken = samples[1]["mp4"]
+    samples.insert(2, {"__key__": "broken", "__url__": "eval.tar", "mp4": broken[: len(broken) // 3],
+                       "txt": b"a blue square"})
+    return samples
 
 
 @torch.no_grad()
-def test_video_encoder_feeds_the_eval_and_corrupt_videos_are_counted(data):
+def test_mp4_eval_set_through_the_video_decoder_counts_corrupt_videos(data):
+    pytest.importorskip("av")
     text = BlipText(Tokenizer(str(data / "tokenizer.json"), 16))
     tally = EvalTally()
-    encoder = tally.wrap(BlipVideoEncoder(text, _npy_frames))
-    rng = np.random.default_rng(3)
-    samples = [{"__key__": f"clip{i}", "__url__": "eval.tar", "txt": b"a red circle\nunused second line",
-                "npy": _npy(rng.standard_normal((1 + i % FRAMES, 3, 16, 16)).astype(np.float32))} for i in range(5)]
-    samples.insert(2, {"__key__": "broken", "__url__": "eval.tar", "txt": b"a blue square", "npy": b"not an array"})
-    examples = []
-    for sample in samples:
-        try:
-            examples.append(encoder(sample))
-        except BadSample:
-            continue
+    frames = VideoDecoder(ImageDecoder(ImageTransform(size=16, is_train=False), seed=0), 4, train=False)
+    encoder = tally.wrap(BlipVideoEncoder(text, frames))
+
+    def encoded() -> list[dict]:
+        examples = []
+        for sample in _mp4_samples():
+            try:
+                examples.append(encoder(sample))
+            except BadSample:
+                continue
+        return examples
+
+    examples = encoded()
     summary = tally.summary(["eval.tar"])
-    assert summary == {"eval_usable_samples": 5, "eval_skipped_samples": 1, "eval_skipped/undecodable_image": 1}
-    assert examples[1]["frame_mask"].tolist() == [True, True, False]
-    assert examples[0]["input_ids"].shape == (16,) and examples[0]["video_ids"].dtype == torch.long
-    assert examples[0]["video_ids"] != examples[1]["video_ids"]  # no video_id in JSON: one video per key
-    batch = {k: torch.stack([e[k] for e in examples]) for k in examples[0]}
+    assert summary == {"eval_usable_samples": 5, "eval_skipped_samples": 1, "eval_skipped/bad_video": 1}
+    assert [e["frame_mask"].sum().item() for e in examples] == [2, 3, 4, 2, 3]  # padded to 4 frames
+    assert examples[0]["frames"].shape == (4, 3, 16, 16) and examples[0]["input_ids"].shape == (16,)
+    assert len({int(e["video_ids"]) for e in examples}) == 5  # no video_id in JSON: one video per key
     torch.manual_seed(0)
     model = tiny_blip().eval()
     model.text_encoder.embeddings.word_embeddings = torch.nn.Embedding(text.vocab_size, 32)  # the tokenizer's ids
-    metrics = video_retrieval(model, [batch], k_test=4)
-    assert metrics["eval_videos"] == 5 and all(0.0 <= metrics[k] <= 1.0 for k in metrics if "_R@" in k)
+
+    def metrics(examples):
+        return video_retrieval(model, [{k: torch.stack([e[k] for e in examples]) for k in examples[0]}], k_test=4)
+
+    first = metrics(examples)
+    assert first["eval_videos"] == 5 and all(0.0 <= first[k] <= 1.0 for k in first if "_R@" in k)
+    assert metrics(encoded()) == first  # decoding and scoring again: the same numbers

@@ -1,22 +1,30 @@
 """Zero-shot text <-> video retrieval evaluation (vlmcore.eval.video_retrieval) on video batches built
 here: captions grouped per video, the numbers equal the model functions', deterministic, BLIP and
 BLIP-2; mp4 clips written with PyAV go through the run's ``common.VideoDecoder`` and the task's
-video encoder into it, and a corrupt video is counted as skipped (EvalTally, ``bad_video``)."""
+video encoder into it, and a corrupt video is counted as skipped (EvalTally, ``bad_video``); the
+tie rule (pessimistic) against BLIP's ``itm_eval``; ``vlmcore-eval video-retrieval`` on a tiny
+blip_retrieval run trained here, and its errors (exit 2 naming the file)."""
 
+import json
 import random
 
+import numpy as np
 import pytest
 import torch
 from helpers.tiny_blip import tiny_batch, tiny_blip
+from helpers.training import train_argv
+from vlmcore.train import main as train_main
 from vlmcore.train.data.blip_text import BlipText
 from vlmcore.train.data.eval_counts import EvalTally
 from vlmcore.train.data.pipeline import BadSample
 from vlmcore.train.data.preprocess import ImageTransform
+from vlmcore.train.data.tar_writer import TarWriter
 from vlmcore.train.data.tokenizer import Tokenizer
 from vlmcore.train.tasks.blip_retrieval import BlipVideoEncoder
 from vlmcore.train.tasks.common import ImageDecoder, VideoDecoder
 
 from vlmcore.blip import video_retrieval_scores
+from vlmcore.eval import cli
 from vlmcore.eval.video_retrieval import video_retrieval, videos_of_captions
 from vlmcore.retrieval import video_retrieval_metrics
 
@@ -134,3 +142,105 @@ def test_mp4_eval_set_through_the_video_decoder_counts_corrupt_videos(data):
     first = metrics(examples)
     assert first["eval_videos"] == 5 and all(0.0 <= first[k] <= 1.0 for k in first if "_R@" in k)
     assert metrics(encoded()) == first  # decoding and scoring again: the same numbers
+
+
+def _blip_itm_eval_ranks(scores: np.ndarray, positives: list[list[int]]) -> np.ndarray:
+    """salesforce BLIP ``eval_retrieval_video.itm_eval``'s ranks: a candidate's position in ``np.argsort``
+    descending, the best of the query's correct answers (ties: whatever order the sort leaves)."""
+    ranks = np.zeros(len(scores), dtype=np.int64)
+    for query, row in enumerate(scores):
+        order = np.argsort(row)[::-1]
+        ranks[query] = min(np.where(order == c)[0][0] for c in positives[query])
+    return ranks
+
+
+def test_ties_rank_pessimistically_and_untied_ranks_are_blips():
+    text_to_video = torch.tensor([0, 1, 2, 0])
+    # tie-free scores: exactly BLIP's argsort ranks (its median rank is vid_mdR = median(rank + 1))
+    g = torch.Generator().manual_seed(4)
+    v2t, t2v = torch.randn(3, 4, generator=g), torch.randn(4, 3, generator=g)
+    metrics = video_retrieval_metrics(v2t, t2v, text_to_video, ks=(1, 2, 3))
+    v2t_blip = _blip_itm_eval_ranks(v2t.numpy(), [[0, 3], [1], [2]])
+    t2v_blip = _blip_itm_eval_ranks(t2v.numpy(), [[0], [1], [2], [0]])
+    assert metrics["v2t_mean_rank"] == pytest.approx(v2t_blip.mean() + 1)
+    assert metrics["t2v_mean_rank"] == pytest.approx(t2v_blip.mean() + 1)
+    assert metrics["t2v_median_rank"] == pytest.approx(float(np.median(t2v_blip + 1)))
+    assert metrics["t2v_R@1"] == pytest.approx(float((t2v_blip < 1).mean()))
+
+    # a tie ranks the correct answer after every equal-scoring wrong one, whatever their positions
+    tied = torch.zeros(4, 3)
+    tied_metrics = video_retrieval_metrics(tied.T.clone(), tied, text_to_video, ks=(1, 2, 3))
+    assert tied_metrics["t2v_R@1"] == 0.0 and tied_metrics["t2v_R@2"] == 0.0 and tied_metrics["t2v_R@3"] == 1.0
+    # 1-based: a caption has 2 wrong videos -> 3; video 0 has 2 wrong captions -> 3, videos 1 and 2 have 3 -> 4
+    assert tied_metrics["t2v_mean_rank"] == 3.0 and tied_metrics["v2t_mean_rank"] == pytest.approx(11 / 3)
+    # the re-ranker's -100 for candidates outside the ITC top k_test: caption 1's video (1) ties there with
+    # another video and ranks after it, whether that one comes before or after it in the row (an argsort
+    # by position would rank it second in one layout and third in the other)
+    for row in ([-100.0, -100.0, 7.0], [7.0, -100.0, -100.0]):
+        outside = torch.tensor([[2.0, 1.0, 0.0], row, [0.0, 1.0, 2.0], [2.0, 1.0, 0.0]])
+        out = video_retrieval_metrics(outside.T.clone(), outside, text_to_video, ks=(1, 3))
+        assert out["t2v_R@1"] == 0.75 and out["t2v_R@3"] == 1.0
+        assert out["t2v_mean_rank"] == pytest.approx((1 + 3 + 1 + 1) / 4) and out["t2v_median_rank"] == 1.0
+
+
+TINY_TEXT = "{hidden_size: 32, num_hidden_layers: 1, num_attention_heads: 2, intermediate_size: 64}"
+
+
+@pytest.fixture(scope="module")
+def retrieval_run(data, tmp_path_factory):
+    """A blip_retrieval run of 2 steps on the shapes pairs (its out_dir: a BLIP checkpoint + config.json)."""
+    out = tmp_path_factory.mktemp("video_eval") / "run"
+    train_main(train_argv("blip_retrieval", data, out, "max_steps=2", "save_every=0", "optim.warmup_steps=1",
+                          f"model.blip_retrieval.text={TINY_TEXT}", "model.blip_retrieval.embed_dim=16",
+                          "model.blip_retrieval.queue_size=16", "model.blip_retrieval.k_test=4",
+                          eval_batch_size=None, train_batch_size=8, context_length=12))
+    return out
+
+
+def _cli(capsys, *argv) -> tuple[int, dict | None, str]:
+    """``vlmcore-eval`` in-process: (exit status, the JSON of stdout's last line or None, stderr)."""
+    status = cli.main(list(argv))
+    captured = capsys.readouterr()
+    lines = captured.out.strip().splitlines()
+    return status, json.loads(lines[-1]) if lines else None, captured.err
+
+
+def test_video_retrieval_command_on_a_trained_run(retrieval_run, tmp_path, capsys, monkeypatch):
+    pytest.importorskip("av")
+    monkeypatch.setenv("VLMCORE_BACKEND", "reference")  # the kernels are covered by their own tests
+    shard = tmp_path / "videos-000000.tar"
+    with TarWriter(str(shard)) as tar:
+        for sample in _mp4_samples():
+            tar.write_sample(sample["__key__"], {k: v for k, v in sample.items() if not k.startswith("__")})
+    argv = ("video-retrieval", "--run", str(retrieval_run), "--data", str(shard), "--frames", "4", "--k-test", "3",
+            "--batch-size", "2", "--device", "cpu")
+    status, result, _ = _cli(capsys, *argv)
+    assert status == 0
+    assert {f"{d}_R@{k}" for d in ("t2v", "v2t") for k in (1, 5, 10)} <= set(result)
+    assert all(0.0 <= result[k] <= 1.0 for k in result if "_R@" in k)
+    assert result["t2v_R@10"] == 1.0 and result["v2t_R@10"] == 1.0  # 5 videos: every answer is in the top 10
+    assert 1.0 <= result["t2v_median_rank"] <= 5.0
+    assert {k: result[k] for k in ("eval_videos", "eval_captions", "eval_usable_samples", "eval_skipped_samples",
+                                   "eval_skipped/bad_video", "frames", "k_test")} == {
+        "eval_videos": 5, "eval_captions": 5, "eval_usable_samples": 5, "eval_skipped_samples": 1,
+        "eval_skipped/bad_video": 1, "frames": 4, "k_test": 3}
+    assert _cli(capsys, *argv)[1] == result  # decoding, loading and scoring again: the same numbers
+
+    # the first 3 usable clips: the broken one (third in the shard) is read and counted on the way
+    status, first3, _ = _cli(capsys, *argv, "--max-videos", "3")
+    assert status == 0 and first3["eval_videos"] == 3 and first3["eval_skipped/bad_video"] == 1
+
+    missing = tmp_path / "missing-000000.tar"
+    status, printed, err = _cli(capsys, *argv[:3], "--data", str(missing))
+    assert status == 2 and printed is None
+    assert err.strip().splitlines()[-1].startswith(f"vlmcore-eval: error: {missing}: ")
+
+
+def test_video_retrieval_command_refuses_a_folder_that_is_no_run(tmp_path, capsys):
+    status, printed, err = _cli(capsys, "video-retrieval", "--run", str(tmp_path), "--data", "x.tar")
+    assert status == 2 and printed is None
+    assert err.strip().splitlines() == [f"vlmcore-eval: error: {tmp_path}: {tmp_path} is not a run directory: it "
+                                        "has no config.json"]
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["video-retrieval", "--run", str(tmp_path), "--data", "x.tar", "--frames", "0"])
+    assert exit_.value.code == 2 and "argument --frames: must be >= 1, got 0" in capsys.readouterr().err

@@ -85,7 +85,8 @@ def video_retrieval_scores(model: BLIP, frames: torch.Tensor, input_ids: torch.T
 
     Returns:
         ``(score_v2t [N_vid, N_txt], score_t2v [N_txt, N_vid])`` fp32; entries outside a query's
-        top ``k_test`` are -100.
+        top ``k_test`` are -100 (all tied: a correct answer among them ranks after every other, see
+        :mod:`vlmcore.retrieval`'s tie rule).
     """
     check_positive_int("batch_size", batch_size)
     check_frames(frames, frame_mask)

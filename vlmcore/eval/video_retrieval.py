@@ -7,17 +7,30 @@ frames are encoded once). Scores: :func:`vlmcore.blip.video_retrieval_scores` (B
 frame-averaged projections, ITM over the frames' tokens concatenated, ITC top ``k_test`` re-ranked) or
 :func:`vlmcore.blip2.video.video_retrieval_scores` (the Q-Former over the frames' tokens
 concatenated); metrics: :func:`vlmcore.retrieval.video_retrieval_metrics`.
+
+Ties: a correct answer ranks after every other candidate with an equal score (pessimistic; BLIP's
+``np.argsort`` leaves their order to the sort). In particular, a query whose correct answer is outside
+its ITC top ``k_test`` shares the -100 score of the other unranked candidates and ranks after all of
+them, so Recall@k never counts it for ``k <= N - 1`` and its rank is the same on every machine.
+
+Command line: ``vlmcore-eval video-retrieval --run RUN_DIR --data SHARDS --frames 8 --k-test 128``
+(:func:`register`) scores a run directory through its run loader's ``LoadedRun.videos``
+(:mod:`vlmcore.eval.run`; this library does not import the trainer).
 """
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Iterable, Sequence
 
 import torch
 
+from vlmcore._checks import check_positive_int
 from vlmcore.blip import BLIP, video_retrieval_scores
 from vlmcore.blip2 import Blip2Stage1
 from vlmcore.blip2.video import video_retrieval_scores as blip2_video_retrieval_scores
+from vlmcore.eval.inputs import EvalInputError
+from vlmcore.eval.run import load_run
 from vlmcore.retrieval import video_retrieval_metrics
 
 FIELDS = ("frames", "frame_mask", "input_ids", "attention_mask", "video_ids")
@@ -82,4 +95,55 @@ def video_retrieval(model: BLIP | Blip2Stage1, batches: Iterable[dict], *, k_tes
             "eval_captions": len(text_to_video)}
 
 
-__all__ = ["FIELDS", "video_retrieval", "videos_of_captions"]
+def video_retrieval_from_run(run_dir: str, data: str, *, frames: int = 8, k_test: int = 128, batch_size: int = 16,
+                             max_videos: int = 0, device: str = "cpu") -> dict:
+    """:func:`video_retrieval` of the model of ``run_dir`` on the video shards ``data`` (``frames`` per clip,
+    the first ``max_videos`` usable samples, 0 = all), with the counts of usable and skipped samples.
+
+    A run directory that cannot be loaded raises ``EvalInputError("run_dir", ...)``; missing shards or shards
+    without a usable clip ``EvalInputError("data", ...)`` (raised by the run loader)."""
+    for name, value in (("frames", frames), ("k_test", k_test), ("batch_size", batch_size)):
+        check_positive_int(name, value)
+    if isinstance(max_videos, bool) or not isinstance(max_videos, int) or max_videos < 0:
+        raise ValueError(f"max_videos must be an int >= 0 (0 = all), got {max_videos!r}")
+    try:
+        run = load_run(run_dir, device)
+    except (OSError, ValueError) as e:
+        raise EvalInputError("run_dir", str(e)) from None
+    if run.videos is None:
+        raise EvalInputError("run_dir", "its task scores no videos (video retrieval: a blip_retrieval run)")
+    batches, counts = run.videos(data, frames, batch_size, max_videos)
+    metrics = video_retrieval(run.model, batches, k_test=k_test, batch_size=batch_size)
+    return {**metrics, **counts, "frames": frames, "k_test": k_test}
+
+
+def _count(minimum: int):
+    """An argparse type: an int >= ``minimum`` (argparse names the option in its error)."""
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+    parse.__name__ = "int"  # argparse's message for a non-int: "invalid int value"
+    return parse
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    """Add ``video-retrieval`` to ``vlmcore-eval``'s subparsers (handler: ``run``, see :mod:`vlmcore.eval.cli`)."""
+    p = subparsers.add_parser("video-retrieval", help="zero-shot text <-> video Recall@k of a BLIP retrieval run "
+                              "(frames concatenated, ITC top-k re-ranked by ITM)", description=__doc__.split("\n")[0])
+    p.add_argument("--run", dest="run_dir", required=True, help="run directory (config.json + exported weights)")
+    p.add_argument("--data", required=True, help="video shards (pattern or list): KEY.mp4 (or frames) + KEY.txt, "
+                                                 "optional KEY.json {\"video_id\"} to group captions of one video")
+    p.add_argument("--frames", type=_count(1), default=8, help="frames per clip, segment centres (BLIP: 8)")
+    p.add_argument("--k-test", type=_count(1), default=128, help="ITC candidates re-ranked by ITM (BLIP MSRVTT: 128)")
+    p.add_argument("--batch-size", type=_count(1), default=16, help="clips per encoder pass")
+    p.add_argument("--max-videos", type=_count(0), default=0, help="first N usable samples only (0 = all)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.set_defaults(run=lambda args: video_retrieval_from_run(
+        args.run_dir, args.data, frames=args.frames, k_test=args.k_test, batch_size=args.batch_size,
+        max_videos=args.max_videos, device=args.device))
+    return p
+
+
+__all__ = ["FIELDS", "register", "video_retrieval", "video_retrieval_from_run", "videos_of_captions"]

@@ -129,10 +129,11 @@ class DatasetConfig:
 
     shards: Union[str, list]  # brace pattern "dir/train-{000..007}.tar" or a list of paths/patterns
     name: str = ""  # for logging; defaults to "kind<index>"
-    kind: Literal["pairs", "interleaved", "vqa", "nlvr"] = "pairs"  # pairs, interleaved (MMC4), vqa, nlvr
+    kind: Literal["pairs", "interleaved", "video", "vqa", "nlvr"] = "pairs"  # interleaved = MMC4 documents
     weight: PositiveFloat = 1.0  # loss weight in the mixture (Flamingo: M3W 1.0, ALIGN 0.2, LTIP 0.2, VTP 0.03)
     batch_size: PositiveInt = 8  # per rank
     max_images: PositiveInt = 3  # interleaved: images kept per document (the rest are dropped)
+    num_frames: PositiveInt = 8  # video: frames per clip (segment centres; in training a random frame per segment)
     shuffle_buffer: NonNegativeInt = 256  # samples in the shuffle buffer (0 = shard order)
     resampled: bool = True  # shards drawn with replacement per rank/worker (webdataset "resampled")
     min_image_similarity: Unit = 0.0  # interleaved (MMC4): drop images with matched_sim below it (OpenFlamingo: 0.24)
@@ -554,8 +555,8 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
-KIND_NAMES = {"pairs": "image-text pairs", "interleaved": "interleaved documents", "vqa": "VQA questions",
-              "nlvr": "NLVR2 image pairs"}
+KIND_NAMES = {"pairs": "image-text pairs", "interleaved": "interleaved documents", "video": "video-text clips",
+              "vqa": "VQA questions", "nlvr": "NLVR2 image pairs"}
 
 # ------------------------------------------------------------- what the rest of the trainer hands in
 

@@ -59,3 +59,18 @@ def check_lm_extras(input_ids: torch.Tensor, attention_mask: torch.Tensor | None
             raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
         if tuple(labels.shape) != (batch, length):
             raise ValueError(f"labels must have the shape of {ids_name} {(batch, length)}, got {tuple(labels.shape)}")
+
+
+def check_frames(frames: object, frame_mask: object) -> None:
+    """Raise ``ValueError`` unless ``frames`` is a ``[B, F, C, H, W]`` tensor (B, F >= 1) and ``frame_mask``
+    None or a bool ``[B, F]`` tensor (False = padded frame)."""
+    if not isinstance(frames, torch.Tensor) or frames.dim() != 5 or 0 in frames.shape[:2]:
+        got = tuple(frames.shape) if isinstance(frames, torch.Tensor) else type(frames).__name__
+        raise ValueError(f"frames must be a [B, F, C, H, W] tensor with B, F >= 1, got {got}")
+    if frame_mask is None:
+        return
+    if not isinstance(frame_mask, torch.Tensor) or frame_mask.dtype != torch.bool or \
+            tuple(frame_mask.shape) != tuple(frames.shape[:2]):
+        got = (frame_mask.dtype, tuple(frame_mask.shape)) if isinstance(frame_mask, torch.Tensor) else frame_mask
+        raise ValueError(f"frame_mask must be a bool [B, F] = {tuple(frames.shape[:2])} tensor (False = padded "
+                         f"frame), got {got}")

@@ -150,6 +150,9 @@ class Flamingo(nn.Module):
         vis_dim: width of the vision tokens.
         cross_attn_every_n_layers: a block before every n-th decoder layer (layers n-1, 2n-1, ...).
         num_latents, resampler_depth: Perceiver Resampler size.
+        max_num_frames: None (images only) or the most frames per media: the resampler then adds a
+            learned time embedding per frame (OpenFlamingo's ``frame_embs``) before flattening the
+            ``F x v`` tokens of a clip, so the latents can tell frame order.
         dim_head, heads: cross-attention (and resampler) head size and count.
         only_attend_immediate_media: True: a token attends only its own (last) image.
         ff_mult: feed-forward expansion of the gated blocks and the resampler.
@@ -165,9 +168,11 @@ class Flamingo(nn.Module):
     the logits equal the frozen LM's exactly.
 
     Media convention: ``vision_x`` ``[B, T_img, F, C, H, W]``; the k-th ``<image>`` token of sample
-    b stands for image ``vision_x[b, k]``; text after it (up to the next ``<image>``) attends that
-    image (``only_attend_immediate_media``) or all images so far. Text before the first ``<image>``
-    attends nothing. More ``<image>`` tokens than images raises ``ValueError``.
+    b stands for image (F = 1) or clip (F frames) ``vision_x[b, k]``; text after it (up to the next
+    ``<image>``) attends that media (``only_attend_immediate_media``) or all media so far. Text
+    before the first ``<image>`` attends nothing. More ``<image>`` tokens than media raises
+    ``ValueError``. ``frame_mask`` ``[B, T_img, F]`` (bool, False = a padding frame) keeps the
+    resampler from attending padding frames of short clips.
     """
 
     def __init__(
@@ -186,6 +191,7 @@ class Flamingo(nn.Module):
         ff_mult: int = 4,
         train_new_token_embeddings: bool | Sequence[int] = False,
         gradient_checkpointing: bool = False,
+        max_num_frames: int | None = None,
     ):
         super().__init__()
         if not hasattr(lang_model, "get_input_embeddings"):
@@ -210,7 +216,8 @@ class Flamingo(nn.Module):
         self.cross_attn_every_n_layers = cross_attn_every_n_layers
         factory = {"device": embedding.weight.device, "dtype": embedding.weight.dtype}
         self.perceiver = PerceiverResampler(vis_dim, depth=resampler_depth, dim_head=dim_head, heads=heads,
-                                            num_latents=num_latents, ff_mult=ff_mult).to(**factory)
+                                            num_latents=num_latents, max_num_frames=max_num_frames,
+                                            ff_mult=ff_mult).to(**factory)
         self.gated_cross_attn_layers = nn.ModuleList(
             GatedCrossAttentionBlock(lang_dim, vis_dim, dim_head=dim_head, heads=heads, ff_mult=ff_mult,
                                      only_attend_immediate_media=only_attend_immediate_media).to(**factory)
@@ -278,10 +285,11 @@ class Flamingo(nn.Module):
             state.last_index = index[:, -1].clone()
         state.index = index
 
-    def encode_vision(self, vision_x: torch.Tensor) -> torch.Tensor:
+    def encode_vision(self, vision_x: torch.Tensor, frame_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Frozen encoder (no grad), then resampler.
 
-        ``[B, T_img, F, C, H, W]`` -> ``[B, T_img, num_latents, vis_dim]``.
+        ``[B, T_img, F, C, H, W]`` -> ``[B, T_img, num_latents, vis_dim]``; ``frame_mask``: optional
+        bool ``[B, T_img, F]``, False = a padding frame whose tokens the latents do not attend.
         """
         if not isinstance(vision_x, torch.Tensor) or vision_x.dim() != 6:
             got = tuple(vision_x.shape) if isinstance(vision_x, torch.Tensor) else type(vision_x).__name__
@@ -292,7 +300,13 @@ class Flamingo(nn.Module):
         if tokens.dim() != 3 or tokens.shape[-1] != self.vis_dim:
             raise ValueError(f"vision_encoder must return [N, v, vis_dim={self.vis_dim}], got {tuple(tokens.shape)}")
         tokens = tokens.reshape(batch, num_media, frames, tokens.shape[1], self.vis_dim)
-        return self.perceiver(tokens.to(self.perceiver.latents.dtype))
+        media_mask = None
+        if frame_mask is not None:
+            if tuple(frame_mask.shape) != (batch, num_media, frames) or frame_mask.dtype != torch.bool:
+                raise ValueError(f"frame_mask must be bool [B, T_img, F] = {(batch, num_media, frames)}, got "
+                                 f"{frame_mask.dtype} {tuple(frame_mask.shape)}")
+            media_mask = frame_mask.repeat_interleave(tokens.shape[3], dim=2)  # [B, T_img, F*v]
+        return self.perceiver(tokens.to(self.perceiver.latents.dtype), media_mask=media_mask)
 
     @staticmethod
     def _check_batch(vision_x: torch.Tensor, lang_x: torch.Tensor) -> None:
@@ -301,14 +315,15 @@ class Flamingo(nn.Module):
             raise ValueError(f"vision_x has batch {vision_x.shape[0]} but lang_x has batch {lang_x.shape[0]}; "
                              "they must match (one sample's images per row of lang_x)")
 
-    def cache_media(self, vision_x: torch.Tensor) -> None:
-        """Condition on ``vision_x`` for the following LM calls (generation, incremental decoding).
+    def cache_media(self, vision_x: torch.Tensor, frame_mask: torch.Tensor | None = None) -> None:
+        """Condition on ``vision_x`` (and its ``frame_mask``) for the following LM calls (generation,
+        incremental decoding).
 
         The first LM call after this finds the ``<image>`` tokens of its ``input_ids`` as usual
         and remembers each row's last image; every token of later calls attends that image.
         """
         self._state.clear()
-        self._state.media = self.encode_vision(vision_x)
+        self._state.media = self.encode_vision(vision_x, frame_mask)
         self._state.cached = True
 
     def uncache_media(self) -> None:
@@ -318,13 +333,14 @@ class Flamingo(nn.Module):
     # ----------------------------------------------------------------------------- forward & generate
 
     def forward(self, vision_x: torch.Tensor | None, lang_x: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None, **kwargs):
+                labels: torch.Tensor | None = None, frame_mask: torch.Tensor | None = None, **kwargs):
         """Run the LM conditioned on images.
 
         Args:
             vision_x: ``[B, T_img, F, C, H, W]``, or None to use media cached by :meth:`cache_media`.
             lang_x: ``[B, L]`` token ids with ``media_token_id`` at image positions.
             attention_mask, labels: as for the LM (labels -100 = ignored).
+            frame_mask: optional bool ``[B, T_img, F]``: False marks a padding frame of a short clip.
             **kwargs: passed to the LM (``past_key_values``, ``use_cache``, ...).
 
         Returns:
@@ -340,11 +356,13 @@ class Flamingo(nn.Module):
         if vision_x is None:
             if not self._state.cached:
                 raise ValueError("vision_x is None but no media is cached; pass images or call cache_media first")
+            if frame_mask is not None:
+                raise ValueError("frame_mask without vision_x: pass it to cache_media with the cached media")
             return self.lang_model(input_ids=lang_x, attention_mask=attention_mask, labels=labels, **kwargs)
         if self._state.cached:
             raise ValueError("media is cached (cache_media); call uncache_media() before passing vision_x")
         self._check_batch(vision_x, lang_x)
-        self._state.media = self.encode_vision(vision_x)
+        self._state.media = self.encode_vision(vision_x, frame_mask)
         try:
             return self.lang_model(input_ids=lang_x, attention_mask=attention_mask, labels=labels, **kwargs)
         finally:
@@ -352,7 +370,7 @@ class Flamingo(nn.Module):
 
     @torch.no_grad()
     def generate(self, vision_x: torch.Tensor, lang_x: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                 **generate_kwargs):
+                 frame_mask: torch.Tensor | None = None, **generate_kwargs):
         """HF ``generate`` on the LM with the images conditioned once (KV cache on).
 
         Greedy, beam search (``num_beams``) and sampling (``do_sample=True, top_p=0.9``) all work:
@@ -363,7 +381,7 @@ class Flamingo(nn.Module):
         check_token_ids("lang_x", lang_x)
         check_lm_extras(lang_x, attention_mask, None, has_past=False, ids_name="lang_x")
         self._check_batch(vision_x, lang_x)
-        self.cache_media(vision_x)
+        self.cache_media(vision_x, frame_mask)
         try:
             generate_kwargs.setdefault("use_cache", True)
             return self.lang_model.generate(input_ids=lang_x, attention_mask=attention_mask, **generate_kwargs)

@@ -30,8 +30,9 @@ def best_positive_rank(scores: torch.Tensor, positive: torch.Tensor) -> torch.Te
     return ((scores >= best) & ~positive).sum(dim=1)
 
 
-def _recall(i2t_rank: torch.Tensor, t2i_rank: torch.Tensor, ks: Sequence[int]) -> dict[str, float]:
-    """``{"i2t_R@k", "t2i_R@k"}``: the fraction of queries whose rank is below k, for every k."""
+def recall_from_ranks(i2t_rank: torch.Tensor, t2i_rank: torch.Tensor, ks: Sequence[int]) -> dict[str, float]:
+    """``{"i2t_R@k", "t2i_R@k"}``: the fraction of queries whose rank (0 = first) is below k, for every k."""
+    _check_ks(ks)
     metrics = {f"i2t_R@{k}": float((i2t_rank < k).float().mean()) for k in ks}
     metrics.update({f"t2i_R@{k}": float((t2i_rank < k).float().mean()) for k in ks})
     return metrics
@@ -69,6 +70,29 @@ def _text_to_image_indices(text_to_image: torch.Tensor | None, n_img: int, n_txt
     return text_to_image
 
 
+def retrieval_ranks(scores_i2t: torch.Tensor, scores_t2i: torch.Tensor, text_to_image: torch.Tensor | None = None,
+                    *, positive: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every query's rank (0 = first; rules in the module docstring) from score matrices.
+
+    Args:
+        scores_i2t: ``[N_img, N_txt]``; scores_t2i: ``[N_txt, N_img]``.
+        text_to_image: int ``[N_txt]``, the image each caption describes; default ``arange``.
+        positive: instead of ``text_to_image``, a bool ``[N_img, N_txt]`` of the correct pairs.
+
+    Returns:
+        ``(i2t_rank [N_img], t2i_rank [N_txt])`` int64.
+    """
+    n_img, n_txt = scores_i2t.shape
+    if tuple(scores_t2i.shape) != (n_txt, n_img):
+        raise ValueError(f"scores_t2i must be [N_txt, N_img] = {(n_txt, n_img)}, got {tuple(scores_t2i.shape)}")
+    if positive is None:
+        text_to_image = _text_to_image_indices(text_to_image, n_img, n_txt, scores_i2t.device)
+        positive = text_to_image[None, :] == torch.arange(n_img, device=scores_i2t.device)[:, None]
+    elif tuple(positive.shape) != (n_img, n_txt) or positive.dtype != torch.bool:
+        raise ValueError(f"positive must be a bool [N_img, N_txt] = {(n_img, n_txt)} tensor")
+    return best_positive_rank(scores_i2t, positive), best_positive_rank(scores_t2i, positive.T)
+
+
 def recall_at_k(scores_i2t: torch.Tensor, scores_t2i: torch.Tensor, text_to_image: torch.Tensor | None = None,
                 ks: Sequence[int] = (1, 5, 10), *, positive: torch.Tensor | None = None) -> dict[str, float]:
     """Image->text and text->image Recall@k (fractions in [0, 1]) from score matrices.
@@ -85,16 +109,35 @@ def recall_at_k(scores_i2t: torch.Tensor, scores_t2i: torch.Tensor, text_to_imag
     Returns:
         ``{"i2t_R@k": ..., "t2i_R@k": ...}`` for every k (rules in the module docstring).
     """
-    n_img, n_txt = scores_i2t.shape
-    if tuple(scores_t2i.shape) != (n_txt, n_img):
-        raise ValueError(f"scores_t2i must be [N_txt, N_img] = {(n_txt, n_img)}, got {tuple(scores_t2i.shape)}")
-    _check_ks(ks)
-    if positive is None:
-        text_to_image = _text_to_image_indices(text_to_image, n_img, n_txt, scores_i2t.device)
-        positive = text_to_image[None, :] == torch.arange(n_img, device=scores_i2t.device)[:, None]
-    elif tuple(positive.shape) != (n_img, n_txt) or positive.dtype != torch.bool:
-        raise ValueError(f"positive must be a bool [N_img, N_txt] = {(n_img, n_txt)} tensor")
-    return _recall(best_positive_rank(scores_i2t, positive), best_positive_rank(scores_t2i, positive.T), ks)
+    _check_ks(ks)  # before the ranking work
+    return recall_from_ranks(*retrieval_ranks(scores_i2t, scores_t2i, text_to_image, positive=positive), ks)
+
+
+def video_retrieval_metrics(score_v2t: torch.Tensor, score_t2v: torch.Tensor,
+                            text_to_video: torch.Tensor | None = None, ks: Sequence[int] = (1, 5, 10)
+                            ) -> dict[str, float]:
+    """Video->text and text->video Recall@k and ranks from score matrices (BLIP / BLIP-2 video retrieval).
+
+    Args:
+        score_v2t: ``[N_vid, N_txt]``; score_t2v: ``[N_txt, N_vid]``.
+        text_to_video: int ``[N_txt]``, the video each caption describes; default ``arange`` (MSRVTT's
+            1k-A test: one caption per video).
+        ks: the k of Recall@k.
+
+    Returns:
+        ``{"v2t_R@k", "t2v_R@k"}`` for every k (the rules of :func:`recall_at_k`),
+        ``"mean_recall"``, and the 1-based rank of the correct answer: ``"t2v_median_rank"`` (BLIP's
+        ``vid_mdR``), ``"t2v_mean_rank"``, ``"v2t_median_rank"``, ``"v2t_mean_rank"``.
+    """
+    v2t_rank, t2v_rank = retrieval_ranks(score_v2t, score_t2v, text_to_video)
+    recalls = {name.replace("i2t", "v2t").replace("t2i", "t2v"): value
+               for name, value in recall_from_ranks(v2t_rank, t2v_rank, ks).items()}
+    out = with_mean_recall(recalls)
+    for direction, rank in (("t2v", t2v_rank), ("v2t", v2t_rank)):
+        one_based = (rank + 1).float()
+        out[f"{direction}_median_rank"] = float(one_based.quantile(0.5))  # numpy's median, as BLIP's
+        out[f"{direction}_mean_rank"] = float(one_based.mean())
+    return out
 
 
 def _check_features(image_features: torch.Tensor, text_features: torch.Tensor) -> None:
@@ -141,7 +184,8 @@ def retrieval_metrics(image_features: torch.Tensor, text_features: torch.Tensor,
         best_positive_rank(txt[start:start + chunk_size] @ img.T,  # [c, N_img]
                            text_to_image[start:start + chunk_size, None] == image_ids[None, :])
         for start in range(0, n_txt, chunk_size)])
-    return with_mean_recall(_recall(i2t_rank, t2i_rank, ks))
+    return with_mean_recall(recall_from_ranks(i2t_rank, t2i_rank, ks))
 
 
-__all__ = ["best_positive_rank", "recall_at_k", "retrieval_metrics", "with_mean_recall"]
+__all__ = ["best_positive_rank", "recall_at_k", "recall_from_ranks", "retrieval_metrics", "retrieval_ranks",
+           "video_retrieval_metrics", "with_mean_recall"]

@@ -13,6 +13,7 @@ given as local paths, brace patterns (``/data/laion-{000000..000099}.tar``) or g
   ``similarity_matrix[i][matched_text_index]``) is below it are dropped, as OpenFlamingo's
   ``--mmc4_textsim_threshold`` does. An image is placed before the sentence it matches:
   ``<image>sentence ...<|endofchunk|><image>sentence ...<|endofchunk|><eos>``.
+- **Videos**: ``KEY.mp4|webm|mkv`` or pre-extracted frames + ``KEY.txt``; see :mod:`.video`.
 
 Training streams are infinite and deterministic: a function of (seed, rank, worker) only.
 Per epoch, the shard list is shuffled (``resampled: false``; shards split over rank x worker, or
@@ -72,6 +73,7 @@ SKIP_REASONS = (
     "no_image",  # a document with no image left (none given, or all below min_similarity)
     "undecodable_image",  # PIL cannot decode the bytes (or image_base64 is not base64)
     "image_too_large",  # more pixels than data.max_image_pixels (refused from its header, never decoded)
+    "bad_video",  # a video sample whose clip does not decode: corrupt / empty / too long / no frame in its span
     "other",
 )
 
@@ -273,16 +275,21 @@ def decode_image(data: bytes, image_size: int, transform: ImageTransform | None 
     decoded (see :func:`_open_within`).
     """
     transform = transform or ImageTransform(size=image_size, resize_mode="squash")
+    return transform(decode_image_pil(data, max_pixels), rng)
+
+
+def decode_image_pil(data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+    """PIL-decode ``data`` into an RGB image; :class:`BadSample` (``undecodable_image``, or
+    ``image_too_large`` above ``max_pixels``, refused before its pixels are decoded)."""
     try:
         with _pil_pixel_limit(max_pixels), _open_within(data, max_pixels) as img:
-            img = img.convert("RGB")
+            return img.convert("RGB")
     except BadSample:
         raise
     except Image.DecompressionBombError as e:  # PIL's guard: above twice the cap, or a frame met while decoding
         raise BadSample(f"image is {_cap_text(max_pixels)} (PIL: {e})", "image_too_large") from None
     except Exception as e:  # PIL raises many types on corrupt data
         raise BadSample(f"image does not decode: {type(e).__name__}: {e}", "undecodable_image") from None
-    return transform(img, rng)
 
 
 def _cap_text(max_pixels: int) -> str:
@@ -335,7 +342,8 @@ def _text(data: bytes, what: str) -> str:
         raise BadSample(f"{what} is not UTF-8: {e}", "not_utf8") from None
 
 
-def _json(sample: dict) -> object:
+def sample_json(sample: dict) -> object:
+    """The parsed ``KEY.json`` of ``sample``; :class:`BadSample` (``json_error`` / ``not_utf8``) when it is not JSON."""
     try:
         return json.loads(_text(sample["json"], f"{sample['__key__']}.json"))
     except ValueError as e:
@@ -346,16 +354,17 @@ def _is_document(meta) -> bool:
     return isinstance(meta, dict) and "text_list" in meta and "image_info" in meta
 
 
-def _check_readable(sample: dict) -> None:
+def check_readable(sample: dict) -> None:
+    """:class:`BadSample` for the damage record of an unreadable shard (see :func:`read_tar`)."""
     if "__error__" in sample:
         raise BadSample(sample["__error__"], sample.get("__reason__", "unreadable_shard"))
 
 
 def pair_fields(sample: dict) -> tuple[bytes, str]:
     """(image bytes, caption) of a pair sample; raises :class:`BadSample`."""
-    _check_readable(sample)
+    check_readable(sample)
     key = sample["__key__"]
-    meta = _json(sample) if "json" in sample else None
+    meta = sample_json(sample) if "json" in sample else None
     if _is_document(meta):
         raise BadSample(f"{key}.json is an interleaved document (text_list + image_info) in a pairs dataset; "
                         "set kind: interleaved for this dataset", "kind_mismatch")
@@ -364,6 +373,13 @@ def pair_fields(sample: dict) -> tuple[bytes, str]:
         members = sorted(k for k in sample if not k.startswith("__"))
         raise BadSample(f"missing image member '{key}.jpg' (or .jpeg/.png/.webp; sample has {members})",
                         "missing_image")
+    return image, sample_caption(sample, meta)
+
+
+def sample_caption(sample: dict, meta) -> str:
+    """The caption of a pair or video sample: ``KEY.txt``, else ``"caption"`` of its parsed ``KEY.json``
+    (``meta``, None when there is none); raises :class:`BadSample` (missing / empty / not UTF-8)."""
+    key = sample["__key__"]
     if "txt" in sample:
         caption = _text(sample["txt"], f"{key}.txt")
     elif isinstance(meta, dict) and "caption" in meta:
@@ -374,7 +390,7 @@ def pair_fields(sample: dict) -> tuple[bytes, str]:
         raise BadSample(f"missing caption member '{key}.txt'{where}", "missing_caption")
     if not caption:
         raise BadSample(f"sample {key} has an empty caption", "empty_caption")
-    return image, caption
+    return caption
 
 
 def _similarity(doc: dict, i: int, info: dict, key: str) -> float:
@@ -425,14 +441,14 @@ def doc_fields(sample: dict, max_images: int) -> tuple[list[bytes], str]:
     one image (the last one matched to it); the first ``max_images`` images are kept. (The
     similarity threshold is applied before, by :func:`drop_dissimilar_images`.)
     """
-    _check_readable(sample)
+    check_readable(sample)
     key = sample["__key__"]
     if "json" not in sample:
         if any(e in sample for e in IMAGE_EXTS) and "txt" in sample:
             raise BadSample(f"sample {key} is an image-text pair in an interleaved dataset; set kind: pairs",
                             "kind_mismatch")
         raise BadSample(f"missing document member '{key}.json'", "json_error")
-    doc = _json(sample)
+    doc = sample_json(sample)
     if not _is_document(doc):
         if any(e in sample for e in IMAGE_EXTS):
             raise BadSample(f"sample {key} is an image-text pair in an interleaved dataset; set kind: pairs",
@@ -611,7 +627,8 @@ class ShardStream(torch.utils.data.IterableDataset):
         return (f"dataset {self.name!r}: 0 of {total} samples usable in a row (reader {reader} of {readers}, "
                 f"shard(s) {shown}): {reasons}. Does the shard use another layout? pairs: KEY.jpg|jpeg|png|webp + "
                 "KEY.txt (or 'caption' in KEY.json); interleaved: KEY.json with text_list + image_info "
-                "(image_name members or image_base64). If the data is only very noisy, raise "
+                "(image_name members or image_base64); video: KEY.mp4|webm|mkv or frames (KEY.frame000.jpg ... or "
+                "KEY.npy) + KEY.txt. If the data is only very noisy, raise "
                 "data.max_consecutive_bad_samples.")
 
 

@@ -71,7 +71,7 @@ def build_streams(cfg: TrainConfig, task: Task, info: distributed.DistInfo) -> l
     """One resumable stream of batches per ``data.train`` entry, this rank's share of its shards."""
     out = []
     for i, d in enumerate(cfg.data.train):
-        encoder = task.encoder(d.kind, d.max_images)
+        encoder = task.encoder(d.kind, d.num_frames if d.kind == "video" else d.max_images)
         name = d.name or f"{d.kind}{i}"
         dataset = ShardStream(
             expand_shards(d.shards), encoder, d.batch_size, seed=cfg.seed * 1000 + i, rank=info.rank,

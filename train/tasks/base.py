@@ -98,7 +98,7 @@ class Task(abc.ABC):
             starting with ``f"{where}.<field>: "`` (``where`` is ``"model.<name>"``), as the
             sections of ``train/config.py`` do.
         data_kinds: the ``data.train[*].kind`` values the task trains on (``"pairs"``,
-            ``"interleaved"``); others are a ConfigError.
+            ``"interleaved"``, ``"video"``); others are a ConfigError.
         media_tokens: whether the tokenizer must hold ``<image>`` / ``<|endofchunk|>`` (added when
             missing; default True). A task that never writes images into its text sets False.
         generates: whether the model decodes text (default False). A task that sets True implements
@@ -161,8 +161,10 @@ class Task(abc.ABC):
         Args:
             kind: the dataset's ``kind``, one of :attr:`data_kinds` (``"pairs"``: image + caption,
                 decoded by ``data.pair_fields``; ``"interleaved"``: MMC4-like documents,
-                ``data.doc_fields``). Evaluation asks for ``("pairs", 1)``.
-            max_images: ``data.train[i].max_images`` (interleaved: images kept per document).
+                ``data.doc_fields``; ``"video"``: a clip + caption, ``common.VideoDecoder``).
+                Evaluation asks for ``("pairs", 1)``.
+            max_images: the visual inputs per sample: ``data.train[i].max_images`` (interleaved:
+                images kept per document), for ``"video"`` its ``num_frames`` (frames per clip).
         Returns:
             a picklable callable ``sample -> {name: tensor}``; every example of a dataset must have
             the same keys and shapes (they are stacked). Images: ``common.image_decoder(cfg, train)``

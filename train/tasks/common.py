@@ -5,6 +5,7 @@
   ``train/towers.py``), frozen / partly unlocked as configured.
 - :class:`ImageDecoder`, :func:`image_decoder`: image bytes -> the tower's input (``data.preprocess``
   over the tower's own preprocessing), for the task encoders.
+- :class:`VideoDecoder`, :func:`video_decoder`: a video sample -> frames ``[F, 3, S, S]``, frame mask, caption.
 - :func:`lock_tower` / :func:`checkpoint_blocks`: LiT-style locking, activation checkpointing of blocks.
 - :func:`in_step`: the ZeRO-3 lock-step iterator over eval batches.
 - :func:`caption_accuracy`: caption token accuracy with the images and with the images blanked.
@@ -13,12 +14,14 @@
 
 from __future__ import annotations
 
+import random
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from vlmcore.train.data.pipeline import DEFAULT_MAX_IMAGE_PIXELS, IGNORE_INDEX, decode_image, eval_batches, sample_rng
 from vlmcore.train.data.preprocess import ImageTransform, build_transforms
+from vlmcore.train.data.video import video_fields
 from vlmcore.train.runtime.distributed import DistInfo, all_reduce_sum
 from vlmcore.train.tasks.towers import build_tower, freeze_vision, vision_preprocess
 
@@ -87,6 +90,40 @@ def image_decoder(cfg: TrainConfig, train: bool = True) -> ImageDecoder:
     size, tower_values = vision_preprocess(cfg.model.vision)
     train_transform, eval_transform = build_transforms(size, tower_values, cfg.data.preprocess.options())
     return ImageDecoder(train_transform if train else eval_transform, cfg.seed, cfg.data.max_image_pixels)
+
+
+class VideoDecoder:
+    """A video sample -> ``(frames [F, 3, S, S], frame_mask [F] bool, caption)``, decoded on the data workers.
+
+    ``F = num_frames``: the clip's frames (``data.video.video_fields``: segment centres, or with
+    ``train`` one random frame per segment), each through the :class:`ImageDecoder`'s transform with
+    ONE crop for the whole clip (the same box on every frame, so motion is not confused with crop
+    jitter). A clip of fewer frames is padded with zero frames; ``frame_mask`` is True for real frames.
+    Raises ``data.BadSample`` (a counted skip) for an unusable sample. Picklable.
+
+    ``VideoDecoder(image_decoder(cfg, train), num_frames, train)`` is the whole interface; ``size`` is S.
+    """
+
+    def __init__(self, images: ImageDecoder, num_frames: int, train: bool):
+        if not isinstance(num_frames, int) or num_frames < 1:
+            raise ValueError(f"num_frames must be an int >= 1, got {num_frames!r}")
+        self.images, self.num_frames, self.train = images, num_frames, train
+        self.size = images.size
+
+    def __call__(self, sample: dict) -> tuple[torch.Tensor, torch.Tensor, str]:
+        rng = sample_rng(self.images.seed, sample)
+        frames, caption = video_fields(sample, self.num_frames, rng if self.train else None, self.images.max_pixels)
+        crop_seed = rng.getrandbits(64)  # drawn after the frame positions: one crop for every frame
+        out = torch.zeros(self.num_frames, 3, self.size, self.size)
+        for i, frame in enumerate(frames):
+            out[i] = self.images.transform(frame, random.Random(crop_seed))
+        mask = torch.arange(self.num_frames) < len(frames)
+        return out, mask, caption
+
+
+def video_decoder(cfg: TrainConfig, num_frames: int, train: bool = True) -> VideoDecoder:
+    """The :class:`VideoDecoder` of ``num_frames`` frames for training (``train``) or evaluation clips."""
+    return VideoDecoder(image_decoder(cfg, train), num_frames, train)
 
 
 def lock_tower(tower: nn.Module, blocks, unlocked_layers: int, after: list[nn.Module] = ()) -> None:

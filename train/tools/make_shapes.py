@@ -1,5 +1,6 @@
 """``vlmcore-make-shapes``: write the shapes dataset (:mod:`vlmcore.train.tools.shapes`), or with
-``--regions`` its region-feature variant (:mod:`vlmcore.train.tools.region_shapes`)."""
+``--regions`` its region-feature variant (:mod:`vlmcore.train.tools.region_shapes`), or with
+``--video`` its moving-shapes clips (:mod:`vlmcore.train.tools.video_shapes`)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import json
 
 from vlmcore.train.tools.region_shapes import make_region_shapes
 from vlmcore.train.tools.shapes import make_shapes
+from vlmcore.train.tools.video_shapes import VIDEO_FORMATS, make_video_shapes
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -25,13 +27,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--regions", action="store_true",
                         help="write the region-feature variant (KEY.npz, for ViLBERT / VL-BERT) instead")
     parser.add_argument("--feature-dim", type=int, default=2048, help="--regions: region feature width")
+    parser.add_argument("--video", action="store_true",
+                        help="write moving-shapes clips (video-{train,eval}-*.tar, captions '... moving left') instead")
+    parser.add_argument("--video-format", choices=VIDEO_FORMATS, default="mp4",
+                        help="--video: KEY.mp4 (PyAV, pip install vlmcore[video]), KEY.frame000.png ... or KEY.npy")
+    parser.add_argument("--num-frames", type=int, default=8, help="--video: frames per clip")
     return parser.parse_args(argv)
 
 
 def console_main(argv: list[str] | None = None) -> None:
-    """``vlmcore-make-shapes --out DIR --n N [--regions]``: write the set and print its summary (JSON)."""
+    """``vlmcore-make-shapes --out DIR --n N [--regions | --video]``: write the set and print its summary (JSON)."""
     args = parse_args(argv)
-    if args.regions:
+    if args.regions and args.video:
+        raise SystemExit("vlmcore-make-shapes: --regions and --video write different sets; pick one")
+    if args.video:
+        summary = make_video_shapes(args.out, args.n, args.n_eval, args.num_frames, args.image_size, args.shard_size,
+                                    args.seed, args.video_format)
+    elif args.regions:
         summary = make_region_shapes(args.out, args.n, args.n_eval, args.image_size, args.feature_dim,
                                      shard_size=args.shard_size, seed=args.seed)
     else:

@@ -4,6 +4,8 @@
 :mod:`vlmcore.train.tools.region_shapes` (detector-style region features) draw the same images
 from the same random stream; neither imports the other.
 
+:func:`moving_shape` draws the frames of a moving-shapes clip (:mod:`vlmcore.train.tools.video_shapes`).
+
 24 classes = 4 shapes (circle, square, triangle, cross) x 6 colours. Each image varies in size,
 position, rotation and background. The held-out ``eval`` split uses *other* values of all three:
 
@@ -56,6 +58,10 @@ CAPTIONS = (
     "a picture of a {colour} {shape}",
     "{colour} {shape}",
 )
+
+
+# Motion of the moving-shapes clips (x, y steps; y grows downwards as in the image).
+DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 
 
 def class_index(shape: str, colour: str) -> int:
@@ -127,16 +133,53 @@ def draw_shape(rng: random.Random, shape: str, colour: str, split: str, side: in
     and its :func:`split_params`."""
     p = split_params(rng, split)
     img = _background(rng, split, p["bg"], side)
+    rgb = _jittered_colour(rng, colour)
+    # Squares stay axis-aligned (a rotated square reads as a diamond); the others turn a little.
+    angle = 0.0 if shape in ("circle", "square") else rng.uniform(-0.35, 0.35)
+    _draw_at(img, shape, rgb, p["cx"] * side, p["cy"] * side, p["half"] * side, angle)
+    return img, p
+
+
+def _jittered_colour(rng: random.Random, colour: str) -> tuple[int, int, int]:
+    return tuple(min(255, max(0, v + rng.randint(-12, 12))) for v in COLOURS[colour])
+
+
+def _draw_at(img: Image.Image, shape: str, rgb: tuple, cx: float, cy: float, r: float, angle: float) -> None:
+    """Draw ``shape`` of radius ``r`` (pixels) centred at (cx, cy), turned by ``angle``, onto ``img``."""
     draw = ImageDraw.Draw(img)
-    rgb = tuple(min(255, max(0, v + rng.randint(-12, 12))) for v in COLOURS[colour])
-    cx, cy, r = p["cx"] * side, p["cy"] * side, p["half"] * side
     if shape == "circle":
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=rgb)
     else:
-        # Squares stay axis-aligned (a rotated square reads as a diamond); the others turn a little.
-        angle = 0.0 if shape == "square" else rng.uniform(-0.35, 0.35)
         draw.polygon(_polygon(shape, cx, cy, r, angle), fill=rgb)
-    return img, p
+
+
+def moving_shape(rng: random.Random, shape: str, colour: str, direction: str, split: str, side: int,
+                 num_frames: int) -> list[Image.Image]:
+    """``num_frames`` RGB frames ``[side, side]`` of ``colour`` ``shape`` moving in ``direction`` (one of
+    :data:`DIRECTIONS`) at constant speed over the ``split``'s background (see :func:`split_params`).
+
+    The path's centre is drawn independently of the direction, so the middle frame alone says nothing
+    about the direction: only the order of the frames does.
+    """
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction must be one of {tuple(DIRECTIONS)}, got {direction!r}")
+    if num_frames < 2:
+        raise ValueError(f"num_frames must be >= 2 for a motion, got {num_frames}")
+    p = split_params(rng, split)
+    background = _background(rng, split, p["bg"], side)
+    rgb = _jittered_colour(rng, colour)
+    angle = 0.0 if shape in ("circle", "square") else rng.uniform(-0.35, 0.35)
+    half, travel = rng.uniform(0.12, 0.16), rng.uniform(0.35, 0.45)  # radius, path length (fractions of the side)
+    dx, dy = DIRECTIONS[direction]
+    margin_x, margin_y = half + travel * abs(dx) / 2, half + travel * abs(dy) / 2  # the whole path stays inside
+    cx, cy = rng.uniform(margin_x, 1 - margin_x), rng.uniform(margin_y, 1 - margin_y)
+    frames = []
+    for t in range(num_frames):
+        step = travel * (t / (num_frames - 1) - 0.5)
+        img = background.copy()
+        _draw_at(img, shape, rgb, (cx + dx * step) * side, (cy + dy * step) * side, half * side, angle)
+        frames.append(img)
+    return frames
 
 
 def pair_caption(rng: random.Random, shape: str, colour: str, split: str, params: dict) -> str:

@@ -10,6 +10,7 @@ The classes, the drawing and the train / held-out variations are in
     captions.txt           every caption / document text, one per line (tokenizer + LM pre-training)
     shapes.json            the generation parameters, written last (marks a complete dataset)
 
+``--video`` writes moving-shapes clips instead (:mod:`vlmcore.train.tools.video_shapes`).
 ``--regions`` writes the region-feature variant instead (``regions-{train,eval}-*.tar`` with
 ``KEY.npz`` detector-style features, for ViLBERT / VL-BERT): see
 :mod:`vlmcore.train.tools.region_shapes`.

@@ -9,7 +9,9 @@
 - :mod:`~vlmcore.blip.nlvr`: :class:`BlipNLVR` (two images, one sentence, twin cross-attention);
 - :mod:`~vlmcore.blip.heads_convert`: their Hugging Face / salesforce weights by name;
 - :mod:`~vlmcore.blip.build`: specs, :func:`build_blip`, :func:`save_blip`, :func:`load_blip`,
-  :func:`blip_from_salesforce`.
+  :func:`blip_from_salesforce`;
+- :mod:`~vlmcore.blip.video`: zero-shot text <-> video retrieval by frame concatenation
+  (:func:`encode_video`, :func:`video_retrieval_scores`, :func:`video_retrieval_metrics`).
 
 Every public name is importable from ``vlmcore.blip``.
 """
@@ -32,6 +34,7 @@ from vlmcore.blip.model import (
 )
 from vlmcore.blip.nlvr import BlipNLVR
 from vlmcore.blip.text import MODES, LMHead, MEDConfig, MEDLayer, MEDTextModel
+from vlmcore.blip.video import VideoEncoding, encode_video, video_retrieval_metrics, video_retrieval_scores
 from vlmcore.blip.vqa import BlipVQA
 
 __all__ = [
@@ -44,15 +47,19 @@ __all__ = [
     "MEDTextModel",
     "MODES",
     "MOMENTUM_STATE",
+    "VideoEncoding",
     "alpha_ramp",
     "blip_from_salesforce",
     "blip_retrieval_metrics",
     "blip_vision_encoder",
     "build_blip",
+    "encode_video",
     "is_salesforce_checkpoint",
     "load_blip",
     "read_salesforce_checkpoint",
     "salesforce_blip_spec",
     "sample_hard_negatives",
     "save_blip",
+    "video_retrieval_metrics",
+    "video_retrieval_scores",
 ]

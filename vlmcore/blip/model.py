@@ -351,15 +351,35 @@ class BLIP(nn.Module):
 
         Returns ``(score_i2t [N_img, N_txt], score_t2i [N_txt, N_img])`` (fp32).
         """
+        check_positive_int("batch_size", batch_size)
+        embeds = torch.cat([self.encode_image(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
+        return self.rerank_scores(self.image_features(embeds), embeds, input_ids, attention_mask, k_test=k_test,
+                                  batch_size=batch_size)
+
+    @torch.no_grad()
+    def rerank_scores(self, image_feat: torch.Tensor, image_embeds: torch.Tensor, input_ids: torch.Tensor,
+                      attention_mask: torch.Tensor | None, *, image_mask: torch.Tensor | None = None,
+                      k_test: int = 256, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+        """The scores of :meth:`retrieval_scores` from visual inputs already encoded (images, or videos'
+        frame tokens: :mod:`vlmcore.blip.video`).
+
+        Args:
+            image_feat: ``[N_img, embed_dim]`` normalized ITC features.
+            image_embeds: ``[N_img, S, width]`` the tokens the ITM cross-attends to; they may live on
+                another device than the text (e.g. the CPU): each query's candidates are moved over.
+            input_ids, attention_mask: ``[N_txt, L]`` captions (``[CLS]`` first; ITM puts ``[ENC]``).
+            image_mask: bool ``[N_img, S]`` (False = padding token, kept out of the ITM keys) or None.
+
+        Returns ``(score_i2t [N_img, N_txt], score_t2i [N_txt, N_img])`` (fp32).
+        """
         check_positive_int("k_test", k_test)
         check_positive_int("batch_size", batch_size)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        embeds = torch.cat([self.encode_image(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
-        image_feat = self.image_features(embeds)
+        device = input_ids.device
         text_feat = torch.cat([self.text_features(input_ids[i:i + batch_size], attention_mask[i:i + batch_size])
                                for i in range(0, len(input_ids), batch_size)])
-        sim = (image_feat @ text_feat.T).float()
+        sim = (image_feat.to(text_feat) @ text_feat.T).float()
 
         def rerank(similarity: torch.Tensor, image_of, text_of) -> torch.Tensor:
             scores = torch.full_like(similarity, -100.0)
@@ -367,7 +387,9 @@ class BLIP(nn.Module):
             top_sim, top_idx = similarity.topk(k, dim=1)
             for row in range(similarity.shape[0]):
                 img, txt = image_of(row, top_idx[row]), text_of(row, top_idx[row])
-                itm = self.itm_logits(embeds[img], input_ids[txt], attention_mask[txt])[:, 1].float()
+                tokens = image_embeds[img.to(image_embeds.device)].to(device)
+                tokens_mask = None if image_mask is None else image_mask[img.to(image_mask.device)].to(device)
+                itm = self.itm_logits(tokens, input_ids[txt], attention_mask[txt], tokens_mask)[:, 1].float()
                 scores[row, top_idx[row]] = itm + top_sim[row]
             return scores
 

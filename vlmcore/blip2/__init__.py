@@ -4,7 +4,10 @@
 - :mod:`~vlmcore.blip2.stage1`: :class:`Blip2Stage1` (ITC, ITM with hard negatives, ITG, retrieval),
   :func:`fetch_rows`, :func:`sample_hard_negatives`, :func:`soft_target_cross_entropy`;
 - :mod:`~vlmcore.blip2.stage2`: :class:`Blip2LM` (the Q-Former in front of a frozen LM);
-- :mod:`~vlmcore.blip2.convert`: Hugging Face weights by name (:func:`hf_qformer_key`, :func:`hf_head_key`).
+- :mod:`~vlmcore.blip2.convert`: Hugging Face weights by name (:func:`hf_qformer_key`, :func:`hf_head_key`);
+- :mod:`~vlmcore.blip2.video`: zero-shot text <-> video retrieval over concatenated frame tokens
+  (``encode_video``, ``video_retrieval_scores``: import them from that module, ``vlmcore.blip`` has
+  functions of the same names).
 
 Every public name is importable from ``vlmcore.blip2``; :func:`recall_at_k` is
 :func:`vlmcore.retrieval.recall_at_k`, :func:`gather_rows` :func:`vlmcore.distributed.gather_rows`.

@@ -8,8 +8,8 @@ BLEU prints its n-gram counts) goes to stderr, so stdout holds only the result.
 Subcommands register in :data:`SUBCOMMANDS`: a function that adds its parser to the subparsers and
 sets ``run`` (``args -> dict``) with ``set_defaults``; adding a command is that function plus one entry.
 An argument whose ``dest`` is an input role (``predictions``, ``references``, ``questions``,
-``annotations``, ``source``, ``images``) is the file an :class:`~vlmcore.eval.inputs.EvalInputError`
-of that role names.
+``annotations``, ``source``, ``images``, ``run_dir``, ``data``) is the file an
+:class:`~vlmcore.eval.inputs.EvalInputError` of that role names.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import contextlib
 import json
 import sys
 
-from vlmcore.eval import prepare, run
+from vlmcore.eval import prepare, run, video_retrieval
 from vlmcore.eval.captions import score_captions
 from vlmcore.eval.inputs import EvalInputError, MissingToolError, read_json
 from vlmcore.eval.vqa import vqa_accuracy
@@ -98,7 +98,7 @@ def add_prepare(subparsers) -> None:
 
 
 #: Every subcommand's parser builder, in ``--help`` order.
-SUBCOMMANDS = [add_score_captions, add_score_vqa, add_prepare, run.register]
+SUBCOMMANDS = [add_score_captions, add_score_vqa, add_prepare, run.register, video_retrieval.register]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -33,16 +33,29 @@ METRIC_KINDS = {"cider": "caption", "vqa": "vqa", "top1": "classify"}
 DEFAULT_TRIAL_SEEDS = (42, 43, 44, 45, 46)  # OpenFlamingo's --trial_seeds default is 42; trials count up
 
 
+#: ``videos(data, num_frames, batch_size, max_samples) -> (batches, counts)``: see :class:`LoadedRun`.
+VideoReader = Callable[[str, int, int, int], tuple[list[dict], dict]]
+
+
 @dataclass
 class LoadedRun:
     """What a run loader returns: the eval model (``generate``; ``class_logprobs`` for ``top1``),
     ``read(data, kind) -> samples`` (the run's eval image transform applied; samples as
     :mod:`vlmcore.eval.fewshot` / :mod:`vlmcore.eval.classification` describe them), and ``vision``:
-    the tower whose pooled output is the RICES embedding."""
+    the tower whose pooled output is the RICES embedding.
+
+    A run whose task scores videos (BLIP retrieval) also has ``videos``: the task's video eval encoder
+    over the shards ``data`` (``num_frames`` frames per clip), the first ``max_samples`` usable
+    samples (0 = all) collated in batches of ``batch_size`` (the fields of
+    :data:`vlmcore.eval.video_retrieval.FIELDS`), and the counts of usable and skipped samples
+    (``eval_usable_samples``, ``eval_skipped_samples``, ``eval_skipped/<reason>``). Its ``model`` is
+    then the vlmcore model itself when the task does not generate text (``read`` refuses).
+    """
 
     model: object
     read: Callable[[str, str], list[dict]]
     vision: torch.nn.Module
+    videos: VideoReader | None = None
 
 
 def load_run(run_dir: str, device: str | torch.device = "cpu") -> LoadedRun:

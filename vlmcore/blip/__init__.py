@@ -27,10 +27,11 @@ from vlmcore.blip.model import (
     blip_vision_encoder,
     sample_hard_negatives,
 )
-from vlmcore.blip.text import MODES, LMHead, MEDConfig, MEDLayer, MEDTextModel
+from vlmcore.blip.text import MODES, DecoderCache, LMHead, MEDConfig, MEDLayer, MEDTextModel
 
 __all__ = [
     "BLIP",
+    "DecoderCache",
     "LMHead",
     "MEDConfig",
     "MEDLayer",

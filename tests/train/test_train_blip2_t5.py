@@ -163,3 +163,19 @@ def test_trains_through_vlmcore_train(tmp_path, tiny_data, t5_dir, monkeypatch, 
         steps = [line for line in map(json.loads, f) if "loss" in line]
     assert [s["step"] for s in steps] == [1, 2, 3]
     assert all(s["loss"] > 0 for s in steps)
+
+
+def test_language_model_directories_load_by_kind(tmp_path, tiny_data, t5_dir):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from vlmcore.train.tasks.common import build_language_model
+
+    tok = Tokenizer(str(t5_dir), CONTEXT)
+    llama_dir = tmp_path / "llama"
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=2)).save_pretrained(llama_dir)
+    for lm_dir, cls in ((llama_dir, LlamaForCausalLM), (t5_dir, T5ForConditionalGeneration)):
+        cfg = load_config(str(_config(tmp_path, tiny_data, t5_dir, "kinds")), [f"model.lm.path={lm_dir}"])
+        lm = build_language_model(cfg, tok, torch.float64, encoder_decoder=True)
+        assert type(lm) is cls and lm.get_input_embeddings().weight.dtype == torch.float64
+    with pytest.raises(ValueError, match="T5Config"):  # a causal-only task keeps refusing a seq2seq LM
+        build_language_model(cfg, tok)

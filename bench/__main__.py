@@ -9,6 +9,7 @@
     python -m vlmcore.bench host-overhead [--op masked_xattn|resampler] [--inner N] [--repeats N]
     python -m vlmcore.bench smoke [--out FILE.jsonl] [--kernel NAME] | smoke --summarize FILE.jsonl
     python -m vlmcore.bench gpu-plan [--json] [--test-files | --deferred-tests]
+    python -m vlmcore.bench capfilt-decode [--shape demo|base|all] [--decoding nucleus|beam|all] [--repeats N]
 
 Every benchmark measures the card's ceilings first (matmul, device copy), then appends one CSV row
 per (op, provider, shape, mode) to ``--out`` (see :mod:`vlmcore.bench.results` for the columns).
@@ -132,6 +133,14 @@ def build_parser() -> argparse.ArgumentParser:
     gpu.add_argument("--test-files", action="store_true", help="only the GPU test files, in run order")
     gpu.add_argument("--deferred-tests", action="store_true",
                      help="only the GPU tests call 1 runs last, while time is left: 'file<TAB>-k expression' lines")
+    capfilt = commands.add_parser("capfilt-decode", help="CapFilt captions/s: KV-cached vs uncached BLIP decoding",
+                                  description="BLIP.generate as CapFilt calls it, use_cache=True vs False, on the "
+                                              "demo BLIP and a BLIP-base shape (runs on CPU); median, min and max "
+                                              "captions/s over the repeats.")
+    capfilt.add_argument("--shape", choices=("demo", "base", "all"), default="demo",
+                         help="default: demo (base takes minutes on CPU)")
+    capfilt.add_argument("--decoding", choices=("nucleus", "beam", "all"), default="all", help="default: all")
+    capfilt.add_argument("--repeats", type=int, default=5, help="timed runs per provider (default 5)")
     return parser
 
 
@@ -198,6 +207,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.inner < 1 or args.repeats < 1:
             parser.error("host-overhead: --inner and --repeats must be >= 1")
         host_overhead_main(args.op, args.inner, args.repeats)
+        return 0
+    if args.command == "capfilt-decode":
+        from .capfilt_decode import DECODINGS, SHAPES
+        from .capfilt_decode import main as capfilt_main
+
+        if args.repeats < 1:
+            parser.error("capfilt-decode: --repeats must be >= 1")
+        capfilt_main(list(SHAPES) if args.shape == "all" else [args.shape],
+                     list(DECODINGS) if args.decoding == "all" else [args.decoding], args.repeats)
         return 0
     if args.command == "smoke":
         from .smoke import main as smoke_main

@@ -139,14 +139,15 @@ def test_prompt_is_excluded_from_the_lm_loss(captioning_pair):
 @pytest.mark.parametrize("kwargs", [dict(num_beams=1, do_sample=False, max_length=12, min_length=6),
                                     dict(num_beams=3, do_sample=False, max_length=12, min_length=8,
                                          repetition_penalty=1.5)])
-def test_generate_matches_hf(captioning_pair, kwargs):
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_generate_matches_hf(captioning_pair, kwargs, use_cache):
     hf, ours, _ = captioning_pair
     images, _, _ = batch(b=2, seed=5)
     prompt = [11, 12, 13]
     hf_ids = torch.tensor([[101] + prompt + [SEP]] * 2)
     with torch.no_grad():
         expected = hf.generate(pixel_values=images, input_ids=hf_ids, **kwargs)
-        got = ours.generate(images, prompt_ids=prompt, **kwargs)
+        got = ours.generate(images, prompt_ids=prompt, use_cache=use_cache, **kwargs)
     assert torch.equal(got, expected[:, 1 + len(prompt):]), (got, expected)
 
 

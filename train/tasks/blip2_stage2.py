@@ -4,18 +4,35 @@ Trains on pairs: ``num_query_tokens`` ``<image>`` placeholders (filled with the 
 outputs, as HF ``Blip2ForConditionalGeneration`` does; not trained on), then the caption. Loss:
 the LM loss. Eval: caption token accuracy with the images and with them blanked (the blind
 control). The Q-Former starts from a stage-1 run (``stage1_init``: its ``trainable.safetensors``).
-The LM is any local / config-built causal LM of ``model.lm`` (encoder-decoder LMs such as T5 work in
-:class:`vlmcore.Blip2LM` but not through this task). Config section ``model.blip2_stage2``.
+Config section ``model.blip2_stage2``. The LM of ``model.lm`` (a local directory or a config) is
+either
+
+- a causal LM (OPT, Llama, ...): placeholders + caption, the LM loss on the caption
+  (:class:`Blip2CaptionEncoder`); or
+- an encoder-decoder LM (T5 / FLAN-T5, ``config.is_encoder_decoder``): BLIP-2's prefix language
+  modelling (paper, Sec. 3.3; LAVIS ``blip2_t5.py``): each caption is split in two at a word drawn
+  uniformly from the sample's own RNG (:func:`split_caption`); placeholders + the prefix + ``</s>``
+  are the encoder input, the suffix + ``</s>`` the decoder's target (:class:`Blip2PrefixLMEncoder`).
+  LAVIS's ``forward`` takes the two halves as given (``text_input`` / ``text_output``) and tokenizes
+  each on its own, as here; its released code draws no split.
 """
 
 from __future__ import annotations
 
 import os
+import random
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from vlmcore.train.data.pipeline import DEFAULT_MAX_IMAGE_PIXELS, decode_image, lm_text, pair_fields
+from vlmcore.train.data.pipeline import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    IGNORE_INDEX,
+    decode_image,
+    lm_text,
+    pair_fields,
+    sample_rng,
+)
 from vlmcore.train.data.tokenizer import Tokenizer
 from vlmcore.train.tasks.base import EvalContext, Task
 from vlmcore.train.tasks.blip2_stage1 import QFormerSection, build_qformer, frozen_vision_check
@@ -55,6 +72,53 @@ class Blip2CaptionEncoder:
         return {"images": decode_image(image, self.image_size, max_pixels=self.max_pixels), **lm_text(self.tok, ids)}
 
 
+def split_caption(caption: str, rng: random.Random) -> tuple[str, str]:
+    """BLIP-2's prefix-LM split of ``caption``: ``(prefix, suffix)`` at word ``k`` drawn uniformly from
+    ``[0, n_words)`` by ``rng`` (an empty prefix is plain captioning; the suffix always keeps a word).
+    Words are whitespace-separated, rejoined with single spaces."""
+    words = caption.split()
+    k = rng.randrange(len(words)) if words else 0
+    return " ".join(words[:k]), " ".join(words[k:])
+
+
+class Blip2PrefixLMEncoder:
+    """Pair sample -> the encoder-decoder LM's inputs, all ``[T]`` (``T = context_length``):
+    ``images [3, H, W]``; ``input_ids`` / ``attention_mask``: ``num_query_tokens`` ``<image>``
+    placeholders, the prefix, ``</s>`` (cut to ``T``, padded); ``labels``: the suffix then ``</s>``
+    (cut to ``T``), -100 on padding; ``decoder_attention_mask``: 1 on the label tokens.
+
+    The split point comes from ``data.sample_rng(seed, sample)`` (seed, shard, key): the same split on
+    every epoch and after a resume, whichever worker decodes the sample."""
+
+    def __init__(self, tokenizer: Tokenizer, image_size: int, num_query_tokens: int, seed: int,
+                 max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS):
+        self.tok, self.image_size, self.num_query_tokens = tokenizer, image_size, num_query_tokens
+        self.seed, self.max_pixels = seed, max_pixels
+
+    def __call__(self, sample: dict) -> dict:
+        image, caption = pair_fields(sample)
+        prefix, suffix = split_caption(caption, sample_rng(self.seed, sample))
+        t, eos = self.tok.context_length, self.tok.eos_token_id
+        encoder_ids = [self.tok.media_token_id] * self.num_query_tokens + self.tok.encode(prefix)
+        ids, mask = self.tok.pad(encoder_ids[: t - 1] + [eos])
+        target, target_mask = self.tok.pad(self.tok.encode(suffix)[: t - 1] + [eos])
+        labels = [i if m else IGNORE_INDEX for i, m in zip(target, target_mask)]
+        return {"images": decode_image(image, self.image_size, max_pixels=self.max_pixels),
+                "input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask),
+                "labels": torch.tensor(labels), "decoder_attention_mask": torch.tensor(target_mask)}
+
+
+def lm_is_encoder_decoder(cfg) -> bool:
+    """Whether ``model.lm`` is a seq2seq LM (its config's ``is_encoder_decoder``), read without weights."""
+    from transformers import AutoConfig
+
+    lm = cfg.model.lm
+    if lm.path:
+        return bool(AutoConfig.from_pretrained(lm.path, local_files_only=True).is_encoder_decoder)
+    options = dict(lm.config)
+    return bool(AutoConfig.for_model(options.pop("model_type"), **options).is_encoder_decoder)
+
+
 class Blip2Stage2Task(Task):
     name = "blip2_stage2"
     Config = Blip2Stage2Config
@@ -73,7 +137,7 @@ class Blip2Stage2Task(Task):
     def build_model(self, dtype: torch.dtype) -> nn.Module:
         c = self.config
         vision = build_vision(self.cfg)
-        lm = build_language_model(self.cfg, self.tok, dtype)
+        lm = build_language_model(self.cfg, self.tok, dtype, encoder_decoder=True)
         qformer = build_qformer(c.qformer, vision.width, self.tok.vocab_size)
         model = vlmcore.Blip2LM(qformer, lm, vision, image_token_id=self.tok.media_token_id)
         if c.stage1_init:
@@ -93,14 +157,18 @@ class Blip2Stage2Task(Task):
             # encode_image is a method, not the Q-Former's forward: its queries are read directly.
             deepspeed.zero.register_external_parameter(model, model.qformer.query_tokens)
 
-    def encoder(self, kind: str, max_images: int) -> Blip2CaptionEncoder:
-        return Blip2CaptionEncoder(self.tok, self.cfg.model.vision.image_size, self.config.qformer.num_query_tokens,
-                                   self.cfg.data.max_image_pixels)
+    def encoder(self, kind: str, max_images: int) -> Blip2CaptionEncoder | Blip2PrefixLMEncoder:
+        size, queries = self.cfg.model.vision.image_size, self.config.qformer.num_query_tokens
+        if lm_is_encoder_decoder(self.cfg):
+            return Blip2PrefixLMEncoder(self.tok, size, queries, self.cfg.seed, self.cfg.data.max_image_pixels)
+        return Blip2CaptionEncoder(self.tok, size, queries, self.cfg.data.max_image_pixels)
 
     def loss(self, model, batch: dict, device: torch.device, group=None) -> tuple[torch.Tensor, dict]:
         batch = move(batch, device)
+        decoder_mask = batch.get("decoder_attention_mask")  # encoder-decoder LMs only
+        extra = {} if decoder_mask is None else {"decoder_attention_mask": decoder_mask}
         out = model(batch["images"], batch["input_ids"], attention_mask=batch["attention_mask"],
-                    labels=batch["labels"])
+                    labels=batch["labels"], **extra)
         return out.loss.float(), {}
 
     def evaluate(self, module: nn.Module, ctx: EvalContext) -> dict:

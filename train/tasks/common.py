@@ -31,18 +31,21 @@ if TYPE_CHECKING:
     from vlmcore.train.tasks.base import EvalContext
 
 
-def build_language_model(cfg: TrainConfig, tok: Tokenizer, dtype: torch.dtype = torch.float32) -> nn.Module:
+def build_language_model(cfg: TrainConfig, tok: Tokenizer, dtype: torch.dtype = torch.float32, *,
+                         encoder_decoder: bool = False) -> nn.Module:
     """The frozen causal LM: loaded from a local directory or built from a config (random weights).
 
     ``dtype``: the training precision's parameter dtype. A directory is loaded in it, not in the
     dtype of its files (transformers 5 defaults to the latter: a bf16 checkpoint would otherwise make
     the model, and the bridge built at the LM's dtype, bf16 in an fp32 run, with no fp32 master weights).
+    ``encoder_decoder``: the task also takes a seq2seq LM (T5 / FLAN-T5): an LM whose config says
+    ``is_encoder_decoder`` is then built as ``AutoModelForSeq2SeqLM`` (decoding starts at the pad id).
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     lm_cfg = cfg.model.lm
     if lm_cfg.path:
-        lm = AutoModelForCausalLM.from_pretrained(lm_cfg.path, local_files_only=True, dtype=dtype)
+        config = AutoConfig.from_pretrained(lm_cfg.path, local_files_only=True)
     else:
         options = dict(lm_cfg.config)
         model_type = options.pop("model_type")
@@ -50,7 +53,14 @@ def build_language_model(cfg: TrainConfig, tok: Tokenizer, dtype: torch.dtype = 
         options.setdefault("pad_token_id", tok.pad_token_id)
         options.setdefault("eos_token_id", tok.eos_token_id)
         options.setdefault("bos_token_id", tok.eos_token_id)
-        lm = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **options))
+        config = AutoConfig.for_model(model_type, **options)
+        if config.is_encoder_decoder and "decoder_start_token_id" not in options:
+            config.decoder_start_token_id = tok.pad_token_id  # T5 starts decoding at its pad token
+    auto = AutoModelForSeq2SeqLM if encoder_decoder and config.is_encoder_decoder else AutoModelForCausalLM
+    if lm_cfg.path:
+        lm = auto.from_pretrained(lm_cfg.path, local_files_only=True, dtype=dtype)
+    else:
+        lm = auto.from_config(config)
     if lm.get_input_embeddings().weight.shape[0] < tok.vocab_size:
         lm.resize_token_embeddings(tok.vocab_size)
     return lm
@@ -199,8 +209,13 @@ def _token_hits(module, images_key: str, batch, device, dtype, blind: bool) -> t
     if blind:
         images = torch.zeros_like(images)
     ids, mask, labels = (batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
-    logits = module(images, ids, attention_mask=mask).logits
-    pred, target = logits[:, :-1].argmax(dim=-1), labels[:, 1:]
+    if "decoder_attention_mask" in batch:  # encoder-decoder: the decoder's logits line up with its labels
+        logits = module(images, ids, attention_mask=mask, labels=labels,
+                        decoder_attention_mask=batch["decoder_attention_mask"].to(device)).logits
+        pred, target = logits.argmax(dim=-1), labels
+    else:  # decoder-only: position t predicts token t + 1
+        logits = module(images, ids, attention_mask=mask).logits
+        pred, target = logits[:, :-1].argmax(dim=-1), labels[:, 1:]
     valid = target != IGNORE_INDEX
     return int(((pred == target) & valid).sum()), int(valid.sum())
 
@@ -209,7 +224,9 @@ def caption_accuracy(module: nn.Module, ctx: EvalContext, images_key: str) -> di
     """Next-token accuracy on the held-out captions, with the images and with them blanked (zeros).
 
     ``module(images, input_ids, attention_mask=...)`` must return an object with ``.logits``
-    ``[B, T, V]``; ``images_key`` names the batch entry holding the images. Returns
+    ``[B, T, V]`` (batches with a ``decoder_attention_mask``: an encoder-decoder, called with
+    ``labels`` and that mask, its decoder logits scored against ``labels`` unshifted);
+    ``images_key`` names the batch entry holding the images. Returns
     ``{"caption_token_acc", "blind_token_acc", "eval_tokens"}`` over all ranks.
     """
     info = ctx.info

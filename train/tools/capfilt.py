@@ -186,9 +186,10 @@ class CapFilt:
         """``num_captions`` synthetic captions per image of ``images [B, 3, S, S]``."""
         s = self.settings
         kwargs = dict(do_sample=True, top_p=s.top_p) if s.sampling == "nucleus" else dict(num_beams=s.num_beams)
+        # KV-cached decoding: each step runs the new token only, the image keys / values are projected once
         ids = self.captioner.generate(images, prompt_ids=self.prompt_ids, max_length=s.max_length,
                                       min_length=s.min_length, repetition_penalty=s.repetition_penalty,
-                                      num_return_sequences=s.num_captions, **kwargs)
+                                      num_return_sequences=s.num_captions, use_cache=True, **kwargs)
         texts = [self.text.decode(row) for row in ids.cpu()]
         return [texts[i * s.num_captions:(i + 1) * s.num_captions] for i in range(images.shape[0])]
 

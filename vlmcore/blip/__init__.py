@@ -33,7 +33,7 @@ from vlmcore.blip.model import (
     sample_hard_negatives,
 )
 from vlmcore.blip.nlvr import BlipNLVR
-from vlmcore.blip.text import MODES, LMHead, MEDConfig, MEDLayer, MEDTextModel
+from vlmcore.blip.text import MODES, DecoderCache, LMHead, MEDConfig, MEDLayer, MEDTextModel
 from vlmcore.blip.video import VideoEncoding, encode_video, video_retrieval_metrics, video_retrieval_scores
 from vlmcore.blip.vqa import BlipVQA
 
@@ -41,6 +41,7 @@ __all__ = [
     "BLIP",
     "BlipNLVR",
     "BlipVQA",
+    "DecoderCache",
     "LMHead",
     "MEDConfig",
     "MEDLayer",

@@ -20,7 +20,7 @@ from torch import nn
 import vlmcore.blip.convert as convert
 import vlmcore.hard_negatives as hard_negatives
 from vlmcore._checks import check_positive_int, check_token_ids
-from vlmcore.blip.text import LMHead, MEDConfig, MEDTextModel
+from vlmcore.blip.text import DecoderCache, LMHead, MEDConfig, MEDTextModel
 from vlmcore.distributed import all_gather_no_grad, all_gather_with_grad, rank_and_world
 from vlmcore.kernels import momentum_contrastive_loss
 from vlmcore.retrieval import recall_at_k, with_mean_recall
@@ -400,7 +400,8 @@ class BLIP(nn.Module):
     @torch.no_grad()
     def generate(self, images: torch.Tensor, prompt_ids: list[int] | None = None, *, num_beams: int = 3,
                  do_sample: bool = False, top_p: float = 0.9, max_length: int = 30, min_length: int = 10,
-                 repetition_penalty: float = 1.0, num_return_sequences: int = 1, **generate_kwargs) -> torch.Tensor:
+                 repetition_penalty: float = 1.0, num_return_sequences: int = 1, use_cache: bool = True,
+                 **generate_kwargs) -> torch.Tensor:
         """Captions for ``images`` ``[B, C, H, W]``, as BLIP generates them.
 
         The decoder input is ``[DEC] + prompt_ids`` (BLIP: the tokens of "a picture of " without
@@ -409,6 +410,9 @@ class BLIP(nn.Module):
         ``top_p`` (BLIP: 0.9, ``repetition_penalty=1.1``). ``max_length`` / ``min_length`` count the
         whole sequence, prompt included (as Hugging Face and BLIP do). Runs Hugging Face's
         ``GenerationMixin.generate`` over this model's decoder; extra keyword arguments go there.
+        ``use_cache`` (default) decodes with a :class:`vlmcore.blip.text.DecoderCache`: each step runs
+        only the new token, the image keys / values are projected once; ``use_cache=False`` re-runs
+        the whole caption every step (the reference the cached path is tested and benchmarked against).
 
         Returns:
             ``[B * num_return_sequences, T]`` token ids after the prompt (the caption; BLIP strips
@@ -428,13 +432,14 @@ class BLIP(nn.Module):
         wrapper = _decoder_for_generation_class()(self)
         sampling = dict(do_sample=True, top_p=float(top_p), num_beams=1) if do_sample else dict(
             do_sample=False, num_beams=int(num_beams))
+        cache = dict(cache=DecoderCache(), use_cache=True) if use_cache else dict(use_cache=False)
         out = wrapper.generate(
             input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
             encoder_hidden_states=image_embeds,
             max_length=int(max_length), min_length=int(min_length), repetition_penalty=float(repetition_penalty),
             num_return_sequences=int(num_return_sequences), eos_token_id=self.config.sep_token_id,
-            pad_token_id=self.config.pad_token_id, bos_token_id=self.config.bos_token_id, use_cache=False,
-            **sampling, **generate_kwargs,
+            pad_token_id=self.config.pad_token_id, bos_token_id=self.config.bos_token_id,
+            **cache, **sampling, **generate_kwargs,
         )
         return out[:, input_ids.shape[1]:]
 
@@ -510,13 +515,15 @@ def _with_first_token(input_ids: torch.Tensor, token_id: int) -> torch.Tensor:
 def _decoder_for_generation_class():
     """:class:`DecoderForGeneration`, built once on first use (transformers is imported lazily)."""
     from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
-    from transformers.modeling_outputs import CausalLMOutput
+    from transformers.modeling_outputs import CausalLMOutputWithPast
 
     class DecoderForGeneration(PreTrainedModel, GenerationMixin):
         """BLIP's image-grounded decoder behind Hugging Face's ``GenerationMixin`` (beam search,
         sampling, logits processors), so that no second beam search exists here. Built per
-        :meth:`BLIP.generate` call around the model's own modules (no copy). No KV cache: each step
-        re-runs the (short) caption through the decoder."""
+        :meth:`BLIP.generate` call around the model's own modules (no copy). With a ``cache``
+        (:class:`DecoderCache`, passed to ``generate``) each step feeds only the tokens the cache
+        has not seen; beam search reorders it through ``DecoderCache.reorder_cache``. Without one
+        each step re-runs the whole caption."""
 
         main_input_name = "input_ids"
 
@@ -527,13 +534,17 @@ def _decoder_for_generation_class():
             self.text_encoder = model.text_encoder
             self.lm_head = model.lm_head
 
-        def forward(self, input_ids, attention_mask=None, encoder_hidden_states=None, **_):
-            hidden = self.text_encoder(input_ids, attention_mask, mode="decoder", image_embeds=encoder_hidden_states)
-            return CausalLMOutput(logits=self.lm_head(hidden))
+        def forward(self, input_ids, attention_mask=None, encoder_hidden_states=None, cache=None, **_):
+            hidden = self.text_encoder(input_ids, attention_mask, mode="decoder", image_embeds=encoder_hidden_states,
+                                       cache=cache)
+            return CausalLMOutputWithPast(logits=self.lm_head(hidden), cache=cache)
 
-        def prepare_inputs_for_generation(self, input_ids, attention_mask=None, encoder_hidden_states=None, **_):
+        def prepare_inputs_for_generation(self, input_ids, attention_mask=None, encoder_hidden_states=None,
+                                          cache=None, **_):
+            if cache is not None:
+                input_ids = input_ids[:, cache.get_seq_length():]
             return {"input_ids": input_ids, "attention_mask": attention_mask,
-                    "encoder_hidden_states": encoder_hidden_states}
+                    "encoder_hidden_states": encoder_hidden_states, "cache": cache}
 
     return DecoderForGeneration
 

@@ -8,6 +8,7 @@ One BERT-style text transformer is used three ways:
   first token;
 - image-grounded text decoder (``mode="decoder"``): causal self-attention, the same
   cross-attention and feed-forward, ``[DEC]`` (BOS) first; the LM head predicts the next token.
+  Generation runs it with a :class:`DecoderCache`: each step feeds only the new tokens.
 
 Encoder and decoder share every parameter except the self-attention blocks (BLIP's best setting):
 each layer holds ``attention`` (encoder) and ``decoder_attention`` (decoder), and one
@@ -100,18 +101,70 @@ class _Embeddings(nn.Module):
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+    def forward(self, input_ids: torch.Tensor, past_length: int = 0) -> torch.Tensor:
+        """``past_length``: tokens before ``input_ids`` (cached decoding), where their positions start."""
+        positions = torch.arange(past_length, past_length + input_ids.shape[1], device=input_ids.device)
         x = self.word_embeddings(input_ids) + self.position_embeddings(positions)
         return self.dropout(self.LayerNorm(x))
+
+
+class _LayerCache:
+    """One layer's cached keys / values: ``self_kv`` ``([B, H, T, Dh], [B, H, T, Dh])`` of the causal
+    self-attention (T = tokens decoded so far) and ``image_kv`` ``([B, S, H, Dh], [B, S, H, Dh])`` of
+    the cross-attention over the image; None until the first call fills them."""
+
+    __slots__ = ("self_kv", "image_kv")
+
+    def __init__(self):
+        self.self_kv: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.image_kv: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
+class DecoderCache:
+    """The keys / values of one decoding run of the image-grounded decoder (``mode="decoder"``).
+
+    Pass the same (initially empty) cache to every :meth:`MEDTextModel.forward` call of a run, with
+    only the new tokens each time and the attention mask of all tokens so far. Self-attention keys /
+    values grow by the new tokens per call; the image's cross-attention keys / values are computed
+    at the first call and reused (the image does not change across steps). The interface Hugging
+    Face's ``generate`` uses: :meth:`get_seq_length`, :meth:`reorder_cache`, ``is_compileable``.
+    """
+
+    is_compileable = False  # generate asks before choosing torch.compile; a growing cache is not static
+
+    def __init__(self):
+        self.layers: list[_LayerCache] = []
+
+    def layer(self, index: int) -> _LayerCache:
+        """Layer ``index``'s entry (created on first use)."""
+        while len(self.layers) <= index:
+            self.layers.append(_LayerCache())
+        return self.layers[index]
+
+    def get_seq_length(self) -> int:
+        """Tokens cached so far (0 for an empty cache)."""
+        if not self.layers or self.layers[0].self_kv is None:
+            return 0
+        return self.layers[0].self_kv[0].shape[2]
+
+    def reorder_cache(self, beam_idx: torch.Tensor) -> None:
+        """Keep row ``beam_idx[i]`` as row ``i`` (``beam_idx`` long ``[B]``) of the self-attention keys /
+        values: beam search continuing the chosen beams. The image keys / values are left in place:
+        beam search only reorders the beams of one image, whose image rows are equal, and copying
+        ``[B, S, H, Dh]`` per layer per step would cost more than the step."""
+        for entry in self.layers:
+            if entry.self_kv is not None:
+                entry.self_kv = tuple(t.index_select(0, beam_idx.to(t.device)) for t in entry.self_kv)
 
 
 # Adapted from transformers' modeling_bert.BertSelfAttention (scaled_dot_product_attention here).
 class _SelfAttentionCore(nn.Module):
     """``query`` / ``key`` / ``value`` projections and scaled dot-product self-attention.
 
-    ``forward(x [B, L, hidden], additive_mask [B, 1, L, L]) -> [B, L, hidden]`` (before the
-    output projection). The mask is additive (0 or the dtype's minimum), as BERT / HF eager.
+    ``forward(x [B, L, hidden], additive_mask [B, 1, L, T], cache) -> [B, L, hidden]`` (before the
+    output projection). The mask is additive (0 or the dtype's minimum), as BERT / HF eager. With a
+    :class:`_LayerCache`, the keys / values of ``x`` are appended to its ``self_kv`` and the queries
+    attend all ``T`` cached tokens; without one, ``T = L``.
     """
 
     def __init__(self, config: MEDConfig):
@@ -122,10 +175,15 @@ class _SelfAttentionCore(nn.Module):
         self.value = nn.Linear(config.hidden_size, config.hidden_size)
         self.dropout_p = config.attention_probs_dropout_prob
 
-    def forward(self, x: torch.Tensor, additive_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, additive_mask: torch.Tensor, cache: _LayerCache | None = None) -> torch.Tensor:
         b, length, width = x.shape
         shape = (b, length, self.heads, width // self.heads)
         q, k, v = (proj(x).view(shape).transpose(1, 2) for proj in (self.query, self.key, self.value))
+        if cache is not None:
+            if cache.self_kv is not None:
+                k = torch.cat([cache.self_kv[0], k], dim=2)
+                v = torch.cat([cache.self_kv[1], v], dim=2)
+            cache.self_kv = (k, v)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=additive_mask.to(q.dtype),
                                              dropout_p=self.dropout_p if self.training else 0.0)
         return out.transpose(1, 2).reshape(b, length, width)
@@ -135,9 +193,10 @@ class _SelfAttentionCore(nn.Module):
 class _CrossAttentionCore(nn.Module):
     """Text queries attend image tokens through :func:`vlmcore.kernels.resampler_attention`.
 
-    ``forward(x [B, L, hidden], image_embeds [B, S, encoder_width], image_mask [B, S] bool or None)
-    -> [B, L, hidden]``. Attention dropout is not applied (the fused op has none; BLIP trains with
-    attention dropout 0).
+    ``forward(x [B, L, hidden], image_embeds [B, S, encoder_width], image_mask [B, S] bool or None,
+    cache) -> [B, L, hidden]``. With a :class:`_LayerCache`, the image keys / values are projected
+    once (first call) and read from its ``image_kv`` afterwards. Attention dropout is not applied
+    (the fused op has none; BLIP trains with attention dropout 0).
     """
 
     def __init__(self, config: MEDConfig):
@@ -147,14 +206,23 @@ class _CrossAttentionCore(nn.Module):
         self.key = nn.Linear(config.encoder_width, config.hidden_size)
         self.value = nn.Linear(config.encoder_width, config.hidden_size)
 
-    def forward(self, x: torch.Tensor, image_embeds: torch.Tensor, image_mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, image_embeds: torch.Tensor, image_mask: torch.Tensor | None,
+                cache: _LayerCache | None = None) -> torch.Tensor:
         b, length, width = x.shape
-        head_dim = width // self.heads
-        q = self.query(x).view(b, length, self.heads, head_dim)
-        image_embeds = image_embeds.to(q.dtype)
-        k = self.key(image_embeds).view(b, image_embeds.shape[1], self.heads, head_dim)
-        v = self.value(image_embeds).view(b, image_embeds.shape[1], self.heads, head_dim)
+        q = self.query(x).view(b, length, self.heads, width // self.heads)
+        if cache is None:
+            k, v = self._image_kv(image_embeds.to(q.dtype))
+        else:
+            if cache.image_kv is None:
+                cache.image_kv = self._image_kv(image_embeds.to(q.dtype))
+            k, v = cache.image_kv
         return resampler_attention(q, k, v, media_mask=image_mask).reshape(b, length, width)
+
+    def _image_kv(self, image_embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of the image tokens: ``[B, S, encoder_width] -> 2 x [B, S, H, Dh]``."""
+        b, s, _ = image_embeds.shape
+        shape = (b, s, self.heads, self.key.out_features // self.heads)
+        return self.key(image_embeds).view(shape), self.value(image_embeds).view(shape)
 
 
 # Adapted from transformers' modeling_bert.BertSelfOutput / BertOutput (one class for both).
@@ -180,8 +248,8 @@ class _SelfAttention(nn.Module):
         self.self = _SelfAttentionCore(config)
         self.output = _AttentionOutput(config.hidden_size, config)
 
-    def forward(self, x: torch.Tensor, additive_mask: torch.Tensor) -> torch.Tensor:
-        return self.output(self.self(x, additive_mask), x)
+    def forward(self, x: torch.Tensor, additive_mask: torch.Tensor, cache: _LayerCache | None = None) -> torch.Tensor:
+        return self.output(self.self(x, additive_mask, cache), x)
 
 
 class _CrossAttention(nn.Module):
@@ -192,8 +260,8 @@ class _CrossAttention(nn.Module):
         self.self = _CrossAttentionCore(config)
         self.output = _AttentionOutput(config.hidden_size, config)
 
-    def forward(self, x, image_embeds, image_mask):
-        return self.output(self.self(x, image_embeds, image_mask), x)
+    def forward(self, x, image_embeds, image_mask, cache: _LayerCache | None = None):
+        return self.output(self.self(x, image_embeds, image_mask, cache), x)
 
 
 # Adapted from transformers' modeling_bert.BertIntermediate.
@@ -212,7 +280,8 @@ class _Intermediate(nn.Module):
 class MEDLayer(nn.Module):
     """One MED layer: self-attention (``attention`` for the encoders, ``decoder_attention`` for the
     decoder), cross-attention to the image (multimodal / decoder modes), feed-forward. All but the
-    self-attention is shared by the three modes."""
+    self-attention is shared by the three modes. ``cache``: this layer's :class:`_LayerCache` when
+    decoding with a :class:`DecoderCache`."""
 
     def __init__(self, config: MEDConfig):
         super().__init__()
@@ -222,10 +291,10 @@ class MEDLayer(nn.Module):
         self.intermediate = _Intermediate(config)
         self.output = _AttentionOutput(config.intermediate_size, config)
 
-    def forward(self, x, additive_mask, mode, image_embeds, image_mask):
-        x = (self.decoder_attention if mode == "decoder" else self.attention)(x, additive_mask)
+    def forward(self, x, additive_mask, mode, image_embeds, image_mask, cache: _LayerCache | None = None):
+        x = (self.decoder_attention if mode == "decoder" else self.attention)(x, additive_mask, cache)
         if mode != "text":
-            x = self.crossattention(x, image_embeds, image_mask)
+            x = self.crossattention(x, image_embeds, image_mask, cache)
         return self.output(self.intermediate(x), x)
 
 
@@ -240,8 +309,10 @@ class _Encoder(nn.Module):
 class MEDTextModel(nn.Module):
     """BLIP's text transformer in its three modes (module docstring).
 
-    ``forward(input_ids [B, L], attention_mask [B, L] or None, *, mode, image_embeds [B, S, W],
-    image_mask [B, S] bool or None) -> [B, L, hidden]``.
+    ``forward(input_ids [B, L], attention_mask [B, P + L] or None, *, mode, image_embeds [B, S, W],
+    image_mask [B, S] bool or None, cache) -> [B, L, hidden]``. ``cache`` (decoder mode only): a
+    :class:`DecoderCache` holding the keys / values of the ``P`` tokens before ``input_ids`` (P = 0
+    without one, or for an empty one); it is extended by ``input_ids``.
     """
 
     def __init__(self, config: MEDConfig):
@@ -251,28 +322,34 @@ class MEDTextModel(nn.Module):
         self.encoder = _Encoder(config)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *, mode: str = "text",
-                image_embeds: torch.Tensor | None = None, image_mask: torch.Tensor | None = None) -> torch.Tensor:
+                image_embeds: torch.Tensor | None = None, image_mask: torch.Tensor | None = None,
+                cache: DecoderCache | None = None) -> torch.Tensor:
         check_token_ids("input_ids", input_ids)
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if cache is not None and mode != "decoder":
+            raise ValueError(f"cache is for mode='decoder' (cached generation), got mode={mode!r}")
         b, length = input_ids.shape
-        if length > self.config.max_position_embeddings:
-            raise ValueError(f"input_ids has {length} tokens, more than max_position_embeddings="
+        past = 0 if cache is None else cache.get_seq_length()
+        total = past + length
+        if total > self.config.max_position_embeddings:
+            raise ValueError(f"input_ids has {length} tokens (+ {past} cached), more than max_position_embeddings="
                              f"{self.config.max_position_embeddings}")
         if mode != "text":
             _check_image_inputs(image_embeds, image_mask, b, self.config.encoder_width)
         if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        elif tuple(attention_mask.shape) != (b, length):
-            raise ValueError(f"attention_mask must be [B, L] = {(b, length)}, got {tuple(attention_mask.shape)}")
-        x = self.embeddings(input_ids)
-        allowed = attention_mask.bool()[:, None, None, :]  # [B, 1, 1, L] keys
-        if mode == "decoder":
-            allowed = allowed & torch.ones(length, length, dtype=torch.bool, device=x.device).tril()
+            attention_mask = torch.ones(b, total, dtype=torch.long, device=input_ids.device)
+        elif tuple(attention_mask.shape) != (b, total):
+            raise ValueError(f"attention_mask must be [B, cached + L] = {(b, total)}, got "
+                             f"{tuple(attention_mask.shape)}")
+        x = self.embeddings(input_ids, past)
+        allowed = attention_mask.bool()[:, None, None, :]  # [B, 1, 1, T] keys
+        if mode == "decoder":  # query i (position past + i) sees keys 0 .. past + i
+            allowed = allowed & torch.ones(length, total, dtype=torch.bool, device=x.device).tril(past)
         additive = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device).masked_fill(
             ~allowed, torch.finfo(x.dtype).min)
-        for layer in self.encoder.layer:
-            x = layer(x, additive, mode, image_embeds, image_mask)
+        for index, layer in enumerate(self.encoder.layer):
+            x = layer(x, additive, mode, image_embeds, image_mask, None if cache is None else cache.layer(index))
         return x
 
 
@@ -327,4 +404,4 @@ class LMHead(nn.Module):
         return self.predictions(x)
 
 
-__all__ = ["LMHead", "MEDConfig", "MEDLayer", "MEDTextModel", "MODES"]
+__all__ = ["DecoderCache", "LMHead", "MEDConfig", "MEDLayer", "MEDTextModel", "MODES"]

@@ -160,8 +160,10 @@ class Blip2Eval(EvalModel):
                  length_penalty: float = 0.0, min_new_tokens: int = 0) -> list[str]:
         self._check_counts(images, prompts)
         queries = [self.model.image_token_id] * self.model.qformer.num_query_tokens
+        # T5's encoder input ends with </s> (its tokenizer adds it; LAVIS blip2_t5 feeds the prompt so)
+        end = [self.tok.eos_token_id] if self.model.is_encoder_decoder else []
         # Everything but the query's own image stays text: the demos' tags go, the query's becomes the queries.
-        rows = [queries + self.tok.encode(p.replace(MEDIA, "")) for p in prompts]
+        rows = [queries + self.tok.encode(p.replace(MEDIA, "")) + end for p in prompts]
         ids, mask = self._token_rows(rows)
         pixels = torch.stack([row[-1] for row in images]).to(self.device, self.dtype)
         out = self.model.generate(pixels, ids, attention_mask=mask, **self.generation_kwargs(

@@ -254,3 +254,20 @@ def test_flamingo_encoder_writes_one_clip_of_f_frames(tmp_path):
     assert example["labels"][0] == -100  # the <image> token is never a target
     pair = task.encoder("pairs", 1)(_sample({"png": clip_members(_frames(2), "frames")["frame000.png"]}))
     assert pair["vision_x"].shape == (1, 1, 3, size, size) and "frame_mask" not in pair
+
+
+@pytest.mark.parametrize("video_format", ["mp4", "frames", "npy"])
+def test_make_shapes_video_cli(video_format, tmp_path, capsys):
+    from vlmcore.train.data.pipeline import read_tar
+    from vlmcore.train.tools.make_shapes import console_main
+
+    console_main(["--out", str(tmp_path), "--video", "--video-format", video_format, "--n", "4", "--n-eval", "2",
+                  "--num-frames", "5", "--image-size", "16"])
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["video_format"] == video_format and summary["num_frames"] == 5
+    samples = list(read_tar(str(tmp_path / "video-train-000000.tar")))
+    assert len(samples) == 4
+    frames, caption = video_fields(samples[0], 5)
+    assert len(frames) == 5 and frames[0].size == (16, 16)
+    assert caption.split()[-2] == "moving" and caption.split()[-1] == json.loads(samples[0]["json"])["direction"]
+    assert (tmp_path / "tokenizer.json").is_file() and (tmp_path / "video.json").is_file()

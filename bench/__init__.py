@@ -9,7 +9,7 @@ overhead of an eager call: :mod:`vlmcore.bench.host_overhead`; CPU microbenchmar
 Per op or model: :mod:`~vlmcore.bench.contrastive`, :mod:`~vlmcore.bench.sigmoid`,
 :mod:`~vlmcore.bench.masked_xattn`, :mod:`~vlmcore.bench.resampler`, :mod:`~vlmcore.bench.blip`
 (momentum ITC), :mod:`~vlmcore.bench.blip2`, :mod:`~vlmcore.bench.vilbert`, :mod:`~vlmcore.bench.e2e`
-(end-to-end training steps).
+(end-to-end training steps), :mod:`~vlmcore.bench.capfilt_decode` (CapFilt captions/s, KV cache vs none).
 The GPU plan: :mod:`~vlmcore.bench.gpu_plan` (the two device calls, dry-run), :mod:`~vlmcore.bench.smoke`
 (every kernel once against the fp32 reference), :mod:`~vlmcore.bench.gate` (the correctness gate of every
 vlmcore row), :mod:`~vlmcore.bench.variants` (compiled-variant counts from the autotune spaces).

@@ -14,14 +14,16 @@ from helpers.numerics import assert_close
 from helpers.training import read_metrics, train_argv
 from vlmcore.train import main
 from vlmcore.train.runtime.mixture import MixturePolicy
-from vlmcore.train.runtime.trainer import Trainer
+from vlmcore.train.runtime.trainer import NonFiniteLossError, Trainer
+from vlmcore.train.tasks import get_task
 
 TINY_LM = ("model.lm={config: {model_type: llama, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, "
            "num_attention_heads: 2, num_key_value_heads: 2, max_position_embeddings: 64}}")
 SMALL_FLAMINGO = "model.flamingo={cross_attn_every_n_layers: 1, num_latents: 2, dim_head: 8, heads: 2, ff_mult: 1}"
 FROZEN_TOWER = "model.vision={image_size: 16, patch_size: 8, width: 16, depth: 1, heads: 2, freeze: true}"
 RUN = {"eval_batch_size": None, "vision": FROZEN_TOWER}
-CLIP_TEXT = ["model.clip.text={width: 16, depth: 1, heads: 2}", "model.clip.embed_dim=16", "tokenizer.context_length=12"]
+CLIP_TEXT = ["model.clip.text={width: 16, depth: 1, heads: 2}", "model.clip.embed_dim=16",
+             "tokenizer.context_length=12"]
 
 
 def _flamingo_mixture(data, out, sizes, *extra):
@@ -63,11 +65,12 @@ def test_per_dataset_backward_gives_the_joint_gradients(data, tmp_path, monkeypa
     grads, updates = {}, {}
     for backward in ("joint", "per_dataset"):
         captured = _capture_gradients(monkeypatch)
-        counted = []  # DeepSpeed's optimizer steps after each of ours: its boundary is our step's last backward
+        # DeepSpeed's optimizer steps after each of ours: its boundary is our step's last backward.
+        counted = updates.setdefault(backward, [])
         main(_flamingo_mixture(data, tmp_path / backward, (2, 3, 4), "max_steps=2",
                                f"deepspeed.zero_optimization.stage={zero}", f"optim.mixture_backward={backward}"),
-             on_step_end=[lambda trainer, step: counted.append((step, trainer.engine.global_steps))])
-        grads[backward], updates[backward] = captured, counted
+             on_step_end=[lambda trainer, step, counted=counted: counted.append((step, trainer.engine.global_steps))])
+        grads[backward] = captured
         monkeypatch.undo()
     assert updates["joint"] == updates["per_dataset"] == [(1, 1), (2, 2)]
     for step, (joint, per_dataset) in enumerate(zip(grads["joint"], grads["per_dataset"]), start=1):
@@ -244,3 +247,25 @@ def test_resume_is_bit_exact_in_each_mixture_mode(data, tmp_path, mode):
     main(_clip_mixture(data, resumed, *common, "resume=latest", weights=(1.0, 0.5, 0.5)))
     # Bitwise: the same datasets read, the same losses, the same gradient norms (fp32, same data order).
     assert _step_records(resumed) == {s: reference[s] for s in (3, 4, 5, 6)}
+
+
+def test_a_nonfinite_loss_skips_a_one_backward_step_and_stops_a_per_dataset_one(data, tmp_path, monkeypatch):
+    clip = get_task("clip")
+    real, calls = clip.loss, {"n": 0}
+
+    def poisoned(*args, **kwargs):  # the second loss of the run is NaN
+        calls["n"] += 1
+        loss, metrics = real(*args, **kwargs)
+        return (loss * float("nan") if calls["n"] == 2 else loss), metrics
+
+    monkeypatch.setattr(clip, "loss", poisoned)
+    out = tmp_path / "rr"  # round_robin: one backward a step, so step 2 is skipped and the run goes on
+    main(_clip_mixture(data, out, "max_steps=3", "save_every=0", "optim.mixture=round_robin"))
+    steps, _ = read_metrics(out)
+    assert [s["nonfinite_steps"] for s in steps] == [0, 1, 1] and steps[1]["loss"] is None
+    assert steps[1]["samples/b"] == 3 and "loss/b" not in steps[1] and steps[2]["loss/c"] is not None
+
+    calls["n"] = 0  # per_dataset: DeepSpeed has counted dataset a's backward when b's loss turns out NaN
+    with pytest.raises(NonFiniteLossError, match="optim.mixture_backward: per_dataset a non-finite micro-batch"):
+        main(_clip_mixture(data, tmp_path / "per", "max_steps=3", "save_every=0",
+                           "optim.mixture_backward=per_dataset"))

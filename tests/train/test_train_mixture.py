@@ -60,7 +60,7 @@ def _capture_gradients(monkeypatch) -> list[dict[str, torch.Tensor]]:
     return captured
 
 
-@pytest.mark.parametrize("zero", [0, 2])
+@pytest.mark.parametrize("zero", [0, 2, 3])
 def test_per_dataset_backward_gives_the_joint_gradients(data, tmp_path, monkeypatch, zero):
     grads, updates = {}, {}
     for backward in ("joint", "per_dataset"):
@@ -82,6 +82,21 @@ def test_per_dataset_backward_gives_the_joint_gradients(data, tmp_path, monkeypa
     for joint, per_dataset in zip(steps["joint"], steps["per_dataset"]):
         for key in ("loss", "loss/docs", "loss/pairs", "loss/more"):
             assert per_dataset[key] == pytest.approx(joint[key], rel=1e-5)
+
+
+@pytest.mark.parametrize("zero,per_step", [(1, 1), (2, 3)])
+def test_gradient_reductions_per_step_under_per_dataset(data, tmp_path, monkeypatch, zero, per_step):
+    """ZeRO-1 reduces once per step, at the boundary; ZeRO-2 reduce-scatters after every backward (how
+    DeepSpeed keeps only its partition of the gradients; it refuses ``no_sync`` there): one reduction per
+    dataset and step, the communication price of per_dataset under ZeRO-2 (and ZeRO-3)."""
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    calls, real = [], DeepSpeedZeroOptimizer.average_tensor
+    monkeypatch.setattr(DeepSpeedZeroOptimizer, "average_tensor",
+                        lambda self, *args, **kwargs: calls.append(1) or real(self, *args, **kwargs))
+    main(_flamingo_mixture(data, tmp_path / "run", (2, 3, 4), "max_steps=2",
+                           f"deepspeed.zero_optimization.stage={zero}", "optim.mixture_backward=per_dataset"))
+    assert len(calls) == 2 * per_step
 
 
 class SavedActivations:

@@ -130,7 +130,7 @@ class DatasetConfig:
     shards: Union[str, list]  # brace pattern "dir/train-{000..007}.tar" or a list of paths/patterns
     name: str = ""  # for logging; defaults to "kind<index>"
     kind: Literal["pairs", "interleaved", "video", "vqa", "nlvr"] = "pairs"  # interleaved = MMC4 documents
-    weight: PositiveFloat = 1.0  # loss weight in the mixture (Flamingo: M3W 1.0, ALIGN 0.2, LTIP 0.2, VTP 0.03)
+    weight: PositiveFloat = 1.0  # loss weight (Flamingo: M3W 1.0, ALIGN 0.2, LTIP 0.2, VTP 0.03); sample: draw odds
     batch_size: PositiveInt = 8  # per rank
     max_images: PositiveInt = 3  # interleaved: images kept per document (the rest are dropped)
     num_frames: PositiveInt = 8  # video: frames per clip (segment centres; in training a random frame per segment)
@@ -231,7 +231,7 @@ DEFAULT_MAX_IMAGE_PIXELS = 50_000_000
 
 @dataclass
 class DataConfig:
-    train: list[DatasetConfig]  # the training datasets (a mixture: one batch of each per step)
+    train: list[DatasetConfig]  # the training datasets (a mixture: optim.mixture decides which a step reads)
     eval: Union[EvalConfig, None] = None  # held-out data (null = no evaluation)
     num_workers: NonNegativeInt = 0  # DataLoader workers per dataset and rank
     shapes: Union[ShapesConfig, None] = None  # generate the embedded shapes dataset (null = off)
@@ -371,6 +371,12 @@ class OptimConfig:
     min_lr_ratio: Unit = 0.0  # cosine / linear / cooldown end at lr * min_lr_ratio at the last step
     cooldown_fraction: Fraction = 0.1  # warmup_constant_cooldown: the last fraction of the steps decays linearly
     accumulation_steps: PositiveInt = 1  # micro-batches per optimizer step (DeepSpeed gradient_accumulation_steps)
+    # The dataset mixture (train/runtime/mixture.py). accumulate: every dataset every step; round_robin: one
+    # per step in data.train order; sample: one per step, drawn with odds data.train[i].weight (loss unweighted).
+    mixture: Literal["accumulate", "round_robin", "sample"] = "accumulate"  # every dataset / one in turn / one drawn
+    # joint: one backward of sum_i weight_i * loss_i; per_dataset: one forward + backward per dataset (the
+    # activation peak is the largest dataset's, not the sum; under ZeRO-2/3 one gradient reduction per backward).
+    mixture_backward: Literal["joint", "per_dataset"] = "joint"  # one backward per step, or one per dataset
 
     def check(self, where: str) -> list[str]:
         if len(self.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.betas):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from vlmcore.train.config import TrainConfig
 from vlmcore.train.deepspeed_config import deepspeed_dict
+from vlmcore.train.runtime.mixture import backwards_per_micro_batch
 
 PARAM_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -24,7 +25,11 @@ def build_ds_config(cfg: TrainConfig, precision: str) -> dict:
     """The dict handed to ``deepspeed.initialize``: the ``deepspeed`` section plus what the trainer decides."""
     ds = deepspeed_dict(cfg)
     ds["train_micro_batch_size_per_gpu"] = cfg.data.train[0].batch_size
-    ds["gradient_accumulation_steps"] = cfg.optim.accumulation_steps
+    # Every backward is one of DeepSpeed's micro-steps (several per micro-batch under
+    # optim.mixture_backward: per_dataset): its boundary is then the step's last backward.
+    o = cfg.optim
+    ds["gradient_accumulation_steps"] = o.accumulation_steps * backwards_per_micro_batch(
+        o.mixture, o.mixture_backward, len(cfg.data.train))
     ds.setdefault("steps_per_print", 10**9)
     ds.setdefault("wall_clock_breakdown", False)
     ds.setdefault("zero_allow_untested_optimizer", True)

@@ -1,9 +1,9 @@
 """The Trainer: DeepSpeed engine set-up and resume, the mixture step, logging, evaluation, checkpoints.
 
-One step = one batch from *every* training dataset; the loss is ``sum_i weight_i * loss_i``
-(Flamingo's accumulation over M3W / ALIGN / LTIP / VTP: the weighted gradients of all datasets
-are summed before the update, not round-robin), then one optimizer step. The optimizer sees the
-trainable parameters only (frozen LM / vision tower excluded).
+One step = one batch from the training datasets the mixture policy picks (:mod:`~vlmcore.train.runtime.mixture`;
+by default every dataset, Flamingo's accumulation over M3W / ALIGN / LTIP / VTP: the loss is
+``sum_i weight_i * loss_i``, in one backward or one per dataset), then one optimizer step. The
+optimizer sees the trainable parameters only (frozen LM / vision tower excluded).
 
 The step keeps its numbers on the device (:mod:`~vlmcore.train.runtime.stats`) and reads them to the
 host once, after every backward is queued: one all-reduce, one ``tolist()``. A non-finite loss (on
@@ -39,6 +39,7 @@ from vlmcore.train.runtime.engine import (
     resolve_precision,
 )
 from vlmcore.train.runtime.metrics import MetricsLogger, utc_now
+from vlmcore.train.runtime.mixture import MixturePolicy
 from vlmcore.train.runtime.schedule import lr_lambda, resolve_max_steps
 from vlmcore.train.runtime.stats import StepAccumulator, StepStats
 from vlmcore.train.tasks import Task, get_task
@@ -98,8 +99,9 @@ class Trainer:
         self.task = get_task(cfg.task)(cfg, self._validated_tokenizer())
         self._build_engine()
         self.streams = build_streams(cfg, self.task, self.info)
-        self.weights = [d.weight for d in cfg.data.train]
-        self.metric_names: list[str] | None = None  # the record keys of the task's scalars, from the first step
+        self.mixture = MixturePolicy(cfg.optim.mixture, cfg.optim.mixture_backward,
+                                     [d.weight for d in cfg.data.train], cfg.seed)  # the same draws on every rank
+        self.metric_names: dict[int, list[str]] = {}  # per dataset: the record keys of the task's scalars
         self.ckpt_dir = os.path.join(cfg.out_dir, "checkpoints")
         self.step, self.nonfinite_total, self.streak = 0, 0, 0
         resume_tag, restored_rng, resume_notes = self._resume()
@@ -161,6 +163,11 @@ class Trainer:
         self.step, self.nonfinite_total = state["step"], state["nonfinite_steps"]
         for stream in self.streams:
             stream.load_state_dict(state["data"][stream.name])
+        if "mixture" in state:
+            self.mixture.load_state_dict(state["mixture"])
+        elif self.cfg.optim.mixture == "sample":
+            notes.append(f"{tag} holds no mixture state (saved before optim.mixture existed): the sample draws "
+                         "start from the seed")
         return tag, state["rng"], notes
 
     def train(self) -> dict:
@@ -187,12 +194,13 @@ class Trainer:
         the update (or the skip) and the record."""
         started = time.perf_counter()
         lr = self.engine.get_lr()[0]
+        visited = self.mixture.visit(step)
         accumulator = StepAccumulator(self.cfg.optim.accumulation_steps, self.info.device)
         for micro in range(self.cfg.optim.accumulation_steps):
-            self.forward_backward_step(micro, accumulator)
+            self.forward_backward_step(micro, accumulator, visited)
         stats = self.reduce(accumulator)
         norm = self.apply_or_skip(step, stats)
-        self.record(step, stats, lr, time.perf_counter() - started, norm)
+        self.record(step, stats, lr, time.perf_counter() - started, norm, visited)
         if self.streak >= self.cfg.max_nonfinite_steps:
             self.save(step)
             self.log.close()
@@ -201,27 +209,39 @@ class Trainer:
                 f"{self.cfg.max_nonfinite_steps}). Checkpoint {checkpoint.tag_for(step)} saved in {self.ckpt_dir}. "
                 "Lower optim.lr, check the data, or raise max_nonfinite_steps.")
 
-    def forward_backward_step(self, micro: int, accumulator: StepAccumulator) -> None:
-        """Forward and backward of micro-batch ``micro`` (one batch of every dataset); its numbers go to
-        ``accumulator`` without a host read.
+    def forward_backward_step(self, micro: int, accumulator: StepAccumulator, visited: list[int]) -> None:
+        """Forward and backward of micro-batch ``micro``: one batch of each dataset in ``visited``, in one
+        backward or one per dataset (``optim.mixture_backward``); its numbers go to ``accumulator``
+        without a host read.
 
         Backward runs whether the loss is finite or not (knowing would cost a read): a non-finite
-        step's gradients are dropped by :meth:`apply_or_skip`. DeepSpeed scales each backward by
-        1 / accumulation; its ``step()`` after a micro-batch before the last only advances its count.
+        step's gradients are dropped by :meth:`apply_or_skip`. Each backward is one of DeepSpeed's
+        micro-steps (``engine.build_ds_config``) and is scaled here by 1 / accumulation_steps, so the
+        gradients it sums are those of the joint loss; its ``step()`` after every backward but the
+        step's last only advances its count.
         """
-        batches = [self._to_pinned(next(s)) for s in self.streams]
-        total, losses, metrics = mixture_loss(self.task, self.engine, batches, self.weights, self.info.device,
-                                              self.group)
-        self.engine.backward(total)
-        if micro < self.cfg.optim.accumulation_steps - 1:
-            self.engine.step()
-        if self.metric_names is None:
-            several = len(self.streams) > 1
-            self.metric_names = [f"{key}/{s.name}" if several else key
-                                 for s, extra in zip(self.streams, metrics) for key in extra]
-        samples = [next(iter(b.values())).shape[0] for b in batches]
-        accumulator.add(micro, total, losses, [v for extra in metrics for v in extra.values()], samples,
-                        sum(self.task.batch_tokens(b) for b in batches))
+        accumulation = self.cfg.optim.accumulation_steps
+        batches = {i: self._to_pinned(next(self.streams[i])) for i in visited}  # the others keep their position
+        groups = self.mixture.backward_groups(visited)
+        total, losses, metrics = 0.0, {}, {}
+        for g, group in enumerate(groups):
+            part, part_losses, part_metrics = mixture_loss(
+                self.task, self.engine, [batches[i] for i in group], [self.mixture.loss_weight(i) for i in group],
+                self.info.device, self.group)
+            self.engine.backward(part / accumulation, scale_wrt_gas=False)
+            if micro < accumulation - 1 or g < len(groups) - 1:
+                self.engine.step()
+            total = total + part.detach()
+            losses.update(zip(group, part_losses))
+            metrics.update(zip(group, part_metrics))
+        several = len(self.streams) > 1
+        for i in visited:
+            self.metric_names.setdefault(i, [f"{key}/{self.streams[i].name}" if several else key for key in metrics[i]])
+        # An unvisited dataset's loss is a placeholder: it is never logged (its read count is a true 0).
+        samples = [next(iter(batches[i].values())).shape[0] if i in batches else 0 for i in range(len(self.streams))]
+        accumulator.add(micro, total, [losses.get(i, 0.0) for i in range(len(self.streams))],
+                        [v for i in visited for v in metrics[i].values()], samples,
+                        sum(self.task.batch_tokens(b) for b in batches.values()))
 
     def _to_pinned(self, batch: dict) -> dict:
         """On CUDA, ``batch``'s tensors in pinned host memory, so the tasks' ``non_blocking`` copies do not wait."""
@@ -245,29 +265,31 @@ class Trainer:
         is reduced). Returns the gradient norm of a logged update (None otherwise; ZeRO-0's is computed
         here, DeepSpeed's ZeRO optimizers compute theirs in ``step()``)."""
         accumulation = self.cfg.optim.accumulation_steps
+        backwards = accumulation * self.mixture.backwards_per_micro_batch
         if not any(stats.nonfinite):
             self.streak = 0
             logged = self._logs(step, stats)
             norm = grad_norm(self.trainable) if logged and self.zero_stage == 0 else None
             self.engine.step()
             return self.engine.get_global_grad_norm() if logged and norm is None else norm
-        if accumulation > 1:
+        if backwards > 1:
             micro = next(i for i, bad in enumerate(stats.nonfinite) if bad)
             self.log.close()
             raise NonFiniteLossError(
                 f"loss was non-finite at step {step}, micro-batch {micro + 1} of {accumulation}: with "
-                "optim.accumulation_steps > 1 a non-finite micro-batch stops the run (its window's other "
-                "gradients are already accumulated, so the step cannot be skipped). The last checkpoint "
-                f"is in {self.ckpt_dir}. Lower optim.lr or check the data.")
+                "optim.accumulation_steps > 1 or optim.mixture_backward: per_dataset a non-finite micro-batch "
+                "stops the run (DeepSpeed has counted the step's earlier backwards, so the step cannot be "
+                f"skipped). The last checkpoint is in {self.ckpt_dir}. Lower optim.lr or check the data.")
         discard_gradients(self.engine)
         self.nonfinite_total += 1
         self.streak += 1
         return None
 
     def record(self, step: int, stats: StepStats, lr: float, elapsed: float,
-               norm: torch.Tensor | float | None) -> None:
+               norm: torch.Tensor | float | None, visited: list[int]) -> None:
         """Log the step (every ``log_every`` steps, the last one and non-finite ones): means over ranks
-        and micro-batches of the losses and scalars, throughput, exact counts."""
+        and micro-batches of the losses and scalars, throughput, exact counts. Per-dataset losses and
+        scalars of the ``visited`` datasets only (the others were not read this step)."""
         if not self._logs(step, stats):
             return
         finite = not any(stats.nonfinite)
@@ -291,9 +313,10 @@ class Trainer:
                 if stats.skipped[i * reasons + j]:
                     record[f"skipped/{s.name}/{reason}"] = int(stats.skipped[i * reasons + j])
         if finite and len(self.streams) > 1:
-            record.update({f"loss/{s.name}": v / means for s, v in zip(self.streams, stats.dataset_losses)})
+            record.update({f"loss/{self.streams[i].name}": stats.dataset_losses[i] / means for i in visited})
         if finite:  # the task's extra scalars, averaged over ranks (and micro-batches)
-            record.update({key: v / means for key, v in zip(self.metric_names, stats.metrics)})
+            keys = [key for i in visited for key in self.metric_names[i]]
+            record.update({key: v / means for key, v in zip(keys, stats.metrics)})
         self.log.log_step(record)
 
     def eval_and_save(self, step: int) -> dict | None:
@@ -315,7 +338,7 @@ class Trainer:
     def save(self, step: int) -> None:
         """A checkpoint of ``step`` on every rank (collective), with this rank's position and counters."""
         state = {"step": step, "nonfinite_steps": self.nonfinite_total, "rng": checkpoint.rng_state(),
-                 "data": {s.name: s.state_dict() for s in self.streams}}
+                 "data": {s.name: s.state_dict() for s in self.streams}, "mixture": self.mixture.state_dict()}
         checkpoint.save(self.engine, self.ckpt_dir, step, state, self.cfg.keep_last, self.info.rank,
                         self.fingerprint)
 

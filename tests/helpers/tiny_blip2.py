@@ -37,7 +37,8 @@ def caption_batch(vocab: int, image_token: int, *, image_size: int = IMAGE_SIZE,
     """``(pixel_values [2, 3, S, S], input_ids [2, Q + 6] with Q placeholders first, attention_mask, labels)``."""
     generator = torch.Generator().manual_seed(seed)
     images = torch.randn(2, 3, image_size, image_size, generator=generator)
-    text = torch.randint(3, image_token, (2, 6), generator=generator)
+    words = torch.tensor([i for i in range(3, vocab) if i != image_token])
+    text = words[torch.randint(len(words), (2, 6), generator=generator)]
     input_ids = torch.cat([torch.full((2, QUERIES), image_token), text], dim=1)
     mask = torch.ones_like(input_ids)
     mask[1, -2:] = 0

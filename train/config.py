@@ -291,7 +291,7 @@ class VisionConfig:
     name: str = ""  # open_clip / timm: the model name (e.g. ViT-B-32, vit_base_patch16_224)
     checkpoint: Union[str, None] = None  # open_clip / timm: a local checkpoint file (null = random init)
     model_kwargs: dict = field(default_factory=dict)  # open_clip / timm: create_model keyword arguments
-    path: str = ""  # hf: a local CLIPVisionModel / SiglipVisionModel (or full CLIP / SigLIP) directory
+    path: str = ""  # hf: a local CLIP / SigLIP / BLIP-2 vision model (or full model) directory
     prefix_tokens: Union[Literal["drop", "keep"], None] = None  # CLS token policy (null: builtin keeps, adapters drop)
     freeze: bool = False  # the vision encoder is frozen (as in the Flamingo / Frozen papers, LiT) when True
     unlocked_layers: NonNegativeInt = 0  # with freeze: the last N blocks (+ final norm / pooling) still train (LiT)

@@ -12,7 +12,6 @@ blocks.
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Sequence
 
 import torch
@@ -446,39 +445,6 @@ class Flamingo(nn.Module):
             for k, p in own.items():
                 if k in state_dict:
                     p.copy_(state_dict[k].to(device=p.device, dtype=p.dtype))
-
-    def load_openflamingo_state_dict(self, state_dict: dict[str, torch.Tensor]) -> list[str]:
-        """Load the resampler and gated cross-attention weights of an OpenFlamingo checkpoint by name.
-
-        OpenFlamingo keys ``perceiver.*`` map to ``perceiver.*``, and
-        ``lang_encoder.gated_cross_attn_layers.<decoder layer index>.*`` to our block before that
-        layer (same parameter names inside). Every bridge parameter except ``new_token_embeddings``
-        must be found (``ValueError`` otherwise, or on shape mismatch).
-
-        Returns:
-            the checkpoint keys that were not used (LM, vision encoder, embeddings, duplicates).
-        """
-        position = {layer: j for j, layer in enumerate(self.cross_attn_layer_indices)}
-        own = self.trainable_state_dict()
-        mapped, unused = {}, []
-        for key, value in state_dict.items():
-            perceiver = re.match(r"^(?:.*\.)?perceiver\.(.+)$", key)
-            block = re.match(r"^(?:.*\.)?gated_cross_attn_layers\.(\d+)\.(.+)$", key)
-            name = None
-            if perceiver is not None:
-                name = f"perceiver.{perceiver.group(1)}"
-            elif block is not None and int(block.group(1)) in position:
-                name = f"gated_cross_attn_layers.{position[int(block.group(1))]}.{block.group(2)}"
-            if name in own:
-                mapped[name] = value
-            else:
-                unused.append(key)
-        missing = sorted(k for k in own if k not in mapped and k != "new_token_embeddings")
-        if missing:
-            raise ValueError(f"OpenFlamingo checkpoint lacks {len(missing)} bridge weights, e.g. {missing[:4]} "
-                             "(different cross_attn_every_n_layers or resampler depth?)")
-        self.load_trainable_state_dict(mapped, strict=False)
-        return unused
 
     def save_trainable(self, path: str | os.PathLike) -> None:
         """Write :meth:`trainable_state_dict` to a safetensors file."""

@@ -8,9 +8,11 @@ of that layer at ``<layers>.{i}.gated_cross_attn_layer.*``), the blocks are also
 registered as ``lang_encoder.old_decoder_blocks.{i}``. Its training saves the trainable part only
 (``checkpoint.pt``: ``{"model_state_dict": ...}``, keys prefixed ``module.`` under DDP / FSDP).
 
-- :func:`map_openflamingo_keys` / :func:`load_openflamingo_checkpoint`: such a checkpoint -> our
-  bridge (``perceiver.*``, ``gated_cross_attn_layers.*``; the trained ``<image>`` /
-  ``<|endofchunk|>`` rows of the input embedding -> ``new_token_embeddings`` when we train them).
+- :func:`map_openflamingo_keys` (the one home of the key mapping) / :func:`load_openflamingo_state_dict`
+  (lenient: returns the keys it did not use) / :func:`load_openflamingo_checkpoint` (strict, the
+  config ``init``): such a checkpoint -> our bridge (``perceiver.*``, ``gated_cross_attn_layers.*``;
+  the trained ``<image>`` / ``<|endofchunk|>`` rows of the input embedding -> ``new_token_embeddings``
+  when we train them).
 - :func:`openflamingo_state_dict`: our whole model -> the full state dict OpenFlamingo's model loads
   with ``strict=True``.
 """
@@ -88,15 +90,34 @@ def map_openflamingo_keys(model: Flamingo, state_dict: dict[str, torch.Tensor]
     return mapped, unused
 
 
+def load_openflamingo_state_dict(model: Flamingo, state_dict: dict[str, torch.Tensor],
+                                 source: str = "OpenFlamingo checkpoint") -> list[str]:
+    """Load the resampler and gated cross-attention weights of an OpenFlamingo checkpoint into
+    ``model``'s bridge by name (:func:`map_openflamingo_keys`), leaving ``new_token_embeddings`` as they
+    are when the checkpoint has no input embedding. One
+    :class:`~vlmcore.checkpoint_keys.CheckpointKeysError` names every bridge weight it lacks; a shape
+    mismatch raises ``ValueError`` naming the key.
+
+    Returns:
+        the checkpoint keys that were not used (LM, vision encoder, duplicates of the blocks).
+    """
+    mapped, unused = map_openflamingo_keys(model, state_dict)
+    missing = [k for k in model.trainable_state_dict() if k not in mapped and k != "new_token_embeddings"]
+    check_keys(source, missing, (), hint="the checkpoint lacks bridge weights: a different "
+               "cross_attn_every_n_layers or resampler depth?")
+    model.load_trainable_state_dict(mapped, strict=False)
+    return unused
+
+
 def load_openflamingo_checkpoint(model: Flamingo, state_dict: dict[str, torch.Tensor], source: str) -> None:
     """Load an OpenFlamingo ``model_state_dict`` into ``model``'s bridge; one
-    :class:`~vlmcore.checkpoint_keys.CheckpointKeysError` names every bridge weight it lacks and every
-    key that is neither a bridge weight nor under :data:`FROZEN_PREFIXES` (the allow-list). Keys that
-    hold a duplicate of a bridge weight (``...gated_cross_attn_layer.*`` inside a decoder layer) are
-    under ``lang_encoder.`` and so allowed. A shape mismatch raises ``ValueError`` naming the key."""
+    :class:`~vlmcore.checkpoint_keys.CheckpointKeysError` names every bridge weight it lacks (the
+    trained ``new_token_embeddings`` included) and every key that is neither a bridge weight nor under
+    :data:`FROZEN_PREFIXES` (the allow-list). Keys that hold a duplicate of a bridge weight
+    (``...gated_cross_attn_layer.*`` inside a decoder layer) are under ``lang_encoder.`` and so allowed.
+    A shape mismatch raises ``ValueError`` naming the key."""
     mapped, unused = map_openflamingo_keys(model, state_dict)
-    own = model.trainable_state_dict()
-    missing = [k for k in own if k not in mapped]
+    missing = [k for k in model.trainable_state_dict() if k not in mapped]
     unexpected = [k for k in unused if not k.startswith(FROZEN_PREFIXES)]
     check_keys(source, missing, unexpected)
     model.load_trainable_state_dict(mapped, strict=True)

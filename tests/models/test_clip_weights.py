@@ -15,7 +15,8 @@ from helpers.training import train_argv
 from safetensors.torch import load_file, save_file
 
 import vlmcore
-from vlmcore.clip import CheckpointKeyError, clip_from_hf, clip_from_open_clip, export_hf, export_open_clip
+from vlmcore.checkpoint_keys import CheckpointKeysError
+from vlmcore.clip import clip_from_hf, clip_from_open_clip, export_hf, export_open_clip
 
 open_clip = pytest.importorskip("open_clip")
 transformers = pytest.importorskip("transformers")
@@ -176,7 +177,7 @@ def test_missing_and_unexpected_keys_are_reported_together(tmp_path):
     state["visual.extra.weight"] = torch.zeros(1)
     state["text_projection"] = torch.zeros(3, 3)
     save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "broken.safetensors"))
-    with pytest.raises(CheckpointKeyError) as info:
+    with pytest.raises(CheckpointKeysError) as info:
         clip_from_open_clip(peer, pretrained=str(tmp_path / "broken.safetensors"))
     message = str(info.value)
     assert "transformer.resblocks.1.mlp.c_fc.bias" in message and "visual.extra.weight" in message
@@ -340,7 +341,7 @@ def test_config_init_reports_a_missing_key_and_conflicting_keys(data, tmp_path):
     save_file(state, str(peer_dir / "open_clip_model.safetensors"))
     argv = init_argv("clip", data, tmp_path / "broken", init, context)
     task = get_task("clip")(load_config(argv[1], argv[2:]), tok)
-    with pytest.raises(CheckpointKeyError, match=r"missing keys \(1\): visual\.ln_post\.bias"):
+    with pytest.raises(CheckpointKeysError, match=r"missing 1 keys: visual\.ln_post\.bias"):
         task.build_model(torch.float32)
     # Keys the checkpoint decides, set next to init: one ConfigError naming both.
     argv = init_argv("clip", data, tmp_path / "clash", init, context, "model.clip.text.width=32",

@@ -12,6 +12,7 @@ from transformers.utils import logging as hf_logging
 from vlmcore.kernels import backend
 
 import vlmcore
+from vlmcore.flamingo_convert import load_openflamingo_state_dict
 
 hf_logging.set_verbosity_error()
 
@@ -334,12 +335,12 @@ def test_load_openflamingo_state_dict_by_name():
     for key in extra[:2]:
         checkpoint[key] = torch.zeros(1)
     target, _ = tiny_flamingo("gpt2", lm=lm, vision=vision, cross_attn_every_n_layers=2)
-    unused = target.load_openflamingo_state_dict(checkpoint)
+    unused = load_openflamingo_state_dict(target, checkpoint)
     assert sorted(unused) == sorted(extra)
     for key, value in source.trainable_state_dict().items():
         assert torch.equal(target.trainable_state_dict()[key], value), key
     with pytest.raises(ValueError, match="lacks"):
-        target.load_openflamingo_state_dict({k: v for k, v in checkpoint.items() if "perceiver" not in k})
+        load_openflamingo_state_dict(target, {k: v for k, v in checkpoint.items() if "perceiver" not in k})
 
 
 def test_bf16_language_model():

@@ -116,3 +116,56 @@ def test_flamingo_writer_refuses_sizes_openflamingo_cannot_build(data, tmp_path)
     task = _flamingo_task(data, tmp_path, "model.flamingo.heads=4")
     with pytest.raises(ValueError, match=r"model.flamingo: .*heads=4 \(OpenFlamingo: 8\)"):
         task.peer_exporters()["openflamingo"](None, str(tmp_path))
+
+
+def _blip2_argv(data, tmp_path, *extra, train_batch_size=None):
+    """vlmcore-train arguments of a blip2_stage2 run started from a tiny HF BLIP-2 directory (written here)."""
+    from helpers.tiny_blip2 import IMAGE_SIZE, tiny_hf_blip2
+    from vlmcore.train.data.tokenizer import Tokenizer
+
+    tok = Tokenizer(f"{data}/tokenizer.json", 12)
+    tiny_hf_blip2(tok.vocab_size, tok.media_token_id, seed=6).save_pretrained(tmp_path / "hf")
+    init = [f"model.blip2_stage2={{init: '{tmp_path / 'hf'}'}}", "model.lm=null",
+            f"model.vision={{image_size: {IMAGE_SIZE}, freeze: true}}"]
+    return train_argv("blip2_stage2", data, tmp_path / "run", *init, *extra, eval_batch_size=None,
+                      train_batch_size=train_batch_size, context_length=12, vision=None)
+
+
+def _assert_hf_blip2_matches(ours, out_dir, tok):
+    """``out_dir`` loads into HF's ``Blip2ForConditionalGeneration`` with no missing / unexpected key and
+    gives ``ours``' logits."""
+    from helpers.tiny_blip2 import caption_batch
+    from transformers import Blip2ForConditionalGeneration
+
+    peer, info = Blip2ForConditionalGeneration.from_pretrained(out_dir, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    images, input_ids, mask, _ = caption_batch(tok.vocab_size, tok.media_token_id, seed=3)
+    with torch.no_grad():
+        expected = peer.eval()(pixel_values=images, input_ids=input_ids, attention_mask=mask).logits
+        assert_close(ours(images, input_ids, mask).logits, expected, name="logits", atol=1e-5, rtol=1e-5)
+
+
+def test_blip2_hf_writer_round_trips_a_task_built_model(data, tmp_path):
+    from vlmcore.train.config import load_config
+    from vlmcore.train.data.tokenizer import Tokenizer
+    from vlmcore.train.tasks import get_task
+
+    argv = _blip2_argv(data, tmp_path)
+    cfg = load_config(argv[1], argv[2:])
+    task = get_task("blip2_stage2")(cfg, Tokenizer(cfg.tokenizer.path, 12))
+    ours = task.build_model(torch.float32).eval()
+    trained_looking(ours, [n for n, p in ours.named_parameters() if p.requires_grad], seed=2)
+    task.peer_exporters()["hf"](ours, str(tmp_path / "hf_out"))
+    _assert_hf_blip2_matches(ours, tmp_path / "hf_out", task.tok)
+
+
+@pytest.mark.slow  # a 2-step vlmcore-train run (DeepSpeed's CPU op build included on a fresh machine)
+def test_blip2_run_from_hf_init_exports_to_hf(data, tmp_path):
+    argv = _blip2_argv(data, tmp_path, "max_steps=2", "save_every=0", train_batch_size=4)
+    train(argv)
+    steps, _ = read_metrics(tmp_path / "run")
+    assert [s["step"] for s in steps] == [1, 2]
+    files = export.main(["--run", str(tmp_path / "run"), "--to", "hf", "--out", str(tmp_path / "hf_out")])
+    assert "config.json" in files and "model.safetensors" in files
+    task, ours = build_run_model(str(tmp_path / "run"))
+    _assert_hf_blip2_matches(ours.eval(), tmp_path / "hf_out", task.tok)

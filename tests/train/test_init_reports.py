@@ -1,12 +1,16 @@
-"""Config ``init`` per family: the peer's checkpoint loads through the task's ``build_model`` (same
-outputs as the source model), and a checkpoint with a removed or an extra key is refused by one
+"""Config ``init`` per family (Flamingo: an OpenFlamingo checkpoint; BLIP-2 stage 2: an HF
+``Blip2ForConditionalGeneration`` directory): the peer's checkpoint loads through the task's ``build_model``
+(same outputs as the source model), and a checkpoint with a removed or an extra key is refused by one
 report naming the key (:class:`vlmcore.checkpoint_keys.CheckpointKeysError`)."""
 
 import pytest
 import torch
 from helpers.export_peers import flamingo_overrides, openflamingo_training_checkpoint, trained_looking
+from helpers.numerics import assert_close
+from helpers.tiny_blip2 import IMAGE_SIZE, caption_batch, tiny_hf_blip2
 from helpers.training import train_argv
-from vlmcore.train.config import load_config
+from safetensors.torch import load_file, save_file
+from vlmcore.train.config import ConfigError, load_config
 from vlmcore.train.data.tokenizer import Tokenizer
 from vlmcore.train.tasks import get_task
 
@@ -57,3 +61,44 @@ def test_flamingo_init_loads_an_openflamingo_checkpoint(data, tmp_path):
     torch.save({"model_state_dict": extra}, tmp_path / "extra.pt")
     with pytest.raises(CheckpointKeysError, match=r"unexpected 1 keys: perceiver_extra\.weight"):
         build(data, "flamingo", tmp_path, *flamingo_overrides(data), f"model.flamingo.init={tmp_path}/extra.pt")
+
+
+def blip2_init_overrides(init_dir, image_size: int = IMAGE_SIZE) -> list[str]:
+    """``model.blip2_stage2.init`` with the keys the directory decides left unset (the LM is the directory's)."""
+    return [f"model.blip2_stage2={{init: '{init_dir}'}}", "model.lm=null",
+            f"model.vision={{image_size: {image_size}, freeze: true}}"]
+
+
+def test_blip2_stage2_init_loads_an_hf_directory(data, tmp_path):
+    tok = Tokenizer(f"{data}/tokenizer.json", 12)
+    hf = tiny_hf_blip2(tok.vocab_size, tok.media_token_id)
+    hf.save_pretrained(tmp_path / "hf")
+    task, ours = build(data, "blip2_stage2", tmp_path, *blip2_init_overrides(tmp_path / "hf"))
+    assert task.tok.media_token_id == tok.media_token_id and task.tok.vocab_size == tok.vocab_size
+    images, input_ids, mask, labels = caption_batch(tok.vocab_size, tok.media_token_id)
+    with torch.no_grad():
+        expected = hf(pixel_values=images, input_ids=input_ids, attention_mask=mask, labels=labels)
+        got = ours(images, input_ids, mask, labels)
+    assert_close(got.logits, expected.logits, atol=1e-5, rtol=1e-5, name="logits")
+    assert_close(got.loss, expected.loss, atol=1e-5, rtol=1e-5, name="loss")
+
+    state = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    del state["language_projection.bias"]
+    state["qformer.encoder.layer.0.extra.weight"] = torch.zeros(2)
+    save_file(state, str(tmp_path / "hf" / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(CheckpointKeysError, match=r"missing 1 keys: language_projection\.bias; unexpected 1 keys: "
+                       r"qformer\.encoder\.layer\.0\.extra\.weight") as err:
+        build(data, "blip2_stage2", tmp_path, *blip2_init_overrides(tmp_path / "hf"))
+    assert "model.blip2_stage2.init" in str(err.value)
+
+
+def test_blip2_stage2_init_refuses_the_keys_it_decides(data, tmp_path):
+    tiny_hf_blip2(40, 39).save_pretrained(tmp_path / "hf")
+    overrides = blip2_init_overrides(tmp_path / "hf", image_size=16) + ["model.blip2_stage2.qformer.num_layers=3",
+                                                                        "model.vision.width=48"]
+    with pytest.raises(ConfigError) as err:
+        build(data, "blip2_stage2", tmp_path, *overrides)
+    message = str(err.value)
+    for key in ("model.blip2_stage2.qformer: conflicts", "model.vision.width: conflicts",
+                "model.vision.image_size: 16 is not the image size of model.blip2_stage2.init (8)"):
+        assert key in message, message

@@ -15,10 +15,18 @@ either
   are the encoder input, the suffix + ``</s>`` the decoder's target (:class:`Blip2PrefixLMEncoder`).
   LAVIS's ``forward`` takes the two halves as given (``text_input`` / ``text_output``) and tokenizes
   each on its own, as here; its released code draws no split.
+
+``init``: a transformers ``Blip2ForConditionalGeneration`` directory (``config.json`` + safetensors)
+gives the whole model: its vision model (every token to the Q-Former, CLS included, as HF), Q-Former,
+queries, ``language_projection`` and, with ``model.lm`` unset, its LM (``model.lm.path`` replaces the
+LM; the directory's LM weights are then read and dropped). Its config sets the architecture, so the
+``qformer`` section and ``model.vision``'s architecture keys stay unset; ``model.vision.image_size``
+must be the directory's. Export: ``vlmcore-export --to hf`` (:func:`vlmcore.blip2.hf.export_hf_blip2`).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import random
 from dataclasses import dataclass, field
@@ -49,11 +57,54 @@ class Blip2Stage2Config:
 
     qformer: QFormerSection = field(default_factory=QFormerSection)
     stage1_init: str = ""  # trainable.safetensors of a blip2_stage1 run ("" = a random Q-Former)
+    init: str = ""  # HF Blip2ForConditionalGeneration dir: vision, Q-Former, projection, LM ("" = none)
 
     def check(self, where: str) -> list[str]:
+        out = []
         if self.stage1_init and not self.stage1_init.endswith(".safetensors"):
-            return [f"{where}.stage1_init: must be a .safetensors file, got {self.stage1_init!r}"]
-        return []
+            out.append(f"{where}.stage1_init: must be a .safetensors file, got {self.stage1_init!r}")
+        if self.init and self.stage1_init:
+            out.append(f"{where}.stage1_init: conflicts with {where}.init (both give the Q-Former)")
+        if self.init and not os.path.isfile(os.path.join(self.init, "config.json")):
+            out.append(f"{where}.init: {self.init!r} has no config.json (a transformers "
+                       "Blip2ForConditionalGeneration directory)")
+        return out
+
+
+#: ``model.vision`` keys an ``init`` directory decides (its vision_config): set, they conflict with it.
+INIT_OWNED_VISION = ("type", "patch_size", "width", "depth", "heads", "mlp_ratio", "act", "init", "name",
+                     "checkpoint", "model_kwargs", "path")
+
+
+def read_init_config(path: str) -> dict:
+    """The ``config.json`` of an ``init`` directory."""
+    with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def init_conflicts(cfg) -> list[str]:
+    """ConfigError lines of the keys ``model.blip2_stage2.init`` decides that are set next to it."""
+    init, where = cfg.model.blip2_stage2.init, "model.blip2_stage2.init"
+    vision, defaults = cfg.model.vision, type(cfg.model.vision)()
+    clashes = [f"model.vision.{k}" for k in INIT_OWNED_VISION if getattr(vision, k) != getattr(defaults, k)]
+    if cfg.model.blip2_stage2.qformer != QFormerSection():
+        clashes.append("model.blip2_stage2.qformer")
+    if cfg.model.lm is not None and cfg.model.lm.config:
+        clashes.append("model.lm.config")
+    out = [f"{key}: conflicts with {where} (the directory's config sets it; remove the key)" for key in clashes]
+    if os.path.isfile(os.path.join(init, "config.json")):
+        size = read_init_config(init).get("vision_config", {}).get("image_size", 224)
+        if vision.image_size != size:
+            out.append(f"model.vision.image_size: {vision.image_size} is not the image size of {where} ({size})")
+    return out
+
+
+def num_query_tokens(cfg) -> int:
+    """The queries of the run: the ``init`` directory's, else the ``qformer`` section's."""
+    c = cfg.model.blip2_stage2
+    if c.init and os.path.isfile(os.path.join(c.init, "config.json")):
+        return int(read_init_config(c.init).get("num_query_tokens", 32))
+    return c.qformer.num_query_tokens
 
 
 class Blip2CaptionEncoder:
@@ -109,10 +160,14 @@ class Blip2PrefixLMEncoder:
 
 
 def lm_is_encoder_decoder(cfg) -> bool:
-    """Whether ``model.lm`` is a seq2seq LM (its config's ``is_encoder_decoder``), read without weights."""
+    """Whether the run's LM is a seq2seq LM (its config's ``is_encoder_decoder``), read without weights:
+    ``model.lm``'s, else (``init`` without ``model.lm``) the ``init`` directory's ``text_config``."""
     from transformers import AutoConfig
 
     lm = cfg.model.lm
+    if lm is None:
+        init = cfg.model.blip2_stage2.init
+        return bool(AutoConfig.from_pretrained(init, local_files_only=True).text_config.is_encoder_decoder)
     if lm.path:
         return bool(AutoConfig.from_pretrained(lm.path, local_files_only=True).is_encoder_decoder)
     options = dict(lm.config)
@@ -127,8 +182,9 @@ class Blip2Stage2Task(Task):
 
     @classmethod
     def check_config(cls, cfg) -> list[str]:
-        out = needs_language_model(cfg) + frozen_vision_check(cfg)
-        queries = cfg.model.blip2_stage2.qformer.num_query_tokens
+        init = cfg.model.blip2_stage2.init
+        out = (init_conflicts(cfg) if init else needs_language_model(cfg)) + frozen_vision_check(cfg)
+        queries = num_query_tokens(cfg)
         if cfg.tokenizer.context_length < queries + 2:
             out.append(f"tokenizer.context_length: {cfg.tokenizer.context_length} leaves no room for a caption "
                        f"after the {queries} query placeholders")
@@ -136,6 +192,8 @@ class Blip2Stage2Task(Task):
 
     def build_model(self, dtype: torch.dtype) -> nn.Module:
         c = self.config
+        if c.init:
+            return self._build_from_init(dtype)
         vision = build_vision(self.cfg)
         lm = build_language_model(self.cfg, self.tok, dtype, encoder_decoder=True)
         qformer = build_qformer(c.qformer, vision.width, self.tok.vocab_size)
@@ -150,6 +208,27 @@ class Blip2Stage2Task(Task):
             lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return model
 
+    def _build_from_init(self, dtype: torch.dtype) -> nn.Module:
+        """The model of ``init`` (see the module docstring); the LM's embedding grows to the tokenizer's size."""
+        from vlmcore.blip2.hf import blip2_lm_from_hf, load_hf_blip2
+
+        init = self.config.init
+        hf = load_hf_blip2(init, source=f"model.blip2_stage2.init {init}", dtype=dtype)
+        lm = (build_language_model(self.cfg, self.tok, dtype, encoder_decoder=True) if self.cfg.model.lm is not None
+              else hf.language_model)
+        if lm.get_input_embeddings().weight.shape[0] < self.tok.vocab_size:
+            lm.resize_token_embeddings(self.tok.vocab_size)
+        model = blip2_lm_from_hf(hf, lang_model=lm, image_token_id=self.tok.media_token_id,
+                                 vocab_size=self.tok.vocab_size + 2)
+        if self.cfg.model.gradient_checkpointing and hasattr(lm, "gradient_checkpointing_enable"):
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return model
+
+    def peer_exporters(self) -> dict:
+        from vlmcore.blip2.hf import export_hf_blip2
+
+        return {"hf": export_hf_blip2}
+
     def prepare_for_engine(self, model: nn.Module, zero_stage: int) -> None:
         if zero_stage == 3:
             import deepspeed
@@ -158,7 +237,7 @@ class Blip2Stage2Task(Task):
             deepspeed.zero.register_external_parameter(model, model.qformer.query_tokens)
 
     def encoder(self, kind: str, max_images: int) -> Blip2CaptionEncoder | Blip2PrefixLMEncoder:
-        size, queries = self.cfg.model.vision.image_size, self.config.qformer.num_query_tokens
+        size, queries = self.cfg.model.vision.image_size, num_query_tokens(self.cfg)
         if lm_is_encoder_decoder(self.cfg):
             return Blip2PrefixLMEncoder(self.tok, size, queries, self.cfg.seed, self.cfg.data.max_image_pixels)
         return Blip2CaptionEncoder(self.tok, size, queries, self.cfg.data.max_image_pixels)

@@ -11,8 +11,9 @@
 - ``timm``: ``timm.create_model(name, num_classes=0, **model_kwargs)`` in a
   :class:`vlmcore.TimmViTAdapter` (``checkpoint``: a local timm state dict / ``.safetensors``, loaded by
   timm's ``pretrained_cfg_overlay=dict(file=...)`` path, which drops a classifier head).
-- ``hf``: ``CLIPVisionModel`` / ``SiglipVisionModel`` from the local directory ``path`` (a vision model
-  or a full CLIP / SigLIP model directory) in a :class:`vlmcore.HFVisionAdapter`.
+- ``hf``: ``CLIPVisionModel`` / ``SiglipVisionModel`` / ``Blip2VisionModel`` from the local directory
+  ``path`` (a vision model or a full CLIP / SigLIP / BLIP-2 model directory) in a
+  :class:`vlmcore.HFVisionAdapter` (BLIP-2 feeds its Q-Former every token: ``prefix_tokens: keep``).
 
 Nothing is downloaded: every weight comes from a local path. :func:`vision_preprocess` gives the
 tower's input size and preprocessing values *without building it* (the data workers need them
@@ -36,7 +37,8 @@ if TYPE_CHECKING:
     from vlmcore.train.config import VisionConfig
 
 _HF_CLASSES = {"clip": "CLIPVisionModel", "clip_vision_model": "CLIPVisionModel",
-               "siglip": "SiglipVisionModel", "siglip_vision_model": "SiglipVisionModel"}
+               "siglip": "SiglipVisionModel", "siglip_vision_model": "SiglipVisionModel",
+               "blip-2": "Blip2VisionModel", "blip_2_vision_model": "Blip2VisionModel"}
 
 
 def _prefix_policy(v: VisionConfig) -> str:
@@ -141,6 +143,10 @@ def build_tower(v: VisionConfig) -> nn.Module:
         if model_type not in _HF_CLASSES:
             raise ValueError(f"model.vision.path: model_type {model_type!r} is not supported "
                              f"(supported: {', '.join(sorted(_HF_CLASSES))})")
+        if _HF_CLASSES[model_type] == "Blip2VisionModel":  # its weights sit under vision_model. in a BLIP-2 dir
+            from vlmcore.blip2.hf import blip2_vision_from_hf
+
+            return vlmcore.HFVisionAdapter(blip2_vision_from_hf(v.path), prefix_tokens=policy)
         cls = getattr(transformers, _HF_CLASSES[model_type])
         model = cls.from_pretrained(v.path, local_files_only=True, dtype=torch.float32)
         return vlmcore.HFVisionAdapter(model, prefix_tokens=policy)

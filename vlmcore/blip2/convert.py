@@ -156,3 +156,4 @@ def load_hf_stage2_state_dict(model: nn.Module, state_dict: dict[str, torch.Tens
     expected = [n for n, p in model.named_parameters() if p.requires_grad]
     load_mapped(model, mapped, strict=strict, source="HF BLIP-2", expected=expected)
     return unused
+

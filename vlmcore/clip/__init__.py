@@ -9,7 +9,6 @@ Every public name is importable from ``vlmcore.clip``.
 """
 
 from vlmcore.clip.convert import (
-    CheckpointKeyError,
     clip_from_hf,
     clip_from_open_clip,
     export_hf,
@@ -19,7 +18,6 @@ from vlmcore.clip.model import CLIP, TextTransformer, retrieval_metrics, zero_sh
 
 __all__ = [
     "CLIP",
-    "CheckpointKeyError",
     "TextTransformer",
     "clip_from_hf",
     "clip_from_open_clip",

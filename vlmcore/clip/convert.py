@@ -9,8 +9,8 @@
 The architecture is read from the peer (its modules, or its config), never restated. Weights are
 mapped name by name through one rule table per peer, used in both directions; a checkpoint whose
 keys do not match (a key missing, one left over, a shape that differs) raises one
-:class:`CheckpointKeyError` that lists them all. open_clip's SigLIP models build their image tower
-with timm (a different module tree): load SigLIP through Hugging Face's ``SiglipModel``.
+:class:`~vlmcore.checkpoint_keys.CheckpointKeysError` that lists them all. open_clip's SigLIP
+models build their image tower with timm (a different module tree): load SigLIP through Hugging Face's ``SiglipModel``.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from vlmcore.checkpoint_keys import check_keys
 from vlmcore.clip.model import CLIP, TextTransformer
 from vlmcore.vision import VisionTransformer
 
@@ -34,24 +35,6 @@ _HF_ACT_ALIASES = {"gelu_new": "gelu_tanh", **{v: k for k, v in HF_ACTIVATIONS.i
 IGNORED_PEER_KEYS = ("*position_ids",)
 OPEN_CLIP_CONFIG = "open_clip_config.json"
 OPEN_CLIP_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
-
-
-class CheckpointKeyError(ValueError):
-    """A peer checkpoint that does not match the model: every missing, unexpected and mis-shaped key.
-
-    Attributes: ``missing`` (the peer names the model needs), ``unexpected`` (peer names nothing
-    uses), ``mismatched`` (``"name: peer shape vs ours"`` lines).
-    """
-
-    def __init__(self, source: str, missing: list[str], unexpected: list[str], mismatched: list[str]):
-        self.missing, self.unexpected, self.mismatched = missing, unexpected, mismatched
-        lines = [f"{source}: the checkpoint does not match the model"]
-        for title, names in (("missing keys", missing), ("unexpected keys", unexpected),
-                             ("shape mismatches", mismatched)):
-            if names:
-                lines.append(f"  {title} ({len(names)}): {', '.join(names)}")
-        lines.append("  (allow_missing / allow_unexpected take glob patterns of the keys to let through)")
-        super().__init__("\n".join(lines))
 
 
 # --- name rules: applied in order (re.sub) to each of OUR parameter names give the peer's name;
@@ -123,7 +106,7 @@ def load_peer_state(model: nn.Module, peer_state: dict, rules, transposed: set[s
         allow_missing: glob patterns of PEER names that may be absent (ours then keep their init).
         allow_unexpected: glob patterns of peer names to ignore (besides :data:`IGNORED_PEER_KEYS`).
     Raises:
-        CheckpointKeyError: listing every missing, unexpected and mis-shaped key.
+        CheckpointKeysError: listing every missing, unexpected and mis-shaped key.
     """
     ours = model.state_dict()
     loaded, used, missing, mismatched = {}, set(), [], []
@@ -142,8 +125,8 @@ def load_peer_state(model: nn.Module, peer_state: dict, rules, transposed: set[s
         loaded[name] = tensor.reshape(target.shape).to(target.dtype)  # 0-dim vs [1] logit scales
     ignored = IGNORED_PEER_KEYS + tuple(allow_unexpected)
     unexpected = [k for k in peer_state if k not in used and not _matches(k, ignored)]
-    if missing or unexpected or mismatched:
-        raise CheckpointKeyError(source, missing, unexpected, mismatched)
+    check_keys(source, missing, unexpected, mismatched,
+               hint="allow_missing / allow_unexpected take glob patterns of the keys to let through")
     model.load_state_dict(loaded, strict=False)
 
 
@@ -280,7 +263,7 @@ def clip_from_open_clip(model_or_name, pretrained: str | None = None, *, allow_m
         the model: ``encode_image`` / ``encode_text`` equal open_clip's normalized features and
         ``pair_scores`` its logits (``loss="siglip"`` when the model has a ``logit_bias``).
     Raises:
-        CheckpointKeyError: the checkpoint's keys do not match the architecture (all listed).
+        CheckpointKeysError: the checkpoint's keys do not match the architecture (all listed).
     """
     peer, weights = _open_clip_peer(model_or_name)
     weights = pretrained or weights
@@ -427,7 +410,7 @@ def clip_from_hf(model_or_dir, *, allow_missing: Sequence[str] = (), allow_unexp
         model_or_dir: the built model, or a local directory (``config.json`` + weights; nothing is downloaded).
         allow_missing, allow_unexpected: glob patterns of transformers key names (see :func:`load_peer_state`).
     Raises:
-        CheckpointKeyError: the weights do not match the config (every key listed).
+        CheckpointKeysError: the weights do not match the config (every key listed).
     """
     if isinstance(model_or_dir, nn.Module):
         config, state, source = model_or_dir.config, model_or_dir.state_dict(), type(model_or_dir).__name__

@@ -3,7 +3,9 @@
 A spec is a JSON-able dict (vision tower, :class:`~vlmcore.blip.text.MEDConfig` fields, ITC width,
 momentum, queue size); :func:`save_blip` writes it beside the online weights and :func:`load_blip`
 reads both back. :func:`salesforce_blip_spec` reads a spec off a salesforce/BLIP state dict's shapes,
-and :func:`blip_from_salesforce` builds and loads that model.
+and :func:`blip_from_salesforce` builds and loads that model. :func:`read_hf_blip` reads a transformers
+``save_pretrained`` directory, :func:`hf_blip_spec` its spec, :func:`blip_from_hf` the model;
+:func:`checkpoint_format` tells the four kinds of checkpoint apart.
 """
 
 from __future__ import annotations
@@ -11,10 +13,18 @@ from __future__ import annotations
 import json
 import os
 import re
+from dataclasses import asdict
 
 import torch
 
-from vlmcore.blip.convert import MOMENTUM_STATE, TIED_LM_WEIGHT, read_salesforce_checkpoint
+from vlmcore.blip.convert import (
+    HF_RENAMES,
+    MOMENTUM_STATE,
+    TIED_LM_WEIGHT,
+    load_hf_captioning_state_dict,
+    load_hf_retrieval_state_dict,
+    read_salesforce_checkpoint,
+)
 from vlmcore.blip.model import BLIP, blip_vision_encoder
 from vlmcore.blip.text import MEDConfig
 from vlmcore.vision import VisionTransformer
@@ -31,19 +41,23 @@ def build_blip(spec: dict) -> BLIP:
     """
     if not isinstance(spec, dict) or "vision" not in spec or "text" not in spec:
         raise ValueError("spec must be a dict with 'vision' and 'text' entries")
-    vision = dict(spec["vision"])
-    kind = vision.pop("kind", "vit")
-    if kind == "vit":
-        encoder = VisionTransformer(**vision)
-    elif kind == "hf_blip":
-        encoder = blip_vision_encoder(**vision)
-    else:
-        raise ValueError(f"spec['vision']['kind'] must be 'vit' or 'hf_blip', got {kind!r}")
-    model = BLIP(encoder, MEDConfig(**spec["text"]), embed_dim=int(spec.get("embed_dim", 256)),
-                 momentum=spec.get("momentum", 0.995), queue_size=int(spec.get("queue_size", 57600)),
-                 temperature=float(spec.get("temperature", 0.07)))
+    model = BLIP(build_vision_tower(spec["vision"]), MEDConfig(**spec["text"]),
+                 embed_dim=int(spec.get("embed_dim", 256)), momentum=spec.get("momentum", 0.995),
+                 queue_size=int(spec.get("queue_size", 57600)), temperature=float(spec.get("temperature", 0.07)))
     model.spec = dict(spec)
     return model
+
+
+def build_vision_tower(vision: dict):
+    """The image tower of a spec's ``vision`` entry (``kind`` ``"vit"``: :class:`VisionTransformer`,
+    ``"hf_blip"``: :func:`blip_vision_encoder`; the other entries are their arguments)."""
+    vision = dict(vision)
+    kind = vision.pop("kind", "vit")
+    if kind == "vit":
+        return VisionTransformer(**vision)
+    if kind == "hf_blip":
+        return blip_vision_encoder(**vision)
+    raise ValueError(f"spec['vision']['kind'] must be 'vit' or 'hf_blip', got {kind!r}")
 
 
 def save_blip(model: BLIP, directory: str) -> str:
@@ -170,3 +184,75 @@ def is_salesforce_checkpoint(path: str) -> bool:
     """Whether ``path`` is a salesforce/BLIP checkpoint file (``model_base.pth``, ...), as opposed to
     a :func:`save_blip` folder."""
     return os.path.isfile(path) and path.endswith((".pth", ".pt"))
+
+
+# BlipVisionConfig fields a spec keeps (the rest of its to_dict() is bookkeeping).
+_HF_VISION_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "image_size",
+                     "patch_size", "layer_norm_eps", "hidden_act")
+
+
+def checkpoint_format(path: str) -> str | None:
+    """What ``path`` holds: ``"save_blip"`` (a folder with ``blip.json``), ``"hf"`` (a transformers
+    ``save_pretrained`` folder: ``config.json``), ``"salesforce"`` (a ``.pth`` / ``.pt`` file), or None."""
+    if os.path.isfile(os.path.join(path, "blip.json")):
+        return "save_blip"
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return "hf"
+    return "salesforce" if is_salesforce_checkpoint(path) else None
+
+
+def read_hf_blip(directory: str) -> tuple[object, str, dict[str, torch.Tensor]]:
+    """``(BlipConfig, architecture, state dict)`` of a transformers ``save_pretrained`` BLIP directory:
+    the architecture is ``config.json``'s first ``architectures`` entry (its ``model_type`` must be
+    ``blip``), the weights ``model.safetensors`` or the shards its ``model.safetensors.index.json`` lists."""
+    from safetensors.torch import load_file
+    from transformers import BlipConfig
+
+    with open(os.path.join(directory, "config.json"), encoding="utf-8") as handle:
+        raw = json.load(handle)
+    architectures = raw.get("architectures") or []
+    if raw.get("model_type") != "blip" or not architectures:
+        raise ValueError(f"{directory!r} is not a Hugging Face BLIP directory: config.json has model_type "
+                         f"{raw.get('model_type')!r}, architectures {architectures!r}")
+    index = os.path.join(directory, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index, encoding="utf-8") as handle:
+            files = sorted(set(json.load(handle)["weight_map"].values()))
+    elif os.path.isfile(os.path.join(directory, "model.safetensors")):
+        files = ["model.safetensors"]
+    else:
+        raise ValueError(f"{directory!r} has no model.safetensors (save it with save_pretrained)")
+    state: dict[str, torch.Tensor] = {}
+    for name in files:
+        state.update(load_file(os.path.join(directory, name)))
+    return BlipConfig.from_pretrained(directory), architectures[0], state
+
+
+def hf_blip_spec(config, *, text_overrides: dict | None = None) -> dict:
+    """A :func:`build_blip` spec (``hf_blip`` tower) for a transformers ``BlipConfig``;
+    ``text_overrides`` replaces :class:`MEDConfig` fields (e.g. the tokenizer's special ids)."""
+    vision = {"kind": "hf_blip", **{k: getattr(config.vision_config, k) for k in _HF_VISION_FIELDS}}
+    text = asdict(MEDConfig.from_hf(config.text_config))
+    text.update(text_overrides or {})
+    return {"vision": vision, "text": text, "embed_dim": int(config.image_text_hidden_size)}
+
+
+def blip_from_hf(directory: str, *, source: str | None = None, accept: tuple[str, ...] = tuple(HF_RENAMES),
+                 **spec_overrides) -> BLIP:
+    """The BLIP of a transformers ``BlipForImageTextRetrieval`` / ``BlipForConditionalGeneration``
+    ``save_pretrained`` directory (:func:`read_hf_blip`), built by :func:`hf_blip_spec` with
+    ``spec_overrides`` (``text_overrides``, ``momentum``, ``queue_size``, ``temperature``) and loaded
+    by name; keys are reported by ``check_keys`` under ``source``. Another architecture than those of
+    ``accept`` raises ``ValueError``. Parts the architecture lacks keep their initialization (a
+    captioner's ITC / ITM heads; a retrieval model's decoder self-attention and LM head)."""
+    config, architecture, state = read_hf_blip(directory)
+    if architecture not in accept:
+        raise ValueError(f"{source or directory}: the checkpoint is a {architecture}; this needs a "
+                         f"{' or '.join(accept)}")
+    spec = hf_blip_spec(config, text_overrides=spec_overrides.pop("text_overrides", None))
+    spec.update(spec_overrides)
+    model = build_blip(spec)
+    load = (load_hf_retrieval_state_dict if architecture == "BlipForImageTextRetrieval"
+            else load_hf_captioning_state_dict)
+    load(model, state, source=f"{source or directory} ({architecture})")
+    return model

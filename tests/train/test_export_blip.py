@@ -25,6 +25,7 @@ safetensors_torch = pytest.importorskip("safetensors.torch")
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 VOCAB = 40  # a BERT vocabulary of 38 + [DEC] 38 + [ENC] 39 (BLIP's layout, train/data/blip_text.py)
 DEC, SEP, PAD = 38, 3, 0
+SPECIAL_IDS = {"pad_token_id": PAD, "bos_token_id": DEC, "enc_token_id": DEC + 1, "sep_token_id": SEP}
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +66,8 @@ def hf_model(architecture: str, seed: int = 0, width: int = 32):
 
 def build(data, bert_dir, task, tmp_path, *overrides):
     """(task, model) of ``configs/<task>_tiny.yaml`` with the overrides, on the BERT tokenizer, fp32, eval mode."""
-    argv = train_argv(task, data, tmp_path / "out", *overrides, eval_batch_size=None, context_length=12,
+    no_answers = ['model.blip_vqa.answer_list=""'] if task == "blip_vqa" else []  # no evaluation here
+    argv = train_argv(task, data, tmp_path / "out", *no_answers, *overrides, eval_batch_size=None, context_length=12,
                       tokenizer=bert_dir, vision="model.vision={image_size: 32, patch_size: 8, width: 32, depth: 1, "
                                                  "heads: 2}")
     cfg = load_config(argv[1], argv[2:])
@@ -177,3 +179,96 @@ def test_retrieval_run_from_hf_trains_and_exports(data, bert_dir, tmp_path):
     peer = reload(tmp_path / "out_hf", "BlipForImageTextRetrieval")
     for got, want in zip(retrieval_outputs(trained.eval(), hf=False), retrieval_outputs(peer, hf=True), strict=True):
         assert_close(got, want, atol=1e-5, rtol=1e-5, name="exported run")
+
+
+@torch.no_grad()
+def vqa_answer_logits(model, hf: bool):
+    """(answer decoder logits [N, La, vocab],) of a BlipForQuestionAnswering or our BlipVQA on one batch."""
+    images, q_ids, _ = inputs(seed=2)
+    q_ids[:, 0] = DEC + 1  # [ENC]: HF's question encoder takes the ids as given
+    q_mask = torch.ones_like(q_ids)  # padded questions against HF: tests/models/test_blip_vqa.py
+    a_ids, a_mask = inputs(seed=3, length=4)[1:]
+    a_ids[:, 0] = DEC
+    if not hf:
+        return (model.answer_logits(model.encode_question(images, q_ids, q_mask), q_mask, a_ids, a_mask),)
+    image_embeds = model.vision_model(pixel_values=images)[0]
+    question = model.text_encoder(input_ids=q_ids, attention_mask=q_mask, encoder_hidden_states=image_embeds)[0]
+    return (model.text_decoder(input_ids=a_ids, attention_mask=a_mask, encoder_hidden_states=question,
+                               encoder_attention_mask=q_mask).logits,)
+
+
+def test_vqa_hf_init_and_export_round_trip(data, bert_dir, tmp_path):
+    source = hf_model("BlipForQuestionAnswering", seed=5)
+    source.save_pretrained(tmp_path / "hf")
+    task, ours = build(data, bert_dir, "blip_vqa", tmp_path, f"model.blip_vqa.init={tmp_path}/hf")
+    expected = vqa_answer_logits(source, hf=True)
+    assert_close(vqa_answer_logits(ours, hf=False)[0], expected[0], atol=1e-5, rtol=1e-5, name="vqa init")
+    task.peer_exporters()["hf"](ours, str(tmp_path / "out_hf"))
+    peer = reload(tmp_path / "out_hf", "BlipForQuestionAnswering")
+    assert_close(vqa_answer_logits(peer, hf=True)[0], expected[0], atol=1e-5, rtol=1e-5, name="vqa export")
+
+
+@pytest.fixture()
+def pretrained_pth(monkeypatch, tmp_path):
+    """A salesforce model_base.pth (random tensors under BLIP_Pretrain's names) in this tokenizer's layout,
+    64-wide towers (BLIP's head rule width / 64; one width for image and text, as BLIP-base)."""
+    import helpers.salesforce_blip as sf
+
+    for name, value in (("VOCAB", VOCAB), ("V_WIDTH", 64), ("T_WIDTH", 64)):
+        monkeypatch.setattr(sf, name, value)
+    state = sf.salesforce_state_dict("pretrain", seed=6)
+    torch.save({"model": state}, tmp_path / "model_base.pth")
+    return tmp_path / "model_base.pth", state
+
+
+def test_vqa_init_from_a_pretrained_blip_fills_encoder_and_decoder(data, bert_dir, tmp_path, pretrained_pth):
+    from vlmcore.blip import blip_from_salesforce
+
+    path, state = pretrained_pth
+    _, vqa = build(data, bert_dir, "blip_vqa", tmp_path, f"model.blip_vqa.init={path}")
+    blip = blip_from_salesforce(str(path), momentum=None, text_overrides=SPECIAL_IDS)
+    images, q_ids, q_mask = inputs(seed=2)
+    a_ids, a_mask = inputs(seed=3, length=4)[1:]
+    a_ids[:, 0] = DEC  # BLIP's decoder_logits takes [DEC] as given
+    with torch.no_grad():
+        question = vqa.encode_question(images, q_ids, q_mask)
+        enc_ids = q_ids.clone()
+        enc_ids[:, 0] = blip.config.enc_token_id
+        assert_close(question, blip.text_encoder(enc_ids, q_mask, mode="multimodal",
+                                                 image_embeds=blip.encode_image(images)), atol=1e-5, rtol=1e-5,
+                     name="question encoder = BLIP's text encoder")
+        # the answer decoder is BLIP's decoder, attending the question states instead of the image
+        assert_close(vqa.answer_logits(question, None, a_ids, a_mask), blip.decoder_logits(question, a_ids, a_mask),
+                     atol=1e-5, rtol=1e-5, name="answer decoder = BLIP's text decoder")
+    removed = {k: v for k, v in state.items() if k != "text_decoder.bert.encoder.layer.1.attention.self.key.bias"}
+    torch.save({"model": removed}, tmp_path / "removed.pth")
+    with pytest.raises(CheckpointKeysError, match=r"missing 1 keys: text_encoder\.encoder\.layer\.1\."
+                                                  r"decoder_attention\.self\.key\.bias") as err:
+        build(data, bert_dir, "blip_vqa", tmp_path, f"model.blip_vqa.init={tmp_path}/removed.pth")
+    assert "model.blip_vqa.init" in str(err.value)
+    torch.save({"model": {**state, "text_encoder.extra.weight": torch.zeros(2)}}, tmp_path / "extra.pth")
+    with pytest.raises(CheckpointKeysError, match=r"unexpected 1 keys: text_encoder\.extra\.weight"):
+        build(data, bert_dir, "blip_vqa", tmp_path, f"model.blip_vqa.init={tmp_path}/extra.pth")
+
+
+def test_nlvr_init_from_a_pretrained_blip_copies_cross_attention_into_both(data, bert_dir, tmp_path, pretrained_pth):
+    from vlmcore.blip import blip_from_salesforce
+
+    path, state = pretrained_pth
+    _, nlvr = build(data, bert_dir, "blip_nlvr", tmp_path, f"model.blip_nlvr.init={path}",
+                    "model.blip_nlvr.merge_from_layer=2")  # 2 layers: every layer averages the two images
+    blip = blip_from_salesforce(str(path), momentum=None, text_overrides=SPECIAL_IDS)
+    params = dict(nlvr.named_parameters())
+    for twin in ("self0", "self1"):
+        assert torch.equal(params[f"text_encoder.encoder.layer.1.crossattention.{twin}.value.weight"],
+                           state["text_encoder.encoder.layer.1.crossattention.self.value.weight"])
+    images, ids, mask = inputs(seed=4)
+    ids[:, 0] = blip.config.enc_token_id
+    with torch.no_grad():  # the same image twice: the averaged twins are BLIP's one cross-attention
+        embeds = nlvr.visual_encoder(images)
+        assert_close(nlvr.text_encoder(ids, mask, embeds, embeds),
+                     blip.text_encoder(ids, mask, mode="multimodal", image_embeds=blip.encode_image(images)),
+                     atol=1e-5, rtol=1e-5, name="NLVR2 text encoder = BLIP's")
+    torch.save({"model": {**state, "itm_head.extra": torch.zeros(2)}}, tmp_path / "extra.pth")
+    with pytest.raises(CheckpointKeysError, match=r"model\.blip_nlvr\.init .*unexpected 1 keys: itm_head\.extra"):
+        build(data, bert_dir, "blip_nlvr", tmp_path, f"model.blip_nlvr.init={tmp_path}/extra.pth")

@@ -105,6 +105,19 @@ class BlipConfig:
         return []
 
 
+def check_init(model: nn.Module, vocab_size: int, image_size: int, where: str) -> None:
+    """Raise ``ValueError`` naming ``where`` unless the model read from ``init`` fits the run: the
+    tokenizer's ``vocab_size`` and ``model.vision.image_size`` (a salesforce ``.pth`` is resized to it)."""
+    if model.config.vocab_size != vocab_size:
+        raise ValueError(f"{where}: checkpoint vocab_size {model.config.vocab_size} != {vocab_size} of the tokenizer "
+                         "(BLIP's layout: train/data/blip_text.py)")
+    tower = model.visual_encoder
+    size = tower.model.config.image_size if hasattr(tower, "model") else tower.image_size
+    if size != image_size:
+        raise ValueError(f"model.vision.image_size: {image_size}, but {where} was trained at {size} px; set it to "
+                         f"{size}")
+
+
 def _image_id(sample: dict, image: bytes) -> int:
     """The sample's ``image_id`` from its JSON, else a hash of the image bytes (same image, same id;
     56 bits, so never negative). A negative JSON id is a :class:`BadSample`: the model's

@@ -23,10 +23,21 @@ from vlmcore.blip.convert import (
     TIED_LM_WEIGHT,
     load_hf_captioning_state_dict,
     load_hf_retrieval_state_dict,
+    load_salesforce_state_dict,
     read_salesforce_checkpoint,
 )
+from vlmcore.blip.heads_convert import (
+    load_blip_into_nlvr,
+    load_blip_into_vqa,
+    load_hf_vqa_state_dict,
+    load_salesforce_nlvr_state_dict,
+    load_salesforce_vqa_state_dict,
+)
 from vlmcore.blip.model import BLIP, blip_vision_encoder
+from vlmcore.blip.nlvr import BlipNLVR
 from vlmcore.blip.text import MEDConfig
+from vlmcore.blip.vqa import BlipVQA
+from vlmcore.checkpoint_keys import check_keys
 from vlmcore.vision import VisionTransformer
 
 
@@ -81,9 +92,10 @@ def save_blip(model: BLIP, directory: str) -> str:
     return directory
 
 
-def load_blip(directory: str, **overrides) -> BLIP:
+def load_blip(directory: str, *, source: str | None = None, **overrides) -> BLIP:
     """The BLIP saved by :func:`save_blip` in ``directory`` (spec entries can be overridden, e.g.
-    ``momentum=None`` for inference); every saved weight must match by name and shape."""
+    ``momentum=None`` for inference); every saved weight must match by name and shape (missing /
+    unexpected ones are reported by ``check_keys``, ``source`` naming what was read)."""
     from safetensors.torch import load_file
 
     spec_path = os.path.join(directory, "blip.json")
@@ -100,9 +112,7 @@ def load_blip(directory: str, **overrides) -> BLIP:
             state[key] = value.reshape(own[key].shape)
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.startswith(MOMENTUM_STATE) and k != TIED_LM_WEIGHT]
-    if missing or unexpected:
-        raise ValueError(f"checkpoint {directory!r} does not match its spec: missing {missing[:10]}, "
-                         f"unexpected {unexpected[:10]}")
+    check_keys(source or f"BLIP checkpoint {directory}", missing, unexpected)
     if model.momentum is not None:
         model.copy_params_to_momentum()
     return model
@@ -151,11 +161,14 @@ def salesforce_blip_spec(state_dict: dict[str, torch.Tensor], *, image_size: int
               "image_size": int(image_size) if image_size is not None else grid * patch, "patch_size": patch,
               "layer_norm_eps": 1e-6}
     bert = "text_encoder." if "text_encoder.embeddings.word_embeddings.weight" in state_dict else "text_decoder.bert."
+    cross = bert + "encoder.layer.0.crossattention.self0.key.weight"  # BLIP_NLVR's twin cross-attention
+    if cross not in state_dict:
+        cross = bert + "encoder.layer.0.crossattention.self.key.weight"
     vocab, hidden = shape(bert + "embeddings.word_embeddings.weight")
     text = {"vocab_size": vocab, "hidden_size": hidden, "num_hidden_layers": layers(bert + "encoder.layer."),
             "intermediate_size": shape(bert + "encoder.layer.0.intermediate.dense.weight")[0],
             "max_position_embeddings": shape(bert + "embeddings.position_embeddings.weight")[0],
-            "encoder_width": shape(bert + "encoder.layer.0.crossattention.self.key.weight")[1]}
+            "encoder_width": shape(cross)[1]}
     text.update(text_overrides or {})
     if "num_attention_heads" not in text:
         text["num_attention_heads"] = heads(hidden, None, "text")
@@ -255,4 +268,83 @@ def blip_from_hf(directory: str, *, source: str | None = None, accept: tuple[str
     load = (load_hf_retrieval_state_dict if architecture == "BlipForImageTextRetrieval"
             else load_hf_captioning_state_dict)
     load(model, state, source=f"{source or directory} ({architecture})")
+    return model
+
+
+def is_pretrained_blip(state_dict: dict[str, torch.Tensor]) -> bool:
+    """Whether a salesforce state dict is a pre-trained / retrieval BLIP (it has the ITM head or the
+    ITC projections), as opposed to a fine-tuned ``BLIP_VQA`` / ``BLIP_NLVR``."""
+    return any(k in state_dict for k in ("itm_head.weight", "vision_proj.weight", "text_proj.weight"))
+
+
+def _pretrained_blip(path: str, fmt: str, image_size: int, text_overrides: dict | None, source: str) -> BLIP:
+    """The BLIP of a pre-trained checkpoint: a save_blip folder, or a salesforce ``.pth`` (its ViT's
+    positions resized to ``image_size``), without momentum encoders."""
+    if fmt == "save_blip":
+        return load_blip(path, source=source, momentum=None)
+    state = read_salesforce_checkpoint(path)
+    blip = build_blip(salesforce_blip_spec(state, image_size=image_size, momentum=None,
+                                           text_overrides=text_overrides))
+    load_salesforce_state_dict(blip, state, load_momentum=False, interpolate_pos_embed=True, source=source)
+    return blip
+
+
+def _head_source(path: str, image_size: int, text_overrides: dict | None, source: str, hf_architecture: str | None):
+    """What a VQA / NLVR2 ``init`` holds: ``("blip", BLIP)`` for a pre-trained BLIP, else
+    ``(format, spec, state dict)`` of the fine-tuned model (``"hf"``: ``hf_architecture`` only)."""
+    fmt = checkpoint_format(path)
+    if fmt is None:
+        raise ValueError(f"{source}: {path!r} is neither a BLIP checkpoint folder (blip.json), a Hugging Face "
+                         "save_pretrained folder (config.json) nor a salesforce/BLIP .pth file")
+    if fmt == "hf":
+        config, architecture, state = read_hf_blip(path)
+        if architecture != hf_architecture:
+            raise ValueError(f"{source}: the checkpoint is a {architecture}; this needs "
+                             f"{hf_architecture or 'a salesforce .pth or a pre-trained BLIP'}")
+        return "hf", hf_blip_spec(config, text_overrides=text_overrides), state
+    if fmt == "salesforce":
+        state = read_salesforce_checkpoint(path)
+        if not is_pretrained_blip(state):
+            spec = salesforce_blip_spec(state, image_size=image_size, momentum=None, text_overrides=text_overrides)
+            return "salesforce", spec, state
+    return "blip", _pretrained_blip(path, fmt, image_size, text_overrides, source)
+
+
+def vqa_from_checkpoint(path: str, *, image_size: int, text_overrides: dict | None = None,
+                        source: str | None = None) -> BlipVQA:
+    """A :class:`BlipVQA` from ``path``: a transformers ``BlipForQuestionAnswering`` directory, a
+    salesforce ``BLIP_VQA`` ``.pth``, or a pre-trained BLIP (a salesforce ``model_base.pth`` - one with
+    ITM / ITC heads - or a :func:`save_blip` folder; :func:`load_blip_into_vqa`). Keys are reported by
+    ``check_keys`` under ``source``."""
+    source = source or path
+    found = _head_source(path, image_size, text_overrides, source, "BlipForQuestionAnswering")
+    if found[0] == "blip":
+        blip = found[1]
+        model = BlipVQA(blip.visual_encoder, blip.config)
+        load_blip_into_vqa(model, blip.state_dict(), source=source)
+        return model
+    fmt, spec, state = found
+    model = BlipVQA(build_vision_tower(spec["vision"]), MEDConfig(**spec["text"]))
+    if fmt == "hf":
+        load_hf_vqa_state_dict(model, state, source=source)
+    else:
+        load_salesforce_vqa_state_dict(model, state, source=source)
+    return model
+
+
+def nlvr_from_checkpoint(path: str, *, image_size: int, merge_from_layer: int, text_overrides: dict | None = None,
+                         source: str | None = None) -> BlipNLVR:
+    """A :class:`BlipNLVR` from ``path``: a salesforce ``BLIP_NLVR`` ``.pth``, or a pre-trained BLIP (a
+    salesforce ``model_base.pth`` or a :func:`save_blip` folder; :func:`load_blip_into_nlvr`: each
+    cross-attention into both ``self0`` and ``self1``, ``merge_layer`` / ``cls_head`` new)."""
+    source = source or path
+    found = _head_source(path, image_size, text_overrides, source, None)
+    if found[0] == "blip":
+        blip = found[1]
+        model = BlipNLVR(blip.visual_encoder, blip.config, merge_from_layer=merge_from_layer)
+        load_blip_into_nlvr(model, blip.state_dict(), source=source)
+        return model
+    _, spec, state = found
+    model = BlipNLVR(build_vision_tower(spec["vision"]), MEDConfig(**spec["text"]), merge_from_layer=merge_from_layer)
+    load_salesforce_nlvr_state_dict(model, state, source=source)
     return model

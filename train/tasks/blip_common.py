@@ -93,9 +93,7 @@ class BlipConfig:
     temperature: Temperature = 0.07  # initial ITC temperature (learnable, clamped to [0.001, 0.5])
     prompt: str = "a picture of "  # blip_caption: prefixed to every caption, excluded from the loss
     k_test: PositiveInt = 256  # retrieval eval: ITC candidates re-ranked by ITM per query
-    # start from (told apart by content): a save_blip folder (blip.json; e.g. a blip_pretrain out_dir),
-    # a Hugging Face save_pretrained folder (config.json), or a salesforce/BLIP .pth
-    init: str = ""
+    init: str = ""  # a save_blip folder (blip.json), an HF save_pretrained folder (config.json) or a salesforce .pth
 
     def check(self, where: str) -> list[str]:
         """``init`` is a checkpoint (the ``text`` section is checked on its own, by the config walker)."""

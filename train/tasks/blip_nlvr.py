@@ -32,9 +32,7 @@ class BlipNlvrConfig:
 
     text: BlipTextSection = field(default_factory=BlipTextSection)
     merge_from_layer: NonNegativeInt = MERGE_FROM_LAYER  # first layer merging the two images with merge_layer
-    # start from (told apart by content): a salesforce BLIP_NLVR .pth, or a pre-trained BLIP (salesforce
-    # model_base.pth, a blip_pretrain out_dir: each cross-attention into both self0 and self1)
-    init: str = ""
+    init: str = ""  # a salesforce BLIP_NLVR .pth or a pre-trained BLIP (.pth, or a blip_pretrain out_dir)
 
     def check(self, where: str) -> list[str]:
         if self.init and checkpoint_format(self.init) not in ("save_blip", "salesforce"):

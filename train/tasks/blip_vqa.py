@@ -49,9 +49,7 @@ class BlipVqaConfig:
     answer_list: str = ""  # rank: a JSON list of candidate answers (vlmcore-convert vqav2's answer_list.json)
     k_test: PositiveInt = 128  # rank: candidates decoded whole per question (BLIP: 128)
     num_beams: PositiveInt = 3  # generate: beam width (BLIP: 3)
-    # start from (told apart by content): a Hugging Face BlipForQuestionAnswering folder (config.json), a
-    # salesforce BLIP_VQA .pth, or a pre-trained BLIP (salesforce model_base.pth, a blip_pretrain out_dir)
-    init: str = ""
+    init: str = ""  # HF BlipForQuestionAnswering folder, salesforce BLIP_VQA .pth, or a pre-trained BLIP
 
     def check(self, where: str) -> list[str]:
         if self.inference == "rank" and self.answer_list and not os.path.isfile(self.answer_list):

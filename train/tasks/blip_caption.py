@@ -19,6 +19,7 @@ class BlipCaptionTask(BlipTaskBase):
     all_rank_negatives = False
     use_prompt = True
     with_momentum = False
+    hf_exports = {"hf": "BlipForConditionalGeneration"}
     eval_kinds = ("caption",)
     generates = True
 

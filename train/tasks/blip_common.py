@@ -3,8 +3,12 @@ the evaluations, the export. Each task (``blip_pretrain``, ``blip_retrieval``, `
 is a small subclass of :class:`BlipTaskBase` in its own file.
 
 - Model: :class:`vlmcore.BLIP` over the ``model.vision`` ViT (``common.build_vision``) with the
-  text transformer of the section; optionally initialized from a :func:`vlmcore.blip.save_blip`
-  checkpoint (``init``: e.g. the out_dir of a ``blip_pretrain`` run).
+  text transformer of the section; or, with ``init``, the checkpoint's own model. ``init`` is told
+  apart by what it holds (:func:`vlmcore.blip.build.checkpoint_format`): a folder with ``blip.json``
+  (:func:`vlmcore.blip.save_blip`, e.g. the out_dir of a ``blip_pretrain`` run), a folder with
+  ``config.json`` (a transformers ``save_pretrained`` ``BlipForImageTextRetrieval`` /
+  ``BlipForConditionalGeneration``, the ones the task's ``hf_exports`` name), a salesforce/BLIP
+  ``.pth``. Missing / unexpected keys are refused in one report (``check_keys``).
 - Text: ``[CLS] caption <eos>`` (``train/blip_text.py``); the caption task prefixes the prompt.
   A ``KEY.txt`` with several lines (CapFilt output: kept web + synthetic captions) gives one line
   per visit, drawn from a generator seeded by the key and the visit count.
@@ -12,6 +16,8 @@ is a small subclass of :class:`BlipTaskBase` in its own file.
   model buffer, so it is checkpointed and resumes with the run (one device->host read per step).
 - Export: ``model.safetensors`` + ``blip.json`` in ``out_dir``: the run's folder is a BLIP
   checkpoint (:func:`vlmcore.blip.load_blip`, ``vlmcore-capfilt --captioner/--filter``).
+  ``vlmcore-export --to FORMAT`` (``hf_exports``): a transformers ``save_pretrained`` directory,
+  for a model whose ViT is BLIP's (``init`` from Hugging Face or salesforce).
 - Evaluation (every rank evaluates the same first ``max_batches`` batches of the held-out set, so
   the numbers are identical on all ranks): retrieval Recall@1/5/10 with ITC top-``k_test``
   re-ranked by ITM, and caption token accuracy with and without the images.
@@ -21,12 +27,13 @@ ZeRO-3 is refused: the momentum update reads the online parameters in place.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 import random
 from dataclasses import asdict, dataclass, field
-from typing import Annotated
+from typing import Annotated, ClassVar
 
 import torch
 from torch import nn
@@ -48,9 +55,10 @@ from vlmcore.blip import (
     blip_from_salesforce,
     blip_retrieval_metrics,
     build_blip,
-    is_salesforce_checkpoint,
     load_blip,
 )
+from vlmcore.blip.build import blip_from_hf, checkpoint_format
+from vlmcore.blip.convert import save_hf_blip
 
 #: The initial ITC temperature's range (the learnable temperature is clamped to it).
 Temperature = Annotated[float, Bounds(ge=0.001, le=0.5)]
@@ -85,15 +93,27 @@ class BlipConfig:
     temperature: Temperature = 0.07  # initial ITC temperature (learnable, clamped to [0.001, 0.5])
     prompt: str = "a picture of "  # blip_caption: prefixed to every caption, excluded from the loss
     k_test: PositiveInt = 256  # retrieval eval: ITC candidates re-ranked by ITM per query
-    init: str = ""  # start from: a save_blip folder (e.g. a blip_pretrain out_dir) or a salesforce/BLIP .pth
+    init: str = ""  # a save_blip folder (blip.json), an HF save_pretrained folder (config.json) or a salesforce .pth
 
     def check(self, where: str) -> list[str]:
         """``init`` is a checkpoint (the ``text`` section is checked on its own, by the config walker)."""
-        is_folder = os.path.isfile(os.path.join(self.init, "blip.json"))
-        if self.init and not (is_folder or is_salesforce_checkpoint(self.init)):
-            return [f"{where}.init: {self.init!r} is neither a BLIP checkpoint folder (no blip.json) nor a "
-                    "salesforce/BLIP .pth file"]
+        if self.init and checkpoint_format(self.init) is None:
+            return [f"{where}.init: {self.init!r} is neither a BLIP checkpoint folder (blip.json), a Hugging Face "
+                    "save_pretrained folder (config.json) nor a salesforce/BLIP .pth file"]
         return []
+
+
+def check_init(model: nn.Module, vocab_size: int, image_size: int, where: str) -> None:
+    """Raise ``ValueError`` naming ``where`` unless the model read from ``init`` fits the run: the
+    tokenizer's ``vocab_size`` and ``model.vision.image_size`` (a salesforce ``.pth`` is resized to it)."""
+    if model.config.vocab_size != vocab_size:
+        raise ValueError(f"{where}: checkpoint vocab_size {model.config.vocab_size} != {vocab_size} of the tokenizer "
+                         "(BLIP's layout: train/data/blip_text.py)")
+    tower = model.visual_encoder
+    size = tower.model.config.image_size if hasattr(tower, "model") else tower.image_size
+    if size != image_size:
+        raise ValueError(f"model.vision.image_size: {image_size}, but {where} was trained at {size} px; set it to "
+                         f"{size}")
 
 
 def _image_id(sample: dict, image: bytes) -> int:
@@ -148,6 +168,8 @@ class BlipTaskBase(Task):
     use_prompt = False
     with_momentum = True
     eval_kinds: tuple[str, ...] = ("retrieval", "caption")
+    #: vlmcore-export format -> the transformers architecture it writes; ``init`` reads the same ones.
+    hf_exports: ClassVar[dict[str, str]] = {}
 
     @classmethod
     def check_config(cls, cfg) -> list[str]:
@@ -179,16 +201,22 @@ class BlipTaskBase(Task):
     def build_model(self, dtype: torch.dtype) -> nn.Module:
         spec = self.spec()
         where = f"model.{self.name}.init"
-        if self.config.init and is_salesforce_checkpoint(self.config.init):
+        fmt = checkpoint_format(self.config.init) if self.config.init else None
+        if fmt == "salesforce":
             model = blip_from_salesforce(self.config.init, image_size=self.cfg.model.vision.image_size,
                                          momentum=spec["momentum"], text_overrides=self.text.special_ids())
             if model.momentum is not None and model.image_queue.shape[0] != self.config.queue_size:
                 raise ValueError(f"model.{self.name}.queue_size: {self.config.queue_size}, but {where} "
                                  f"{self.config.init!r} holds a queue of {model.image_queue.shape[0]}; set it to that")
             model.train()
-        elif self.config.init:
-            overrides = {"momentum": spec["momentum"], "queue_size": spec["queue_size"]}
-            model = load_blip(self.config.init, **overrides)
+        elif fmt is not None:
+            if fmt == "hf":
+                model = blip_from_hf(self.config.init, source=f"{where} {self.config.init}",
+                                     accept=tuple(self.hf_exports.values()), text_overrides=self.text.special_ids(),
+                                     momentum=spec["momentum"], queue_size=spec["queue_size"],
+                                     temperature=spec["temperature"])
+            else:
+                model = load_blip(self.config.init, momentum=spec["momentum"], queue_size=spec["queue_size"])
             size = model.spec["vision"].get("image_size")
             if size != self.cfg.model.vision.image_size:
                 raise ValueError(f"model.vision.image_size: {self.cfg.model.vision.image_size}, but {where} "
@@ -207,6 +235,17 @@ class BlipTaskBase(Task):
                 model.copy_params_to_momentum()
         model.register_buffer("train_step", torch.zeros(1, dtype=torch.long))
         return model
+
+    def peer_exporters(self) -> dict:
+        return {fmt: functools.partial(self._write_hf, architecture=arch) for fmt, arch in self.hf_exports.items()}
+
+    def _write_hf(self, module: nn.Module, out_dir: str, architecture: str) -> None:
+        """A transformers ``architecture`` ``save_pretrained`` directory (:func:`save_hf_blip`)."""
+        if module.spec["vision"].get("kind") != "hf_blip":
+            raise ValueError(f"model.{self.name}.init: this run's ViT is vlmcore's (model.vision: ln_pre, no patch "
+                             f"bias), not BLIP's; {architecture} holds BLIP's ViT: start the run from a Hugging "
+                             "Face or salesforce BLIP (init) to export it")
+        save_hf_blip(module, out_dir, architecture)
 
     def encoder(self, kind: str, max_images: int) -> BlipEncoder:
         return BlipEncoder(self.text, self.cfg.model.vision.image_size, self.prompt, self.cfg.data.max_image_pixels)

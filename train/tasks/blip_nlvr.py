@@ -18,10 +18,11 @@ from vlmcore.train.data.blip_text import BlipText
 from vlmcore.train.data.pipeline import DEFAULT_MAX_IMAGE_PIXELS, decode_image, eval_batches
 from vlmcore.train.data.vqa_nlvr import NLVR_KIND, nlvr_fields
 from vlmcore.train.tasks.base import EvalContext, Task
-from vlmcore.train.tasks.blip_common import BlipTextSection
+from vlmcore.train.tasks.blip_common import BlipTextSection, check_init
 from vlmcore.train.tasks.common import build_vision, move
 
 from vlmcore.blip import BlipNLVR
+from vlmcore.blip.build import checkpoint_format, nlvr_from_checkpoint
 from vlmcore.blip.nlvr import MERGE_FROM_LAYER
 
 
@@ -31,6 +32,13 @@ class BlipNlvrConfig:
 
     text: BlipTextSection = field(default_factory=BlipTextSection)
     merge_from_layer: NonNegativeInt = MERGE_FROM_LAYER  # first layer merging the two images with merge_layer
+    init: str = ""  # a salesforce BLIP_NLVR .pth or a pre-trained BLIP (.pth, or a blip_pretrain out_dir)
+
+    def check(self, where: str) -> list[str]:
+        if self.init and checkpoint_format(self.init) not in ("save_blip", "salesforce"):
+            return [f"{where}.init: {self.init!r} is neither a BLIP checkpoint folder (blip.json) nor a "
+                    "salesforce/BLIP .pth file"]
+        return []
 
 
 def swap_sides(sentence: str) -> str:
@@ -79,6 +87,13 @@ class BlipNlvrTask(Task):
         self.text = BlipText(tokenizer)
 
     def build_model(self, dtype: torch.dtype) -> nn.Module:
+        if self.config.init:
+            model = nlvr_from_checkpoint(self.config.init, image_size=self.cfg.model.vision.image_size,
+                                         merge_from_layer=self.config.merge_from_layer,
+                                         text_overrides=self.text.special_ids(),
+                                         source=f"model.blip_nlvr.init {self.config.init}")
+            check_init(model, self.text.vocab_size, self.cfg.model.vision.image_size, "model.blip_nlvr.init")
+            return model
         config = self.text.med_config(max_position_embeddings=max(64, self.text.context_length),
                                       encoder_width=self.cfg.model.vision.width, **asdict(self.config.text))
         return BlipNLVR(build_vision(self.cfg), config, merge_from_layer=self.config.merge_from_layer)

@@ -16,4 +16,5 @@ class BlipPretrainTask(BlipTaskBase):
     all_rank_negatives = False
     use_prompt = False
     with_momentum = True
+    hf_exports = {"hf_retrieval": "BlipForImageTextRetrieval", "hf_caption": "BlipForConditionalGeneration"}
     eval_kinds = ("retrieval", "caption")

@@ -59,6 +59,7 @@ class BlipRetrievalTask(BlipTaskBase):
     all_rank_negatives = True
     use_prompt = False
     with_momentum = True
+    hf_exports = {"hf": "BlipForImageTextRetrieval"}
     eval_kinds = ("retrieval",)
 
     def video_eval_encoder(self, video: VideoFields) -> BlipVideoEncoder:

@@ -28,10 +28,13 @@ from vlmcore.train.data.blip_text import BlipText
 from vlmcore.train.data.pipeline import DEFAULT_MAX_IMAGE_PIXELS, decode_image, eval_batches
 from vlmcore.train.data.vqa_nlvr import VQA_KIND, answer_weights, vqa_fields
 from vlmcore.train.tasks.base import EvalContext, Task
-from vlmcore.train.tasks.blip_common import BlipTextSection
+from vlmcore.train.tasks.blip_common import BlipTextSection, check_init
 from vlmcore.train.tasks.common import build_vision, move
 
 from vlmcore.blip import BlipVQA
+from vlmcore.blip.build import checkpoint_format, vqa_from_checkpoint
+from vlmcore.blip.convert import hf_blip_config, save_hf_blip
+from vlmcore.blip.heads_convert import hf_vqa_name
 from vlmcore.eval.vqa import normalize_answer, question_accuracy
 
 
@@ -46,10 +49,14 @@ class BlipVqaConfig:
     answer_list: str = ""  # rank: a JSON list of candidate answers (vlmcore-convert vqav2's answer_list.json)
     k_test: PositiveInt = 128  # rank: candidates decoded whole per question (BLIP: 128)
     num_beams: PositiveInt = 3  # generate: beam width (BLIP: 3)
+    init: str = ""  # HF BlipForQuestionAnswering folder, salesforce BLIP_VQA .pth, or a pre-trained BLIP
 
     def check(self, where: str) -> list[str]:
         if self.inference == "rank" and self.answer_list and not os.path.isfile(self.answer_list):
             return [f"{where}.answer_list: {self.answer_list!r} does not exist"]
+        if self.init and checkpoint_format(self.init) is None:
+            return [f"{where}.init: {self.init!r} is neither a BLIP checkpoint folder (blip.json), a Hugging Face "
+                    "save_pretrained folder (config.json) nor a salesforce/BLIP .pth file"]
         return []
 
 
@@ -114,10 +121,30 @@ class BlipVqaTask(Task):
         self.answer_text = BlipText(tokenizer, context_length=self.config.max_answer_tokens)
 
     def build_model(self, dtype: torch.dtype) -> nn.Module:
-        v = self.cfg.model.vision
-        config = self.text.med_config(max_position_embeddings=max(64, self.text.context_length),
-                                      encoder_width=v.width, **asdict(self.config.text))
-        return BlipVQA(build_vision(self.cfg), config)
+        v, init = self.cfg.model.vision, self.config.init
+        if not init:
+            config = self.text.med_config(max_position_embeddings=max(64, self.text.context_length),
+                                          encoder_width=v.width, **asdict(self.config.text))
+            return BlipVQA(build_vision(self.cfg), config)
+        model = vqa_from_checkpoint(init, image_size=v.image_size, text_overrides=self.text.special_ids(),
+                                    source=f"model.blip_vqa.init {init}")
+        check_init(model, self.text.vocab_size, v.image_size, "model.blip_vqa.init")
+        return model
+
+    def peer_exporters(self) -> dict:
+        return {"hf": self._write_hf}
+
+    def _write_hf(self, module: nn.Module, out_dir: str) -> None:
+        """A transformers ``BlipForQuestionAnswering`` ``save_pretrained`` directory: BLIP's ViT, and one
+        width for the image, the question and the answer (Hugging Face's ``encoder_hidden_size``)."""
+        c = module.config
+        if not all(k.startswith("visual_encoder.model.") for k in module.state_dict() if k.startswith("visual_")):
+            raise ValueError("model.blip_vqa.init: this run's ViT is vlmcore's (model.vision), not BLIP's; "
+                             "BlipForQuestionAnswering holds BLIP's ViT: start the run from a BLIP checkpoint")
+        if c.encoder_width != c.hidden_size:
+            raise ValueError(f"model.blip_vqa: BlipForQuestionAnswering has one width for images and text; this "
+                             f"model's image width is {c.encoder_width}, its text width {c.hidden_size}")
+        save_hf_blip(module, out_dir, "BlipForQuestionAnswering", rename=hf_vqa_name, config=hf_blip_config(module))
 
     def encoder(self, kind: str, max_images: int) -> VqaEncoder:
         return VqaEncoder(self.text, self.answer_text, self.cfg.model.vision.image_size, self.config.max_answers,

@@ -7,8 +7,13 @@ Functions beside the model, not methods of it (``BLIP.load_*`` delegate here):
   are ours but for the prefixes and the decoder's self-attention.
 - The original salesforce/BLIP ``.pth`` checkpoints: :func:`load_salesforce_state_dict` (the key
   map: :func:`_salesforce_target`), :func:`read_salesforce_checkpoint`.
+- The way back to Hugging Face: :func:`save_hf_blip` writes a ``save_pretrained`` directory of
+  ``BlipForImageTextRetrieval`` or ``BlipForConditionalGeneration``, each Hugging Face name filled
+  through the same rename the loaders use (:data:`HF_RENAMES`), so the two directions cannot drift.
 
-Unknown, missing or mis-shaped names raise ``ValueError`` naming them; nothing loads silently by shape.
+Missing and unknown names are reported together by :func:`vlmcore.checkpoint_keys.check_keys`
+(a ``CheckpointKeysError``, a ``ValueError``); mis-shaped ones raise ``ValueError`` naming them;
+nothing loads silently by shape.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ import re
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from vlmcore.checkpoint_keys import check_keys
 
 # State-dict prefixes of BLIP's momentum encoders and queues: never in a Hugging Face checkpoint nor
 # in a save_blip folder; copied from the online encoders instead.
@@ -61,51 +68,65 @@ def _untouched(model: nn.Module, loaded: set[str]) -> list[str]:
 # ----------------------------------------------------------------------------------------------
 
 
-def load_hf_retrieval_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> list[str]:
+def _rename_retrieval(key: str) -> str | None:
+    """Our name of a ``BlipForImageTextRetrieval`` key (None: no counterpart)."""
+    for hf, ours in (("vision_model.", "visual_encoder.model."), ("text_encoder.", "text_encoder."),
+                     ("vision_proj.", "vision_proj."), ("text_proj.", "text_proj."), ("itm_head.", "itm_head.")):
+        if key.startswith(hf):
+            return ours + key[len(hf):]
+    return None
+
+
+def _rename_captioning(key: str) -> str | None:
+    """Our name of a ``BlipForConditionalGeneration`` key: the decoder's BERT is our shared text
+    transformer with its self-attention in ``decoder_attention``; ``cls`` is the LM head."""
+    if key.startswith("vision_model."):
+        return "visual_encoder.model." + key[len("vision_model."):]
+    if key.startswith("text_decoder.bert."):
+        return "text_encoder." + key[len("text_decoder.bert."):].replace(".attention.", ".decoder_attention.", 1)
+    if key == "text_decoder.cls.predictions.bias":
+        return "lm_head.predictions.decoder.bias"
+    if key.startswith("text_decoder.cls."):
+        return "lm_head." + key[len("text_decoder.cls."):]
+    return None
+
+
+#: Hugging Face architecture -> its key -> our key (None: no counterpart); the loaders and
+#: :func:`save_hf_blip` both go through it.
+HF_RENAMES = {"BlipForImageTextRetrieval": _rename_retrieval, "BlipForConditionalGeneration": _rename_captioning}
+# Hugging Face's tied copies in a BLIP LM head -> the key whose value they hold.
+HF_TIED = {"text_decoder.cls.predictions.decoder.bias": "text_decoder.cls.predictions.bias",
+           "text_decoder.cls.predictions.decoder.weight": "text_decoder.bert.embeddings.word_embeddings.weight"}
+
+
+def load_hf_retrieval_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], *,
+                                 source: str = "BlipForImageTextRetrieval") -> list[str]:
     """Load a transformers ``BlipForImageTextRetrieval`` state dict by name.
 
     Loads the vision model, the text encoder (self-attention = the encoders' ``attention``,
     cross-attention and feed-forward shared with the decoder), ``vision_proj``, ``text_proj``
-    and ``itm_head``. Unknown, missing or mis-shaped names raise ``ValueError`` listing them.
-    Returns the names of this model's parameters the checkpoint does not cover (the
-    decoder's self-attention, the LM head, ``temp``, momentum copies).
+    and ``itm_head``. Missing and unknown names are reported by ``check_keys`` (``source`` is the
+    message's subject); mis-shaped ones raise ``ValueError``. Returns the names of this model's
+    parameters the checkpoint does not cover (the decoder's self-attention, the LM head, ``temp``,
+    momentum copies).
     """
-    def rename(key: str) -> str | None:
-        for hf, ours in (("vision_model.", "visual_encoder.model."), ("text_encoder.", "text_encoder."),
-                         ("vision_proj.", "vision_proj."), ("text_proj.", "text_proj."),
-                         ("itm_head.", "itm_head.")):
-            if key.startswith(hf):
-                return ours + key[len(hf):]
-        return None
-
     def covers(key: str) -> bool:
         if key.startswith("text_encoder."):
             return ".decoder_attention." not in key
         return key.startswith(("visual_encoder.", "vision_proj.", "text_proj.", "itm_head."))
 
-    return _load_renamed(model, state_dict, rename, covers, "BlipForImageTextRetrieval")
+    return _load_renamed(model, state_dict, _rename_retrieval, covers, source)
 
 
-def load_hf_captioning_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> list[str]:
+def load_hf_captioning_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], *,
+                                  source: str = "BlipForConditionalGeneration") -> list[str]:
     """Load a transformers ``BlipForConditionalGeneration`` state dict by name.
 
     ``text_decoder.bert.*`` fills the shared text transformer with its self-attention mapped
     to ``decoder_attention``; ``text_decoder.cls.*`` the LM head. Tied copies (the LM decoder
-    weight / bias) must equal their source. Unknown, missing or mis-shaped names raise
-    ``ValueError``. Returns this model's parameters the checkpoint does not cover.
+    weight / bias) must equal their source. Missing and unknown names are reported by
+    ``check_keys``. Returns this model's parameters the checkpoint does not cover.
     """
-    def rename(key: str) -> str | None:
-        if key.startswith("vision_model."):
-            return "visual_encoder.model." + key[len("vision_model."):]
-        if key.startswith("text_decoder.bert."):
-            rest = key[len("text_decoder.bert."):]
-            return "text_encoder." + rest.replace(".attention.", ".decoder_attention.", 1)
-        if key == "text_decoder.cls.predictions.bias":
-            return "lm_head.predictions.decoder.bias"
-        if key.startswith("text_decoder.cls."):
-            return "lm_head." + key[len("text_decoder.cls."):]
-        return None
-
     state_dict = dict(state_dict)
     hf_bias = state_dict.pop("text_decoder.cls.predictions.decoder.bias", None)
     if hf_bias is not None and "text_decoder.cls.predictions.bias" in state_dict and not torch.equal(
@@ -124,7 +145,7 @@ def load_hf_captioning_state_dict(model: nn.Module, state_dict: dict[str, torch.
             return ".attention." not in key  # the encoders' own self-attention is not in a captioner
         return key.startswith(("visual_encoder.", "lm_head."))
 
-    return _load_renamed(model, state_dict, rename, covers, "BlipForConditionalGeneration")
+    return _load_renamed(model, state_dict, _rename_captioning, covers, source)
 
 
 def _load_renamed(model: nn.Module, state_dict, rename, covers, source: str) -> list[str]:
@@ -143,19 +164,67 @@ def _load_renamed(model: nn.Module, state_dict, rename, covers, source: str) -> 
                              f"{tuple(own[ours].shape)} ({ours})")
         else:
             targets[ours] = value
-    if unknown:
-        raise ValueError(f"{len(unknown)} {source} weights have no counterpart in this BLIP: {unknown[:10]}")
     expected = {k for k in own if covers(k)}
     if model.config.tie_word_embeddings:
         expected.discard(TIED_LM_WEIGHT)
-    missing = sorted(expected - set(targets))
-    if missing:
-        raise ValueError(f"{len(missing)} weights of this BLIP are missing from the {source} state dict: "
-                         f"{missing[:10]}")
+    check_keys(source, expected - set(targets), unknown)
     _copy_weights(model, targets)
     if model.momentum is not None:
         model.copy_params_to_momentum()
     return _untouched(model, set(targets))
+
+
+def hf_blip_config(model: nn.Module, *, embed_dim: int | None = None):
+    """The transformers ``BlipConfig`` of a BLIP-family model (:class:`BLIP`, :class:`BlipVQA`): its
+    ``BlipVisionModel``'s config and a ``BlipTextConfig`` restating its :class:`MEDConfig`
+    (``[SEP]`` ends a text, as BLIP's ``eos``; Hugging Face has no ``[ENC]`` id: it is
+    ``bos_token_id + 1`` when read back, BLIP's layout). ``embed_dim``: the ITC width
+    (``image_text_hidden_size``), when the model has one."""
+    from transformers import BlipConfig
+
+    _require_blip_vision(model, "Hugging Face BLIP")
+    c = model.config
+    text = {"vocab_size": c.vocab_size, "hidden_size": c.hidden_size, "num_hidden_layers": c.num_hidden_layers,
+            "num_attention_heads": c.num_attention_heads, "intermediate_size": c.intermediate_size,
+            "max_position_embeddings": c.max_position_embeddings, "encoder_hidden_size": c.encoder_width,
+            "layer_norm_eps": c.layer_norm_eps, "hidden_dropout_prob": c.hidden_dropout_prob,
+            "attention_probs_dropout_prob": c.attention_probs_dropout_prob, "pad_token_id": c.pad_token_id,
+            "bos_token_id": c.bos_token_id, "sep_token_id": c.sep_token_id, "eos_token_id": c.sep_token_id,
+            "tie_word_embeddings": c.tie_word_embeddings}
+    extra = {} if embed_dim is None else {"image_text_hidden_size": int(embed_dim)}
+    return BlipConfig(text_config=text, vision_config=model.visual_encoder.model.config.to_dict(), **extra)
+
+
+@torch.no_grad()
+def save_hf_blip(model: nn.Module, directory: str, architecture: str, rename=None, config=None) -> None:
+    """Write ``model`` as a transformers ``architecture`` (``BlipForImageTextRetrieval``,
+    ``BlipForConditionalGeneration``; a ``rename`` of another family, e.g. ``BlipForQuestionAnswering``)
+    ``save_pretrained`` directory into ``directory``.
+
+    Every Hugging Face parameter takes the value of our parameter ``rename(key)`` names (default:
+    :data:`HF_RENAMES` ``[architecture]``; tied copies read their source), loaded ``strict`` into the
+    peer's own model, which then saves itself. A name with no counterpart here is reported by
+    ``check_keys``. What the architecture has no place for (e.g. a retrieval model's decoder, the
+    learned ITC temperature: Hugging Face's ITC is the plain cosine similarity) is not written.
+    """
+    import transformers
+
+    rename = rename or HF_RENAMES[architecture]
+    config = config or hf_blip_config(model, embed_dim=getattr(model, "embed_dim", None))
+    config.architectures = [architecture]
+    peer = getattr(transformers, architecture)(config)
+    own = model.state_dict()
+    tied = dict(HF_TIED) if model.config.tie_word_embeddings else {k: v for k, v in HF_TIED.items() if "bias" in k}
+    values, unmapped = {}, []
+    for key in peer.state_dict():
+        ours = rename(tied.get(key, key))
+        if ours is None or ours not in own:
+            unmapped.append(key)
+        else:
+            values[key] = own[ours].detach().to("cpu", torch.float32).clone()
+    check_keys(f"exporting to {architecture}", unmapped, [])
+    peer.load_state_dict(values, strict=True)
+    peer.save_pretrained(directory)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -164,7 +233,7 @@ def _load_renamed(model: nn.Module, state_dict, rename, covers, source: str) -> 
 
 
 def load_salesforce_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], *, load_momentum: bool = True,
-                               interpolate_pos_embed: bool = False) -> list[str]:
+                               interpolate_pos_embed: bool = False, source: str = "salesforce BLIP") -> list[str]:
     """Load a state dict of the original salesforce/BLIP code (``torch.load(path)["model"]`` of
     ``model_base.pth``, ``model_base_capfilt_large.pth``, ``model_base_retrieval_coco.pth``,
     ``model_base_caption_capfilt_large.pth``, ...) by name.
@@ -193,19 +262,17 @@ def load_salesforce_state_dict(model: nn.Module, state_dict: dict[str, torch.Ten
 
     Every part present must be complete (the vision tower always; the text encoder when any
     ``text_encoder.*`` is given; the decoder when any ``text_decoder.bert.*``; and so on).
-    Unknown, missing or mis-shaped names raise ``ValueError`` listing them. A ``pos_embed`` of
+    Missing and unknown names are reported by ``check_keys`` (``source``: the message's subject);
+    mis-shaped ones raise ``ValueError`` listing them. A ``pos_embed`` of
     another resolution (e.g. a 224 px pre-training checkpoint into a 384 px model) raises,
     unless ``interpolate_pos_embed=True``: then its patch grid is resized bicubically
     (``align_corners=False``) with the CLS position kept, as salesforce's ``load_checkpoint``
     does. Returns this model's parameters the checkpoint does not cover (momentum state excluded).
     """
     _check_salesforce_model(model, state_dict, load_momentum)
-    targets = _salesforce_targets(model, state_dict, load_momentum, interpolate_pos_embed)
-    missing = sorted(k for unit in _salesforce_units(model, state_dict, set(targets)) for k in unit
-                     if k not in targets)
-    if missing:
-        raise ValueError(f"{len(missing)} weights of this BLIP are missing from the salesforce BLIP state dict: "
-                         f"{missing[:10]}")
+    targets, unknown = _salesforce_targets(model, state_dict, load_momentum, interpolate_pos_embed)
+    missing = {k for unit in _salesforce_units(model, state_dict, set(targets)) for k in unit if k not in targets}
+    check_keys(source, missing, unknown)
     _copy_weights(model, {name: value for name, (value, _) in targets.items()})
     if model.momentum is not None:
         _complete_momentum_state(model, set(targets))
@@ -232,9 +299,10 @@ def _check_salesforce_model(model: nn.Module, state_dict: dict[str, torch.Tensor
 
 
 def _salesforce_targets(model: nn.Module, state_dict: dict[str, torch.Tensor], load_momentum: bool,
-                        interpolate_pos_embed: bool) -> dict[str, tuple[torch.Tensor, str]]:
-    """``{our name: (value in our layout, salesforce key)}`` for every entry of ``state_dict`` that
-    loads. Raises ``ValueError`` on unknown or mis-shaped names and on tied copies that differ."""
+                        interpolate_pos_embed: bool) -> tuple[dict[str, tuple[torch.Tensor, str]], list[str]]:
+    """``({our name: (value in our layout, salesforce key)}`` for every entry of ``state_dict`` that
+    loads, ``[salesforce keys with no counterpart]``). Raises ``ValueError`` on mis-shaped names and
+    on tied copies that differ."""
     own = model.state_dict()
     targets: dict[str, tuple[torch.Tensor, str]] = {}
     unknown, mis_shaped, tied_copies = [], [], []
@@ -256,8 +324,6 @@ def _salesforce_targets(model: nn.Module, state_dict: dict[str, torch.Tensor], l
                                  "BLIP shares between encoder and decoder (BLIP ties them)")
         else:
             targets[ours] = (value, key)
-    if unknown:
-        raise ValueError(f"{len(unknown)} salesforce BLIP weights have no counterpart in this BLIP: {unknown[:10]}")
     if mis_shaped:
         hint = " (pass interpolate_pos_embed=True to resize pos_embed)" if any(
             m.split(":")[0].endswith("pos_embed") for m in mis_shaped) else ""
@@ -266,7 +332,7 @@ def _salesforce_targets(model: nn.Module, state_dict: dict[str, torch.Tensor], l
     for copy_key, source_key in tied_copies:
         if source_key in state_dict and not torch.equal(state_dict[copy_key], state_dict[source_key]):
             raise ValueError(f"{copy_key} differs from {source_key} (one tied parameter in BLIP)")
-    return targets
+    return targets, unknown
 
 
 def _skip_salesforce_entry(model: nn.Module, key: str, value, load_momentum: bool,

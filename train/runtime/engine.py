@@ -24,7 +24,8 @@ def build_ds_config(cfg: TrainConfig, precision: str) -> dict:
     """The dict handed to ``deepspeed.initialize``: the ``deepspeed`` section plus what the trainer decides."""
     ds = deepspeed_dict(cfg)
     ds["train_micro_batch_size_per_gpu"] = cfg.data.train[0].batch_size
-    ds["gradient_accumulation_steps"] = cfg.optim.accumulation_steps
+    # optim.accum_freq = k: each of the k batches of a cached-features step is one backward of the window.
+    ds["gradient_accumulation_steps"] = cfg.optim.accumulation_steps * cfg.optim.accum_freq
     ds.setdefault("steps_per_print", 10**9)
     ds.setdefault("wall_clock_breakdown", False)
     ds.setdefault("zero_allow_untested_optimizer", True)

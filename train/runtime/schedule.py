@@ -40,8 +40,9 @@ def lr_lambda(cfg: TrainConfig):
 
 
 def samples_per_step(cfg: TrainConfig, world_size: int) -> int:
-    """Samples one optimizer step consumes: every dataset's batch x ranks x accumulation steps."""
-    return sum(d.batch_size for d in cfg.data.train) * world_size * cfg.optim.accumulation_steps
+    """Samples one optimizer step consumes: every dataset's batch x ranks x accumulation steps x accum_freq."""
+    o = cfg.optim
+    return sum(d.batch_size for d in cfg.data.train) * world_size * o.accumulation_steps * o.accum_freq
 
 
 def resolve_max_steps(cfg: TrainConfig, world_size: int) -> int:

@@ -28,7 +28,7 @@ import torch
 from vlmcore.train.config import TrainConfig, to_dict
 from vlmcore.train.data.pipeline import SKIP_REASONS, DataStream, ShardStream, expand_shards
 from vlmcore.train.data.tokenizer import Tokenizer
-from vlmcore.train.runtime import checkpoint, distributed
+from vlmcore.train.runtime import checkpoint, distributed, feature_cache
 from vlmcore.train.runtime.engine import (
     PARAM_DTYPES,
     build_ds_config,
@@ -208,7 +208,11 @@ class Trainer:
         Backward runs whether the loss is finite or not (knowing would cost a read): a non-finite
         step's gradients are dropped by :meth:`apply_or_skip`. DeepSpeed scales each backward by
         1 / accumulation; its ``step()`` after a micro-batch before the last only advances its count.
+        With ``optim.accum_freq`` > 1 the micro-batch is :meth:`cached_features_step`'s instead.
         """
+        if self.cfg.optim.accum_freq > 1:
+            self.cached_features_step(micro, accumulator)
+            return
         batches = [self._to_pinned(next(s)) for s in self.streams]
         total, losses, metrics = mixture_loss(self.task, self.engine, batches, self.weights, self.info.device,
                                               self.group)
@@ -221,6 +225,28 @@ class Trainer:
                                  for s, extra in zip(self.streams, metrics) for key in extra]
         samples = [next(iter(b.values())).shape[0] for b in batches]
         accumulator.add(micro, total, losses, [v for extra in metrics for v in extra.values()], samples,
+                        sum(self.task.batch_tokens(b) for b in batches))
+
+    def cached_features_step(self, micro: int, accumulator: StepAccumulator) -> None:
+        """``optim.accum_freq`` = k: k batches of the one training dataset as one exact contrastive batch
+        of k x b rows (:mod:`~vlmcore.train.runtime.feature_cache`), k backwards, each a micro-step of
+        DeepSpeed's accumulation window (``gradient_accumulation_steps`` x k)."""
+        k, window = self.cfg.optim.accum_freq, self.engine.gradient_accumulation_steps()
+        weight = self.weights[0]
+        batches = [self._to_pinned(next(self.streams[0])) for _ in range(k)]
+
+        def backward(loss: torch.Tensor, j: int) -> None:
+            # DeepSpeed divides every backward by its window; the k passes make up one batch's gradient.
+            self.engine.backward(loss * (weight * k))
+            if micro * k + j < window - 1:
+                self.engine.step()
+
+        loss, metrics = feature_cache.task_step(self.task, self.engine, batches, self.info.device, self.group,
+                                                backward)
+        if self.metric_names is None:
+            self.metric_names = list(metrics)
+        accumulator.add(micro, weight * loss, [loss], list(metrics.values()),
+                        [sum(next(iter(b.values())).shape[0] for b in batches)],
                         sum(self.task.batch_tokens(b) for b in batches))
 
     def _to_pinned(self, batch: dict) -> dict:
@@ -245,18 +271,20 @@ class Trainer:
         is reduced). Returns the gradient norm of a logged update (None otherwise; ZeRO-0's is computed
         here, DeepSpeed's ZeRO optimizers compute theirs in ``step()``)."""
         accumulation = self.cfg.optim.accumulation_steps
+        window = self.engine.gradient_accumulation_steps()  # accumulation x optim.accum_freq
         if not any(stats.nonfinite):
             self.streak = 0
             logged = self._logs(step, stats)
             norm = grad_norm(self.trainable) if logged and self.zero_stage == 0 else None
             self.engine.step()
             return self.engine.get_global_grad_norm() if logged and norm is None else norm
-        if accumulation > 1:
+        if window > 1:
             micro = next(i for i, bad in enumerate(stats.nonfinite) if bad)
             self.log.close()
             raise NonFiniteLossError(
                 f"loss was non-finite at step {step}, micro-batch {micro + 1} of {accumulation}: with "
-                "optim.accumulation_steps > 1 a non-finite micro-batch stops the run (its window's other "
+                "optim.accumulation_steps or optim.accum_freq > 1 a non-finite micro-batch stops the run (its "
+                "window's other "
                 "gradients are already accumulated, so the step cannot be skipped). The last checkpoint "
                 f"is in {self.ckpt_dir}. Lower optim.lr or check the data.")
         discard_gradients(self.engine)

@@ -15,10 +15,13 @@ import torch
 from helpers.accum_freq import CPU, big_batch, micro_batches, micro_forwards, model_and_task, scheme
 from helpers.numerics import assert_close
 from helpers.training import read_metrics, train_argv
-from vlmcore.train import ConfigError, main
+from vlmcore.train import ConfigError, main, tasks
 from vlmcore.train.config import load_config
+from vlmcore.train.runtime import trainer as trainer_module
 from vlmcore.train.runtime.engine import build_ds_config
 from vlmcore.train.runtime.schedule import samples_per_step
+from vlmcore.train.runtime.trainer import NonFiniteLossError
+from vlmcore.train.tasks.clip import ClipTask
 
 CONFIGS = resources.files("vlmcore.train") / "configs"
 WORKER = Path(__file__).parents[1] / "helpers" / "workers" / "accum_freq_worker.py"
@@ -134,12 +137,15 @@ def test_config_rules():
     _cfg("clip", "deepspeed.zero_optimization.stage=3")  # accum_freq 1: ZeRO-3 as before
 
 
+SMALL = ["model.clip.text={width: 16, depth: 1, heads: 2}", "model.clip.embed_dim=16", "tokenizer.context_length=12",
+         "save_every=0"]
+
+
 def test_vlmcore_train_accum_freq_2_ends_with_the_parameters_of_the_double_batch(data, tmp_path):
     from safetensors.torch import load_file
 
     common = [f"data.train.0.shards={data}/eval-000000.tar", "data.train.0.resampled=false",
-              "data.train.0.shuffle_buffer=0", "model.clip.text={width: 16, depth: 1, heads: 2}",
-              "model.clip.embed_dim=16", "tokenizer.context_length=12", "max_steps=3", "save_every=0", "seed=3"]
+              "data.train.0.shuffle_buffer=0", *SMALL, "max_steps=3", "seed=3"]
     main(train_argv("clip", data, tmp_path / "big", *common, "data.train.0.batch_size=8", eval_batch_size=None))
     main(train_argv("clip", data, tmp_path / "freq", *common, "data.train.0.batch_size=4", "optim.accum_freq=2",
                     eval_batch_size=None))
@@ -154,3 +160,42 @@ def test_vlmcore_train_accum_freq_2_ends_with_the_parameters_of_the_double_batch
     assert got.keys() == expected.keys()
     for name, value in expected.items():
         assert_close(got[name], value, name=name, **TOL)
+
+
+def test_the_step_reads_to_the_host_once(data, tmp_path, monkeypatch):
+    step_code = tuple(os.path.dirname(m.__file__) + os.sep for m in (trainer_module, tasks))  # + feature_cache
+    reads, by_step_end = [], {}
+    for name in ("item", "__float__", "__bool__", "__int__", "tolist", "cpu", "numpy"):
+        real = getattr(torch.Tensor, name)
+
+        def counting(self, *args, _real=real, _name=name, **kwargs):
+            caller = sys._getframe(1).f_code.co_filename
+            if caller.startswith(step_code):
+                reads.append(f"{_name} {caller}")
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counting)
+    main(train_argv("clip", data, tmp_path / "sync", *SMALL, "max_steps=4", "log_every=4", "optim.accum_freq=3",
+                    train_batch_size=4, eval_batch_size=None),
+         on_step_end=[lambda trainer, step: by_step_end.setdefault(step, len(reads))])
+    monkeypatch.undo()
+    assert len(reads[by_step_end[1]:by_step_end[3]]) == 2, reads  # steps 2 and 3: the stats' tolist each
+    steps, _ = read_metrics(tmp_path / "sync")
+    assert [s["step"] for s in steps] == [4] and steps[0]["samples/shapes"] == 12
+
+
+def test_a_nonfinite_loss_stops_the_run(data, tmp_path, monkeypatch):
+    # The k backwards fill one DeepSpeed window: a step cannot be skipped (as with accumulation_steps).
+    real = ClipTask.loss_from_features
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        loss, metrics = real(*args, **kwargs)
+        return (loss * float("nan") if calls["n"] > 2 else loss), metrics
+
+    monkeypatch.setattr(ClipTask, "loss_from_features", poisoned)
+    with pytest.raises(NonFiniteLossError, match="at step 2, .* optim.accum_freq > 1"):
+        main(train_argv("clip", data, tmp_path / "nan", *SMALL, "max_steps=4", "optim.accum_freq=2",
+                        train_batch_size=4, eval_batch_size=None))
+    assert calls["n"] == 4  # two passes a step

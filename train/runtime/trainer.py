@@ -284,8 +284,7 @@ class Trainer:
             raise NonFiniteLossError(
                 f"loss was non-finite at step {step}, micro-batch {micro + 1} of {accumulation}: with "
                 "optim.accumulation_steps or optim.accum_freq > 1 a non-finite micro-batch stops the run (its "
-                "window's other "
-                "gradients are already accumulated, so the step cannot be skipped). The last checkpoint "
+                "window's other gradients are already accumulated, so the step cannot be skipped). The last checkpoint "
                 f"is in {self.ckpt_dir}. Lower optim.lr or check the data.")
         discard_gradients(self.engine)
         self.nonfinite_total += 1

@@ -377,10 +377,16 @@ class OptimConfig:
     # joint: one backward of sum_i weight_i * loss_i; per_dataset: one forward + backward per dataset (the
     # activation peak is the largest dataset's, not the sum; under ZeRO-2/3 one gradient reduction per backward).
     mixture_backward: Literal["joint", "per_dataset"] = "joint"  # one backward per step, or one per dataset
+    accum_freq: PositiveInt = 1  # clip / siglip: k batches form one exact contrastive batch of k x b (OpenCLIP)
 
     def check(self, where: str) -> list[str]:
         if len(self.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.betas):
             return [f"{where}.betas: must be two numbers in [0, 1), got {self.betas}"]
+        if self.accum_freq > 1 and self.accumulation_steps > 1:
+            # Both would be windows of micro-batches; mixing them gives a batch that is exact over k x b
+            # rows and averaged over the rest. One of them says what the batch is.
+            return [f"{where}.accum_freq: {self.accum_freq} replaces {where}.accumulation_steps (the exact form of "
+                    f"it for contrastive losses); set accumulation_steps: 1, got {self.accumulation_steps}"]
         return []
 
 
@@ -611,6 +617,20 @@ def _schema_for(task_cls) -> type:
 _SCHEMAS: dict[type, type] = {}
 
 
+def _accum_freq_problems(task_cls, cfg: TrainConfig) -> list[str]:
+    """``optim.accum_freq > 1``: a task with a features step (``Task.caches_features``) and one training
+    dataset (its batches are the micro-batches). ZeRO-3 is refused with the ``deepspeed`` section
+    (``deepspeed_config.py``, which also reads a JSON file)."""
+    out = []
+    if not getattr(task_cls, "caches_features", False):
+        out.append(f"optim.accum_freq: task {task_cls.name!r} has no features step (clip and siglip have); "
+                   "use optim.accumulation_steps")
+    if len(cfg.data.train) != 1:
+        out.append(f"optim.accum_freq: needs exactly one data.train dataset (its batches are the micro-batches), "
+                   f"got {len(cfg.data.train)}")
+    return out
+
+
 def _check_task(task_cls, cfg: TrainConfig) -> list[str]:
     """The data kinds the task accepts, then the task's own cross-section checks."""
     out = []
@@ -618,6 +638,8 @@ def _check_task(task_cls, cfg: TrainConfig) -> list[str]:
     if any(d.kind not in kinds for d in cfg.data.train):
         accepted = " and ".join(KIND_NAMES.get(k, k) for k in kinds)
         out.append(f"data.train: task {task_cls.name!r} trains on {accepted} only (kind: {' | '.join(kinds)})")
+    if cfg.optim.accum_freq > 1:
+        out += _accum_freq_problems(task_cls, cfg)
     if cfg.data.eval is not None and cfg.data.eval.eval == "generate" and not getattr(task_cls, "generates", False):
         out.append(f"data.eval.eval: task {task_cls.name!r} does not generate text; 'generate' is for the "
                    "captioning tasks (flamingo, frozen, blip2_stage2, blip_caption)")

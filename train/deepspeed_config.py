@@ -80,8 +80,9 @@ def _unknown_keys(section: dict, known: frozenset, where: str, removed: dict) ->
     return out
 
 
-def deepspeed_section_problems(ds, precision: str = "auto") -> list[str]:
-    """Problems of a ``deepspeed`` section (a mapping, or the path of a JSON file: only its existence)."""
+def deepspeed_section_problems(ds, precision: str = "auto", accum_freq: int = 1) -> list[str]:
+    """Problems of a ``deepspeed`` section (a mapping, or the path of a JSON file: only its existence);
+    ``accum_freq``: the run's ``optim.accum_freq``."""
     if isinstance(ds, str):
         if not os.path.isfile(ds):
             return [f"deepspeed: JSON file {ds!r} does not exist"]
@@ -96,12 +97,18 @@ def deepspeed_section_problems(ds, precision: str = "auto") -> list[str]:
         out += _unknown_keys(zero, zero_keys, "deepspeed.zero_optimization", removed_zero)
         if zero.get("stage", 0) not in (0, 1, 2, 3):
             out.append(f"deepspeed.zero_optimization.stage: must be 0, 1, 2 or 3, got {zero.get('stage')!r}")
+        if zero.get("stage", 0) == 3 and accum_freq > 1:
+            # The features-to-loss step reads the temperature outside the engine's forward, where
+            # ZeRO-3 holds only this rank's shard of it.
+            out.append("deepspeed.zero_optimization.stage: 3 is not available with optim.accum_freq > 1 "
+                       "(use stage 0, 1 or 2)")
     fp16 = ds.get("fp16", {})
     if isinstance(fp16, dict) and fp16.get("enabled", False) and precision != "fp16":
         out.append("deepspeed.fp16.enabled: the trainer's precision decides; set precision: fp16 instead")
     for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
         if key in ds:
-            source = "optim.accumulation_steps" if key == "gradient_accumulation_steps" else "data.train[*].batch_size"
+            source = ("optim.accumulation_steps x optim.accum_freq" if key == "gradient_accumulation_steps"
+                      else "data.train[*].batch_size")
             out.append(f"deepspeed.{key}: set by the trainer from {source}; remove it")
     if "gradient_clipping" in ds and not (isinstance(ds["gradient_clipping"], (int, float))
                                            and ds["gradient_clipping"] >= 0):
@@ -112,7 +119,7 @@ def deepspeed_section_problems(ds, precision: str = "auto") -> list[str]:
 def deepspeed_problems(cfg: TrainConfig) -> list[str]:
     """The ``config.ConfigCheck`` of the ``deepspeed`` section (a JSON path is read later, by
     :func:`deepspeed_dict`)."""
-    return deepspeed_section_problems(cfg.deepspeed, cfg.precision)
+    return deepspeed_section_problems(cfg.deepspeed, cfg.precision, cfg.optim.accum_freq)
 
 
 def deepspeed_dict(cfg: TrainConfig) -> dict:
@@ -120,7 +127,7 @@ def deepspeed_dict(cfg: TrainConfig) -> dict:
     if isinstance(cfg.deepspeed, str):
         with open(cfg.deepspeed, encoding="utf-8") as f:
             ds = json.load(f)
-        problems = deepspeed_section_problems(ds, cfg.precision)
+        problems = deepspeed_section_problems(ds, cfg.precision, cfg.optim.accum_freq)
         if problems:
             raise ConfigError(problems, cfg.deepspeed)
         return ds

@@ -26,9 +26,10 @@ def build_ds_config(cfg: TrainConfig, precision: str) -> dict:
     ds = deepspeed_dict(cfg)
     ds["train_micro_batch_size_per_gpu"] = cfg.data.train[0].batch_size
     # Every backward is one of DeepSpeed's micro-steps (several per micro-batch under
-    # optim.mixture_backward: per_dataset): its boundary is then the step's last backward.
+    # optim.mixture_backward: per_dataset, or optim.accum_freq = k: each of the k batches of a cached-features
+    # step): its boundary is then the step's last backward.
     o = cfg.optim
-    ds["gradient_accumulation_steps"] = o.accumulation_steps * backwards_per_micro_batch(
+    ds["gradient_accumulation_steps"] = o.accumulation_steps * o.accum_freq * backwards_per_micro_batch(
         o.mixture, o.mixture_backward, len(cfg.data.train))
     ds.setdefault("steps_per_print", 10**9)
     ds.setdefault("wall_clock_breakdown", False)

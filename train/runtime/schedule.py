@@ -41,13 +41,14 @@ def lr_lambda(cfg: TrainConfig):
 
 def samples_per_step(cfg: TrainConfig, world_size: int) -> float:
     """Samples one optimizer step consumes: the batch of the datasets it reads x ranks x accumulation
-    steps; one dataset per step (``optim.mixture``): the mean batch (round_robin) or the expected one
-    (sample: batches weighted by their draw odds)."""
+    steps x accum_freq; one dataset per step (``optim.mixture``): the mean batch (round_robin) or the
+    expected one (sample: batches weighted by their draw odds)."""
+    o = cfg.optim
     sizes = [d.batch_size for d in cfg.data.train]
     weights = [d.weight for d in cfg.data.train]
     batch = {"accumulate": sum(sizes), "round_robin": sum(sizes) / len(sizes),
-             "sample": sum(w * b for w, b in zip(weights, sizes)) / sum(weights)}[cfg.optim.mixture]
-    return batch * world_size * cfg.optim.accumulation_steps
+             "sample": sum(w * b for w, b in zip(weights, sizes)) / sum(weights)}[o.mixture]
+    return batch * world_size * o.accumulation_steps * o.accum_freq
 
 
 def resolve_max_steps(cfg: TrainConfig, world_size: int) -> int:

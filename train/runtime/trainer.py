@@ -28,7 +28,7 @@ import torch
 from vlmcore.train.config import TrainConfig, to_dict
 from vlmcore.train.data.pipeline import SKIP_REASONS, DataStream, ShardStream, expand_shards
 from vlmcore.train.data.tokenizer import Tokenizer
-from vlmcore.train.runtime import checkpoint, distributed
+from vlmcore.train.runtime import checkpoint, distributed, feature_cache
 from vlmcore.train.runtime.engine import (
     PARAM_DTYPES,
     build_ds_config,
@@ -218,8 +218,12 @@ class Trainer:
         step's gradients are dropped by :meth:`apply_or_skip`. Each backward is one of DeepSpeed's
         micro-steps (``engine.build_ds_config``) and is scaled here by 1 / accumulation_steps, so the
         gradients it sums are those of the joint loss; its ``step()`` after every backward but the
-        step's last only advances its count.
+        step's last only advances its count. With ``optim.accum_freq`` > 1 the micro-batch is
+        :meth:`cached_features_step`'s instead.
         """
+        if self.cfg.optim.accum_freq > 1:  # a single training dataset (checked by the config)
+            self.cached_features_step(micro, accumulator)
+            return
         accumulation = self.cfg.optim.accumulation_steps
         batches = {i: self._to_pinned(next(self.streams[i])) for i in visited}  # the others keep their position
         groups = self.mixture.backward_groups(visited)
@@ -243,6 +247,27 @@ class Trainer:
                         [v for i in visited for v in metrics[i].values()], samples,
                         sum(self.task.batch_tokens(b) for b in batches.values()))
 
+    def cached_features_step(self, micro: int, accumulator: StepAccumulator) -> None:
+        """``optim.accum_freq`` = k: k batches of the one training dataset as one exact contrastive batch
+        of k x b rows (:mod:`~vlmcore.train.runtime.feature_cache`), k backwards, each a micro-step of
+        DeepSpeed's accumulation window (``gradient_accumulation_steps`` x k)."""
+        k, window = self.cfg.optim.accum_freq, self.engine.gradient_accumulation_steps()
+        weight = self.mixture.loss_weight(0)
+        batches = [self._to_pinned(next(self.streams[0])) for _ in range(k)]
+
+        def backward(loss: torch.Tensor, j: int) -> None:
+            # DeepSpeed divides every backward by its window; the k passes make up one batch's gradient.
+            self.engine.backward(loss * (weight * k))
+            if micro * k + j < window - 1:
+                self.engine.step()
+
+        loss, metrics = feature_cache.task_step(self.task, self.engine, batches, self.info.device, self.group,
+                                                backward)
+        self.metric_names.setdefault(0, list(metrics))
+        accumulator.add(micro, weight * loss, [loss], list(metrics.values()),
+                        [sum(next(iter(b.values())).shape[0] for b in batches)],
+                        sum(self.task.batch_tokens(b) for b in batches))
+
     def _to_pinned(self, batch: dict) -> dict:
         """On CUDA, ``batch``'s tensors in pinned host memory, so the tasks' ``non_blocking`` copies do not wait."""
         if self.info.device.type != "cuda":
@@ -265,21 +290,22 @@ class Trainer:
         is reduced). Returns the gradient norm of a logged update (None otherwise; ZeRO-0's is computed
         here, DeepSpeed's ZeRO optimizers compute theirs in ``step()``)."""
         accumulation = self.cfg.optim.accumulation_steps
-        backwards = accumulation * self.mixture.backwards_per_micro_batch
+        window = self.engine.gradient_accumulation_steps()  # backwards per step (engine.build_ds_config)
         if not any(stats.nonfinite):
             self.streak = 0
             logged = self._logs(step, stats)
             norm = grad_norm(self.trainable) if logged and self.zero_stage == 0 else None
             self.engine.step()
             return self.engine.get_global_grad_norm() if logged and norm is None else norm
-        if backwards > 1:
+        if window > 1:
             micro = next(i for i, bad in enumerate(stats.nonfinite) if bad)
             self.log.close()
             raise NonFiniteLossError(
                 f"loss was non-finite at step {step}, micro-batch {micro + 1} of {accumulation}: with "
-                "optim.accumulation_steps > 1 or optim.mixture_backward: per_dataset a non-finite micro-batch "
-                "stops the run (DeepSpeed has counted the step's earlier backwards, so the step cannot be "
-                f"skipped). The last checkpoint is in {self.ckpt_dir}. Lower optim.lr or check the data.")
+                "optim.accumulation_steps > 1, optim.mixture_backward: per_dataset or optim.accum_freq > 1 a "
+                "non-finite micro-batch stops the run (DeepSpeed has counted the step's earlier backwards, so the "
+                f"step cannot be skipped). The last checkpoint is in {self.ckpt_dir}. Lower optim.lr or check the "
+                "data.")
         discard_gradients(self.engine)
         self.nonfinite_total += 1
         self.streak += 1

@@ -14,6 +14,9 @@ Life of a run, as the loop sees it::
     task.prepare_for_engine(model, zero_stage)        # before deepspeed.initialize
     encoder = task.encoder(kind, max_images)          # one per training dataset (data.train[i])
     loss, metrics = task.loss(engine, batch, device, group)    # every step, every dataset
+    # or, with optim.accum_freq = k > 1 (tasks with caches_features; runtime/feature_cache.py):
+    features = task.features(engine, batch, device)   # k times without grad, then once more per batch
+    loss, metrics = task.loss_from_features(engine, cached, group, criterion_grad=j == 0)
     tokens = task.batch_tokens(batch)                 # for tokens_per_s
     problems = task.check_eval_sample(sample)         # before DeepSpeed starts (train/validate.py)
     results = task.run_evaluation(module, info, zero_stage)    # calls task.evaluate(module, ctx)
@@ -104,6 +107,10 @@ class Task(abc.ABC):
         generates: whether the model decodes text (default False). A task that sets True implements
             :meth:`eval_model` and :meth:`eval_images`, and so supports ``data.eval.eval: generate``
             and ``vlmcore-eval run`` (``train/tasks/generation.py``).
+        caches_features: whether the loss is a function of per-row features (default False). A task
+            that sets True implements :meth:`features` and :meth:`loss_from_features`, and so supports
+            ``optim.accum_freq`` (OpenCLIP's exact large-batch accumulation,
+            ``train/runtime/feature_cache.py``).
 
     The common sections stay where they are: ``model.vision`` (the vision tower, see
     ``common.build_vision``), ``model.lm`` (a frozen causal LM, ``common.build_language_model``),
@@ -115,6 +122,7 @@ class Task(abc.ABC):
     data_kinds: ClassVar[tuple[str, ...]] = ("pairs",)
     media_tokens: ClassVar[bool] = True
     generates: ClassVar[bool] = False
+    caches_features: ClassVar[bool] = False
 
     @classmethod
     def check_config(cls, cfg: TrainConfig) -> list[str]:
@@ -194,6 +202,35 @@ class Task(abc.ABC):
             extra per-step scalars (floats or 0-dim tensors, e.g. ``{"logit_scale": ...}``), the
             same keys on every rank and step (the loop averages them over ranks and logs them).
         """
+
+    def features(self, model, batch: dict, device: torch.device) -> dict[str, torch.Tensor]:
+        """The per-row features the loss is computed from (``caches_features`` tasks).
+
+        Args:
+            model, batch, device: as for :meth:`loss`.
+        Returns:
+            ``{name: [B, ...]}`` with row i of every tensor from example i. Called under ``no_grad`` and
+            with grad, in training mode; its random ops (dropout) are replayed from the same RNG state.
+        """
+        raise NotImplementedError(f"task {self.name!r} has no features step (optim.accum_freq)")
+
+    def loss_from_features(self, model, features: dict[str, torch.Tensor], group=None, *,
+                           criterion_grad: bool = True) -> tuple[torch.Tensor, dict]:
+        """The loss of a batch given its :meth:`features` (``caches_features`` tasks).
+
+        ``loss_from_features(model, features(model, batch, device), group)`` equals
+        ``loss(model, batch, device, group)`` in value, metrics and gradients.
+
+        Args:
+            model, group: as for :meth:`loss`.
+            features: :meth:`features` of k batches, concatenated per key: ``{name: [k * B, ...]}``.
+            criterion_grad: whether the loss's own parameters (a temperature, a bias) get a gradient
+                from this loss. The scheme computes the loss k times, once per batch recomputed with
+                grad; these parameters enter all k, so exactly one of them passes True.
+        Returns:
+            ``(loss, metrics)`` as :meth:`loss`.
+        """
+        raise NotImplementedError(f"task {self.name!r} has no features step (optim.accum_freq)")
 
     def batch_tokens(self, batch: dict) -> int:
         """Non-padding text tokens of a batch (for ``tokens_per_s``); default ``data.batch_tokens``

@@ -31,6 +31,7 @@ from typing import Literal, Union
 import torch
 import torch.distributed as dist
 from torch import nn
+from vlmcore.kernels import contrastive_loss
 from vlmcore.train.config import PositiveFloat, PositiveInt
 from vlmcore.train.data.pipeline import eval_batches, pair_fields
 from vlmcore.train.data.shards import first_local_shard
@@ -190,11 +191,17 @@ class ClipEncoder:
         return {"images": self.images(image, sample), "tokens": self.tok([caption])[0]}
 
 
+def clip_module(model) -> nn.Module:
+    """The :class:`vlmcore.CLIP` of ``model`` (the DeepSpeed engine during training, or the module)."""
+    return getattr(model, "module", model)
+
+
 class ClipTask(Task):
     name = "clip"
     Config = ClipConfig
     data_kinds = ("pairs",)
     media_tokens = False  # CLIP text has no image placeholders: keep the CLIP vocabulary as it is
+    caches_features = True  # optim.accum_freq: features() + loss_from_features()
 
     @classmethod
     def check_config(cls, cfg) -> list[str]:
@@ -238,6 +245,30 @@ class ClipTask(Task):
         batch = move(batch, device)
         out = model(batch["images"], batch["tokens"], group=group, local_loss=group is not None)
         metrics = {k: out[k].detach().float().reshape(()) for k in ("logit_scale", "i2t_acc", "t2i_acc")}
+        return out["loss"].float(), metrics
+
+    def features(self, model, batch: dict, device: torch.device) -> dict[str, torch.Tensor]:
+        """``{"image_features": [B, E], "text_features": [B, E]}`` (normalized) of the batch."""
+        batch = move(batch, device)
+        # Through the model's forward, not encode_*: the engine's forward hooks its outputs so that
+        # DeepSpeed's backward set-up runs. Without a group, the loss it also computes is this batch's
+        # alone (B x B, small beside the towers) and is dropped.
+        out = model(batch["images"], batch["tokens"])
+        return {"image_features": out["image_features"], "text_features": out["text_features"]}
+
+    def loss_from_features(self, model, features: dict[str, torch.Tensor], group=None, *,
+                           criterion_grad: bool = True) -> tuple[torch.Tensor, dict]:
+        """:meth:`loss` from ``features`` ``{"image_features": [N, E], "text_features": [N, E]}``: the
+        criterion :meth:`vlmcore.CLIP.forward` applies, on the same op."""
+        criterion = clip_module(model).criterion
+        images = features["image_features"]
+        scale = criterion.scale().to(images.device)
+        out = contrastive_loss(images, features["text_features"].to(images.dtype),
+                               scale if criterion_grad else scale.detach(), group=group,
+                               local_loss=group is not None, label_smoothing=criterion.label_smoothing,
+                               output_dict=True)
+        metrics = {"logit_scale": scale.detach().float().reshape(()),
+                   **{k: out[k].detach().float().reshape(()) for k in ("i2t_acc", "t2i_acc")}}
         return out["loss"].float(), metrics
 
     def classes_path(self) -> str:

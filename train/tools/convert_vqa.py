@@ -25,19 +25,7 @@ from collections import Counter
 from vlmcore.train.data.tar_writer import ShardWriter
 
 from vlmcore.eval.inputs import EvalInputError, read_json, require_keys, require_list
-from vlmcore.eval.prepare import IMAGE_EXTENSIONS
-
-
-def _read_image(root: str, name: str, where: str) -> tuple[str, bytes]:
-    """``(extension, bytes)`` of ``root/name``; a missing or non-image file raises ``EvalInputError``."""
-    ext = IMAGE_EXTENSIONS.get(os.path.splitext(name)[1].lower())
-    if ext is None:
-        raise EvalInputError("images", f"{where}: {name!r} is not a .jpg / .jpeg / .png / .webp image")
-    try:
-        with open(os.path.join(root, name), "rb") as f:
-            return ext, f.read()
-    except OSError as e:
-        raise EvalInputError("images", f"{where}: cannot read {os.path.join(root, name)}: {e.strerror}") from e
+from vlmcore.eval.prepare import read_image_file
 
 
 def _key(value) -> str:
@@ -68,7 +56,7 @@ def convert_vqav2(questions_json: str, annotations_json: str, image_root: str, o
             raise EvalInputError("annotations", f"question_id {q['question_id']!r} (questions[{i}]) has no annotation")
         answers, ann = answered[q["question_id"]]
         frequency.update(answers)
-        ext, image = _read_image(image_root, image_name.format(data_subtype=subtype, image_id=q["image_id"]),
+        ext, image = read_image_file(image_root, image_name.format(data_subtype=subtype, image_id=q["image_id"]),
                                  f"question_id {q['question_id']}")
         meta = {"question_id": q["question_id"], "image_id": q["image_id"], "question": q["question"],
                 "answers": answers, "question_type": ann.get("question_type"), "answer_type": ann.get("answer_type")}
@@ -86,7 +74,7 @@ def _nlvr_images(row: dict, image_root: str, where: str) -> tuple[tuple[str, byt
     """The left / right images of an NLVR2 row: ``[directory/]<identifier without its last part>-img{0,1}.png``."""
     stem = str(row["identifier"]).rsplit("-", 1)[0]
     folder = str(row["directory"]) if "directory" in row else ""
-    return tuple(_read_image(image_root, os.path.join(folder, f"{stem}-img{i}.png"), where) for i in (0, 1))
+    return tuple(read_image_file(image_root, os.path.join(folder, f"{stem}-img{i}.png"), where) for i in (0, 1))
 
 
 def convert_nlvr2(jsonl_path: str, image_root: str, out_dir: str, split: str = "dev", shard_size: int = 1000) -> dict:

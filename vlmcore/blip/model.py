@@ -20,7 +20,7 @@ from torch import nn
 import vlmcore.blip.convert as convert
 import vlmcore.hard_negatives as hard_negatives
 from vlmcore._checks import check_positive_int, check_token_ids
-from vlmcore.blip.text import DecoderCache, LMHead, MEDConfig, MEDTextModel
+from vlmcore.blip.text import DecoderCache, LMHead, MEDConfig, MEDTextModel, with_first_token
 from vlmcore.distributed import all_gather_no_grad, all_gather_with_grad, rank_and_world
 from vlmcore.kernels import momentum_contrastive_loss
 from vlmcore.retrieval import recall_at_k, with_mean_recall
@@ -120,7 +120,7 @@ class BLIP(nn.Module):
         ``BlipForImageTextRetrieval`` uses the ids as given (``replace_first_token=False``).
         """
         if replace_first_token:
-            input_ids = _with_first_token(input_ids, self.config.enc_token_id)
+            input_ids = with_first_token(input_ids, self.config.enc_token_id)
         hidden = self.text_encoder(input_ids, attention_mask, mode="multimodal", image_embeds=image_embeds,
                                    image_mask=image_mask)
         return self.itm_head(hidden[:, 0])
@@ -152,7 +152,7 @@ class BLIP(nn.Module):
             raise ValueError(f"prompt_length must be an int >= 0, got {prompt_length!r}")
         if not 0.0 <= float(label_smoothing) < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
-        decoder_ids = _with_first_token(input_ids, self.config.bos_token_id)
+        decoder_ids = with_first_token(input_ids, self.config.bos_token_id)
         labels = decoder_ids.masked_fill(decoder_ids == self.config.pad_token_id, -100)
         if attention_mask is not None:
             labels = labels.masked_fill(attention_mask == 0, -100)
@@ -501,14 +501,6 @@ def _frozen_copy(module: nn.Module) -> nn.Module:
     for p in copied.parameters():
         p.requires_grad_(False)
     return copied
-
-
-def _with_first_token(input_ids: torch.Tensor, token_id: int) -> torch.Tensor:
-    """A copy of ``input_ids`` ``[B, L]`` whose first column is ``token_id`` (``[ENC]`` / ``[DEC]``)."""
-    check_token_ids("input_ids", input_ids)
-    out = input_ids.clone()
-    out[:, 0] = token_id
-    return out
 
 
 @functools.cache

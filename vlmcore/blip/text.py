@@ -405,3 +405,12 @@ class LMHead(nn.Module):
 
 
 __all__ = ["DecoderCache", "LMHead", "MEDConfig", "MEDLayer", "MEDTextModel", "MODES"]
+
+
+def with_first_token(input_ids: torch.Tensor, token_id: int) -> torch.Tensor:
+    """A copy of ``input_ids`` ``[N, L]`` whose first column is ``token_id``: BLIP swaps the tokenizer's
+    ``[CLS]`` for the mode's token (``[ENC]`` for the multimodal encoder, ``[DEC]`` for the decoder)."""
+    check_token_ids("input_ids", input_ids)
+    out = input_ids.clone()
+    out[:, 0] = token_id
+    return out

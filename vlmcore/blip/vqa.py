@@ -29,7 +29,7 @@ from torch import nn
 
 from vlmcore._checks import check_positive_int, check_token_ids
 from vlmcore.blip import heads_convert
-from vlmcore.blip.text import LMHead, MEDConfig, MEDTextModel
+from vlmcore.blip.text import LMHead, MEDConfig, MEDTextModel, with_first_token
 from vlmcore.vision import vision_width
 
 #: BLIP's label smoothing of the answer loss (salesforce / LAVIS ``BertLMHeadModel``); the ranking
@@ -82,7 +82,7 @@ class BlipVQA(nn.Module):
                         question_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Question states ``[B, Lq, hidden]``: the image-grounded encoder over ``question_ids`` ``[B, Lq]``
         (first id replaced by ``[ENC]``, as salesforce) attending the images ``[B, C, H, W]``."""
-        question_ids = _with_first_token(question_ids, self.config.enc_token_id)
+        question_ids = with_first_token(question_ids, self.config.enc_token_id)
         return self.text_encoder(question_ids, question_mask, mode="multimodal",
                                  image_embeds=self.visual_encoder(images))
 
@@ -91,7 +91,7 @@ class BlipVQA(nn.Module):
         """Next-token logits ``[N, La, vocab]`` of the answer decoder: ``answer_ids`` ``[N, La]`` (first id
         replaced by ``[DEC]``) attending row by row ``question_states`` ``[N, Lq, hidden]``, whose padding
         ``question_mask`` ``[N, Lq]`` (1 = token) hides."""
-        answer_ids = _with_first_token(answer_ids, self.config.bos_token_id)
+        answer_ids = with_first_token(answer_ids, self.config.bos_token_id)
         keys = None if question_mask is None else question_mask.bool()
         hidden = self.text_decoder(answer_ids, answer_mask, mode="decoder", image_embeds=question_states,
                                    image_mask=keys)
@@ -200,14 +200,6 @@ class BlipVQA(nn.Module):
     def load_salesforce_state_dict(self, state_dict: dict[str, torch.Tensor] | str, **kwargs) -> None:
         """:func:`vlmcore.blip.heads_convert.load_salesforce_vqa_state_dict` (salesforce ``BLIP_VQA``)."""
         heads_convert.load_salesforce_vqa_state_dict(self, state_dict, **kwargs)
-
-
-def _with_first_token(input_ids: torch.Tensor, token_id: int) -> torch.Tensor:
-    """A copy of ``input_ids`` ``[N, L]`` whose first column is ``token_id`` (``[ENC]`` / ``[DEC]``)."""
-    check_token_ids("input_ids", input_ids)
-    out = input_ids.clone()
-    out[:, 0] = token_id
-    return out
 
 
 @functools.cache

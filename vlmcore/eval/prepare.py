@@ -65,7 +65,7 @@ def _write_json(path: str, value) -> str:
     return path
 
 
-def _image(root: str, name: str, where: str) -> tuple[str, bytes]:
+def read_image_file(root: str, name: str, where: str) -> tuple[str, bytes]:
     """``(member extension, bytes)`` of the image file ``root/name``; missing or unknown -> EvalInputError."""
     ext = IMAGE_EXTENSIONS.get(os.path.splitext(name)[1].lower())
     if ext is None:
@@ -123,7 +123,7 @@ def prepare_karpathy(karpathy_json: str, image_root: str, out_dir: str, split: s
             references["annotations"] += [{"image_id": image_id, "id": len(references["annotations"]) + j,
                                            "caption": c} for j, c in enumerate(captions)]
             meta = {"image_id": image_id, "captions": captions, "file_name": name}
-            yield _sample(image_id, _image(image_root, name, f"image_id {image_id}"), captions[0], meta)
+            yield _sample(image_id, read_image_file(image_root, name, f"image_id {image_id}"), captions[0], meta)
 
     paths, count = write_shards(samples(), out_dir, split, shard_size)
     return {"shards": paths, "samples": count, "references": _write_json(os.path.join(out_dir, "references.json"),
@@ -147,7 +147,7 @@ def prepare_coco_format(annotations_json: str, image_root: str, out_dir: str, sp
                 raise EvalInputError("source", f"images[{i}] (id {image_id!r}) has no caption")
             meta = {k: v for k, v in image.items() if k != "id"}
             meta.update(image_id=image_id, captions=captions[image_id])
-            yield _sample(image_id, _image(image_root, image["file_name"], f"image_id {image_id}"),
+            yield _sample(image_id, read_image_file(image_root, image["file_name"], f"image_id {image_id}"),
                           captions[image_id][0], meta)
 
     paths, count = write_shards(samples(), out_dir, split, shard_size)
@@ -184,7 +184,7 @@ def prepare_vqa(questions_json: str, annotations_json: str, image_root: str, out
             meta = {"question_id": qid, "image_id": q["image_id"], "question": q["question"],
                     "answers": [a["answer"] for a in ann["answers"]],
                     "question_type": ann.get("question_type"), "answer_type": ann.get("answer_type")}
-            yield _sample(qid, _image(image_root, name, f"question_id {qid}"), q["question"], meta)
+            yield _sample(qid, read_image_file(image_root, name, f"question_id {qid}"), q["question"], meta)
 
     paths, count = write_shards(samples(), out_dir, split, shard_size)
     return {"shards": paths, "samples": count,
@@ -212,7 +212,8 @@ def prepare_hateful_memes(jsonl_path: str, out_dir: str, split: str = "dev", sha
             if "label" in meme:
                 labels.append({"id": meme["id"], "label": meme["label"]})
             meta = {k: meme[k] for k in ("id", "img", "text", "label") if k in meme}
-            yield _sample(meme["id"], _image(root, meme["img"], f"line {n} (id {meme['id']})"), meme["text"], meta)
+            image = read_image_file(root, meme["img"], f"line {n} (id {meme['id']})")
+            yield _sample(meme["id"], image, meme["text"], meta)
 
     paths, count = write_shards(samples(), out_dir, split, shard_size)
     return {"shards": paths, "samples": count, "labels": _write_json(os.path.join(out_dir, "labels.json"), labels)}
@@ -238,7 +239,7 @@ def prepare_imagenet(folder: str, out_dir: str, split: str = "val", shard_size: 
                 label, key = index[wnid], os.path.splitext(name)[0]
                 labels.append({"key": key, "label": label})
                 text = f"a photo of a {meta['classnames'][label]}."
-                yield _sample(key, _image(folder, os.path.join(wnid, name), f"class {wnid}"), text,
+                yield _sample(key, read_image_file(folder, os.path.join(wnid, name), f"class {wnid}"), text,
                               {"label": label, "wnid": wnid, "file_name": os.path.join(wnid, name)})
 
     paths, count = write_shards(samples(), out_dir, split, shard_size)

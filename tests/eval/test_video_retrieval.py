@@ -2,8 +2,8 @@
 here: captions grouped per video, the numbers equal the model functions', deterministic, BLIP and
 BLIP-2; mp4 clips written with PyAV go through the run's ``common.VideoDecoder`` and the task's
 video encoder into it, and a corrupt video is counted as skipped (EvalTally, ``bad_video``); the
-tie rule (pessimistic) against BLIP's ``itm_eval``; ``vlmcore-eval video-retrieval`` on a tiny
-blip_retrieval run trained here, and its errors (exit 2 naming the file)."""
+tie rule (pessimistic) against BLIP's ``itm_eval``; ``vlmcore-eval video-retrieval`` on tiny
+blip_retrieval and blip2_stage1 runs trained here, and its errors (exit 2 naming the file)."""
 
 import json
 import random
@@ -234,6 +234,49 @@ def test_video_retrieval_command_on_a_trained_run(retrieval_run, tmp_path, capsy
     status, printed, err = _cli(capsys, *argv[:3], "--data", str(missing))
     assert status == 2 and printed is None
     assert err.strip().splitlines()[-1].startswith(f"vlmcore-eval: error: {missing}: ")
+
+
+@pytest.fixture(scope="module")
+def blip2_stage1_run(data, tmp_path_factory):
+    """A blip2_stage1 run of 2 steps on the shapes pairs (its out_dir: config.json + trainable.safetensors)."""
+    out = tmp_path_factory.mktemp("video_eval_blip2") / "run"
+    train_main(train_argv("blip2_stage1", data, out, "max_steps=2", "save_every=0", "optim.warmup_steps=1",
+                          "model.vision={image_size: 16, patch_size: 8, width: 32, depth: 1, heads: 2, freeze: true}",
+                          "model.blip2_stage1.qformer={hidden_size: 32, num_layers: 2, num_heads: 2, "
+                          "intermediate_size: 64, num_query_tokens: 4, max_position_embeddings: 16}",
+                          "model.blip2_stage1.embed_dim=16", eval_batch_size=None, train_batch_size=8,
+                          context_length=12, vision=None))
+    return out
+
+
+def test_video_retrieval_command_on_a_blip2_stage1_run(blip2_stage1_run, tmp_path, capsys, monkeypatch):
+    pytest.importorskip("av")
+    monkeypatch.setenv("VLMCORE_BACKEND", "reference")
+    shard = tmp_path / "videos-000000.tar"
+    with TarWriter(str(shard)) as tar:
+        for sample in _mp4_samples():
+            tar.write_sample(sample["__key__"], {k: v for k, v in sample.items() if not k.startswith("__")})
+    argv = ("video-retrieval", "--run", str(blip2_stage1_run), "--data", str(shard), "--frames", "4", "--k-test", "3",
+            "--batch-size", "2", "--device", "cpu")
+    status, result, _ = _cli(capsys, *argv)
+    assert status == 0
+    assert all(0.0 <= result[k] <= 1.0 for k in result if "_R@" in k) and result["t2v_R@10"] == 1.0
+    assert {k: result[k] for k in ("eval_videos", "eval_captions", "eval_usable_samples", "eval_skipped_samples",
+                                   "eval_skipped/bad_video", "frames", "k_test")} == {
+        "eval_videos": 5, "eval_captions": 5, "eval_usable_samples": 5, "eval_skipped_samples": 1,
+        "eval_skipped/bad_video": 1, "frames": 4, "k_test": 3}
+    assert _cli(capsys, *argv)[1] == result  # loading and scoring again: the same numbers
+
+    # the numbers are the model's: the run's captions ([CLS] text <eos>, the training layout) scored directly
+    from vlmcore.train.tasks.run_loader import build_run_model, video_batches
+
+    task, model = build_run_model(str(blip2_stage1_run))
+    batches, counts = video_batches(task, str(shard), 4, 2, 0)
+    first = batches[0]
+    assert first["input_ids"][0, 0] == task.text.cls_token_id == task.tok.vocab_size
+    assert first["input_ids"][0].tolist() == task.text.encode(["a red circle"])[0][0].tolist()
+    expected = video_retrieval(model.eval(), batches, k_test=3, batch_size=2)
+    assert {k: result[k] for k in expected} == expected and counts["eval_skipped/bad_video"] == 1
 
 
 def test_video_retrieval_command_refuses_a_folder_that_is_no_run(tmp_path, capsys):

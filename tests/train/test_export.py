@@ -169,3 +169,73 @@ def test_blip2_run_from_hf_init_exports_to_hf(data, tmp_path):
     assert "config.json" in files and "model.safetensors" in files
     task, ours = build_run_model(str(tmp_path / "run"))
     _assert_hf_blip2_matches(ours.eval(), tmp_path / "hf_out", task.tok)
+
+
+def _blip2_stage1_argv(data, tmp_path, *extra, train_batch_size=None):
+    """vlmcore-train arguments of a blip2_stage1 run from a tiny HF Blip2ForImageTextRetrieval (written here)."""
+    from helpers.tiny_blip2 import IMAGE_SIZE, tiny_hf_blip2_retrieval
+    from vlmcore.train.data.tokenizer import Tokenizer
+
+    tok = Tokenizer(f"{data}/tokenizer.json", 12, media_tokens=False)
+    tiny_hf_blip2_retrieval(tok.vocab_size + 2, seed=6).save_pretrained(tmp_path / "hf")  # + [CLS], [DEC]
+    init = [f"model.blip2_stage1={{init: '{tmp_path / 'hf'}'}}",
+            f"model.vision={{image_size: {IMAGE_SIZE}, freeze: true}}"]
+    return train_argv("blip2_stage1", data, tmp_path / "run", *init, *extra, eval_batch_size=None,
+                      train_batch_size=train_batch_size, context_length=12, vision=None)
+
+
+def _assert_hf_blip2_stage1_matches(ours, out_dir, text):
+    """``out_dir`` loads into HF's ``Blip2ForImageTextRetrieval`` with no missing / unexpected key and gives
+    ``ours``' ITM logits and ITC similarities."""
+    from helpers.tiny_blip2 import hf_retrieval_outputs, retrieval_batch, stage1_outputs
+    from transformers import Blip2ForImageTextRetrieval
+
+    peer, info = Blip2ForImageTextRetrieval.from_pretrained(out_dir, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    images, text_ids, mask = retrieval_batch(text.vocab_size, seed=3)
+    text_ids[:, 0] = text.cls_token_id
+    (itm, itc), (hf_itm, hf_itc) = stage1_outputs(ours, images, text_ids, mask), hf_retrieval_outputs(
+        peer.eval(), images, text_ids, mask)
+    assert_close(itm, hf_itm, name="ITM logits", atol=1e-5, rtol=1e-5)
+    assert_close(itc, hf_itc, name="ITC similarities", atol=1e-5, rtol=1e-5)
+
+
+def test_blip2_stage1_hf_writer_round_trips_a_task_built_model(data, tmp_path):
+    from vlmcore.train.config import load_config
+    from vlmcore.train.data.tokenizer import Tokenizer
+    from vlmcore.train.tasks import get_task
+
+    argv = _blip2_stage1_argv(data, tmp_path)
+    cfg = load_config(argv[1], argv[2:])
+    task = get_task("blip2_stage1")(cfg, Tokenizer(cfg.tokenizer.path, 12, media_tokens=False))
+    ours = task.build_model(torch.float32).eval()
+    trained_looking(ours, [n for n, p in ours.named_parameters() if p.requires_grad], seed=2)
+    task.peer_exporters()["hf"](ours, str(tmp_path / "hf_out"))
+    _assert_hf_blip2_stage1_matches(ours, tmp_path / "hf_out", task.text)
+
+
+def test_blip2_stage1_hf_writer_refuses_the_builtin_tower(data, tmp_path):
+    from vlmcore.train.config import load_config
+    from vlmcore.train.data.tokenizer import Tokenizer
+    from vlmcore.train.tasks import get_task
+
+    argv = train_argv("blip2_stage1", data, tmp_path / "run", eval_batch_size=None, context_length=12, vision=None)
+    cfg = load_config(argv[1], argv[2:])
+    task = get_task("blip2_stage1")(cfg, Tokenizer(cfg.tokenizer.path, 12, media_tokens=False))
+    with pytest.raises(ValueError, match="export to hf: HF BLIP-2 holds a Blip2VisionModel.*VisionTransformer"):
+        task.peer_exporters()["hf"](task.build_model(torch.float32), str(tmp_path / "hf_out"))
+
+
+@pytest.mark.slow  # a 2-step vlmcore-train run (DeepSpeed's CPU op build included on a fresh machine)
+def test_blip2_stage1_run_from_hf_init_exports_to_hf(data, tmp_path):
+    train(_blip2_stage1_argv(data, tmp_path, "max_steps=2", "save_every=0", train_batch_size=4))
+    steps, _ = read_metrics(tmp_path / "run")
+    assert [s["step"] for s in steps] == [1, 2]
+    files = export.main(["--run", str(tmp_path / "run"), "--to", "hf", "--out", str(tmp_path / "hf_out")])
+    assert "config.json" in files and "model.safetensors" in files
+    task, ours = build_run_model(str(tmp_path / "run"))
+    from safetensors.torch import load_file
+
+    source = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    assert not torch.equal(ours.itm_head.weight, source["itm_head.weight"])  # trained in the 2 steps
+    _assert_hf_blip2_stage1_matches(ours.eval(), tmp_path / "hf_out", task.text)

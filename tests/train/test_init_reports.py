@@ -1,13 +1,22 @@
 """Config ``init`` per family (Flamingo: an OpenFlamingo checkpoint; BLIP-2 stage 2: an HF
-``Blip2ForConditionalGeneration`` directory): the peer's checkpoint loads through the task's ``build_model``
-(same outputs as the source model), and a checkpoint with a removed or an extra key is refused by one
-report naming the key (:class:`vlmcore.checkpoint_keys.CheckpointKeysError`)."""
+``Blip2ForConditionalGeneration`` directory; BLIP-2 stage 1: an HF ``Blip2ForImageTextRetrieval``
+directory): the peer's checkpoint loads through the task's ``build_model`` (same outputs as the source
+model), and a checkpoint with a removed or an extra key is refused by one report naming the key
+(:class:`vlmcore.checkpoint_keys.CheckpointKeysError`)."""
 
 import pytest
 import torch
 from helpers.export_peers import flamingo_overrides, openflamingo_training_checkpoint, trained_looking
 from helpers.numerics import assert_close
-from helpers.tiny_blip2 import IMAGE_SIZE, caption_batch, tiny_hf_blip2
+from helpers.tiny_blip2 import (
+    IMAGE_SIZE,
+    caption_batch,
+    hf_retrieval_outputs,
+    retrieval_batch,
+    stage1_outputs,
+    tiny_hf_blip2,
+    tiny_hf_blip2_retrieval,
+)
 from helpers.training import train_argv
 from safetensors.torch import load_file, save_file
 from vlmcore.train.config import ConfigError, load_config
@@ -102,3 +111,65 @@ def test_blip2_stage2_init_refuses_the_keys_it_decides(data, tmp_path):
     for key in ("model.blip2_stage2.qformer: conflicts", "model.vision.width: conflicts",
                 "model.vision.image_size: 16 is not the image size of model.blip2_stage2.init (8)"):
         assert key in message, message
+
+
+def blip2_stage1_init_overrides(init_dir, image_size: int = IMAGE_SIZE) -> list[str]:
+    """``model.blip2_stage1.init`` with the keys the directory decides left unset."""
+    return [f"model.blip2_stage1={{init: '{init_dir}'}}", f"model.vision={{image_size: {image_size}, freeze: true}}"]
+
+
+def test_blip2_stage1_init_loads_an_hf_retrieval_directory(data, tmp_path):
+    tok = Tokenizer(f"{data}/tokenizer.json", 12, media_tokens=False)
+    hf = tiny_hf_blip2_retrieval(tok.vocab_size + 2)  # the word tokenizer's layout: + [CLS], [DEC]
+    hf.save_pretrained(tmp_path / "hf")
+    task, ours = build(data, "blip2_stage1", tmp_path, *blip2_stage1_init_overrides(tmp_path / "hf"))
+    images, text_ids, mask = retrieval_batch(tok.vocab_size + 2)
+    text_ids[:, 0] = task.text.cls_token_id
+    (itm, itc), (hf_itm, hf_itc) = stage1_outputs(ours, images, text_ids, mask), hf_retrieval_outputs(
+        hf, images, text_ids, mask)
+    assert_close(itm, hf_itm, atol=1e-5, rtol=1e-5, name="ITM logits")
+    assert_close(itc, hf_itc, atol=1e-5, rtol=1e-5, name="ITC similarities")
+    assert ours.dec_token_id == tok.vocab_size + 1
+
+    state = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    del state["embeddings.position_embeddings.weight"]
+    state["vision_extra.weight"] = torch.zeros(2)
+    save_file(state, str(tmp_path / "hf" / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(CheckpointKeysError, match=r"missing 1 keys: embeddings\.position_embeddings\.weight; "
+                       r"unexpected 1 keys: vision_extra\.weight") as err:
+        build(data, "blip2_stage1", tmp_path, *blip2_stage1_init_overrides(tmp_path / "hf"))
+    assert "model.blip2_stage1.init" in str(err.value)
+
+
+def test_blip2_stage1_init_refuses_the_keys_it_decides_and_another_vocabulary(data, tmp_path):
+    tiny_hf_blip2_retrieval(40).save_pretrained(tmp_path / "hf")
+    overrides = blip2_stage1_init_overrides(tmp_path / "hf", image_size=16) + [
+        "model.blip2_stage1.qformer.num_layers=3", "model.blip2_stage1.embed_dim=16", "model.vision.width=48"]
+    with pytest.raises(ConfigError) as err:
+        build(data, "blip2_stage1", tmp_path, *overrides)
+    message = str(err.value)
+    for key in ("model.blip2_stage1.qformer: conflicts", "model.blip2_stage1.embed_dim: conflicts",
+                "model.vision.width: conflicts",
+                "model.vision.image_size: 16 is not the image size of model.blip2_stage1.init (8)"):
+        assert key in message, message
+    with pytest.raises(ValueError, match=r"model.blip2_stage1.init: its Q-Former has a text vocabulary of 40 ids, "
+                       r"tokenizer.path '.*tokenizer.json' gives \d+ \(\[CLS\] \d+, \[DEC\] \d+\)"):
+        build(data, "blip2_stage1", tmp_path, *blip2_stage1_init_overrides(tmp_path / "hf"))
+
+
+def test_blip2_stage1_text_follows_a_bert_vocabulary(tmp_path):
+    import transformers
+    from vlmcore.train.tasks.blip2_stage1 import Blip2Text
+
+    words = ["a", "red", "circle"]
+    (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+    transformers.BertTokenizerFast(str(tmp_path / "vocab.txt"), do_lower_case=True).save_pretrained(tmp_path / "bert")
+    text = Blip2Text(Tokenizer(str(tmp_path / "bert"), 8, media_tokens=False))
+    assert (text.cls_token_id, text.dec_token_id, text.vocab_size) == (2, 8, 9)  # LAVIS: [DEC] appended
+    ids, mask = text.encode(["A red circle"])
+    assert ids.tolist() == [[2, 5, 6, 7, 3, 0, 0, 0]] and mask.tolist() == [[1, 1, 1, 1, 1, 0, 0, 0]]
+    bert = transformers.BertTokenizerFast.from_pretrained(tmp_path / "bert")
+    bert.add_special_tokens({"bos_token": "[DEC]"})  # HF BLIP-2's tokenizer holds it already
+    bert.save_pretrained(tmp_path / "blip2")
+    text = Blip2Text(Tokenizer(str(tmp_path / "blip2"), 8, media_tokens=False))
+    assert (text.cls_token_id, text.dec_token_id, text.vocab_size) == (2, 8, 9)

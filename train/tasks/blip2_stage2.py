@@ -26,7 +26,6 @@ must be the directory's. Export: ``vlmcore-export --to hf`` (:func:`vlmcore.blip
 
 from __future__ import annotations
 
-import json
 import os
 import random
 from dataclasses import dataclass, field
@@ -43,7 +42,13 @@ from vlmcore.train.data.pipeline import (
 )
 from vlmcore.train.data.tokenizer import Tokenizer
 from vlmcore.train.tasks.base import EvalContext, Task
-from vlmcore.train.tasks.blip2_stage1 import QFormerSection, build_qformer, frozen_vision_check
+from vlmcore.train.tasks.blip2_stage1 import (
+    INIT_OWNED_VISION,
+    QFormerSection,
+    build_qformer,
+    frozen_vision_check,
+    read_init_config,
+)
 from vlmcore.train.tasks.common import build_language_model, build_vision, caption_accuracy, move, needs_language_model
 from vlmcore.train.tasks.generation import SquashDecoder
 
@@ -69,17 +74,6 @@ class Blip2Stage2Config:
             out.append(f"{where}.init: {self.init!r} has no config.json (a transformers "
                        "Blip2ForConditionalGeneration directory)")
         return out
-
-
-#: ``model.vision`` keys an ``init`` directory decides (its vision_config): set, they conflict with it.
-INIT_OWNED_VISION = ("type", "patch_size", "width", "depth", "heads", "mlp_ratio", "act", "init", "name",
-                     "checkpoint", "model_kwargs", "path")
-
-
-def read_init_config(path: str) -> dict:
-    """The ``config.json`` of an ``init`` directory."""
-    with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
-        return json.load(f)
 
 
 def init_conflicts(cfg) -> list[str]:
@@ -196,7 +190,7 @@ class Blip2Stage2Task(Task):
             return self._build_from_init(dtype)
         vision = build_vision(self.cfg)
         lm = build_language_model(self.cfg, self.tok, dtype, encoder_decoder=True)
-        qformer = build_qformer(c.qformer, vision.width, self.tok.vocab_size)
+        qformer = build_qformer(c.qformer, vision.width, self.tok.vocab_size + 2)  # [CLS], [DEC] (unused here)
         model = vlmcore.Blip2LM(qformer, lm, vision, image_token_id=self.tok.media_token_id)
         if c.stage1_init:
             from safetensors.torch import load_file

@@ -111,7 +111,8 @@ def video_retrieval_from_run(run_dir: str, data: str, *, frames: int = 8, k_test
     except (OSError, ValueError) as e:
         raise EvalInputError("run_dir", str(e)) from None
     if run.videos is None:
-        raise EvalInputError("run_dir", "its task scores no videos (video retrieval: a blip_retrieval run)")
+        raise EvalInputError("run_dir", "its task scores no videos (video retrieval: a blip_retrieval or "
+                                        "blip2_stage1 run)")
     batches, counts = run.videos(data, frames, batch_size, max_videos)
     metrics = video_retrieval(run.model, batches, k_test=k_test, batch_size=batch_size)
     return {**metrics, **counts, "frames": frames, "k_test": k_test}
@@ -130,8 +131,9 @@ def _count(minimum: int):
 
 def register(subparsers) -> argparse.ArgumentParser:
     """Add ``video-retrieval`` to ``vlmcore-eval``'s subparsers (handler: ``run``, see :mod:`vlmcore.eval.cli`)."""
-    p = subparsers.add_parser("video-retrieval", help="zero-shot text <-> video Recall@k of a BLIP retrieval run "
-                              "(frames concatenated, ITC top-k re-ranked by ITM)", description=__doc__.split("\n")[0])
+    p = subparsers.add_parser("video-retrieval", help="zero-shot text <-> video Recall@k of a BLIP retrieval or "
+                              "BLIP-2 stage-1 run (frames concatenated, ITC top-k re-ranked by ITM)",
+                              description=__doc__.split("\n")[0])
     p.add_argument("--run", dest="run_dir", required=True, help="run directory (config.json + exported weights)")
     p.add_argument("--data", required=True, help="video shards (pattern or list): KEY.mp4 (or frames) + KEY.txt, "
                                                  "optional KEY.json {\"video_id\"} to group captions of one video")

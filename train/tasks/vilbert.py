@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Annotated
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 from vlmcore.train.config import Bounds
 from vlmcore.train.data.pipeline import BadSample, eval_batches, expand_shards, read_tar
@@ -250,6 +251,20 @@ class VilbertTask(RegionTask):
                 raise ValueError(f"model.vilbert.init: {init!r} does not exist")
             state = torch.load(init, map_location="cpu", weights_only=True)
             load_vilbert_multitask_state_dict(model, state, f"model.vilbert.init {init}")
+        return model
+
+    def load_exported(self, run_dir: str) -> nn.Module | None:
+        """With ``init`` set: the run's ViLBERT from its exported file alone (every parameter trains, so
+        it holds the whole model) and ``init`` is not read again: it may be gone since, and a real one
+        is ~1 GB. Without ``init``: None, the loader's default."""
+        if not self.config.init:
+            return None
+        model = vlmcore.ViLBERT(self.model_config())
+        (filename, _), = self.export(model).items()
+        path = os.path.join(run_dir, filename)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path} is missing: the run did not finish its export")
+        model.load_state_dict(load_file(path), strict=True)
         return model
 
     def peer_exporters(self) -> dict:

@@ -239,3 +239,73 @@ def test_blip2_stage1_run_from_hf_init_exports_to_hf(data, tmp_path):
     source = load_file(str(tmp_path / "hf" / "model.safetensors"))
     assert not torch.equal(ours.itm_head.weight, source["itm_head.weight"])  # trained in the 2 steps
     _assert_hf_blip2_stage1_matches(ours.eval(), tmp_path / "hf_out", task.text)
+
+
+def _vilbert_task_and_argv(regions, tmp_path, *extra):
+    """(task, vlmcore-train arguments) of a tiny ViLBERT on the region shapes with vilbert-multi-task's ReLU pooler."""
+    from vlmcore.train.config import load_config
+    from vlmcore.train.data.tokenizer import Tokenizer
+    from vlmcore.train.tasks import get_task
+
+    sizes = ("model.vilbert={v_feature_size: 32, hidden_size: 32, intermediate_size: 48, num_attention_heads: 2, "
+             "v_hidden_size: 24, v_intermediate_size: 40, v_num_attention_heads: 2, bi_hidden_size: 16, "
+             "bi_num_attention_heads: 2, max_regions: 8, pooler_activation: relu}")
+    argv = train_argv("vilbert", regions, tmp_path / "run", f"data.train.0.shards={regions}/regions-train-000000.tar",
+                      "data.train.0.batch_size=8", "data.train.0.shuffle_buffer=0", sizes, *extra,
+                      eval_batch_size=None, vision=None)
+    cfg = load_config(argv[1], argv[2:])
+    return get_task("vilbert")(cfg, Tokenizer(cfg.tokenizer.path, cfg.tokenizer.context_length)), argv
+
+
+def _vilbert_batch(model):
+    c = model.config
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, c.vocab_size, (2, 6), generator=g)
+    boxes = torch.rand(2, 5, 5, generator=g) * 0.5
+    return ids, torch.randn(2, 5, c.v_feature_size, generator=g), boxes, torch.ones_like(ids)
+
+
+def test_vilbert_writer_refuses_what_vilbert_multitask_cannot_build(regions, tmp_path):
+    task, _ = _vilbert_task_and_argv(regions, tmp_path, "model.vilbert.pooler_activation=tanh")
+    with pytest.raises(ValueError, match=r"model\.vilbert\.pooler_activation: 'tanh'"):
+        task.peer_exporters()["vilbert_multitask"](task.build_model(torch.float32), str(tmp_path))
+    assert not list(tmp_path.glob("*.bin"))
+    task, _ = _vilbert_task_and_argv(regions, tmp_path, f"model.vilbert.init={tmp_path}/absent.bin")
+    with pytest.raises(ValueError, match=r"model\.vilbert\.init: .*absent\.bin' does not exist"):
+        task.build_model(torch.float32)
+
+
+@pytest.mark.slow  # a 2-step vlmcore-train run (DeepSpeed's CPU op build included on a fresh machine)
+def test_vilbert_run_from_init_exports_to_vilbert_multitask(regions, tmp_path):
+    import json
+
+    from vlmcore.vilbert import ViLBERT
+    from vlmcore.vilbert_convert import load_vilbert_multitask_state_dict, vilbert_multitask_state_dict
+
+    task, argv = _vilbert_task_and_argv(regions, tmp_path, "max_steps=2", "save_every=0")
+    source = task.build_model(torch.float32)
+    trained_looking(source, [n for n, _ in source.named_parameters()])
+    # as vilbert-multi-task saves under DataParallel: "module."-prefixed keys
+    torch.save({f"module.{k}": v for k, v in vilbert_multitask_state_dict(source).items()}, tmp_path / "init.bin")
+    train(argv + [f"model.vilbert.init={tmp_path}/init.bin"])
+    steps, _ = read_metrics(tmp_path / "run")
+    assert [s["step"] for s in steps] == [1, 2]
+    (tmp_path / "init.bin").unlink()  # the run's exported file holds the whole model: init is not read again
+    files = export.main(["--run", str(tmp_path / "run"), "--to", "vilbert_multitask", "--out", str(tmp_path / "vm")])
+    assert files == ["config.json", "pytorch_model.bin"]
+    _, ours = build_run_model(str(tmp_path / "run"))
+    ours.eval()
+    # started from the init (every weight within 2 small warm-up steps of it) and trained (moved)
+    source_state = source.state_dict()
+    assert max(float((v - source_state[k]).abs().max()) for k, v in ours.state_dict().items()) < 0.01
+    assert not torch.equal(ours.alignment_head.weight, source.alignment_head.weight)
+    config = json.loads((tmp_path / "vm" / "config.json").read_text())
+    assert (config["hidden_size"], config["v_hidden_size"], config["bi_hidden_size"]) == (32, 24, 16)
+    assert config["t_biattention_id"] == [1, 2] and config["v_target_size"] == ours.config.v_target_size
+    back = ViLBERT(ours.config).eval()
+    load_vilbert_multitask_state_dict(back, torch.load(tmp_path / "vm" / "pytorch_model.bin", weights_only=True))
+    ids, feats, boxes, mask = _vilbert_batch(ours)
+    with torch.no_grad():
+        want, got = ours(ids, feats, boxes, mask), back(ids, feats, boxes, mask)
+    for name in ("pooled_text", "pooled_visual", "alignment_logits", "mlm_logits"):
+        assert torch.equal(got[name], want[name]), name

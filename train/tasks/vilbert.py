@@ -16,6 +16,9 @@ batch (a hit when the top caption's text equals the true caption, so duplicate c
 Config section ``model.vilbert``: the model sizes (:class:`vlmcore.ViLBERTConfig` fields that a
 tiny run changes) and the corruption rates. The detector's class count ``v_target_size`` (the
 width of ``class_probs``) is read from the first training sample unless the section sets it.
+
+Weights: ``model.vilbert.init`` starts from a vilbert-multi-task state dict; ``vlmcore-export --to
+vilbert_multitask`` writes its ``pytorch_model.bin`` + ``config.json`` (:mod:`vlmcore.vilbert_convert`).
 """
 
 from __future__ import annotations
@@ -23,11 +26,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import json
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Annotated
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 from vlmcore.train.config import Bounds
 from vlmcore.train.data.pipeline import BadSample, eval_batches, expand_shards, read_tar
@@ -44,6 +50,11 @@ from vlmcore.vilbert import (
     mask_tokens,
     mismatch_captions,
     vilbert_pretraining_loss,
+)
+from vlmcore.vilbert_convert import (
+    load_vilbert_multitask_state_dict,
+    vilbert_multitask_config,
+    vilbert_multitask_state_dict,
 )
 
 LOG_HALF = math.log(0.5)
@@ -215,12 +226,58 @@ class RegionTask(Task):
         return int(batch["attention_mask"].sum())
 
 
+@dataclass
+class VilbertConfig(RegionBertConfig):
+    """``model.vilbert``: sizes (vilbert-multi-task's names), corruption rates and the weights to start from.
+
+    ``init``: a ``BertForMultiModalPreTraining`` / ``VILBertForVLTasks`` state dict (keys may carry
+    ``module.``); the sizes and the co-attention plan (``v_biattention_id`` / ``t_biattention_id``, which
+    the weights do not show) must be its config's, the vocabulary the tokenizer's."""
+
+    init: str = ""  # a vilbert-multi-task .bin state dict to start from ("" = random init)
+
+
 class VilbertTask(RegionTask):
     name = "vilbert"
-    Config = RegionBertConfig
+    Config = VilbertConfig
 
     def build_model(self, dtype: torch.dtype) -> nn.Module:
-        return vlmcore.ViLBERT(self.model_config())
+        """The ViLBERT of the section, loaded from ``init`` when set (every bad key named in one
+        :class:`~vlmcore.checkpoint_keys.CheckpointKeysError`, see :mod:`vlmcore.vilbert_convert`)."""
+        model = vlmcore.ViLBERT(self.model_config())
+        init = self.config.init
+        if init:
+            if not os.path.isfile(init):
+                raise ValueError(f"model.vilbert.init: {init!r} does not exist")
+            state = torch.load(init, map_location="cpu", weights_only=True)
+            load_vilbert_multitask_state_dict(model, state, f"model.vilbert.init {init}")
+        return model
+
+    def load_exported(self, run_dir: str) -> nn.Module | None:
+        """With ``init`` set: the run's ViLBERT from its exported file alone (every parameter trains, so
+        it holds the whole model) and ``init`` is not read again: it may be gone since, and a real one
+        is ~1 GB. Without ``init``: None, the loader's default."""
+        if not self.config.init:
+            return None
+        model = vlmcore.ViLBERT(self.model_config())
+        (filename, _), = self.export(model).items()
+        path = os.path.join(run_dir, filename)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path} is missing: the run did not finish its export")
+        model.load_state_dict(load_file(path), strict=True)
+        return model
+
+    def peer_exporters(self) -> dict:
+        return {"vilbert_multitask": self._write_vilbert_multitask}
+
+    def _write_vilbert_multitask(self, module: nn.Module, out_dir: str) -> None:
+        """``pytorch_model.bin`` (``BertForMultiModalPreTraining``'s state dict; ``VILBertForVLTasks`` loads it
+        with fresh task heads) and ``config.json`` (``bert_base_6layer_6conect.json``'s keys) for
+        vilbert-multi-task; ValueError naming the ``model.vilbert`` key it cannot build."""
+        config = vilbert_multitask_config(module.config, where="model.vilbert")
+        torch.save(vilbert_multitask_state_dict(module), os.path.join(out_dir, "pytorch_model.bin"))
+        with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=2)
 
     def loss(self, model, batch: dict, device: torch.device, group=None) -> tuple[torch.Tensor, dict]:
         b = move(batch, device)

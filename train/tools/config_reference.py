@@ -23,12 +23,14 @@ from vlmcore.train.tasks import get_task, task_names
 
 
 def _field_help(cls) -> dict[str, str]:
-    """The trailing ``# comment`` of each field line in the class source (the schema's help text)."""
+    """The trailing ``# comment`` of each field line in the class source (the schema's help text);
+    an inherited field's from the dataclass base that declares it."""
     out = {}
-    for line in inspect.getsource(cls).splitlines():
-        match = re.match(r"^    (\w+): .*?  # (.*)$", line)
-        if match:
-            out[match.group(1)] = match.group(2).strip()
+    for declaring in reversed([c for c in cls.__mro__ if dataclasses.is_dataclass(c)]):
+        for line in inspect.getsource(declaring).splitlines():
+            match = re.match(r"^    (\w+): .*?  # (.*)$", line)
+            if match:
+                out[match.group(1)] = match.group(2).strip()
     return out
 
 

@@ -317,7 +317,7 @@ def vqa_shards(tmp_path_factory):
     return out
 
 
-@pytest.mark.slow  # ~3 min on the shared 2-core machine (DeepSpeed start included)
+@pytest.mark.slow  # ~1 s after the process's first vlmcore-train, 80-200 s as the first (its start-up)
 def test_vqa_run_from_hf_trains_from_the_loaded_weights_and_exports(data, bert_dir, vqa_shards, tmp_path,
                                                                      monkeypatch):
     """vlmcore-train: 2 steps of blip_vqa from a BlipForQuestionAnswering (the engine's module answers as the
@@ -346,7 +346,7 @@ def test_vqa_run_from_hf_trains_from_the_loaded_weights_and_exports(data, bert_d
     assert_close(vqa_answer_logits(peer, hf=True)[0], got, atol=1e-5, rtol=1e-5, name="exported run")
 
 
-@pytest.mark.slow  # ~3 min on the shared 2-core machine (DeepSpeed start included)
+@pytest.mark.slow  # ~1 s after the process's first vlmcore-train, 80-200 s as the first (its start-up)
 def test_caption_run_from_hf_trains_and_exports(data, bert_dir, tmp_path):
     """vlmcore-train: 2 steps of blip_caption from a BlipForConditionalGeneration, then vlmcore-export --to hf."""
     source = hf_model("BlipForConditionalGeneration", seed=8)
@@ -374,7 +374,7 @@ def nlvr_shards(tmp_path_factory):
     return out
 
 
-@pytest.mark.slow  # ~3 min on the shared 2-core machine (DeepSpeed start included)
+@pytest.mark.slow  # ~1 s after the process's first vlmcore-train, 80-200 s as the first (its start-up)
 def test_nlvr_run_from_a_pretrained_blip_trains_and_evaluates(data, bert_dir, nlvr_shards, tmp_path, monkeypatch,
                                                               pretrained_pth):
     """vlmcore-train: 2 steps of blip_nlvr from a salesforce pre-trained BLIP; before the first update both

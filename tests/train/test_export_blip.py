@@ -403,3 +403,26 @@ def test_nlvr_run_from_a_pretrained_blip_trains_and_evaluates(data, bert_dir, nl
     assert [s["step"] for s in steps] == [1, 2] and all(0.0 <= s["accuracy"] <= 1.0 for s in steps)
     assert all(torch.isfinite(torch.tensor(s["loss"])) for s in steps)
     assert evals and result["eval_samples"] == 12 and 0.0 <= result["nlvr_acc"] <= 1.0
+
+
+@pytest.mark.parametrize("task_name,architecture", [("blip_vqa", "BlipForQuestionAnswering"),
+                                                    ("blip_caption", "BlipForConditionalGeneration"),
+                                                    ("blip_retrieval", "BlipForImageTextRetrieval")])
+def test_init_honours_vision_freeze(data, bert_dir, tmp_path, task_name, architecture):
+    """``model.vision.freeze`` freezes the ViT an init brings, as it does the one model.vision builds;
+    ``unlocked_layers`` (blocks of model.vision's tower) is refused by name."""
+    hf_model(architecture).save_pretrained(tmp_path / "hf")
+    init = f"model.{task_name}.init={tmp_path}/hf"
+    _, model = build(data, bert_dir, task_name, tmp_path, init, "model.vision.freeze=true")
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and not any(n.startswith("visual_encoder.") for n in trainable)
+    assert all(p.requires_grad for n, p in model.named_parameters() if n.startswith(("text_encoder.", "text_decoder.")))
+    with pytest.raises(ValueError, match=f"model.vision.unlocked_layers: .*model.{task_name}.init"):
+        build(data, bert_dir, task_name, tmp_path, init, "model.vision.freeze=true", "model.vision.unlocked_layers=1")
+
+
+def test_nlvr_init_honours_vision_freeze(data, bert_dir, tmp_path, pretrained_pth):
+    path, _ = pretrained_pth
+    _, model = build(data, bert_dir, "blip_nlvr", tmp_path, f"model.blip_nlvr.init={path}", "model.vision.freeze=true")
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and not any(n.startswith("visual_encoder.") for n in trainable)

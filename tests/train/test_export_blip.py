@@ -426,3 +426,14 @@ def test_nlvr_init_honours_vision_freeze(data, bert_dir, tmp_path, pretrained_pt
     _, model = build(data, bert_dir, "blip_nlvr", tmp_path, f"model.blip_nlvr.init={path}", "model.vision.freeze=true")
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and not any(n.startswith("visual_encoder.") for n in trainable)
+
+
+def test_built_vit_keeps_its_unlocked_layers(data, bert_dir, tmp_path):
+    """Without an init, BLIP's ViT is model.vision's tower: ``freeze`` with ``unlocked_layers: 1`` trains its
+    last block and final norm only."""
+    _, model = build(data, bert_dir, "blip_caption", tmp_path, "model.vision.depth=2", "model.vision.freeze=true",
+                     "model.vision.unlocked_layers=1")
+    names = [n for n, _ in model.visual_encoder.named_parameters()]
+    unlocked = {n for n in names if n.startswith(("blocks.1.", "ln_post."))}
+    assert unlocked and len(unlocked) < len(names)
+    assert {n for n, p in model.visual_encoder.named_parameters() if p.requires_grad} == unlocked

@@ -241,9 +241,11 @@ class BlipTaskBase(Task):
             freeze_init_vision(model, self.cfg.model.vision, where)
         else:
             model = build_blip(spec)
-            vision = build_vision(self.cfg)  # honours model.vision.init / freeze
+            vision = build_vision(self.cfg)  # honours model.vision.init / freeze / unlocked_layers
             model.visual_encoder.load_state_dict(vision.state_dict())
-            model.visual_encoder.requires_grad_(not self.cfg.model.vision.freeze)
+            frozen = {name for name, p in vision.named_parameters() if not p.requires_grad}
+            for name, p in model.visual_encoder.named_parameters():
+                p.requires_grad_(name not in frozen)
             if model.momentum is not None:
                 model.copy_params_to_momentum()
         model.register_buffer("train_step", torch.zeros(1, dtype=torch.long))

@@ -2,7 +2,9 @@
 with tiny trained-looking weights -> ``save_pretrained`` -> ``model.<task>.init`` (same ITM / ITC scores or LM
 logits as the source) -> the task's writer -> ``from_pretrained(..., output_loading_info=True)`` with nothing
 missing or unexpected -> the same outputs again (fp32, 1e-5). A checkpoint with a removed or an extra key is
-refused by one report naming it; a run whose ViT is vlmcore's is refused naming the reason."""
+refused by one report naming it; a run whose ViT is vlmcore's is refused naming the reason. 2-step runs through
+vlmcore-train from an init (blip_vqa, blip_caption, blip_nlvr, blip_retrieval) train from the loaded weights
+(checked on the engine's module at the first loss) and export; ``model.vision.freeze`` applies to an init's ViT."""
 
 import json
 
@@ -272,3 +274,171 @@ def test_nlvr_init_from_a_pretrained_blip_copies_cross_attention_into_both(data,
     torch.save({"model": {**state, "itm_head.extra": torch.zeros(2)}}, tmp_path / "extra.pth")
     with pytest.raises(CheckpointKeysError, match=r"model\.blip_nlvr\.init .*unexpected 1 keys: itm_head\.extra"):
         build(data, bert_dir, "blip_nlvr", tmp_path, f"model.blip_nlvr.init={tmp_path}/extra.pth")
+
+
+# ---- 2-step runs through vlmcore-train from an init: the run trains from the loaded weights ----
+
+
+def at_first_loss(monkeypatch, task_name: str, check) -> list:
+    """``check(module)`` on the module the run's DeepSpeed engine trains, in eval mode, at the task's first
+    loss (before any update); returns the list its results go in (one per run)."""
+    task_cls, results = get_task(task_name), []
+    real = task_cls.loss
+
+    def loss(self, model, *args, **kwargs):
+        if not results:
+            module = model.module
+            module.eval()
+            results.append(check(module))
+            module.train()
+        return real(self, model, *args, **kwargs)
+
+    monkeypatch.setattr(task_cls, "loss", loss)
+    return results
+
+
+def assert_trained_only_trainable(initial, trained, run_dir):
+    """The run's ``trainable.safetensors`` holds exactly ``initial``'s trainable parameters, and only those
+    moved (all of them but parameters no loss reaches, e.g. an unused pooler)."""
+    saved = safetensors_torch.load_file(str(run_dir / "trainable.safetensors"))
+    trainable = {n for n, p in initial.named_parameters() if p.requires_grad}
+    assert set(saved) == trainable and len(trainable) < len(list(initial.parameters()))  # some are frozen
+    after = dict(trained.named_parameters())
+    moved = {n for n, p in initial.named_parameters() if not torch.equal(p, after[n])}
+    assert moved <= trainable and len(moved) > 0.9 * len(trainable), sorted(trainable - moved)
+
+
+@pytest.fixture(scope="module")
+def vqa_shards(tmp_path_factory):
+    from helpers.vqa_nlvr_files import write_vqav2
+    from vlmcore.train.tools.convert_vqa import convert_vqav2
+
+    files = write_vqav2(tmp_path_factory.mktemp("vqav2"))
+    out = tmp_path_factory.mktemp("vqa_shards")
+    convert_vqav2(str(files / "q.json"), str(files / "a.json"), str(files / "images"), str(out), split="train")
+    return out
+
+
+def test_vqa_run_from_hf_trains_from_the_loaded_weights_and_exports(data, bert_dir, vqa_shards, tmp_path,
+                                                                     monkeypatch):
+    """vlmcore-train: 2 steps of blip_vqa from a BlipForQuestionAnswering with its ViT frozen (the engine's
+    module answers as the source before the first update; only the rest moves), then vlmcore-export --to hf:
+    transformers loads it cleanly and answers as the trained run."""
+    source = hf_model("BlipForQuestionAnswering", seed=7)
+    source.save_pretrained(tmp_path / "hf")
+    expected = vqa_answer_logits(source, hf=True)[0]
+
+    def frozen_vit_answers_as_the_source(module):
+        assert not any(p.requires_grad for p in module.visual_encoder.parameters())
+        assert_close(vqa_answer_logits(module, hf=False)[0], expected, atol=1e-5, rtol=1e-5,
+                     name="the run's model at step 1")
+        return True
+
+    checked = at_first_loss(monkeypatch, "blip_vqa", frozen_vit_answers_as_the_source)
+    init = (f"model.blip_vqa.init={tmp_path}/hf", "model.vision.freeze=true")
+    train(train_argv("blip_vqa", data, tmp_path / "run", *init, 'model.blip_vqa.answer_list=""', "max_steps=2",
+                     "save_every=0", "optim.warmup_steps=1", f"data.train.0.shards={vqa_shards}/train-000000.tar",
+                     "data.train.0.batch_size=8", eval_batch_size=None, context_length=12, tokenizer=bert_dir,
+                     vision=None))
+    assert checked == [True]
+    steps, _ = read_metrics(tmp_path / "run")
+    assert [s["step"] for s in steps] == [1, 2] and all(torch.isfinite(torch.tensor(s["loss"])) for s in steps)
+    _, trained = build_run_model(str(tmp_path / "run"))
+    _, initial = build(data, bert_dir, "blip_vqa", tmp_path, *init)
+    assert_trained_only_trainable(initial, trained, tmp_path / "run")
+    export.main(["--run", str(tmp_path / "run"), "--to", "hf", "--out", str(tmp_path / "out_hf")])
+    peer = reload(tmp_path / "out_hf", "BlipForQuestionAnswering")
+    got = vqa_answer_logits(trained.eval(), hf=False)[0]
+    assert not torch.allclose(got, expected, atol=1e-3)  # it trained
+    assert_close(vqa_answer_logits(peer, hf=True)[0], got, atol=1e-5, rtol=1e-5, name="exported run")
+
+
+def test_caption_run_from_hf_trains_and_exports(data, bert_dir, tmp_path):
+    """vlmcore-train: 2 steps of blip_caption from a BlipForConditionalGeneration, then vlmcore-export --to hf."""
+    source = hf_model("BlipForConditionalGeneration", seed=8)
+    source.save_pretrained(tmp_path / "hf")
+    train(train_argv("blip_caption", data, tmp_path / "run", f"model.blip_caption.init={tmp_path}/hf",
+                     "model.vision.image_size=32", "max_steps=2", "save_every=0", "optim.warmup_steps=1",
+                     eval_batch_size=None, train_batch_size=4, context_length=12, tokenizer=bert_dir, vision=None))
+    assert [s["step"] for s in read_metrics(tmp_path / "run")[0]] == [1, 2]
+    export.main(["--run", str(tmp_path / "run"), "--to", "hf", "--out", str(tmp_path / "out_hf")])
+    _, trained = build_run_model(str(tmp_path / "run"))
+    got = caption_logits(trained.eval(), hf=False)[0]
+    assert not torch.allclose(got, caption_logits(source, hf=True)[0], atol=1e-3)  # it trained
+    peer = reload(tmp_path / "out_hf", "BlipForConditionalGeneration")
+    assert_close(caption_logits(peer, hf=True)[0], got, atol=1e-5, rtol=1e-5, name="exported run")
+
+
+@pytest.fixture(scope="module")
+def nlvr_shards(tmp_path_factory):
+    from helpers.vqa_nlvr_files import write_nlvr2
+    from vlmcore.train.tools.convert_vqa import convert_nlvr2
+
+    files = write_nlvr2(tmp_path_factory.mktemp("nlvr2"))
+    out = tmp_path_factory.mktemp("nlvr_shards")
+    convert_nlvr2(str(files / "dev.json"), str(files / "images"), str(out))
+    return out
+
+
+def test_nlvr_run_from_a_pretrained_blip_trains_and_evaluates(data, bert_dir, nlvr_shards, tmp_path, monkeypatch,
+                                                              pretrained_pth):
+    """vlmcore-train: 2 steps of blip_nlvr from a salesforce pre-trained BLIP; before the first update both
+    twins of every layer's cross-attention (attention and output projection) are the source's one."""
+    path, state = pretrained_pth
+
+    def twins_are_the_source(module):
+        params, compared = dict(module.named_parameters()), 0
+        for name, value in state.items():
+            if name.startswith("text_encoder.encoder.layer.") and ".crossattention." in name:
+                for a, b in ((".self.", ".self0."), (".self.", ".self1."), (".dense.", ".dense0."),
+                             (".dense.", ".dense1.")):
+                    if a in name:
+                        assert torch.equal(params[name.replace(a, b)], value), name.replace(a, b)
+                        compared += 1
+        return compared
+
+    checked = at_first_loss(monkeypatch, "blip_nlvr", twins_are_the_source)
+    result = train(train_argv("blip_nlvr", data, tmp_path / "run", f"model.blip_nlvr.init={path}", "max_steps=2",
+                              "save_every=0", "optim.warmup_steps=1", "eval_every=2", "data.eval.max_batches=1",
+                              f"data.train.0.shards={nlvr_shards}/dev-000000.tar", "data.train.0.batch_size=8",
+                              eval_shards=f"{nlvr_shards}/dev-000000.tar", eval_batch_size=12, context_length=12,
+                              tokenizer=bert_dir, vision=None))
+    assert checked == [2 * 2 * 4 * 2]  # 2 layers x 2 twins x (query, key, value, output dense) x (weight, bias)
+    steps, evals = read_metrics(tmp_path / "run")
+    assert [s["step"] for s in steps] == [1, 2] and all(0.0 <= s["accuracy"] <= 1.0 for s in steps)
+    assert all(torch.isfinite(torch.tensor(s["loss"])) for s in steps)
+    assert evals and result["eval_samples"] == 12 and 0.0 <= result["nlvr_acc"] <= 1.0
+
+
+@pytest.mark.parametrize("task_name,architecture", [("blip_vqa", "BlipForQuestionAnswering"),
+                                                    ("blip_caption", "BlipForConditionalGeneration"),
+                                                    ("blip_retrieval", "BlipForImageTextRetrieval")])
+def test_init_honours_vision_freeze(data, bert_dir, tmp_path, task_name, architecture):
+    """``model.vision.freeze`` freezes the ViT an init brings, as it does the one model.vision builds;
+    ``unlocked_layers`` (blocks of model.vision's tower) is refused by name."""
+    hf_model(architecture).save_pretrained(tmp_path / "hf")
+    init = f"model.{task_name}.init={tmp_path}/hf"
+    _, model = build(data, bert_dir, task_name, tmp_path, init, "model.vision.freeze=true")
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and not any(n.startswith("visual_encoder.") for n in trainable)
+    assert all(p.requires_grad for n, p in model.named_parameters() if n.startswith(("text_encoder.", "text_decoder.")))
+    with pytest.raises(ValueError, match=f"model.vision.unlocked_layers: .*model.{task_name}.init"):
+        build(data, bert_dir, task_name, tmp_path, init, "model.vision.freeze=true", "model.vision.unlocked_layers=1")
+
+
+def test_nlvr_init_honours_vision_freeze(data, bert_dir, tmp_path, pretrained_pth):
+    path, _ = pretrained_pth
+    _, model = build(data, bert_dir, "blip_nlvr", tmp_path, f"model.blip_nlvr.init={path}", "model.vision.freeze=true")
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and not any(n.startswith("visual_encoder.") for n in trainable)
+
+
+def test_built_vit_keeps_its_unlocked_layers(data, bert_dir, tmp_path):
+    """Without an init, BLIP's ViT is model.vision's tower: ``freeze`` with ``unlocked_layers: 1`` trains its
+    last block and final norm only."""
+    _, model = build(data, bert_dir, "blip_caption", tmp_path, "model.vision.depth=2", "model.vision.freeze=true",
+                     "model.vision.unlocked_layers=1")
+    names = [n for n, _ in model.visual_encoder.named_parameters()]
+    unlocked = {n for n in names if n.startswith(("blocks.1.", "ln_post."))}
+    assert unlocked and len(unlocked) < len(names)
+    assert {n for n, p in model.visual_encoder.named_parameters() if p.requires_grad} == unlocked

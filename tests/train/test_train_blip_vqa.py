@@ -3,13 +3,12 @@ files (tiny coloured squares) -> vlmcore-convert -> shards -> a few training ste
 
 from __future__ import annotations
 
-import io
 import json
 import tarfile
 
 import pytest
 from helpers.training import read_metrics, train_argv
-from PIL import Image
+from helpers.vqa_nlvr_files import square, write_nlvr2, write_vqav2
 from vlmcore.train import main
 from vlmcore.train.config import ConfigError
 from vlmcore.train.data.pipeline import BadSample
@@ -18,53 +17,21 @@ from vlmcore.train.tools.convert_vqa import console_main, convert_nlvr2, convert
 
 from vlmcore.eval.inputs import EvalInputError
 
-COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}
 TINY_TEXT = "{hidden_size: 32, num_hidden_layers: 2, num_attention_heads: 2, intermediate_size: 64}"
 SETTINGS = ("save_every=0", "optim.lr=2e-3", "optim.warmup_steps=2", "max_steps=4", "eval_every=4",
             "data.train.0.batch_size=8", "data.eval.max_batches=1", "tokenizer.context_length=12")
 
 
-def square(colour: str, fmt: str) -> bytes:
-    out = io.BytesIO()
-    image = Image.new("RGB", (32, 32))
-    image.paste(COLOURS[colour], (8, 8, 24, 24))
-    image.save(out, format=fmt)
-    return out.getvalue()
-
-
 @pytest.fixture(scope="module")
 def vqa_files(tmp_path_factory):
     """VQAv2's layout: questions + annotations JSON, COCO_train2014_<id>.jpg images."""
-    root = tmp_path_factory.mktemp("vqav2")
-    (root / "images").mkdir()
-    names = list(COLOURS)
-    questions, annotations = [], []
-    for i in range(24):
-        colour = names[i % 3]
-        (root / "images" / f"COCO_train2014_{i:012d}.jpg").write_bytes(square(colour, "JPEG"))
-        questions.append({"question_id": 100 + i, "image_id": i, "question": "what colour is the square"})
-        human = [colour] * 8 + [names[(i + 1) % 3]] * 2
-        annotations.append({"question_id": 100 + i, "answers": [{"answer": a} for a in human],
-                            "question_type": "what color", "answer_type": "other"})
-    (root / "q.json").write_text(json.dumps({"data_subtype": "train2014", "questions": questions}))
-    (root / "a.json").write_text(json.dumps({"annotations": annotations}))
-    return root
+    return write_vqav2(tmp_path_factory.mktemp("vqav2"))
 
 
 @pytest.fixture(scope="module")
 def nlvr_files(tmp_path_factory):
     """NLVR2's layout: a jsonl of identifiers / sentences / labels, <id>-img0.png / -img1.png images."""
-    root = tmp_path_factory.mktemp("nlvr2")
-    (root / "images").mkdir()
-    names, rows = list(COLOURS), []
-    for i in range(24):
-        left, right = names[i % 3], names[(i // 3) % 3]
-        (root / "images" / f"dev-{i}-0-img0.png").write_bytes(square(left, "PNG"))
-        (root / "images" / f"dev-{i}-0-img1.png").write_bytes(square(right, "PNG"))
-        rows.append({"identifier": f"dev-{i}-0-1", "sentence": f"the left square is {left}",
-                     "label": "True" if i % 2 else "False"})
-    (root / "dev.json").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    return root
+    return write_nlvr2(tmp_path_factory.mktemp("nlvr2"))
 
 
 def test_vqav2_converter_writes_vqa_samples(vqa_files, tmp_path):

@@ -7,15 +7,19 @@ import json
 import math
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
 from helpers.numerics import assert_close
 from helpers.training import read_metrics, train_argv
 from vlmcore.train import main
+from vlmcore.train.data.tokenizer import Tokenizer
 from vlmcore.train.runtime.mixture import MixturePolicy
-from vlmcore.train.runtime.trainer import NonFiniteLossError, Trainer
+from vlmcore.train.runtime.trainer import NonFiniteLossError, Trainer, seed_everything
 from vlmcore.train.tasks import get_task
+from vlmcore.train.tasks.run_loader import read_run_config
 
 TINY_LM = ("model.lm={config: {model_type: llama, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, "
            "num_attention_heads: 2, num_key_value_heads: 2, max_position_embeddings: 64}}")
@@ -284,3 +288,99 @@ def test_a_nonfinite_loss_skips_a_one_backward_step_and_stops_a_per_dataset_one(
     with pytest.raises(NonFiniteLossError, match="optim.mixture_backward: per_dataset or optim.accum_freq > 1 a "):
         main(_clip_mixture(data, tmp_path / "per", "max_steps=3", "save_every=0",
                            "optim.mixture_backward=per_dataset"))
+
+
+
+DRIVER = """
+import json, os, sys
+import torch
+from deepspeed.utils import safe_get_full_grad
+from vlmcore.train import main
+from vlmcore.train.runtime.trainer import Trainer
+
+captured, real = [], Trainer.apply_or_skip
+
+def apply_or_skip(self, step, stats):  # the step's full reduced gradients: after its last backward, before its update
+    captured.append({n: safe_get_full_grad(p).clone() for n, p in self.module.named_parameters() if p.requires_grad})
+    return real(self, step, stats)
+
+Trainer.apply_or_skip = apply_or_skip
+for argv in json.load(open(sys.argv[-1])):  # the launcher puts --local_rank=N first
+    main(argv)
+    out_dir = next(a.removeprefix("out_dir=") for a in argv if a.startswith("out_dir="))
+    torch.save(captured, os.path.join(out_dir, f"gradients{os.environ['RANK']}.pt"))
+    captured.clear()
+"""
+
+
+def _launch_two_ranks(tmp_path, runs: list[list[str]]) -> None:
+    """The trainings ``runs`` (argv lists) in turn, on 2 gloo ranks under the deepspeed launcher; each rank
+    saves every step's full gradients in ``<out_dir>/gradients<rank>.pt`` (a list, one dict per step)."""
+    from vlmcore.train.runtime.distributed import _free_port
+
+    (tmp_path / "driver.py").write_text(DRIVER)
+    (tmp_path / "runs.json").write_text(json.dumps(runs))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        env.pop(key, None)
+    launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+    proc = subprocess.run([launcher, "--num_gpus", "2", "--master_port", str(_free_port()), "driver.py", "runs.json"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def _initial_parameters(run_dir) -> dict[str, torch.Tensor]:
+    """Rank 0's parameters before the run's first step: its task's model, built after the trainer's seeding."""
+    cfg = read_run_config(str(run_dir))
+    seed_everything(cfg.seed)
+    task_cls = get_task(cfg.task)
+    tok = Tokenizer(cfg.tokenizer.path, cfg.tokenizer.context_length, kind=cfg.tokenizer.type,
+                    media_tokens=task_cls.media_tokens)
+    return {name: p.detach() for name, p in task_cls(cfg, tok).build_model(torch.float32).named_parameters()}
+
+
+def _assert_same_gradients(joint, per_dataset, task: str) -> None:
+    """Every rank's and step's saved gradients of the ``per_dataset`` run equal the ``joint`` run's (not all 0)."""
+    for rank in (0, 1):
+        grads = [torch.load(run / f"gradients{rank}.pt", weights_only=True) for run in (joint, per_dataset)]
+        assert len(grads[0]) == len(grads[1]) == 2
+        for step, (a, b) in enumerate(zip(*grads), start=1):
+            assert a.keys() == b.keys() and any(g.abs().max() > 0 for g in a.values())
+            for name in a:
+                assert_close(b[name], a[name], atol=1e-5, rtol=1e-5, name=f"{task} rank {rank} step {step} {name}")
+
+
+@pytest.mark.distributed
+@pytest.mark.slow  # one launch of 2 ranks, four 2-step trainings: 40 s here when idle, ~5 min when busy
+def test_per_dataset_equals_joint_on_two_ranks_zero2(data, tmp_path):
+    """vlmcore-train on 2 gloo ranks (deepspeed launcher, ZeRO-2, which reduce-scatters after every
+    backward): per_dataset has joint's reduced gradients on every rank and step, and ends 2 steps with joint's
+    parameters and losses, for Flamingo on three datasets and for CLIP on three (its loss gathers features
+    over the ranks inside each backward)."""
+    from safetensors.torch import load_file
+
+    builders = {"flamingo": lambda out, *extra: _flamingo_mixture(data, out, (2, 3, 4), *extra),
+                "clip": lambda out, *extra: _clip_mixture(data, out, *extra)}
+    _launch_two_ranks(tmp_path, [build(tmp_path / f"{task}_{backward}", "max_steps=2", "save_every=0",
+                                       "optim.warmup_steps=1", "deepspeed.zero_optimization.stage=2",
+                                       f"optim.mixture_backward={backward}")
+                                 for task, build in builders.items() for backward in ("joint", "per_dataset")])
+    for task in builders:
+        joint, per_dataset = (tmp_path / f"{task}_{backward}" for backward in ("joint", "per_dataset"))
+        steps = {run: read_metrics(run)[0] for run in (joint, per_dataset)}
+        assert [s["step"] for s in steps[joint]] == [s["step"] for s in steps[per_dataset]] == [1, 2]
+        names = [k for k in steps[joint][0] if k == "loss" or k.startswith("loss/")]
+        assert len(names) == 4  # the total and one per dataset
+        for a, b in zip(steps[joint], steps[per_dataset]):
+            for key in names:
+                assert b[key] == pytest.approx(a[key], rel=1e-5), f"{task} step {a['step']} {key}"
+        _assert_same_gradients(joint, per_dataset, task)
+        expected, got = load_file(joint / "trainable.safetensors"), load_file(per_dataset / "trainable.safetensors")
+        assert expected.keys() == got.keys() and len(expected) > 10
+        for name, value in expected.items():
+            assert_close(got[name], value, atol=1e-5, rtol=1e-5, name=f"{task} {name}")
+        # The run trained from rank 0's initial parameters: they moved, by Adam's steps of about lr (not by
+        # the distance between two random initializations).
+        initial = _initial_parameters(joint)
+        moved = max(float((value - initial[name]).abs().max()) for name, value in expected.items())
+        assert 0 < moved < 0.05, moved

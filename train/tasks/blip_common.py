@@ -116,6 +116,18 @@ def check_init(model: nn.Module, vocab_size: int, image_size: int, where: str) -
                          f"{size}")
 
 
+def freeze_init_vision(model: nn.Module, vision, where: str) -> None:
+    """``model.vision.freeze`` (``vision``) on the ViT that ``where`` (an init checkpoint) brought, as on a tower
+    model.vision builds: no ``visual_encoder`` parameter trains. ``unlocked_layers`` counts the blocks of
+    model.vision's tower types, not of the checkpoint's ViT: refused naming both keys."""
+    if not vision.freeze:
+        return
+    if vision.unlocked_layers:
+        raise ValueError(f"model.vision.unlocked_layers: {vision.unlocked_layers}, but the ViT comes from {where}, "
+                         "not from model.vision: only a whole-tower freeze applies to it (unlocked_layers: 0)")
+    model.visual_encoder.requires_grad_(False)
+
+
 def _image_id(sample: dict, image: bytes) -> int:
     """The sample's ``image_id`` from its JSON, else a hash of the image bytes (same image, same id;
     56 bits, so never negative). A negative JSON id is a :class:`BadSample`: the model's
@@ -226,11 +238,14 @@ class BlipTaskBase(Task):
                 raise ValueError(f"{where}: checkpoint vocab_size {model.config.vocab_size} != "
                                  f"{self.text.vocab_size} of tokenizer {self.cfg.tokenizer.path!r} (BLIP's layout: "
                                  "train/blip_text.py)")
+            freeze_init_vision(model, self.cfg.model.vision, where)
         else:
             model = build_blip(spec)
-            vision = build_vision(self.cfg)  # honours model.vision.init / freeze
+            vision = build_vision(self.cfg)  # honours model.vision.init / freeze / unlocked_layers
             model.visual_encoder.load_state_dict(vision.state_dict())
-            model.visual_encoder.requires_grad_(not self.cfg.model.vision.freeze)
+            frozen = {name for name, p in vision.named_parameters() if not p.requires_grad}
+            for name, p in model.visual_encoder.named_parameters():
+                p.requires_grad_(name not in frozen)
             if model.momentum is not None:
                 model.copy_params_to_momentum()
         model.register_buffer("train_step", torch.zeros(1, dtype=torch.long))

@@ -18,7 +18,7 @@ from vlmcore.train.data.blip_text import BlipText
 from vlmcore.train.data.pipeline import DEFAULT_MAX_IMAGE_PIXELS, decode_image, eval_batches
 from vlmcore.train.data.vqa_nlvr import NLVR_KIND, nlvr_fields
 from vlmcore.train.tasks.base import EvalContext, Task
-from vlmcore.train.tasks.blip_common import BlipTextSection, check_init
+from vlmcore.train.tasks.blip_common import BlipTextSection, check_init, freeze_init_vision
 from vlmcore.train.tasks.common import build_vision, move
 
 from vlmcore.blip import BlipNLVR
@@ -93,6 +93,7 @@ class BlipNlvrTask(Task):
                                          text_overrides=self.text.special_ids(),
                                          source=f"model.blip_nlvr.init {self.config.init}")
             check_init(model, self.text.vocab_size, self.cfg.model.vision.image_size, "model.blip_nlvr.init")
+            freeze_init_vision(model, self.cfg.model.vision, "model.blip_nlvr.init")
             return model
         config = self.text.med_config(max_position_embeddings=max(64, self.text.context_length),
                                       encoder_width=self.cfg.model.vision.width, **asdict(self.config.text))

@@ -28,7 +28,7 @@ from vlmcore.train.data.blip_text import BlipText
 from vlmcore.train.data.pipeline import DEFAULT_MAX_IMAGE_PIXELS, decode_image, eval_batches
 from vlmcore.train.data.vqa_nlvr import VQA_KIND, answer_weights, vqa_fields
 from vlmcore.train.tasks.base import EvalContext, Task
-from vlmcore.train.tasks.blip_common import BlipTextSection, check_init
+from vlmcore.train.tasks.blip_common import BlipTextSection, check_init, freeze_init_vision
 from vlmcore.train.tasks.common import build_vision, move
 
 from vlmcore.blip import BlipVQA
@@ -129,6 +129,7 @@ class BlipVqaTask(Task):
         model = vqa_from_checkpoint(init, image_size=v.image_size, text_overrides=self.text.special_ids(),
                                     source=f"model.blip_vqa.init {init}")
         check_init(model, self.text.vocab_size, v.image_size, "model.blip_vqa.init")
+        freeze_init_vision(model, self.cfg.model.vision, "model.blip_vqa.init")
         return model
 
     def peer_exporters(self) -> dict:

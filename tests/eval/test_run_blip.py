@@ -1,6 +1,7 @@
 """BLIP captioning and BLIP-2 stage 2 end to end: a tiny run with ``data.eval.eval: generate`` logs
 caption metrics to metrics.jsonl, then ``vlmcore-eval run`` (in-process) rebuilds the exported model
-from the run directory and prints its CIDEr, scored by COCOEvalCap's own scorers (pycocoevalcap + Java)."""
+from the run directory and prints its CIDEr, scored by COCOEvalCap's own scorers (pycocoevalcap + Java);
+and BLIP-2's prompted zero-shot VQA on a rebuilt run (the last test)."""
 
 import json
 import shutil
@@ -8,8 +9,10 @@ import shutil
 import pytest
 from helpers.training import read_metrics, train_argv
 from vlmcore.train import main
+from vlmcore.train.tools import demo_eval
 
-from vlmcore.eval import cli
+from vlmcore.eval import cli, fewshot, run
+from vlmcore.eval.prompts import TRAINER
 
 TINY_BLIP_TEXT = "{hidden_size: 32, num_hidden_layers: 1, num_attention_heads: 2, intermediate_size: 64}"
 TINY_LM = ("model.lm={config: {model_type: llama, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1, "
@@ -75,3 +78,32 @@ def test_generate_during_training_then_evaluate_the_exported_run(family, data, t
     for metric in ("CIDEr", "Bleu_4", "METEOR", "ROUGE_L"):
         assert printed["0"][metric] == pytest.approx(logged[metric]), metric
     assert (moved / "eval" / "eval_cider.json").is_file()
+
+
+@pytest.mark.slow  # a 2-step vlmcore-train run (DeepSpeed's CPU op build on a fresh machine)
+def test_blip2_answers_questions_with_the_blip2_prompt(data, tmp_path):
+    """BLIP-2's zero-shot VQA protocol on a rebuilt blip2_stage2 run: the frozen LM receives the query embeddings,
+    then ``Question: {q} Short answer:`` (no ``<image>`` tag: the soft prompt replaces it); the answers are
+    scored with the official VQA accuracy."""
+    out = tmp_path / "blip2"
+    main(train_argv("blip2_stage2", data, out, "max_steps=2", "save_every=2", TINY_LM, TINY_QFORMER,
+                    "model.vision.freeze=true", eval_batch_size=None, train_batch_size=8, context_length=24))
+    loaded = run.load_run(str(out), "cpu")
+    blip2, tok = loaded.model.model, loaded.model.tok
+    seen, generate = [], blip2.generate
+
+    def recording(pixels, ids, **kwargs):
+        seen.append(ids)
+        return generate(pixels, ids, **kwargs)
+
+    blip2.generate = recording
+    questions = demo_eval.colour_questions(loaded.read(f"{data}/eval-000000.tar", "caption"))[:8]
+    settings = fewshot.FewShotSettings(shots=(0,), num_samples=8, batch_size=8, max_new_tokens=3, num_beams=2,
+                                       progress=False, style=TRAINER)
+    results = fewshot.evaluate(loaded.model, "vqa", [], questions, settings)
+
+    queries = [blip2.image_token_id] * blip2.qformer.num_query_tokens
+    expected = queries + tok.encode(f" Question: {demo_eval.QUESTION} Short answer:")
+    for row in seen[0].tolist():  # left-padded rows
+        assert [t for t in row if t != tok.pad_token_id] == expected
+    assert 0.0 <= results["0"]["accuracy"] <= 100.0

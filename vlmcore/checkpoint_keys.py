@@ -10,7 +10,11 @@ them in its own documented allow-list.
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Iterable
+
+import torch
 
 
 class CheckpointKeysError(ValueError):
@@ -42,3 +46,29 @@ def check_keys(source: str, missing: Iterable[str], unexpected: Iterable[str], m
              if keys]
     message = f"{source} does not fit the model: " + "; ".join(parts) + (f" ({hint})" if hint else "")
     raise CheckpointKeysError(message, missing, unexpected, mismatched)
+
+
+
+def read_hf_weights(path: str, skip: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """The tensors of a transformers ``save_pretrained`` directory: ``model.safetensors``, the shards its
+    ``model.safetensors.index.json`` lists, or else ``pytorch_model.bin`` (read with ``weights_only``);
+    keys starting with one of ``skip`` are never read (e.g. an LM the caller does not use)."""
+    from safetensors import safe_open
+
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index, encoding="utf-8") as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    elif os.path.isfile(os.path.join(path, "model.safetensors")):
+        files = ["model.safetensors"]
+    elif os.path.isfile(os.path.join(path, "pytorch_model.bin")):
+        state = torch.load(os.path.join(path, "pytorch_model.bin"), map_location="cpu", weights_only=True)
+        return {key: value for key, value in state.items() if not key.startswith(skip)}
+    else:
+        raise ValueError(f"{path!r} holds no model.safetensors(.index.json) or pytorch_model.bin "
+                         "(write it with save_pretrained)")
+    state = {}
+    for file in files:
+        with safe_open(os.path.join(path, file), framework="pt") as f:
+            state.update({key: f.get_tensor(key) for key in f.keys() if not key.startswith(skip)})
+    return state

@@ -24,8 +24,8 @@ from collections import Counter
 
 from vlmcore.train.data.tar_writer import ShardWriter
 
-from vlmcore.eval.inputs import EvalInputError, read_json, require_keys, require_list
-from vlmcore.eval.prepare import read_image_file
+from vlmcore.eval.inputs import EvalInputError, require_keys
+from vlmcore.eval.prepare import read_image_file, vqa_records
 
 
 def _key(value) -> str:
@@ -36,32 +36,14 @@ def convert_vqav2(questions_json: str, annotations_json: str, image_root: str, o
                   image_name: str = "COCO_{data_subtype}_{image_id:012d}.jpg", answer_list_size: int = 3128,
                   shard_size: int = 1000) -> dict:
     """VQAv2 files -> ``vqa`` shards + ``answer_list.json`` (module docstring); returns a summary."""
-    questions, annotations = read_json(questions_json, "questions"), read_json(annotations_json, "annotations")
-    asked = require_list(require_keys(questions, ("questions",), "questions", "the top-level object")["questions"],
-                         "questions", "questions")
-    answered = {}
-    for i, ann in enumerate(require_list(require_keys(annotations, ("annotations",), "annotations",
-                                                      "the top-level object")["annotations"],
-                                         "annotations", "annotations")):
-        require_keys(ann, ("question_id", "answers"), "annotations", f"annotations[{i}]")
-        answers = require_list(ann["answers"], "annotations", f"answers of annotations[{i}]")
-        answered[ann["question_id"]] = [require_keys(a, ("answer",), "annotations", f"annotations[{i}]")["answer"]
-                                        for a in answers], ann
-    subtype = questions.get("data_subtype", "")
+    _, _, records = vqa_records(questions_json, annotations_json, image_name)
     os.makedirs(out_dir, exist_ok=True)
     writer, frequency = ShardWriter(out_dir, split, shard_size), Counter()
-    for i, q in enumerate(asked):
-        require_keys(q, ("question_id", "image_id", "question"), "questions", f"questions[{i}]")
-        if q["question_id"] not in answered:
-            raise EvalInputError("annotations", f"question_id {q['question_id']!r} (questions[{i}]) has no annotation")
-        answers, ann = answered[q["question_id"]]
-        frequency.update(answers)
-        ext, image = read_image_file(image_root, image_name.format(data_subtype=subtype, image_id=q["image_id"]),
-                                 f"question_id {q['question_id']}")
-        meta = {"question_id": q["question_id"], "image_id": q["image_id"], "question": q["question"],
-                "answers": answers, "question_type": ann.get("question_type"), "answer_type": ann.get("answer_type")}
-        writer.write(_key(q["question_id"]), {ext: image, "txt": q["question"].encode(),
-                                              "json": json.dumps(meta).encode()})
+    for meta, name in records:
+        qid = meta["question_id"]
+        frequency.update(meta["answers"])
+        ext, image = read_image_file(image_root, name, f"question_id {qid}")
+        writer.write(_key(qid), {ext: image, "txt": meta["question"].encode(), "json": json.dumps(meta).encode()})
     writer.close()
     answer_list = [a for a, _ in frequency.most_common(answer_list_size)]
     path = os.path.join(out_dir, "answer_list.json")

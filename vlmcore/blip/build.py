@@ -37,7 +37,7 @@ from vlmcore.blip.model import BLIP, blip_vision_encoder
 from vlmcore.blip.nlvr import BlipNLVR
 from vlmcore.blip.text import MEDConfig
 from vlmcore.blip.vqa import BlipVQA
-from vlmcore.checkpoint_keys import check_keys
+from vlmcore.checkpoint_keys import check_keys, read_hf_weights
 from vlmcore.vision import VisionTransformer
 
 
@@ -218,7 +218,6 @@ def read_hf_blip(directory: str) -> tuple[object, str, dict[str, torch.Tensor]]:
     """``(BlipConfig, architecture, state dict)`` of a transformers ``save_pretrained`` BLIP directory:
     the architecture is ``config.json``'s first ``architectures`` entry (its ``model_type`` must be
     ``blip``), the weights ``model.safetensors`` or the shards its ``model.safetensors.index.json`` lists."""
-    from safetensors.torch import load_file
     from transformers import BlipConfig
 
     with open(os.path.join(directory, "config.json"), encoding="utf-8") as handle:
@@ -227,18 +226,7 @@ def read_hf_blip(directory: str) -> tuple[object, str, dict[str, torch.Tensor]]:
     if raw.get("model_type") != "blip" or not architectures:
         raise ValueError(f"{directory!r} is not a Hugging Face BLIP directory: config.json has model_type "
                          f"{raw.get('model_type')!r}, architectures {architectures!r}")
-    index = os.path.join(directory, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        with open(index, encoding="utf-8") as handle:
-            files = sorted(set(json.load(handle)["weight_map"].values()))
-    elif os.path.isfile(os.path.join(directory, "model.safetensors")):
-        files = ["model.safetensors"]
-    else:
-        raise ValueError(f"{directory!r} has no model.safetensors (save it with save_pretrained)")
-    state: dict[str, torch.Tensor] = {}
-    for name in files:
-        state.update(load_file(os.path.join(directory, name)))
-    return BlipConfig.from_pretrained(directory), architectures[0], state
+    return BlipConfig.from_pretrained(directory), architectures[0], read_hf_weights(directory)
 
 
 def hf_blip_spec(config, *, text_overrides: dict | None = None) -> dict:

@@ -18,8 +18,6 @@
 
 from __future__ import annotations
 
-import json
-import os
 import re
 
 import torch
@@ -29,7 +27,7 @@ from vlmcore.blip2.convert import hf_head_key, hf_qformer_key, load_hf_stage2_st
 from vlmcore.blip2.qformer import QFormer
 from vlmcore.blip2.stage1 import Blip2Stage1
 from vlmcore.blip2.stage2 import Blip2LM
-from vlmcore.checkpoint_keys import check_keys
+from vlmcore.checkpoint_keys import check_keys, read_hf_weights
 from vlmcore.vision import HFVisionAdapter
 
 #: The Q-Former's feed-forward activation (``F.gelu``, the exact erf form): HF ``hidden_act`` ``gelu``.
@@ -82,26 +80,6 @@ def blip2_vision_from_hf(path: str, dtype: torch.dtype = torch.float32) -> nn.Mo
     result = vision.load_state_dict(state, strict=False)
     check_keys(f"{path} vision_model", result.missing_keys, result.unexpected_keys)
     return vision
-
-
-def read_hf_weights(path: str, skip: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
-    """The tensors of a ``save_pretrained`` directory (``model.safetensors``, sharded or not), except
-    those whose key starts with one of ``skip`` (never read: e.g. an LM the caller does not use)."""
-    from safetensors import safe_open
-
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        with open(index, encoding="utf-8") as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
-    elif os.path.isfile(os.path.join(path, "model.safetensors")):
-        files = ["model.safetensors"]
-    else:
-        raise ValueError(f"{path!r} holds no model.safetensors(.index.json)")
-    state = {}
-    for file in files:
-        with safe_open(os.path.join(path, file), framework="pt") as f:
-            state.update({key: f.get_tensor(key) for key in f.keys() if not key.startswith(skip)})
-    return state
 
 
 def blip2_lm_from_hf(hf: nn.Module, *, lang_model: nn.Module | None = None, image_token_id: int | None = None,

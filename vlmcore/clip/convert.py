@@ -24,7 +24,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from vlmcore.checkpoint_keys import check_keys
+from vlmcore.checkpoint_keys import check_keys, read_hf_weights
 from vlmcore.clip.model import CLIP, TextTransformer
 from vlmcore.vision import VisionTransformer
 
@@ -387,21 +387,6 @@ def _hf_text(tc) -> TextTransformer:
         pool="last" if siglip else "eot", act=_hf_activation(tc), norm_eps=tc.layer_norm_eps)
 
 
-def _hf_weights(path: str) -> dict[str, torch.Tensor]:
-    """The state dict of a local transformers model directory (single or sharded safetensors, or a .bin)."""
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        from safetensors.torch import load_file
-
-        with open(index, encoding="utf-8") as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
-        return {k: v for shard in shards for k, v in load_file(os.path.join(path, shard)).items()}
-    for name in ("model.safetensors", "pytorch_model.bin"):
-        if os.path.isfile(os.path.join(path, name)):
-            return read_state_dict(os.path.join(path, name))
-    raise ValueError(f"{path!r} holds no model.safetensors(.index.json) or pytorch_model.bin")
-
-
 def clip_from_hf(model_or_dir, *, allow_missing: Sequence[str] = (), allow_unexpected: Sequence[str] = ()) -> CLIP:
     """A :class:`vlmcore.CLIP` with the architecture and weights of a transformers ``CLIPModel`` or
     ``SiglipModel`` (``loss="siglip"``, its MAP head and text head converted too).
@@ -418,7 +403,7 @@ def clip_from_hf(model_or_dir, *, allow_missing: Sequence[str] = (), allow_unexp
         from transformers import AutoConfig
 
         config = AutoConfig.from_pretrained(model_or_dir, local_files_only=True)
-        state, source = _hf_weights(model_or_dir), model_or_dir
+        state, source = read_hf_weights(model_or_dir), model_or_dir
     else:
         raise ValueError(f"model_or_dir must be a transformers CLIPModel / SiglipModel or a local directory with "
                          f"config.json, got {model_or_dir!r}")

@@ -156,13 +156,14 @@ def prepare_coco_format(annotations_json: str, image_root: str, out_dir: str, sp
             "references": _write_json(os.path.join(out_dir, "references.json"), references)}
 
 
-def prepare_vqa(questions_json: str, annotations_json: str, image_root: str, out_dir: str, split: str = "val",
-                image_name: str = "COCO_{data_subtype}_{image_id:012d}.jpg", shard_size: int = 1000) -> dict:
-    """VQAv2 / OK-VQA question + annotation files -> one sample per question + copies of both files.
-
-    ``image_name`` formats the image path under ``image_root`` from ``image_id`` and the questions
-    file's ``data_subtype`` (``val2014`` for VQAv2 val and OK-VQA val: ``COCO_val2014_000000000042.jpg``).
-    """
+def vqa_records(questions_json: str, annotations_json: str, image_name: str = "COCO_{data_subtype}_{image_id:012d}.jpg"
+                ) -> tuple[dict, dict, list[tuple[dict, str]]]:
+    """VQAv2 / OK-VQA question + annotation files, checked and paired: ``(questions, annotations, records)``,
+    one ``(meta, image file name)`` per question in the questions file's order. ``meta`` holds ``question_id``,
+    ``image_id``, ``question``, ``answers`` (the annotators' raw list), ``question_type``, ``answer_type``;
+    ``image_name`` formats the file name from ``image_id`` and the questions file's ``data_subtype``
+    (``val2014`` for VQAv2 val and OK-VQA val: ``COCO_val2014_000000000042.jpg``). A question without an
+    annotation, or an entry without its keys, is an :class:`EvalInputError` naming it."""
     questions, annotations = read_json(questions_json, "questions"), read_json(annotations_json, "annotations")
     asked = require_list(require_keys(questions, ("questions",), "questions", "the top-level object")["questions"],
                          "questions", "questions")
@@ -170,21 +171,34 @@ def prepare_vqa(questions_json: str, annotations_json: str, image_root: str, out
     for i, ann in enumerate(require_list(require_keys(annotations, ("annotations",), "annotations",
                                                       "the top-level object")["annotations"],
                                          "annotations", "annotations")):
-        answered[require_keys(ann, ("question_id", "answers"), "annotations", f"annotations[{i}]")["question_id"]] = ann
+        require_keys(ann, ("question_id", "answers"), "annotations", f"annotations[{i}]")
+        answers = require_list(ann["answers"], "annotations", f"answers of annotations[{i}]")
+        answered[ann["question_id"]] = [require_keys(a, ("answer",), "annotations", f"annotations[{i}]")["answer"]
+                                        for a in answers], ann
     subtype = questions.get("data_subtype", "")
+    records = []
+    for i, q in enumerate(asked):
+        require_keys(q, ("question_id", "image_id", "question"), "questions", f"questions[{i}]")
+        qid = q["question_id"]
+        if qid not in answered:
+            raise EvalInputError("annotations", f"question_id {qid!r} (questions[{i}]) has no annotation")
+        answers, ann = answered[qid]
+        meta = {"question_id": qid, "image_id": q["image_id"], "question": q["question"], "answers": answers,
+                "question_type": ann.get("question_type"), "answer_type": ann.get("answer_type")}
+        records.append((meta, image_name.format(data_subtype=subtype, image_id=q["image_id"])))
+    return questions, annotations, records
+
+
+def prepare_vqa(questions_json: str, annotations_json: str, image_root: str, out_dir: str, split: str = "val",
+                image_name: str = "COCO_{data_subtype}_{image_id:012d}.jpg", shard_size: int = 1000) -> dict:
+    """VQAv2 / OK-VQA question + annotation files -> one sample per question + copies of both files
+    (``image_name``: see :func:`vqa_records`)."""
+    questions, annotations, records = vqa_records(questions_json, annotations_json, image_name)
 
     def samples() -> Iterator[Sample]:
-        for i, q in enumerate(asked):
-            require_keys(q, ("question_id", "image_id", "question"), "questions", f"questions[{i}]")
-            qid = q["question_id"]
-            if qid not in answered:
-                raise EvalInputError("annotations", f"question_id {qid!r} (questions[{i}]) has no annotation")
-            ann = answered[qid]
-            name = image_name.format(data_subtype=subtype, image_id=q["image_id"])
-            meta = {"question_id": qid, "image_id": q["image_id"], "question": q["question"],
-                    "answers": [a["answer"] for a in ann["answers"]],
-                    "question_type": ann.get("question_type"), "answer_type": ann.get("answer_type")}
-            yield _sample(qid, read_image_file(image_root, name, f"question_id {qid}"), q["question"], meta)
+        for meta, name in records:
+            qid = meta["question_id"]
+            yield _sample(qid, read_image_file(image_root, name, f"question_id {qid}"), meta["question"], meta)
 
     paths, count = write_shards(samples(), out_dir, split, shard_size)
     return {"shards": paths, "samples": count,

@@ -97,3 +97,22 @@ def read_metrics(out_dir):
 def loss_falls(steps, k=4):
     losses = [s["loss"] for s in steps]
     return sum(losses[-k:]) / k < sum(losses[:k]) / k - 0.05
+
+
+def launch_two_ranks(tmp_path, driver: str, runs: list[list[str]]) -> None:
+    """Run the Python script ``driver`` on 2 gloo ranks under the deepspeed launcher, in ``tmp_path``, with the
+    argv lists ``runs`` in ``runs.json`` (its last argument); fails with the ranks' output if it fails."""
+    import subprocess
+    import sys
+
+    from vlmcore.train.runtime.distributed import _free_port
+
+    (pathlib.Path(tmp_path) / "driver.py").write_text(driver)
+    (pathlib.Path(tmp_path) / "runs.json").write_text(json.dumps(runs))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        env.pop(key, None)
+    launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+    proc = subprocess.run([launcher, "--num_gpus", "2", "--master_port", str(_free_port()), "driver.py", "runs.json"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -4,7 +4,6 @@ rank (with dropout replayed from the saved RNG states) and on two gloo ranks; th
 get their gradient once, not k times; a vlmcore-train run with accum_freq 2 ends with the parameters of
 the run with the batch twice as large; the config rules."""
 
-import json
 import os
 import subprocess
 import sys
@@ -15,7 +14,7 @@ import pytest
 import torch
 from helpers.accum_freq import CPU, big_batch, micro_batches, micro_forwards, model_and_task, scheme
 from helpers.numerics import assert_close
-from helpers.training import read_metrics, train_argv
+from helpers.training import launch_two_ranks, read_metrics, train_argv
 from vlmcore.train import ConfigError, main, tasks
 from vlmcore.train.config import load_config
 from vlmcore.train.runtime import trainer as trainer_module
@@ -217,22 +216,13 @@ def test_two_ranks_zero2_through_deepspeed(data, tmp_path):
     """vlmcore-train on 2 ranks (deepspeed launcher, ZeRO-2): accum_freq 2 x 4 a rank ends with the
     parameters of batches of 8 a rank."""
     from safetensors.torch import load_file
-    from vlmcore.train.runtime.distributed import _free_port
 
     common = [f"data.train.0.shards={data}/train-*.tar", "data.train.0.resampled=false",
               "data.train.0.shuffle_buffer=0", *SMALL, "max_steps=3", "seed=3", "deepspeed.zero_optimization.stage=2"]
     runs = [train_argv("clip", data, tmp_path / "big", *common, "data.train.0.batch_size=8", eval_batch_size=None),
             train_argv("clip", data, tmp_path / "freq", *common, "data.train.0.batch_size=4", "optim.accum_freq=2",
                        eval_batch_size=None)]
-    (tmp_path / "driver.py").write_text(DRIVER)
-    (tmp_path / "runs.json").write_text(json.dumps(runs))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        env.pop(key, None)
-    launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
-    proc = subprocess.run([launcher, "--num_gpus", "2", "--master_port", str(_free_port()), "driver.py", "runs.json"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    launch_two_ranks(tmp_path, DRIVER, runs)
     big, freq = (read_metrics(tmp_path / name)[0] for name in ("big", "freq"))
     assert len(big) == len(freq) == 3
     for b, f in zip(big, freq):

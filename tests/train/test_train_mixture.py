@@ -7,13 +7,11 @@ import json
 import math
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 from helpers.numerics import assert_close
-from helpers.training import read_metrics, train_argv
+from helpers.training import launch_two_ranks, read_metrics, train_argv
 from vlmcore.train import main
 from vlmcore.train.data.tokenizer import Tokenizer
 from vlmcore.train.runtime.mixture import MixturePolicy
@@ -313,22 +311,6 @@ for argv in json.load(open(sys.argv[-1])):  # the launcher puts --local_rank=N f
 """
 
 
-def _launch_two_ranks(tmp_path, runs: list[list[str]]) -> None:
-    """The trainings ``runs`` (argv lists) in turn, on 2 gloo ranks under the deepspeed launcher; each rank
-    saves every step's full gradients in ``<out_dir>/gradients<rank>.pt`` (a list, one dict per step)."""
-    from vlmcore.train.runtime.distributed import _free_port
-
-    (tmp_path / "driver.py").write_text(DRIVER)
-    (tmp_path / "runs.json").write_text(json.dumps(runs))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        env.pop(key, None)
-    launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
-    proc = subprocess.run([launcher, "--num_gpus", "2", "--master_port", str(_free_port()), "driver.py", "runs.json"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-
-
 def _initial_parameters(run_dir) -> dict[str, torch.Tensor]:
     """Rank 0's parameters before the run's first step: its task's model, built after the trainer's seeding."""
     cfg = read_run_config(str(run_dir))
@@ -361,7 +343,7 @@ def test_per_dataset_equals_joint_on_two_ranks_zero2(data, tmp_path):
 
     builders = {"flamingo": lambda out, *extra: _flamingo_mixture(data, out, (2, 3, 4), *extra),
                 "clip": lambda out, *extra: _clip_mixture(data, out, *extra)}
-    _launch_two_ranks(tmp_path, [build(tmp_path / f"{task}_{backward}", "max_steps=2", "save_every=0",
+    launch_two_ranks(tmp_path, DRIVER, [build(tmp_path / f"{task}_{backward}", "max_steps=2", "save_every=0",
                                        "optim.warmup_steps=1", "deepspeed.zero_optimization.stage=2",
                                        f"optim.mixture_backward={backward}")
                                  for task, build in builders.items() for backward in ("joint", "per_dataset")])
